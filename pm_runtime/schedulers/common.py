@@ -1,0 +1,159 @@
+"""What every scheduler shares: the Tables base, config resolution as diffusers' `from_config`
+does it, the training noise schedule (alphas_cumprod) and the timestep spacings.
+
+numpy only: the runtime imports this without torch. Values that diffusers computes in float32
+torch are reproduced in float32 here (alphas_cumprod, sigmas) so the tables hold the very numbers
+diffusers steps with; per-step solver coefficients are then derived from them in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+SPACINGS = ("linspace", "leading", "trailing")
+
+# The keys every scheduler here reads, with the default that all four diffusers classes share.
+BASE_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tables:
+    """Everything a scheduler needs for one (config, num_steps), computed once.
+
+    Arrays are read-only. Each scheduler extends this with its per-step solver coefficients
+    (float64, one value per step), which is also what a device-side update would be fed.
+    """
+
+    name: str                 # registry name, e.g. "dpmpp-2m"
+    timesteps: np.ndarray     # (n,) the model's timestep at step i; dtype as diffusers gives it
+    sigmas: np.ndarray        # (n+1,) float64 sqrt((1 - abar) / abar) the model sees at step i; [n]: after the last
+    init_noise_sigma: float   # initial latents = standard normal * this
+    input_scale: np.ndarray   # (n,) float64 scale_model_input factor at step i
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def frozen(**arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """Read-only copies, so a Tables value cannot be changed behind a step's back."""
+    out = {}
+    for key, value in arrays.items():
+        value = np.array(value)
+        value.setflags(write=False)
+        out[key] = value
+    return out
+
+
+def resolve_config(name: str, defaults: Mapping[str, Any], config: Mapping[str, Any],
+                   supported: Mapping[str, tuple] = {}) -> dict[str, Any]:
+    """The init arguments `<DiffusersClass>.from_config(config)` ends up with.
+
+    Like diffusers: keys listed in `_use_default_values` are dropped, keys the class does not take
+    (`_class_name`, `skip_prk_steps`, ...) are ignored, missing keys take THIS class's default
+    (so SD 1.5's PNDM config, which may not name `timestep_spacing`, gives DDIM "leading" but
+    Euler / DPM-Solver "linspace"). `supported` restricts options this module does not implement.
+    """
+    dropped = set(config.get("_use_default_values", ()))
+    resolved = dict(defaults)
+    resolved.update({k: v for k, v in config.items() if k in defaults and k not in dropped})
+    for key, allowed in {"timestep_spacing": SPACINGS, **supported}.items():
+        if key in resolved and resolved[key] not in allowed:
+            raise ValueError(f"scheduler {name!r}: {key}={resolved[key]!r} is not supported "
+                             f"(supported: {', '.join(map(repr, allowed))})")
+    return resolved
+
+
+def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32) on CPU, value for value: a float32 step, then
+    start + step*i (fused multiply-add) for the first half and end - step*(n-1-i) for the rest.
+    The float32 step makes torch's values drift from the exact ones; cumprod turns that drift
+    into ~4e-7 relative error on alphas_cumprod, so it is mirrored rather than ignored."""
+    start32, end32 = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([start32], np.float32)
+    step = np.float64((end32 - start32) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    low = np.float64(start32) + step * i
+    high = np.float64(end32) - step * (n - 1 - i)
+    return np.where(i < n // 2, low, high).astype(np.float32)
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
+    """diffusers' betas_for_alpha_bar (squaredcos_cap_v2), in float64 then float32 as there."""
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)],
+                    np.float32)
+
+
+def _cumprod_f32(alphas: np.ndarray) -> np.ndarray:
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)  # torch accumulates in double
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """diffusers' rescale_zero_terminal_snr (arXiv 2305.08891, Algorithm 1) in float32."""
+    abar_sqrt = np.sqrt(_cumprod_f32(np.float32(1) - betas))
+    first, last = abar_sqrt[0], abar_sqrt[-1]
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return np.float32(1) - alphas
+
+
+def alphas_cumprod(config: Mapping[str, Any], clamp_zero_snr: bool = False) -> np.ndarray:
+    """(num_train_timesteps,) float32 abar_t as diffusers' schedulers compute it. With zero
+    terminal SNR the sigma-based schedulers (Euler, DPM-Solver) clamp abar[-1] to 2**-24 so
+    sigma stays finite (4096); DDIM keeps the exact 0 (clamp_zero_snr=False)."""
+    n, schedule = int(config["num_train_timesteps"]), config["beta_schedule"]
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], np.float32)
+    elif schedule == "linear":
+        betas = _linspace_f32(config["beta_start"], config["beta_end"], n)
+    elif schedule == "scaled_linear":
+        betas = _linspace_f32(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n) ** 2
+    elif schedule == "squaredcos_cap_v2":
+        betas = _cosine_betas(n)
+    else:
+        raise ValueError(f"beta_schedule={schedule!r} is not supported "
+                         "(supported: 'linear', 'scaled_linear', 'squaredcos_cap_v2', trained_betas)")
+    if config.get("rescale_betas_zero_snr"):
+        betas = _rescale_zero_terminal_snr(betas)
+    abar = _cumprod_f32(np.float32(1) - betas)
+    if config.get("rescale_betas_zero_snr") and clamp_zero_snr:
+        abar[-1] = 2.0**-24
+    return abar
+
+
+def sigmas_f32(abar: np.ndarray) -> np.ndarray:
+    """sqrt((1 - abar) / abar) in float32, index = training timestep."""
+    with np.errstate(divide="ignore"):
+        return np.sqrt((np.float32(1) - abar) / abar)
+
+
+def spaced_timesteps(spacing: str, num_train: int, num_steps: int, steps_offset: int) -> np.ndarray:
+    """DDIM's / Euler's set_timesteps spacings, descending, float64 (linspace is not rounded:
+    DDIM rounds it, Euler keeps the fractional timesteps)."""
+    if not 1 <= num_steps <= num_train:
+        raise ValueError(f"num_steps must be in [1, {num_train}], got {num_steps}")
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, num_steps)[::-1].copy()
+    if spacing == "leading":
+        ratio = num_train // num_steps
+        return (np.arange(num_steps) * ratio).round()[::-1] + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(num_train, 0, -num_train / num_steps)) - 1
+    raise ValueError(f"timestep_spacing={spacing!r} is not supported (supported: {', '.join(SPACINGS)})")

@@ -1,0 +1,159 @@
+"""DPM-Solver++ 2M (multistep, data prediction, midpoint), as diffusers'
+DPMSolverMultistepScheduler steps it.
+
+With sigma the k-diffusion noise level, alpha_t = 1/sqrt(sigma^2+1), sigma_t = sigma*alpha_t and
+lambda = log(alpha_t / sigma_t) = -log(sigma), so exp(-h) = sigma_next / sigma exactly: the
+coefficients below are closed forms in float64 (no log/exp round trip, and the last step to
+sigma = 0 needs no special case: it returns x0).
+  first order:  prev = sigma_t'/sigma_t * x + alpha_t' (1 - e^-h) * x0
+  second order: prev = sigma_t'/sigma_t * x + alpha_t' (1 - e^-h) * ((1 + 1/(2 r)) x0 - 1/(2 r) x0_prev),
+                r = h_prev / h.
+diffusers subtleties kept: its own spacings (n+1 points, the last dropped; "leading" uses
+last_timestep // (n+1)), lambda_min_clipped, the first step is first order (no history), and the
+last step is first order when final_sigmas_type is "zero" (always, by default), euler_at_final,
+or lower_order_final with fewer than 15 steps. algorithm_type "deis" and solver_type
+"logrho"/"bh1"/"bh2" (e.g. from a UniPC config) are mapped as diffusers maps them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from .common import BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, frozen, resolve_config, sigmas_f32
+
+NAME = "dpmpp-2m"
+
+# DPMSolverMultistepScheduler.__init__'s arguments and defaults.
+DEFAULTS: dict[str, Any] = {
+    **BASE_DEFAULTS,
+    "solver_order": 2,
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "algorithm_type": "dpmsolver++",
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "euler_at_final": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "flow_shift": 1.0,
+    "final_sigmas_type": "zero",
+    "lambda_min_clipped": -float("inf"),
+    "variance_type": None,
+    "timestep_spacing": "linspace",
+    "use_dynamic_shifting": False,
+    "time_shift_type": "exponential",
+}
+_ALIASES = {"algorithm_type": {"deis": "dpmsolver++"},
+            "solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}}
+SUPPORTED = {
+    "prediction_type": ("epsilon", "v_prediction"),
+    "solver_order": (1, 2),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_type": ("midpoint",),
+    "thresholding": (False,),
+    "variance_type": (None,),
+    "final_sigmas_type": ("zero", "sigma_min"),
+    **{key: (False,) for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                 "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMState:
+    """What the second-order update needs from the previous step."""
+
+    prev_x0: Any   # the previous step's x0 prediction, shaped like the sample
+    index: int     # the step that produced it
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DPMTables(Tables):
+    # (n,) float64: x0 = x0_from_sample * sample + x0_from_output * model_output
+    x0_from_sample: np.ndarray
+    x0_from_output: np.ndarray
+    from_sample: np.ndarray    # sigma_t(next) / sigma_t(this), both orders
+    first_x0: np.ndarray       # first order: coefficient of x0
+    second_x0: np.ndarray      # second order: coefficient of x0 ...
+    second_prev: np.ndarray    # ... and of the previous step's x0
+    second_order: np.ndarray   # (n,) bool: step i may use the second-order update
+
+
+def _timesteps(cfg: Mapping[str, Any], abar32: np.ndarray, num_steps: int) -> np.ndarray:
+    num_train, spacing = int(cfg["num_train_timesteps"]), cfg["timestep_spacing"]
+    if not 1 <= num_steps <= num_train:
+        raise ValueError(f"num_steps must be in [1, {num_train}], got {num_steps}")
+    lambdas = np.log(np.sqrt(abar32)) - np.log(np.sqrt(np.float32(1) - abar32))  # float32, as diffusers
+    clipped = int(np.searchsorted(lambdas[::-1], np.float32(cfg["lambda_min_clipped"]), side="left"))
+    last = num_train - clipped
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        ratio = last // (num_steps + 1)
+        return (np.arange(num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + int(cfg["steps_offset"])
+    if spacing == "trailing":
+        return np.arange(last, 0, -num_train / num_steps).round().astype(np.int64) - 1
+    raise ValueError(f"timestep_spacing={spacing!r} is not supported (supported: {', '.join(SPACINGS)})")
+
+
+def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
+    config = {k: _ALIASES.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in config.items()}
+    cfg = resolve_config(NAME, DEFAULTS, config, SUPPORTED)
+    abar32 = alphas_cumprod(cfg, clamp_zero_snr=True)
+    sig32 = sigmas_f32(abar32)
+    timesteps = _timesteps(cfg, abar32, num_steps)
+    n = len(timesteps)  # diffusers uses len(timesteps) from here on
+    last = sig32[0] if cfg["final_sigmas_type"] == "sigma_min" else np.float32(0.0)
+    sigmas = np.append(np.interp(timesteps, np.arange(len(sig32)), sig32), last).astype(np.float32)
+    s = sigmas.astype(np.float64)                      # (n+1,)
+    alpha = 1.0 / np.sqrt(s**2 + 1.0)                  # VP alpha_t
+    sig_vp = s * alpha                                 # VP sigma_t
+
+    if cfg["prediction_type"] == "epsilon":            # x0 = (x - sigma_t eps) / alpha_t
+        x0_s, x0_o = 1.0 / alpha[:-1], -s[:-1]
+    else:                                              # x0 = alpha_t x - sigma_t v
+        x0_s, x0_o = alpha[:-1], -sig_vp[:-1]
+    from_sample = sig_vp[1:] / sig_vp[:-1]
+    first = alpha[1:] * (1.0 - s[1:] / s[:-1])         # alpha_t' (1 - e^-h)
+
+    second_x0, second_prev = np.zeros(n), np.zeros(n)
+    for i in range(1, n):
+        if s[i + 1] > 0.0:
+            r = math.log(s[i - 1] / s[i]) / math.log(s[i] / s[i + 1])
+            second_x0[i] = first[i] * (1.0 + 0.5 / r)
+            second_prev[i] = -first[i] * 0.5 / r
+    lower_order_last = (cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15)
+                        or cfg["final_sigmas_type"] == "zero")
+    second_order = np.arange(n) >= 1
+    if cfg["solver_order"] == 1:
+        second_order[:] = False
+    if lower_order_last:
+        second_order[-1] = False
+
+    return DPMTables(
+        name=NAME,
+        init_noise_sigma=1.0,
+        **frozen(timesteps=timesteps, sigmas=s, input_scale=np.ones(n), x0_from_sample=x0_s,
+                 x0_from_output=x0_o, from_sample=from_sample, first_x0=first, second_x0=second_x0,
+                 second_prev=second_prev, second_order=second_order),
+    )
+
+
+def step(i: int, model_output, sample, state: DPMState | None, noise: None, tables: DPMTables):
+    """One DPM-Solver++ 2M step: (prev_sample, DPMState). Start with state=None; `noise` is unused."""
+    x0 = float(tables.x0_from_sample[i]) * sample + float(tables.x0_from_output[i]) * model_output
+    prev = float(tables.from_sample[i]) * sample
+    if state is not None and tables.second_order[i]:
+        if state.index != i - 1:
+            raise ValueError(f"dpmpp-2m: step {i} was given the state of step {state.index}")
+        prev = prev + float(tables.second_x0[i]) * x0 + float(tables.second_prev[i]) * state.prev_x0
+    else:
+        prev = prev + float(tables.first_x0[i]) * x0
+    return prev, DPMState(prev_x0=x0, index=i)

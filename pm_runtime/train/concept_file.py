@@ -1,0 +1,102 @@
+"""concept.pt: the trainer's self-describing output (DESIGN §3, "Concept file vs concept table").
+
+A plain dict of tensors and Python values, loadable with torch.load(weights_only=True), written
+atomically. Every checkpoint is a usable concept file; checkpoints also carry `train_state`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import formats as F
+from ..errors import UserError
+from ..modeling.mapper import Mapper, MapperConfig
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_concept_dict(path: Path) -> dict:
+    """Load and validate a concept file. Never unpickles code (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"concept file not found: {path}")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a concept file (refused to load it as data: {first[:200]})") from e
+    if not isinstance(d, dict) or d.get(F.K_FORMAT) != F.CONCEPT_FORMAT:
+        raise UserError(f"{path} is not a PersonaMagic concept file")
+    version = d.get(F.K_VERSION)
+    if not isinstance(version, int) or version > F.CONCEPT_VERSION:
+        raise UserError(f"{path} is concept format version {version}; this tool reads up to {F.CONCEPT_VERSION}")
+    missing = [k for k in (F.K_MAPPER_STATE, F.K_MAPPER_CONFIG, F.K_TOKENS, F.K_SUPER_EMBEDDING,
+                           F.K_REFERENCE, F.K_FINGERPRINT) if k not in d]
+    if missing:
+        raise UserError(f"{path} is an incomplete concept file (missing {', '.join(missing)})")
+    return d
+
+
+@dataclass
+class Concept:
+    """What a consumer needs from concept.pt: the mapper, the token settings and the reference."""
+
+    mapper: Mapper
+    concept_word: str
+    super_class: str
+    num_tokens: int
+    reference_embedding: torch.Tensor  # (I,)
+    reference_sha256: str
+    fingerprint: str
+    raw: dict
+
+    @property
+    def stage(self) -> tuple[int, int]:
+        return self.mapper.config.stage_lo, self.mapper.config.stage_hi
+
+
+def mapper_from_dict(d: dict) -> Mapper:
+    config = MapperConfig.from_dict(d[F.K_MAPPER_CONFIG])
+    mapper = Mapper(config, d[F.K_SUPER_EMBEDDING])
+    try:
+        mapper.load_state_dict(d[F.K_MAPPER_STATE])
+    except RuntimeError as e:
+        raise UserError(f"concept file mapper weights do not match its config: {str(e).splitlines()[0]}") from e
+    return mapper.eval()
+
+
+def load_concept(path: Path) -> Concept:
+    d = load_concept_dict(path)
+    tokens = d[F.K_TOKENS]
+    ref = d[F.K_REFERENCE]
+    return Concept(mapper_from_dict(d), tokens["concept_word"], tokens["super_class"],
+                   int(d[F.K_MAPPER_CONFIG]["num_tokens"]), ref["embedding"].float(), ref["sha256"],
+                   d[F.K_FINGERPRINT], d)
