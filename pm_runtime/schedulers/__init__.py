@@ -1,0 +1,76 @@
+"""Pure-function samplers that reproduce diffusers' schedulers from the same scheduler config.
+
+    tables = make_tables("dpmpp-2m", scheduler_config, num_steps)   # once, numpy only
+    x = initial_latents * tables.init_noise_sigma
+    state = None
+    for i, t in enumerate(tables.timesteps):
+        out = unet(scale_model_input(i, x, tables), t, ...)
+        x, state = step(i, out, x, state, noise_i_or_None, tables)
+
+No hidden step counter: a step is a function of its arguments (k-diffusion style), so the loop can
+be captured as a graph, run from any step (img2img) and tested step by step against diffusers.
+Arrays keep their dtype (float32 in, float32 out); coefficients are computed in float64.
+numpy only: nothing here imports torch or diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from . import ddim, dpm_solver, euler, euler_ancestral
+from .common import Tables
+from .dpm_solver import DPMState
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduler:
+    name: str
+    make_tables: Callable[[Mapping[str, Any], int], Tables]  # (config, num_steps) -> tables
+    step: Callable  # (i, model_output, sample, state, noise, tables) -> (prev_sample, state)
+    needs_noise: bool  # step wants standard-normal `noise` shaped like the sample
+    diffusers_class: str  # the diffusers scheduler it reproduces (from_config of the same dict)
+
+
+_REGISTRY = {
+    s.name: s
+    for s in (
+        Scheduler(ddim.NAME, ddim.make_tables, ddim.step, False, "DDIMScheduler"),
+        Scheduler(euler.NAME, euler.make_tables, euler.step, False, "EulerDiscreteScheduler"),
+        Scheduler(euler_ancestral.NAME, euler_ancestral.make_tables, euler_ancestral.step, True,
+                  "EulerAncestralDiscreteScheduler"),
+        Scheduler(dpm_solver.NAME, dpm_solver.make_tables, dpm_solver.step, False,
+                  "DPMSolverMultistepScheduler"),
+    )
+}
+SCHEDULERS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_scheduler(name: str) -> Scheduler:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}") from None
+
+
+def make_tables(name: str, config: Mapping[str, Any], num_steps: int) -> Tables:
+    """Precompute everything for `num_steps` steps from a diffusers scheduler config dict (any
+    class's: it is read as `<diffusers class>.from_config(config)` would read it)."""
+    return get_scheduler(name).make_tables(config, int(num_steps))
+
+
+def step(i: int, model_output, sample, state, noise, tables: Tables):
+    """Step i: returns (prev_sample, new_state). Pure: inputs are never modified. `state` is None
+    before the first step (and for every step of single-step solvers); `noise` is the step's
+    standard-normal noise for samplers with `needs_noise`, else ignored (pass None)."""
+    return get_scheduler(tables.name).step(i, model_output, sample, state, noise, tables)
+
+
+def scale_model_input(i: int, sample, tables: Tables):
+    """The UNet input at step i (diffusers' scheduler.scale_model_input)."""
+    scale = float(tables.input_scale[i])
+    return sample if scale == 1.0 else sample * scale
+
+
+__all__ = ["SCHEDULERS", "DPMState", "Scheduler", "Tables", "get_scheduler", "make_tables",
+           "scale_model_input", "step"]

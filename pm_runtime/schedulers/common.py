@@ -3,7 +3,9 @@ does it, the training noise schedule (alphas_cumprod) and the timestep spacings.
 
 numpy only: the runtime imports this without torch. Values that diffusers computes in float32
 torch are reproduced in float32 here (alphas_cumprod, sigmas) so the tables hold the very numbers
-diffusers steps with; per-step solver coefficients are then derived from them in float64.
+diffusers steps with (alphas_cumprod bit for bit; sigmas to within an ulp, torch's vectorised
+float32 sqrt not being correctly rounded); per-step solver coefficients are then derived from
+them in float64.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def frozen(**arrays: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def resolve_config(name: str, defaults: Mapping[str, Any], config: Mapping[str, Any],
-                   supported: Mapping[str, tuple] = {}) -> dict[str, Any]:
+                   supported: Mapping[str, tuple] | None = None) -> dict[str, Any]:
     """The init arguments `<DiffusersClass>.from_config(config)` ends up with.
 
     Like diffusers: keys listed in `_use_default_values` are dropped, keys the class does not take
@@ -70,11 +72,16 @@ def resolve_config(name: str, defaults: Mapping[str, Any], config: Mapping[str, 
     dropped = set(config.get("_use_default_values", ()))
     resolved = dict(defaults)
     resolved.update({k: v for k, v in config.items() if k in defaults and k not in dropped})
-    for key, allowed in {"timestep_spacing": SPACINGS, **supported}.items():
-        if key in resolved and resolved[key] not in allowed:
-            raise ValueError(f"scheduler {name!r}: {key}={resolved[key]!r} is not supported "
-                             f"(supported: {', '.join(map(repr, allowed))})")
+    check_supported(name, resolved, supported or {})
     return resolved
+
+
+def check_supported(name: str, cfg: Mapping[str, Any], supported: Mapping[str, tuple]) -> None:
+    """ValueError naming the first option whose value this module does not implement."""
+    for key, allowed in {"timestep_spacing": SPACINGS, **supported}.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise ValueError(f"scheduler {name!r}: {key}={cfg[key]!r} is not supported "
+                             f"(supported: {', '.join(map(repr, allowed))})")
 
 
 def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:

@@ -23,7 +23,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .common import BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, frozen, resolve_config, sigmas_f32
+from .common import (BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, check_supported, frozen,
+                     resolve_config, sigmas_f32)
 
 NAME = "dpmpp-2m"
 
@@ -66,7 +67,7 @@ SUPPORTED = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DPMState:
     """What the second-order update needs from the previous step."""
 
@@ -104,12 +105,18 @@ def _timesteps(cfg: Mapping[str, Any], abar32: np.ndarray, num_steps: int) -> np
 
 
 def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
-    config = {k: _ALIASES.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in config.items()}
-    cfg = resolve_config(NAME, DEFAULTS, config, SUPPORTED)
+    cfg = resolve_config(NAME, DEFAULTS, config)
+    if cfg["algorithm_type"] == "deis" and cfg["final_sigmas_type"] == "zero":  # diffusers refuses it too
+        raise ValueError("scheduler 'dpmpp-2m': algorithm_type 'deis' needs final_sigmas_type 'sigma_min'")
+    cfg = {k: _ALIASES[k].get(v, v) if k in _ALIASES else v for k, v in cfg.items()}
+    check_supported(NAME, cfg, SUPPORTED)
     abar32 = alphas_cumprod(cfg, clamp_zero_snr=True)
     sig32 = sigmas_f32(abar32)
     timesteps = _timesteps(cfg, abar32, num_steps)
     n = len(timesteps)  # diffusers uses len(timesteps) from here on
+    if timesteps.max() >= len(sig32):  # diffusers would run on and produce NaN (repeated sigma)
+        raise ValueError(f"scheduler 'dpmpp-2m': {num_steps} steps with {cfg['timestep_spacing']!r} "
+                         f"spacing and steps_offset {cfg['steps_offset']} reach timestep {timesteps.max()}")
     last = sig32[0] if cfg["final_sigmas_type"] == "sigma_min" else np.float32(0.0)
     sigmas = np.append(np.interp(timesteps, np.arange(len(sig32)), sig32), last).astype(np.float32)
     s = sigmas.astype(np.float64)                      # (n+1,)

@@ -51,8 +51,12 @@ def load_concept_dict(path: Path) -> dict:
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a concept file (refused to load it as data: {first[:200]})") from e
+        text = str(e)
+        if "Weights only load failed" in text:
+            why = "it holds Python objects, not just tensors; refused, nothing in it was run"
+        else:
+            why = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+        raise UserError(f"{path} is not a concept file ({why})") from e
     if not isinstance(d, dict) or d.get(F.K_FORMAT) != F.CONCEPT_FORMAT:
         raise UserError(f"{path} is not a PersonaMagic concept file")
     version = d.get(F.K_VERSION)

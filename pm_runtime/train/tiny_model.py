@@ -57,6 +57,8 @@ VISION_CONFIG = dict(
 )
 # SD 1.5's scheduler/scheduler_config.json, key for key (clip_sample is not a PNDM argument;
 # SD 1.5 carries it anyway and diffusers ignores it, so we do too).
+# SD 1.5's scheduler file as published: no timestep_spacing key, so each scheduler class uses
+# its own default as diffusers would (DDIM/PNDM "leading", DPM-Solver/Euler "linspace").
 SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,
@@ -64,11 +66,9 @@ SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "clip_sample": False,
     "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
     "set_alpha_to_one": False,
     "skip_prk_steps": True,
     "steps_offset": 1,
-    "timestep_spacing": "leading",
     "trained_betas": None,
 }
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -267,11 +267,40 @@ def make_tiny_model(out_dir, seed: int = 0, *, overwrite: bool = False) -> pathl
     return out
 
 
+def write_demo_photos(folder: pathlib.Path, n: int = 4, seed: int = 0, size: int = 256) -> list[pathlib.Path]:
+    """A few synthetic 'photos' of one cartoon face (drawn, not real people), for the demo run."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        bg = tuple(int(v) for v in rng.integers(40, 200, 3))
+        im = Image.new("RGB", (size, size), bg)
+        d = ImageDraw.Draw(im)
+        cx, cy = size // 2 + int(rng.integers(-20, 21)), size // 2 + int(rng.integers(-15, 16))
+        r = size // 4
+        d.ellipse((cx - r, cy - int(r * 1.25), cx + r, cy + int(r * 1.25)), fill=(224, 180, 150))  # head
+        d.pieslice((cx - r, cy - int(r * 1.4), cx + r, cy), 180, 360, fill=(70, 45, 30))  # hair
+        for ex in (cx - r // 2, cx + r // 2):  # eyes
+            d.ellipse((ex - 8, cy - 10, ex + 8, cy + 4), fill=(255, 255, 255))
+            d.ellipse((ex - 4, cy - 7, ex + 4, cy + 1), fill=(40, 80, 40))
+        d.arc((cx - r // 2, cy + r // 4, cx + r // 2, cy + int(r * 0.8)), 20, 160, fill=(150, 50, 50), width=4)
+        path = folder / f"face{i}.png"
+        im.save(path)
+        paths.append(path)
+    return paths
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(path_type=pathlib.Path))
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed -> same bytes).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
-def main(out: pathlib.Path, seed: int, force: bool) -> None:
+@click.option("--photos", type=click.Path(path_type=pathlib.Path), default=None,
+              help="Also write a few synthetic face-like photos to this folder, to train the demo on.")
+def main(out: pathlib.Path, seed: int, force: bool, photos: pathlib.Path | None) -> None:
     """Write a tiny RANDOM Stable-Diffusion-1.x model folder to OUT, for tests and the demo.
 
     It is NOT a real model: weights are random, so images are noise. It has the exact diffusers
@@ -291,6 +320,9 @@ def main(out: pathlib.Path, seed: int, force: bool) -> None:
     for p in files:
         click.echo(f"  {p.relative_to(path)}  ({p.stat().st_size:,} bytes)")
     click.echo(f"{len(files)} files, {total / 2**20:.2f} MiB")
+    if photos is not None:
+        written = write_demo_photos(photos, seed=seed)
+        click.echo(f"wrote {len(written)} synthetic photos to {photos}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from .. import formats as F
 from ..errors import UserError
 from ..modeling.attention import install_split_kv, join_contexts
 from ..modeling.image_embed import image_embeddings
-from ..modeling.loading import (BaseModel, Placeholders, add_placeholder_tokens, find_image_encoder,
+from ..modeling.loading import (BaseModel, check_sd_layout, Placeholders, add_placeholder_tokens, find_image_encoder,
                                 load_base_model, load_image_encoder, quiet_hf)
 from ..modeling.mapper import Mapper, MapperConfig
 from ..modeling.text_encoder import EquilibriumTextEncoder, scatter_concept
@@ -133,6 +133,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _prepare(self) -> None:
         cfg, dev = self.cfg, self.device
+        check_sd_layout(Path(cfg.model))  # the model folder first: its error is the most basic
         enc_dir = find_image_encoder(Path(cfg.model), Path(cfg.image_encoder) if cfg.image_encoder else None)
         images = data.load_images(Path(cfg.images), cfg.resolution, cfg.center_crop, self.warn)
         base = load_base_model(Path(cfg.model), device=dev)
@@ -308,7 +309,7 @@ class Trainer:
             "torch_generator": self.gen.get_state(),
             "torch_global": torch.get_rng_state(),
             "python_random": random.getstate(),
-            "numpy_global": np.random.get_state(legacy=False),
+            "numpy_global": _numpy_state_to_plain(np.random.get_state(legacy=False)),
             "data_order": {"rng": self.order.rng.bit_generator.state, "perm": list(self.order.perm)},
             "loss_history": list(self.loss_history),
             "elapsed_s": self.elapsed,
@@ -334,7 +335,7 @@ class Trainer:
         self.gen.set_state(st["torch_generator"])
         torch.set_rng_state(st["torch_global"])
         random.setstate(st["python_random"])
-        np.random.set_state(st["numpy_global"])
+        np.random.set_state(_numpy_state_from_plain(st["numpy_global"]))
         self.order.rng.bit_generator.state = st["data_order"]["rng"]
         self.order.perm = list(st["data_order"]["perm"])
         self.step = int(st["step"])
@@ -365,6 +366,19 @@ class Trainer:
         if with_train_state:
             d[F.K_TRAIN_STATE] = self.train_state()
         return d
+
+
+def _numpy_state_to_plain(state: dict) -> dict:
+    """numpy's legacy MT19937 state holds an ndarray, which weights_only loading refuses: use a list."""
+    inner = dict(state["state"])
+    inner["key"] = [int(x) for x in inner["key"]]
+    return {**state, "state": inner}
+
+
+def _numpy_state_from_plain(state: dict) -> dict:
+    inner = dict(state["state"])
+    inner["key"] = np.asarray(inner["key"], dtype=np.uint32)
+    return {**state, "state": inner}
 
 
 def peak_memory_bytes(device: torch.device) -> int:

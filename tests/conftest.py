@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny random SD model and a few synthetic photos per test session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from pm_runtime.train.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+def write_photos(folder, n=3, seed=0, sizes=((80, 72), (64, 96), (100, 100))):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        # smooth random images (a blurred gradient + noise) so that the VAE sees structure
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        base = np.stack([xx, yy, (xx + yy) / 2], -1) * 200 + rng.random((h, w, 3)) * 55
+        Image.fromarray(base.astype(np.uint8)).save(folder / f"photo{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("photos") / "person")
+
+
+def train_config(model, images, out, **kw):
+    from pm_runtime.train.trainer import TrainConfig
+
+    defaults = dict(model=str(model), images=str(images), out=str(out), resolution=64, steps=4, device="cpu",
+                    seed=0)
+    defaults.update(kw)
+    return TrainConfig(**defaults)
+
+
+@pytest.fixture(scope="session")
+def trained_concept(tiny_model, photos, tmp_path_factory):
+    """A concept file from a short real training run."""
+    from pm_runtime.train.concept_file import atomic_torch_save
+    from pm_runtime.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("concepts") / "alice.pt"
+    tr = Trainer(train_config(tiny_model, photos, out, steps=3), warn=lambda m: None)
+    for _ in range(3):
+        tr.optimizer_step()
+    atomic_torch_save(tr.concept_dict(True), out)
+    return out

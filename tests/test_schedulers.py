@@ -1,0 +1,279 @@
+"""pm_runtime.schedulers against diffusers, built from the same scheduler config dict.
+
+A whole trajectory is run on both sides with a fixed deterministic "model"
+(0.1 * model_input + sin(t / 100) * A), the same initial latents and, for Euler ancestral, the
+same per-step noise (diffusers' randn_tensor patched inside a `with`). diffusers runs in float64
+(samples and its sigma / alphas_cumprod tables upcast, same float32 values) so the comparison
+measures our float32 stepping against the algorithm, not against torch's float32 rounding of
+log/exp; ours runs in float32.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import numpy as np
+import pytest
+
+import pm_runtime.schedulers as S
+from pm_runtime.schedulers import ddim, dpm_solver, euler, euler_ancestral
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+SD15 = {  # runwayml/stable-diffusion-v1-5 scheduler_config.json, with an explicit spacing
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0",
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "clip_sample": False, "prediction_type": "epsilon",
+    "timestep_spacing": "leading", "trained_betas": None,
+}
+SD2V = {  # stabilityai/stable-diffusion-2-1 scheduler_config.json: no timestep_spacing, so each
+    # class uses its own default (DDIM "leading", Euler / DPM-Solver "linspace")
+    "_class_name": "DDIMScheduler", "_diffusers_version": "0.10.0.dev0",
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "clip_sample": False, "prediction_type": "v_prediction", "trained_betas": None,
+}
+SD2V_TRAILING = {**SD2V, "timestep_spacing": "trailing"}
+CONFIGS = {"sd15-eps-leading": SD15, "sd2-v": SD2V, "sd2-v-trailing": SD2V_TRAILING}
+DIFFUSERS_CLASS = {name: S.get_scheduler(name).diffusers_class for name in S.SCHEDULERS}
+SHAPE = (1, 4, 8, 8)
+TOL = 1e-5
+
+
+def _model(x, t, a):
+    """The stand-in UNet: a fixed function of (model input, timestep)."""
+    return 0.1 * x + math.sin(float(t) / 100.0) * a
+
+
+def _inputs(num_steps, seed=0):
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal(SHAPE).astype(np.float32)
+    a = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal((num_steps,) + SHAPE).astype(np.float32)
+    return latents, a, noise
+
+
+def _diffusers_scheduler(name, config, num_steps, float64=True):
+    sched = getattr(diffusers, DIFFUSERS_CLASS[name]).from_config(config)
+    sched.set_timesteps(num_steps)
+    if float64:  # the same float32 table values, stepped in float64
+        for attr in ("sigmas", "alphas_cumprod", "final_alpha_cumprod"):
+            if isinstance(getattr(sched, attr, None), torch.Tensor):
+                setattr(sched, attr, getattr(sched, attr).double())
+    return sched
+
+
+def _run_diffusers(name, config, num_steps, latents, a, noise):
+    sched = _diffusers_scheduler(name, config, num_steps)
+    draws = iter(torch.from_numpy(n.astype(np.float64)) for n in noise)
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return next(draws).to(dtype=dtype).reshape(shape)
+
+    x = torch.from_numpy(latents.astype(np.float64)) * float(sched.init_noise_sigma)
+    trajectory = []
+    target = "diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor"
+    with mock.patch(target, fake_randn):
+        for t in sched.timesteps:
+            model_in = sched.scale_model_input(x, t)
+            out = torch.from_numpy(_model(model_in.numpy(), t, a.astype(np.float64)))
+            x = sched.step(out, t, x).prev_sample
+            trajectory.append(x.numpy().copy())
+    return np.stack(trajectory), np.asarray(sched.timesteps.numpy())
+
+
+def _run_ours(name, config, num_steps, latents, a, noise):
+    tables = S.make_tables(name, config, num_steps)
+    needs_noise = S.get_scheduler(name).needs_noise
+    x, state, trajectory = latents * np.float32(tables.init_noise_sigma), None, []
+    for i, t in enumerate(tables.timesteps):
+        out = _model(S.scale_model_input(i, x, tables), t, a)
+        x, state = S.step(i, out, x, state, noise[i] if needs_noise else None, tables)
+        assert x.dtype == np.float32
+        trajectory.append(x)
+    return np.stack(trajectory), tables
+
+
+def _max_error(ours, ref):
+    """Max abs difference per step, relative to that step's sample scale (at least 1)."""
+    scale = np.maximum(1.0, np.abs(ref).reshape(len(ref), -1).max(axis=1))
+    return float((np.abs(ours - ref).reshape(len(ref), -1).max(axis=1) / scale).max())
+
+
+def _check_trajectory(name, config, num_steps):
+    latents, a, noise = _inputs(num_steps)
+    ref, ref_timesteps = _run_diffusers(name, config, num_steps, latents, a, noise)
+    ours, tables = _run_ours(name, config, num_steps, latents, a, noise)
+    np.testing.assert_array_equal(tables.timesteps, ref_timesteps)
+    assert np.all(np.isfinite(ours))
+    err = _max_error(ours, ref)
+    assert err <= TOL, f"{name} {num_steps} steps: max error {err:.3g} > {TOL}"
+
+
+@pytest.mark.parametrize("num_steps", [50, 20, 7])
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("name", S.SCHEDULERS)
+def test_trajectory_matches_diffusers(name, config_name, num_steps):
+    _check_trajectory(name, CONFIGS[config_name], num_steps)
+
+
+@pytest.mark.parametrize("name, extra, num_steps", [
+    # how the last step is taken: final sigma_min with lower_order_final below 15 steps only,
+    # euler_at_final, first order throughout
+    ("dpmpp-2m", {"final_sigmas_type": "sigma_min"}, 7),
+    ("dpmpp-2m", {"final_sigmas_type": "sigma_min"}, 20),
+    ("dpmpp-2m", {"final_sigmas_type": "sigma_min", "euler_at_final": True}, 20),
+    ("dpmpp-2m", {"final_sigmas_type": "sigma_min", "lower_order_final": False}, 7),
+    ("dpmpp-2m", {"solver_order": 1}, 20),
+    ("dpmpp-2m", {"solver_type": "bh2"}, 20),  # a UniPC config's solver_type means midpoint
+    ("dpmpp-2m", {"algorithm_type": "deis", "final_sigmas_type": "sigma_min"}, 20),
+    ("euler", {"final_sigmas_type": "sigma_min"}, 20),
+    ("ddim", {"clip_sample": True, "clip_sample_range": 1.5}, 20),
+    ("ddim", {"set_alpha_to_one": True, "timestep_spacing": "linspace"}, 20),
+    ("euler-a", {"timestep_spacing": "linspace"}, 20),
+    ("dpmpp-2m", {"beta_schedule": "squaredcos_cap_v2"}, 20),
+    ("euler", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, 20),
+])
+def test_trajectory_options(name, extra, num_steps):
+    _check_trajectory(name, {**SD15, **extra}, num_steps)
+
+
+@pytest.mark.parametrize("name", S.SCHEDULERS)
+def test_trajectory_zero_terminal_snr(name):
+    _check_trajectory(name, {**SD2V_TRAILING, "rescale_betas_zero_snr": True}, 20)
+
+
+@pytest.mark.parametrize("num_steps", [1, 7, 20, 25, 50, 999])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("name", S.SCHEDULERS)
+def test_timesteps_and_sigmas_match_diffusers(name, spacing, num_steps):
+    config = {**SD15, "timestep_spacing": spacing, "steps_offset": 1}
+    if (name, spacing, num_steps) == ("dpmpp-2m", "leading", 999):  # diffusers: t = 1000, then NaN
+        with pytest.raises(ValueError, match="timestep 1000"):
+            S.make_tables(name, config, num_steps)
+        return
+    tables = S.make_tables(name, config, num_steps)
+    sched = _diffusers_scheduler(name, config, num_steps, float64=False)
+    timesteps = sched.timesteps.numpy()
+    assert tables.timesteps.dtype == timesteps.dtype
+    np.testing.assert_array_equal(tables.timesteps, timesteps)
+    assert tables.num_steps == len(timesteps) and len(tables.sigmas) == len(timesteps) + 1
+    np.testing.assert_allclose(tables.init_noise_sigma, float(sched.init_noise_sigma), rtol=1e-6)
+    if name != "ddim":  # float32 sigmas, up to torch's float32 sqrt (not correctly rounded)
+        np.testing.assert_allclose(tables.sigmas, sched.sigmas.numpy(), rtol=3e-7, atol=0)
+
+
+def test_lambda_min_clipped_timesteps():
+    config = {**SD15, "timestep_spacing": "linspace", "lambda_min_clipped": -5.1}
+    sched = _diffusers_scheduler("dpmpp-2m", config, 20, float64=False)
+    np.testing.assert_array_equal(S.make_tables("dpmpp-2m", config, 20).timesteps, sched.timesteps.numpy())
+
+
+def test_alphas_cumprod_bit_exact():
+    from pm_runtime.schedulers.common import alphas_cumprod
+    for cfg in (SD15, {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+                {"beta_schedule": "squaredcos_cap_v2"}):
+        sched = diffusers.DDIMScheduler.from_config(cfg)
+        np.testing.assert_array_equal(alphas_cumprod({**ddim.DEFAULTS, **cfg}), sched.alphas_cumprod.numpy())
+
+
+@pytest.mark.parametrize("module", [ddim, euler, euler_ancestral, dpm_solver])
+def test_defaults_mirror_diffusers_init(module):
+    """from_config keeps exactly the target class's init keys and fills in its defaults."""
+    params = inspect.signature(getattr(diffusers, DIFFUSERS_CLASS[module.NAME]).__init__).parameters
+    expected = {k: p.default for k, p in params.items() if k != "self"}
+    assert set(module.DEFAULTS) == set(expected)
+    for key, value in module.DEFAULTS.items():
+        assert value == expected[key] or (value is None and expected[key] is None), key
+
+
+@pytest.mark.parametrize("name", S.SCHEDULERS)
+def test_step_is_pure(name):
+    tables = S.make_tables(name, SD15, 7)
+    latents, a, noise = _inputs(7)
+    x = latents * np.float32(tables.init_noise_sigma)
+    _, state = S.step(0, _model(x, tables.timesteps[0], a), x, None, noise[0], tables)
+    out = _model(x, tables.timesteps[1], a)
+    args = (x, out, noise[1])
+    copies = [v.copy() for v in args]
+    state_before = None if state is None else state.prev_x0.copy()
+    first = S.step(1, out, x, state, noise[1], tables)
+    second = S.step(1, out, x, state, noise[1], tables)
+    np.testing.assert_array_equal(first[0], second[0])
+    for v, c in zip(args, copies):
+        np.testing.assert_array_equal(v, c)
+    if state is not None:
+        np.testing.assert_array_equal(state.prev_x0, state_before)
+        assert state.index == 0 and first[1].index == 1
+        np.testing.assert_array_equal(first[1].prev_x0, second[1].prev_x0)
+    with pytest.raises(ValueError):
+        tables.timesteps[0] = 0  # tables are read-only
+
+
+def test_dpm_state_from_another_step_is_refused():
+    tables = S.make_tables("dpmpp-2m", SD15, 7)
+    x = np.ones(SHAPE, np.float32)
+    _, state = S.step(0, x, x, None, None, tables)
+    with pytest.raises(ValueError, match="state of step 0"):
+        S.step(2, x, x, state, None, tables)
+
+
+def test_euler_ancestral_needs_noise():
+    tables = S.make_tables("euler-a", SD15, 7)
+    x = np.ones(SHAPE, np.float32)
+    with pytest.raises(ValueError, match="noise"):
+        S.step(0, x, x, None, None, tables)
+    S.step(6, x, x, None, None, tables)  # the last step adds no noise
+
+
+def test_registry():
+    assert S.SCHEDULERS == ("ddim", "euler", "euler-a", "dpmpp-2m")
+    with pytest.raises(ValueError, match="ddim, euler, euler-a, dpmpp-2m"):
+        S.make_tables("pndm", SD15, 20)
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        S.make_tables("dpmpp-2m", {**SD15, "use_karras_sigmas": True}, 20)
+    deis = {**SD15, "algorithm_type": "deis"}  # diffusers maps it to dpmsolver++ but not with zero final
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        diffusers.DPMSolverMultistepScheduler.from_config(deis)
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        S.make_tables("dpmpp-2m", deis, 20)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        S.make_tables("euler", {**SD15, "timestep_spacing": "karras"}, 20)
+    ignored = {**SD15, "timestep_spacing": "trailing", "_use_default_values": ["timestep_spacing"]}
+    assert S.make_tables("euler", ignored, 20).timesteps[0] == 999.0  # linspace: the class default
+
+
+def test_float32_in_float32_out_and_float64_stays_float64():
+    tables = S.make_tables("dpmpp-2m", SD2V, 7)
+    for dtype in (np.float32, np.float64):
+        x = np.ones(SHAPE, dtype)
+        y, state = S.step(0, x, x, None, None, tables)
+        assert y.dtype == dtype and state.prev_x0.dtype == dtype
+        assert S.scale_model_input(0, x, S.make_tables("euler", SD15, 7)).dtype == dtype
+
+
+def test_imports_without_torch():
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None
+        sys.modules["diffusers"] = None
+        import numpy as np
+        import pm_runtime.schedulers as S
+        for name in S.SCHEDULERS:
+            tables = S.make_tables(name, {SD15!r}, 7)
+            x, state = np.ones((1, 4, 8, 8), np.float32), None
+            for i in range(tables.num_steps):
+                x, state = S.step(i, 0.1 * S.scale_model_input(i, x, tables), x, state,
+                                  np.zeros_like(x), tables)
+            assert np.isfinite(x).all()
+        assert not any(m.startswith(("torch", "diffusers")) for m, v in sys.modules.items() if v)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

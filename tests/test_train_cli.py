@@ -1,0 +1,109 @@
+"""pm-train from the command line: a concept file on success; one-line errors and no file on bad input."""
+
+import pickle
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import write_photos
+from pm_runtime.train.cli import train_main
+
+
+def run(args):
+    return CliRunner().invoke(train_main, [str(a) for a in args])
+
+
+def base_args(model, images, out):
+    return ["--model", model, "--images", images, "--out", out, "--resolution", 64, "--steps", 2, "--quiet",
+            "--device", "cpu"]
+
+
+def assert_one_line_error(result, needle):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and needle in lines[0], result.output
+
+
+def test_help_explains_lr():
+    r = run(["--help"])
+    assert r.exit_code == 0 and "effective 1e-4" in r.output.replace("\n", " ")
+
+
+def test_train_writes_concept_and_checkpoints(tiny_model, photos, tmp_path):
+    out = tmp_path / "c.pt"
+    r = run(base_args(tiny_model, photos, out) + ["--steps", 4, "--save-every", 2, "--preview-every", 4])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and (tmp_path / "c.step2.pt").is_file() and (tmp_path / "c.preview4.png").is_file()
+    assert Image.open(tmp_path / "c.preview4.png").size == (64, 64)
+    assert "peak" in r.output and "final loss" in r.output
+    assert not list(tmp_path.glob(".*tmp"))
+    # resume from the checkpoint to more steps
+    r2 = run(base_args(tiny_model, photos, tmp_path / "d.pt") + ["--steps", 5, "--resume", tmp_path / "c.step2.pt"])
+    assert r2.exit_code == 0, r2.output and "steps 2->5" in r2.output
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "all-unreadable"])
+def test_bad_image_folders(tiny_model, tmp_path, case):
+    images = tmp_path / "imgs"
+    if case != "missing":
+        images.mkdir()
+    if case == "all-unreadable":
+        (images / "x.png").write_bytes(b"junk")
+    out = tmp_path / "c.pt"
+    r = run(base_args(tiny_model, images, out))
+    assert_one_line_error(r, {"missing": "not found", "empty": "no images", "all-unreadable": "no usable"}[case])
+    assert not out.exists()
+
+
+def test_multi_token_super_class(tiny_model, photos, tmp_path):
+    r = run(base_args(tiny_model, photos, tmp_path / "c.pt") + ["--super-class", "xyzzyplugh"])
+    assert_one_line_error(r, "must be exactly one")
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_not_an_sd_folder(photos, tmp_path):
+    (tmp_path / "m" / "unet").mkdir(parents=True)
+    r = run(base_args(tmp_path / "m", photos, tmp_path / "c.pt"))
+    assert_one_line_error(r, "not a Stable Diffusion diffusers folder")
+
+
+def test_no_image_encoder(tiny_model, photos, tmp_path):
+    import shutil
+
+    model = tmp_path / "noenc"
+    shutil.copytree(tiny_model, model)
+    shutil.rmtree(model / "image_encoder")
+    r = run(base_args(model, photos, tmp_path / "c.pt"))
+    assert_one_line_error(r, "--image-encoder")
+    r2 = run(base_args(model, photos, tmp_path / "c.pt") + ["--image-encoder", tiny_model / "image_encoder"])
+    assert r2.exit_code == 0, r2.output
+
+
+def test_resume_refuses_pickled_code(tiny_model, photos, tmp_path):
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil.write_bytes(pickle.dumps({"format": Boom()}))
+    r = run(base_args(tiny_model, photos, tmp_path / "c.pt") + ["--resume", evil])
+    assert_one_line_error(r, "not a concept file")
+    assert not marker.exists() and not (tmp_path / "c.pt").exists()
+
+
+def test_empty_mask_refused(tiny_model, tmp_path):
+    images = write_photos(tmp_path / "imgs", n=1)
+    (images / "mask").mkdir()
+    Image.fromarray(np.zeros((72, 80), np.uint8)).save(images / "mask" / "photo0.png")
+    r = run(base_args(tiny_model, images, tmp_path / "c.pt"))
+    assert_one_line_error(r, "empty")
+
+
+def test_out_is_a_folder(tiny_model, photos, tmp_path):
+    r = run(base_args(tiny_model, photos, tmp_path))
+    assert_one_line_error(r, "is a folder")
