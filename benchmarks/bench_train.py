@@ -50,8 +50,9 @@ import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _p in (REPO, HERE):  # this tree's pm_runtime (also when it is not pip-installed) and random_models
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 VARIANTS = {
     # name: (precision, gradient_checkpointing, published)
@@ -169,9 +170,9 @@ def _run_text(cmd: list[str], cwd=None) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def git_state(override: str | None) -> tuple[str, bool | None]:
+def git_state(override: str | None, dirty: bool | None = None) -> tuple[str, bool | None]:
     if override:
-        return override, None
+        return override, dirty
     commit = _run_text(["git", "rev-parse", "HEAD"], cwd=REPO)
     if not commit:
         return "unknown", None
@@ -189,12 +190,22 @@ def host_cpu() -> str:
     return f"{name} x{os.cpu_count()}"
 
 
-def environment(device: str, commit_override: str | None) -> dict:
+def _nvidia_driver() -> str | None:
+    v = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"])
+    if v:
+        return v
+    with contextlib.suppress(OSError):  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15 ..."
+        words = pathlib.Path("/proc/driver/nvidia/version").read_text().split()
+        return next((w for w in words if w[:1].isdigit() and "." in w), None)
+    return None
+
+
+def environment(device: str, commit_override: str | None, dirty: bool | None = None) -> dict:
     import diffusers
     import numpy
     import transformers
 
-    commit, dirty = git_state(commit_override)
+    commit, dirty = git_state(commit_override, dirty)
     env = {
         "commit": commit, "dirty": dirty,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -208,7 +219,7 @@ def environment(device: str, commit_override: str | None) -> dict:
             "device_name": torch.cuda.get_device_name(0),
             "device_capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
             "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
-            "driver": _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"]),
+            "driver": _nvidia_driver(),
             "cuda_runtime": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
         })
@@ -255,6 +266,7 @@ def run_variant(name: str, args, model_dir: pathlib.Path, images_dir: pathlib.Pa
     warnings: list[str] = []
     trainer = None
     _free(dev)
+    rec["loadavg_1m_start"] = round(os.getloadavg()[0], 2)
     try:
         with tempfile.TemporaryDirectory(prefix="pm-bench-out-") as out_tmp:
             cfg = TrainConfig(model=str(model_dir), images=str(images_dir), out=str(pathlib.Path(out_tmp) / "c.pt"),
@@ -271,6 +283,7 @@ def run_variant(name: str, args, model_dir: pathlib.Path, images_dir: pathlib.Pa
                 rec["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
                 rec["tf32_cudnn"] = bool(torch.backends.cudnn.allow_tf32)
                 rec["peak_mem_setup_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+                rec["peak_reserved_setup_bytes"] = int(torch.cuda.max_memory_reserved(dev))
                 torch.cuda.reset_peak_memory_stats(dev)
             else:
                 rec["peak_mem_setup_bytes"] = _rss_peak()
@@ -303,6 +316,7 @@ def run_variant(name: str, args, model_dir: pathlib.Path, images_dir: pathlib.Pa
                 "projected_1000_s": round(rec["setup_s"] + 1000 * p50 / 1e3, 2),
                 "losses": [round(x, 7) for x in losses],
                 "warnings": sorted(set(warnings)),
+                "loadavg_1m_end": round(os.getloadavg()[0], 2),
             })
     except Exception as e:  # OOM or anything else: record it and go on with the next variant
         rec.update({"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
@@ -404,12 +418,14 @@ def target_lines(records: list[dict], args) -> list[str]:
                    f"{'MET' if p <= 90 else 'NOT MET'}")
     if "ours-bf16-ckpt" in by and args.device_type == "cuda":
         r = by["ours-bf16-ckpt"]
-        need = r["peak_reserved_bytes"] + 600 * 2**20  # + ~0.6 GB CUDA context
+        reserved = max(r["peak_reserved_bytes"], r["peak_reserved_setup_bytes"])
+        need = reserved + 600 * 2**20  # + ~0.6 GB CUDA context
         out.append(f"target fits a 12 GB card (ours-bf16-ckpt: peak allocated {fmt_bytes(r['peak_mem_bytes'])}, "
-                   f"reserved {fmt_bytes(r['peak_reserved_bytes'])} + ~0.6 GiB context = {fmt_bytes(need)}): "
+                   f"reserved {fmt_bytes(reserved)} + ~0.6 GiB context = {fmt_bytes(need)}, limit 12e9 bytes): "
                    f"{'MET' if need <= 12e9 else 'NOT MET'}")
-    if args.model != "sd15" or args.device_type != "cuda":
-        out = [line + "  [targets are for sd15 on an H100/H200; this run is only a record]" for line in out]
+    if args.model != "sd15" or args.device_type != "cuda" or args.resolution != 512:
+        return ["targets (>= 3x at equal precision, 1000 steps <= 90 s, fits 12 GB) apply to sd15 at 512 px "
+                "on an H100/H200 only: not evaluated for this run"]
     return out
 
 
@@ -437,7 +453,10 @@ def parse_args(argv=None):
                    help="run each variant in its own process (auto: yes on CPU, where peak memory is the "
                         "process-wide ru_maxrss; no on GPU, where peak memory is reset between variants)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
-    p.add_argument("--commit", default=None, help="record this commit instead of asking git (a copied tree)")
+    p.add_argument("--commit", default=None,
+                   help="record this commit instead of asking git (for a copied tree without .git)")
+    p.add_argument("--dirty", action="store_true",
+                   help="with --commit: the tree had uncommitted changes (recorded as dirty: true)")
     p.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results" / "train.jsonl",
                    help="JSON-lines file to append to")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -466,7 +485,11 @@ def main(argv=None) -> int:
     isolate = args.isolate == "yes" or (args.isolate == "auto" and args.device_type == "cpu")
     args._isolated = isolate
 
-    env = environment(args.device_type, args.commit)
+    env = environment(args.device_type, args.commit, args.dirty if args.commit else None)
+    if args.device_type == "cuda":  # CUDA context and cuBLAS set up before the first variant's setup clock
+        x = torch.randn(256, 256, device="cuda")
+        float((x @ x).sum())
+        del x
     work = pathlib.Path(tempfile.mkdtemp(prefix="pm-bench-train-"))
     try:
         model_root = args.model_dir or work / f"{args.model}-seed{args.seed}"

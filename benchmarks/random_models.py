@@ -37,6 +37,10 @@ import sys
 import tempfile
 import time
 
+_REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:  # this tree's pm_runtime, also when it is not pip-installed
+    sys.path.insert(0, str(_REPO))
+
 # SD 1.5's unet/config.json (runwayml/stable-diffusion-v1-5), the keys that shape the network.
 SD15_UNET_CONFIG = dict(
     sample_size=64,
