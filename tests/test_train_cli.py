@@ -107,3 +107,11 @@ def test_empty_mask_refused(tiny_model, tmp_path):
 def test_out_is_a_folder(tiny_model, photos, tmp_path):
     r = run(base_args(tiny_model, photos, tmp_path))
     assert_one_line_error(r, "is a folder")
+
+
+def test_bf16_training_with_preview(tiny_model, photos, tmp_path):
+    # the frozen networks run in bf16 while the VAE stays fp32: the preview decode must cast
+    out = tmp_path / "c.pt"
+    r = run(base_args(tiny_model, photos, out) + ["--precision", "bf16", "--steps", 1, "--preview-every", 1])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "c.preview1.png").is_file()

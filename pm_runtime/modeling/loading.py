@@ -176,7 +176,9 @@ def add_placeholder_tokens(base: BaseModel, super_class: str, num_tokens: int) -
         raise UserError(f"the tokenizer already holds {clash[0]}; was this model folder modified?")
     base.tokenizer.add_tokens(list(names))
     ids = tuple(int(i) for i in base.tokenizer.convert_tokens_to_ids(list(names)))
-    base.text_encoder.resize_token_embeddings(len(base.tokenizer), mean_resizing=False)
+    rows = clip_parts(base.text_encoder)[0].token_embedding.weight.shape[0]
+    if max(ids) >= rows:  # grow only: a table larger than the tokenizer keeps its rows
+        base.text_encoder.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
     emb = clip_parts(base.text_encoder)[0].token_embedding.weight
     with torch.no_grad():
         emb[list(ids)] = emb[sid].clone()

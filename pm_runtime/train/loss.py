@@ -24,7 +24,8 @@ def prompt_lengths(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return first - 1
 
 
-def tandem_equilibrium(probs: torch.Tensor, placeholder_mask: torch.Tensor, lengths: torch.Tensor):
+def tandem_equilibrium(probs: torch.Tensor, placeholder_mask: torch.Tensor, lengths: torch.Tensor,
+                       check: bool = True):
     """Tandem Equilibrium terms (a, b) from last-layer self-attention probabilities.
 
     probs (N, H, L, L): attention probabilities of the last text-encoder layer for the open prompt.
@@ -32,13 +33,15 @@ def tandem_equilibrium(probs: torch.Tensor, placeholder_mask: torch.Tensor, leng
     Per sample, S is the placeholder key column with the largest total attention and T the
     non-placeholder real-token column with the largest total; over ALL (sample, head, query row)
     entries p = softmax(100 * [S, T]); a = sum p_S / sum p, b = 1 - a (computed as sum p_T / sum p).
+    `check` verifies every row has both kinds of column; it reads device values (a host sync),
+    so the trainer checks its fixed prompt set once and passes check=False per step.
     """
     n, _, length, _ = probs.shape
     col_total = probs.sum(dim=(1, 2))  # (N, L): attention each key column receives
     pos = torch.arange(length, device=probs.device)
     real = (pos[None] >= 1) & (pos[None] <= lengths[:, None])
     s_ok, t_ok = real & placeholder_mask, real & ~placeholder_mask
-    if not bool(s_ok.any(-1).all()) or not bool(t_ok.any(-1).all()):
+    if check and (not bool(s_ok.any(-1).all()) or not bool(t_ok.any(-1).all())):
         raise ValueError("every open prompt needs a placeholder and a real non-placeholder token")
     neg = torch.finfo(col_total.dtype).min
     S = col_total.masked_fill(~s_ok, neg).argmax(-1)  # (N,)

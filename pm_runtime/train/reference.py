@@ -119,7 +119,8 @@ class Reference:
             x = sched.step(eps, t, x, **kwargs).prev_sample
         if output == "latents":
             return x.cpu().numpy()
-        image = base.vae.decode((x / base.vae.config.scaling_factor).to(dt)).sample.float()
+        vae_dtype = next(base.vae.parameters()).dtype  # the trainer keeps its VAE in fp32
+        image = base.vae.decode((x / base.vae.config.scaling_factor).to(vae_dtype)).sample.float()
         image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return (image * 255).round().astype(np.uint8)
 

@@ -179,6 +179,7 @@ class Trainer:
         self.open_prompts = self._tokenize([t.format(placeholder_text(self.placeholders.tokens))
                                             for t in SCENE_TEMPLATES])
         self.eos_id = int(base.tokenizer.eos_token_id)
+        self._check_open_prompts()
 
         e_super = base.text_encoder.get_input_embeddings().weight[self.placeholders.super_id].detach().float().cpu()
         self.mapper_config = MapperConfig(cfg.num_tokens, base.text_dim, self.image_embeds.shape[1],
@@ -236,6 +237,16 @@ class Trainer:
                 raise UserError(f"the mask for {name} is empty (all zero): nothing of that image would count")
         return masks
 
+    def _check_open_prompts(self) -> None:
+        """Every scene prompt must keep a placeholder and a real word within 77 tokens (checked once)."""
+        ids = self.open_prompts
+        m = torch.isin(ids, torch.tensor(self.placeholders.ids, device=ids.device))
+        probs = torch.full((ids.shape[0], 1, ids.shape[1], ids.shape[1]), 1.0 / ids.shape[1], device=ids.device)
+        try:
+            tandem_equilibrium(probs, m, prompt_lengths(ids, self.eos_id), check=True)
+        except ValueError as e:
+            raise UserError(f"the open scene prompts do not fit this tokenizer: {e}") from e
+
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
         tok = self.base.tokenizer
         ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -270,7 +281,7 @@ class Trainer:
             open_ids = self.open_prompts[b.open_idx.to(dev)]
             ce, _, m = scatter_concept(open_ids, pids, E, B)
             _, _, probs = self.text(open_ids, ce, None, m, return_last_attention=True)
-            a, bb = tandem_equilibrium(probs.float(), m, prompt_lengths(open_ids, self.eos_id))
+            a, bb = tandem_equilibrium(probs.float(), m, prompt_lengths(open_ids, self.eos_id), check=False)
             ids = self.captions[b.caption_idx.to(dev)]
             ce, bp, m = scatter_concept(ids, pids, E, B)
             c_k, c_v = self.text(ids, ce, bp, m)
@@ -286,15 +297,15 @@ class Trainer:
     def optimizer_step(self) -> float:
         """grad_accum micro-steps, then one AdamW step. Returns the mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)  # summed on the device: one host sync per step
         for _ in range(self.cfg.grad_accum):
             loss, _, _ = self.compute_loss(self.draw_batch())
             self.scaler.scale(loss / self.cfg.grad_accum).backward()
-            total += float(loss.detach())
+            total += loss.detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
-        mean = total / self.cfg.grad_accum
+        mean = float(total) / self.cfg.grad_accum
         if not np.isfinite(mean):
             raise UserError(f"the loss became {mean} at step {self.step}; try --precision fp32 or bf16")
         self.loss_history.append(mean)
