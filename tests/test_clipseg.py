@@ -16,16 +16,10 @@ from pm_runtime.train.templates import CLIPSEG_TEMPLATES  # noqa: E402
 
 
 def _bytes_to_unicode():
-    # GPT-2/CLIP byte -> printable unicode table.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    # GPT-2/CLIP byte -> printable unicode symbols, in table order
+    from pm_runtime.train.tiny_model import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
 
 
 def _char_level_clip_tokenizer(src):
