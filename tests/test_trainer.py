@@ -219,3 +219,24 @@ def test_exif_orientation_and_odd_images(tiny_model, tmp_path):
     assert imgs[0].source.size == (40, 80)  # EXIF applied: portrait now
     text = " ".join(warnings)
     assert "grayscale" in text and "RGBA" in text and "unreadable" in text and "smaller" in text
+
+
+def test_bypass_coin_gives_zero_gradients_not_none(trainer):
+    """Published: the bypass is zeroed in place, so the bypass head gets zero grads (AdamW still steps)."""
+    b = trainer.draw_batch()
+    b.keep_bypass = False
+    trainer.mapper.zero_grad(set_to_none=True)
+    trainer.compute_loss(b)[0].backward()
+    g = trainer.mapper.bypass_head.weight.grad
+    assert g is not None and float(g.abs().max()) == 0.0
+    assert float(trainer.mapper.token_head.weight.grad.abs().max()) > 0
+    trainer.mapper.zero_grad(set_to_none=True)
+
+
+def test_cuda_graph_needs_cuda(tiny_model, photos, tmp_path):
+    from pm_runtime.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    with pytest.raises(UserError, match="CUDA"):
+        Trainer(train_config(tiny_model, photos, tmp_path / "c.pt", cuda_graph=True), warn=quiet)

@@ -58,6 +58,7 @@ class TrainConfig:
     reference_image: str | None = None
     device: str = "auto"
     precision: str = "fp32"
+    cuda_graph: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
     save_every: int = 0
@@ -124,6 +125,10 @@ class Trainer:
         if cfg.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(cfg.device)
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise UserError("--cuda-graph needs a CUDA device")
+        if cfg.cuda_graph and cfg.gradient_checkpointing:
+            raise UserError("--cuda-graph and --gradient-checkpointing cannot be combined")
         self.dtype = PRECISIONS[cfg.precision]
         if self.device.type == "cuda":  # fp32 means fp32: no TF32 (published setting)
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -191,6 +196,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
         self.gen = torch.Generator().manual_seed(cfg.seed)  # t, noise, latent samples, bypass coin
         self.order = DataOrder(np.random.default_rng(cfg.seed), len(images))
+        self.frozen_loss = self._frozen_loss
+        if cfg.cuda_graph:
+            self._capture()
         self.step = 0
         self.loss_history: list[float] = []
         self.elapsed = 0.0
@@ -268,31 +276,57 @@ class Trainer:
 
     def compute_loss(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, reconstruction term, a) for one explicit batch."""
-        dev, pids = self.device, list(self.placeholders.ids)
+        dev = self.device
         idx = b.image_idx.to(dev)
         t = b.t.to(dev)
         E, B = self.mapper(t.float(), self.image_embeds[idx])  # (N, K, D) each, fp32
-        if not b.keep_bypass:
-            B = torch.zeros_like(B)
+        # The coin multiplies the bypass by 0 (as the published in-place zeroing does): the bypass
+        # head then gets zero gradients, not none, so AdamW's moments and weight decay still run.
+        keep = torch.full((1,), float(b.keep_bypass), device=dev)
         latents = (self.post_mean[idx] + self.post_std[idx] * b.latent_eps.to(dev)) * self.scaling
         noise = b.noise.to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            open_ids = self.open_prompts[b.open_idx.to(dev)]
-            ce, _, m = scatter_concept(open_ids, pids, E, B)
-            _, _, probs = self.text(open_ids, ce, None, m, return_last_attention=True)
-            a, bb = tandem_equilibrium(probs.float(), m, prompt_lengths(open_ids, self.eos_id), check=False)
-            ids = self.captions[b.caption_idx.to(dev)]
-            ce, bp, m = scatter_concept(ids, pids, E, B)
-            c_k, c_v = self.text(ids, ce, bp, m)
-            ctx = join_contexts(c_k, c_v).to(self.dtype)
-            pred = self.base.unet(noisy.to(self.dtype), t, ctx).sample
         if self.base.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)
         else:
             target = noise
-        rec = masked_mse(pred, target, self.masks[idx]).mean()
-        return rec - self.cfg.te_weight * a * bb, rec.detach(), a.detach()
+        out = self.frozen_loss(E, B, keep, self.open_prompts[b.open_idx.to(dev)],
+                               self.captions[b.caption_idx.to(dev)], noisy, t, target, self.masks[idx])
+        return out[0], out[1][0], out[1][1]
+
+    def _frozen_loss(self, E, B, keep, open_ids, ids, noisy, t, target, mask):
+        """Everything after the mapper: text encoder twice, UNet, both loss terms.
+
+        E, B (N, K, D) fp32 (need grad); keep (1,); open_ids, ids (N, L) long; noisy, target
+        (N, 4, h, w) fp32; t (N,) long; mask (N, 1, h, w). Returns (loss, [rec, a] detached).
+        Free of host syncs and data-dependent shapes, so it can be captured in a CUDA graph.
+        """
+        pids = list(self.placeholders.ids)
+        B = B * keep
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                            cache_enabled=False):
+            ce, _, m = scatter_concept(open_ids, pids, E, B)
+            _, _, probs = self.text(open_ids, ce, None, m, return_last_attention=True)
+            a, bb = tandem_equilibrium(probs.float(), m, prompt_lengths(open_ids, self.eos_id), check=False)
+            ce, bp, m = scatter_concept(ids, pids, E, B)
+            c_k, c_v = self.text(ids, ce, bp, m)
+            ctx = join_contexts(c_k, c_v).to(self.dtype)
+            pred = self.base.unet(noisy.to(self.dtype), t, ctx).sample
+        rec = masked_mse(pred, target, mask).mean()
+        return rec - self.cfg.te_weight * a * bb, torch.stack([rec, a]).detach()
+
+    def _capture(self) -> None:
+        """Capture _frozen_loss forward and backward in CUDA graphs (static shapes, fixed per run)."""
+        n, dev, D = self.cfg.batch_size, self.device, self.base.text_dim
+        K, L = self.cfg.num_tokens, self.captions.shape[1]
+        lat = (n, *self.post_mean.shape[1:])
+        args = (torch.randn(n, K, D, device=dev, requires_grad=True),
+                torch.randn(n, K, D, device=dev, requires_grad=True),
+                torch.ones(1, device=dev), self.open_prompts[:1].expand(n, L).clone(),
+                self.captions[:1].expand(n, L).clone(), torch.randn(lat, device=dev),
+                torch.full((n,), self.cfg.stage[0], dtype=torch.long, device=dev), torch.randn(lat, device=dev),
+                torch.ones(n, 1, *lat[2:], device=dev))
+        self.frozen_loss = torch.cuda.make_graphed_callables(self._frozen_loss, args, num_warmup_iters=3)
 
     def optimizer_step(self) -> float:
         """grad_accum micro-steps, then one AdamW step. Returns the mean loss."""
