@@ -240,3 +240,12 @@ def test_cuda_graph_needs_cuda(tiny_model, photos, tmp_path):
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
     with pytest.raises(UserError, match="CUDA"):
         Trainer(train_config(tiny_model, photos, tmp_path / "c.pt", cuda_graph=True), warn=quiet)
+
+
+def test_channels_last_computes_the_same_loss(tiny_model, photos, tmp_path):
+    a = Trainer(train_config(tiny_model, photos, tmp_path / "a.pt"), warn=quiet)
+    b = Trainer(train_config(tiny_model, photos, tmp_path / "b.pt", channels_last=True), warn=quiet)
+    batch = a.draw_batch()
+    with torch.no_grad():
+        la, lb = a.compute_loss(batch)[0], b.compute_loss(batch)[0]
+    assert torch.allclose(la, lb, rtol=1e-5, atol=1e-6)

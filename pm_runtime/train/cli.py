@@ -61,6 +61,7 @@ def _warn(msg: str) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Precision of the frozen networks (the mapper trains in fp32). fp32 disables TF32.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute UNet activations in backward (less memory).")
+@click.option("--channels-last", is_flag=True, help="Run the UNet in channels-last memory layout.")
 @click.option("--cuda-graph", is_flag=True,
               help="CUDA only: capture text encoder + UNet forward/backward in CUDA graphs (much less launch "
                    "overhead at batch 1; a few seconds of capture at start).")

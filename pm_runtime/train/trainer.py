@@ -59,6 +59,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     cuda_graph: bool = False
+    channels_last: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
     save_every: int = 0
@@ -133,6 +134,7 @@ class Trainer:
         if self.device.type == "cuda":  # fp32 means fp32: no TF32 (published setting)
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True  # shapes are fixed for the whole run
         self._prepare()
 
     # ---------------------------------------------------------------- setup
@@ -175,6 +177,8 @@ class Trainer:
             base.text_encoder.to(dtype=self.dtype)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        base.unet.to(memory_format=self.memory_format)
         self.text = EquilibriumTextEncoder(base.text_encoder)
         from diffusers import DDPMScheduler
 
@@ -311,7 +315,7 @@ class Trainer:
             ce, bp, m = scatter_concept(ids, pids, E, B)
             c_k, c_v = self.text(ids, ce, bp, m)
             ctx = join_contexts(c_k, c_v).to(self.dtype)
-            pred = self.base.unet(noisy.to(self.dtype), t, ctx).sample
+            pred = self.base.unet(noisy.to(self.dtype, memory_format=self.memory_format), t, ctx).sample
         rec = masked_mse(pred, target, mask).mean()
         return rec - self.cfg.te_weight * a * bb, torch.stack([rec, a]).detach()
 
