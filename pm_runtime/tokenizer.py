@@ -90,7 +90,7 @@ _BYTE_TABLE = str.maketrans({chr(b): s for b, s in _BYTE_SYMBOLS.items()})
 def normalize(text: str) -> str:
     """NFC, White_Space runs -> " ", lower-case per character (tokenizers' CLIP normalizer)."""
     text = _WS_RUN.sub(" ", unicodedata.normalize("NFC", text))
-    return text.lower()
+    return text.lower() if text.isascii() else "".join(c.lower() for c in text)
 
 
 class ClipTokenizer:
@@ -116,7 +116,10 @@ class ClipTokenizer:
     @classmethod
     def from_folder(cls, path) -> ClipTokenizer:
         folder = pathlib.Path(path)
-        read = lambda name: json.loads((folder / name).read_text("utf-8")) if (folder / name).is_file() else {}  # noqa: E731
+
+        def read(name: str) -> dict:
+            return json.loads((folder / name).read_text("utf-8")) if (folder / name).is_file() else {}
+
         vocab = read("vocab.json")
         lines = (folder / "merges.txt").read_text("utf-8").splitlines()
         merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
@@ -127,7 +130,8 @@ class ClipTokenizer:
                 kw[key] = value
         for i, tok in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
             added.append({**tok, "id": int(i)})
-        added += [{"content": c, "id": int(i)} for c, i in sorted(read("added_tokens.json").items(), key=lambda kv: kv[1])]
+        added += [{"content": c, "id": int(i)}
+                  for c, i in sorted(read("added_tokens.json").items(), key=lambda kv: kv[1])]
         return cls(vocab, merges, model_max_length=min(int(config.get("model_max_length", 77)), 10**6),
                    added=added, **kw)
 

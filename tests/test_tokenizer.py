@@ -93,7 +93,11 @@ def test_placeholder_tokens(folder):
     assert_same(hf, ours, PLACEHOLDER_PROMPTS + [t.format(" ".join(PLACEHOLDERS)) for t in TEMPLATE_TEXTS])
     ids = ours.encode("a photo of <pm-concept-1> <pm-concept-2>, smiling")
     assert [ours.token_to_id(p) for p in PLACEHOLDERS[:2]] == ids[4:6] and ours.vocab_size == len(hf)
-    assert ours.add_tokens(PLACEHOLDERS[:1]) == [ours.token_to_id(PLACEHOLDERS[0])]  # again: same id
+    assert hf.add_tokens(PLACEHOLDERS[:1]) == 0  # added again: nothing new, the same id
+    assert ours.add_tokens(PLACEHOLDERS[:1]) == hf.convert_tokens_to_ids(PLACEHOLDERS[:1])
+    assert ours.vocab_size == len(hf)
+    hf, ours = load_pair(folder, ["<x>", "<x><y>", "<y>", "face"])  # longest match wins; a vocab word as a unit
+    assert_same(hf, ours, ["<x><y><x> <y><x><y>", "<x><y", "facefaces <x>face", "<X><Y>"])
 
 
 def test_fuzz(folder):
@@ -133,7 +137,9 @@ def test_sd15_style_config(folder, tmp_path):
     """Real SD folders: added_tokens_decoder with normalized specials, dict-valued special tokens, SD 2's '!' pad."""
     dst = shutil.copytree(folder, tmp_path / "tokenizer")
     vocab = json.loads((dst / "vocab.json").read_text("utf-8"))
-    tok = lambda c: {"content": c, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}  # noqa: E731
+    def tok(c):
+        return {"content": c, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
     specials = {"<|startoftext|>", "<|endoftext|>"}
     (dst / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": tok("<|startoftext|>"), "eos_token": tok("<|endoftext|>"), "pad_token": "!",

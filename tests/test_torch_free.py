@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 RUNTIME_MODULES = ["pm_runtime", "pm_runtime.errors", "pm_runtime.formats", "pm_runtime.fingerprint",
-                   "pm_runtime.noise", "pm_runtime.prompts", "pm_runtime.stages", "pm_runtime.schedulers"]
+                   "pm_runtime.noise", "pm_runtime.prompts", "pm_runtime.stages", "pm_runtime.schedulers",
+                   "pm_runtime.tokenizer"]
 
 
 def test_runtime_imports_without_torch():
