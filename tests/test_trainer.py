@@ -249,3 +249,17 @@ def test_channels_last_computes_the_same_loss(tiny_model, photos, tmp_path):
     with torch.no_grad():
         la, lb = a.compute_loss(batch)[0], b.compute_loss(batch)[0]
     assert torch.allclose(la, lb, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_image_choices(tiny_model, photos, tmp_path):
+    from pm_runtime.errors import UserError
+
+    by_name = Trainer(train_config(tiny_model, photos, tmp_path / "c.pt", reference_image="photo2.png"), warn=quiet)
+    assert by_name.reference["name"] == "photo2.png"
+    assert torch.equal(by_name.reference["embedding"], by_name.image_embeds[2].cpu())
+    other = write_photos(tmp_path / "other", n=1, seed=9) / "photo0.png"
+    outside = Trainer(train_config(tiny_model, photos, tmp_path / "c.pt", reference_image=str(other)), warn=quiet)
+    assert outside.reference["sha256"] not in outside.image_hashes
+    assert not any(torch.equal(outside.reference["embedding"], e.cpu()) for e in outside.image_embeds)
+    with pytest.raises(UserError, match="reference-image"):
+        Trainer(train_config(tiny_model, photos, tmp_path / "c.pt", reference_image="nope.png"), warn=quiet)

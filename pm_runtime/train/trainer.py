@@ -208,16 +208,21 @@ class Trainer:
         self.elapsed = 0.0
 
     def _reference(self, encoder, images) -> dict:
+        """The photo baked into tables: a training image (by file name or same content) or another photo."""
         cfg = self.cfg
-        if cfg.reference_image is None:
-            im = images[0]
-            return {"name": im.name, "sha256": im.sha256, "embedding": self.image_embeds[0].cpu()}
-        path = Path(cfg.reference_image)
-        for i, im in enumerate(images):
-            if im.name == path.name and (not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() == im.sha256):
-                return {"name": im.name, "sha256": im.sha256, "embedding": self.image_embeds[i].cpu()}
-        if not path.is_file():
-            raise UserError(f"--reference-image not found: {path}")
+        pick = 0 if cfg.reference_image is None else None
+        if pick is None:
+            path = Path(cfg.reference_image)
+            if path.is_file():
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                pick = next((i for i, im in enumerate(images) if im.sha256 == digest), None)
+            else:
+                pick = next((i for i, im in enumerate(images) if im.name == path.name), None)
+                if pick is None:
+                    raise UserError(f"--reference-image not found: {path} (neither a file nor a training image name)")
+        if pick is not None:
+            im = images[pick]
+            return {"name": im.name, "sha256": im.sha256, "embedding": self.image_embeds[pick].cpu()}
         [ref] = data.load_images(path, cfg.resolution, cfg.center_crop, self.warn)
         px = torch.from_numpy(data.to_unit_range(ref.pixels[None]))
         return {"name": ref.name, "sha256": ref.sha256, "embedding": image_embeddings(encoder, px)[0].cpu()}
