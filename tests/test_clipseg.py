@@ -126,3 +126,18 @@ def test_load_rejects_non_clipseg_folder(tmp_path):
     with pytest.raises(ValueError, match="could not load CLIPSeg") as err:
         load_clipseg(tmp_path, "cpu")
     assert "\n" not in str(err.value)
+
+
+def test_trainer_makes_masks_with_clipseg(tiny_clipseg, tiny_model, photos, tmp_path):
+    from conftest import train_config
+    from pm_runtime.train.clipseg import clipseg_masks
+    from pm_runtime.train.data import load_images, mask_to_latent
+    from pm_runtime.train.trainer import Trainer
+
+    tr = Trainer(train_config(tiny_model, photos, tmp_path / "c.pt", clipseg=str(tiny_clipseg)), warn=lambda m: None)
+    model, tok = load_clipseg(tiny_clipseg, "cpu")
+    imgs = load_images(photos, 64, False, lambda m: None)
+    made = clipseg_masks(model, tok, [im.source for im in imgs], "face", "cpu")
+    expect = np.stack([mask_to_latent(Image.fromarray(m), 8) for m in made])
+    assert tr.masks.shape == (3, 1, 8, 8)
+    assert np.array_equal(tr.masks.numpy(), expect)

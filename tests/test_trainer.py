@@ -263,3 +263,21 @@ def test_reference_image_choices(tiny_model, photos, tmp_path):
     assert not any(torch.equal(outside.reference["embedding"], e.cpu()) for e in outside.image_embeds)
     with pytest.raises(UserError, match="reference-image"):
         Trainer(train_config(tiny_model, photos, tmp_path / "c.pt", reference_image="nope.png"), warn=quiet)
+
+
+def test_v_prediction_model_and_fp16(tiny_model, photos, tmp_path):
+    """SD 2.x-style v-prediction (an extension): the target is the velocity; fp16 uses a grad scaler."""
+    import json
+    import shutil
+
+    model = tmp_path / "vpred"
+    shutil.copytree(tiny_model, model)
+    cfg_path = model / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["prediction_type"] = "v_prediction"
+    cfg_path.write_text(json.dumps(cfg))
+    tr = Trainer(train_config(model, photos, tmp_path / "c.pt"), warn=quiet)
+    assert tr.base.prediction_type == "v_prediction"
+    assert np.isfinite(tr.optimizer_step())
+    half = Trainer(train_config(tiny_model, photos, tmp_path / "h.pt", precision="fp16"), warn=quiet)
+    assert half.scaler.is_enabled() and np.isfinite(half.optimizer_step())
