@@ -19,6 +19,7 @@ import tempfile
 
 import click
 
+from ..tokenizer import bytes_to_unicode  # one byte table for the writer and the reader
 from . import templates
 
 # Network sizes: the smallest that still exercise every SD 1.x code path, fast on a CPU.
@@ -90,18 +91,6 @@ _PRETOKENIZE = re.compile(
 )
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-unicode-symbol map (256 entries)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def template_words() -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import random
 import resource
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
