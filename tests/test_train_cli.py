@@ -115,3 +115,9 @@ def test_bf16_training_with_preview(tiny_model, photos, tmp_path):
     r = run(base_args(tiny_model, photos, out) + ["--precision", "bf16", "--steps", 1, "--preview-every", 1])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "c.preview1.png").is_file()
+
+
+def test_missing_mask_dir(tiny_model, photos, tmp_path):
+    r = run(base_args(tiny_model, photos, tmp_path / "c.pt") + ["--mask-dir", tmp_path / "nope"])
+    assert_one_line_error(r, "--mask-dir not found")
+    assert not (tmp_path / "c.pt").exists()

@@ -242,6 +242,8 @@ class Trainer:
             masks = [data.mask_to_latent(Image.fromarray(m), self.latent_size) for m in made]
         else:
             mask_dir = cfg.mask_dir
+            if mask_dir is not None and not Path(mask_dir).is_dir():
+                raise UserError(f"--mask-dir not found: {mask_dir}")
             if mask_dir is None:
                 default = Path(cfg.images) / "mask"
                 mask_dir = default if default.is_dir() else None
