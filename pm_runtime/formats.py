@@ -82,3 +82,11 @@ QK_NAME = "name"
 QK_CONCEPT_WORD = "concept_word"
 QK_STAGE = "stage"  # [lo, hi]: this concept's table rows
 QK_NUM_TOKENS = "num_tokens"
+CK_DERIVED_AXES = "derived_axes"  # {axis: {axis, factor}}: e.g. image_height = 8 x latent_height
+BK_TOKENIZER_FILES = "files"  # inside BK_TOKENIZER: [{file, sha256}]
+# Base-model keys besides pm_runtime.specs.ModelDims' fields.
+BM_PREDICTION_TYPE = "prediction_type"  # epsilon | v_prediction
+BM_VAE_SCALING_FACTOR = "vae_scaling_factor"
+BM_VAE_DECODER_APPLIES_SCALING = "vae_decoder_applies_scaling"  # true: feed the scheduler's latent as is
+BM_MODEL_FOLDER = "model_folder"  # the model folder's name (not its path)
+BM_SAFETY_CHECKER = "safety_checker"  # "not exported" until the exporter handles it

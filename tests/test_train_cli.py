@@ -121,3 +121,10 @@ def test_missing_mask_dir(tiny_model, photos, tmp_path):
     r = run(base_args(tiny_model, photos, tmp_path / "c.pt") + ["--mask-dir", tmp_path / "nope"])
     assert_one_line_error(r, "--mask-dir not found")
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_resume_refuses_junk_file(tiny_model, photos, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"hello")
+    r = run(base_args(tiny_model, photos, tmp_path / "c.pt") + ["--resume", junk])
+    assert_one_line_error(r, "not a concept file")

@@ -1,0 +1,312 @@
+"""pm-export's work: concept.pt + model folder -> bundle folder; or concept.pt -> a table in a bundle.
+
+The full export writes everything into a hidden temporary folder beside OUT
+(`.OUT.tmp-XXXX`), writes bundle.json last and renames the folder to OUT at the end: a failure
+or an interrupt leaves nothing that looks like a bundle. Each network is exported in fp32,
+validated against PyTorch, then (fp16) converted and validated again; TensorRT plans, when
+asked for, are built from the fp32 graphs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from pm_runtime import formats as F
+from pm_runtime.bundle import file_entry, open_bundle, sha256_file, write_manifest
+from pm_runtime.concept_table import save_table
+from pm_runtime.errors import UserError
+from pm_runtime.specs import NETWORKS, network_specs
+
+Log = Callable[[str], None]
+TARGETS = ("onnx", "tensorrt", "all")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    concept: Path
+    model: Path | None = None  # full export: the base model folder
+    out: Path | None = None  # full export: the bundle to write
+    bundle: Path | None = None  # concept-only export: the bundle to add to
+    name: str | None = None  # concept name in the bundle [default: the concept file's stem]
+    precision: str = "fp32"  # fp32 | fp16 (ONNX graphs; TensorRT plans are always built with FP16)
+    target: str = "onnx"  # onnx | tensorrt | all
+    force: bool = False
+    reference_image: Path | None = None
+    image_encoder: Path | None = None
+    opset: int = 17
+    external_data: str = "auto"  # auto | always | never
+    timing_cache: Path | None = None
+
+    @property
+    def concept_name(self) -> str:
+        name = self.name if self.name is not None else Path(self.concept).stem
+        if not _NAME.match(name):
+            raise UserError(f"concept name {name!r} must be letters, digits, '.', '_' or '-' (use --name)")
+        return name
+
+
+def tool_versions(extra: dict | None = None) -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("personamagic-runtime", "torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {**out, **(extra or {})}
+
+
+def _load_concept_and_reference(cfg: ExportConfig, model_dir: Path | None, log: Log):
+    from pm_runtime.modeling.loading import find_image_encoder
+    from pm_runtime.train.concept_file import load_concept
+
+    from .bake import concept_reference, embed_reference_photo
+
+    try:
+        concept = load_concept(Path(cfg.concept))
+    except UserError:
+        raise
+    except Exception as e:  # torch's weights-only unpickler raises e.g. KeyError on junk; nothing ran
+        raise UserError(f"{cfg.concept} is not a concept file (unreadable: {type(e).__name__})") from None
+    if cfg.reference_image is None:
+        if cfg.image_encoder is not None:
+            raise UserError("--image-encoder is only used with --reference-image")
+        return concept, concept_reference(concept)
+    if model_dir is None and cfg.image_encoder is None:
+        raise UserError("--reference-image needs --image-encoder DIR (the CLIP model the concept was trained with)")
+    enc = find_image_encoder(model_dir, cfg.image_encoder) if model_dir else Path(cfg.image_encoder)
+    ref = embed_reference_photo(concept, Path(cfg.reference_image), enc, lambda m: log(f"warning: {m}"))
+    log(f"  re-baking B with {ref.name} (sha256 {ref.sha256[:12]}...)")
+    return concept, ref
+
+
+def _bake(cfg: ExportConfig, concept, reference, dest: Path) -> dict:
+    from .bake import bake_table
+
+    table = bake_table(concept, reference, source_sha256=sha256_file(Path(cfg.concept)))
+    save_table(table, dest)
+    return {F.QK_NAME: cfg.concept_name, F.QK_CONCEPT_WORD: table.concept_word,
+            F.QK_STAGE: [table.stage_lo, table.stage_hi], F.QK_NUM_TOKENS: table.num_tokens}
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not force:
+        raise UserError(f"{out} exists; use --force to replace it")
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; refusing to replace it")
+    if any(out.iterdir()) and not (out / F.BUNDLE_MANIFEST).is_file():
+        raise UserError(f"{out} is a non-empty folder that is not a bundle; refusing to replace it even with --force")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "bundle")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
+    """The full export. Returns the bundle folder."""
+    from pm_runtime.modeling.loading import check_sd_layout, load_base_model
+
+    if cfg.target not in TARGETS:
+        raise UserError(f"--target must be one of {', '.join(TARGETS)}")
+    if cfg.precision not in ("fp32", "fp16"):
+        raise UserError("--precision must be fp32 or fp16")
+    out = Path(cfg.out).absolute()
+    _check_out(out, cfg.force)
+    name = cfg.concept_name
+    builder = None
+    if cfg.target in ("tensorrt", "all"):
+        from .tensorrt_build import PlanBuilder
+
+        builder = PlanBuilder(cfg.timing_cache, log=log)  # install hint / no-GPU error before any work
+    model_dir = Path(cfg.model)
+    check_sd_layout(model_dir)
+    steps = 6
+    t0 = time.perf_counter()
+    log(f"[1/{steps}] loading {cfg.concept} and the base model {model_dir}")
+    concept, reference = _load_concept_and_reference(cfg, model_dir, log)
+    base = load_base_model(model_dir)
+    if concept.fingerprint != base.fingerprint:
+        raise UserError(f"{cfg.concept} was trained on a different base model than {model_dir} (fingerprint mismatch)")
+    from .onnx_export import graph_modules, model_dims
+
+    dims = model_dims(base)
+    facts = {F.BK_FINGERPRINT: base.fingerprint, F.BK_BASE_MODEL: _base_info(cfg, base, dims),
+             F.BK_SCHEDULER: dict(base.scheduler_config)}
+    if facts[F.BK_BASE_MODEL][F.BM_SAFETY_CHECKER] == "not exported":
+        log("warning: the model folder has a safety_checker/; exporting it is not implemented yet: the bundle has none")
+    modules = graph_modules(base)
+    del base  # from here the modules hold the networks; each is freed once exported
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        concepts_dir = tmp / F.BUNDLE_CONCEPTS_DIR
+        table_rel = f"{F.BUNDLE_CONCEPTS_DIR}/{name}{F.TABLE_SUFFIX}"
+        log(f"[2/{steps}] baking the concept table {table_rel}")
+        concepts_dir.mkdir()
+        entry = _bake(cfg, concept, reference, tmp / table_rel)
+        concept_entries = [{**entry, **file_entry(tmp, table_rel)}]
+        components, trt_details = _export_networks(cfg, modules, network_specs(dims), tmp, steps, builder, log)
+        log(f"[{steps}/{steps}] writing the tokenizer and {F.BUNDLE_MANIFEST}")
+        tok_files = _copy_tokenizer(model_dir, tmp)
+        manifest = _manifest(facts, components, tok_files, concept_entries, trt_details)
+        write_manifest(tmp, manifest)  # last: a folder without bundle.json is not a bundle
+        _share(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"wrote {out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_gib():.2f} GiB")
+    return out
+
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _share(root: Path) -> None:
+    """mkdtemp makes 0700 and onnx writes external data 0600; a bundle is shared data."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [root, *root.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, steps: int, builder, log: Log):
+    """ONNX (and TensorRT) files for every network, validated; returns manifest component entries.
+
+    `modules` is emptied as it goes: each PyTorch network is released after its export (peak RAM)."""
+    from . import fp16
+    from .onnx_export import export_network, save_onnx
+    from .validate import validate
+
+    work = tmp / ".work"  # fp32 graphs that do not ship (fp16 bundles, TensorRT-only bundles)
+    work.mkdir()
+    ship_onnx = cfg.target in ("onnx", "all")
+    components, trt_details = [], {}
+    for i, net in enumerate(NETWORKS):
+        spec, module = specs[net], modules.pop(net)
+        t0 = time.perf_counter()
+        fp32_in_bundle = ship_onnx and cfg.precision == "fp32"
+        fp32_path = (tmp if fp32_in_bundle else work) / f"{net}.onnx"
+        log(f"[{i + 3}/{steps}] {net}: exporting ONNX (opset {cfg.opset})")
+        files = export_network(module, spec, fp32_path, opset=cfg.opset, external_data=cfg.external_data)
+        checks = validate(module, spec, fp32_path, "fp32", log)
+        details: dict = {"opset": cfg.opset}
+        if ship_onnx and cfg.precision == "fp16":
+            half, kept = fp16.to_fp16(fp32_path)
+            details["fp32_timestep_path_nodes"] = len(kept)
+            files = save_onnx(half, tmp / f"{net}.onnx", cfg.external_data)
+            details["fp32_ops"] = fp16.fp32_op_counts(half)
+            details["fp32_op_types"] = fp16.block_list_description()
+            del half
+            checks += validate(module, spec, tmp / f"{net}.onnx", "fp16", log)
+        if ship_onnx:
+            components.append(_component(tmp, net, net, "onnx", files, cfg.precision, spec, checks, details))
+        if builder is not None:
+            plan_rel = f"{net}.plan"
+            trt = builder.build(fp32_path, spec, tmp / plan_rel, fp16=True)
+            components.append(_component(tmp, f"{net}.plan", net, "tensorrt", [tmp / plan_rel], "fp16", spec,
+                                         [], trt))
+            trt_details = {k: trt[k] for k in ("tensorrt_version", "gpu", "compute_capability")}
+        del module
+        gc.collect()
+        for p in work.iterdir():  # fp32 graphs that do not ship: done with (disk space)
+            p.unlink()
+        log(f"  {net} done in {time.perf_counter() - t0:.1f} s (peak RSS so far {peak_rss_gib():.2f} GiB)")
+    shutil.rmtree(work)
+    return components, trt_details
+
+
+def _component(root: Path, name: str, net: str, fmt: str, files: list[Path], precision: str, spec, checks,
+               details: dict) -> dict:
+    rel = [p.relative_to(root).as_posix() for p in files]
+    spec_d = spec.to_dict()
+    return {F.CK_NAME: name, F.CK_NETWORK: net, F.CK_FORMAT: fmt, **file_entry(root, rel[0]),
+            F.CK_DATA_FILES: [file_entry(root, r) for r in rel[1:]], F.CK_PRECISION: precision,
+            F.CK_INPUTS: spec_d["inputs"], F.CK_OUTPUTS: spec_d["outputs"], F.CK_AXES: spec_d["axes"],
+            F.CK_DERIVED_AXES: spec_d["derived_axes"], F.CK_VALIDATION: [c.to_dict() for c in checks],
+            F.CK_DETAILS: details}
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json",
+                   "added_tokens.json")
+
+
+def _copy_tokenizer(model_dir: Path, root: Path) -> list[dict]:
+    src, dst = model_dir / "tokenizer", root / F.BUNDLE_TOKENIZER_DIR
+    dst.mkdir()
+    entries = []
+    for fname in TOKENIZER_FILES:
+        if (src / fname).is_file():
+            shutil.copyfile(src / fname, dst / fname)
+            entries.append(file_entry(root, f"{F.BUNDLE_TOKENIZER_DIR}/{fname}"))
+    if not any(e[F.FK_FILE].endswith(("vocab.json", "tokenizer.json")) for e in entries):
+        raise UserError(f"{src} holds no tokenizer vocabulary (vocab.json / tokenizer.json)")
+    return entries
+
+
+def _base_info(cfg: ExportConfig, base, dims) -> dict:
+    has_checker = (Path(cfg.model) / "safety_checker").is_dir()
+    return {**dims.to_dict(), F.BM_PREDICTION_TYPE: base.prediction_type,
+            F.BM_VAE_SCALING_FACTOR: float(base.vae.config.scaling_factor),
+            F.BM_VAE_DECODER_APPLIES_SCALING: True, F.BM_MODEL_FOLDER: Path(cfg.model).absolute().name,
+            F.BM_SAFETY_CHECKER: "not exported" if has_checker else "none in the model folder"}
+
+
+def _manifest(facts: dict, components, tok_files, concepts, trt_details) -> dict:
+    return {
+        F.BK_FORMAT: F.BUNDLE_FORMAT, F.BK_VERSION: F.BUNDLE_VERSION,
+        F.BK_CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        F.BK_FINGERPRINT: facts[F.BK_FINGERPRINT], F.BK_BASE_MODEL: facts[F.BK_BASE_MODEL],
+        F.BK_COMPONENTS: components, F.BK_SCHEDULER: facts[F.BK_SCHEDULER],
+        F.BK_TOKENIZER: {F.BK_TOKENIZER_FILES: tok_files}, F.BK_CONCEPTS: concepts,
+        F.BK_TOOLS: tool_versions(trt_details),
+    }
+
+
+def add_concept(cfg: ExportConfig, log: Log = print) -> Path:
+    """Concept-only export: bake a table into an existing bundle; the networks are not touched."""
+    t0 = time.perf_counter()
+    bundle = open_bundle(Path(cfg.bundle), verify=False)  # paths + format; the networks are not re-hashed
+    name = cfg.concept_name
+    others = [c for c in bundle.concepts if c[F.QK_NAME] != name]
+    if len(others) != len(bundle.concepts) and not cfg.force:
+        raise UserError(f"the bundle already has a concept named {name!r}; use --name or --force")
+    log(f"[1/2] loading {cfg.concept}")
+    concept, reference = _load_concept_and_reference(cfg, None, log)
+    if concept.fingerprint != bundle.fingerprint:
+        raise UserError(f"{cfg.concept} was trained on a different base model than the bundle {cfg.bundle} "
+                        "(fingerprint mismatch)")
+    if concept.mapper.config.dim != bundle.dims.text_dim:
+        raise UserError(f"{cfg.concept} has {concept.mapper.config.dim}-wide tokens; the bundle's text encoder "
+                        f"is {bundle.dims.text_dim}-wide")
+    rel = f"{F.BUNDLE_CONCEPTS_DIR}/{name}{F.TABLE_SUFFIX}"
+    log(f"[2/2] baking {rel} into {cfg.bundle}")
+    entry = _bake(cfg, concept, reference, bundle.root / rel)
+    manifest = dict(bundle.manifest)
+    manifest[F.BK_CONCEPTS] = others + [{**entry, **file_entry(bundle.root, rel)}]
+    write_manifest(bundle.root, manifest)
+    log(f"added concept {name!r} to {cfg.bundle} in {time.perf_counter() - t0:.1f} s")
+    return bundle.root / rel

@@ -1,0 +1,83 @@
+"""`pm-export`: a concept and a model folder -> a validated bundle; or a concept -> a table in a bundle."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pm_runtime.errors import UserError
+
+HELP = """Bake CONCEPT.pt into a table and export the networks into a bundle folder.
+
+\b
+Full export (networks + tokenizer + the concept table):
+  pm-export alice.pt --model SD_FOLDER --out BUNDLE [--precision fp16]
+Concept-only export (adds a table to an existing bundle in seconds; networks untouched):
+  pm-export bob.pt --bundle BUNDLE
+
+Every exported network is run under onnxruntime (CPU) against PyTorch on fresh random inputs;
+the differences are printed and recorded in bundle.json, and a difference over tolerance fails
+the export. The bundle is written to a hidden temporary folder and renamed at the end, so a
+failed export leaves no bundle behind. One set of networks serves every concept of the same
+base model. --precision fp16 keeps a fixed list of overflow-prone ops in fp32 (export/fp16.py);
+overflow with real weights is not verified by this check (CPU onnxruntime computes in fp32).
+--target tensorrt|all also builds TensorRT plans (needs TensorRT >= 10 and the GPU that will
+run them).
+"""
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=msg.startswith("warning:"))
+
+
+@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("concept", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Local Stable Diffusion 1.x/2.x folder (diffusers layout) the concept was trained on.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder to write.")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help="Concept-only export: add CONCEPT's table to this existing bundle.")
+@click.option("--name", default=None, help="Concept name in the bundle [default: CONCEPT's file stem].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of the ONNX graphs (inputs/outputs stay float32).")
+@click.option("--target", type=click.Choice(["onnx", "tensorrt", "all"]), default="onnx", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing OUT bundle (or a concept of the same name).")
+@click.option("--reference-image", type=click.Path(path_type=Path), default=None,
+              help="Re-bake B with this photo instead of the concept's reference photo (no retraining).")
+@click.option("--image-encoder", type=click.Path(path_type=Path), default=None,
+              help="CLIP image encoder folder for --reference-image [default: MODEL/image_encoder].")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 20), help="ONNX opset.")
+@click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto",
+              show_default=True, help="ONNX external data files: auto = only for graphs over 2 GB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="TensorRT timing cache file to read and update (speeds up rebuilds).")
+def main(concept: Path, model, out, bundle, **kw) -> None:
+    from pm_export.build import ExportConfig, add_concept, export_bundle
+
+    try:
+        if bundle is not None:
+            if model is not None or out is not None:
+                raise UserError("--bundle (concept-only export) takes neither --model nor --out")
+            if kw["precision"] != "fp32" or kw["target"] != "onnx":
+                raise UserError("--precision and --target apply to a full export, not to --bundle")
+            add_concept(ExportConfig(concept=concept, bundle=bundle, **_concept_only(kw)), log=_log)
+        else:
+            if model is None or out is None:
+                raise UserError("give --model DIR --out BUNDLE (full export) or --bundle BUNDLE (concept only)")
+            export_bundle(ExportConfig(concept=concept, model=model, out=out, **kw), log=_log)
+    except UserError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+
+
+def _concept_only(kw: dict) -> dict:
+    keep = ("name", "force", "reference_image", "image_encoder")
+    return {k: kw[k] for k in keep}
+
+
+if __name__ == "__main__":
+    main()

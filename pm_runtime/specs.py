@@ -1,0 +1,173 @@
+"""One description per exported network (STYLE: TensorRT demo model classes, optimum export configs).
+
+Export (torch.onnx dynamic axes), validation (fresh random inputs), the TensorRT build
+(optimisation profiles) and the runtime (buffer shapes) all read these specs: the shape
+arithmetic is written once, here. numpy only, no torch.
+
+Dtypes are numpy names. Graph inputs and outputs stay float32 at every precision (fp16 bundles
+convert the inside of the graph and keep float32 IO), so a spec does not depend on precision.
+A shape entry is an int (fixed) or the name of an axis; named axes are dynamic, with min/opt/max
+values; a derived axis is a fixed multiple of another (the VAE's image side = 8 x latent side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TEXT_ENCODER = "text_encoder"
+UNET = "unet"
+VAE_DECODER = "vae_decoder"
+NETWORKS = (TEXT_ENCODER, UNET, VAE_DECODER)
+
+# Image sides the UNet and VAE engines accept: 256..1024 px in steps of 64 (latent 32..128, step 8).
+MIN_IMAGE, OPT_IMAGE, MAX_IMAGE, IMAGE_STEP = 256, 512, 1024, 64
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Facts about the base model that fix the specs' constant sizes (read from its configs)."""
+
+    text_dim: int  # D: CLIP hidden size (768 for SD 1.x, 1024 for SD 2.x)
+    max_length: int = 77  # L: tokenizer model_max_length / text position embeddings
+    vocab_size: int = 49408  # base vocabulary (placeholder tokens are never looked up: see text_encoder)
+    latent_channels: int = 4
+    vae_scale_factor: int = 8  # image side / latent side
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelDims":
+        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass(frozen=True)
+class Axis:
+    min: int
+    opt: int
+    max: int
+    multiple_of: int = 1
+
+    def check(self, name: str, value: int) -> None:
+        if not (self.min <= value <= self.max and value % self.multiple_of == 0):
+            raise ValueError(f"{name}={value} outside {self.min}..{self.max} (multiple of {self.multiple_of})")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, int64, bool
+    shape: tuple  # int (fixed) or axis name (dynamic)
+    # Range of dummy values: uniform [low, high) when given (ints: token ids), else standard normal.
+    low: float | None = None
+    high: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    axes: dict[str, Axis]  # dynamic axes with their ranges
+    derived: dict[str, tuple[str, int]] = field(default_factory=dict)  # axis -> (source axis, factor)
+    doc: str = ""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def axis_values(self, which: str = "opt", **given: int) -> dict[str, int]:
+        """Every axis (derived ones included) at min/opt/max, overridden by `given`, range-checked."""
+        unknown = set(given) - set(self.axes)
+        if unknown:
+            raise ValueError(f"{self.name} has no axis {sorted(unknown)}; axes: {sorted(self.axes)}")
+        values = {n: int(given.get(n, getattr(a, which))) for n, a in self.axes.items()}
+        for n, a in self.axes.items():
+            a.check(n, values[n])
+        for n, (src, factor) in self.derived.items():
+            values[n] = values[src] * factor
+        return values
+
+    def shape(self, tensor: TensorSpec, values: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else values[d] for d in tensor.shape)
+
+    def input_shapes(self, which: str = "opt", **given: int) -> dict[str, tuple[int, ...]]:
+        values = self.axis_values(which, **given)
+        return {t.name: self.shape(t, values) for t in self.inputs}
+
+    def output_shapes(self, which: str = "opt", **given: int) -> dict[str, tuple[int, ...]]:
+        values = self.axis_values(which, **given)
+        return {t.name: self.shape(t, values) for t in self.outputs}
+
+    def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """{input: (min shape, opt shape, max shape)}: a TensorRT optimisation profile."""
+        lo, mid, hi = (self.input_shapes(w) for w in ("min", "opt", "max"))
+        return {n: (lo[n], mid[n], hi[n]) for n in self.input_names}
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes: {tensor: {dim index: axis name}}."""
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in (*self.inputs, *self.outputs) if any(isinstance(d, str) for d in t.shape)}
+
+    def dummy_inputs(self, rng: np.random.Generator, which: str = "opt", **given: int) -> dict[str, np.ndarray]:
+        """Random inputs of the right names, dtypes and shapes (values from the `rng`, see _fill)."""
+        shapes = self.input_shapes(which, **given)
+        return {t.name: _fill(t, shapes[t.name], rng) for t in self.inputs}
+
+    def to_dict(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
+                "axes": {n: {"min": a.min, "opt": a.opt, "max": a.max, "multiple_of": a.multiple_of}
+                         for n, a in self.axes.items()},
+                "derived_axes": {n: {"axis": s, "factor": f} for n, (s, f) in self.derived.items()}}
+
+
+def _fill(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if t.dtype == "bool":
+        return rng.random(shape) < 0.1  # a few concept positions
+    if t.dtype.startswith("int"):
+        return rng.integers(int(t.low or 0), int(t.high), size=shape).astype(t.dtype)
+    if t.high is not None:
+        return rng.uniform(t.low or 0.0, t.high, size=shape).astype(t.dtype)
+    return rng.standard_normal(shape).astype(t.dtype)
+
+
+def network_specs(dims: ModelDims) -> dict[str, NetworkSpec]:
+    L, D, C, s = dims.max_length, dims.text_dim, dims.latent_channels, dims.vae_scale_factor
+    lat = Axis(MIN_IMAGE // s, OPT_IMAGE // s, MAX_IMAGE // s, IMAGE_STEP // s)  # latent side
+    f32 = "float32"
+    text = NetworkSpec(
+        TEXT_ENCODER,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", L), 0, dims.vocab_size),
+                TensorSpec("concept_embeds", f32, ("batch", L, D)),  # E[t] rows at concept positions
+                TensorSpec("bypass", f32, ("batch", L, D)),  # B[t] rows at concept positions
+                TensorSpec("concept_mask", "bool", ("batch", L))),  # True at the K placeholders
+        outputs=(TensorSpec("c_k", f32, ("batch", L, D)), TensorSpec("c_v", f32, ("batch", L, D))),
+        # one call per image: ~22 distinct contexts + the negative prompt (DESIGN §2)
+        axes={"batch": Axis(1, 24, 64)},
+        doc="equilibrium text encoder; ids at masked positions are ignored (looked up as id 0)")
+    unet = NetworkSpec(
+        UNET,
+        inputs=(TensorSpec("sample", f32, ("batch", C, "latent_height", "latent_width")),
+                TensorSpec("timestep", f32, ("batch",), 0, 1000),  # may be fractional
+                TensorSpec("c_k", f32, ("batch", L, D)), TensorSpec("c_v", f32, ("batch", L, D))),
+        outputs=(TensorSpec("noise_pred", f32, ("batch", C, "latent_height", "latent_width")),),
+        # batch 2 = one image with classifier-free guidance
+        axes={"batch": Axis(1, 2, 8), "latent_height": lat, "latent_width": lat},
+        doc="UNet with split K/V cross-attention (keys from c_k, values from c_v)")
+    vae = NetworkSpec(
+        VAE_DECODER,
+        inputs=(TensorSpec("latent", f32, ("batch", C, "latent_height", "latent_width")),),
+        outputs=(TensorSpec("image", f32, ("batch", 3, "image_height", "image_width")),),
+        axes={"batch": Axis(1, 1, 4), "latent_height": lat, "latent_width": lat},
+        derived={"image_height": ("latent_height", s), "image_width": ("latent_width", s)},
+        doc="VAE decoder; takes the scheduler's latent (1/scaling_factor applied inside), image in [-1, 1]")
+    return {n.name: n for n in (text, unet, vae)}
