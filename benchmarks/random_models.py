@@ -230,5 +230,31 @@ def main(argv=None) -> int:
     return 0
 
 
+def make_untrained_concept(model_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """A concept file with an untrained mapper for `model_dir` (what the trainer writes, minus training)."""
+    import torch
+
+    from pm_runtime import formats as F
+    from pm_runtime.modeling.loading import load_base_model, placeholder_names, super_class_id
+    from pm_runtime.modeling.mapper import Mapper, MapperConfig
+    from pm_runtime.train.concept_file import atomic_torch_save
+
+    base = load_base_model(model_dir, with_unet=False, with_vae=False)
+    sid = super_class_id(base.tokenizer, "face")
+    e_super = base.text_encoder.get_input_embeddings().weight[sid].detach().float()
+    torch.manual_seed(0)
+    cfg = MapperConfig(num_tokens=4, dim=base.text_dim, image_dim=512)
+    mapper = Mapper(cfg, e_super)
+    d = {F.K_FORMAT: F.CONCEPT_FORMAT, F.K_VERSION: F.CONCEPT_VERSION,
+         F.K_MAPPER_STATE: mapper.state_dict(), F.K_MAPPER_CONFIG: cfg.to_dict(),
+         F.K_TOKENS: {"concept_word": "<persona>", "super_class": "face", "super_class_id": sid,
+                      "placeholder_tokens": list(placeholder_names(4))},
+         F.K_SUPER_EMBEDDING: e_super, F.K_IMAGES: [],
+         F.K_REFERENCE: {"name": "random", "sha256": "0" * 64, "embedding": torch.randn(512)},
+         F.K_FINGERPRINT: base.fingerprint, F.K_TRAINING: {"settings": {"resolution": 512}}}
+    atomic_torch_save(d, out)
+    return out
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,41 +21,15 @@ def _only_when_asked(request):
         pytest.skip("full-size export: run with -m slow")
 
 
-def synthetic_concept(model_dir: Path, out: Path) -> Path:
-    """A concept file with an untrained mapper for `model_dir` (what the trainer writes, minus training)."""
-    import torch
-
-    from pm_runtime import formats as F
-    from pm_runtime.modeling.loading import load_base_model, placeholder_names, super_class_id
-    from pm_runtime.modeling.mapper import Mapper, MapperConfig
-    from pm_runtime.train.concept_file import atomic_torch_save
-
-    base = load_base_model(model_dir, with_unet=False, with_vae=False)
-    sid = super_class_id(base.tokenizer, "face")
-    e_super = base.text_encoder.get_input_embeddings().weight[sid].detach().float()
-    torch.manual_seed(0)
-    cfg = MapperConfig(num_tokens=4, dim=base.text_dim, image_dim=512)
-    mapper = Mapper(cfg, e_super)
-    d = {F.K_FORMAT: F.CONCEPT_FORMAT, F.K_VERSION: F.CONCEPT_VERSION,
-         F.K_MAPPER_STATE: mapper.state_dict(), F.K_MAPPER_CONFIG: cfg.to_dict(),
-         F.K_TOKENS: {"concept_word": "<persona>", "super_class": "face", "super_class_id": sid,
-                      "placeholder_tokens": list(placeholder_names(4))},
-         F.K_SUPER_EMBEDDING: e_super, F.K_IMAGES: [],
-         F.K_REFERENCE: {"name": "random", "sha256": "0" * 64, "embedding": torch.randn(512)},
-         F.K_FINGERPRINT: base.fingerprint, F.K_TRAINING: {"settings": {"resolution": 512}}}
-    atomic_torch_save(d, out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def sd15(request, tmp_path_factory):
     _only_when_asked(request)  # before building ~2 GB of model files
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from random_models import make_sd15_shaped_model
+    from random_models import make_sd15_shaped_model, make_untrained_concept
 
     root = tmp_path_factory.mktemp("sd15")
     model = make_sd15_shaped_model(root / "model", seed=0, image_encoder=False)
-    return model, synthetic_concept(model, root / "concept.pt")
+    return model, make_untrained_concept(model, root / "concept.pt")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
