@@ -48,6 +48,7 @@ class ExportConfig:
     opset: int = 17
     external_data: str = "auto"  # auto | always | never
     timing_cache: Path | None = None
+    optimize: str = "auto"  # auto: onnxruntime graph optimisation for the CPU provider (export/optimize.py) | none
 
     @property
     def concept_name(self) -> str:
@@ -129,6 +130,8 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
         raise UserError(f"--target must be one of {', '.join(TARGETS)}")
     if cfg.precision not in ("fp32", "fp16"):
         raise UserError("--precision must be fp32 or fp16")
+    if cfg.optimize not in ("auto", "none"):
+        raise UserError("--optimize must be auto or none")
     out = Path(cfg.out).absolute()
     _check_out(out, cfg.force)
     name = cfg.concept_name
@@ -199,6 +202,7 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
     `modules` is emptied as it goes: each PyTorch network is released after its export (peak RAM)."""
     from . import fp16
     from .onnx_export import export_network, save_onnx
+    from .optimize import not_optimized, optimize_graph, passes_for
     from .validate import validate
 
     work = tmp / ".work"  # fp32 graphs that do not ship (fp16 bundles, TensorRT-only bundles)
@@ -210,10 +214,27 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         t0 = time.perf_counter()
         fp32_in_bundle = ship_onnx and cfg.precision == "fp32"
         fp32_path = (tmp if fp32_in_bundle else work) / f"{net}.onnx"
+        # Graph optimisation (export/optimize.py) only for shipped ONNX; TensorRT parses standard ONNX
+        # only, so it is built from the plain graph, which is then kept (and validated) beside.
+        passes = passes_for(net, "cpu", cfg.precision) if ship_onnx and cfg.optimize == "auto" else ()
+        plain_path = work / f"{net}.plain.onnx" if passes else fp32_path
         log(f"[{i + 3}/{steps}] {net}: exporting ONNX (opset {cfg.opset})")
-        files = export_network(module, spec, fp32_path, opset=cfg.opset, external_data=cfg.external_data)
-        checks = validate(module, spec, fp32_path, "fp32", log)
+        files = export_network(module, spec, plain_path, opset=cfg.opset, external_data=cfg.external_data)
         details: dict = {"opset": cfg.opset}
+        if passes:
+            if builder is not None:
+                validate(module, spec, plain_path, "fp32", log)
+            res = optimize_graph(plain_path, fp32_path, net, provider="cpu", precision=cfg.precision,
+                                 external_data=cfg.external_data)
+            files, details["graph_optimization"] = res.files, res.to_dict()
+            fused = ", ".join(f"{k} {v}" for k, v in res.fused.items()) or "nothing"
+            log(f"  onnxruntime graph optimisation (CPU: {', '.join(passes)}): fused {fused}; "
+                f"{res.nodes_before} -> {res.nodes_after} nodes in {res.seconds:.1f} s")
+            if builder is None:
+                _unlink_onnx(plain_path)  # disk: the plain graph is no longer needed
+        else:
+            details["graph_optimization"] = not_optimized(net, "cpu", cfg.precision, cfg.optimize, ship_onnx)
+        checks = validate(module, spec, fp32_path, "fp32", log)  # the graph that ships (optimised or not)
         if ship_onnx and cfg.precision == "fp16":
             half, kept = fp16.to_fp16(fp32_path)
             details["fp32_timestep_path_nodes"] = len(kept)
@@ -226,7 +247,7 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
             components.append(_component(tmp, net, net, "onnx", files, cfg.precision, spec, checks, details))
         if builder is not None:
             plan_rel = f"{net}.plan"
-            trt = builder.build(fp32_path, spec, tmp / plan_rel, fp16=True)
+            trt = builder.build(plain_path, spec, tmp / plan_rel, fp16=True)
             components.append(_component(tmp, f"{net}.plan", net, "tensorrt", [tmp / plan_rel], "fp16", spec,
                                          [], trt))
             trt_details = {k: trt[k] for k in ("tensorrt_version", "gpu", "compute_capability")}
@@ -237,6 +258,11 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         log(f"  {net} done in {time.perf_counter() - t0:.1f} s (peak RSS so far {peak_rss_gib():.2f} GiB)")
     shutil.rmtree(work)
     return components, trt_details
+
+
+def _unlink_onnx(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def _component(root: Path, name: str, net: str, fmt: str, files: list[Path], precision: str, spec, checks,

@@ -19,7 +19,9 @@ Concept-only export (adds a table to an existing bundle in seconds; networks unt
 
 Every exported network is run under onnxruntime (CPU) against PyTorch on fresh random inputs;
 the differences are printed and recorded in bundle.json, and a difference over tolerance fails
-the export. The bundle is written to a hidden temporary folder and renamed at the end, so a
+the export. The shipped graphs are optimised for onnxruntime's CPU provider (fused attention,
+SkipLayerNorm, Gelu; --optimize none keeps them as exported) and validated AFTER optimisation.
+The bundle is written to a hidden temporary folder and renamed at the end, so a
 failed export leaves no bundle behind. One set of networks serves every concept of the same
 base model. --precision fp16 keeps a fixed list of overflow-prone ops in fp32 (export/fp16.py);
 overflow with real weights is not verified by this check (CPU onnxruntime computes in fp32).
@@ -51,6 +53,9 @@ def _log(msg: str) -> None:
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 20), help="ONNX opset.")
 @click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto",
               show_default=True, help="ONNX external data files: auto = only for graphs over 2 GB.")
+@click.option("--optimize", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="onnxruntime graph optimisation of the shipped ONNX graphs: auto = the fusions measured to "
+                   "help on the CPU provider (export/optimize.py), recorded in bundle.json; none = as exported.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="TensorRT timing cache file to read and update (speeds up rebuilds).")
 def main(concept: Path, model, out, bundle, **kw) -> None:
@@ -60,8 +65,8 @@ def main(concept: Path, model, out, bundle, **kw) -> None:
         if bundle is not None:
             if model is not None or out is not None:
                 raise UserError("--bundle (concept-only export) takes neither --model nor --out")
-            if kw["precision"] != "fp32" or kw["target"] != "onnx":
-                raise UserError("--precision and --target apply to a full export, not to --bundle")
+            if kw["precision"] != "fp32" or kw["target"] != "onnx" or kw["optimize"] != "auto":
+                raise UserError("--precision, --target and --optimize apply to a full export, not to --bundle")
             add_concept(ExportConfig(concept=concept, bundle=bundle, **_concept_only(kw)), log=_log)
         else:
             if model is None or out is None:

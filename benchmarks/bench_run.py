@@ -1,0 +1,269 @@
+"""pm-run's generation benchmark (CPU): the onnxruntime backend against diffusers' PyTorch pipeline
+on the same SD-1.5-shaped random model, same resolution, steps, scheduler and latents, same run.
+
+One JSON line per variant (schema pm-bench-run/1), appended to --out. Each variant runs in a
+fresh interpreter, so its peak RSS (ru_maxrss: imports, loading and generation) is its own.
+Not a test: nothing here asserts.
+
+Variants:
+  diffusers-fp32   StableDiffusionPipeline (torch CPU, fp32, diffusers' default SDPA attention),
+                   DPMSolverMultistepScheduler from the model's config, safety checker off.
+                   The peer: every speed and memory ratio is against it.
+  ort-fp32         pm_runtime.Pipeline, backend onnxruntime, the fp32 bundle, sessions kept
+                   loaded (load time reported apart, not in the per-image time).
+  ort-fp32-lowmem  the same with low_memory=True: each network is loaded when its stage starts
+                   and freed when it ends (one network in memory at a time); the session
+                   creation is INSIDE every image's time.
+  ort-fp32-lowmem-cached
+                   low_memory=True with the onnxruntime optimised-graph cache (cache_dir): the
+                   sessions load pre-optimised graphs (made once, in the warm-up image).
+Other processes on the machine skew CPU timings: each record carries `other_cpu_frac`, the share
+of all CPUs that other processes used while the variant ran (from /proc/stat), and --wait-quiet
+waits for them to go idle before each variant.
+
+Timing unit: one image end to end (text encoder, `--steps` UNet calls with batch 2 for guidance,
+VAE decode, to uint8), `--warmup` untimed images then `--runs` timed ones; p20/p50/p80.
+Both sides use the same plain prompt (no concept word: diffusers has no PersonaMagic) and the
+project's initial latents, so their images can be compared: `max_abs_diff_vs_peer` (uint8).
+
+The model (random weights, SD 1.5's shapes), an untrained concept and the fp32 bundle are built
+once into --cache and reused (the SD-1.5-shaped export takes minutes and ~9 GB here).
+
+  python benchmarks/bench_run.py --model tiny --steps 10 --runs 3                # seconds
+  python benchmarks/bench_run.py --model sd15 --resolution 256 --steps 10 --runs 3 \\
+      --cache /tmp/pm-bench-run --out benchmarks/results/run-cpu.jsonl          # many minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+SCHEMA = "pm-bench-run/1"
+VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached")
+PEER = "diffusers-fp32"
+RESULT_TAG = "@@BENCH_RUN@@ "
+PROMPT = "a photo of a face on a beach"
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _pcts(xs: list[float]) -> dict:
+    import numpy as np
+
+    a = np.asarray(xs, dtype=np.float64)
+    return {f"p{q}": round(float(np.percentile(a, q)), 4) for q in (20, 50, 80)}
+
+
+# ------------------------------------------------------------------ children
+def child(variant: str, args: dict) -> dict:
+    import numpy as np
+
+    from pm_runtime import noise
+
+    side, steps = args["resolution"], args["steps"]
+    lat = noise.initial_latents(args["seed"], (1, 4, side // 8, side // 8))
+    t0 = time.perf_counter()
+    rec: dict = {}
+    if variant == "diffusers-fp32":
+        import torch
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        from pm_runtime.train.templates import NEGATIVE_PROMPT
+
+        torch.set_grad_enabled(False)
+        pipe = StableDiffusionPipeline.from_pretrained(args["model"], safety_checker=None, torch_dtype=torch.float32,
+                                                       local_files_only=True)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        load_s = time.perf_counter() - t0
+
+        def one():
+            out = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, num_inference_steps=steps, guidance_scale=8.0,
+                       latents=torch.from_numpy(lat), height=side, width=side, output_type="np").images
+            return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8), {}
+
+        rec.update(backend=f"diffusers {__import__('diffusers').__version__} torch {torch.__version__} cpu",
+                   precision="fp32", torch_threads=torch.get_num_threads())
+    else:
+        import onnxruntime
+
+        from pm_runtime.pipeline import Pipeline
+
+        cache = pathlib.Path(args["cache"]) / "ort-cache" if variant.endswith("-cached") else None
+        if cache is not None:
+            import shutil
+
+            shutil.rmtree(cache, ignore_errors=True)  # made in the warm-up image, as a first run would
+        pipe = Pipeline.load(args["bundle"], backend="onnxruntime", low_memory="lowmem" in variant,
+                             threads=args.get("threads"), cache_dir=cache)
+        load_s = time.perf_counter() - t0  # sessions are created on first use (inside warm-up / each lowmem image)
+
+        def one():
+            r = pipe.generate(PROMPT, latents=lat, steps=steps, guidance=8.0, allow_no_concept=True)
+            return r.images, r.timings
+
+        rec.update(backend=pipe.backend.describe(), onnxruntime=onnxruntime.__version__, precision="fp32",
+                   ort_threads=args.get("threads") or "default", low_memory=pipe.backend.low_memory,
+                   ort_cache=cache is not None)
+    rec["setup_s"] = round(load_s, 3)
+    for w in range(args["warmup"]):
+        t = time.perf_counter()
+        image, stages = one()
+        if w == 0:  # what a one-shot command adds to setup_s: session creation, first-call costs
+            rec["first_image_s"] = round(time.perf_counter() - t, 3)
+    times, per_stage = [], []
+    for _ in range(args["runs"]):
+        t = time.perf_counter()
+        image, stages = one()
+        times.append(time.perf_counter() - t)
+        per_stage.append(stages)
+    np.save(pathlib.Path(args["cache"]) / f"image-{variant}.npy", image)
+    rec.update({f"image_s_{k}": v for k, v in _pcts(times).items()})
+    if per_stage and per_stage[0]:
+        for key in ("load_s", "text_encoder_s", "unet_step_ms", "vae_s"):
+            rec[f"{key}_p50"] = _pcts([s[key] for s in per_stage])["p50"]
+    rec.update(n=len(times), times_s=[round(t, 3) for t in times], peak_rss_bytes=_peak_rss_bytes(),
+               peak_mem_kind="ru_maxrss of the variant's own process (imports, load, warm-up, runs)")
+    return rec
+
+
+def _cpu_s() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its finished children)."""
+    import resource
+
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    mine = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for a in ("ru_utime", "ru_stime"))
+    return busy, mine
+
+
+def wait_quiet(limit_s: float, window_s: float = 5.0, frac: float = 0.1) -> float:
+    """Wait (at most limit_s) until other processes use < frac of the CPUs over a window; seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        b0, m0 = _cpu_s()
+        time.sleep(window_s)
+        b1, m1 = _cpu_s()
+        if (b1 - b0) - (m1 - m0) < frac * window_s * os.cpu_count():
+            break
+    return round(time.perf_counter() - t0, 1)
+
+
+def run_child(variant: str, args: dict) -> dict:
+    waited = wait_quiet(args.get("wait_quiet", 0)) if args.get("wait_quiet") else 0.0
+    b0, m0 = _cpu_s()
+    t0 = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # never wait on a hub that cannot be reached
+    r = subprocess.run([sys.executable, __file__, "_child", variant, json.dumps(args)], capture_output=True, text=True,
+                       env=env)
+    wall = time.perf_counter() - t0
+    b1, m1 = _cpu_s()
+    others = max(0.0, (b1 - b0) - (m1 - m0))  # CPU time other processes on this machine took meanwhile
+    load = {"quiet_wait_s": waited, "other_cpu_s": round(others, 1),
+            "other_cpu_frac": round(others / (wall * os.cpu_count()), 3)}
+    for line in r.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return {"status": "ok", **json.loads(line[len(RESULT_TAG):]), **load}
+    return {"status": "error", "wall_s": round(time.perf_counter() - t0, 1),
+            "error": (r.stderr or r.stdout).strip().splitlines()[-5:]}
+
+
+# ------------------------------------------------------------------ preparation (cached)
+def prepare(model: str, cache: pathlib.Path, log) -> tuple[pathlib.Path, pathlib.Path, dict]:
+    from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
+
+    facts: dict = {}
+    t0 = time.perf_counter()
+    model_dir = (make_sd15_shaped_model(cache / "model-sd15", seed=0, image_encoder=False) if model == "sd15"
+                 else make_tiny(cache / "model-tiny"))
+    concept = cache / f"concept-{model}.pt"
+    if not concept.is_file():
+        make_untrained_concept(model_dir, concept)
+    facts["model_ready_s"] = round(time.perf_counter() - t0, 1)
+    bundle = cache / f"bundle-{model}-fp32"
+    if not (bundle / "bundle.json").is_file():
+        log(f"exporting {bundle} (SD-1.5-shaped: minutes)")
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", "from pm_export.cli import main; main()", str(concept), "--model",
+                            str(model_dir), "--out", str(bundle), "--force"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit("export failed: " + (r.stderr or r.stdout).strip().splitlines()[-1])
+        facts["bundle_export_s"] = round(time.perf_counter() - t0, 1)
+    else:
+        facts["bundle_export_s"] = "cached"
+    return model_dir, bundle, facts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=233)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: its own]")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--cache", type=pathlib.Path, default=pathlib.Path("/tmp/pm-bench-run"))
+    p.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "run-cpu.jsonl")
+    p.add_argument("--commit", default=None, help="record this commit instead of git's HEAD")
+    p.add_argument("--prepare-only", action="store_true", help="build the cached model and bundle, run nothing")
+    p.add_argument("--wait-quiet", type=float, default=0.0,
+                   help="before each variant wait up to this many seconds for other processes to go idle")
+    a = p.parse_args(argv)
+    from bench_train import environment
+
+    a.cache.mkdir(parents=True, exist_ok=True)
+    model_dir, bundle, facts = prepare(a.model, a.cache, lambda m: print(m, flush=True))
+    if a.prepare_only:
+        print(f"ready: {model_dir} {bundle} {facts}")
+        return 0
+    env = environment("cpu", a.commit)
+    base = {"schema": SCHEMA, **env, "command": "python " + " ".join(map(shlex.quote, sys.argv)), "model": a.model,
+            "device": "cpu", "resolution": a.resolution, "steps": a.steps, "scheduler": "dpmpp-2m", "guidance": 8.0,
+            "batch": 1, "warmup": a.warmup, "prompt": PROMPT, "peer": PEER, **facts}
+    args = {"model": str(model_dir), "bundle": str(bundle), "resolution": a.resolution, "steps": a.steps,
+            "runs": a.runs, "warmup": a.warmup, "seed": a.seed, "threads": a.threads, "cache": str(a.cache),
+            "wait_quiet": a.wait_quiet}
+    records = {}
+    for v in a.variants:
+        print(f"running {v} ...", flush=True)
+        records[v] = {**base, "variant": v, **run_child(v, args)}
+    peer = records.get(PEER)
+    import numpy as np
+
+    for v, rec in records.items():
+        if peer and peer["status"] == "ok" and rec["status"] == "ok":
+            rec["speedup_vs_peer_p50"] = round(peer["image_s_p50"] / rec["image_s_p50"], 3)
+            rec["peak_mem_vs_peer"] = round(rec["peak_rss_bytes"] / peer["peak_rss_bytes"], 3)
+            mine, theirs = (np.load(a.cache / f"image-{x}.npy").astype(np.int16) for x in (v, PEER))
+            rec["max_abs_diff_vs_peer"] = int(np.abs(mine - theirs).max())
+        line = json.dumps(rec)
+        print(line, flush=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(a.out, "a") as f:
+            f.write(line + "\n")
+    return 0 if all(r["status"] == "ok" for r in records.values()) else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        print(RESULT_TAG + json.dumps(child(sys.argv[2], json.loads(sys.argv[3]))), flush=True)
+    else:
+        sys.exit(main())

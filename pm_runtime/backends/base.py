@@ -1,0 +1,147 @@
+"""One small interface for every backend (STYLE: one engine file per backend, no `if` in the loop).
+
+A backend turns a bundle's networks into `Network`s: named float32/int64/bool numpy arrays in,
+named numpy arrays out, with the names, dtypes and shapes of pm_runtime.specs. The loop asks
+for a network with `with backend.network(UNET) as unet:`; a backend in low-memory mode loads
+the network on entry and frees it on exit (one network in memory at a time), otherwise the
+first entry loads it and it stays. `loads` counts network creations (tests prove that switching
+concepts reloads nothing).
+
+Adding a backend = one file here with a `Backend` subclass and a line in BACKENDS. No torch.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import contextlib
+import importlib
+import threading
+from typing import Iterator, Mapping, Protocol
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import UserError
+from ..specs import NetworkSpec, network_specs
+
+# name -> "module:Class"; imported only when used, so a missing library never breaks the others.
+BACKENDS = {
+    "tensorrt": "pm_runtime.backends.tensorrt:TensorRTBackend",
+    "onnxruntime": "pm_runtime.backends.onnxruntime:OnnxRuntimeBackend",
+    "torch": "pm_runtime.backends.torch:TorchBackend",
+}
+# --backend auto tries these in this order and takes the first that can run the bundle here.
+AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")
+
+
+class Network(Protocol):
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class CheckedNetwork:
+    """Checks names, dtypes and axis ranges against the spec before calling the engine: a wrong
+    feed fails with the network and tensor named, not deep inside an engine."""
+
+    def __init__(self, engine: Network, spec: NetworkSpec):
+        self.engine, self.spec = engine, spec
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.spec
+        if set(inputs) != set(spec.input_names):
+            raise ValueError(f"{spec.name}: inputs {sorted(inputs)} != {sorted(spec.input_names)}")
+        axes: dict[str, int] = {}
+        for t in spec.inputs:
+            a = inputs[t.name]
+            if a.dtype != np.dtype(t.dtype) or a.ndim != len(t.shape):
+                raise ValueError(f"{spec.name}.{t.name}: got {a.dtype}{list(a.shape)}, spec {t.dtype}{list(t.shape)}")
+            for d, n in zip(t.shape, a.shape):
+                if isinstance(d, int) and d != n or isinstance(d, str) and axes.setdefault(d, n) != n:
+                    raise ValueError(f"{spec.name}.{t.name}: shape {list(a.shape)} does not fit {list(t.shape)}")
+        spec.axis_values(**{k: v for k, v in axes.items() if k in spec.axes})  # range check
+        return self.engine.run(inputs)
+
+
+class Backend(abc.ABC):
+    """Base of every backend. Subclasses implement `_load` (and may override `close`)."""
+
+    name = "?"
+
+    def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False):
+        self.bundle = bundle
+        self.device = device
+        self.low_memory = bool(low_memory)
+        self.specs = network_specs(bundle.dims)
+        self.loads: collections.Counter[str] = collections.Counter()  # network -> creations
+        self._cache: dict[str, CheckedNetwork] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def unavailable(cls, bundle: Bundle, **options) -> str | None:
+        """None when this backend can run `bundle` here (library, files, device), else why not."""
+        return None
+
+    @abc.abstractmethod
+    def _load(self, network: str) -> Network:
+        """Create the engine for `network` (text_encoder | unet | vae_decoder)."""
+
+    def describe(self) -> str:
+        """One line for the log and the PNG: backend, device, precision."""
+        return self.name
+
+    @contextlib.contextmanager
+    def network(self, name: str) -> Iterator[CheckedNetwork]:
+        with self._lock:
+            net = self._cache.get(name)
+            if net is None:
+                net = CheckedNetwork(self._load(name), self.specs[name])
+                self.loads[name] += 1
+                if not self.low_memory:
+                    self._cache[name] = net
+        try:
+            yield net
+        finally:
+            if self.low_memory:
+                self._free(net)
+                del net
+
+    def _free(self, net: CheckedNetwork) -> None:
+        """Low-memory mode: release an engine now (subclasses free device memory here)."""
+        net.engine = None
+
+    def close(self) -> None:
+        with self._lock:
+            for net in self._cache.values():
+                self._free(net)
+            self._cache.clear()
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def select_backend(bundle: Bundle, requested: str = "auto", prefer: str | None = None,
+                   **options) -> tuple[type[Backend], str]:
+    """(backend class, why). `requested` is a name or "auto"; with "auto", `prefer` (e.g. from a
+    .plan or .onnx named on the command line) is tried first, then AUTO_ORDER. Each backend's
+    `unavailable(bundle, **options)` returns None when it can run the bundle here, else the reason;
+    a named backend that cannot run raises that reason (with its install hint) as a UserError."""
+    if requested != "auto":
+        cls = backend_class(requested)
+        reason = cls.unavailable(bundle, **options)
+        if reason:
+            raise UserError(f"backend {requested}: {reason}")
+        return cls, f"backend: {requested} (asked for)"
+    skipped = []
+    order = ([prefer] if prefer else []) + [n for n in AUTO_ORDER if n != prefer]
+    for name in order:
+        cls = backend_class(name)
+        reason = cls.unavailable(bundle, **options)
+        if reason is None:
+            why = f"; skipped {'; '.join(skipped)}" if skipped else ""
+            return cls, f"backend: {name} (auto, order {', '.join(order)}{why})"
+        skipped.append(f"{name}: {reason}")
+    raise UserError("no backend can run this bundle here: " + "; ".join(skipped))

@@ -1,0 +1,184 @@
+"""TensorRT backend: the bundle's `.plan` components (pm-export --target tensorrt|all). No torch.
+
+NOT RUN: TensorRT and cuda-python cannot be installed on the machines that build this project.
+This file is written against TensorRT 10's documented Python API (Runtime,
+deserialize_cuda_engine, named I/O tensors, set_input_shape / set_tensor_address /
+execute_async_v3) and cuda-python's runtime bindings (cudaMalloc, cudaMemcpyAsync, streams);
+its tests skip where `tensorrt` does not import. Only `check_plan` (the refusal of a plan built
+by another TensorRT version or for another GPU) is tested here, as a pure function.
+
+A plan runs only on the TensorRT version and GPU architecture that built it, so both are read
+from the manifest (the exporter records them) and compared before deserialising.
+
+Current limit, stated: inputs and outputs cross to the host on every call (the loop's
+guidance combine and scheduler step run in numpy). DESIGN §3 wants them on the device with no
+host copy between steps; that needs device arrays in the loop and is not done yet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import formats as F
+from ..bundle import Bundle
+from ..errors import UserError
+from ..specs import NETWORKS
+from .base import Backend
+
+INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
+                "pip install 'personamagic-runtime[tensorrt]' (tensorrt>=10, cuda-python)")
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise UserError(f"TensorRT {trt.__version__} is too old; pm-run needs TensorRT >= 10")
+    return trt
+
+
+def require_cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise UserError("cuda-python is not installed (the TensorRT backend's buffer library): "
+                            "pip install 'personamagic-runtime[tensorrt]'") from None
+    return cudart
+
+
+def _call(result):
+    """cuda-python returns (error, *values): raise on error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return values[0] if len(values) == 1 else values
+
+
+def check_plan(name: str, details: dict, trt_version: str, compute_capability: str) -> None:
+    """Refuse a plan built by another TensorRT version or for another GPU architecture."""
+    built_trt, built_cc = details.get("tensorrt_version"), details.get("compute_capability")
+    if not built_trt or not built_cc:
+        raise UserError(f"plan {name}: the manifest does not record the TensorRT version and GPU it was built "
+                        "for; rebuild it with pm-export --target tensorrt")
+    if built_trt != trt_version:
+        raise UserError(f"plan {name} was built with TensorRT {built_trt}; this is TensorRT {trt_version}. "
+                        "Plans only run on the version that built them: rebuild with pm-export --target tensorrt "
+                        "here, or use --backend onnxruntime")
+    if built_cc != compute_capability:
+        gpu = details.get("gpu", "another GPU")
+        raise UserError(f"plan {name} was built for {gpu} (compute capability {built_cc}); this GPU is "
+                        f"compute capability {compute_capability}. Rebuild the plans on this GPU")
+
+
+def device_index(device: str | None) -> int:
+    kind, _, index = (device or "cuda").lower().partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"--device {device!r} is not a TensorRT device; use cuda or cuda:N")
+    return int(index or 0)
+
+
+class TrtNetwork:
+    """One engine + execution context + stream; device buffers grow as shapes need."""
+
+    def __init__(self, trt, cudart, engine):
+        self.trt, self.cudart, self.engine = trt, cudart, engine
+        self.context = engine.create_execution_context()
+        self.stream = _call(cudart.cudaStreamCreate())
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _call(self.cudart.cudaFree(ptr))
+            ptr = int(_call(self.cudart.cudaMalloc(max(nbytes, 1))))
+            self.buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def run(self, inputs):
+        cudart, ctx, stream = self.cudart, self.context, self.stream
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        held = []  # keep host arrays alive until the stream is synchronised
+        for name in self.inputs:
+            a = np.ascontiguousarray(inputs[name], dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            held.append(a)
+            ptr = self._buffer(name, a.nbytes)
+            ctx.set_input_shape(name, a.shape)
+            ctx.set_tensor_address(name, ptr)
+            _call(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, h2d, stream))
+        outs = {}
+        for name in self.outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            out = np.empty(shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            ctx.set_tensor_address(name, self._buffer(name, out.nbytes))
+            outs[name] = out
+        if not ctx.execute_async_v3(int(stream)):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        for name, out in outs.items():
+            _call(cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[name][0], out.nbytes, d2h, stream))
+        _call(cudart.cudaStreamSynchronize(stream))
+        return {n: o.astype(np.float32, copy=False) for n, o in outs.items()}
+
+    def free(self) -> None:
+        for ptr, _ in self.buffers.values():
+            self.cudart.cudaFree(ptr)
+        self.buffers.clear()
+        self.cudart.cudaStreamDestroy(self.stream)
+        self.context = self.engine = None
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False, **_):
+        super().__init__(bundle, device=device, low_memory=low_memory)
+        self.trt, self.cudart = require_tensorrt(), require_cudart()
+        self.index = device_index(device)
+        _call(self.cudart.cudaSetDevice(self.index))
+        prop = _call(self.cudart.cudaGetDeviceProperties(self.index))
+        self.gpu = prop.name.decode(errors="replace").rstrip("\0") if isinstance(prop.name, bytes) else str(prop.name)
+        self.compute_capability = f"{prop.major}.{prop.minor}"
+        for net in NETWORKS:  # refuse before any engine is deserialised
+            comp = bundle.component(net, "tensorrt")
+            check_plan(comp[F.CK_NAME], comp.get(F.CK_DETAILS, {}), self.trt.__version__, self.compute_capability)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)
+
+    @classmethod
+    def unavailable(cls, bundle: Bundle, device: str | None = None, **_) -> str | None:
+        missing = [n for n in NETWORKS if not any(c[F.CK_NETWORK] == n and c[F.CK_FORMAT] == "tensorrt"
+                                                  for c in bundle.components)]
+        if missing:
+            return f"the bundle has no TensorRT plan for {', '.join(missing)}"
+        try:
+            require_tensorrt()
+            cudart = require_cudart()
+            device_index(device)
+            if _call(cudart.cudaGetDeviceCount()) < 1:
+                return "no CUDA GPU is visible"
+        except (UserError, RuntimeError) as e:
+            return str(e)
+        return None
+
+    def _load(self, network: str) -> TrtNetwork:
+        path = self.bundle.component_path(network, "tensorrt")
+        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise UserError(f"TensorRT could not deserialise {path.name} (see the TensorRT log above)")
+        return TrtNetwork(self.trt, self.cudart, engine)
+
+    def _free(self, net) -> None:
+        if net.engine is not None:
+            net.engine.free()
+        net.engine = None
+
+    def describe(self) -> str:
+        return f"tensorrt {self.trt.__version__} {self.gpu} sm{self.compute_capability} fp16"

@@ -1,0 +1,94 @@
+"""PyTorch backend: the reference. The same loop runs on the ORIGINAL modules of the model folder
+(diffusers UNet with split K/V attention, the equilibrium text encoder, the VAE decoder),
+wrapped with exactly the signatures of pm_runtime.specs (the wrappers pm-export traces).
+
+It needs torch, diffusers and transformers (the `train` extra) and the base model folder
+(`--model`): the bundle records only the folder's name. The folder's fingerprint must equal the
+bundle's. Device and dtype are parameters (default cpu, float32); low-memory mode is ignored
+here (the modules are loaded together, as the reference generator loads them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import formats as F
+from ..bundle import Bundle
+from ..errors import UserError
+from .base import Backend
+
+INSTALL_HINT = "the torch backend needs PyTorch: pip install torch, then pip install 'personamagic-runtime[train]'"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class TorchNetwork:
+    def __init__(self, module, input_names, output_names, device, dtype):
+        self.module, self.input_names, self.output_names = module, input_names, output_names
+        self.device, self.dtype = device, dtype
+
+    def run(self, inputs):
+        import torch
+
+        args = []
+        for n in self.input_names:
+            t = torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device)
+            args.append(t.to(self.dtype) if t.is_floating_point() else t)
+        with torch.inference_mode():
+            outs = self.module(*args)
+        outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+        return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
+                 model: Path | str | None = None, dtype: str | None = None, **_):
+        super().__init__(bundle, device=device, low_memory=False)
+        reason = self.unavailable(bundle, model=model, device=device)
+        if reason:
+            raise UserError(reason)
+        import torch
+
+        from pm_export.onnx_export import graph_modules  # the wrappers that were exported and validated
+
+        from ..modeling.loading import load_base_model
+
+        self.dtype_name = dtype or "float32"
+        if self.dtype_name not in DTYPES:
+            raise UserError(f"torch backend dtype must be one of {', '.join(DTYPES)}")
+        self.torch_device = torch.device(device or "cpu")
+        self.torch_dtype = getattr(torch, self.dtype_name)
+        base = load_base_model(Path(model))
+        if base.fingerprint != bundle.fingerprint:
+            raise UserError(f"the model folder {model} is not the base model of this bundle (fingerprint mismatch)")
+        self.model_dir = Path(model)
+        self.modules = {n: m.to(self.torch_device, self.torch_dtype) for n, m in graph_modules(base).items()}
+
+    @classmethod
+    def unavailable(cls, bundle: Bundle, model=None, device: str | None = None, **_) -> str | None:
+        try:
+            import torch
+        except ImportError:
+            return INSTALL_HINT
+        kind = (device or "cpu").split(":")[0]
+        if kind not in ("cpu", "cuda") or kind == "cuda" and not torch.cuda.is_available():
+            return f"--device {device} is not available to PyTorch here (use cpu, or cuda with a CUDA build of torch)"
+        if model is None:
+            folder = bundle.manifest.get(F.BK_BASE_MODEL, {}).get(F.BM_MODEL_FOLDER, "the base model folder")
+            return f"the torch backend runs the original model: give --model (the {folder!r} folder)"
+        if not Path(model).is_dir():
+            return f"model folder not found: {model}"
+        return None
+
+    def _load(self, network: str) -> TorchNetwork:
+        spec = self.specs[network]
+        return TorchNetwork(self.modules[network], spec.input_names, spec.output_names, self.torch_device,
+                            self.torch_dtype)
+
+    def describe(self) -> str:
+        import torch
+
+        return f"torch {torch.__version__} {self.torch_device} {self.dtype_name}"

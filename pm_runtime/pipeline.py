@@ -1,0 +1,383 @@
+"""The generation loop and the Python API (DESIGN §1-3). No torch.
+
+    pipe = Pipeline.load("bundle/", backend="auto")            # or "onnxruntime", "tensorrt", "torch"
+    result = pipe.generate("a photo of <persona> as a knight", seed=233)
+    result.images                                              # (N, H, W, 3) uint8
+    pipe.use_concept("bob")                                    # another face; no engine reloads
+
+One image (or a group of images sharing the batch) is:
+  tokens   the prompt in its super-class and concept versions (pm_runtime.prompt_encoding)
+  contexts every distinct context of the stage plan (super-class, concept at table row
+           round(t)) plus the negative prompt, from ONE batched text-encoder call
+  steps    per step ONE UNet call on [uncond; cond] (classifier-free guidance), the guidance
+           combine, and the pure scheduler step (explicit state; project noise for euler-a)
+  image    the VAE decoder, then [-1, 1] -> uint8
+A NaN/inf check runs once per stage (text encoder, denoising loop, VAE) and names the stage.
+The loop calls `network.run(named arrays)` and never asks which backend it is.
+
+Thread safety: a Pipeline runs one generate() at a time. Calls from several threads are
+serialised by a lock (each waits for the one before; the results are those of sequential
+calls); use_concept() takes the same lock, so it never changes the face of an image being
+made. Sharing one Pipeline across threads is safe, not parallel: for parallel generation
+load one Pipeline per thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from . import formats as F
+from . import noise as pm_noise
+from . import schedulers
+from .backends.base import Backend, select_backend
+from .bundle import Bundle, open_bundle, sha256_file
+from .concept_table import ConceptTable, load_table
+from .errors import UserError
+from .png import SAMPLER_NAMES, parameters_text, png_bytes
+from .prompt_encoding import ConceptWords, EncodedPrompt, concept_words_in, encode_plain, encode_prompt
+from .specs import TEXT_ENCODER, UNET, VAE_DECODER
+from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, distinct_contexts, stage_plan
+from .train.templates import NEGATIVE_PROMPT  # a plain string module (no torch)
+
+GENERATOR = "personamagic-runtime"
+
+
+class Cancelled(Exception):
+    """generate() stopped because its cancel flag was set; nothing was produced."""
+
+
+class NonFiniteError(UserError):
+    """NaN or inf appeared; the message names the stage. No image is returned."""
+
+
+@dataclass(frozen=True)
+class ActiveConcept:
+    name: str
+    table: ConceptTable
+    sha256: str  # of the table file: the PNG's "Concept hash"
+
+    @property
+    def words(self) -> ConceptWords:
+        return ConceptWords(self.table.concept_word, self.table.super_class, self.table.num_tokens)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one generate() call used, resolved (what the PNG and --json record)."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    scheduler: str
+    seed: int | None  # None: latents were given
+    height: int
+    width: int
+    num_images: int
+    late_stage: str
+    concept_stage: tuple[int, int] | None
+    allow_no_concept: bool
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    settings: Settings
+    concept: ActiveConcept | None
+    uses_concept: bool
+    plan: list[Context]
+    timesteps: np.ndarray
+    timings: dict[str, float]
+    backend: str
+    model: str
+    warnings: list[str] = field(default_factory=list)
+
+    def parameters(self, i: int = 0) -> str:
+        s = self.settings
+        p = {"Steps": s.steps, "Sampler": SAMPLER_NAMES[s.scheduler], "CFG scale": s.guidance,
+             "Seed": s.seed if s.seed is not None else "latents given", "Size": f"{s.width}x{s.height}",
+             "Model": self.model}
+        if self.concept is not None and self.uses_concept:
+            lo, hi = s.concept_stage
+            p.update({"Concept": self.concept.name, "Concept hash": self.concept.sha256[:12],
+                      "Concept stage": f"{lo}-{hi}", "Late stage": s.late_stage})
+        if s.num_images > 1:
+            p.update({"Batch size": s.num_images, "Batch pos": i})
+        p.update({"Backend": self.backend, "Version": f"{GENERATOR} {__version__}"})
+        return parameters_text(s.prompt, s.negative_prompt, p)
+
+    def png(self, i: int = 0) -> bytes:
+        return png_bytes(self.images[i], self.parameters(i))
+
+    def summary(self) -> dict:
+        return {"settings": asdict(self.settings), "concept": self.concept.name if self.concept else None,
+                "uses_concept": self.uses_concept, "backend": self.backend, "timings": self.timings,
+                "warnings": self.warnings}
+
+
+def _is_cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    return bool(cancel.is_set() if hasattr(cancel, "is_set") else cancel())
+
+
+def _check_finite(stage: str, *arrays: np.ndarray) -> None:
+    for a in arrays:
+        if not np.isfinite(a).all():
+            bad = int(a.size - np.isfinite(a).sum())
+            raise NonFiniteError(f"NaN/inf in the {stage} ({bad} of {a.size} values); no image was produced "
+                                 "(an fp16 bundle may overflow: try the fp32 bundle)")
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, backend: Backend, concept: str | Path | None = None,
+                 safety_checker: bool = True):
+        from .tokenizer import ClipTokenizer
+
+        self.bundle, self.backend = bundle, backend
+        self.tokenizer = ClipTokenizer.from_folder(bundle.tokenizer_dir)
+        self.dims = bundle.dims
+        self.specs = backend.specs
+        self._lock = threading.Lock()
+        checker = [c for c in bundle.components if c[F.CK_NETWORK] == "safety_checker"]
+        if checker and safety_checker:
+            raise UserError("the bundle has a safety checker, which this version of pm-run cannot run yet; "
+                            "generate without it explicitly (--no-safety-checker / safety_checker=False)")
+        self.safety_checker_note = ("the bundle has no safety checker ("
+                                    + str(bundle.manifest.get(F.BK_BASE_MODEL, {}).get(F.BM_SAFETY_CHECKER, "none"))
+                                    + "): images are not checked") if not checker else None
+        self.concept: ActiveConcept | None = None
+        names = [c[F.QK_NAME] for c in bundle.concepts]
+        if concept is not None:
+            self.use_concept(concept)
+        elif len(names) == 1:
+            self.use_concept(names[0])
+
+    @classmethod
+    def load(cls, bundle: str | Path | Bundle, backend: str = "auto", device: str | None = None,
+             concept: str | Path | None = None, *, verify: bool = True, low_memory: bool = False,
+             safety_checker: bool = True, prefer: str | None = None, log: Callable[[str], None] | None = None,
+             **backend_options) -> "Pipeline":
+        """Open (and checksum) a bundle and create the backend. backend: auto | onnxruntime |
+        tensorrt | torch (torch also needs model=FOLDER). backend_options go to the backend
+        (onnxruntime: threads, graph_optimization; torch: model, dtype)."""
+        b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), verify=verify)
+        cls_, why = select_backend(b, backend, prefer=prefer, device=device, **backend_options)
+        if log:
+            log(why)
+        be = cls_(b, device=device, low_memory=low_memory, **backend_options)
+        return cls(b, be, concept, safety_checker)
+
+    # ------------------------------------------------------------------ concepts
+    def use_concept(self, name_or_path: str | Path | None) -> ActiveConcept | None:
+        """Switch faces: a concept name of the bundle or a concept table file (.safetensors) baked
+        for the same base model; None for plain Stable Diffusion. Engines are not touched."""
+        if name_or_path is None:
+            active = None
+        elif str(name_or_path) in {c[F.QK_NAME] for c in self.bundle.concepts}:
+            name = str(name_or_path)
+            table = self.bundle.load_concept(name)
+            active = ActiveConcept(name, table, self.bundle.concept(name)[F.FK_SHA256])
+        elif Path(name_or_path).suffix == F.TABLE_SUFFIX or Path(name_or_path).is_file():
+            path = Path(name_or_path)
+            table = load_table(path, expected_fingerprint=self.bundle.fingerprint)
+            active = ActiveConcept(path.stem, table, sha256_file(path))
+        else:
+            self.bundle.concept(str(name_or_path))  # raises: unknown concept, with the bundle's names
+            raise AssertionError
+        if active is not None and active.table.dim != self.dims.text_dim:
+            raise UserError(f"concept {active.name} has {active.table.dim}-wide tokens; the bundle's text encoder "
+                            f"is {self.dims.text_dim}-wide")
+        with self._lock:
+            self.concept = active
+        return active
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, steps: int, scheduler: str = "dpmpp-2m", late_stage: str = LATE_REUSE,
+             concept_stage: tuple[int, int] | None = None, uses_concept: bool = True):
+        """(scheduler tables, one Context per step, the concept stage used)."""
+        if not isinstance(steps, int) or steps < 1:
+            raise UserError(f"steps must be a whole number >= 1, got {steps!r}")
+        if scheduler not in schedulers.SCHEDULERS:
+            raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SCHEDULERS)}")
+        if late_stage not in LATE_POLICIES:
+            raise UserError(f"late stage must be one of {', '.join(LATE_POLICIES)}, got {late_stage!r}")
+        try:
+            tables = schedulers.make_tables(scheduler, self.bundle.scheduler_config, steps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if not uses_concept or self.concept is None:
+            return tables, [SUPER_CLASS] * tables.num_steps, None
+        t = self.concept.table
+        lo, hi = concept_stage if concept_stage is not None else (t.stage_lo, t.stage_hi)
+        if not (t.stage_lo <= lo <= hi <= t.stage_hi):
+            raise UserError(f"concept stage {lo}..{hi} must lie inside the baked range {t.stage_lo}..{t.stage_hi} "
+                            "with low <= high")
+        return tables, stage_plan([float(x) for x in tables.timesteps], lo, hi, late_stage), (int(lo), int(hi))
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, prompt: str, *, seed: int | None = None, latents: np.ndarray | None = None, steps: int = 50,
+                 guidance: float = 8.0, scheduler: str = "dpmpp-2m", negative_prompt: str = NEGATIVE_PROMPT,
+                 height: int | None = None, width: int | None = None, num_images: int | None = None,
+                 late_stage: str = LATE_REUSE, concept_stage: tuple[int, int] | None = None,
+                 allow_no_concept: bool = False, callback: Callable[[int, int], None] | None = None,
+                 cancel=None) -> Generation:
+        """Images for `prompt`. Initial latents come from `seed` (project noise, the same on every
+        backend) or are given as `latents` (N, C, H/8, W/8); `seed` then only seeds euler-a's noise.
+        callback(step, total) after every UNet step; `cancel` (threading.Event or a callable)
+        is checked before every step and raises Cancelled."""
+        with self._lock:
+            return self._generate(prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
+                                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel)
+
+    def check_size(self, height: int, width: int) -> None:
+        """UserError naming the supported range unless the UNet and VAE engines take this size."""
+        axis = self.specs[UNET].axes["latent_height"]
+        f = self.dims.vae_scale_factor
+        lo, hi, step = axis.min * f, axis.max * f, axis.multiple_of * f
+        for v in (height, width):
+            if not (isinstance(v, int) and lo <= v <= hi and v % step == 0):
+                raise UserError(f"unsupported size {width}x{height}: height and width must be multiples of {step} "
+                                f"from {lo} to {hi}")
+
+    def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
+                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel) -> Generation:
+        t_start = time.perf_counter()
+        concept, dims = self.concept, self.dims
+        if not np.isfinite(guidance):
+            raise UserError(f"guidance must be a finite number, got {guidance}")
+        if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
+            names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
+            raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
+        C, f = dims.latent_channels, dims.vae_scale_factor
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.ndim != 4 or latents.shape[1] != C:
+                raise UserError(f"latents must be (N, {C}, H/{f}, W/{f}), got {latents.shape}")
+            height, width = height or latents.shape[2] * f, width or latents.shape[3] * f
+            num_images = num_images or latents.shape[0]
+            if latents.shape != (num_images, C, height // f, width // f):
+                raise UserError(f"latents {latents.shape} do not match {num_images} image(s) of {width}x{height}")
+            _check_finite("initial latents", latents)
+        height, width, num_images = height or 512, width or 512, num_images or 1
+        self.check_size(height, width)
+        if not isinstance(num_images, int) or num_images < 1:
+            raise UserError(f"the number of images must be >= 1, got {num_images}")
+        if latents is None:
+            seed = secrets.randbits(32) if seed is None else int(seed)
+            try:
+                latents = pm_noise.initial_latents(seed, (num_images, C, height // f, width // f))
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        warnings: list[str] = []
+        L = dims.max_length
+        enc = encode_prompt(self.tokenizer, prompt, concept.words if concept else None, L, allow_no_concept,
+                            concept.name if concept else None)
+        neg_ids, neg_warn = encode_plain(self.tokenizer, negative_prompt, L, "negative prompt")
+        warnings += [*enc.warnings, *neg_warn]
+        tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, enc.uses_concept)
+        sched = schedulers.get_scheduler(scheduler)
+        noise_seed = seed if seed is not None else 0
+        settings = Settings(prompt, negative_prompt, steps, float(guidance), scheduler, seed, height, width,
+                            num_images, late_stage, stage, allow_no_concept)
+        timings = {"load_s": 0.0}  # engine creation (first use, or every use in low-memory mode)
+
+        # ---- contexts: one batched text-encoder call (chunked only beyond the engine's max batch)
+        contexts = distinct_contexts(plan)
+        t0 = time.perf_counter()
+        with self.backend.network(TEXT_ENCODER) as te:
+            t1 = time.perf_counter()
+            c_k, c_v = self._encode(te, enc, neg_ids, contexts)  # (1 + len(contexts), L, D) each
+            timings["load_s"] += t1 - t0
+            timings["text_encoder_s"] = time.perf_counter() - t1
+        _check_finite("text encoder output (contexts)", c_k, c_v)
+        row = {c: i + 1 for i, c in enumerate(contexts)}
+
+        # ---- denoising: images in groups that fit the UNet's batch (2 rows per image) and the VAE's
+        group = max(1, min(self.specs[UNET].axes["batch"].max // 2, self.specs[VAE_DECODER].axes["batch"].max))
+        groups = [list(range(i, min(i + group, num_images))) for i in range(0, num_images, group)]
+        total, done = tables.num_steps * len(groups), 0
+        finals = []
+        t0 = time.perf_counter()
+        with self.backend.network(UNET) as unet:
+            t1 = time.perf_counter()
+            timings["load_s"] += t1 - t0
+            for g in groups:
+                n = len(g)
+                per_ctx = {c: (np.concatenate([np.repeat(c_k[:1], n, 0), np.repeat(c_k[r:r + 1], n, 0)]),
+                               np.concatenate([np.repeat(c_v[:1], n, 0), np.repeat(c_v[r:r + 1], n, 0)]))
+                           for c, r in row.items()}  # (2n, L, D): [uncond; cond]
+                x = latents[g] * np.float32(tables.init_noise_sigma)  # (n, C, h, w)
+                state = None
+                for i in range(tables.num_steps):
+                    if _is_cancelled(cancel):
+                        raise Cancelled(f"cancelled before step {done + 1} of {total}")
+                    ck, cv = per_ctx[plan[i]]
+                    xin = schedulers.scale_model_input(i, x, tables)
+                    out = unet.run({"sample": np.concatenate([xin, xin]),
+                                    "timestep": np.full(2 * n, tables.timesteps[i], np.float32),
+                                    "c_k": ck, "c_v": cv})["noise_pred"]  # (2n, C, h, w)
+                    uncond, cond = out[:n], out[n:]
+                    eps = uncond + np.float32(guidance) * (cond - uncond)
+                    noise = pm_noise.step_noise(noise_seed, i, latents.shape)[g] if sched.needs_noise else None
+                    x, state = schedulers.step(i, eps, x, state, noise, tables)
+                    done += 1
+                    if callback is not None:
+                        callback(done, total)
+                _check_finite(f"denoising loop ({scheduler}, {tables.num_steps} UNet steps) latents", x)
+                finals.append(x)
+            timings["unet_s"] = time.perf_counter() - t1
+        timings["unet_steps"] = done
+        timings["unet_step_ms"] = 1000 * timings["unet_s"] / max(done, 1)
+
+        # ---- image
+        t0 = time.perf_counter()
+        with self.backend.network(VAE_DECODER) as vae:
+            t1 = time.perf_counter()
+            timings["load_s"] += t1 - t0
+            decoded = [vae.run({"latent": x})["image"] for x in finals]  # (n, 3, H, W) in [-1, 1]
+            timings["vae_s"] = time.perf_counter() - t1
+        image = np.concatenate(decoded)
+        _check_finite("VAE decoder output (image)", image)
+        image = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        images = np.round(image * 255).astype(np.uint8)
+        timings["total_s"] = time.perf_counter() - t_start
+        model = str(self.bundle.manifest.get(F.BK_BASE_MODEL, {}).get(F.BM_MODEL_FOLDER, ""))
+        return Generation(images, settings, concept, enc.uses_concept, plan, tables.timesteps, timings,
+                          self.backend.describe(), model, warnings)
+
+    def _encode(self, te, enc: EncodedPrompt, neg_ids: np.ndarray, contexts: list[Context]):
+        """Rows [negative prompt, *contexts] -> (c_k, c_v), each (rows, L, D)."""
+        L, D = self.dims.max_length, self.dims.text_dim
+        n = 1 + len(contexts)
+        ids = np.empty((n, L), np.int64)
+        embeds, bypass = np.zeros((n, L, D), np.float32), np.zeros((n, L, D), np.float32)
+        mask = np.zeros((n, L), bool)
+        ids[0] = neg_ids
+        m, slots = enc.mask, enc.slots[enc.mask]
+        for r, c in enumerate(contexts, start=1):
+            if c.is_concept:
+                E, B = self.concept.table.row(c.t)  # (K, D) each
+                ids[r], mask[r] = enc.concept_ids, m
+                embeds[r, m], bypass[r, m] = E[slots], B[slots]
+            else:
+                ids[r] = enc.super_ids
+        batch = self.specs[TEXT_ENCODER].axes["batch"].max
+        outs = [te.run({"input_ids": ids[i:i + batch], "concept_embeds": embeds[i:i + batch],
+                        "bypass": bypass[i:i + batch], "concept_mask": mask[i:i + batch]})
+                for i in range(0, n, batch)]
+        return np.concatenate([o["c_k"] for o in outs]), np.concatenate([o["c_v"] for o in outs])
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+__all__ = ["NEGATIVE_PROMPT", "Cancelled", "Generation", "NonFiniteError", "Pipeline", "Settings"]

@@ -1,0 +1,441 @@
+"""pm_runtime.pipeline on the tiny model (CPU): backends against the PyTorch reference and diffusers,
+the stage schedule as the UNet receives it, concept switching, determinism, threads, NaN checks.
+
+One fp32 bundle (+ a second concept re-baked from another photo) is exported once per session
+(`run_bundle`, shared with tests/test_run_cli.py through a folder under pytest's basetemp).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from pm_runtime import noise
+from pm_runtime.backends.base import CheckedNetwork
+from pm_runtime.errors import UserError
+from pm_runtime.pipeline import Cancelled, NonFiniteError, Pipeline
+from pm_runtime.specs import TEXT_ENCODER, UNET, VAE_DECODER
+from pm_runtime.stages import SUPER_CLASS, Context
+
+PROMPT = "a photo of <persona> as a knight"
+SIDE = 256  # the engines' smallest size (latent 32x32)
+
+
+# ---------------------------------------------------------------- shared fixtures and helpers
+def export_run_bundle(tmp_path_factory, tiny_model, trained_concept, photos) -> Path:
+    """The bundle the pipeline tests share: exported once per session, whichever module asks first."""
+    from pm_export.build import ExportConfig, add_concept, export_bundle
+
+    out = tmp_path_factory.getbasetemp() / "pm-run-bundle" / "bundle"
+    if not (out / "bundle.json").is_file():
+        export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=out, name="alice"),
+                      log=lambda m: None)
+        add_concept(ExportConfig(concept=trained_concept, bundle=out, name="alice-photo2",
+                                 reference_image=photos / "photo2.png", image_encoder=tiny_model / "image_encoder"),
+                    log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_bundle(tmp_path_factory, tiny_model, trained_concept, photos):
+    return export_run_bundle(tmp_path_factory, tiny_model, trained_concept, photos)
+
+
+@pytest.fixture(scope="session")
+def ort_pipe(run_bundle):
+    return Pipeline.load(run_bundle, backend="onnxruntime", concept="alice")
+
+
+@pytest.fixture(scope="session")
+def torch_pipe(run_bundle, tiny_model):
+    return Pipeline.load(run_bundle, backend="torch", model=tiny_model, concept="alice")
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model, trained_concept):
+    from pm_runtime.train.reference import load_reference
+
+    return load_reference(tiny_model, trained_concept)
+
+
+@pytest.fixture()
+def calls(monkeypatch):
+    """Every network call of the test: [(network, inputs, outputs)]."""
+    seen = []
+    run = CheckedNetwork.run
+
+    def recording(self, inputs):
+        out = run(self, inputs)
+        seen.append((self.spec.name, inputs, out))
+        return out
+
+    monkeypatch.setattr(CheckedNetwork, "run", recording)
+    return seen
+
+
+def final_latents(calls) -> np.ndarray:
+    return np.concatenate([i["latent"] for name, i, _ in calls if name == VAE_DECODER])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def latents(seed=233, n=1):
+    return noise.initial_latents(seed, (n, 4, SIDE // 8, SIDE // 8))
+
+
+def project_noise_in_diffusers(seed, steps, shape):
+    """diffusers' Euler ancestral draws its noise with randn_tensor: feed it the project's noise."""
+    import torch
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea
+
+    draws = iter(torch.from_numpy(noise.step_noise(seed, i, shape)) for i in range(steps))
+    return mock.patch.object(ea, "randn_tensor",
+                             lambda shape, generator=None, device=None, dtype=None, layout=None: next(draws).to(dtype))
+
+
+# ---------------------------------------------------------------- the torch line
+def test_runtime_runs_with_torch_blocked(run_bundle):
+    """The onnxruntime path imports no torch/diffusers/transformers, and runs a whole image."""
+    code = f"""
+import sys
+for name in ('torch', 'diffusers', 'transformers'):
+    sys.modules[name] = None  # any import of these now fails
+import pm_runtime.pipeline, pm_runtime.cli, pm_runtime.png, pm_runtime.prompt_encoding
+import pm_runtime.backends.base, pm_runtime.backends.onnxruntime, pm_runtime.backends.tensorrt
+from pm_runtime.pipeline import Pipeline
+r = Pipeline.load({str(run_bundle)!r}, concept='alice').generate({PROMPT!r}, seed=1, steps=2, height=256, width=256)
+assert r.images.shape == (1, 256, 256, 3)
+print('ok', r.backend.split()[0])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "onnxruntime"], r.stderr
+
+
+# ---------------------------------------------------------------- parity
+def test_onnxruntime_matches_reference_psnr(ort_pipe, reference, calls):
+    lat = latents()
+    got = ort_pipe.generate(PROMPT, latents=lat, steps=8, scheduler="dpmpp-2m")
+    want = reference.generate(PROMPT, latents=lat, steps=8, height=SIDE, width=SIDE, scheduler="dpmpp-2m")
+    value = psnr(got.images, want)
+    print(f"PSNR onnxruntime fp32 vs PyTorch reference (DPM++ 2M, 8 steps, concept prompt): {value:.1f} dB")
+    assert value >= 40.0
+    assert got.uses_concept and sum(c.is_concept for c in set(got.plan)) >= 2
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("scheduler", ["dpmpp-2m", "ddim", "euler", "euler-a"])
+def test_each_scheduler_in_the_loop_matches_diffusers(backend, scheduler, ort_pipe, torch_pipe, reference, calls):
+    """The pure schedulers in the real loop vs the reference generator, which steps with diffusers'
+    scheduler classes (euler-a: both fed the project's per-step noise)."""
+    pipe = ort_pipe if backend == "onnxruntime" else torch_pipe
+    lat, steps, seed = latents(7), 6, 11
+    with project_noise_in_diffusers(seed, steps, lat.shape):
+        want = reference.generate(PROMPT, latents=lat, steps=steps, height=SIDE, width=SIDE, scheduler=scheduler,
+                                  output="latents")
+    pipe.generate(PROMPT, latents=lat, seed=seed, steps=steps, scheduler=scheduler)
+    got = final_latents(calls)
+    # measured: torch <= 1.2e-4, onnxruntime <= 1.9e-4 on latents of magnitude ~60-70
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_plain_prompt_on_torch_backend_matches_diffusers_pipeline(torch_pipe, tiny_model, calls):
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from pm_runtime.train.templates import NEGATIVE_PROMPT
+
+    lat = latents(3)
+    prompt = "a photo of a face on a beach"
+    torch_pipe.generate(prompt, latents=lat, steps=10, allow_no_concept=True)
+    got = final_latents(calls)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(prompt, negative_prompt=NEGATIVE_PROMPT, num_inference_steps=10, guidance_scale=8.0,
+                latents=torch.from_numpy(lat), height=SIDE, width=SIDE, output_type="latent").images.numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_same_seed_gives_identical_png_bytes(run_bundle):
+    a = Pipeline.load(run_bundle, concept="alice").generate(PROMPT, seed=233, steps=3, height=SIDE, width=SIDE)
+    b = Pipeline.load(run_bundle, concept="alice").generate(PROMPT, seed=233, steps=3, height=SIDE, width=SIDE)
+    assert a.png() == b.png()
+    c = Pipeline.load(run_bundle, concept="alice").generate(PROMPT, seed=234, steps=3, height=SIDE, width=SIDE)
+    assert not np.array_equal(a.images, c.images)
+
+
+# ---------------------------------------------------------------- the stage schedule
+def expected_plan(timesteps, lo=400, hi=800, late="reuse"):
+    out = []
+    for t in timesteps:
+        if t > hi:
+            out.append(SUPER_CLASS)
+        elif t >= lo:
+            out.append(Context(int(np.floor(t + 0.5))))
+        else:
+            out.append(out[-1] if late == "reuse" and out else SUPER_CLASS)
+    return out
+
+
+@pytest.mark.parametrize("scheduler,split,spacing", [("dpmpp-2m", (10, 21, 19), "linspace"),
+                                                     ("ddim", (10, 20, 20), "leading")])
+def test_stage_plan_50_steps(ort_pipe, scheduler, split, spacing):
+    tables, plan, stage = ort_pipe.plan(50, scheduler)
+    ts = [float(t) for t in tables.timesteps]
+    assert stage == (400, 800) and len(plan) == 50
+    assert plan == expected_plan(ts)
+    n_super = sum(t > 800 for t in ts)
+    n_concept = sum(400 <= t <= 800 for t in ts)
+    assert (n_super, n_concept, 50 - n_super - n_concept) == split
+    assert plan[:10] == [SUPER_CLASS] * 10 and all(c.is_concept for c in plan[10:])
+    if spacing == "leading":  # SD 1.5's DDIM: 981, 961, ..., 1 (steps_offset 1)
+        assert ts[0] == 981 and ts[-1] == 1
+    _, late, _ = ort_pipe.plan(50, scheduler, late_stage="super-class")
+    assert late[10 + split[1]:] == [SUPER_CLASS] * split[2]
+    _, narrow, stage = ort_pipe.plan(50, scheduler, concept_stage=(500, 700))
+    assert stage == (500, 700) and narrow == expected_plan(ts, 500, 700)
+
+
+def test_unet_receives_the_planned_context_at_every_step(ort_pipe, calls):
+    """50 DPM++ steps: ONE text-encoder call; step i's cond rows are exactly the row of plan[i]."""
+    r = ort_pipe.generate(PROMPT, seed=5, steps=50, height=SIDE, width=SIDE)
+    te = [c for c in calls if c[0] == TEXT_ENCODER]
+    unet = [c for c in calls if c[0] == UNET]
+    assert len(te) == 1 and len(unet) == 50
+    contexts = list(dict.fromkeys(r.plan))
+    assert len(contexts) == 22  # 1 super-class + 21 concept rows: "about 22 distinct contexts"
+    ids, mask = te[0][1]["input_ids"], te[0][1]["concept_mask"]
+    c_k, c_v = te[0][2]["c_k"], te[0][2]["c_v"]
+    assert ids.shape[0] == 1 + len(contexts) and not mask[0].any()  # row 0: the negative prompt
+    for i, (_, inputs, _) in enumerate(unet):
+        row = 1 + contexts.index(r.plan[i])
+        assert np.array_equal(inputs["c_k"][0], c_k[0]) and np.array_equal(inputs["c_v"][0], c_v[0])  # uncond
+        assert np.array_equal(inputs["c_k"][1], c_k[row]) and np.array_equal(inputs["c_v"][1], c_v[row])
+        assert inputs["timestep"][0] == r.timesteps[i]
+        assert mask[row].sum() == (4 if r.plan[i].is_concept else 0)
+
+
+def test_text_encoder_batches_beyond_the_engine_limit(ort_pipe, calls):
+    """More contexts than the text encoder's max batch (64): chunked, same values as one by one."""
+    from pm_runtime.prompt_encoding import encode_plain, encode_prompt
+
+    p = ort_pipe
+    enc = encode_prompt(p.tokenizer, PROMPT, p.concept.words)
+    neg, _ = encode_plain(p.tokenizer, "ugly", 77)
+    contexts = [SUPER_CLASS] + [Context(t) for t in range(400, 470)]
+    with p.backend.network(TEXT_ENCODER) as te:
+        c_k, c_v = p._encode(te, enc, neg, contexts)
+        single_k, single_v = p._encode(te, enc, neg, [Context(469)])
+    assert c_k.shape[0] == 72 and [len(i["input_ids"]) for n, i, _ in calls[:2]] == [64, 8]
+    assert np.abs(c_k[-1] - single_k[-1]).max() <= 1e-5 and np.abs(c_v[-1] - single_v[-1]).max() <= 1e-5
+
+
+# ---------------------------------------------------------------- concepts
+def test_use_concept_switches_faces_without_reloading(run_bundle):
+    pipe = Pipeline.load(run_bundle, concept="alice")
+    a = pipe.generate(PROMPT, seed=9, steps=4, height=SIDE, width=SIDE)
+    loads = dict(pipe.backend.loads)
+    pipe.use_concept("alice-photo2")
+    b = pipe.generate(PROMPT, seed=9, steps=4, height=SIDE, width=SIDE)
+    pipe.use_concept(run_bundle / "concepts" / "alice.safetensors")  # a table file works too
+    c = pipe.generate(PROMPT, seed=9, steps=4, height=SIDE, width=SIDE)
+    assert loads == {TEXT_ENCODER: 1, UNET: 1, VAE_DECODER: 1} and dict(pipe.backend.loads) == loads
+    assert not np.array_equal(a.images, b.images) and np.array_equal(a.images, c.images)
+    assert b.concept.name == "alice-photo2" and "Concept: alice-photo2" in b.parameters()
+    with pytest.raises(UserError, match="no concept 'bob'.*alice, alice-photo2"):
+        pipe.use_concept("bob")
+
+
+def test_several_concepts_need_a_choice(run_bundle):
+    pipe = Pipeline.load(run_bundle)  # two concepts: none picked
+    assert pipe.concept is None
+    with pytest.raises(UserError, match="several concepts"):
+        pipe.generate(PROMPT, seed=1, steps=1, height=SIDE, width=SIDE)
+    pipe.generate("a photo of a face", seed=1, steps=1, height=SIDE, width=SIDE)  # plain SD works
+
+
+def test_concept_stage_must_lie_in_the_baked_range(ort_pipe):
+    with pytest.raises(UserError, match="inside the baked range 400..800"):
+        ort_pipe.generate(PROMPT, seed=1, steps=2, height=SIDE, width=SIDE, concept_stage=(300, 700))
+    with pytest.raises(UserError, match="low <= high"):
+        ort_pipe.plan(10, concept_stage=(700, 500))
+
+
+# ---------------------------------------------------------------- API behaviour
+def test_concurrent_generate_calls_are_serialised(ort_pipe, monkeypatch):
+    """Two threads share one Pipeline: the calls never overlap and give the sequential results."""
+    alone = {s: ort_pipe.generate(PROMPT, seed=s, steps=3, height=SIDE, width=SIDE).images for s in (1, 2)}
+    guard, active, most, results = threading.Lock(), [0], [0], {}
+    inner = ort_pipe._generate
+
+    def tracked(*a, **k):  # the body of generate(), which the lock must keep to one at a time
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return inner(*a, **k)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    monkeypatch.setattr(ort_pipe, "_generate", tracked)
+    start = threading.Barrier(2)
+
+    def work(seed):
+        start.wait()
+        results[seed] = ort_pipe.generate(PROMPT, seed=seed, steps=3, height=SIDE, width=SIDE).images
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and sorted(results) == [1, 2]
+    assert all(np.array_equal(results[s], alone[s]) for s in (1, 2))
+
+
+def test_callback_and_cancel(ort_pipe):
+    seen, stop = [], threading.Event()
+
+    def cb(step, total):
+        seen.append((step, total))
+        if step == 2:
+            stop.set()
+
+    with pytest.raises(Cancelled, match="before step 3 of 5"):
+        ort_pipe.generate(PROMPT, seed=1, steps=5, height=SIDE, width=SIDE, callback=cb, cancel=stop)
+    assert seen == [(1, 5), (2, 5)]
+    ok = ort_pipe.generate(PROMPT, seed=1, steps=2, height=SIDE, width=SIDE, cancel=lambda: False)  # still usable
+    assert ok.images.shape == (1, SIDE, SIDE, 3)
+
+
+@pytest.mark.parametrize("where,stage", [("latents", "initial latents"), (UNET, "denoising loop"),
+                                         (VAE_DECODER, "VAE decoder"), (TEXT_ENCODER, "text encoder")])
+def test_nan_and_inf_are_caught_and_named(ort_pipe, monkeypatch, where, stage):
+    lat = latents()
+    if where == "latents":
+        lat[0, 0, 0, 0] = np.nan
+    else:
+        run = CheckedNetwork.run
+
+        def poisoned(self, inputs):
+            out = run(self, inputs)
+            if self.spec.name == where:
+                out = {k: np.full_like(v, np.inf) for k, v in out.items()}
+            return out
+
+        monkeypatch.setattr(CheckedNetwork, "run", poisoned)
+    with pytest.raises(NonFiniteError, match=f"NaN/inf in the {stage}"):
+        ort_pipe.generate(PROMPT, latents=lat, steps=2)
+
+
+def test_several_images_and_low_memory_mode(run_bundle):
+    normal = Pipeline.load(run_bundle, concept="alice")
+    low = Pipeline.load(run_bundle, concept="alice", low_memory=True)
+    a = normal.generate(PROMPT, seed=4, steps=2, height=SIDE, width=320, num_images=5)  # groups of 4 + 1
+    b = low.generate(PROMPT, seed=4, steps=2, height=SIDE, width=320, num_images=5)
+    assert a.images.shape == (5, SIDE, 320, 3) and np.array_equal(a.images, b.images)
+    low.generate(PROMPT, seed=4, steps=1, height=SIDE, width=SIDE)
+    assert dict(low.backend.loads) == {TEXT_ENCODER: 2, UNET: 2, VAE_DECODER: 2} and not low.backend._cache
+    one = normal.generate(PROMPT, seed=4, steps=2, height=SIDE, width=320, num_images=1)
+    assert np.array_equal(one.images[0], a.images[0])  # image 0 does not depend on the batch
+
+
+def test_bad_arguments(ort_pipe):
+    g = lambda **k: ort_pipe.generate(PROMPT, **{"seed": 1, "steps": 2, "height": SIDE, "width": SIDE, **k})  # noqa
+    with pytest.raises(UserError, match="unsupported size 100x256: .*multiples of 64 from 256 to 1024"):
+        g(width=100)
+    with pytest.raises(UserError, match="steps must be"):
+        g(steps=0)
+    with pytest.raises(UserError, match="finite"):
+        g(guidance=float("nan"))
+    with pytest.raises(UserError, match="unknown scheduler"):
+        g(scheduler="pndm")
+    with pytest.raises(UserError, match="does not contain the concept word"):
+        ort_pipe.generate("a knight", seed=1, steps=1, height=SIDE, width=SIDE)
+    with pytest.raises(UserError, match="latents"):
+        ort_pipe.generate(PROMPT, latents=np.zeros((1, 3, 32, 32), np.float32), steps=1)
+
+
+# ---------------------------------------------------------------- backends
+def test_backend_selection(run_bundle):
+    from pm_runtime.backends.base import select_backend
+    from pm_runtime.bundle import open_bundle
+
+    b = open_bundle(run_bundle)
+    cls, why = select_backend(b, "auto")
+    assert cls.name == "onnxruntime" and "skipped tensorrt: the bundle has no TensorRT plan" in why
+    cls, why = select_backend(b, "auto", prefer="onnxruntime")
+    assert cls.name == "onnxruntime"
+    with pytest.raises(UserError, match="give --model"):
+        select_backend(b, "torch")
+    with pytest.raises(UserError, match="onnxruntime-gpu"):
+        select_backend(b, "onnxruntime", device="cuda")
+    with pytest.raises(UserError, match="not an onnxruntime device"):
+        select_backend(b, "onnxruntime", device="tpu")
+    with pytest.raises(UserError, match=r"pip install 'personamagic-runtime\[tensorrt\]'|no TensorRT plan"):
+        select_backend(b, "tensorrt")
+
+
+def test_onnxruntime_session_settings(run_bundle):
+    from pm_runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from pm_runtime.bundle import open_bundle
+
+    be = OnnxRuntimeBackend(open_bundle(run_bundle), threads=1, graph_optimization="basic")
+    opts = be.session_options()
+    assert opts.intra_op_num_threads == 1 and str(opts.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
+    with be.network(UNET) as unet:
+        assert unet.engine.session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(UserError, match="graph optimisation level"):
+        OnnxRuntimeBackend(open_bundle(run_bundle), graph_optimization="max")
+
+
+def test_tensorrt_plan_refusals():
+    from pm_runtime.backends.tensorrt import check_plan
+
+    good = {"tensorrt_version": "10.3.0", "compute_capability": "9.0", "gpu": "NVIDIA H100"}
+    check_plan("unet.plan", good, "10.3.0", "9.0")
+    with pytest.raises(UserError, match="built with TensorRT 10.3.0; this is TensorRT 10.4.0"):
+        check_plan("unet.plan", good, "10.4.0", "9.0")
+    with pytest.raises(UserError, match="built for NVIDIA H100 .compute capability 9.0.; this GPU is compute capa"):
+        check_plan("unet.plan", good, "10.3.0", "8.6")
+    with pytest.raises(UserError, match="does not record"):
+        check_plan("unet.plan", {}, "10.3.0", "8.6")
+
+
+def test_tensorrt_backend_runs(run_bundle):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable on this project's machines (not run)")
+    from pm_runtime.bundle import open_bundle
+
+    if not any(c["format"] == "tensorrt" for c in open_bundle(run_bundle).components):
+        pytest.skip("the test bundle has no TensorRT plans (build them with pm-export --target all on a GPU)")
+
+
+def test_onnxruntime_optimised_graph_cache(run_bundle, tmp_path):
+    """First load writes the optimised graphs; the next Pipeline loads them (optimisation off) and
+    makes the same image. A damaged entry is rebuilt."""
+    cache = tmp_path / "ort-cache"
+    first = Pipeline.load(run_bundle, concept="alice", cache_dir=cache)
+    a = first.generate(PROMPT, seed=3, steps=2, height=SIDE, width=SIDE)
+    entries = sorted(p for p in cache.iterdir())
+    assert len(entries) == 3 and all((e / "model.onnx").is_file() for e in entries) and not first.backend.cache_hits
+    second = Pipeline.load(run_bundle, concept="alice", cache_dir=cache)
+    b = second.generate(PROMPT, seed=3, steps=2, height=SIDE, width=SIDE)
+    assert second.backend.cache_hits == {TEXT_ENCODER: 1, UNET: 1, VAE_DECODER: 1}
+    assert np.array_equal(a.images, b.images)
+    unet_entry = next(e for e in entries if (e / "model.onnx").stat().st_size > 0 and
+                      e.name.startswith(second.bundle.component(UNET)["sha256"][:20]))
+    (unet_entry / "model.onnx").write_bytes(b"garbage")
+    third = Pipeline.load(run_bundle, concept="alice", cache_dir=cache)
+    c = third.generate(PROMPT, seed=3, steps=2, height=SIDE, width=SIDE)
+    assert third.backend.cache_hits == {TEXT_ENCODER: 1, VAE_DECODER: 1} and np.array_equal(a.images, c.images)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]

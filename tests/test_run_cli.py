@@ -1,0 +1,237 @@
+"""pm-run through click's CliRunner on the tiny bundle: outputs, PNG parameters, --json, and the bad
+input list of the issue (one-line error, non-zero exit, no traceback, no file written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pm_runtime import formats as F
+from pm_runtime.backends.base import CheckedNetwork
+from pm_runtime.bundle import write_manifest
+from pm_runtime.cli import main
+from pm_runtime.png import parse_parameters
+from pm_runtime.specs import VAE_DECODER
+
+from test_pipeline import PROMPT, export_run_bundle
+
+FAST = ["--steps", "2", "--height", "256", "--width", "256", "--seed", "233"]
+
+
+@pytest.fixture(scope="session")
+def run_bundle(tmp_path_factory, tiny_model, trained_concept, photos):
+    return export_run_bundle(tmp_path_factory, tiny_model, trained_concept, photos)
+
+
+@pytest.fixture()
+def bundle_copy(run_bundle, tmp_path):
+    return shutil.copytree(run_bundle, tmp_path / "b")
+
+
+def pm_run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, needle):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and needle in lines[0], result.output
+
+
+def pngs(folder):
+    return sorted(p for p in folder.rglob("*.png"))
+
+
+# ---------------------------------------------------------------- what users get
+def test_writes_a_png_with_its_parameters(run_bundle, tmp_path):
+    out = tmp_path / "knight.png"
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", out, *FAST)
+    assert r.exit_code == 0, r.output
+    assert "backend: onnxruntime (auto" in r.output and f"wrote {out}" in r.output
+    timing = [line for line in r.output.splitlines() if line.startswith("time:")]
+    assert len(timing) == 1 and all(w in timing[0] for w in ("text encoder", "UNet 2 x", "VAE", "total"))
+    im = Image.open(out)
+    assert im.size == (256, 256) and im.mode == "RGB"
+    p = parse_parameters(im.info["parameters"])
+    assert p["Prompt"] == PROMPT
+    assert p["Negative prompt"] == "monochrome, lowres, bad anatomy, worst quality, low quality"
+    assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"]) == ("2", "DPM++ 2M", "8.0", "233")
+    assert p["Size"] == "256x256"
+    assert p["Concept"] == "alice" and len(p["Concept hash"]) == 12 and p["Backend"].startswith("onnxruntime")
+    assert p["Version"].startswith("personamagic-runtime ") and p["Model"] == "tiny-sd"
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temp files left
+
+
+def test_same_seed_same_bytes_and_engine_file(run_bundle, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", a, *FAST).exit_code == 0
+    r = pm_run("--engine", run_bundle / "unet.onnx", "--prompt", PROMPT, "--concept", "alice", "--out", b, *FAST)
+    assert r.exit_code == 0, r.output
+    assert "auto, order onnxruntime" in r.output  # the named .onnx puts onnxruntime first
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_json_folder_and_several_images(run_bundle, tmp_path):
+    out = tmp_path / "imgs"
+    args = ("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice-photo2", "--out", out, "--num-images",
+            "2", "--scheduler", "euler-a", "--json", *FAST)
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["files"] == [str(out / "00000-233.png"), str(out / "00001-233.png")]
+    assert result["concept"] == "alice-photo2" and result["settings"]["scheduler"] == "euler-a"
+    assert set(result["timings"]) >= {"text_encoder_s", "unet_s", "unet_step_ms", "vae_s", "total_s", "load_s"}
+    assert "Batch pos: 1" in result["parameters"][1]
+    r = CliRunner().invoke(main, [str(a) for a in args])  # a second run numbers on, never overwrites
+    assert json.loads(r.stdout)["files"][0] == str(out / "00002-233.png") and len(pngs(out)) == 4
+
+
+def test_options_reach_the_pipeline(run_bundle, tmp_path):
+    out = tmp_path / "x.png"
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", out, "--late-stage",
+               "super-class", "--concept-stage", "500", "700", "--guidance", "5.5", "--negative-prompt", "blurry",
+               "--scheduler", "ddim", "--no-safety-checker", "--threads", "1", "--low-memory", *FAST)
+    assert r.exit_code == 0, r.output
+    p = parse_parameters(Image.open(out).info["parameters"])
+    assert (p["Late stage"], p["Concept stage"], p["CFG scale"], p["Negative prompt"], p["Sampler"]) == \
+        ("super-class", "500-700", "5.5", "blurry", "DDIM")
+    assert "note: --no-safety-checker: the bundle has no safety checker" in r.output
+
+
+def test_long_unicode_and_repeated_concept_prompts(run_bundle, tmp_path):
+    long = PROMPT + ", " + ", ".join(["very detailed"] * 40)
+    r = pm_run("--engine", run_bundle, "--prompt", long, "--concept", "alice", "--out", tmp_path / "l.png", *FAST)
+    assert r.exit_code == 0, r.output
+    assert "warning: the prompt is" in r.output and "cut off at the same word" in r.output
+    prompt = "<persona> und <persona> im Café, 東京の夜 🌃"
+    r = pm_run("--engine", run_bundle, "--prompt", prompt, "--concept", "alice", "--out", tmp_path / "u.png", *FAST)
+    assert r.exit_code == 0, r.output
+    assert parse_parameters(Image.open(tmp_path / "u.png").info["parameters"])["Prompt"] == prompt  # iTXt chunk
+
+
+def test_allow_no_concept(run_bundle, tmp_path):
+    args = ["--engine", run_bundle, "--prompt", "a photo of a face", "--concept", "alice", "--out", tmp_path / "p.png",
+            *FAST]
+    assert_one_line_error(pm_run(*args), "does not contain the concept word '<persona>'")
+    r = pm_run(*args, "--allow-no-concept")
+    assert r.exit_code == 0, r.output
+    assert "Concept:" not in Image.open(tmp_path / "p.png").info["parameters"]
+
+
+# ---------------------------------------------------------------- bad input
+def tamper(root):
+    (root / "unet.onnx").write_bytes((root / "unet.onnx").read_bytes()[:-10] + b"0123456789")
+
+
+def remove_file(root):
+    (root / "vae_decoder.onnx").unlink()
+
+
+def escape(root):
+    m = json.loads((root / F.BUNDLE_MANIFEST).read_text())
+    m[F.BK_COMPONENTS][1][F.CK_FILE] = "../unet.onnx"
+    write_manifest(root, m)
+
+
+@pytest.mark.parametrize("damage,needle", [(tamper, "unet.onnx (component unet) fails its checksum"),
+                                           (remove_file, "bundle file missing: vae_decoder.onnx"),
+                                           (escape, "leaves the bundle folder")])
+def test_damaged_bundles_are_refused(bundle_copy, tmp_path, damage, needle):
+    damage(bundle_copy)
+    r = pm_run("--engine", bundle_copy, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "o.png", *FAST)
+    assert_one_line_error(r, needle)
+    assert not pngs(tmp_path)
+
+
+BAD = [
+    (["--concept", "bob"], PROMPT, "the bundle has no concept 'bob' (it has: alice, alice-photo2)"),
+    (["--concept", "alice"], "a knight", "does not contain the concept word"),
+    (["--concept", "alice"], "<persona> and <bob>", "two different concept words in one prompt"),
+    ([], PROMPT, "the bundle has several concepts (alice, alice-photo2): choose one"),
+    (["--concept", "alice", "--height", "300"], PROMPT, "unsupported size 256x300: height and width must be "
+                                                        "multiples of 64 from 256 to 1024"),
+    (["--concept", "alice", "--width", "2048"], PROMPT, "from 256 to 1024"),
+    (["--concept", "alice", "--steps", "0"], PROMPT, "--steps must be >= 1"),
+    (["--concept", "alice", "--guidance", "nan"], PROMPT, "--guidance must be a finite number"),
+    (["--concept", "alice", "--guidance", "inf"], PROMPT, "--guidance must be a finite number"),
+    (["--concept", "alice", "--concept-stage", "100", "800"], PROMPT, "inside the baked range 400..800"),
+    (["--concept", "alice", "--backend", "tensorrt"], PROMPT, "backend tensorrt: "),
+    (["--concept", "alice", "--backend", "torch"], PROMPT, "give --model"),
+    (["--concept", "alice", "--device", "cuda"], PROMPT, "install onnxruntime-gpu"),
+]
+
+
+@pytest.mark.parametrize("extra,prompt,needle", BAD)
+def test_bad_input_one_line_error(run_bundle, tmp_path, extra, prompt, needle):
+    args = ["--engine", run_bundle, "--prompt", prompt, "--out", tmp_path / "o.png", *FAST, *extra]
+    assert_one_line_error(pm_run(*args), needle)
+    assert not pngs(tmp_path)
+
+
+def test_missing_backend_library_gives_install_hint(run_bundle, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "o.png",
+               "--backend", "onnxruntime", *FAST)
+    assert_one_line_error(r, "pip install 'personamagic-runtime[onnx]'")
+
+
+def test_tensorrt_missing_library_hint(run_bundle, tmp_path):
+    """A bundle whose plans exist but TensorRT does not import: the install hint, one line."""
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    b = shutil.copytree(run_bundle, tmp_path / "b")
+    m = json.loads((b / F.BUNDLE_MANIFEST).read_text())
+    from pm_runtime.bundle import file_entry
+
+    for net in ("text_encoder", "unet", "vae_decoder"):
+        (b / f"{net}.plan").write_bytes(b"not really a plan")
+        m[F.BK_COMPONENTS].append({**next(c for c in m[F.BK_COMPONENTS] if c[F.CK_NETWORK] == net),
+                                   F.CK_NAME: f"{net}.plan", F.CK_FORMAT: "tensorrt", **file_entry(b, f"{net}.plan"),
+                                   F.CK_DETAILS: {"tensorrt_version": "10.3.0", "compute_capability": "9.0"}})
+    write_manifest(b, m)
+    r = pm_run("--engine", b / "unet.plan", "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "o.png",
+               "--backend", "tensorrt", *FAST)
+    assert_one_line_error(r, "pip install 'personamagic-runtime[tensorrt]'")
+    r = pm_run("--engine", b / "unet.plan", "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "o.png",
+               *FAST)  # auto falls back to onnxruntime and says why
+    assert r.exit_code == 0 and "skipped tensorrt: TensorRT is not installed" in r.output, r.output
+
+
+def test_unwritable_output(run_bundle, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", blocker / "o.png", *FAST)
+    assert_one_line_error(r, "cannot write to")
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", blocker, *FAST)
+    assert_one_line_error(r, "exists and is not a folder")
+
+
+def test_nan_image_is_never_written(run_bundle, tmp_path, monkeypatch):
+    run = CheckedNetwork.run
+
+    def poisoned(self, inputs):
+        out = run(self, inputs)
+        return {k: v * np.nan for k, v in out.items()} if self.spec.name == VAE_DECODER else out
+
+    monkeypatch.setattr(CheckedNetwork, "run", poisoned)
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "o.png", *FAST)
+    assert_one_line_error(r, "NaN/inf in the VAE decoder output (image)")
+    assert not list(tmp_path.iterdir())
+
+
+def test_not_a_bundle(tmp_path):
+    assert_one_line_error(pm_run("--engine", tmp_path / "nope", "--prompt", PROMPT), "bundle folder not found")
+    (tmp_path / "x.onnx").write_bytes(b"")
+    assert_one_line_error(pm_run("--engine", tmp_path / "x.onnx", "--prompt", PROMPT), "is not inside a bundle")
