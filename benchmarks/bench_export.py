@@ -24,8 +24,11 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from bench_train import environment  # noqa: E402  (commit, host, versions: one record header for all benches)
 from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept  # noqa: E402
 
-CHILD = ("import resource, sys\nfrom pm_export.cli import main\ntry:\n    main()\nfinally:\n"
-         "    print(f'PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', flush=True)\n")
+# The child's own high-water mark from /proc (VmHWM): ru_maxrss of a forked child also counts the
+# parent's peak on Linux, which would inflate the figure by the model the parent built.
+CHILD = ("import re\nfrom pm_export.cli import main\ntry:\n    main()\nfinally:\n"
+         "    hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+         "    print(f'PEAK_RSS_KIB={hwm}', flush=True)\n")
 
 
 def _sizes(bundle: pathlib.Path) -> dict:

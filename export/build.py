@@ -224,12 +224,20 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         if passes:
             if builder is not None:
                 validate(module, spec, plain_path, "fp32", log)
-            res = optimize_graph(plain_path, fp32_path, net, provider="cpu", precision=cfg.precision,
-                                 external_data=cfg.external_data)
-            files, details["graph_optimization"] = res.files, res.to_dict()
-            fused = ", ".join(f"{k} {v}" for k, v in res.fused.items()) or "nothing"
-            log(f"  onnxruntime graph optimisation (CPU: {', '.join(passes)}): fused {fused}; "
-                f"{res.nodes_before} -> {res.nodes_after} nodes in {res.seconds:.1f} s")
+            try:
+                res = optimize_graph(plain_path, fp32_path, net, provider="cpu", precision=cfg.precision,
+                                     external_data=cfg.external_data)
+                fused = ", ".join(f"{k} {v}" for k, v in res.fused.items()) or "nothing"
+                log(f"  onnxruntime graph optimisation (CPU: {', '.join(passes)}): fused {fused}; "
+                    f"{res.nodes_before} -> {res.nodes_after} nodes in {res.seconds:.1f} s")
+                details["graph_optimization"] = res.to_dict()
+            except Exception as e:  # onnxruntime's fusion code on a graph it does not expect: ship it plain
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                log(f"warning: onnxruntime graph optimisation of {net} failed ({why}); shipping it as exported")
+                res = optimize_graph(plain_path, fp32_path, net, external_data=cfg.external_data, passes=())
+                details["graph_optimization"] = {**not_optimized(net, "cpu", cfg.precision, cfg.optimize),
+                                                 "reason": f"optimiser failed: {why}"}
+            files = res.files
             if builder is None:
                 _unlink_onnx(plain_path)  # disk: the plain graph is no longer needed
         else:

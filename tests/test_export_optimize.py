@@ -208,3 +208,21 @@ def test_fp16_passes_convert_and_match(net, plain_bundle, torch_graphs, tmp_path
     specs, modules = torch_graphs
     for c in compare(modules[net], specs[net], tmp_path / "half.onnx", "fp16", seed=11):
         assert c.ok, c.describe()
+
+
+def test_optimiser_failure_ships_the_plain_graph(tiny_model, trained_concept, tmp_path, monkeypatch):
+    """onnxruntime's fusion code raising on an unexpected graph is a warning, not a failed export."""
+    from pm_export import optimize
+
+    def boom(model, network, passes):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(optimize, "_fuse", boom)
+    root, output = export(tiny_model, trained_concept, tmp_path / "b")
+    assert "warning: onnxruntime graph optimisation of unet failed (TypeError" in output
+    b = open_bundle(root, verify=True)
+    for net in (UNET, TEXT_ENCODER):
+        rec = graph_opt(root, net)
+        assert rec["passes"] == [] and rec["reason"].startswith("optimiser failed: TypeError")
+        assert not [op for op in ops(b.component_path(net, "onnx")) if op.startswith(MS)]
+        assert all(v["passed"] for v in b.component(net)[F.CK_VALIDATION])
