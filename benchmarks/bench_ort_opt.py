@@ -68,7 +68,8 @@ def child_export(model_dir: str, out: str) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from pm_export.onnx_export import UNetGraph, export_network
+    from pm_export.onnx_export import export_network
+    from pm_runtime.modeling.graphs import UNetGraph
     from pm_runtime.modeling.attention import install_split_kv
 
     t0 = time.perf_counter()

@@ -29,7 +29,16 @@ from pm_runtime.errors import UserError
 from pm_runtime.specs import NETWORKS, network_specs
 
 Log = Callable[[str], None]
-TARGETS = ("onnx", "tensorrt", "all")
+TARGETS = ("onnx", "tensorrt", "torch")  # --target: a comma-separated list of these, or "all"
+
+
+def parse_targets(target: str) -> frozenset[str]:
+    parts = {t.strip() for t in str(target).split(",") if t.strip()}
+    if parts == {"all"}:
+        return frozenset(TARGETS)
+    if not parts or not parts <= set(TARGETS):
+        raise UserError(f"--target must be a comma-separated list of {', '.join(TARGETS)} (or all), got {target!r}")
+    return frozenset(parts)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -41,7 +50,7 @@ class ExportConfig:
     bundle: Path | None = None  # concept-only export: the bundle to add to
     name: str | None = None  # concept name in the bundle [default: the concept file's stem]
     precision: str = "fp32"  # fp32 | fp16 (ONNX graphs; TensorRT plans are always built with FP16)
-    target: str = "onnx"  # onnx | tensorrt | all
+    target: str = "onnx"  # comma-separated TARGETS or "all": onnx graphs, TensorRT plans, torch fp16 weights
     force: bool = False
     reference_image: Path | None = None
     image_encoder: Path | None = None
@@ -126,8 +135,7 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
     """The full export. Returns the bundle folder."""
     from pm_runtime.modeling.loading import check_sd_layout, load_base_model
 
-    if cfg.target not in TARGETS:
-        raise UserError(f"--target must be one of {', '.join(TARGETS)}")
+    targets = parse_targets(cfg.target)
     if cfg.precision not in ("fp32", "fp16"):
         raise UserError("--precision must be fp32 or fp16")
     if cfg.optimize not in ("auto", "none"):
@@ -136,7 +144,7 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
     _check_out(out, cfg.force)
     name = cfg.concept_name
     builder = None
-    if cfg.target in ("tensorrt", "all"):
+    if "tensorrt" in targets:
         from .tensorrt_build import PlanBuilder
 
         builder = PlanBuilder(cfg.timing_cache, log=log)  # install hint / no-GPU error before any work
@@ -149,7 +157,7 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
     base = load_base_model(model_dir)
     if concept.fingerprint != base.fingerprint:
         raise UserError(f"{cfg.concept} was trained on a different base model than {model_dir} (fingerprint mismatch)")
-    from .onnx_export import graph_modules, model_dims
+    from pm_runtime.modeling.graphs import graph_modules, model_dims
 
     dims = model_dims(base)
     facts = {F.BK_FINGERPRINT: base.fingerprint, F.BK_BASE_MODEL: _base_info(cfg, base, dims),
@@ -167,7 +175,12 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
         concepts_dir.mkdir()
         entry = _bake(cfg, concept, reference, tmp / table_rel)
         concept_entries = [{**entry, **file_entry(tmp, table_rel)}]
-        components, trt_details = _export_networks(cfg, modules, network_specs(dims), tmp, steps, builder, log)
+        specs = network_specs(dims)
+        components = _torch_weights(modules, specs, tmp, log) if "torch" in targets else []
+        trt_details = {}
+        if targets & {"onnx", "tensorrt"}:
+            onnx_components, trt_details = _export_networks(cfg, modules, specs, tmp, steps, builder, log)
+            components += onnx_components
         log(f"[{steps}/{steps}] writing the tokenizer and {F.BUNDLE_MANIFEST}")
         tok_files = _copy_tokenizer(model_dir, tmp)
         manifest = _manifest(facts, components, tok_files, concept_entries, trt_details)
@@ -207,7 +220,7 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
 
     work = tmp / ".work"  # fp32 graphs that do not ship (fp16 bundles, TensorRT-only bundles)
     work.mkdir()
-    ship_onnx = cfg.target in ("onnx", "all")
+    ship_onnx = "onnx" in parse_targets(cfg.target)
     components, trt_details = [], {}
     for i, net in enumerate(NETWORKS):
         spec, module = specs[net], modules.pop(net)
@@ -266,6 +279,21 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         log(f"  {net} done in {time.perf_counter() - t0:.1f} s (peak RSS so far {peak_rss_gib():.2f} GiB)")
     shutil.rmtree(work)
     return components, trt_details
+
+
+def _torch_weights(modules: dict, specs: dict, tmp: Path, log: Log) -> list[dict]:
+    """The fp16 PyTorch weights of every network (the torch-cuda backend's input), as components."""
+    from pm_runtime.modeling.bundle_weights import FORMAT, save_weights
+
+    folder = tmp / "torch"
+    folder.mkdir()
+    out = []
+    for net in NETWORKS:
+        path = folder / f"{net}.fp16.safetensors"
+        details = save_weights(net, modules[net], path, "fp16")
+        log(f"  torch weights: {path.relative_to(tmp).as_posix()} ({path.stat().st_size / 2**20:.1f} MiB, fp16)")
+        out.append(_component(tmp, f"{net}.torch", net, FORMAT, [path], "fp16", specs[net], [], details))
+    return out
 
 
 def _unlink_onnx(path: Path) -> None:

@@ -25,8 +25,9 @@ The bundle is written to a hidden temporary folder and renamed at the end, so a
 failed export leaves no bundle behind. One set of networks serves every concept of the same
 base model. --precision fp16 keeps a fixed list of overflow-prone ops in fp32 (export/fp16.py);
 overflow with real weights is not verified by this check (CPU onnxruntime computes in fp32).
---target tensorrt|all also builds TensorRT plans (needs TensorRT >= 10 and the GPU that will
-run them).
+--target takes a comma-separated list: onnx (the graphs, default), tensorrt (plans; needs
+TensorRT >= 10 and the GPU that will run them), torch (the fp16 PyTorch weights that pm-run's
+torch-cuda backend runs: seconds to write, no ONNX export), or all. E.g. --target onnx,torch.
 """
 
 
@@ -44,7 +45,9 @@ def _log(msg: str) -> None:
 @click.option("--name", default=None, help="Concept name in the bundle [default: CONCEPT's file stem].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of the ONNX graphs (inputs/outputs stay float32).")
-@click.option("--target", type=click.Choice(["onnx", "tensorrt", "all"]), default="onnx", show_default=True)
+@click.option("--target", default="onnx", show_default=True, metavar="LIST",
+              help="What to build, comma-separated: onnx, tensorrt, torch (fp16 weights for --backend torch-cuda), "
+                   "or all.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT bundle (or a concept of the same name).")
 @click.option("--reference-image", type=click.Path(path_type=Path), default=None,
               help="Re-bake B with this photo instead of the concept's reference photo (no retraining).")

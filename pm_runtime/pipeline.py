@@ -37,7 +37,7 @@ from . import __version__
 from . import formats as F
 from . import noise as pm_noise
 from . import schedulers
-from .backends.base import Backend, select_backend
+from .backends.base import Backend, DenoiseJob, select_backend
 from .bundle import Bundle, open_bundle, sha256_file
 from .concept_table import ConceptTable, load_table
 from .errors import UserError
@@ -310,28 +310,22 @@ class Pipeline:
         with self.backend.network(UNET) as unet:
             t1 = time.perf_counter()
             timings["load_s"] += t1 - t0
+            rows = np.array([row[c] for c in plan], np.int64)
             for g in groups:
-                n = len(g)
-                per_ctx = {c: (np.concatenate([np.repeat(c_k[:1], n, 0), np.repeat(c_k[r:r + 1], n, 0)]),
-                               np.concatenate([np.repeat(c_v[:1], n, 0), np.repeat(c_v[r:r + 1], n, 0)]))
-                           for c, r in row.items()}  # (2n, L, D): [uncond; cond]
-                x = latents[g] * np.float32(tables.init_noise_sigma)  # (n, C, h, w)
-                state = None
-                for i in range(tables.num_steps):
+                def before(i, base=done):
                     if _is_cancelled(cancel):
-                        raise Cancelled(f"cancelled before step {done + 1} of {total}")
-                    ck, cv = per_ctx[plan[i]]
-                    xin = schedulers.scale_model_input(i, x, tables)
-                    out = unet.run({"sample": np.concatenate([xin, xin]),
-                                    "timestep": np.full(2 * n, tables.timesteps[i], np.float32),
-                                    "c_k": ck, "c_v": cv})["noise_pred"]  # (2n, C, h, w)
-                    uncond, cond = out[:n], out[n:]
-                    eps = uncond + np.float32(guidance) * (cond - uncond)
-                    noise = pm_noise.step_noise(noise_seed, i, latents.shape)[g] if sched.needs_noise else None
-                    x, state = schedulers.step(i, eps, x, state, noise, tables)
-                    done += 1
+                        raise Cancelled(f"cancelled before step {base + i + 1} of {total}")
+
+                def after(i, base=done):
                     if callback is not None:
-                        callback(done, total)
+                        callback(base + i + 1, total)
+
+                noise = ((lambda i, g=g: pm_noise.step_noise(noise_seed, i, latents.shape)[g])
+                         if sched.needs_noise else None)
+                job = DenoiseJob(latents[g] * np.float32(tables.init_noise_sigma), c_k, c_v, rows, tables,
+                                 float(guidance), noise, before, after)
+                x = self.backend.denoise(unet, job)
+                done += tables.num_steps
                 _check_finite(f"denoising loop ({scheduler}, {tables.num_steps} UNet steps) latents", x)
                 finals.append(x)
             timings["unet_s"] = time.perf_counter() - t1

@@ -52,3 +52,18 @@ def trained_concept(tiny_model, photos, tmp_path_factory):
         tr.optimizer_step()
     atomic_torch_save(tr.concept_dict(True), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def run_bundle(tmp_path_factory, tiny_model, trained_concept, photos):
+    """The exported bundle the pipeline, pm-run and backend tests share (built once per session):
+    ONNX graphs and torch fp16 weights, concepts "alice" and "alice-photo2" (re-baked with photo2)."""
+    from pm_export.build import ExportConfig, add_concept, export_bundle
+
+    out = tmp_path_factory.getbasetemp() / "pm-run-bundle" / "bundle"
+    export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=out, name="alice", target="onnx,torch"),
+                  log=lambda m: None)
+    add_concept(ExportConfig(concept=trained_concept, bundle=out, name="alice-photo2",
+                             reference_image=photos / "photo2.png", image_encoder=tiny_model / "image_encoder"),
+                log=lambda m: None)
+    return out

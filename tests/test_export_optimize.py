@@ -43,7 +43,7 @@ def plain_bundle(tiny_model, trained_concept, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def torch_graphs(tiny_model):
-    from pm_export.onnx_export import graph_modules, model_dims
+    from pm_runtime.modeling.graphs import graph_modules, model_dims
     from pm_runtime.modeling.loading import load_base_model
     from pm_runtime.specs import network_specs
 

@@ -2,7 +2,7 @@
 the stage schedule as the UNet receives it, concept switching, determinism, threads, NaN checks.
 
 One fp32 bundle (+ a second concept re-baked from another photo) is exported once per session
-(`run_bundle`, shared with tests/test_run_cli.py through a folder under pytest's basetemp).
+(`run_bundle` in conftest.py, shared with tests/test_run_cli.py and tests/test_torch_cuda.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -28,25 +27,6 @@ SIDE = 256  # the engines' smallest size (latent 32x32)
 
 
 # ---------------------------------------------------------------- shared fixtures and helpers
-def export_run_bundle(tmp_path_factory, tiny_model, trained_concept, photos) -> Path:
-    """The bundle the pipeline tests share: exported once per session, whichever module asks first."""
-    from pm_export.build import ExportConfig, add_concept, export_bundle
-
-    out = tmp_path_factory.getbasetemp() / "pm-run-bundle" / "bundle"
-    if not (out / "bundle.json").is_file():
-        export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=out, name="alice"),
-                      log=lambda m: None)
-        add_concept(ExportConfig(concept=trained_concept, bundle=out, name="alice-photo2",
-                                 reference_image=photos / "photo2.png", image_encoder=tiny_model / "image_encoder"),
-                    log=lambda m: None)
-    return out
-
-
-@pytest.fixture(scope="session")
-def run_bundle(tmp_path_factory, tiny_model, trained_concept, photos):
-    return export_run_bundle(tmp_path_factory, tiny_model, trained_concept, photos)
-
-
 @pytest.fixture(scope="session")
 def ort_pipe(run_bundle):
     return Pipeline.load(run_bundle, backend="onnxruntime", concept="alice")

@@ -19,14 +19,9 @@ from pm_runtime.cli import main
 from pm_runtime.png import parse_parameters
 from pm_runtime.specs import VAE_DECODER
 
-from test_pipeline import PROMPT, export_run_bundle
+from test_pipeline import PROMPT
 
 FAST = ["--steps", "2", "--height", "256", "--width", "256", "--seed", "233"]
-
-
-@pytest.fixture(scope="session")
-def run_bundle(tmp_path_factory, tiny_model, trained_concept, photos):
-    return export_run_bundle(tmp_path_factory, tiny_model, trained_concept, photos)
 
 
 @pytest.fixture()

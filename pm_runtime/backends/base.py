@@ -15,24 +15,29 @@ from __future__ import annotations
 import abc
 import collections
 import contextlib
+import dataclasses
 import importlib
 import threading
-from typing import Iterator, Mapping, Protocol
+from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
+from .. import schedulers
 from ..bundle import Bundle
 from ..errors import UserError
+from ..schedulers.common import Tables
 from ..specs import NetworkSpec, network_specs
 
 # name -> "module:Class"; imported only when used, so a missing library never breaks the others.
 BACKENDS = {
     "tensorrt": "pm_runtime.backends.tensorrt:TensorRTBackend",
+    "torch-cuda": "pm_runtime.backends.torch_cuda:TorchCudaBackend",
     "onnxruntime": "pm_runtime.backends.onnxruntime:OnnxRuntimeBackend",
     "torch": "pm_runtime.backends.torch:TorchBackend",
 }
-# --backend auto tries these in this order and takes the first that can run the bundle here.
-AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")
+# --backend auto tries these in this order and takes the first that can run the bundle here
+# (torch-cuda only where CUDA is present and the bundle has its torch weights).
+AUTO_ORDER = ("tensorrt", "torch-cuda", "onnxruntime", "torch")
 
 
 class Network(Protocol):
@@ -60,6 +65,49 @@ class CheckedNetwork:
                     raise ValueError(f"{spec.name}.{t.name}: shape {list(a.shape)} does not fit {list(t.shape)}")
         spec.axis_values(**{k: v for k, v in axes.items() if k in spec.axes})  # range check
         return self.engine.run(inputs)
+
+
+@dataclasses.dataclass
+class DenoiseJob:
+    """One group of images' denoising loop, as the pipeline hands it to a backend.
+
+    Per step i: the UNet runs once on [uncond; cond] (2n rows): the unconditional half reads
+    context row 0 (the negative prompt), the conditional half row rows[i]; then
+    o = uncond + guidance * (cond - uncond) and the scheduler step (explicit state; noise(i) for
+    samplers that need it)."""
+
+    latents: np.ndarray                 # (n, C, h, w) float32, already scaled by init_noise_sigma
+    c_k: np.ndarray                     # (rows, L, D) float32 key contexts; row 0: the negative prompt
+    c_v: np.ndarray                     # (rows, L, D) float32 value contexts
+    rows: np.ndarray                    # (steps,) int: the conditional context row of each step
+    tables: Tables
+    guidance: float
+    noise: Callable[[int], np.ndarray] | None  # step -> (n, C, h, w) standard normal; None if unused
+    before_step: Callable[[int], None]  # called before every step (raises to cancel)
+    after_step: Callable[[int], None]   # called after every step (progress)
+
+
+def denoise_on_host(unet: "CheckedNetwork", job: DenoiseJob) -> np.ndarray:
+    """The loop with numpy between steps: one `unet.run` per step, guidance and scheduler step
+    on the host. Returns the final latents (n, C, h, w)."""
+    n, tables = job.latents.shape[0], job.tables
+    per_row = {}  # context row -> (c_k, c_v) of the UNet batch [uncond; cond], (2n, L, D) each
+    for r in sorted(set(int(r) for r in job.rows)):
+        per_row[r] = tuple(np.concatenate([np.repeat(c[:1], n, 0), np.repeat(c[r:r + 1], n, 0)])
+                           for c in (job.c_k, job.c_v))
+    x, state = job.latents, None
+    for i in range(tables.num_steps):
+        job.before_step(i)
+        ck, cv = per_row[int(job.rows[i])]
+        xin = schedulers.scale_model_input(i, x, tables)
+        out = unet.run({"sample": np.concatenate([xin, xin]),
+                        "timestep": np.full(2 * n, tables.timesteps[i], np.float32),
+                        "c_k": ck, "c_v": cv})["noise_pred"]  # (2n, C, h, w)
+        uncond, cond = out[:n], out[n:]
+        eps = uncond + np.float32(job.guidance) * (cond - uncond)
+        x, state = schedulers.step(i, eps, x, state, job.noise(i) if job.noise else None, tables)
+        job.after_step(i)
+    return x
 
 
 class Backend(abc.ABC):
@@ -104,6 +152,11 @@ class Backend(abc.ABC):
             if self.low_memory:
                 self._free(net)
                 del net
+
+    def denoise(self, unet: CheckedNetwork, job: DenoiseJob) -> np.ndarray:
+        """Run `job` with the UNet network `unet`; returns the final latents (n, C, h, w) float32.
+        Default: the host loop. GPU backends override it to keep the loop on the device."""
+        return denoise_on_host(unet, job)
 
     def _free(self, net: CheckedNetwork) -> None:
         """Low-memory mode: release an engine now (subclasses free device memory here)."""

@@ -52,7 +52,7 @@ class TorchBackend(Backend):
             raise UserError(reason)
         import torch
 
-        from pm_export.onnx_export import graph_modules  # the wrappers that were exported and validated
+        from ..modeling.graphs import graph_modules  # the wrappers that were exported and validated
 
         from ..modeling.loading import load_base_model
 

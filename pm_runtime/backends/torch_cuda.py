@@ -1,0 +1,205 @@
+"""torch-cuda backend: the GPU fast path (DESIGN §3).
+
+- Weights from the bundle's optional "torch" components (pm-export --target torch: fp16
+  safetensors), or from the base model folder (model=...) when the bundle has none.
+- The UNet is pm_runtime.modeling.fast_unet.FastUNet: channels-last, fp16, fused kernels
+  (pm_kernels: Triton on CUDA, their PyTorch references elsewhere).
+- The WHOLE denoising step (UNet on [uncond; cond], guidance combine, scheduler update in its
+  affine form, pm_runtime.schedulers.linear) runs on static device buffers and is captured once
+  as a CUDA graph (pm_runtime.modeling.step_graph); the step counter lives on the device, so a
+  50-step image is 50 graph replays with nothing copied to or from the host in between, and one
+  NaN/inf check at the end of the loop.
+- Every step's contexts come from the pipeline's one batched text-encoder call; they are
+  uploaded once per image.
+- low_memory: one network on the GPU at a time (weights kept in host memory between uses, the
+  step graph re-captured per image) and a tiled VAE decode.
+
+Where CUDA is missing, --backend auto skips it; asked for explicitly with --device cpu it runs
+the same code eagerly in fp32 with the kernels' PyTorch references (how it is tested on CPUs).
+Module import needs no torch (the runtime's torch line): torch is imported when it is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import formats as F
+from ..bundle import Bundle
+from ..errors import UserError
+from ..specs import NETWORKS, UNET, VAE_DECODER
+from .base import Backend, DenoiseJob
+
+INSTALL_HINT = ("the torch-cuda backend needs PyTorch with CUDA, diffusers and transformers: install the CUDA "
+                "build of torch, then pip install 'personamagic-runtime[train,kernels]'")
+TORCH_FORMAT = "torch"
+
+
+def _has_torch_weights(bundle: Bundle) -> bool:
+    return all(any(c[F.CK_NETWORK] == n and c[F.CK_FORMAT] == TORCH_FORMAT for c in bundle.components)
+               for n in NETWORKS)
+
+
+class TorchCudaNetwork:
+    """numpy in, numpy out around a module on the device (text encoder, VAE; the UNet for tests)."""
+
+    def __init__(self, module, input_names, output_names, device, dtype):
+        self.module, self.input_names, self.output_names = module, input_names, output_names
+        self.device, self.dtype = device, dtype
+
+    def run(self, inputs):
+        import torch
+
+        args = []
+        for n in self.input_names:
+            t = torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device)
+            args.append(t.to(self.dtype) if t.is_floating_point() else t)
+        with torch.inference_mode():
+            outs = self.module(*args)
+        outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+        return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+
+class TorchCudaBackend(Backend):
+    name = "torch-cuda"
+
+    def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
+                 model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
+                 kernels: bool = True, **_):
+        super().__init__(bundle, device=device, low_memory=low_memory)
+        reason = self.unavailable(bundle, model=model, device=device)
+        if reason:
+            raise UserError(reason)
+        import torch
+
+        self.torch_device = torch.device(device or "cuda")
+        on_cuda = self.torch_device.type == "cuda"
+        self.dtype_name = dtype or ("float16" if on_cuda else "float32")
+        if self.dtype_name not in ("float16", "bfloat16", "float32"):
+            raise UserError("torch-cuda dtype must be float16, bfloat16 or float32")
+        self.torch_dtype = getattr(torch, self.dtype_name)
+        self.cuda_graph = bool(cuda_graph) and on_cuda
+        self.kernels = bool(kernels)
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True  # fixed shapes per image: pick the fastest conv algorithms once
+        self.home = self.torch_device if not self.low_memory else torch.device("cpu")  # where weights rest
+        self.modules = self._load_modules(bundle, model)
+        self._loops: dict = {}  # (n, C, h, w, L, D, rows capacity) -> StepGraph
+
+    # ------------------------------------------------------------------ availability and loading
+    @classmethod
+    def unavailable(cls, bundle: Bundle, model=None, device: str | None = None, **_) -> str | None:
+        import importlib.util
+
+        if any(importlib.util.find_spec(m) is None for m in ("torch", "diffusers", "transformers")):
+            return INSTALL_HINT
+        import torch
+
+        kind = (device or "cuda").split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available to PyTorch here"
+        if kind not in ("cuda", "cpu"):
+            return f"--device {device}: torch-cuda runs on cuda (or cpu, eagerly, for testing)"
+        if not _has_torch_weights(bundle):
+            if model is None:
+                return ("the bundle has no torch weights (export with pm-export --target onnx,torch) and no "
+                        "--model folder was given")
+            if not Path(model).is_dir():
+                return f"model folder not found: {model}"
+        return None
+
+    def _load_modules(self, bundle: Bundle, model) -> dict:
+        """Graph modules (pm_runtime.modeling.graphs) at their resting place, in the run dtype."""
+        if _has_torch_weights(bundle):
+            from ..modeling.bundle_weights import load_graph_module
+
+            out = {}
+            for net in NETWORKS:
+                comp = bundle.component(net, TORCH_FORMAT)
+                out[net] = load_graph_module(net, comp.get(F.CK_DETAILS, {}), bundle.component_path(net, TORCH_FORMAT),
+                                             self.home, self.torch_dtype)
+            return out
+        from ..modeling.graphs import graph_modules
+        from ..modeling.loading import load_base_model, quiet_hf
+
+        base = load_base_model(Path(model))
+        if base.fingerprint != bundle.fingerprint:
+            raise UserError(f"the model folder {model} is not the base model of this bundle (fingerprint mismatch)")
+        with quiet_hf():  # diffusers warns on any dtype cast through .to()
+            return {n: m.to(self.home, self.torch_dtype) for n, m in graph_modules(base).items()}
+
+    def _load(self, network: str):
+        import torch
+
+        spec = self.specs[network]
+        module = self.modules[network]
+        if self.low_memory:
+            module = module.to(self.torch_device)
+        if network == UNET:
+            module = self._fast_unet(module)
+        elif network == VAE_DECODER and self.low_memory:
+            from ..modeling.graphs import tiled_decoding
+
+            tiled_decoding(module)
+        net = TorchCudaNetwork(module, spec.input_names, spec.output_names, self.torch_device, self.torch_dtype)
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)
+        return net
+
+    def _fast_unet(self, graph_module):
+        """FastUNet around the graph module's UNet (channels-last on CUDA); the plain module where
+        FastUNet does not support the UNet or kernels are off."""
+        import torch
+
+        from ..modeling.fast_unet import FastUNet, unsupported
+
+        unet = graph_module.unet
+        if not self.kernels or unsupported(unet):
+            return graph_module
+        if self.torch_device.type == "cuda":
+            unet.to(memory_format=torch.channels_last)
+        return FastUNet(unet)
+
+    def _free(self, net) -> None:
+        import torch
+
+        if self.low_memory and net.engine is not None:
+            self._loops.clear()  # captured graphs point at the weights that leave the device
+            net.engine.module.to(self.home)  # FastUNet or graph module: back to host memory
+        net.engine = None
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def describe(self) -> str:
+        import torch
+
+        what = "CUDA graph" if self.cuda_graph else "eager"
+        return f"torch-cuda {torch.__version__} {self.torch_device} {self.dtype_name} ({what})"
+
+    # ------------------------------------------------------------------ the loop on the device
+    def denoise(self, unet, job: DenoiseJob) -> np.ndarray:
+        import torch
+
+        from ..modeling.step_graph import StepGraph
+        from ..schedulers.linear import linear_steps
+
+        engine = unet.engine
+        n, C, h, w = job.latents.shape
+        rows, L, D = job.c_k.shape
+        capacity = 1 << max(5, (rows - 1).bit_length())  # context rows the graph's buffers hold
+        key = (n, C, h, w, L, D, capacity)
+        loop = self._loops.get(key)
+        if loop is None:
+            self._loops.clear()  # one captured graph at a time: its memory pool is freed with it
+            loop = StepGraph(engine.module, n=n, latent_shape=(C, h, w), context_shape=(L, D), rows=capacity,
+                             dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph)
+            self._loops[key] = loop
+        lin = linear_steps(job.tables)
+        noise = None
+        if lin.needs_noise:
+            noise = np.stack([job.noise(i) for i in range(lin.num_steps)])  # (steps, n, C, h, w)
+        with torch.inference_mode():
+            x = loop.run(job.latents, job.c_k, job.c_v, job.rows, lin, job.guidance, noise,
+                         job.before_step, job.after_step)
+        return x

@@ -1,0 +1,95 @@
+"""PyTorch weights as optional bundle components (format "torch"): what pm-export writes with
+`--target torch` and what the torch-cuda backend loads, so the GPU fast path needs only the bundle.
+
+One component per network: `torch/NAME.fp16.safetensors` (the Hugging Face module's state dict,
+fp16; the VAE keeps only its decoder half) with the module's class and config in the component's
+details. Classes come from a fixed list: a manifest can never name code to import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..specs import TEXT_ENCODER, UNET, VAE_DECODER
+
+FORMAT = "torch"
+CLASSES = {UNET: "diffusers.UNet2DConditionModel", TEXT_ENCODER: "transformers.CLIPTextModel",
+           VAE_DECODER: "diffusers.AutoencoderKL"}
+KEEP_PREFIXES = {VAE_DECODER: ("decoder.", "post_quant_conv.")}  # the decoder half of the VAE
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def hf_module(net: str, graph_module: nn.Module) -> nn.Module:
+    """The Hugging Face module inside a pm_runtime.modeling.graphs wrapper."""
+    return {UNET: lambda m: m.unet, TEXT_ENCODER: lambda m: m.encoder.text_encoder,
+            VAE_DECODER: lambda m: m.vae}[net](graph_module)
+
+
+def save_weights(net: str, graph_module: nn.Module, path: Path, precision: str = "fp16") -> dict:
+    """Write `net`'s weights to `path` (safetensors); returns the component details."""
+    from safetensors.torch import save_file
+
+    module = hf_module(net, graph_module)
+    keep = KEEP_PREFIXES.get(net)
+    state = {k: v.detach().to(DTYPES[precision]).contiguous() for k, v in module.state_dict().items()
+             if keep is None or k.startswith(keep)}
+    save_file(state, str(path), metadata={"network": net, "class": CLASSES[net]})
+    config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    return {"class": CLASSES[net], "config": _jsonable(config), "tensors": len(state)}
+
+
+def _jsonable(config: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(config, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def _empty_module(net: str, class_name: str, config: dict, device: torch.device) -> nn.Module:
+    if CLASSES.get(net) != class_name:
+        raise UserError(f"bundle component for {net} names class {class_name!r}; expected {CLASSES.get(net)!r}")
+    config = {k: v for k, v in config.items() if not k.startswith("_")} if net != TEXT_ENCODER else config
+    with torch.device(device):  # parameters are created where they will live (fast random init on a GPU)
+        if net == TEXT_ENCODER:
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            cfg = CLIPTextConfig.from_dict(config)
+            return CLIPTextModel(cfg)
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        cls = UNet2DConditionModel if net == UNET else AutoencoderKL
+        return cls.from_config(config)
+
+
+def load_graph_module(net: str, details: dict, path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The graph wrapper (pm_runtime.modeling.graphs) of `net`, built from a bundle's torch weights."""
+    from safetensors.torch import load_file
+
+    from .graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph
+    from .loading import quiet_hf
+
+    with quiet_hf():
+        module = _empty_module(net, details.get("class", "?"), details.get("config", {}), device)
+    state = load_file(str(path), device=str(device))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    keep = KEEP_PREFIXES.get(net)
+    missing = [k for k in missing if keep is None or k.startswith(keep)]
+    if missing or unexpected:
+        raise UserError(f"{path.name} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if keep is not None:  # drop the half that was not shipped (the VAE's encoder)
+        for name in ("encoder", "quant_conv"):
+            if hasattr(module, name):
+                setattr(module, name, None)
+    with quiet_hf():  # diffusers warns on any dtype cast through .to()
+        module = module.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    if net == UNET:
+        from .attention import install_split_kv
+
+        install_split_kv(module)
+        return UNetGraph(module).eval()
+    if net == TEXT_ENCODER:
+        return TextEncoderGraph(module).eval()
+    return VaeDecoderGraph(module).eval()

@@ -1,0 +1,174 @@
+"""The SD UNet's forward for inference, rewritten around fused kernels (pm_kernels): what the
+torch-cuda backend runs and captures in a CUDA graph.
+
+Same weights, same function as UNetGraph (diffusers' UNet2DConditionModel with split K/V
+cross-attention, DESIGN §1); what changes is how it is computed:
+- channels-last activations end to end: a transformer's (N, C, H, W) -> (N, HW, C) reshape is
+  then a free view, and cuDNN runs its NHWC convolutions without transposes;
+- GroupNorm + SiLU in one kernel, with the ResNet's time-embedding add folded in
+  (pm_kernels.group_norm_silu);
+- self-attention: one GEMM for Q, K and V (their weights concatenated once, the module's own
+  to_q/to_k/to_v weights become views of it: no extra memory), attention read in place;
+- cross-attention: K = to_k(C_k), V = to_v(C_v) (the split contexts), one fused attention kernel
+  for the short key axis (pm_kernels.attention);
+- GEGLU in one kernel (pm_kernels.geglu).
+Only SD 1.x/2.x-style UNets are accepted (`unsupported` says why not); anything else runs on
+the plain module. Where a kernel cannot run (no CUDA, no Triton), pm_kernels falls back to its
+PyTorch reference, so this module also runs on the CPU (that is how it is tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def unsupported(unet) -> str | None:
+    """None when FastUNet computes exactly what `unet` computes, else the first reason why not."""
+    cfg = unet.config
+    if any(t not in DOWN for t in cfg.down_block_types) or any(t not in UP for t in cfg.up_block_types):
+        return f"block types {cfg.down_block_types} / {cfg.up_block_types}"
+    if cfg.mid_block_type != "UNetMidBlock2DCrossAttn":
+        return f"mid block {cfg.mid_block_type}"
+    for key in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim",
+                "time_embedding_act_fn", "timestep_post_act", "conv_out_kernel"):
+        if cfg.get(key) not in (None, 3 if key == "conv_out_kernel" else None):
+            return f"{key}={cfg.get(key)}"
+    if cfg.center_input_sample or cfg.act_fn != "silu" or cfg.resnet_time_scale_shift != "default":
+        return "input centring / activation / time scale-shift"
+    for m in unet.modules():
+        name = type(m).__name__
+        if name == "ResnetBlock2D" and (m.time_embedding_norm != "default" or m.output_scale_factor != 1.0
+                                        or m.upsample is not None or m.downsample is not None or m.skip_time_act):
+            return "a ResNet block with up/down sampling, scale-shift or a scaled output"
+        if name == "BasicTransformerBlock" and (m.norm_type != "layer_norm" or m.only_cross_attention
+                                                or m.pos_embed is not None or type(m.ff.net[0]).__name__ != "GEGLU"
+                                                or m.attn2 is None):
+            return "a transformer block other than SD's (layer norm, self + cross attention, GEGLU)"
+        if name == "Attention" and (m.residual_connection or m.rescale_output_factor != 1.0 or m.norm_q is not None
+                                    or m.norm_cross or m.spatial_norm is not None or m.group_norm is not None):
+            return "an attention layer with extras (norms, residual, rescale)"
+        if name == "Transformer2DModel" and not m.is_input_continuous:
+            return "a non-continuous Transformer2DModel"
+        if name in ("Downsample2D", "Upsample2D") and getattr(m, "conv", None) is None:
+            return "a resampler without convolution"
+        if name == "Upsample2D" and (not m.interpolate or m.use_conv_transpose):
+            return "an upsampler other than nearest + conv"
+    return None
+
+
+def _linear(x, layer) -> torch.Tensor:
+    """x (..., C_in) through an nn.Linear or a 1x1 nn.Conv2d (SD 1.x's proj_in / proj_out)."""
+    w = layer.weight
+    return F.linear(x, w.view(w.shape[0], w.shape[1]) if w.ndim == 4 else w, layer.bias)
+
+
+def _fuse_qkv(attn) -> None:
+    """Q, K and V of a self-attention from one GEMM: concatenate the weights once and make the
+    module's own weights views of the result (same values, no second copy)."""
+    if hasattr(attn, "pm_qkv") and attn.to_q.weight.data_ptr() == attn.pm_qkv.data_ptr():
+        return  # already fused (a module moved with .to() is fused again: its views became copies)
+    qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()  # (3 inner, C)
+    attn.register_buffer("pm_qkv", qkv, persistent=False)
+    inner = attn.to_q.weight.shape[0]
+    for j, layer in enumerate((attn.to_q, attn.to_k, attn.to_v)):
+        layer.weight = nn.Parameter(qkv[j * inner:(j + 1) * inner], requires_grad=False)
+    attn.pm_qkv_bias = (None if attn.to_q.bias is None else
+                        torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).detach())
+
+
+class FastUNet(nn.Module):
+    """forward(sample (N, 4, h, w), timestep (N,), c_k, c_v (N, L, D)) -> noise_pred (N, 4, h, w),
+    the signature of UNetGraph. Wraps (does not copy) a diffusers UNet; call after moving the UNet
+    to its device, dtype and memory format."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        reason = unsupported(unet)
+        if reason:
+            raise ValueError(f"FastUNet does not support this UNet: {reason}")
+        import pm_kernels
+
+        self.k = pm_kernels
+        self.unet = unet.eval()
+        for m in unet.modules():
+            if type(m).__name__ == "BasicTransformerBlock":
+                _fuse_qkv(m.attn1)
+
+    # ------------------------------------------------------------------ pieces
+    def _gn(self, norm: nn.GroupNorm, x, silu: bool = True, temb=None):
+        return self.k.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, temb=temb, silu=silu)
+
+    def _resnet(self, r, x, temb_act):
+        h = r.conv1(self._gn(r.norm1, x))
+        h = r.conv2(self._gn(r.norm2, h, temb=r.time_emb_proj(temb_act)))  # norm2(h + temb) + SiLU, fused
+        if r.conv_shortcut is not None:
+            x = r.conv_shortcut(x)
+        return x + h
+
+    def _attention(self, attn, x, c_k=None, c_v=None):
+        """x (N, S, C) -> attn(x) (N, S, C). Self-attention when c_k is None, else split K/V."""
+        inner = attn.to_q.weight.shape[0]
+        if c_k is None:
+            qkv = F.linear(x, attn.pm_qkv, attn.pm_qkv_bias)  # (N, S, 3 inner)
+            q, k, v = qkv[..., :inner], qkv[..., inner:2 * inner], qkv[..., 2 * inner:]
+        else:
+            q, k, v = attn.to_q(x), attn.to_k(c_k), attn.to_v(c_v)  # (N, S, inner), (N, L, inner) x 2
+        out = self.k.attention(q, k, v, attn.heads, attn.scale)  # (N, S, inner)
+        return attn.to_out[0](out)
+
+    def _block(self, b, h, c_k, c_v):
+        h = self._attention(b.attn1, b.norm1(h)) + h
+        h = self._attention(b.attn2, b.norm2(h), c_k, c_v) + h
+        ff = b.ff.net
+        return ff[2](self.k.geglu(ff[0].proj(b.norm3(h)))) + h
+
+    def _transformer(self, t, x, c_k, c_v):
+        n, c, height, width = x.shape
+        h = self._gn(t.norm, x, silu=False)
+        h = h.permute(0, 2, 3, 1).reshape(n, height * width, c)  # a view for channels-last x
+        h = _linear(h, t.proj_in)
+        for b in t.transformer_blocks:
+            h = self._block(b, h, c_k, c_v)
+        h = _linear(h, t.proj_out)
+        return h.view(n, height, width, -1).permute(0, 3, 1, 2) + x  # channels-last (N, C, H, W)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, sample, timestep, c_k, c_v):
+        u = self.unet
+        dtype = u.conv_in.weight.dtype
+        channels_last = u.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and sample.is_cuda
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        temb = u.time_embedding(u.time_proj(timestep.reshape(-1).expand(sample.shape[0])).to(dtype))  # (N, T)
+        temb_act = F.silu(temb)  # every ResNet's time projection reads SiLU(temb)
+        c_k, c_v = c_k.to(dtype), c_v.to(dtype)
+        h = u.conv_in(sample.to(dtype).contiguous(memory_format=fmt))
+        skips = [h]
+        for block in u.down_blocks:
+            attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            for r, a in zip(block.resnets, attns):
+                h = self._resnet(r, h, temb_act)
+                if a is not None:
+                    h = self._transformer(a, h, c_k, c_v)
+                skips.append(h)
+            for d in block.downsamplers or ():
+                h = d.conv(h)
+                skips.append(h)
+        mid = u.mid_block
+        h = self._resnet(mid.resnets[0], h, temb_act)
+        for a, r in zip(mid.attentions, mid.resnets[1:]):
+            h = self._resnet(r, self._transformer(a, h, c_k, c_v), temb_act)
+        for block in u.up_blocks:
+            attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            for r, a in zip(block.resnets, attns):
+                h = self._resnet(r, torch.cat([h, skips.pop()], dim=1), temb_act)
+                if a is not None:
+                    h = self._transformer(a, h, c_k, c_v)
+            for up in block.upsamplers or ():
+                h = up.conv(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+        h = u.conv_out(self._gn(u.conv_norm_out, h))
+        return h  # (N, 4, h, w) in the UNet's dtype

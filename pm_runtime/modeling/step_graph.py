@@ -1,0 +1,123 @@
+"""One whole denoising step on static device buffers, captured once as a CUDA graph.
+
+    step i:  xin = input_scale[i] * x                         (n, C, h, w)
+             out = unet([xin; xin], t[i], [C_k row 0; C_k row rows[i]], [C_v ...])   (2n, C, h, w)
+             o   = out_uncond + guidance * (out_cond - out_uncond)
+             x, x0_prev = the scheduler's affine update (pm_runtime.schedulers.linear)
+             i  += 1                                           (the counter is a device tensor)
+
+Every per-step value (coefficients, timestep, input scale, context row) is READ INSIDE the step
+from device tables indexed by the device-side counter, so replaying the graph `steps` times is
+the whole loop: no host work, no host<->device copy between steps (euler-a's per-step noise is
+the one exception: a device-to-device copy before each replay). The latent state stays float32;
+the UNet runs in the model dtype. Without CUDA (or cuda_graph=False) the same step function runs
+eagerly, which is how it is tested against the host loop.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..schedulers.linear import COLUMNS, LinearSteps
+
+WARMUP = 2  # eager steps on a side stream before capture (Triton compiles, cuDNN picks algorithms)
+
+
+class StepGraph:
+    def __init__(self, unet: Callable, *, n: int, latent_shape: tuple[int, int, int], context_shape: tuple[int, int],
+                 rows: int, dtype: torch.dtype, device: torch.device, cuda_graph: bool = True, max_steps: int = 1000):
+        self.unet, self.n, self.dtype, self.device = unet, n, dtype, torch.device(device)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.x = torch.zeros((n, *latent_shape), **f32)        # the sample
+        self.x0_prev = torch.zeros_like(self.x)                 # the previous step's x0 (DPM-Solver++ 2M)
+        self.noise = torch.zeros_like(self.x)                   # this step's noise (euler-a)
+        self.step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.coef = torch.zeros((max_steps, len(COLUMNS)), **f32)
+        self.clip = torch.full((), float("inf"), **f32)
+        self.timesteps = torch.zeros(max_steps, **f32)
+        self.input_scale = torch.zeros(max_steps, **f32)
+        self.rows = torch.zeros(max_steps, dtype=torch.int64, device=self.device)
+        self.c_k = torch.zeros((rows, *context_shape), dtype=dtype, device=self.device)  # row 0: negative prompt
+        self.c_v = torch.zeros_like(self.c_k)
+        self.guidance = torch.zeros((), **f32)
+        self.max_steps, self.capacity = max_steps, rows
+        self.graph = None
+        if cuda_graph and self.device.type == "cuda":
+            self._capture()
+
+    # ------------------------------------------------------------------ the step
+    def _step(self) -> None:
+        n, i = self.n, self.step.view(1)
+        c = self.coef.index_select(0, i)[0]  # (10,)
+        x = self.x
+        xin = (x * self.input_scale.index_select(0, i)).to(self.dtype)
+        xin = torch.cat([xin, xin])  # (2n, C, h, w): [uncond; cond]
+        t = self.timesteps.index_select(0, i).expand(2 * n)
+        r = self.rows.index_select(0, i)
+        ck = torch.cat([self.c_k[:1].expand(n, -1, -1), self.c_k.index_select(0, r).expand(n, -1, -1)])
+        cv = torch.cat([self.c_v[:1].expand(n, -1, -1), self.c_v.index_select(0, r).expand(n, -1, -1)])
+        out = self.unet(xin, t, ck, cv).float()
+        uncond, cond = out[:n], out[n:]
+        o = uncond + self.guidance * (cond - uncond)
+        x0 = torch.clamp(c[0] * x + c[1] * o, -self.clip, self.clip)
+        eps = c[2] * x + c[3] * o
+        prev = c[4] * x + c[5] * o + c[6] * x0 + c[7] * eps + c[8] * self.x0_prev + c[9] * self.noise
+        self.x.copy_(prev)
+        self.x0_prev.copy_(x0)
+        self.step.add_(1)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(WARMUP):
+                self.step.zero_()
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self._step()
+
+    # ------------------------------------------------------------------ one image (group)
+    def load(self, latents: np.ndarray, c_k: np.ndarray, c_v: np.ndarray, rows: np.ndarray, lin: LinearSteps,
+             guidance: float) -> None:
+        steps = lin.num_steps
+        if steps > self.max_steps or len(c_k) > self.capacity:
+            raise ValueError(f"{steps} steps / {len(c_k)} context rows exceed the step graph's "
+                             f"{self.max_steps} / {self.capacity}")
+        dev = self.device
+
+        def put(buf, values):
+            buf[:len(values)].copy_(torch.from_numpy(np.array(values)).to(dev, buf.dtype))  # a writable copy
+
+        self.x.copy_(torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(dev))
+        self.x0_prev.zero_()
+        self.noise.zero_()
+        self.step.zero_()
+        put(self.coef, lin.coef)
+        put(self.timesteps, lin.timesteps)
+        put(self.input_scale, lin.input_scale)
+        put(self.rows, np.asarray(rows, np.int64))
+        put(self.c_k, c_k)
+        put(self.c_v, c_v)
+        self.clip.fill_(lin.clip)
+        self.guidance.fill_(float(guidance))
+
+    def run(self, latents, c_k, c_v, rows, lin: LinearSteps, guidance: float, noise: np.ndarray | None,
+            before_step: Callable[[int], None], after_step: Callable[[int], None]) -> np.ndarray:
+        """The whole loop; returns the final latents (n, C, h, w) float32 on the host."""
+        self.load(latents, c_k, c_v, rows, lin, guidance)
+        noise_dev = None if noise is None else torch.from_numpy(np.ascontiguousarray(noise, np.float32)).to(self.device)
+        for i in range(lin.num_steps):
+            before_step(i)
+            if noise_dev is not None:
+                self.noise.copy_(noise_dev[i])
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            after_step(i)
+        return self.x.cpu().numpy()  # the one device->host copy (synchronises)

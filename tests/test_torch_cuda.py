@@ -1,0 +1,183 @@
+"""The GPU fast path on the tiny model, run where this machine can run it (CPU: the same code
+eagerly, with pm_kernels' Triton kernels under TRITON_INTERPRET=1 where conftest set it, else
+their references); the `gpu` tests run it for real (fp16, channels-last, CUDA graph).
+
+- FastUNet computes what UNetGraph (diffusers' UNet with split K/V) computes.
+- StepGraph's device loop (affine scheduler form, device-side step counter) gives what the host
+  loop gives, for every scheduler.
+- The torch-cuda backend from a bundle's torch weights matches the onnxruntime backend's image.
+- Bundles with torch weights only; clean refusals where CUDA or weights are missing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pm_runtime import schedulers  # noqa: E402
+from pm_runtime.backends.base import DenoiseJob, denoise_on_host  # noqa: E402
+from pm_runtime.errors import UserError  # noqa: E402
+from pm_runtime.pipeline import Pipeline  # noqa: E402
+
+PROMPT = "a photo of <persona> as a knight"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def unet_graph(tiny_model):
+    from pm_runtime.modeling.graphs import graph_modules
+    from pm_runtime.modeling.loading import load_base_model
+
+    return graph_modules(load_base_model(tiny_model))["unet"]
+
+
+@pytest.mark.parametrize("n, h, w", [(2, 8, 8), (1, 16, 24), (3, 24, 8)])
+def test_fast_unet_matches_the_plain_unet(unet_graph, n, h, w):
+    from pm_runtime.modeling.fast_unet import FastUNet, unsupported
+
+    assert unsupported(unet_graph.unet) is None
+    g = torch.Generator().manual_seed(n * 100 + h)
+    x = torch.randn(n, 4, h, w, generator=g)
+    t = torch.tensor([999.0, 421.0, 0.0][:n])
+    c_k, c_v = torch.randn(2, n, 77, 32, generator=g)  # C_v != C_k: the split really matters
+    with torch.no_grad():
+        ref = unet_graph(x, t, c_k, c_v)
+        fast = FastUNet(unet_graph.unet)(x, t, c_k, c_v)
+        swapped = unet_graph(x, t, c_k, c_k)
+    err = float((fast - ref).abs().max())
+    assert err <= 1e-4 * float(ref.abs().max()), err
+    assert float((swapped - ref).abs().max()) > 100 * err  # the test can tell C_v from C_k
+
+
+def test_unsupported_unets_are_named(unet_graph):
+    from pm_runtime.modeling.fast_unet import FastUNet, unsupported
+
+    r = unet_graph.unet.down_blocks[0].resnets[0]
+    old = r.output_scale_factor
+    try:
+        r.output_scale_factor = 2.0
+        assert "ResNet" in unsupported(unet_graph.unet)
+        with pytest.raises(ValueError, match="does not support"):
+            FastUNet(unet_graph.unet)
+    finally:
+        r.output_scale_factor = old
+
+
+@pytest.mark.parametrize("name", schedulers.SCHEDULERS)
+def test_device_loop_matches_the_host_loop(unet_graph, name):
+    """StepGraph (eager here) against denoise_on_host with the same UNet, contexts and noise."""
+    from pm_runtime.backends.torch import TorchNetwork
+    from pm_runtime.modeling.step_graph import StepGraph
+    from pm_runtime.schedulers.linear import linear_steps
+    from pm_runtime.specs import UNET
+
+    config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+              "set_alpha_to_one": False, "clip_sample": False}
+    tables = schedulers.make_tables(name, config, 9)
+    rng = np.random.default_rng(3)
+    n, rows = 2, 4
+    latents = rng.standard_normal((n, 4, 8, 8)).astype(np.float32) * np.float32(tables.init_noise_sigma)
+    c_k = rng.standard_normal((rows, 77, 32)).astype(np.float32)
+    c_v = rng.standard_normal((rows, 77, 32)).astype(np.float32)
+    step_rows = np.array([1, 1, 2, 2, 2, 3, 3, 3, 3])
+    noise = rng.standard_normal((9, n, 4, 8, 8)).astype(np.float32)
+    net = TorchNetwork(unet_graph, ["sample", "timestep", "c_k", "c_v"], ["noise_pred"], "cpu", torch.float32)
+    seen = []
+    job = DenoiseJob(latents, c_k, c_v, step_rows, tables, 7.5, (lambda i: noise[i]), lambda i: None, seen.append)
+    host = denoise_on_host(net, job)
+    loop = StepGraph(unet_graph, n=n, latent_shape=(4, 8, 8), context_shape=(77, 32), rows=8, dtype=torch.float32,
+                     device="cpu")
+    with torch.inference_mode():
+        dev = loop.run(latents, c_k, c_v, step_rows, linear_steps(tables), 7.5, noise, lambda i: None, seen.append)
+    assert seen == list(range(9)) * 2
+    scale = max(1.0, float(np.abs(host).max()))
+    assert np.isfinite(dev).all() and float(np.abs(dev - host).max()) <= 2e-5 * scale
+    # the same StepGraph serves the next image with other tables (buffers reloaded, counter reset)
+    with torch.inference_mode():
+        again = loop.run(latents, c_k, c_v, step_rows, linear_steps(tables), 7.5, noise, lambda i: None,
+                         lambda i: None)
+    np.testing.assert_array_equal(again, dev)
+
+
+@pytest.fixture(scope="module")
+def fast_pipe(run_bundle):
+    return Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice")
+
+
+@pytest.fixture(scope="module")
+def ort_pipe_here(run_bundle):
+    return Pipeline.load(run_bundle, backend="onnxruntime", concept="alice")
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp-2m", "euler-a"])
+def test_backend_matches_onnxruntime(fast_pipe, ort_pipe_here, scheduler):
+    kw = dict(seed=233, steps=8, scheduler=scheduler, height=256, width=256, num_images=2)
+    ref = ort_pipe_here.generate(PROMPT, **kw)
+    fast = fast_pipe.generate(PROMPT, **kw)
+    assert fast.backend.startswith("torch-cuda") and "cpu float32 (eager)" in fast.backend
+    assert fast.uses_concept and fast.timings["unet_steps"] == 8
+    assert psnr(fast.images, ref.images) >= 40.0
+
+
+def test_switching_concepts_reloads_nothing(fast_pipe):
+    a = fast_pipe.generate(PROMPT, seed=1, steps=4, height=256, width=256)
+    loads = dict(fast_pipe.backend.loads)
+    fast_pipe.use_concept("alice-photo2")
+    try:
+        b = fast_pipe.generate(PROMPT, seed=1, steps=4, height=256, width=256)
+    finally:
+        fast_pipe.use_concept("alice")
+    assert dict(fast_pipe.backend.loads) == loads and not np.array_equal(a.images, b.images)
+
+
+def test_low_memory_mode_runs_and_frees(run_bundle, fast_pipe):
+    low = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", low_memory=True)
+    kw = dict(seed=5, steps=4, height=256, width=256)
+    a, b = low.generate(PROMPT, **kw), fast_pipe.generate(PROMPT, **kw)
+    assert low.backend.loads["unet"] == 1 and not low.backend._cache  # loaded for the stage, then freed
+    assert psnr(a.images, b.images) >= 30.0  # tiled VAE decode blends tile seams (no tiles at 256 px: equal)
+
+
+def test_torch_only_bundle(tiny_model, trained_concept, tmp_path):
+    from pm_export.build import ExportConfig, export_bundle
+    from pm_runtime.bundle import open_bundle
+
+    out = export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", target="torch"),
+                        log=lambda m: None)
+    b = open_bundle(out)
+    assert {c["format"] for c in b.components} == {"torch"}
+    assert sorted(p.name for p in (out / "torch").iterdir()) == [
+        "text_encoder.fp16.safetensors", "unet.fp16.safetensors", "vae_decoder.fp16.safetensors"]
+    with pytest.raises(UserError, match="no ONNX"):
+        Pipeline.load(out, backend="onnxruntime")
+    pipe = Pipeline.load(out, backend="torch-cuda", device="cpu")
+    assert pipe.generate(PROMPT, seed=2, steps=2, height=256, width=256).images.shape == (1, 256, 256, 3)
+    with pytest.raises(UserError, match="--target"):
+        export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "c", target="onnx,gguf"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+def test_without_cuda_auto_skips_and_explicit_request_explains(run_bundle):
+    pipe = Pipeline.load(run_bundle, backend="auto", log=(lines := []).append)
+    assert pipe.backend.name == "onnxruntime" and "torch-cuda: no CUDA device" in lines[0]
+    with pytest.raises(UserError, match="backend torch-cuda: no CUDA device"):
+        Pipeline.load(run_bundle, backend="torch-cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fast_path_matches_the_reference(run_bundle):
+    """fp16 + channels-last + Triton kernels + CUDA graph against the fp32 onnxruntime image."""
+    fast = Pipeline.load(run_bundle, backend="torch-cuda", device="cuda", concept="alice")
+    ref = Pipeline.load(run_bundle, backend="onnxruntime", concept="alice")
+    kw = dict(seed=233, steps=10, height=256, width=256)
+    a, b = fast.generate(PROMPT, **kw), ref.generate(PROMPT, **kw)
+    assert "CUDA graph" in a.backend
+    assert psnr(a.images, b.images) >= 30.0
