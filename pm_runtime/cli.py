@@ -1,4 +1,4 @@
-"""`pm-run`: images from a bundle on onnxruntime, TensorRT or PyTorch. No torch unless --backend torch."""
+"""`pm-run`: images from a bundle on onnxruntime, TensorRT or PyTorch. No torch unless a torch backend runs."""
 
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ bundle folder or a .onnx / .plan file inside it (then that format is preferred b
 
 \b
 --backend auto tries, in this order: tensorrt (the bundle has plans, TensorRT + cuda-python are
-installed, a GPU is visible), onnxruntime (the bundle has ONNX graphs and onnxruntime is
-installed), torch (--model given and PyTorch installed); it says what it picked and why.
+installed, a GPU is visible), torch-cuda (a CUDA GPU, PyTorch, and torch weights in the bundle:
+pm-export --target onnx,torch; the fused-kernel UNet, one CUDA graph per step), onnxruntime (the
+bundle has ONNX graphs and onnxruntime is installed), torch (--model given and PyTorch
+installed); it says what it picked and why.
 
 Initial latents come from the project's own noise generator: the same seed gives the same image
 on every backend (and, on one machine and backend, the same PNG bytes). PNGs carry their settings
@@ -180,12 +182,14 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
 @click.option("--height", default=512, show_default=True, type=int)
 @click.option("--width", default=512, show_default=True, type=int)
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]))
+              type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch-cuda", "torch"]))
 @click.option("--device", default=None,
-              help="onnxruntime: cpu, cuda[:N], dml[:N], coreml; tensorrt: cuda[:N]; torch: cpu, cuda[:N] "
-                   "[default: cpu; tensorrt: cuda:0].")
+              help="onnxruntime: cpu, cuda[:N], dml[:N], coreml; tensorrt: cuda[:N]; torch: cpu, cuda[:N]; "
+                   "torch-cuda: cuda[:N] (cpu runs its code eagerly, for testing) [default: cpu; tensorrt and "
+                   "torch-cuda: cuda].")
 @click.option("--model", default=None, type=click.Path(path_type=Path),
-              help="The base model folder (diffusers layout): needed by --backend torch.")
+              help="The base model folder (diffusers layout): needed by --backend torch (and by torch-cuda "
+                   "when the bundle has no torch weights).")
 @click.option("--out", default=Path("."), show_default=True, type=click.Path(path_type=Path),
               help="A .png file, or a folder (files numbered NNNNN-SEED.png).")
 @click.option("--late-stage", default=LATE_REUSE, show_default=True, type=click.Choice(list(LATE_POLICIES)),
@@ -197,7 +201,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
               help="Skip the bundle's safety checker (bundles from this pm-export have none yet).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout.")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads [default: its own].")
-@click.option("--low-memory", is_flag=True, help="Load each network only while it runs, then free it.")
+@click.option("--low-memory", is_flag=True,
+              help="Load each network only while it runs, then free it (torch-cuda: also a tiled VAE decode).")
 @click.option("--ort-cache", default=None, type=click.Path(path_type=Path),
               help="onnxruntime (CPU): keep optimised graphs in this folder; later runs load them in about a "
                    "fifth of the time (SD 1.5 UNet: ~1 s instead of ~5 s on 2 cores). Uses disk: one graph copy "

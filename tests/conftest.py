@@ -1,10 +1,25 @@
-"""Shared fixtures: one tiny random SD model and a few synthetic photos per test session."""
+"""Shared fixtures: one tiny random SD model and a few synthetic photos per test session.
+
+Without a CUDA GPU the Triton kernels (pm_kernels) run under Triton's CPU interpreter: the
+variable must be set before any @triton.jit function is defined, i.e. before pm_kernels is
+first imported, hence here. tests/test_kernels.py asserts that the Triton path really runs.
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
+
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # the torch-free runtime tests still run
+    pass
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+@pytest.fixture(autouse=True)
+def kernels_mode(request):
+    """On CPUs the Triton kernels run under the (slow) interpreter: whole-pipeline tests use the
+    kernels' PyTorch references; tests/test_kernels.py and the first FastUNet case run Triton."""
+    import pm_kernels
+
+    pm_kernels.set_enabled(torch.cuda.is_available() or "triton" in request.node.name)
+    yield
+    pm_kernels.set_enabled(True)
+
+
 @pytest.fixture(scope="module")
 def unet_graph(tiny_model):
     from pm_runtime.modeling.graphs import graph_modules
@@ -38,9 +49,13 @@ def unet_graph(tiny_model):
     return graph_modules(load_base_model(tiny_model))["unet"]
 
 
-@pytest.mark.parametrize("n, h, w", [(2, 8, 8), (1, 16, 24), (3, 24, 8)])
-def test_fast_unet_matches_the_plain_unet(unet_graph, n, h, w):
+@pytest.mark.parametrize("n, h, w, kernels", [(2, 8, 8, "triton"), (1, 16, 24, "reference"), (3, 24, 8, "reference")])
+def test_fast_unet_matches_the_plain_unet(unet_graph, n, h, w, kernels):
+    import pm_kernels
+
     from pm_runtime.modeling.fast_unet import FastUNet, unsupported
+
+    assert pm_kernels.kernel_path(torch.zeros(1)) == (kernels if not torch.cuda.is_available() else "reference")
 
     assert unsupported(unet_graph.unet) is None
     g = torch.Generator().manual_seed(n * 100 + h)

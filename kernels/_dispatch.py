@@ -1,0 +1,49 @@
+"""Where a kernel runs: its Triton version on CUDA tensors (or on CPU tensors under the Triton
+interpreter, TRITON_INTERPRET=1, which is how CI tests them), its PyTorch reference elsewhere.
+
+set_enabled(False), or PM_KERNELS=0 in the environment, forces the references everywhere. A
+kernel that CAN run but fails raises: the fallback is for "cannot run here", never for errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+_ENABLED = os.environ.get("PM_KERNELS", "1") != "0"
+
+
+def set_enabled(flag: bool) -> None:
+    global _ENABLED
+    _ENABLED = bool(flag)
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernel_path(tensor) -> str:
+    """"triton" or "reference" for a kernel called on `tensor`."""
+    if not (_ENABLED and triton_available()):
+        return "reference"
+    if tensor.is_cuda:
+        return "reference" if interpreting() else "triton"
+    return "triton" if interpreting() and tensor.device.type == "cpu" else "reference"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

@@ -1,0 +1,111 @@
+"""Attention read in place from the projections' layout: q (B, Nq, H*d), k and v (B, Nk, H*d)
+-> (B, Nq, H*d), softmax(q k^T * scale) v per head, no transposes or copies around it.
+
+The cross-attention of DESIGN §1 takes K from the key context and V from the value context:
+here they are simply two tensors. Its key axis is short (77 tokens), so one program holds a
+block of queries and ALL keys of its (batch, head) in registers: one pass, no running max
+bookkeeping across blocks beyond one tile (an online-softmax loop covers any Nk). Long key axes
+(self-attention, 4096 tokens at 512 px) go to PyTorch's flash attention on (B, H, N, d) views
+unless LONG_KEYS_TO_TRITON is set (benchmarks/bench_kernels.py measures both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import kernel_path, next_pow2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+SHORT_KEYS = 128  # Nk up to this: the Triton kernel; longer: SDPA (flash) on views
+LONG_KEYS_TO_TRITON = False
+
+
+def _heads_view(t, heads: int):
+    b, n, inner = t.shape
+    return t.view(b, n, heads, inner // heads).transpose(1, 2) if t.stride(-1) == 1 else \
+        t.contiguous().view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def attention_reference(q, k, v, heads: int, scale: float | None = None):
+    b, nq, inner = q.shape
+    qh, kh, vh = (_heads_view(t.float(), heads) for t in (q, k, v))
+    scale = (inner // heads) ** -0.5 if scale is None else scale
+    p = torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+    return (p @ vh).transpose(1, 2).reshape(b, nq, inner).to(q.dtype)
+
+
+def attention_sdpa(q, k, v, heads: int, scale: float | None = None):
+    b, nq, inner = q.shape
+    out = F.scaled_dot_product_attention(_heads_view(q, heads), _heads_view(k, heads), _heads_view(v, heads),
+                                         scale=scale)
+    return out.transpose(1, 2).reshape(b, nq, inner)
+
+
+if triton is not None:
+    @triton.jit
+    def _attn(q_ptr, k_ptr, v_ptr, o_ptr, NQ, NK, H, D, scale, sq_b, sq_n, sk_b, sk_n, sv_b, sv_n, so_b, so_n,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ds = tl.arange(0, BLOCK_D)
+        dmask = ds < D
+        q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_n + h * D + ds[None, :],
+                    mask=(rows[:, None] < NQ) & dmask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(0, NK, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            kmask = cols < NK
+            k = tl.load(k_ptr + b * sk_b + cols[:, None] * sk_n + h * D + ds[None, :],
+                        mask=kmask[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(v_ptr + b * sv_b + cols[:, None] * sv_n + h * D + ds[None, :],
+                        mask=kmask[:, None] & dmask[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(kmask[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * so_b + rows[:, None] * so_n + h * D + ds[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < NQ) & dmask[None, :])
+
+
+def attention(q, k, v, heads: int, scale: float | None = None):
+    """q (B, Nq, H*d), k, v (B, Nk, H*d), last axes contiguous (other strides free: slices of a
+    fused QKV projection are fine) -> (B, Nq, H*d) contiguous."""
+    b, nq, inner = q.shape
+    nk = k.shape[1]
+    if k.shape != (b, nk, inner) or v.shape != (b, nk, inner) or inner % heads:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {heads} heads")
+    d = inner // heads
+    scale = d ** -0.5 if scale is None else float(scale)
+    path = kernel_path(q)
+    if path == "reference" or (nk > SHORT_KEYS and not LONG_KEYS_TO_TRITON):
+        return attention_sdpa(q, k, v, heads, scale)  # PyTorch's own fused attention on views
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty((b, nq, inner), dtype=q.dtype, device=q.device)
+    block_d = max(16, next_pow2(d))
+    block_n = min(128 if block_d <= 128 else 64, max(16, next_pow2(nk)))
+    block_m = 64 if block_d <= 64 else 32
+    grid = (triton.cdiv(nq, block_m), b * heads)
+    _attn[grid](q, k, v, out, nq, nk, heads, d, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), out.stride(0), out.stride(1), BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
+    return out

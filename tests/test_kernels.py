@@ -1,0 +1,131 @@
+"""pm_kernels against their PyTorch references at odd shapes, in fp32 and fp16.
+
+Without a GPU the Triton kernels run under the interpreter (conftest sets TRITON_INTERPRET=1);
+every test asserts that the Triton path was taken, so a reference is never tested against
+itself. The `gpu` tests run the compiled kernels at SD 1.5's shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import importlib  # noqa: E402
+
+import pm_kernels as K  # noqa: E402
+
+KA = importlib.import_module("pm_kernels.attention")  # the module (pm_kernels.attention is the function)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all()
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    K.set_enabled(True)
+    yield
+    K.set_enabled(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("n, c, h, w, groups", [(2, 40, 5, 7, 8), (1, 60, 1, 1, 4), (3, 32, 8, 8, 8)])
+def test_group_norm_silu(n, c, h, w, groups, fmt, dtype):
+    g = torch.Generator().manual_seed(n + c + h)
+    x = (3 + torch.randn(n, c, h, w, generator=g)).to(DEVICE, dtype).contiguous(memory_format=fmt)  # mean >> 0
+    weight, bias = torch.randn(2, c, generator=g).to(DEVICE)
+    temb = torch.randn(n, c, generator=g).to(DEVICE, dtype)
+    assert K.kernel_path(x) == "triton"
+    for t in (None, temb):
+        for silu in (True, False):
+            out = K.group_norm_silu(x, weight, bias, groups, 1e-5, temb=t, silu=silu)
+            ref = K.group_norm_silu_reference(x, weight, bias, groups, 1e-5, temb=t, silu=silu)
+            assert out.shape == x.shape and out.dtype == dtype
+            assert out.is_contiguous(memory_format=fmt) or h * w == 1
+            assert rel_err(out, ref) <= TOL[dtype]
+
+
+def test_group_norm_reference_is_torch_group_norm():
+    x = torch.randn(2, 8, 3, 3)
+    w, b = torch.randn(8), torch.randn(8)
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2, w, b, 1e-6))
+    assert torch.allclose(K.group_norm_silu_reference(x, w, b, 2, 1e-6), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("feat", [37, 320])
+def test_geglu(feat, dtype):
+    h = torch.randn(3, 5, 2 * feat, generator=torch.Generator().manual_seed(feat)).to(DEVICE, dtype)
+    assert K.kernel_path(h) == "triton"
+    out = K.geglu(h)
+    assert out.shape == (3, 5, feat) and rel_err(out, K.geglu_reference(h)) <= TOL[dtype]
+
+
+def test_geglu_reference_is_diffusers_geglu():
+    from diffusers.models.activations import GEGLU
+
+    layer = GEGLU(8, 6)
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        assert torch.allclose(K.geglu_reference(layer.proj(x)), layer(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b, nq, nk, heads, d", [(2, 37, 77, 3, 40), (1, 20, 5, 1, 24), (2, 16, 200, 2, 8)])
+def test_attention_split_kv_in_place(b, nq, nk, heads, d, dtype, monkeypatch):
+    """q a slice of a fused QKV output, k and v from two different contexts (strided views)."""
+    monkeypatch.setattr(KA, "LONG_KEYS_TO_TRITON", True)  # nk 200 crosses key blocks: the online softmax
+    g = torch.Generator().manual_seed(nq + nk)
+    q = torch.randn(b, nq, 3 * heads * d, generator=g).to(DEVICE, dtype)[..., heads * d:2 * heads * d]
+    kv = torch.randn(b, nk, 2 * heads * d, generator=g).to(DEVICE, dtype)
+    k, v = kv[..., :heads * d], kv[..., heads * d:]
+    assert K.kernel_path(q) == "triton" and not q.is_contiguous()
+    out = K.attention(q, k, v, heads)
+    assert out.shape == (b, nq, heads * d) and out.is_contiguous()
+    assert rel_err(out, K.attention_reference(q, k, v, heads)) <= TOL[dtype]
+    assert rel_err(K.attention(q, k, v, heads, scale=0.3), K.attention_reference(q, k, v, heads, 0.3)) <= TOL[dtype]
+
+
+def test_fallbacks_and_bad_shapes():
+    x = torch.randn(1, 8, 2, 2)
+    K.set_enabled(False)
+    assert K.kernel_path(x) == "reference"
+    assert torch.equal(K.group_norm_silu(x, torch.ones(8), torch.zeros(8), 2, 1e-5),
+                       K.group_norm_silu_reference(x, torch.ones(8), torch.zeros(8), 2, 1e-5))
+    q = torch.randn(1, 4, 8)
+    assert torch.allclose(K.attention(q, q, q, 2), K.attention_reference(q, q, q, 2), atol=1e-5)
+    K.set_enabled(True)
+    with pytest.raises(ValueError, match="groups"):
+        K.group_norm_silu(x, torch.ones(8), torch.zeros(8), 3, 1e-5)
+    with pytest.raises(ValueError, match="odd"):
+        K.geglu(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="heads"):
+        K.attention(q, torch.randn(1, 3, 6), torch.randn(1, 3, 6), 2)
+
+
+SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8)]  # (channels, latent side) at 512 px, batch 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("c, side", SD15)
+def test_sd15_shapes_on_gpu(c, side):
+    g = torch.Generator(device="cuda").manual_seed(c)
+    x = torch.randn(2, c, side, side, device="cuda", generator=g).half().contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(2, c, device="cuda", generator=g)
+    t = torch.randn(2, c, device="cuda", generator=g).half()
+    assert rel_err(K.group_norm_silu(x, w, b, 32, 1e-5, temb=t),
+                   K.group_norm_silu_reference(x, w, b, 32, 1e-5, temb=t)) <= 1e-2
+    h = torch.randn(2, side * side, 8 * c, device="cuda", generator=g).half()
+    assert rel_err(K.geglu(h), K.geglu_reference(h)) <= 1e-2
+    q = torch.randn(2, side * side, c, device="cuda", generator=g).half()
+    k, v = torch.randn(2, 2, 77, c, device="cuda", generator=g).half()
+    assert rel_err(K.attention(q, k, v, 8), K.attention_reference(q, k, v, 8)) <= 1e-2
