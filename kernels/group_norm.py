@@ -41,7 +41,11 @@ def _format(x) -> torch.memory_format:
 
 
 if triton is not None:
-    @triton.jit
+    # Sizes are not specialised on (one compiled kernel serves every layer of a UNet); strides are
+    # (their divisibility by 16 lets Triton vectorise the channel-contiguous loads).
+    _SIZES = ["HW", "G", "CPG", "SPLIT", "CHUNK"]
+
+    @triton.jit(do_not_specialize=_SIZES)
     def _gn_stats(x_ptr, t_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, s_n, s_c, s_p, HAS_T: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         ng, sp = tl.program_id(0), tl.program_id(1)
@@ -66,7 +70,7 @@ if triton is not None:
         tl.store(part_ptr + (ng * SPLIT + sp) * 2, tl.sum(tl.sum(acc, 1), 0))
         tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(acc2, 1), 0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZES + ["eps"])
     def _gn_apply(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, eps, s_n, s_c, s_p,
                   o_n, o_c, o_p, HAS_T: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU fast-path check in one run (issue: fused kernels + one CUDA graph per step), < 8 min on an
+# H100/H200: the gpu-marked tests (kernels at SD 1.5 shapes, the torch-cuda backend on the tiny model),
+# the kernel benchmark, then bench_gpu.py (peers and ours on SD-1.5-shaped random weights, 512 px,
+# 50 steps; torch.compile last). Records land in OUT.
+#   bash benchmarks/gpu_check.sh OUTDIR COMMIT
+# On a machine without diffusers, put its wheels in .whl/ (they are installed to /tmp/site).
+set -u
+OUT=${1:?outdir}; export PM_COMMIT=${2:?commit}
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+mkdir -p /tmp/site "$OUT"
+if ! python3 -c "import diffusers" 2>/dev/null && [ -d .whl ]; then
+    pip install -q --no-deps --target /tmp/site .whl/*.whl
+fi
+# the installed names of export/ and kernels/ (pyproject's package-dir), without building a wheel here
+ln -sfn "$PWD/export" /tmp/site/pm_export; ln -sfn "$PWD/kernels" /tmp/site/pm_kernels
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+echo "== gpu tests"
+timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -8
+echo "== kernels"
+timeout 75 python3 benchmarks/bench_kernels.py --out "$OUT/kernels-gpu.jsonl" 2>&1 | grep -v -i warn
+echo "== pipeline: peers and torch-cuda"
+timeout 345 python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile 2>&1 \
+    | grep -v -i "warn" | tee "$OUT/bench_gpu.log"

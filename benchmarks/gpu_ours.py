@@ -1,0 +1,183 @@
+"""Our GPU backends for `pm-bench --gpu`: the torch-cuda fast path and its ablations, measured on a
+bundle with torch weights (pm-export --target torch) of the same SD-1.5-shaped random model the
+peers run. Not a test: nothing here asserts; every figure is a record.
+
+Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with guidance):
+  torch-cuda                 FastUNet (fused kernels, channels-last) + one CUDA graph per step
+  torch-cuda-no-kernels      the plain diffusers UNet (split K/V, SDPA) in the same step graph
+  torch-cuda-eager           FastUNet without the CUDA graph
+  torch-cuda-low-memory      one network on the GPU at a time, tiled VAE decode
+Per variant: UNet step p20/p50/p80 (CUDA events around single graph replays: the whole step,
+UNet + guidance + scheduler update), whole image p20/p50/p80 (text encoder + steps + VAE + to
+uint8, wall clock), load time, peak memory of the whole pipeline, and the PSNR of its image
+against the reference image (the torch backend, fp32, same bundle, seed and steps).
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "a photo of <persona> as a knight on a horse"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def pcts(values_ms) -> dict:
+    v = np.asarray(values_ms, np.float64)
+    return {f"p{q}": round(float(np.percentile(v, q)), 4) for q in (20, 50, 80)}
+
+
+def _reset(torch):
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(torch) -> dict:
+    return {"peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+
+
+def replay_ms(torch, loop, reps: int) -> dict:
+    """One graph replay = one whole denoising step; timed singly with CUDA events."""
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        loop.graph.replay() if loop.graph is not None else loop._step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    loop.step.zero_()  # the counter ran on: reset it (replays read coefficient rows >= steps otherwise)
+    return pcts(times)
+
+
+def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: int, size: int, reference=None,
+                    **options) -> dict:
+    import torch
+
+    from pm_runtime.pipeline import Pipeline
+
+    _reset(torch)
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(bundle, backend="torch-cuda", device="cuda", **options)
+    load_s = time.perf_counter() - t0
+    kw = dict(seed=233, steps=steps, height=size, width=size)
+    t0 = time.perf_counter()
+    first = pipe.generate(PROMPT, **kw)  # captures the step graph, compiles/loads kernels
+    first_image_s = time.perf_counter() - t0
+    walls, g = [], first
+    for _ in range(images):
+        t0 = time.perf_counter()
+        g = pipe.generate(PROMPT, **kw)
+        walls.append((time.perf_counter() - t0) * 1000)
+    rec = {"variant": name, "status": "ok", "backend": g.backend, "size": size, "steps": steps,
+           "load_s": round(load_s, 3), "first_image_s": round(first_image_s, 3),
+           **({"image_ms": pcts(walls)} if walls else {}),
+           "timings_last_image": {k: round(v, 4) for k, v in g.timings.items()}, **_peak(torch)}
+    loops = list(getattr(pipe.backend, "_loops", {}).values())
+    if loops and not options.get("low_memory"):
+        rec["unet_step_ms"] = replay_ms(torch, loops[0], reps)
+    if reference is not None:
+        rec["psnr_vs_reference_db"] = round(psnr(g.images, reference), 2)
+    rec["deterministic"] = bool(np.array_equal(first.images, g.images))
+    pipe.close()
+    del pipe
+    _reset(torch)
+    return rec
+
+
+def reference_image(bundle: Path, model: Path, *, steps: int, size: int, dtype: str = "float32"):
+    """(image, record): the reference backend (torch, the original modules, on the GPU); fp32 is the
+    PSNR reference, fp16 shows what fp16 alone costs on these random weights."""
+    import torch
+
+    from pm_runtime.pipeline import Pipeline
+
+    _reset(torch)
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(bundle, backend="torch", device="cuda", model=model, dtype=dtype)
+    g = pipe.generate(PROMPT, seed=233, steps=steps, height=size, width=size)
+    rec = {"variant": f"torch-reference-{'fp32' if dtype == 'float32' else 'fp16'}", "status": "ok", "backend": g.backend, "size": size, "steps": steps,
+           "image_s": round(time.perf_counter() - t0, 3),
+           "non_finite_check": "passed (the pipeline checks the text encoder, loop and VAE outputs)", **_peak(torch)}
+    pipe.close()
+    del pipe
+    _reset(torch)
+    return g.images, rec
+
+
+def warm_start_s(bundle: Path, steps: int, size: int) -> dict:
+    """Bundle load to first image in a NEW process with the kernel caches now warm (Triton's on-disk
+    cache; cuDNN re-benchmarks). Includes the interpreter and library imports."""
+    code = ("import time; t0 = time.perf_counter()\n"
+            "from pm_runtime.pipeline import Pipeline\n"
+            f"p = Pipeline.load({str(bundle)!r}, backend='torch-cuda', device='cuda')\n"
+            f"g = p.generate({PROMPT!r}, seed=233, steps={steps}, height={size}, width={size})\n"
+            "print('WALL', time.perf_counter() - t0)\n")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    wall = time.perf_counter() - t0
+    inner = [float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("WALL")]
+    return {"variant": "torch-cuda-warm-start", "status": "ok" if r.returncode == 0 else "error",
+            "process_wall_s": round(wall, 3), "import_load_first_image_s": round(inner[0], 3) if inner else None,
+            "steps": steps, "size": size, "error": r.stderr[-500:] if r.returncode else None}
+
+
+def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 30, images: int = 3,
+             size: int = 512, log=print) -> list[dict]:
+    """Every variant; a failing one is recorded as an error and the rest go on."""
+    out = []
+
+    def guarded(name, fn):
+        try:
+            rec = fn()
+        except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
+            rec = {"variant": name, "status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+        log(f"  {rec.get('variant', name)}: {rec.get('status')} "
+            + (f"step p50 {rec['unet_step_ms']['p50']:.2f} ms" if "unet_step_ms" in rec else "")
+            + (f" image p50 {rec['image_ms']['p50']:.0f} ms" if "image_ms" in rec else "")
+            + (f" peak {rec['peak_reserved_gib']:.2f} GiB" if "peak_reserved_gib" in rec else "")
+            + (f" PSNR {rec['psnr_vs_reference_db']} dB" if "psnr_vs_reference_db" in rec else "")
+            + (f" {rec.get('error')}" if rec.get("status") == "error" else ""))
+        out.append(rec)
+        return rec
+
+    ref = None
+    if model is not None:
+        holder = {}
+
+        def do_ref():
+            holder["img"], rec = reference_image(bundle, model, steps=steps, size=size)
+            return rec
+        guarded("torch-reference-fp32", do_ref)
+        ref = holder.get("img")
+
+        def do_ref16():
+            img, rec = reference_image(bundle, model, steps=steps, size=size, dtype="float16")
+            if ref is not None:
+                rec["psnr_vs_reference_db"] = round(psnr(img, ref), 2)
+            return rec
+        guarded("torch-reference-fp16", do_ref16)
+    common = dict(steps=steps, reps=reps, images=images, size=size, reference=ref)
+    guarded("torch-cuda", lambda: measure_variant("torch-cuda", bundle, **common))
+    guarded("torch-cuda-no-kernels", lambda: measure_variant("torch-cuda-no-kernels", bundle, kernels=False, **common))
+    guarded("torch-cuda-eager", lambda: measure_variant("torch-cuda-eager", bundle, cuda_graph=False,
+                                                        **{**common, "images": 1}))
+    guarded("torch-cuda-low-memory", lambda: measure_variant("torch-cuda-low-memory", bundle, low_memory=True,
+                                                             **{**common, "images": 1}))
+    guarded("torch-cuda-low-memory-1024", lambda: measure_variant(
+        "torch-cuda-low-memory-1024", bundle, low_memory=True, **{**common, "images": 0, "size": 1024,
+                                                                  "reference": None}))
+    guarded("torch-cuda-warm-start", lambda: warm_start_s(bundle, steps, size))
+    return out
