@@ -49,19 +49,20 @@ def _jsonable(config: dict) -> dict:
 
 
 def _empty_module(net: str, class_name: str, config: dict, device: torch.device) -> nn.Module:
+    """The module with its config. UNet and VAE are built on the meta device (no memory, no random
+    init) and take the loaded tensors as they are; the text encoder, which has computed buffers
+    (position ids), is built for real on the CPU (it is small)."""
     if CLASSES.get(net) != class_name:
         raise UserError(f"bundle component for {net} names class {class_name!r}; expected {CLASSES.get(net)!r}")
-    config = {k: v for k, v in config.items() if not k.startswith("_")} if net != TEXT_ENCODER else config
-    with torch.device(device):  # parameters are created where they will live (fast random init on a GPU)
-        if net == TEXT_ENCODER:
-            from transformers import CLIPTextConfig, CLIPTextModel
+    if net == TEXT_ENCODER:
+        from transformers import CLIPTextConfig, CLIPTextModel
 
-            cfg = CLIPTextConfig.from_dict(config)
-            return CLIPTextModel(cfg)
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        return CLIPTextModel(CLIPTextConfig.from_dict(config))
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        cls = UNet2DConditionModel if net == UNET else AutoencoderKL
-        return cls.from_config(config)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return (UNet2DConditionModel if net == UNET else AutoencoderKL).from_config(config)
 
 
 def load_graph_module(net: str, details: dict, path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -73,8 +74,10 @@ def load_graph_module(net: str, details: dict, path: Path, device: torch.device,
 
     with quiet_hf():
         module = _empty_module(net, details.get("class", "?"), details.get("config", {}), device)
-    state = load_file(str(path), device=str(device))
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    state = load_file(str(path), device=str(device))  # the shipped fp16 tensors, already where they will run
+    state = {k: v.to(dtype) for k, v in state.items()}
+    meta = next(module.parameters()).is_meta
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=meta)  # meta: take the tensors
     keep = KEEP_PREFIXES.get(net)
     missing = [k for k in missing if keep is None or k.startswith(keep)]
     if missing or unexpected:
@@ -83,6 +86,9 @@ def load_graph_module(net: str, details: dict, path: Path, device: torch.device,
         for name in ("encoder", "quant_conv"):
             if hasattr(module, name):
                 setattr(module, name, None)
+    still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise UserError(f"{path.name}: {len(still_meta)} tensors were not loaded (e.g. {still_meta[0]})")
     with quiet_hf():  # diffusers warns on any dtype cast through .to()
         module = module.to(device=device, dtype=dtype).requires_grad_(False).eval()
     if net == UNET:
