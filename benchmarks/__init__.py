@@ -1,0 +1,1 @@
+"""pm_bench: the benchmarks (installed from benchmarks/ as pm_bench; also runnable as scripts)."""
