@@ -1,20 +1,29 @@
 """pm_kernels: fused kernels for the GPU fast path (Triton), each with its PyTorch reference.
 
     group_norm_silu(x, weight, bias, num_groups, eps, *, temb=None, silu=True)   kernels/group_norm.py
+        silu(group_norm(x + temb[:, :, None, None])), x (N, C, H, W) in any memory format (read in
+        place; fast for channels-last), output in x's format; fp32 statistics, safe for mean >> std
     geglu(h)                                                                     kernels/geglu.py
-    attention(q, k, v, heads, scale=None)                                        kernels/attention.py
+        h (..., 2F) -> h[..., :F] * gelu(h[..., F:]) (exact erf GELU, as diffusers' GEGLU), one pass
+    attention(q, k, v, heads, scale=None, kv_index=None)                         kernels/attention.py
+        q (B, Nq, H*d), k, v (B, Nk, H*d) read in place (strided slices are fine; K and V may come
+        from different contexts) -> (B, Nq, H*d); kv_index (B,): k, v are (R, Nk, H*d) tables read
+        by row. Triton for Nk <= attention.SHORT_KEYS (cross-attention), PyTorch's SDPA on
+        (B, H, N, d) views for longer key axes (self-attention: flash attention is faster there)
 
-Each runs its Triton kernel on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, which
-is how the tests run them on machines without a GPU) and its PyTorch reference (`*_reference`,
-or PyTorch's SDPA for attention) where Triton cannot run. set_enabled(False) / PM_KERNELS=0
-forces the references; kernel_path(tensor) says which path a call takes. Benchmarks:
-benchmarks/bench_kernels.py (GB/s and TFLOP/s beside PyTorch's).
+Dispatch (kernels/_dispatch.py, one rule for all): the Triton kernel runs on CUDA tensors when
+Triton imports, and on CPU tensors under TRITON_INTERPRET=1 (how the tests run them without a
+GPU); elsewhere the PyTorch reference (`*_reference`; SDPA for attention) runs. set_enabled(False)
+or PM_KERNELS=0 forces the references; kernel_path(name, tensor) -> "triton" | "reference" says
+which path a call takes. A kernel that can run but fails raises: no silent fallback after an
+error. Tests: tests/test_kernels.py; benchmark: benchmarks/bench_kernels.py (GB/s and TFLOP/s
+beside PyTorch's).
 """
 
-from ._dispatch import enabled, kernel_path, set_enabled, triton_available
+from ._dispatch import KERNELS, enabled, kernel_path, set_enabled, triton_available
 from .attention import attention, attention_reference, attention_sdpa
 from .geglu import geglu, geglu_reference
 from .group_norm import group_norm_silu, group_norm_silu_reference
 
-__all__ = ["attention", "attention_reference", "attention_sdpa", "enabled", "geglu", "geglu_reference",
+__all__ = ["KERNELS", "attention", "attention_reference", "attention_sdpa", "enabled", "geglu", "geglu_reference",
            "group_norm_silu", "group_norm_silu_reference", "kernel_path", "set_enabled", "triton_available"]

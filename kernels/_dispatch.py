@@ -36,8 +36,17 @@ def triton_available() -> bool:
     return True
 
 
-def kernel_path(tensor) -> str:
-    """"triton" or "reference" for a kernel called on `tensor`."""
+KERNELS = ("group_norm_silu", "geglu", "attention")
+
+
+def kernel_path(name_or_tensor, tensor=None) -> str:
+    """"triton" or "reference": the path kernel `name` takes on `tensor`, kernel_path(name, tensor)
+    (kernel_path(tensor) also works: the rule is the same for every kernel). attention() also
+    hands long key axes to PyTorch's SDPA on the Triton path (attention.SHORT_KEYS)."""
+    if tensor is None:
+        tensor = name_or_tensor
+    elif name_or_tensor not in KERNELS:
+        raise ValueError(f"kernel_path: unknown kernel {name_or_tensor!r} (one of {', '.join(KERNELS)})")
     if not (_ENABLED and triton_available()):
         return "reference"
     if tensor.is_cuda:

@@ -32,7 +32,12 @@ def _heads_view(t, heads: int):
         t.contiguous().view(b, n, heads, inner // heads).transpose(1, 2)
 
 
-def attention_reference(q, k, v, heads: int, scale: float | None = None):
+def _gather(k, v, kv_index):
+    return (k, v) if kv_index is None else (k.index_select(0, kv_index), v.index_select(0, kv_index))
+
+
+def attention_reference(q, k, v, heads: int, scale: float | None = None, kv_index=None):
+    k, v = _gather(k, v, kv_index)
     b, nq, inner = q.shape
     qh, kh, vh = (_heads_view(t.float(), heads) for t in (q, k, v))
     scale = (inner // heads) ** -0.5 if scale is None else scale
@@ -40,7 +45,8 @@ def attention_reference(q, k, v, heads: int, scale: float | None = None):
     return (p @ vh).transpose(1, 2).reshape(b, nq, inner).to(q.dtype)
 
 
-def attention_sdpa(q, k, v, heads: int, scale: float | None = None):
+def attention_sdpa(q, k, v, heads: int, scale: float | None = None, kv_index=None):
+    k, v = _gather(k, v, kv_index)
     b, nq, inner = q.shape
     out = F.scaled_dot_product_attention(_heads_view(q, heads), _heads_view(k, heads), _heads_view(v, heads),
                                          scale=scale)
@@ -49,35 +55,39 @@ def attention_sdpa(q, k, v, heads: int, scale: float | None = None):
 
 if triton is not None:
     @triton.jit
-    def _attn(q_ptr, k_ptr, v_ptr, o_ptr, NQ, NK, H, D, scale, sq_b, sq_n, sk_b, sk_n, sv_b, sv_n, so_b, so_n,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    def _attn(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, NQ, NK, H, D, qk_scale, sq_b, sq_n, sk_b, sk_n, sv_b, sv_n,
+              so_b, so_n, HAS_IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr):
+        # grid (Nq / BLOCK_M, B * H): a block of queries of one (batch, head) against all its keys
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
+        kb = tl.load(idx_ptr + b) if HAS_IDX else b  # the K/V row: kv_index[b], or b itself
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ds = tl.arange(0, BLOCK_D)
+        ds = tl.arange(0, BLOCK_D)  # head dim padded to a power of 2 (40 -> 64, 80 -> 128, 160 -> 256)
         dmask = ds < D
         q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_n + h * D + ds[None, :],
-                    mask=(rows[:, None] < NQ) & dmask[None, :], other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
+                    mask=(rows[:, None] < NQ) & dmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        if F32_DOT:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(0, NK, BLOCK_N):
+        for n0 in range(0, NK, BLOCK_N):  # one iteration for cross-attention's 77 keys
             cols = n0 + tl.arange(0, BLOCK_N)
             kmask = cols < NK
-            k = tl.load(k_ptr + b * sk_b + cols[:, None] * sk_n + h * D + ds[None, :],
-                        mask=kmask[:, None] & dmask[None, :], other=0.0)
-            v = tl.load(v_ptr + b * sv_b + cols[:, None] * sv_n + h * D + ds[None, :],
-                        mask=kmask[:, None] & dmask[None, :], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            kv_mask = kmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + kb * sk_b + cols[:, None] * sk_n + h * D + ds[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kb * sv_b + cols[:, None] * sv_n + h * D + ds[None, :], mask=kv_mask, other=0.0)
+            if F32_DOT:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
             else:
                 s = tl.dot(q, tl.trans(k))
-            s = tl.where(kmask[None, :], s * scale, float("-inf"))
+            s = tl.where(kmask[None, :], s * qk_scale, float("-inf"))  # qk_scale = scale * log2(e)
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
+            if F32_DOT:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -87,25 +97,32 @@ if triton is not None:
                  mask=(rows[:, None] < NQ) & dmask[None, :])
 
 
-def attention(q, k, v, heads: int, scale: float | None = None):
+def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
     """q (B, Nq, H*d), k, v (B, Nk, H*d), last axes contiguous (other strides free: slices of a
-    fused QKV projection are fine) -> (B, Nq, H*d) contiguous."""
+    fused QKV projection are fine) -> (B, Nq, H*d) contiguous. With kv_index (B,) int, k and v are
+    tables (R, Nk, H*d) and query row b attends to table row kv_index[b] (read in place, no gather)."""
     b, nq, inner = q.shape
-    nk = k.shape[1]
-    if k.shape != (b, nk, inner) or v.shape != (b, nk, inner) or inner % heads:
+    rows, nk = k.shape[:2]
+    if kv_index is not None and tuple(kv_index.shape) != (b,):
+        raise ValueError(f"attention: kv_index {tuple(kv_index.shape)} for q {tuple(q.shape)}: one row per query batch")
+    if kv_index is None and rows != b or k.shape != (rows, nk, inner) or v.shape != k.shape or inner % heads \
+            or nk < 1:
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {heads} heads")
     d = inner // heads
     scale = d ** -0.5 if scale is None else float(scale)
-    path = kernel_path(q)
-    if path == "reference" or (nk > SHORT_KEYS and not LONG_KEYS_TO_TRITON):
-        return attention_sdpa(q, k, v, heads, scale)  # PyTorch's own fused attention on views
+    if kernel_path("attention", q) == "reference" or (nk > SHORT_KEYS and not LONG_KEYS_TO_TRITON):
+        return attention_sdpa(q, k, v, heads, scale, kv_index)  # PyTorch's own fused attention on views
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((b, nq, inner), dtype=q.dtype, device=q.device)
     block_d = max(16, next_pow2(d))
     block_n = min(128 if block_d <= 128 else 64, max(16, next_pow2(nk)))
     block_m = 64 if block_d <= 64 else 32
+    # fp32 inputs: exact fp32 products (no TF32). bf16 under the interpreter: its tl.dot multiplies
+    # bf16 bit patterns as integers (triton-lang/triton#11584), so upcast there.
+    f32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
     grid = (triton.cdiv(nq, block_m), b * heads)
-    _attn[grid](q, k, v, out, nq, nk, heads, d, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                v.stride(0), v.stride(1), out.stride(0), out.stride(1), BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
+    idx = kv_index.contiguous() if kv_index is not None else out  # a dummy pointer when absent
+    _attn[grid](q, k, v, out, idx, nq, nk, heads, d, scale * 1.4426950408889634, q.stride(0), q.stride(1),
+                k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+                HAS_IDX=kv_index is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, F32_DOT=f32_dot)
     return out

@@ -37,7 +37,7 @@ def geglu(h):
     """h (..., 2F) with a contiguous last axis -> (..., F), dtype of h, computed in fp32."""
     if h.shape[-1] % 2:
         raise ValueError(f"geglu: last axis {h.shape[-1]} is odd")
-    if kernel_path(h) == "reference":
+    if kernel_path("geglu", h) == "reference":
         return geglu_reference(h)
     feat = h.shape[-1] // 2
     h2 = h.reshape(-1, 2 * feat)  # a view when the leading axes are contiguous

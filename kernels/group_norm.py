@@ -1,14 +1,20 @@
-"""GroupNorm (+ the ResNet's time-embedding add) (+ SiLU) in two passes, any memory format.
+"""GroupNorm (+ the ResNet's time-embedding add) (+ SiLU) in three small passes, any memory format.
 
     y = silu(group_norm(x + temb[:, :, None, None]) * weight + bias)      x (N, C, H, W)
 
 PyTorch's GroupNorm on a channels-last tensor copies it to NCHW and back; this reads x in place
-through its strides (channels-last: channel stride 1, pixel stride C; NCHW: the reverse), with
-the pixels of each (sample, group) split over SPLIT programs for parallelism:
-  pass 1  grid (N*G, SPLIT): partial sum and sum of squares of its pixel range, fp32
-  pass 2  grid (N*G, SPLIT): combine the SPLIT partials -> mean, rstd; normalise its range,
-          affine, SiLU; write y in x's memory format
-Statistics in fp32 (sum/sumsq: fine for activations whose mean is not >> their spread).
+through its strides. Every pass works on [BLOCK_P pixels, BLOCK_C channels] tiles of ALL channels
+(not one group's few channels), so in channels-last (NHWC) each tile row is BLOCK_C contiguous
+channels: fully coalesced loads. Odd channels-per-group (C=320, 32 groups: 10) cost nothing here.
+  pass 1  _gn_partial  grid (N, SPLIT, C/BLOCK_C): per-channel sums of (x - x[pixel 0]) and of
+          its square over a range of pixels -> part (N, SPLIT, 2, C) fp32
+  pass 2  _gn_finalize grid (N*G,): combine a group's partials -> mean, rstd; fold weight, bias
+          and temb into one per-(n, c) affine: y = x * scale + shift -> ss (N, 2, C) fp32
+  pass 3  _gn_apply    grid (N, HW/BLOCK_P, C/BLOCK_C): y = silu(x * scale + shift), x's format
+Statistics in fp32, numerically safe for activations whose mean is >> their spread: sums are
+taken about a per-channel pivot (the channel's first pixel, close to its mean) and channels are
+combined Chan-style (M2_group = sum M2_c + HW * sum (mean_c - mean_group)^2). temb shifts every
+pixel of a channel equally, so it cancels from the pivoted sums: only pass 2 reads it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ except ImportError:  # the reference still works
 
 
 def group_norm_silu_reference(x, weight, bias, num_groups: int, eps: float, *, temb=None, silu: bool = True):
-    y = x.float()
+    y = x.float().contiguous()  # NCHW: PyTorch's CPU channels-last GroupNorm loses digits when mean >> std
     if temb is not None:
         y = y + temb.float()[:, :, None, None]
     y = F.group_norm(y, num_groups, weight.float(), bias.float(), eps)
@@ -42,77 +48,91 @@ def _format(x) -> torch.memory_format:
 
 if triton is not None:
     # Sizes are not specialised on (one compiled kernel serves every layer of a UNet); strides are
-    # (their divisibility by 16 lets Triton vectorise the channel-contiguous loads).
-    _SIZES = ["HW", "G", "CPG", "SPLIT", "CHUNK"]
-
-    @triton.jit(do_not_specialize=_SIZES)
-    def _gn_stats(x_ptr, t_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, s_n, s_c, s_p, HAS_T: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        ng, sp = tl.program_id(0), tl.program_id(1)
-        n, g = ng // G, ng % G
-        cs = tl.arange(0, BLOCK_C)
-        cmask = cs < CPG
-        chan = g * CPG + cs  # (BLOCK_C,)
-        base = x_ptr + n * s_n + chan[None, :] * s_c
-        if HAS_T:
-            tv = tl.load(t_ptr + n * G * CPG + chan, mask=cmask, other=0.0).to(tl.float32)
+    # (a unit stride tells Triton which tile axis is contiguous; divisibility by 16 lets it vectorise).
+    @triton.jit(do_not_specialize=["C", "HW", "SPLIT", "CHUNK"])
+    def _gn_partial(x_ptr, part_ptr, C, HW, SPLIT, CHUNK, s_n, s_c, s_p,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        n, sp, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
+        cmask = cs < C
+        base = x_ptr + n * s_n + cs[None, :] * s_c
+        pivot = tl.load(base, mask=cmask[None, :], other=0.0).to(tl.float32)  # (1, BLOCK_C) pixel 0
         acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         start = sp * CHUNK
+        end = tl.minimum(start + CHUNK, HW)
         for p0 in range(start, start + CHUNK, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)
-            m = (ps[:, None] < tl.minimum(start + CHUNK, HW)) & cmask[None, :]
+            ps = p0 + tl.arange(0, BLOCK_P)  # (BLOCK_P,) pixels
+            m = (ps[:, None] < end) & cmask[None, :]
             v = tl.load(base + ps[:, None] * s_p, mask=m, other=0.0).to(tl.float32)
-            if HAS_T:
-                v = tl.where(m, v + tv[None, :], 0.0)
-            acc += v
-            acc2 += v * v
-        tl.store(part_ptr + (ng * SPLIT + sp) * 2, tl.sum(tl.sum(acc, 1), 0))
-        tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(acc2, 1), 0))
+            d = tl.where(m, v - pivot, 0.0)
+            acc += d
+            acc2 += d * d
+        out = part_ptr + (n * SPLIT + sp) * 2 * C + cs  # part (N, SPLIT, 2, C)
+        tl.store(out, tl.sum(acc, 0), mask=cmask)
+        tl.store(out + C, tl.sum(acc2, 0), mask=cmask)
 
-    @triton.jit(do_not_specialize=_SIZES + ["eps"])
-    def _gn_apply(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, eps, s_n, s_c, s_p,
-                  o_n, o_c, o_p, HAS_T: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        ng, sp = tl.program_id(0), tl.program_id(1)
+    @triton.jit(do_not_specialize=["C", "HW", "G", "CPG", "SPLIT", "eps"])
+    def _gn_finalize(x_ptr, t_ptr, w_ptr, b_ptr, part_ptr, ss_ptr, C, HW, G, CPG, SPLIT, eps, s_n, s_c,
+                     HAS_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+        ng = tl.program_id(0)
         n, g = ng // G, ng % G
+        js = tl.arange(0, BLOCK_G)
+        jmask = js < CPG
+        cs = g * CPG + js  # (BLOCK_G,) the group's channels
         ss = tl.arange(0, BLOCK_S)
-        smask = ss < SPLIT
-        s1 = tl.sum(tl.load(part_ptr + (ng * SPLIT + ss) * 2, mask=smask, other=0.0), 0)
-        s2 = tl.sum(tl.load(part_ptr + (ng * SPLIT + ss) * 2 + 1, mask=smask, other=0.0), 0)
-        count = (HW * CPG).to(tl.float32)
-        mean = s1 / count
-        var = tl.maximum(s2 / count - mean * mean, 0.0)
+        pm = (ss[:, None] < SPLIT) & jmask[None, :]
+        p = part_ptr + (n * SPLIT + ss[:, None]) * 2 * C + cs[None, :]  # (BLOCK_S, BLOCK_G)
+        s1 = tl.sum(tl.load(p, mask=pm, other=0.0), 0)  # (BLOCK_G,) sum (x - pivot)
+        s2 = tl.sum(tl.load(p + C, mask=pm, other=0.0), 0)  # sum (x - pivot)^2
+        hw = HW.to(tl.float32)
+        pivot = tl.load(x_ptr + n * s_n + cs * s_c, mask=jmask, other=0.0).to(tl.float32)
+        if HAS_T:
+            tv = tl.load(t_ptr + n * C + cs, mask=jmask, other=0.0).to(tl.float32)
+            pivot += tv
+        mean_c = pivot + s1 / hw
+        m2_c = tl.maximum(s2 - s1 * (s1 / hw), 0.0)
+        mean = tl.sum(tl.where(jmask, mean_c, 0.0), 0) / CPG.to(tl.float32)
+        dev = tl.where(jmask, mean_c - mean, 0.0)
+        var = (tl.sum(tl.where(jmask, m2_c, 0.0), 0) + hw * tl.sum(dev * dev, 0)) / (hw * CPG.to(tl.float32))
         rstd = 1.0 / tl.sqrt(var + eps)
-        cs = tl.arange(0, BLOCK_C)
-        cmask = cs < CPG
-        chan = g * CPG + cs
-        w = tl.load(w_ptr + chan, mask=cmask, other=1.0).to(tl.float32)
-        b = tl.load(b_ptr + chan, mask=cmask, other=0.0).to(tl.float32)
-        scale = w * rstd  # y = v * scale + shift
+        w = tl.load(w_ptr + cs, mask=jmask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cs, mask=jmask, other=0.0).to(tl.float32)
+        scale = w * rstd
         shift = b - mean * scale
         if HAS_T:
-            tv = tl.load(t_ptr + n * G * CPG + chan, mask=cmask, other=0.0).to(tl.float32)
-        start = sp * CHUNK
-        for p0 in range(start, start + CHUNK, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)
-            m = (ps[:, None] < tl.minimum(start + CHUNK, HW)) & cmask[None, :]
-            v = tl.load(x_ptr + n * s_n + chan[None, :] * s_c + ps[:, None] * s_p, mask=m, other=0.0).to(tl.float32)
-            if HAS_T:
-                v = v + tv[None, :]
-            y = v * scale[None, :] + shift[None, :]
-            if SILU:
-                y = y / (1.0 + tl.exp(-y))
-            tl.store(y_ptr + n * o_n + chan[None, :] * o_c + ps[:, None] * o_p,
-                     y.to(y_ptr.dtype.element_ty), mask=m)
+            shift += tv * scale  # (x + t - mean) * scale + b
+        tl.store(ss_ptr + n * 2 * C + cs, scale, mask=jmask)  # ss (N, 2, C)
+        tl.store(ss_ptr + n * 2 * C + C + cs, shift, mask=jmask)
+
+    @triton.jit(do_not_specialize=["C", "HW"])
+    def _gn_apply(x_ptr, ss_ptr, y_ptr, C, HW, s_n, s_c, s_p, o_n, o_c, o_p, SILU: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        n, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        ps = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        m = (ps[:, None] < HW) & cmask[None, :]
+        scale = tl.load(ss_ptr + n * 2 * C + cs, mask=cmask, other=0.0)
+        shift = tl.load(ss_ptr + n * 2 * C + C + cs, mask=cmask, other=0.0)
+        v = tl.load(x_ptr + n * s_n + cs[None, :] * s_c + ps[:, None] * s_p, mask=m, other=0.0).to(tl.float32)
+        y = v * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(y_ptr + n * o_n + cs[None, :] * o_c + ps[:, None] * o_p, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _plan(n_groups: int, hw: int, cpg: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_P, SPLIT): a tile of ~2K elements; enough programs to fill a big GPU."""
-    block_c = max(2, next_pow2(cpg))
-    block_p = max(1, min(next_pow2(hw), 2048 // block_c))
-    split = max(1, min(64, -(-512 // max(n_groups, 1)), -(-hw // block_p)))
-    return block_c, block_p, split
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tile(hw: int, c: int, channels_last: bool, elems: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of about `elems` elements, longest along the contiguous axis."""
+    if channels_last:
+        block_c = min(128, max(16, next_pow2(c)))
+        return max(1, min(next_pow2(hw), elems // block_c)), block_c
+    block_p = min(256, max(16, next_pow2(hw)))
+    return block_p, max(1, min(next_pow2(c), elems // block_p))
 
 
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, silu: bool = True):
@@ -120,27 +140,36 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     format. x (N, C, H, W); temb None or (N, C); silu=False: the plain GroupNorm."""
     if x.dim() != 4 or x.shape[1] % num_groups:
         raise ValueError(f"group_norm_silu: x {tuple(x.shape)} with {num_groups} groups")
-    if kernel_path(x) == "reference":
+    if kernel_path("group_norm_silu", x) == "reference":
         return group_norm_silu_reference(x, weight, bias, num_groups, eps, temb=temb, silu=silu)
     n, c, h, w = x.shape
     fmt = _format(x)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
-        fmt = torch.contiguous_format
+        x, fmt = x.contiguous(), torch.contiguous_format
     y = torch.empty_like(x, memory_format=fmt)
     hw, cpg = h * w, c // num_groups
-    block_c, block_p, split = _plan(n * num_groups, hw, cpg)
-    chunk = -(-hw // split)
-    chunk = -(-chunk // block_p) * block_p  # whole tiles per program
-    split = -(-hw // chunk)
-    part = torch.empty((n * num_groups, split, 2), dtype=torch.float32, device=x.device)
-    t = temb.contiguous() if temb is not None else x  # (N, C); a dummy pointer when absent
     s_n, s_c, s_p = x.stride(0), x.stride(1), x.stride(3)  # pixel p = h*W + w: stride(2) == W*stride(3)
     o_n, o_c, o_p = y.stride(0), y.stride(1), y.stride(3)
-    grid = (n * num_groups, split)
-    _gn_stats[grid](x, t, part, hw, num_groups, cpg, split, chunk, s_n, s_c, s_p, HAS_T=temb is not None,
-                    BLOCK_P=block_p, BLOCK_C=block_c)
-    _gn_apply[grid](x, t, weight, bias, y, part, hw, num_groups, cpg, split, chunk, float(eps), s_n, s_c, s_p,
-                    o_n, o_c, o_p, HAS_T=temb is not None, SILU=bool(silu), BLOCK_P=block_p, BLOCK_C=block_c,
-                    BLOCK_S=max(2, next_pow2(split)))
+    nhwc = s_c == 1 and c > 1
+
+    # pass 1: enough programs (~512) to fill a big GPU, each looping over whole tiles of its pixel range
+    block_p, block_c = _tile(hw, c, nhwc, 2048)
+    c_blocks = _ceil(c, block_c)
+    split = max(1, min(64, _ceil(512, n * c_blocks), _ceil(hw, block_p)))
+    chunk = _ceil(_ceil(hw, split), block_p) * block_p  # ceil(hw / split), rounded up to whole tiles
+    split = _ceil(hw, chunk)
+    part = torch.empty((n, split, 2, c), dtype=torch.float32, device=x.device)
+    _gn_partial[(n, split, c_blocks)](x, part, c, hw, split, chunk, s_n, s_c, s_p, BLOCK_P=block_p, BLOCK_C=block_c)
+
+    # pass 2: one program per (sample, group)
+    ss = torch.empty((n, 2, c), dtype=torch.float32, device=x.device)
+    t = temb.contiguous() if temb is not None else x  # (N, C); a dummy pointer when absent
+    _gn_finalize[(n * num_groups,)](x, t, weight, bias, part, ss, c, hw, num_groups, cpg, split, float(eps), s_n,
+                                    s_c, HAS_T=temb is not None, BLOCK_S=max(2, next_pow2(split)),
+                                    BLOCK_G=max(2, next_pow2(cpg)))
+
+    # pass 3: one tile per program
+    block_p, block_c = _tile(hw, c, nhwc, 4096)
+    _gn_apply[(n, _ceil(hw, block_p), _ceil(c, block_c))](x, ss, y, c, hw, s_n, s_c, s_p, o_n, o_c, o_p,
+                                                         SILU=bool(silu), BLOCK_P=block_p, BLOCK_C=block_c)
     return y
