@@ -170,6 +170,23 @@ class _Launch:
         return self.fn
 
 
+def test_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/bench_kernels.py's own code path: on the CPU its --device cpu dry run (interpreter,
+    tiny shapes), on a GPU a short real run of a few ops; records well-formed, no case failing."""
+    bench = importlib.import_module("pm_bench.bench_kernels")
+    out = tmp_path / "k.jsonl"
+    ops = "group_norm_temb_silu,cross_attention_77,self_attention,gemm_fp8_e4m3"
+    assert bench.main(["--device", DEVICE, "--reps", "2", "--only", ops, "--out", str(out)]) == 0
+    import json
+
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["op"] for r in recs} >= set(ops.split(",")) - {"gemm_fp8_e4m3"}
+    for r in recs:
+        assert r["schema"] == "pm-bench-kernels/1" and r["status"] == "ok", r.get("error")
+        assert r["finite"] and r["max_rel_err"] < (0.1 if r["op"].startswith("gemm_fp8") else 1e-2)
+        assert set(r["ours_ms"]) == {"p20", "p50", "p80"} and r["ref_ms"] and r["commit"] and r["triton"]
+
+
 SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 32), (2560, 8)]  # (channels, latent side), 512 px
 
 
