@@ -2,11 +2,11 @@
 -> (B, Nq, H*d), softmax(q k^T * scale) v per head, no transposes or copies around it.
 
 The cross-attention of DESIGN §1 takes K from the key context and V from the value context:
-here they are simply two tensors. Its key axis is short (77 tokens), so one program holds a
-block of queries and ALL keys of its (batch, head) in registers: one pass, no running max
-bookkeeping across blocks beyond one tile (an online-softmax loop covers any Nk). Long key axes
-(self-attention, 4096 tokens at 512 px) go to PyTorch's flash attention on (B, H, N, d) views
-unless LONG_KEYS_TO_TRITON is set (benchmarks/bench_kernels.py measures both).
+here they are simply two tensors. Its key axis is short (77 tokens): one program holds a block
+of queries of one (batch, head) and loops over two key blocks of 64 with an online softmax (the
+same loop covers any Nk). Long key axes (self-attention, 4096 tokens at 512 px) go to PyTorch's
+flash attention on (B, H, N, d) views, and so do head dims <= 64 (measured, below), unless
+ALWAYS_TRITON is set (tests and benchmarks/bench_kernels.py use it to run the kernel everywhere).
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ except ImportError:
     triton = None
 
 SHORT_KEYS = 128  # Nk up to this: the Triton kernel; longer: SDPA (flash) on views
-LONG_KEYS_TO_TRITON = False
+ALWAYS_TRITON = False
+# Head dims up to this go to SDPA even with short key axes. Measured in CUDA graphs on an H200
+# (bench_kernels.py graph timings + a sweep of BLOCK_M/BLOCK_N/warps), Nk 77, batch 2, 8 heads, fp16:
+#   d 40, Nq 4096: best Triton config 19.8 us, SDPA 13.7 us  -> SDPA
+#   d 80, Nq 1024: Triton 6.6 us, SDPA 8.4 us; d 160, Nq 256 / 64: 6.9 / 6.9 us vs 9.0 / 8.4 us -> Triton
+SDPA_MAX_HEAD_DIM = 64
 
 
 def _heads_view(t, heads: int):
@@ -110,13 +115,14 @@ def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {heads} heads")
     d = inner // heads
     scale = d ** -0.5 if scale is None else float(scale)
-    if kernel_path("attention", q) == "reference" or (nk > SHORT_KEYS and not LONG_KEYS_TO_TRITON):
+    sdpa_wins = nk > SHORT_KEYS or d <= SDPA_MAX_HEAD_DIM
+    if kernel_path("attention", q) == "reference" or (sdpa_wins and not ALWAYS_TRITON):
         return attention_sdpa(q, k, v, heads, scale, kv_index)  # PyTorch's own fused attention on views
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((b, nq, inner), dtype=q.dtype, device=q.device)
     block_d = max(16, next_pow2(d))
-    block_n = min(128 if block_d <= 128 else 64, max(16, next_pow2(nk)))
-    block_m = 64 if block_d <= 64 else 32
+    block_n = min(64, max(16, next_pow2(nk)))  # 77 keys: two blocks of 64 beat one of 128 (H200 sweep)
+    block_m = 128 if block_d <= 64 else 64 if block_d <= 128 else 32
     # fp32 inputs: exact fp32 products (no TF32). bf16 under the interpreter: its tl.dot multiplies
     # bf16 bit patterns as integers (triton-lang/triton#11584), so upcast there.
     f32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)

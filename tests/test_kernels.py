@@ -99,7 +99,7 @@ def test_geglu_reference_is_diffusers_geglu():
 @pytest.mark.parametrize("b, nq, nk, heads, d", [(2, 37, 77, 3, 40), (1, 20, 5, 1, 24), (2, 16, 200, 2, 8)])
 def test_attention_split_kv_in_place(b, nq, nk, heads, d, dtype, monkeypatch):
     """q a slice of a fused QKV output, k and v from two different contexts (strided views)."""
-    monkeypatch.setattr(KA, "LONG_KEYS_TO_TRITON", True)  # nk 200 crosses key blocks: the online softmax
+    monkeypatch.setattr(KA, "ALWAYS_TRITON", True)  # d <= 64 and nk 200 (online softmax) too
     g = torch.Generator().manual_seed(nq + nk)
     q = torch.randn(b, nq, 3 * heads * d, generator=g).to(DEVICE, dtype)[..., heads * d:2 * heads * d]
     kv = torch.randn(b, nk, 2 * heads * d, generator=g).to(DEVICE, dtype)
@@ -112,17 +112,28 @@ def test_attention_split_kv_in_place(b, nq, nk, heads, d, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_attention_reads_kv_tables_by_row(dtype):
+def test_attention_reads_kv_tables_by_row(dtype, monkeypatch):
     """kv_index: query row b attends to table row kv_index[b] (the torch-cuda K/V tables)."""
     g = torch.Generator().manual_seed(7)
     q = torch.randn(4, 19, 48, generator=g).to(DEVICE, dtype)
     k, v = torch.randn(2, 5, 77, 48, generator=g).to(DEVICE, dtype)  # 5 table rows
     idx = torch.tensor([0, 0, 3, 4], device=DEVICE)
+    monkeypatch.setattr(KA, "ALWAYS_TRITON", True)  # d 24 would go to SDPA
     out = K.attention(q, k, v, 2, kv_index=idx)
     ref = K.attention_reference(q, k[idx], v[idx], 2)
     assert K.kernel_path(q) == "triton" and rel_err(out, ref) <= TOL[dtype]
     with pytest.raises(ValueError, match="kv_index"):
         K.attention(q, k, v, 2, kv_index=idx[:2])
+
+
+def test_attention_routes_small_head_dims_and_long_keys_to_sdpa(monkeypatch):
+    """attention() picks SDPA where it measured faster (d <= 64, Nk > SHORT_KEYS), Triton elsewhere."""
+    monkeypatch.setattr(KA, "attention_sdpa", lambda *a, **kw: "sdpa")
+    for nq, nk, heads, d, want in [(4, 77, 2, 24, "sdpa"), (4, 200, 1, 80, "sdpa"), (4, 77, 1, 80, "triton")]:
+        q = torch.randn(1, nq, heads * d, device=DEVICE)
+        k = torch.randn(1, nk, heads * d, device=DEVICE)
+        out = K.attention(q, k, k, heads)
+        assert (out == "sdpa") == (want == "sdpa"), (nq, nk, d)
 
 
 def test_fallbacks_and_bad_shapes():
@@ -193,7 +204,7 @@ SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 32), (2560, 8)]  # (c
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("c, side", SD15)
-def test_sd15_shapes_on_gpu(c, side):
+def test_sd15_shapes_on_gpu(c, side, monkeypatch):
     """Compiled kernels at SD 1.5's shapes (batch 2, fp16): GroupNorm in both layouts, GEGLU at the
     feed-forward width, cross-attention with 77 keys at the attention widths (d = 40, 80, 160)."""
     g = torch.Generator(device="cuda").manual_seed(c)
@@ -212,4 +223,5 @@ def test_sd15_shapes_on_gpu(c, side):
         return
     q = torch.randn(2, side * side, c, device="cuda", generator=g).half()
     k, v = torch.randn(2, 2, 77, c, device="cuda", generator=g).half()
+    monkeypatch.setattr(KA, "ALWAYS_TRITON", True)  # d 40 would go to SDPA
     assert rel_err(K.attention(q, k, v, 8), K.attention_reference(q, k, v, 8)) <= 1e-2
