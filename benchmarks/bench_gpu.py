@@ -200,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile(mode='reduce-overhead') (~1 min)")
     ap.add_argument("--only", choices=["all", "peers", "ours"], default="all")
+    ap.add_argument("--ours", nargs="+", choices=gpu_ours.ALL, default=list(gpu_ours.ALL),
+                    help="which of our variants to run (benchmarks/gpu_ours.py)")
     args = ap.parse_args(argv)
     import torch
 
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
     if args.only in ("all", "ours"):
         log("ours (torch-cuda):")
         save(gpu_ours.run_ours(bundle, model, steps=args.steps, reps=args.reps, images=args.images, size=SIZE,
-                               log=log))
+                               log=log, variants=args.ours))
     if args.compile and args.only in ("all", "peers"):
         log("torch.compile (reduce-overhead):")
         save(peers(model, steps=args.steps, reps=args.reps, images=args.images, which=("compile",)))

@@ -3,7 +3,10 @@ bundle with torch weights (pm-export --target torch) of the same SD-1.5-shaped r
 peers run. Not a test: nothing here asserts; every figure is a record.
 
 Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with guidance):
-  torch-cuda                 FastUNet (fused kernels, channels-last) + one CUDA graph per step
+  torch-cuda                 FastUNet (fused kernels, channels-last, per-image cross-attention K/V
+                             tables) + one CUDA graph per step
+  torch-cuda-no-kv-tables    the same with K = to_k(C_k), V = to_v(C_v) computed inside every step
+  torch-cuda-cudnn-attention the same with PyTorch's cuDNN attention preferred for self-attention
   torch-cuda-no-kernels      the plain diffusers UNet (split K/V, SDPA) in the same step graph
   torch-cuda-eager           FastUNet without the CUDA graph
   torch-cuda-low-memory      one network on the GPU at a time, tiled VAE decode
@@ -134,9 +137,38 @@ def warm_start_s(bundle: Path, steps: int, size: int) -> dict:
             "steps": steps, "size": size, "error": r.stderr[-500:] if r.returncode else None}
 
 
+def profile_step(bundle: Path, size: int, log=print) -> dict:
+    """Where one eager FastUNet step's GPU time goes (torch.profiler, kernels grouped by name)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pm_runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, backend="torch-cuda", device="cuda", cuda_graph=False)
+    kw = dict(seed=233, steps=2, height=size, width=size)
+    pipe.generate(PROMPT, **kw)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pipe.generate(PROMPT, **kw)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / 1000, e.count, e.key[:90]))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    for t, c, k in rows[:25]:
+        log(f"    {t:8.2f} ms {100 * t / total:5.1f}% x{c:<5} {k}")
+    pipe.close()
+    return {"variant": "profile-eager-2-steps", "status": "ok", "gpu_ms_total": round(total, 3),
+            "top": [{"ms": round(t, 3), "calls": c, "kernel": k} for t, c, k in rows[:40]]}
+
+
+ALL = ("reference", "torch-cuda", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention", "torch-cuda-no-kernels",
+       "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024", "torch-cuda-warm-start", "profile")
+
+
 def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 30, images: int = 3,
-             size: int = 512, log=print) -> list[dict]:
-    """Every variant; a failing one is recorded as an error and the rest go on."""
+             size: int = 512, log=print, variants=ALL) -> list[dict]:
+    """The chosen variants; a failing one is recorded as an error and the rest go on."""
     out = []
 
     def guarded(name, fn):
@@ -154,7 +186,7 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         return rec
 
     ref = None
-    if model is not None:
+    if model is not None and "reference" in variants:
         holder = {}
 
         def do_ref():
@@ -170,14 +202,21 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             return rec
         guarded("torch-reference-fp16", do_ref16)
     common = dict(steps=steps, reps=reps, images=images, size=size, reference=ref)
-    guarded("torch-cuda", lambda: measure_variant("torch-cuda", bundle, **common))
-    guarded("torch-cuda-no-kernels", lambda: measure_variant("torch-cuda-no-kernels", bundle, kernels=False, **common))
-    guarded("torch-cuda-eager", lambda: measure_variant("torch-cuda-eager", bundle, cuda_graph=False,
-                                                        **{**common, "images": 1}))
-    guarded("torch-cuda-low-memory", lambda: measure_variant("torch-cuda-low-memory", bundle, low_memory=True,
-                                                             **{**common, "images": 1}))
-    guarded("torch-cuda-low-memory-1024", lambda: measure_variant(
-        "torch-cuda-low-memory-1024", bundle, low_memory=True, **{**common, "images": 0, "size": 1024,
-                                                                  "reference": None}))
-    guarded("torch-cuda-warm-start", lambda: warm_start_s(bundle, steps, size))
+    one = {**common, "images": 1}
+    todo = {
+        "torch-cuda": lambda: measure_variant("torch-cuda", bundle, **common),
+        "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),
+        "torch-cuda-cudnn-attention": lambda: measure_variant("torch-cuda-cudnn-attention", bundle, sdpa="cudnn", **one),
+        "torch-cuda-no-kernels": lambda: measure_variant("torch-cuda-no-kernels", bundle, kernels=False, **common),
+        "torch-cuda-eager": lambda: measure_variant("torch-cuda-eager", bundle, cuda_graph=False, **one),
+        "torch-cuda-low-memory": lambda: measure_variant("torch-cuda-low-memory", bundle, low_memory=True, **one),
+        "torch-cuda-low-memory-1024": lambda: measure_variant(
+            "torch-cuda-low-memory-1024", bundle, low_memory=True, **{**common, "images": 0, "size": 1024,
+                                                                      "reference": None}),
+        "torch-cuda-warm-start": lambda: warm_start_s(bundle, steps, size),
+        "profile": lambda: profile_step(bundle, size, log),
+    }
+    for name, fn in todo.items():
+        if name in variants:
+            guarded(name, fn)
     return out

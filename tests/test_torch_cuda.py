@@ -85,10 +85,13 @@ def test_unsupported_unets_are_named(unet_graph):
         r.output_scale_factor = old
 
 
+@pytest.mark.parametrize("unet_kind", ["plain", "fast-kv-tables"])
 @pytest.mark.parametrize("name", schedulers.SCHEDULERS)
-def test_device_loop_matches_the_host_loop(unet_graph, name):
-    """StepGraph (eager here) against denoise_on_host with the same UNet, contexts and noise."""
+def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
+    """StepGraph (eager here) against denoise_on_host with the plain UNet, same contexts and noise;
+    with FastUNet the step reads per-image K/V tables by row index."""
     from pm_runtime.backends.torch import TorchNetwork
+    from pm_runtime.modeling.fast_unet import FastUNet
     from pm_runtime.modeling.step_graph import StepGraph
     from pm_runtime.schedulers.linear import linear_steps
     from pm_runtime.specs import UNET
@@ -107,8 +110,10 @@ def test_device_loop_matches_the_host_loop(unet_graph, name):
     seen = []
     job = DenoiseJob(latents, c_k, c_v, step_rows, tables, 7.5, (lambda i: noise[i]), lambda i: None, seen.append)
     host = denoise_on_host(net, job)
-    loop = StepGraph(unet_graph, n=n, latent_shape=(4, 8, 8), context_shape=(77, 32), rows=8, dtype=torch.float32,
-                     device="cpu")
+    fast = unet_kind != "plain"
+    loop = StepGraph(FastUNet(unet_graph.unet) if fast else unet_graph, n=n, latent_shape=(4, 8, 8),
+                     context_shape=(77, 32), rows=8, dtype=torch.float32, device="cpu")
+    assert loop.indexed == fast
     with torch.inference_mode():
         dev = loop.run(latents, c_k, c_v, step_rows, linear_steps(tables), 7.5, noise, lambda i: None, seen.append)
     assert seen == list(range(9)) * 2

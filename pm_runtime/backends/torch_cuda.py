@@ -66,7 +66,7 @@ class TorchCudaBackend(Backend):
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
                  model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
-                 kernels: bool = True, **_):
+                 kernels: bool = True, kv_tables: bool = True, sdpa: str | None = None, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -81,6 +81,10 @@ class TorchCudaBackend(Backend):
         self.torch_dtype = getattr(torch, self.dtype_name)
         self.cuda_graph = bool(cuda_graph) and on_cuda
         self.kernels = bool(kernels)
+        self.kv_tables = bool(kv_tables)  # per-image cross-attention K/V tables (FastUNet only)
+        if sdpa not in (None, "flash", "cudnn", "efficient"):
+            raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
+        self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes per image: pick the fastest conv algorithms once
         self.home = self.torch_device if not self.low_memory else torch.device("cpu")  # where weights rest
@@ -177,6 +181,19 @@ class TorchCudaBackend(Backend):
         what = "CUDA graph" if self.cuda_graph else "eager"
         return f"torch-cuda {torch.__version__} {self.torch_device} {self.dtype_name} ({what})"
 
+    def _sdpa_choice(self):
+        import contextlib
+
+        if self.sdpa is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        first = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}[self.sdpa]
+        order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+                           if b != first]
+        return sdpa_kernel(order, set_priority=True)
+
     # ------------------------------------------------------------------ the loop on the device
     def denoise(self, unet, job: DenoiseJob) -> np.ndarray:
         import torch
@@ -192,14 +209,16 @@ class TorchCudaBackend(Backend):
         loop = self._loops.get(key)
         if loop is None:
             self._loops.clear()  # one captured graph at a time: its memory pool is freed with it
-            loop = StepGraph(engine.module, n=n, latent_shape=(C, h, w), context_shape=(L, D), rows=capacity,
-                             dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph)
+            with self._sdpa_choice():  # the attention kernels are chosen at capture
+                loop = StepGraph(engine.module, n=n, latent_shape=(C, h, w), context_shape=(L, D), rows=capacity,
+                                 dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph,
+                                 kv_tables=self.kv_tables)
             self._loops[key] = loop
         lin = linear_steps(job.tables)
         noise = None
         if lin.needs_noise:
             noise = np.stack([job.noise(i) for i in range(lin.num_steps)])  # (steps, n, C, h, w)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._sdpa_choice():
             x = loop.run(job.latents, job.c_k, job.c_v, job.rows, lin, job.guidance, noise,
                          job.before_step, job.after_step)
         return x

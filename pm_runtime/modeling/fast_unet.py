@@ -10,7 +10,10 @@ cross-attention, DESIGN §1); what changes is how it is computed:
 - self-attention: one GEMM for Q, K and V (their weights concatenated once, the module's own
   to_q/to_k/to_v weights become views of it: no extra memory), attention read in place;
 - cross-attention: K = to_k(C_k), V = to_v(C_v) (the split contexts), one fused attention kernel
-  for the short key axis (pm_kernels.attention);
+  for the short key axis (pm_kernels.attention). In the torch-cuda loop the contexts of an image
+  are known before the first step, so every cross-attention layer's K and V of every context
+  are computed ONCE per image into tables (set_contexts) and the kernel reads the rows a step
+  needs by index (forward(..., kv_index=...)): no K/V projection inside the step at all;
 - GEGLU in one kernel (pm_kernels.geglu).
 Only SD 1.x/2.x-style UNets are accepted (`unsupported` says why not); anything else runs on
 the plain module. Where a kernel cannot run (no CUDA, no Triton), pm_kernels falls back to its
@@ -95,9 +98,29 @@ class FastUNet(nn.Module):
 
         self.k = pm_kernels
         self.unet = unet.eval()
+        self.cross = []  # every cross-attention layer, in forward order
         for m in unet.modules():
             if type(m).__name__ == "BasicTransformerBlock":
                 _fuse_qkv(m.attn1)
+                self.cross.append(m.attn2)
+        self.kv_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(attn2) -> (K, V) tables
+
+    # ------------------------------------------------------------------ per-image K/V tables
+    def allocate_context_tables(self, rows: int, length: int) -> None:
+        """Static (rows, L, inner) K and V tables for every cross-attention layer (allocate before
+        a CUDA graph is captured: the graph reads them in place)."""
+        self.kv_tables = {}
+        for attn in self.cross:
+            w = attn.to_k.weight
+            table = torch.zeros((rows, length, w.shape[0]), dtype=w.dtype, device=w.device)
+            self.kv_tables[id(attn)] = (table, torch.zeros_like(table))
+
+    def set_contexts(self, c_k, c_v) -> None:
+        """Fill the tables' first rows from the contexts (rows, L, D): K = to_k(C_k), V = to_v(C_v)."""
+        for attn in self.cross:
+            k_tab, v_tab = self.kv_tables[id(attn)]
+            k_tab[:len(c_k)].copy_(attn.to_k(c_k.to(k_tab.dtype)))
+            v_tab[:len(c_v)].copy_(attn.to_v(c_v.to(v_tab.dtype)))
 
     # ------------------------------------------------------------------ pieces
     def _gn(self, norm: nn.GroupNorm, x, silu: bool = True, temb=None):
@@ -110,42 +133,48 @@ class FastUNet(nn.Module):
             x = r.conv_shortcut(x)
         return x + h
 
-    def _attention(self, attn, x, c_k=None, c_v=None):
-        """x (N, S, C) -> attn(x) (N, S, C). Self-attention when c_k is None, else split K/V."""
+    def _attention(self, attn, x, ctx=None):
+        """x (N, S, C) -> attn(x) (N, S, C). Self-attention when ctx is None; cross-attention with
+        ctx = (c_k, c_v) contexts, or ctx = kv_index (N,) into the layer's K/V tables."""
         inner = attn.to_q.weight.shape[0]
-        if c_k is None:
+        index = None
+        if ctx is None:
             qkv = F.linear(x, attn.pm_qkv, attn.pm_qkv_bias)  # (N, S, 3 inner)
             q, k, v = qkv[..., :inner], qkv[..., inner:2 * inner], qkv[..., 2 * inner:]
+        elif isinstance(ctx, tuple):
+            q, k, v = attn.to_q(x), attn.to_k(ctx[0]), attn.to_v(ctx[1])  # (N, S, inner), (N, L, inner) x 2
         else:
-            q, k, v = attn.to_q(x), attn.to_k(c_k), attn.to_v(c_v)  # (N, S, inner), (N, L, inner) x 2
-        out = self.k.attention(q, k, v, attn.heads, attn.scale)  # (N, S, inner)
+            (k, v), index = self.kv_tables[id(attn)], ctx  # (rows, L, inner) tables, read by row
+            q = attn.to_q(x)
+        out = self.k.attention(q, k, v, attn.heads, attn.scale, kv_index=index)  # (N, S, inner)
         return attn.to_out[0](out)
 
-    def _block(self, b, h, c_k, c_v):
+    def _block(self, b, h, ctx):
         h = self._attention(b.attn1, b.norm1(h)) + h
-        h = self._attention(b.attn2, b.norm2(h), c_k, c_v) + h
+        h = self._attention(b.attn2, b.norm2(h), ctx) + h
         ff = b.ff.net
         return ff[2](self.k.geglu(ff[0].proj(b.norm3(h)))) + h
 
-    def _transformer(self, t, x, c_k, c_v):
+    def _transformer(self, t, x, ctx):
         n, c, height, width = x.shape
         h = self._gn(t.norm, x, silu=False)
         h = h.permute(0, 2, 3, 1).reshape(n, height * width, c)  # a view for channels-last x
         h = _linear(h, t.proj_in)
         for b in t.transformer_blocks:
-            h = self._block(b, h, c_k, c_v)
+            h = self._block(b, h, ctx)
         h = _linear(h, t.proj_out)
         return h.view(n, height, width, -1).permute(0, 3, 1, 2) + x  # channels-last (N, C, H, W)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, sample, timestep, c_k, c_v):
+    def forward(self, sample, timestep, c_k=None, c_v=None, kv_index=None):
+        """c_k, c_v (N, L, D) contexts; or kv_index (N,) int64 rows of the tables of set_contexts."""
         u = self.unet
         dtype = u.conv_in.weight.dtype
         channels_last = u.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and sample.is_cuda
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         temb = u.time_embedding(u.time_proj(timestep.reshape(-1).expand(sample.shape[0])).to(dtype))  # (N, T)
         temb_act = F.silu(temb)  # every ResNet's time projection reads SiLU(temb)
-        c_k, c_v = c_k.to(dtype), c_v.to(dtype)
+        ctx = kv_index if kv_index is not None else (c_k.to(dtype), c_v.to(dtype))
         h = u.conv_in(sample.to(dtype).contiguous(memory_format=fmt))
         skips = [h]
         for block in u.down_blocks:
@@ -153,7 +182,7 @@ class FastUNet(nn.Module):
             for r, a in zip(block.resnets, attns):
                 h = self._resnet(r, h, temb_act)
                 if a is not None:
-                    h = self._transformer(a, h, c_k, c_v)
+                    h = self._transformer(a, h, ctx)
                 skips.append(h)
             for d in block.downsamplers or ():
                 h = d.conv(h)
@@ -161,13 +190,13 @@ class FastUNet(nn.Module):
         mid = u.mid_block
         h = self._resnet(mid.resnets[0], h, temb_act)
         for a, r in zip(mid.attentions, mid.resnets[1:]):
-            h = self._resnet(r, self._transformer(a, h, c_k, c_v), temb_act)
+            h = self._resnet(r, self._transformer(a, h, ctx), temb_act)
         for block in u.up_blocks:
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for r, a in zip(block.resnets, attns):
                 h = self._resnet(r, torch.cat([h, skips.pop()], dim=1), temb_act)
                 if a is not None:
-                    h = self._transformer(a, h, c_k, c_v)
+                    h = self._transformer(a, h, ctx)
             for up in block.upsamplers or ():
                 h = up.conv(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
         h = u.conv_out(self._gn(u.conv_norm_out, h))
