@@ -26,7 +26,7 @@ from pm_runtime import formats as F
 from pm_runtime.bundle import file_entry, open_bundle, sha256_file, write_manifest
 from pm_runtime.concept_table import save_table
 from pm_runtime.errors import UserError
-from pm_runtime.specs import NETWORKS, network_specs
+from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, network_specs
 
 Log = Callable[[str], None]
 TARGETS = ("onnx", "tensorrt", "torch")  # --target: a comma-separated list of these, or "all"
@@ -154,7 +154,7 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
     t0 = time.perf_counter()
     log(f"[1/{steps}] loading {cfg.concept} and the base model {model_dir}")
     concept, reference = _load_concept_and_reference(cfg, model_dir, log)
-    base = load_base_model(model_dir)
+    base = load_base_model(model_dir, with_safety_checker=True)
     if concept.fingerprint != base.fingerprint:
         raise UserError(f"{cfg.concept} was trained on a different base model than {model_dir} (fingerprint mismatch)")
     from pm_runtime.modeling.graphs import graph_modules, model_dims
@@ -162,9 +162,8 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
     dims = model_dims(base)
     facts = {F.BK_FINGERPRINT: base.fingerprint, F.BK_BASE_MODEL: _base_info(cfg, base, dims),
              F.BK_SCHEDULER: dict(base.scheduler_config)}
-    if facts[F.BK_BASE_MODEL][F.BM_SAFETY_CHECKER] == "not exported":
-        log("warning: the model folder has a safety_checker/; exporting it is not implemented yet: the bundle has none")
     modules = graph_modules(base)
+    checker_settings = base.checker_settings
     del base  # from here the modules hold the networks; each is freed once exported
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -176,10 +175,11 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
         entry = _bake(cfg, concept, reference, tmp / table_rel)
         concept_entries = [{**entry, **file_entry(tmp, table_rel)}]
         specs = network_specs(dims)
-        components = _torch_weights(modules, specs, tmp, log) if "torch" in targets else []
+        components = _torch_weights(modules, specs, tmp, log, checker_settings) if "torch" in targets else []
         trt_details = {}
         if targets & {"onnx", "tensorrt"}:
-            onnx_components, trt_details = _export_networks(cfg, modules, specs, tmp, steps, builder, log)
+            onnx_components, trt_details = _export_networks(cfg, modules, specs, tmp, steps, builder, log,
+                                                            checker_settings)
             components += onnx_components
         log(f"[{steps}/{steps}] writing the tokenizer and {F.BUNDLE_MANIFEST}")
         tok_files = _copy_tokenizer(model_dir, tmp)
@@ -209,8 +209,11 @@ def _share(root: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, steps: int, builder, log: Log):
+def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, steps: int, builder, log: Log,
+                     checker_settings: dict | None = None):
     """ONNX (and TensorRT) files for every network, validated; returns manifest component entries.
+    The optional safety checker (when `modules` has it) ships as fp32 ONNX only, unoptimised, its
+    preprocessing settings in its details; no TensorRT plan.
 
     `modules` is emptied as it goes: each PyTorch network is released after its export (peak RAM)."""
     from . import fp16
@@ -222,9 +225,14 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
     work.mkdir()
     ship_onnx = "onnx" in parse_targets(cfg.target)
     components, trt_details = [], {}
-    for i, net in enumerate(NETWORKS):
+    for i, net in enumerate([*NETWORKS, *(n for n in OPTIONAL_NETWORKS if n in modules)]):
         spec, module = specs[net], modules.pop(net)
         t0 = time.perf_counter()
+        if net in OPTIONAL_NETWORKS:
+            if ship_onnx:
+                components.append(_optional_onnx(cfg, net, module, spec, tmp, work, log, checker_settings))
+            del module
+            continue
         fp32_in_bundle = ship_onnx and cfg.precision == "fp32"
         fp32_path = (tmp if fp32_in_bundle else work) / f"{net}.onnx"
         # Graph optimisation (export/optimize.py) only for shipped ONNX; TensorRT parses standard ONNX
@@ -281,16 +289,31 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
     return components, trt_details
 
 
-def _torch_weights(modules: dict, specs: dict, tmp: Path, log: Log) -> list[dict]:
+def _optional_onnx(cfg: ExportConfig, net: str, module, spec, tmp: Path, work: Path, log: Log,
+                   checker_settings: dict | None) -> dict:
+    """The safety checker: fp32 ONNX, validated, listed as an optional component."""
+    from .onnx_export import export_network
+    from .validate import validate
+
+    log(f"  {net} (optional): exporting ONNX (fp32, opset {cfg.opset})")
+    files = export_network(module, spec, tmp / f"{net}.onnx", opset=cfg.opset, external_data=cfg.external_data)
+    checks = validate(module, spec, tmp / f"{net}.onnx", "fp32", log)
+    details = {"opset": cfg.opset, "optional": True, "preprocess": checker_settings or {}}
+    return _component(tmp, net, net, "onnx", files, "fp32", spec, checks, details)
+
+
+def _torch_weights(modules: dict, specs: dict, tmp: Path, log: Log, checker_settings: dict | None = None) -> list[dict]:
     """The fp16 PyTorch weights of every network (the torch-cuda backend's input), as components."""
     from pm_runtime.modeling.bundle_weights import FORMAT, save_weights
 
     folder = tmp / "torch"
     folder.mkdir()
     out = []
-    for net in NETWORKS:
+    for net in [*NETWORKS, *(n for n in OPTIONAL_NETWORKS if n in modules)]:
         path = folder / f"{net}.fp16.safetensors"
         details = save_weights(net, modules[net], path, "fp16")
+        if net == SAFETY_CHECKER:
+            details = {**details, "optional": True, "preprocess": checker_settings or {}}
         log(f"  torch weights: {path.relative_to(tmp).as_posix()} ({path.stat().st_size / 2**20:.1f} MiB, fp16)")
         out.append(_component(tmp, f"{net}.torch", net, FORMAT, [path], "fp16", specs[net], [], details))
     return out
@@ -330,11 +353,13 @@ def _copy_tokenizer(model_dir: Path, root: Path) -> list[dict]:
 
 
 def _base_info(cfg: ExportConfig, base, dims) -> dict:
-    has_checker = (Path(cfg.model) / "safety_checker").is_dir()
+    from pm_runtime.modeling.loading import has_safety_checker
+
+    has_checker = has_safety_checker(Path(cfg.model))
     return {**dims.to_dict(), F.BM_PREDICTION_TYPE: base.prediction_type,
             F.BM_VAE_SCALING_FACTOR: float(base.vae.config.scaling_factor),
             F.BM_VAE_DECODER_APPLIES_SCALING: True, F.BM_MODEL_FOLDER: Path(cfg.model).absolute().name,
-            F.BM_SAFETY_CHECKER: "not exported" if has_checker else "none in the model folder"}
+            F.BM_SAFETY_CHECKER: "exported" if has_checker else "none in the model folder"}
 
 
 def _manifest(facts: dict, components, tok_files, concepts, trt_details) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pm_runtime.errors import UserError
-from pm_runtime.specs import TEXT_ENCODER, UNET, VAE_DECODER, NetworkSpec
+from pm_runtime.specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, NetworkSpec
 
 # (atol, rtol). Measured (random weights, CPU provider): fp32 max abs <= 6e-6 (tiny) and <= 1.2e-5
 # (SD-1.5-shaped); fp16 max abs <= 1.3e-2 on both, rel (to the output's max) <= 1e-2 (SD-1.5 UNet).
@@ -30,7 +30,7 @@ TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}
 
 def validation_shapes(spec: NetworkSpec) -> list[dict[str, int]]:
     """Axis values to test: the smallest legal sizes plus a second, non-square shape (cheap on CPU)."""
-    if spec.name == TEXT_ENCODER:
+    if spec.name in (TEXT_ENCODER, SAFETY_CHECKER):
         return [{"batch": 1}, {"batch": 3}]
     lat = spec.axes["latent_height"]
     small, other = lat.min, lat.min + lat.multiple_of

@@ -38,6 +38,9 @@ unless the whole run succeeded (each PNG is written to a temporary file and rena
 """
 
 
+EXIT_FLAGGED = 3  # some image was flagged by the safety checker (and not written); the others were
+
+
 @dataclass(frozen=True)
 class RunConfig:
     engine: Path
@@ -121,8 +124,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                if v is not None}
     pipe = Pipeline.load(root, cfg.backend, cfg.device, cfg.concept, low_memory=cfg.low_memory,
                          safety_checker=cfg.safety_checker, prefer=prefer, log=log, **options)
-    if pipe.safety_checker_note and (not cfg.safety_checker or "not exported" in pipe.safety_checker_note):
-        log(("note: --no-safety-checker: " if not cfg.safety_checker else "note: ") + pipe.safety_checker_note)
+    if pipe.safety_checker_note and not cfg.safety_checker:
+        log("note: --no-safety-checker: " + pipe.safety_checker_note)
     pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
     if cfg.seed is None:
@@ -148,20 +151,25 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
         bar.close()
     for w in result.warnings:
         log(f"warning: {w}")
-    blobs = [result.png(i) for i in range(cfg.num_images)]  # encode everything before writing anything
-    for path, blob in zip(paths, blobs):
+    flagged = [i for i, f in enumerate(result.nsfw or []) if f]
+    for i in flagged:
+        log(f"image {i + 1} of {cfg.num_images} was flagged by the safety checker (an NSFW concept scored above its "
+            f"threshold): {paths[i]} is not written")
+    keep = [i for i in range(cfg.num_images) if i not in flagged]
+    blobs = {i: result.png(i) for i in keep}  # encode everything before writing anything
+    for i in keep:
         try:
-            atomic_write_bytes(blob, path)
+            atomic_write_bytes(blobs[i], paths[i])
         except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+            raise UserError(f"cannot write {paths[i]}: {e.strerror or e}") from None
     t = result.timings
     log(f"time: text encoder {t['text_encoder_s']:.2f} s, UNet {t['unet_steps']} x {t['unet_step_ms']:.1f} ms = "
         f"{t['unet_s']:.2f} s, VAE {t['vae_s']:.2f} s, engine loading {t['load_s']:.2f} s, total {t['total_s']:.2f} s")
-    summary = {"files": [str(p) for p in paths], **result.summary(),
-               "parameters": [result.parameters(i) for i in range(cfg.num_images)]}
+    summary = {"files": [str(paths[i]) for i in keep], "flagged": [str(paths[i]) for i in flagged],
+               **result.summary(), "parameters": [result.parameters(i) for i in range(cfg.num_images)]}
     if not cfg.json:
-        for p in paths:
-            click.echo(f"wrote {p}")
+        for i in keep:
+            click.echo(f"wrote {paths[i]}")
     return summary
 
 
@@ -198,7 +206,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
               help="Timesteps that use the concept (inside the baked range, e.g. 400 800): identity strength.")
 @click.option("--allow-no-concept", is_flag=True, help="Allow a prompt without the concept word.")
 @click.option("--no-safety-checker", "no_safety_checker", is_flag=True,
-              help="Skip the bundle's safety checker (bundles from this pm-export have none yet).")
+              help="Do not run the bundle's safety checker (it runs by default when the bundle has one; a flagged "
+                   "image is not written and pm-run exits with status 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result on stdout.")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads [default: its own].")
 @click.option("--low-memory", is_flag=True,
@@ -223,3 +232,5 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
     if as_json:
         summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
         click.echo(json.dumps(summary, ensure_ascii=False))
+    if summary["flagged"]:
+        sys.exit(EXIT_FLAGGED)

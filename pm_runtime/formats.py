@@ -89,4 +89,4 @@ BM_PREDICTION_TYPE = "prediction_type"  # epsilon | v_prediction
 BM_VAE_SCALING_FACTOR = "vae_scaling_factor"
 BM_VAE_DECODER_APPLIES_SCALING = "vae_decoder_applies_scaling"  # true: feed the scheduler's latent as is
 BM_MODEL_FOLDER = "model_folder"  # the model folder's name (not its path)
-BM_SAFETY_CHECKER = "safety_checker"  # "not exported" until the exporter handles it
+BM_SAFETY_CHECKER = "safety_checker"  # "exported" (an optional safety_checker component) | "none in the model folder"

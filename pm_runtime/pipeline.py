@@ -43,7 +43,7 @@ from .concept_table import ConceptTable, load_table
 from .errors import UserError
 from .png import SAMPLER_NAMES, parameters_text, png_bytes
 from .prompt_encoding import ConceptWords, EncodedPrompt, concept_words_in, encode_plain, encode_prompt
-from .specs import TEXT_ENCODER, UNET, VAE_DECODER
+from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
 from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, distinct_contexts, stage_plan
 from .train.templates import NEGATIVE_PROMPT  # a plain string module (no torch)
 
@@ -99,6 +99,7 @@ class Generation:
     backend: str
     model: str
     warnings: list[str] = field(default_factory=list)
+    nsfw: list[bool] | None = None  # per image: flagged by the safety checker (its image is black); None: not checked
 
     def parameters(self, i: int = 0) -> str:
         s = self.settings
@@ -120,7 +121,7 @@ class Generation:
     def summary(self) -> dict:
         return {"settings": asdict(self.settings), "concept": self.concept.name if self.concept else None,
                 "uses_concept": self.uses_concept, "backend": self.backend, "timings": self.timings,
-                "warnings": self.warnings}
+                "warnings": self.warnings, "nsfw": self.nsfw}
 
 
 def _is_cancelled(cancel) -> bool:
@@ -147,13 +148,19 @@ class Pipeline:
         self.dims = bundle.dims
         self.specs = backend.specs
         self._lock = threading.Lock()
-        checker = [c for c in bundle.components if c[F.CK_NETWORK] == "safety_checker"]
+        checker = [c for c in bundle.components if c[F.CK_NETWORK] == SAFETY_CHECKER]
+        self.checker_settings = None  # the safety checker's preprocessing when it runs
         if checker and safety_checker:
-            raise UserError("the bundle has a safety checker, which this version of pm-run cannot run yet; "
-                            "generate without it explicitly (--no-safety-checker / safety_checker=False)")
-        self.safety_checker_note = ("the bundle has no safety checker ("
-                                    + str(bundle.manifest.get(F.BK_BASE_MODEL, {}).get(F.BM_SAFETY_CHECKER, "none"))
-                                    + "): images are not checked") if not checker else None
+            if not backend.provides(SAFETY_CHECKER):
+                formats = ", ".join(sorted({c[F.CK_FORMAT] for c in checker}))
+                raise UserError(f"the bundle's safety checker ({formats}) cannot run on the {backend.name} backend; "
+                                "use a backend that can, or generate without it (--no-safety-checker)")
+            self.checker_settings = dict(checker[0].get(F.CK_DETAILS, {}).get("preprocess", {}))
+        self.safety_checker_note = (
+            None if self.checker_settings is not None else
+            "the bundle's safety checker is off: images are not checked" if checker else
+            "the bundle has no safety checker ("
+            + str(bundle.manifest.get(F.BK_BASE_MODEL, {}).get(F.BM_SAFETY_CHECKER, "none")) + "): images are not checked")
         self.concept: ActiveConcept | None = None
         names = [c[F.QK_NAME] for c in bundle.concepts]
         if concept is not None:
@@ -343,10 +350,29 @@ class Pipeline:
         _check_finite("VAE decoder output (image)", image)
         image = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         images = np.round(image * 255).astype(np.uint8)
+        nsfw = self._safety_check(images, timings) if self.checker_settings is not None else None
         timings["total_s"] = time.perf_counter() - t_start
         model = str(self.bundle.manifest.get(F.BK_BASE_MODEL, {}).get(F.BM_MODEL_FOLDER, ""))
         return Generation(images, settings, concept, enc.uses_concept, plan, tables.timesteps, timings,
-                          self.backend.describe(), model, warnings)
+                          self.backend.describe(), model, warnings, nsfw)
+
+    def _safety_check(self, images: np.ndarray, timings: dict) -> list[bool]:
+        """The bundle's safety checker on the finished images (N, H, W, 3) uint8: flagged ones are
+        blacked out in place (as diffusers does); returns the per-image flags."""
+        from .safety import clip_input
+
+        t0 = time.perf_counter()
+        batch = self.specs[SAFETY_CHECKER].axes["batch"].max
+        with self.backend.network(SAFETY_CHECKER) as checker:
+            t1 = time.perf_counter()
+            scores = np.concatenate([
+                checker.run({"clip_input": clip_input(images[i:i + batch], self.checker_settings)})["nsfw_score"]
+                for i in range(0, len(images), batch)])
+        timings["load_s"] += t1 - t0
+        timings["safety_checker_s"] = time.perf_counter() - t1
+        flags = [bool(v > 0) for v in scores]
+        images[np.array(flags, bool)] = 0
+        return flags
 
     def _encode(self, te, enc: EncodedPrompt, neg_ids: np.ndarray, contexts: list[Context]):
         """Rows [negative prompt, *contexts] -> (c_k, c_v), each (rows, L, D)."""

@@ -20,6 +20,9 @@ TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 NETWORKS = (TEXT_ENCODER, UNET, VAE_DECODER)
+SAFETY_CHECKER = "safety_checker"  # optional: exported when the model folder has one
+OPTIONAL_NETWORKS = (SAFETY_CHECKER,)
+CHECKER_SIDE = 224  # the safety checker's CLIP input side (SD's checker: CLIP ViT-L/14 at 224 px)
 
 # Image sides the UNet and VAE engines accept: 256..1024 px in steps of 64 (latent 32..128, step 8).
 MIN_IMAGE, OPT_IMAGE, MAX_IMAGE, IMAGE_STEP = 256, 512, 1024, 64
@@ -170,4 +173,10 @@ def network_specs(dims: ModelDims) -> dict[str, NetworkSpec]:
         axes={"batch": Axis(1, 1, 4), "latent_height": lat, "latent_width": lat},
         derived={"image_height": ("latent_height", s), "image_width": ("latent_width", s)},
         doc="VAE decoder; takes the scheduler's latent (1/scaling_factor applied inside), image in [-1, 1]")
-    return {n.name: n for n in (text, unet, vae)}
+    checker = NetworkSpec(
+        SAFETY_CHECKER,
+        inputs=(TensorSpec("clip_input", f32, ("batch", 3, CHECKER_SIDE, CHECKER_SIDE)),),  # CLIP-preprocessed
+        outputs=(TensorSpec("nsfw_score", f32, ("batch",)),),  # > 0: flagged (diffusers' has_nsfw_concepts)
+        axes={"batch": Axis(1, 2, 8)},  # opt 2: the exporter traces at opt shapes (a 1 would be baked in)
+        doc="Stable Diffusion's safety checker: max over concepts of (cosine - threshold [+ 0.01 special care])")
+    return {n.name: n for n in (text, unet, vae, checker)}

@@ -26,7 +26,7 @@ from .. import schedulers
 from ..bundle import Bundle
 from ..errors import UserError
 from ..schedulers.common import Tables
-from ..specs import NetworkSpec, network_specs
+from ..specs import NETWORKS, NetworkSpec, network_specs
 
 # name -> "module:Class"; imported only when used, so a missing library never breaks the others.
 BACKENDS = {
@@ -114,6 +114,7 @@ class Backend(abc.ABC):
     """Base of every backend. Subclasses implement `_load` (and may override `close`)."""
 
     name = "?"
+    component_format: str | None = None  # the bundle component format this backend runs (onnx, tensorrt, ...)
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False):
         self.bundle = bundle
@@ -136,6 +137,14 @@ class Backend(abc.ABC):
     def describe(self) -> str:
         """One line for the log and the PNG: backend, device, precision."""
         return self.name
+
+    def provides(self, network: str) -> bool:
+        """Whether this backend can run `network`: the three networks always (checked when the
+        backend was chosen); an optional one (the safety checker) when the bundle has it in this
+        backend's format."""
+        if network in NETWORKS:
+            return True
+        return any(c["network"] == network and c["format"] == self.component_format for c in self.bundle.components)
 
     @contextlib.contextmanager
     def network(self, name: str) -> Iterator[CheckedNetwork]:

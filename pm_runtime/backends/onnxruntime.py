@@ -88,6 +88,7 @@ class OrtNetwork:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    component_format = "onnx"
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
                  threads: int | None = None, graph_optimization: str = "all", cache_dir: str | Path | None = None,

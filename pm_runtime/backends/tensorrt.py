@@ -137,6 +137,7 @@ class TrtNetwork:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    component_format = "tensorrt"
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)

@@ -61,7 +61,7 @@ class TorchBackend(Backend):
             raise UserError(f"torch backend dtype must be one of {', '.join(DTYPES)}")
         self.torch_device = torch.device(device or "cpu")
         self.torch_dtype = getattr(torch, self.dtype_name)
-        base = load_base_model(Path(model))
+        base = load_base_model(Path(model), with_safety_checker=True)
         if base.fingerprint != bundle.fingerprint:
             raise UserError(f"the model folder {model} is not the base model of this bundle (fingerprint mismatch)")
         self.model_dir = Path(model)
@@ -82,6 +82,9 @@ class TorchBackend(Backend):
         if not Path(model).is_dir():
             return f"model folder not found: {model}"
         return None
+
+    def provides(self, network: str) -> bool:
+        return network in self.modules
 
     def _load(self, network: str) -> TorchNetwork:
         spec = self.specs[network]

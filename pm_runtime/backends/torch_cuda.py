@@ -28,7 +28,7 @@ import numpy as np
 from .. import formats as F
 from ..bundle import Bundle
 from ..errors import UserError
-from ..specs import NETWORKS, UNET, VAE_DECODER
+from ..specs import NETWORKS, OPTIONAL_NETWORKS, UNET, VAE_DECODER
 from .base import Backend, DenoiseJob
 
 INSTALL_HINT = ("the torch-cuda backend needs PyTorch with CUDA, diffusers and transformers: install the CUDA "
@@ -63,6 +63,7 @@ class TorchCudaNetwork:
 
 class TorchCudaBackend(Backend):
     name = "torch-cuda"
+    component_format = TORCH_FORMAT
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
                  model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
@@ -119,7 +120,9 @@ class TorchCudaBackend(Backend):
             from ..modeling.bundle_weights import load_graph_module
 
             out = {}
-            for net in NETWORKS:
+            optional = [n for n in OPTIONAL_NETWORKS if any(c[F.CK_NETWORK] == n and c[F.CK_FORMAT] == TORCH_FORMAT
+                                                           for c in bundle.components)]
+            for net in [*NETWORKS, *optional]:
                 comp = bundle.component(net, TORCH_FORMAT)
                 out[net] = load_graph_module(net, comp.get(F.CK_DETAILS, {}), bundle.component_path(net, TORCH_FORMAT),
                                              self.home, self.torch_dtype)
@@ -127,7 +130,7 @@ class TorchCudaBackend(Backend):
         from ..modeling.graphs import graph_modules
         from ..modeling.loading import load_base_model, quiet_hf
 
-        base = load_base_model(Path(model))
+        base = load_base_model(Path(model), with_safety_checker=True)
         if base.fingerprint != bundle.fingerprint:
             raise UserError(f"the model folder {model} is not the base model of this bundle (fingerprint mismatch)")
         with quiet_hf():  # diffusers warns on any dtype cast through .to()
@@ -150,6 +153,9 @@ class TorchCudaBackend(Backend):
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
         return net
+
+    def provides(self, network: str) -> bool:
+        return network in self.modules
 
     def _fast_unet(self, graph_module):
         """FastUNet around the graph module's UNet (channels-last on CUDA); the plain module where

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..specs import TEXT_ENCODER, UNET, VAE_DECODER
+from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
 
 FORMAT = "torch"
 CLASSES = {UNET: "diffusers.UNet2DConditionModel", TEXT_ENCODER: "transformers.CLIPTextModel",
-           VAE_DECODER: "diffusers.AutoencoderKL"}
+           VAE_DECODER: "diffusers.AutoencoderKL", SAFETY_CHECKER: "diffusers.StableDiffusionSafetyChecker"}
 KEEP_PREFIXES = {VAE_DECODER: ("decoder.", "post_quant_conv.")}  # the decoder half of the VAE
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -26,7 +26,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 def hf_module(net: str, graph_module: nn.Module) -> nn.Module:
     """The Hugging Face module inside a pm_runtime.modeling.graphs wrapper."""
     return {UNET: lambda m: m.unet, TEXT_ENCODER: lambda m: m.encoder.text_encoder,
-            VAE_DECODER: lambda m: m.vae}[net](graph_module)
+            VAE_DECODER: lambda m: m.vae, SAFETY_CHECKER: lambda m: m.checker}[net](graph_module)
 
 
 def save_weights(net: str, graph_module: nn.Module, path: Path, precision: str = "fp16") -> dict:
@@ -58,6 +58,11 @@ def _empty_module(net: str, class_name: str, config: dict, device: torch.device)
         from transformers import CLIPTextConfig, CLIPTextModel
 
         return CLIPTextModel(CLIPTextConfig.from_dict(config))
+    if net == SAFETY_CHECKER:  # a CLIP vision tower: computed buffers too
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPConfig
+
+        return StableDiffusionSafetyChecker(CLIPConfig.from_dict(config))
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -69,7 +74,7 @@ def load_graph_module(net: str, details: dict, path: Path, device: torch.device,
     """The graph wrapper (pm_runtime.modeling.graphs) of `net`, built from a bundle's torch weights."""
     from safetensors.torch import load_file
 
-    from .graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph
+    from .graphs import SafetyCheckerGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
     from .loading import quiet_hf
 
     with quiet_hf():
@@ -98,4 +103,6 @@ def load_graph_module(net: str, details: dict, path: Path, device: torch.device,
         return UNetGraph(module).eval()
     if net == TEXT_ENCODER:
         return TextEncoderGraph(module).eval()
+    if net == SAFETY_CHECKER:
+        return SafetyCheckerGraph(module).eval()
     return VaeDecoderGraph(module).eval()

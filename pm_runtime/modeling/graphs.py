@@ -1,4 +1,4 @@
-"""The three networks as PyTorch modules with exactly the signatures of pm_runtime.specs: what
+"""The networks as PyTorch modules with exactly the signatures of pm_runtime.specs: what
 pm-export traces and validates, what the torch backend runs, and what the torch-cuda backend
 accelerates. Written once here (DESIGN §3: modeling/ is shared by trainer, exporter and backends).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..specs import TEXT_ENCODER, UNET, VAE_DECODER, ModelDims
+from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, ModelDims
 from .attention import install_split_kv, join_contexts
 from .loading import BaseModel
 from .text_encoder import EquilibriumTextEncoder, clip_parts
@@ -53,6 +53,26 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decode(latent * self.scale, return_dict=False)[0]  # (N, 3, 8h, 8w)
 
 
+class SafetyCheckerGraph(nn.Module):
+    """diffusers' StableDiffusionSafetyChecker as a score: clip_input (N, 3, 224, 224) ->
+    nsfw_score (N,), the largest concept score; the image is flagged when it is > 0, which is
+    exactly diffusers' has_nsfw_concepts (any concept score > 0, special-care adjustment
+    included). A score, not a bool, so that export validation compares numbers."""
+
+    def __init__(self, checker: nn.Module):
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, clip_input):
+        c = self.checker
+        embeds = c.visual_projection(c.vision_model(clip_input)[1])  # (N, P)
+        embeds = nn.functional.normalize(embeds, dim=-1)
+        special = embeds @ nn.functional.normalize(c.special_care_embeds, dim=-1).T - c.special_care_embeds_weights
+        concept = embeds @ nn.functional.normalize(c.concept_embeds, dim=-1).T - c.concept_embeds_weights
+        adjust = (special > 0).any(dim=1, keepdim=True).to(concept.dtype) * 0.01  # special care: stricter
+        return (concept + adjust).amax(dim=1)  # (N,)
+
+
 def model_dims(base: BaseModel) -> ModelDims:
     """Call before placeholder tokens are added: the vocabulary is the base model's."""
     text_cfg = base.text_encoder.config
@@ -66,8 +86,11 @@ def model_dims(base: BaseModel) -> ModelDims:
 def graph_modules(base: BaseModel) -> dict[str, nn.Module]:
     """The PyTorch modules that export and validation compare (fp32, eval, split K/V installed)."""
     install_split_kv(base.unet)
-    return {TEXT_ENCODER: TextEncoderGraph(base.text_encoder).eval(), UNET: UNetGraph(base.unet).eval(),
-            VAE_DECODER: VaeDecoderGraph(base.vae).eval()}
+    modules = {TEXT_ENCODER: TextEncoderGraph(base.text_encoder).eval(), UNET: UNetGraph(base.unet).eval(),
+               VAE_DECODER: VaeDecoderGraph(base.vae).eval()}
+    if getattr(base, "safety_checker", None) is not None:
+        modules[SAFETY_CHECKER] = SafetyCheckerGraph(base.safety_checker).eval()
+    return modules
 
 
 def tiled_decoding(vae_graph: VaeDecoderGraph, tile: int = 256) -> None:

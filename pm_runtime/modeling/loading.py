@@ -72,6 +72,8 @@ class BaseModel:
     vae: torch.nn.Module | None
     scheduler_config: dict
     fingerprint: str
+    safety_checker: torch.nn.Module | None = None  # StableDiffusionSafetyChecker, when asked for and present
+    checker_settings: dict | None = None  # its CLIP preprocessing (pm_runtime.safety), from feature_extractor/
 
     @property
     def prediction_type(self) -> str:
@@ -88,9 +90,32 @@ def model_fingerprint(text_encoder: torch.nn.Module, unet_config: dict) -> str:
     return fingerprint(text_encoder.config.to_dict(), table, dict(unet_config))
 
 
+def has_safety_checker(model_dir: Path) -> bool:
+    return (Path(model_dir) / "safety_checker" / "config.json").is_file()
+
+
+def load_safety_checker(model_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """(StableDiffusionSafetyChecker in float32, its preprocessing settings) from a model folder."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from ..safety import DEFAULTS, settings_from_processor_config
+
+    model_dir = Path(model_dir)
+    try:
+        with quiet_hf():
+            checker = StableDiffusionSafetyChecker.from_pretrained(model_dir / "safety_checker", local_files_only=True,
+                                                                   torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"could not load the safety checker in {model_dir}: {str(e).splitlines()[0]}") from e
+    cfg = model_dir / "feature_extractor" / "preprocessor_config.json"
+    settings = settings_from_processor_config(json.loads(cfg.read_text())) if cfg.is_file() else dict(DEFAULTS)
+    return checker.requires_grad_(False).eval(), settings
+
+
 def load_base_model(model_dir: Path, *, device: str | torch.device = "cpu", with_unet: bool = True,
-                    with_vae: bool = True) -> BaseModel:
-    """Load tokenizer, text encoder, UNet and VAE in float32 (callers cast), frozen, eval mode."""
+                    with_vae: bool = True, with_safety_checker: bool = False) -> BaseModel:
+    """Load tokenizer, text encoder, UNet and VAE (and the safety checker when asked for and
+    present) in float32 (callers cast), frozen, eval mode."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -112,7 +137,12 @@ def load_base_model(model_dir: Path, *, device: str | torch.device = "cpu", with
     for m in (text_encoder, unet, vae):
         if m is not None:
             m.requires_grad_(False).eval().to(device)
-    return BaseModel(model_dir, tokenizer, text_encoder, unet, vae, read_scheduler_config(model_dir), fp)
+    checker, settings = (load_safety_checker(model_dir) if with_safety_checker and has_safety_checker(model_dir)
+                         else (None, None))
+    if checker is not None:
+        checker.to(device)
+    return BaseModel(model_dir, tokenizer, text_encoder, unet, vae, read_scheduler_config(model_dir), fp, checker,
+                     settings)
 
 
 def find_image_encoder(model_dir: Path, image_encoder_dir: Path | None) -> Path:

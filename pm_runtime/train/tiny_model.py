@@ -166,7 +166,30 @@ def _write_tokenizer(folder: pathlib.Path) -> dict[str, int]:
     return vocab
 
 
-def _build(root: pathlib.Path, seed: int) -> None:
+def _write_safety_checker(root: pathlib.Path, seed: int) -> None:
+    """A tiny StableDiffusionSafetyChecker (random CLIP vision tower, 224 px, 16-wide projection)
+    and its feature_extractor/, as real SD folders have them. Its concept thresholds are diffusers'
+    initial ones (1.0): a cosine never exceeds 1, so nothing is flagged unless a test lowers them."""
+    import torch
+    import transformers
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    torch.manual_seed(seed + 4)
+    vision = {k: v for k, v in VISION_CONFIG.items() if k != "projection_dim"}
+    cfg = transformers.CLIPConfig(text_config=dict(TEXT_CONFIG), vision_config=vision, projection_dim=16)
+    checker = StableDiffusionSafetyChecker(cfg).eval()
+    with torch.no_grad():  # distinct concept directions (diffusers initialises them all to ones)
+        checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+        checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
+    checker.save_pretrained(root / "safety_checker", safe_serialization=True)
+    _write_json(root / "feature_extractor" / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224},
+        "crop_size": {"height": 224, "width": 224}, "do_resize": True, "do_center_crop": True,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_convert_rgb": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3})
+
+
+def _build(root: pathlib.Path, seed: int, safety_checker: bool = False) -> None:
     """Write every component under `root` (an empty folder)."""
     import diffusers
     import torch
@@ -199,16 +222,20 @@ def _build(root: pathlib.Path, seed: int) -> None:
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "do_convert_rgb": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3})
 
+    if safety_checker:
+        _write_safety_checker(root, seed)
     version = diffusers.__version__
     _write_json(root / "scheduler" / "scheduler_config.json",
                 {**SCHEDULER_CONFIG, "_diffusers_version": version})
     _write_json(root / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": version,
-        "feature_extractor": [None, None], "safety_checker": [None, None],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"] if safety_checker else [None, None],
+        "safety_checker": (["stable_diffusion", "StableDiffusionSafetyChecker"] if safety_checker
+                           else [None, None]),
         # Not a pipeline component: real SD folders have no image encoder (DESIGN.md §4); the
         # runtime loads image_encoder/ itself, standing in for a separate CLIP ViT-B/32 folder.
         "image_encoder": [None, None],
-        "requires_safety_checker": False,
+        "requires_safety_checker": bool(safety_checker),
         "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -217,7 +244,7 @@ def _build(root: pathlib.Path, seed: int) -> None:
     })
 
 
-def make_tiny_model(out_dir, seed: int = 0, *, overwrite: bool = False) -> pathlib.Path:
+def make_tiny_model(out_dir, seed: int = 0, *, overwrite: bool = False, safety_checker: bool = False) -> pathlib.Path:
     """Write the tiny random SD 1.x folder to `out_dir` and return its path.
 
     Same `seed` -> byte-identical files. Atomic: built in a temp folder next to `out_dir`, then
@@ -235,7 +262,7 @@ def make_tiny_model(out_dir, seed: int = 0, *, overwrite: bool = False) -> pathl
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars for a 5 MB model
     try:
-        _build(tmp, seed)
+        _build(tmp, seed, safety_checker)
         # mkdtemp makes 0700 and safetensors writes come out 0600; a model folder is shared data.
         for p in [tmp, *tmp.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
@@ -289,7 +316,9 @@ def write_demo_photos(folder: pathlib.Path, n: int = 4, seed: int = 0, size: int
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
 @click.option("--photos", type=click.Path(path_type=pathlib.Path), default=None,
               help="Also write a few synthetic face-like photos to this folder, to train the demo on.")
-def main(out: pathlib.Path, seed: int, force: bool, photos: pathlib.Path | None) -> None:
+@click.option("--safety-checker", is_flag=True,
+              help="Also write a tiny safety_checker/ + feature_extractor/ (as real SD folders have; it flags nothing).")
+def main(out: pathlib.Path, seed: int, force: bool, photos: pathlib.Path | None, safety_checker: bool) -> None:
     """Write a tiny RANDOM Stable-Diffusion-1.x model folder to OUT, for tests and the demo.
 
     It is NOT a real model: weights are random, so images are noise. It has the exact diffusers
@@ -298,7 +327,7 @@ def main(out: pathlib.Path, seed: int, force: bool, photos: pathlib.Path | None)
     without downloading anything. For real results point --model at a real SD 1.x/2.x folder.
     """
     try:
-        path = make_tiny_model(out, seed=seed, overwrite=force)
+        path = make_tiny_model(out, seed=seed, overwrite=force, safety_checker=safety_checker)
     except FileExistsError:
         raise click.ClickException(f"{out} exists and is not empty; use --force to replace it") from None
     except OSError as exc:
