@@ -93,20 +93,11 @@ def peers(model: pathlib.Path, *, steps: int, reps: int, images: int,
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
 
-    def timed(fn, n=reps, warmup=3):
+    def timed(fn, n=reps, warmup=3):  # CUDA events, p20/p50/p80 (one timing helper for the GPU benches)
+        from bench_kernels import timed as events_timed
+
         with torch.inference_mode():
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize()
-            ms = []
-            for _ in range(n):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ms.append(a.elapsed_time(b))
-        return gpu_ours.pcts(ms)
+            return events_timed(torch, fn, n, True, warmup=warmup)
 
     def eager():
         torch.cuda.reset_peak_memory_stats()

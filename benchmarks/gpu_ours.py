@@ -53,16 +53,12 @@ def _peak(torch) -> dict:
 
 def replay_ms(torch, loop, reps: int) -> dict:
     """One graph replay = one whole denoising step; timed singly with CUDA events."""
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        loop.graph.replay() if loop.graph is not None else loop._step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    loop.step.zero_()  # the counter ran on: reset it (replays read coefficient rows >= steps otherwise)
-    return pcts(times)
+    from bench_kernels import timed
+
+    try:
+        return timed(torch, loop.graph.replay if loop.graph is not None else loop._step, reps, True, warmup=0)
+    finally:
+        loop.step.zero_()  # the counter ran on: reset it (replays read coefficient rows >= steps otherwise)
 
 
 def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: int, size: int, reference=None,

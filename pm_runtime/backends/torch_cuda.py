@@ -30,6 +30,7 @@ from ..bundle import Bundle
 from ..errors import UserError
 from ..specs import NETWORKS, OPTIONAL_NETWORKS, UNET, VAE_DECODER
 from .base import Backend, DenoiseJob
+from .torch import TorchNetwork  # numpy in, numpy out around a module on the device
 
 INSTALL_HINT = ("the torch-cuda backend needs PyTorch with CUDA, diffusers and transformers: install the CUDA "
                 "build of torch, then pip install 'personamagic-runtime[train,kernels]'")
@@ -39,26 +40,6 @@ TORCH_FORMAT = "torch"
 def _has_torch_weights(bundle: Bundle) -> bool:
     return all(any(c[F.CK_NETWORK] == n and c[F.CK_FORMAT] == TORCH_FORMAT for c in bundle.components)
                for n in NETWORKS)
-
-
-class TorchCudaNetwork:
-    """numpy in, numpy out around a module on the device (text encoder, VAE; the UNet for tests)."""
-
-    def __init__(self, module, input_names, output_names, device, dtype):
-        self.module, self.input_names, self.output_names = module, input_names, output_names
-        self.device, self.dtype = device, dtype
-
-    def run(self, inputs):
-        import torch
-
-        args = []
-        for n in self.input_names:
-            t = torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device)
-            args.append(t.to(self.dtype) if t.is_floating_point() else t)
-        with torch.inference_mode():
-            outs = self.module(*args)
-        outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-        return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
 
 
 class TorchCudaBackend(Backend):
@@ -149,7 +130,7 @@ class TorchCudaBackend(Backend):
             from ..modeling.graphs import tiled_decoding
 
             tiled_decoding(module)
-        net = TorchCudaNetwork(module, spec.input_names, spec.output_names, self.torch_device, self.torch_dtype)
+        net = TorchNetwork(module, spec.input_names, spec.output_names, self.torch_device, self.torch_dtype)
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
         return net
