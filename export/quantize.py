@@ -1,0 +1,251 @@
+"""int8 UNet graphs for onnxruntime's CPU provider (pm-export --int8).
+
+    facts = quantize_unet_int8(Path("bundle/unet.onnx"), Path("out/unet.onnx"), mode="dynamic-matmul")
+
+The result has the same inputs and outputs as the fp32 graph (float32 IO), so the runtime loads
+it like any unet.onnx: no session option is needed (onnxruntime's default graph optimisation
+fuses the quantize/MatMulInteger/scale chains into DynamicQuantizeMatMul).
+
+Modes (what each writes; which one pays on a given CPU is measured by benchmarks/bench_int8.py):
+  dynamic-matmul      onnxruntime.quantization.quantize_dynamic on MatMul nodes with a constant
+                      weight: int8 weights (per output column with per_channel=True), uint8
+                      activations quantized at run time (DynamicQuantizeLinear) -> MatMulInteger,
+                      fused to com.microsoft DynamicQuantizeMatMul by the session.
+  dynamic-matmul-conv the same on MatMul and Conv (Conv -> ConvInteger).
+  nbits8              MatMul with a constant weight -> com.microsoft MatMulNBits, 8 bits, blocks
+                      of `block_size` along K, accuracy_level 4 (activations quantized to int8
+                      per block at run time, int8 dot products).
+  nbits8-fp32         the same with accuracy_level 0: the weight is dequantised inside the
+                      kernel, compute stays fp32 (memory, not speed).
+  weight-only-qdq     every Conv and MatMul weight stored as int8 (symmetric, per output channel)
+                      behind a standard DequantizeLinear: the file is ~4x smaller, compute stays
+                      fp32 (onnxruntime keeps DequantizeLinear unfolded, so it runs every call).
+
+Quantize AFTER export/optimize.py's fp32 pass, never before: the attention fusion
+(MultiHeadAttention) matches MatMul nodes and finds none in an already-quantized graph.
+
+Writing is atomic: the graph (and `<dst>.data` when the weights are external) is written into a
+temporary folder beside `dst`, then renamed into place, the data file first and the graph last;
+a failure removes the temporary folder and leaves no `dst`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+from pm_runtime.errors import UserError
+
+MODES = ("dynamic-matmul", "dynamic-matmul-conv", "nbits8", "nbits8-fp32", "weight-only-qdq")
+DEFAULT_MODE = "dynamic-matmul"
+UNET_INPUTS = ("sample", "timestep", "c_k", "c_v")
+UNET_OUTPUTS = ("noise_pred",)
+_QUANT_OPS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulNBits",
+              "DequantizeLinear", "QuantizeLinear")
+
+
+def _op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _const_weight_nodes(model: onnx.ModelProto, op_types: tuple[str, ...]) -> list[onnx.NodeProto]:
+    """Nodes of `op_types` whose weight (input 1) is a float32 initializer."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type in op_types and len(n.input) > 1
+            and n.input[1] in inits and inits[n.input[1]].data_type == TensorProto.FLOAT]
+
+
+def _files_size(files) -> int:
+    return sum(Path(f).stat().st_size for f in files if Path(f).is_file())
+
+
+def _check_source(src: Path, mode: str) -> onnx.ModelProto:
+    if mode not in MODES:
+        raise UserError(f"unknown int8 mode {mode!r}; choose one of {', '.join(MODES)}")
+    if not src.is_file():
+        raise UserError(f"{src} does not exist")
+    try:
+        graph = onnx.load(str(src), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise UserError(f"{src} is not an ONNX graph ({type(e).__name__})") from None
+    ins = [i.name for i in graph.graph.input]
+    outs = [o.name for o in graph.graph.output]
+    if tuple(ins) != UNET_INPUTS or tuple(outs) != UNET_OUTPUTS:
+        raise UserError(f"{src.name} is not a UNet graph (inputs {ins}, outputs {outs}; expected "
+                        f"{list(UNET_INPUTS)} -> {list(UNET_OUTPUTS)})")
+    ops = ("MatMul", "Conv") if mode in ("dynamic-matmul-conv", "weight-only-qdq") else ("MatMul",)
+    if not _const_weight_nodes(graph, ops):
+        raise UserError(f"{src.name} has no {' or '.join(ops)} node with a float32 constant weight: "
+                        f"nothing to quantize (is it already quantized, or fp16?)")
+    if any(o.op_type in ("MatMulInteger", "ConvInteger", "MatMulNBits", "DynamicQuantizeLinear")
+           for o in graph.graph.node):
+        raise UserError(f"{src.name} is already quantized")
+    return graph
+
+
+# ------------------------------------------------------------------ the modes
+def _dynamic(src: Path, out: Path, external: bool, op_types: list[str], per_channel: bool,
+             reduce_range: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(out), op_types_to_quantize=op_types, per_channel=per_channel,
+                     reduce_range=reduce_range, weight_type=QuantType.QInt8, use_external_data_format=external,
+                     extra_options={"MatMulConstBOnly": True,
+                                    "DefaultTensorType": onnx.TensorProto.FLOAT})  # contrib ops defeat shape inference
+
+
+def _nbits(src: Path, out: Path, external: bool, accuracy_level: int, block_size: int) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))  # weights included (the quantizer reads them)
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                             op_types_to_quantize=("MatMul",))
+    q.process()
+    q.model.save_model_to_file(str(out), use_external_data_format=external)
+
+
+def _weight_only_qdq(src: Path, out: Path, external: bool) -> int:
+    """Conv (axis 0) and MatMul (axis 1) float weights -> int8 + per-channel scale -> DequantizeLinear."""
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    targets = _const_weight_nodes(model, ("Conv", "MatMul"))
+    done: dict[str, str] = {}
+    new_inits, dq_nodes, rewired = [], [], 0
+    for node in targets:
+        name = node.input[1]
+        if name in done:
+            node.input[1] = done[name]
+            rewired += 1
+            continue
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        if node.op_type == "MatMul" and w.ndim != 2:
+            continue
+        axis = 0 if node.op_type == "Conv" else 1
+        red = tuple(d for d in range(w.ndim) if d != axis)
+        amax = np.abs(w).max(axis=red)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        qn, sn, zn, dn = f"{name}_int8", f"{name}_scale", f"{name}_zero", f"{name}_dq"
+        new_inits += [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn),
+                      numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), zn)]
+        dq_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dn], name=f"{name}_DequantizeLinear",
+                                         axis=axis))
+        done[name] = dn
+        node.input[1] = dn
+        rewired += 1
+    used = {i for n in model.graph.node for i in n.input}
+    for name in done:
+        if name not in used:
+            model.graph.initializer.remove(inits[name])
+    model.graph.initializer.extend(new_inits)
+    nodes = list(dq_nodes) + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _save(model, out, external)
+    return rewired
+
+
+def _save(model: onnx.ModelProto, out: Path, external: bool) -> None:
+    if external:
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(out))
+
+
+# ------------------------------------------------------------------ entry point
+def quantize_unet_int8(src_onnx: Path, dst_onnx: Path, *, mode: str = DEFAULT_MODE, per_channel: bool = False,
+                       reduce_range: bool = False, block_size: int = 64, external_data: str = "auto",
+                       log: Callable[[str], None] | None = None) -> dict:
+    """Write an int8 version of the fp32 UNet graph `src_onnx` to `dst_onnx` (+ `dst_onnx.data`).
+
+    `src_onnx` is not modified; `dst_onnx` must be another path. external_data: "auto" (external
+    when the source's weights are), "always" or "never". Returns facts for the manifest:
+    mode, options, quantized node count, op counts changed, sizes before/after (bytes), seconds.
+    Raises UserError for a graph that is not a float UNet with something to quantize."""
+    src, dst = Path(src_onnx).absolute(), Path(dst_onnx).absolute()
+    if src == dst:
+        raise UserError("quantize_unet_int8 writes a new file: dst must differ from src")
+    if external_data not in ("auto", "always", "never"):
+        raise UserError("external_data must be auto, always or never")
+    t0 = time.perf_counter()
+    graph = _check_source(src, mode)
+    src_external = any(uses_external_data(t) for t in graph.graph.initializer)
+    external = external_data == "always" or (external_data == "auto" and src_external)
+    src_files = [src, *({src.parent / e.value for t in graph.graph.initializer if uses_external_data(t)
+                         for e in t.external_data if e.key == "location"})]
+    before = _op_counts(graph)
+    del graph
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        out = tmp / dst.name
+        quiet = logging.getLogger("root").level
+        logging.getLogger().setLevel(max(quiet, logging.ERROR))  # the quantizers log every node at INFO
+        try:
+            if mode == "dynamic-matmul":
+                _dynamic(src, out, external, ["MatMul"], per_channel, reduce_range)
+            elif mode == "dynamic-matmul-conv":
+                _dynamic(src, out, external, ["MatMul", "Conv"], per_channel, reduce_range)
+            elif mode in ("nbits8", "nbits8-fp32"):
+                _nbits(src, out, external, 4 if mode == "nbits8" else 0, block_size)
+            else:
+                rewired = _weight_only_qdq(src, out, external)
+        finally:
+            logging.getLogger().setLevel(quiet)
+        result = onnx.load(str(out), load_external_data=False)
+        after = _op_counts(result)
+        ins = [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in result.graph.input]
+        outs = [o.name for o in result.graph.output]
+        if tuple(n for n, _ in ins) != UNET_INPUTS or tuple(outs) != UNET_OUTPUTS:
+            raise RuntimeError(f"quantization changed the graph's IO: {ins} -> {outs}")
+        del result
+        written = [p for p in (out, tmp / (dst.name + ".data")) if p.is_file()]
+        if mode == "weight-only-qdq":  # the float ops stay; their weights come from DequantizeLinear
+            quantized = rewired
+        else:
+            quantized = sum(after.get(op, 0) - before.get(op, 0) for op in ("MatMulInteger", "ConvInteger",
+                                                                             "MatMulNBits"))
+        facts = {
+            "mode": mode, "per_channel": per_channel, "reduce_range": reduce_range,
+            "block_size": block_size if mode.startswith("nbits") else None,
+            "external_data": external, "quantized_nodes": quantized,
+            "op_counts_changed": {k: [before.get(k, 0), after.get(k, 0)]
+                                  for k in sorted(set(before) | set(after))
+                                  if before.get(k, 0) != after.get(k, 0)},
+            "bytes_before": _files_size(src_files), "bytes_after": _files_size(written),
+            "files": [dst.name, *([dst.name + ".data"] if len(written) > 1 else [])],
+        }
+        import onnxruntime
+
+        facts["tool"] = f"onnxruntime.quantization {onnxruntime.__version__}"
+        if quantized == 0:
+            raise UserError(f"{src.name}: onnxruntime quantized no node in mode {mode}")
+        # Into place: data first, graph last (a dst graph only ever points at complete data).
+        stale = dst.with_name(dst.name + ".data")
+        if len(written) == 1 and stale.exists():
+            stale.unlink()  # an older external-data result beside an inline one
+        for p in reversed(written):
+            os.replace(p, dst.parent / p.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    facts["seconds"] = round(time.perf_counter() - t0, 2)
+    if log:
+        log(f"  int8 ({mode}): {quantized} nodes quantized, {facts['bytes_before'] / 2**20:.1f} -> "
+            f"{facts['bytes_after'] / 2**20:.1f} MiB in {facts['seconds']:.1f} s")
+    return facts
