@@ -19,10 +19,15 @@ Drift (int8 vs the fp32 variant, computed by the parent from the saved arrays):
   step_*: one UNet call on the same input: max abs, mean abs, relative L2 (|a-b| / |b|)
   latents_psnr_db: final latents after the whole trajectory, peak = fp32 latents' max - min
   image_psnr_db / image_max_abs: the decoded uint8 images (peak 255)
+static-qdq*: calibrated on the UNet feeds of one fp32 image with another prompt and seed
+(--work/calibration.npz, --steps feeds).
 Speed under load: the machine is shared, so each int8 variant is ALSO timed in an A/B child
 that holds the fp32 and the int8 session and alternates calls (ab_fp32_ms_p50, ab_int8_ms_p50,
 ab_speedup_p50): both see the same background load. `other_cpu_frac` is the share of all CPUs
-other processes used while the variant's child ran; loadavg is /proc/loadavg before and after.
+other processes used while the variant's child ran; loadavg is /proc/loadavg before and after;
+--wait-quiet waits for other processes to go idle before each timed child. Measured here: with
+another process busy on one of the 2 cores, the fp32 step went from ~0.97 s to ~2.5 s (the two
+intra-op threads wait on the starved one), so only records with other_cpu_frac near 0 compare.
 
   python benchmarks/bench_int8.py --bundle /tmp/pm-bench-run/bundle-tiny-fp32 --work /tmp/int8-tiny \\
       --out /tmp/int8-tiny.jsonl                                                   # seconds
@@ -58,7 +63,10 @@ VARIANTS = {
     "nbits8": ("nbits8", {}),
     "nbits8-fp32": ("nbits8-fp32", {}),
     "weight-only-qdq": ("weight-only-qdq", {}),
+    "static-qdq": ("static-qdq", {"per_channel": True}),
+    "static-qdq-conv": ("static-qdq-conv", {"per_channel": True}),
 }
+CALIBRATION_PROMPT = "a portrait photo of a person in a park"  # not the measured prompt / latents
 REFERENCE = "fp32"
 
 
@@ -106,8 +114,17 @@ def child_quantize(args: dict) -> dict:
 
     from pm_export.quantize import quantize_unet_int8
 
+    calibration = None
+    if args.get("calibration"):
+        import numpy as np
+
+        with np.load(args["calibration"]) as z:
+            n = len(z.files) // 4
+            calibration = [{k: z[f"{i}_{k}"] for k in ("sample", "timestep", "c_k", "c_v")} for i in range(n)]
     facts = quantize_unet_int8(pathlib.Path(args["src"]), pathlib.Path(args["dst"]), mode=args["mode"],
-                               **args["options"])
+                               calibration=calibration, **args["options"])
+    if calibration:
+        facts["calibration_feeds"] = len(calibration)
     facts["quantize_peak_rss_gib"] = _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return facts
 
@@ -117,8 +134,10 @@ def _backend(bundle, unet_path: str, threads):
     from pm_runtime.specs import UNET
 
     class Backend(OnnxRuntimeBackend):
-        """The bundle's text encoder and VAE decoder, the UNet from `unet_path`."""
+        """The bundle's text encoder and VAE decoder, the UNet from `unet_path`; `record`: a list
+        that collects every UNet feed."""
         last_latents = None
+        record = None
 
         def _load(self, network):
             if network != UNET:
@@ -127,11 +146,44 @@ def _backend(bundle, unet_path: str, threads):
             return OrtNetwork(sess, [o.name for o in sess.get_outputs()])
 
         def denoise(self, unet, job):
+            if self.record is not None:
+                unet = _Recorder(unet, self.record)
             x = super().denoise(unet, job)
             self.last_latents = x
             return x
 
     return Backend(bundle, threads=threads)
+
+
+class _Recorder:
+    def __init__(self, net, record: list):
+        self.net, self.record = net, record
+
+    def run(self, inputs):
+        self.record.append({k: v.copy() for k, v in inputs.items()})
+        return self.net.run(inputs)
+
+
+def child_calibrate(args: dict) -> dict:
+    """UNet feeds of one fp32 image (another prompt and seed than the measured one) -> npz."""
+    import numpy as np
+
+    from pm_runtime.bundle import open_bundle
+    from pm_runtime.pipeline import Pipeline
+
+    bundle = open_bundle(pathlib.Path(args["bundle"]), verify=False)
+    backend = _backend(bundle, args["unet"], args["threads"])
+    backend.record = []
+    pipe = Pipeline(bundle, backend, safety_checker=False)
+    side = args["resolution"]
+    pipe.generate(CALIBRATION_PROMPT, seed=args["seed"] + 1, height=side, width=side, steps=args["steps"],
+                  guidance=8.0, allow_no_concept=True)
+    out = pathlib.Path(args["save"])
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, **{f"{i}_{k}": v for i, feed in enumerate(backend.record) for k, v in feed.items()})
+    os.replace(tmp, out)
+    return {"calibration_feeds": len(backend.record), "calibration_prompt": CALIBRATION_PROMPT,
+            "calibration_seed": args["seed"] + 1}
 
 
 def child_measure(args: dict) -> dict:
@@ -209,7 +261,7 @@ def child_ab(args: dict) -> dict:
             "ab_speedup_p50": round(p["fp32"]["p50"] / p["int8"]["p50"], 3)}
 
 
-CHILDREN = {"quantize": child_quantize, "measure": child_measure, "ab": child_ab}
+CHILDREN = {"quantize": child_quantize, "measure": child_measure, "ab": child_ab, "calibrate": child_calibrate}
 
 
 def _cpu_s() -> tuple[float, float]:
@@ -223,7 +275,20 @@ def _cpu_s() -> tuple[float, float]:
     return busy, mine
 
 
-def run_child(kind: str, args: dict) -> dict:
+def wait_quiet(limit_s: float, window_s: float = 5.0, frac: float = 0.1, windows: int = 3) -> float:
+    """Wait (at most limit_s) until other processes use < frac of the CPUs in `windows` windows in a
+    row; seconds waited."""
+    t0, quiet = time.perf_counter(), 0
+    while time.perf_counter() - t0 < limit_s and quiet < windows:
+        b0, m0 = _cpu_s()
+        time.sleep(window_s)
+        b1, m1 = _cpu_s()
+        quiet = quiet + 1 if (b1 - b0) - (m1 - m0) < frac * window_s * os.cpu_count() else 0
+    return round(time.perf_counter() - t0, 1)
+
+
+def run_child(kind: str, args: dict, quiet_s: float = 0.0) -> dict:
+    waited = wait_quiet(quiet_s) if quiet_s else 0.0
     b0, m0 = _cpu_s()
     load0, t0 = _loadavg(), time.perf_counter()
     r = subprocess.run([sys.executable, __file__, "_child", kind, json.dumps(args)], capture_output=True, text=True)
@@ -232,7 +297,7 @@ def run_child(kind: str, args: dict) -> dict:
     others = max(0.0, (b1 - b0) - (m1 - m0))
     for line in r.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return {"status": "ok", **json.loads(line[len(RESULT_TAG):]), "wall_s": round(wall, 1),
+            return {"status": "ok", **json.loads(line[len(RESULT_TAG):]), "wall_s": round(wall, 1), "quiet_wait_s": waited,
                     "loadavg": [load0, _loadavg()], "other_cpu_frac": round(others / (wall * os.cpu_count()), 3)}
     return {"status": "error", "wall_s": round(wall, 1), "error": (r.stderr or r.stdout).strip().splitlines()[-5:]}
 
@@ -299,6 +364,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=233)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: its own]")
+    p.add_argument("--wait-quiet", type=float, default=0.0,
+                   help="before each timed child wait up to this many seconds for other processes to go idle")
     p.add_argument("--no-ab", action="store_true", help="skip the alternating fp32/int8 timing child")
     p.add_argument("--requantize", action="store_true", help="quantize again even when --work has the graph")
     p.add_argument("--commit", default=None, help="record this commit instead of git's HEAD")
@@ -327,8 +394,19 @@ def main(argv=None) -> int:
         if mode is not None:
             facts_file = vdir / "quantize.json"
             if a.requantize or not path.is_file() or not facts_file.is_file():
+                calib = None
+                if mode.startswith("static"):
+                    calib = a.work / "calibration.npz"
+                    if not calib.is_file():
+                        print("recording calibration feeds (fp32 UNet, another prompt and seed) ...", flush=True)
+                        c = run_child("calibrate", {**common, "unet": str(src), "save": str(calib)})
+                        if c["status"] != "ok":
+                            print(json.dumps({**rec, **c}), flush=True)
+                            status = 1
+                            continue
                 print(f"quantizing {v} ...", flush=True)
-                q = run_child("quantize", {"src": str(src), "dst": str(path), "mode": mode, "options": options})
+                q = run_child("quantize", {"src": str(src), "dst": str(path), "mode": mode, "options": options,
+                                           "calibration": str(calib) if calib else None})
                 if q["status"] != "ok":
                     print(json.dumps({**rec, **q}), flush=True)
                     status = 1
@@ -341,7 +419,7 @@ def main(argv=None) -> int:
             size = sum((bundle / f).stat().st_size for f in [unet["file"], *[d["file"] for d in unet["data_files"]]])
         rec["size_gb"] = round(size / 1e9, 3)
         print(f"measuring {v} ...", flush=True)
-        m = run_child("measure", {**common, "unet": str(path), "save": str(vdir)})
+        m = run_child("measure", {**common, "unet": str(path), "save": str(vdir)}, a.wait_quiet)
         rec.update(m)
         if m["status"] != "ok":
             status = 1
@@ -353,7 +431,7 @@ def main(argv=None) -> int:
                 rec["speedup_vs_fp32_p50"] = round(ref_ms / m["ms_p50"], 3)
             if not a.no_ab:
                 print(f"A/B timing {v} against fp32 ...", flush=True)
-                ab = run_child("ab", {**common, "fp32": str(src), "int8": str(path)})
+                ab = run_child("ab", {**common, "fp32": str(src), "int8": str(path)}, a.wait_quiet)
                 rec["ab"] = ab
         line = json.dumps(rec)
         print(line, flush=True)

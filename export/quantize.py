@@ -20,6 +20,11 @@ Modes (what each writes; which one pays on a given CPU is measured by benchmarks
   weight-only-qdq     every Conv and MatMul weight stored as int8 (symmetric, per output channel)
                       behind a standard DequantizeLinear: the file is ~4x smaller, compute stays
                       fp32 (onnxruntime keeps DequantizeLinear unfolded, so it runs every call).
+  static-qdq          onnxruntime.quantization.quantize_static, QDQ format, Conv and MatMul:
+                      int8 per-channel weights, uint8 activations with FIXED ranges (MinMax over
+                      `calibration`, a list of UNet feeds recorded from fp32 denoising steps);
+                      the session fuses DQ -> Conv -> Q into QLinearConv (and QLinearMatMul).
+  static-qdq-conv     the same on Conv only.
 
 Quantize AFTER export/optimize.py's fp32 pass, never before: the attention fusion
 (MultiHeadAttention) matches MatMul nodes and finds none in an already-quantized graph.
@@ -47,7 +52,9 @@ from onnx.external_data_helper import uses_external_data
 
 from pm_runtime.errors import UserError
 
-MODES = ("dynamic-matmul", "dynamic-matmul-conv", "nbits8", "nbits8-fp32", "weight-only-qdq")
+MODES = ("dynamic-matmul", "dynamic-matmul-conv", "nbits8", "nbits8-fp32", "weight-only-qdq", "static-qdq",
+         "static-qdq-conv")
+CALIBRATED = ("static-qdq", "static-qdq-conv")  # need `calibration`: UNet feeds from fp32 denoising steps
 DEFAULT_MODE = "dynamic-matmul"
 UNET_INPUTS = ("sample", "timestep", "c_k", "c_v")
 UNET_OUTPUTS = ("noise_pred",)
@@ -84,7 +91,7 @@ def _check_source(src: Path, mode: str) -> onnx.ModelProto:
     if tuple(ins) != UNET_INPUTS or tuple(outs) != UNET_OUTPUTS:
         raise UserError(f"{src.name} is not a UNet graph (inputs {ins}, outputs {outs}; expected "
                         f"{list(UNET_INPUTS)} -> {list(UNET_OUTPUTS)})")
-    ops = ("MatMul", "Conv") if mode in ("dynamic-matmul-conv", "weight-only-qdq") else ("MatMul",)
+    ops = ("MatMul",) if mode in ("dynamic-matmul", "nbits8", "nbits8-fp32") else ("MatMul", "Conv")
     if not _const_weight_nodes(graph, ops):
         raise UserError(f"{src.name} has no {' or '.join(ops)} node with a float32 constant weight: "
                         f"nothing to quantize (is it already quantized, or fp16?)")
@@ -115,18 +122,17 @@ def _nbits(src: Path, out: Path, external: bool, accuracy_level: int, block_size
     q.model.save_model_to_file(str(out), use_external_data_format=external)
 
 
-def _weight_only_qdq(src: Path, out: Path, external: bool) -> int:
+def _weight_only_qdq(src: Path, out: Path, external: bool) -> None:
     """Conv (axis 0) and MatMul (axis 1) float weights -> int8 + per-channel scale -> DequantizeLinear."""
     model = onnx.load(str(src))
     inits = {t.name: t for t in model.graph.initializer}
     targets = _const_weight_nodes(model, ("Conv", "MatMul"))
     done: dict[str, str] = {}
-    new_inits, dq_nodes, rewired = [], [], 0
+    new_inits, dq_nodes = [], []
     for node in targets:
         name = node.input[1]
         if name in done:
             node.input[1] = done[name]
-            rewired += 1
             continue
         w = numpy_helper.to_array(inits[name]).astype(np.float32)
         if node.op_type == "MatMul" and w.ndim != 2:
@@ -145,7 +151,6 @@ def _weight_only_qdq(src: Path, out: Path, external: bool) -> int:
                                          axis=axis))
         done[name] = dn
         node.input[1] = dn
-        rewired += 1
     used = {i for n in model.graph.node for i in n.input}
     for name in done:
         if name not in used:
@@ -155,7 +160,6 @@ def _weight_only_qdq(src: Path, out: Path, external: bool) -> int:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     _save(model, out, external)
-    return rewired
 
 
 def _save(model: onnx.ModelProto, out: Path, external: bool) -> None:
@@ -166,15 +170,42 @@ def _save(model: onnx.ModelProto, out: Path, external: bool) -> None:
         onnx.save_model(model, str(out))
 
 
+def _static(src: Path, out: Path, external: bool, op_types: list[str], per_channel: bool, reduce_range: bool,
+            calibration) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self, feeds):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(src), str(out), Feeds(calibration), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    use_external_data_format=external, calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def _dq_fed(model: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
+    """Nodes of op_types whose weight comes from a DequantizeLinear (QDQ formats)."""
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in model.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in dq)
+
+
 # ------------------------------------------------------------------ entry point
 def quantize_unet_int8(src_onnx: Path, dst_onnx: Path, *, mode: str = DEFAULT_MODE, per_channel: bool = False,
                        reduce_range: bool = False, block_size: int = 64, external_data: str = "auto",
-                       log: Callable[[str], None] | None = None) -> dict:
+                       calibration=None, log: Callable[[str], None] | None = None) -> dict:
     """Write an int8 version of the fp32 UNet graph `src_onnx` to `dst_onnx` (+ `dst_onnx.data`).
 
     `src_onnx` is not modified; `dst_onnx` must be another path. external_data: "auto" (external
     when the source's weights are), "always" or "never". Returns facts for the manifest:
     mode, options, quantized node count, op counts changed, sizes before/after (bytes), seconds.
+    `calibration` (static-qdq modes only): a sequence of UNet feeds {sample, timestep, c_k, c_v}
+    (numpy float32), e.g. recorded from a few fp32 denoising steps.
     Raises UserError for a graph that is not a float UNet with something to quantize."""
     src, dst = Path(src_onnx).absolute(), Path(dst_onnx).absolute()
     if src == dst:
@@ -183,6 +214,12 @@ def quantize_unet_int8(src_onnx: Path, dst_onnx: Path, *, mode: str = DEFAULT_MO
         raise UserError("external_data must be auto, always or never")
     t0 = time.perf_counter()
     graph = _check_source(src, mode)
+    if mode in CALIBRATED:
+        calibration = list(calibration or [])
+        if not calibration:
+            raise UserError(f"int8 mode {mode} needs calibration feeds (UNet inputs from fp32 denoising steps)")
+    elif calibration is not None:
+        raise UserError(f"int8 mode {mode} takes no calibration feeds")
     src_external = any(uses_external_data(t) for t in graph.graph.initializer)
     external = external_data == "always" or (external_data == "auto" and src_external)
     src_files = [src, *({src.parent / e.value for t in graph.graph.initializer if uses_external_data(t)
@@ -200,10 +237,13 @@ def quantize_unet_int8(src_onnx: Path, dst_onnx: Path, *, mode: str = DEFAULT_MO
                 _dynamic(src, out, external, ["MatMul"], per_channel, reduce_range)
             elif mode == "dynamic-matmul-conv":
                 _dynamic(src, out, external, ["MatMul", "Conv"], per_channel, reduce_range)
+            elif mode in CALIBRATED:
+                _static(src, out, external, ["Conv", "MatMul"] if mode == "static-qdq" else ["Conv"], per_channel,
+                        reduce_range, calibration)
             elif mode in ("nbits8", "nbits8-fp32"):
                 _nbits(src, out, external, 4 if mode == "nbits8" else 0, block_size)
             else:
-                rewired = _weight_only_qdq(src, out, external)
+                _weight_only_qdq(src, out, external)
         finally:
             logging.getLogger().setLevel(quiet)
         result = onnx.load(str(out), load_external_data=False)
@@ -212,13 +252,13 @@ def quantize_unet_int8(src_onnx: Path, dst_onnx: Path, *, mode: str = DEFAULT_MO
         outs = [o.name for o in result.graph.output]
         if tuple(n for n, _ in ins) != UNET_INPUTS or tuple(outs) != UNET_OUTPUTS:
             raise RuntimeError(f"quantization changed the graph's IO: {ins} -> {outs}")
-        del result
         written = [p for p in (out, tmp / (dst.name + ".data")) if p.is_file()]
-        if mode == "weight-only-qdq":  # the float ops stay; their weights come from DequantizeLinear
-            quantized = rewired
+        if mode == "weight-only-qdq" or mode in CALIBRATED:  # QDQ: the float ops stay, fed by DequantizeLinear
+            quantized = _dq_fed(result, ("Conv", "MatMul", "Gemm"))
         else:
             quantized = sum(after.get(op, 0) - before.get(op, 0) for op in ("MatMulInteger", "ConvInteger",
                                                                              "MatMulNBits"))
+        del result
         facts = {
             "mode": mode, "per_channel": per_channel, "reduce_range": reduce_range,
             "block_size": block_size if mode.startswith("nbits") else None,
