@@ -19,10 +19,13 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
-
-from bench_train import environment  # noqa: E402  (commit, host, versions: one record header for all benches)
-from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept  # noqa: E402
+if __package__:  # imported as pm_bench.bench_export
+    from .random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
+    from .records import environment  # commit, device, versions: one record header for all benches
+else:  # run as a script: this tree's pm_runtime and the sibling modules
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
+    from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
+    from records import environment
 
 # The child's own high-water mark from /proc (VmHWM): ru_maxrss of a forked child also counts the
 # parent's peak on Linux, which would inflate the figure by the model the parent built.

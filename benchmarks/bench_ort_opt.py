@@ -35,7 +35,13 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+if __package__:  # imported as pm_bench.bench_ort_opt
+    from .random_models import make_sd15_shaped_model, make_tiny
+    from .records import environment, versions  # commit, device, versions: one record header for all benches
+else:  # run as a script (also each child): this tree's pm_runtime and the sibling modules
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
+    from random_models import make_sd15_shaped_model, make_tiny
+    from records import environment, versions
 
 VARIANTS = ("plain", "plain-noopt", "optimized", "plain-offline-all", "optimized-offline-all")
 
@@ -190,12 +196,6 @@ def run_child(task: str, **kw) -> dict:
 
 
 # ------------------------------------------------------------------ parent
-def _versions() -> dict:
-    from importlib import metadata
-
-    return {k: metadata.version(k) for k in ("onnxruntime", "onnx")}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
@@ -214,12 +214,9 @@ def main() -> int:
     p.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "ort-opt-cpu.jsonl")
     args = p.parse_args()
 
-    from bench_train import environment  # commit, host, versions: one record header for all benches
-    from random_models import make_sd15_shaped_model, make_tiny
-
     import numpy as np
 
-    env = {**environment("cpu", args.commit), **_versions()}
+    env = {**environment("cpu", args.commit), **versions(("onnxruntime", "onnx"))}
     tmp = tempfile.TemporaryDirectory(prefix="pm-bench-ortopt-")
     work = args.work_dir or pathlib.Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)

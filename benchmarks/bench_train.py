@@ -34,13 +34,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
 import gc
 import json
 import os
 import pathlib
-import platform
 import resource
 import shlex
 import shutil
@@ -54,9 +51,15 @@ import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
-for _p in (REPO, HERE):  # this tree's pm_runtime (also when it is not pip-installed) and random_models
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+if __package__:  # imported as pm_bench.bench_train (pm-bench --train, an installed wheel)
+    from .random_models import make_sd15_shaped_model, make_tiny
+    from .records import environment, git_state  # noqa: F401 (git_state: bench_kernels imports it from here)
+else:  # run as a script: this tree's pm_runtime (also when it is not pip-installed) and the sibling modules
+    for _p in (REPO, HERE):
+        if str(_p) not in sys.path:
+            sys.path.insert(0, str(_p))
+    from random_models import make_sd15_shaped_model, make_tiny
+    from records import environment, git_state  # noqa: F401
 
 VARIANTS = {
     # name: (precision, gradient_checkpointing, published, cuda_graph, channels_last)
@@ -168,73 +171,6 @@ def make_published(trainer, images_dir: pathlib.Path, warn) -> None:
 
     trainer.compute_loss = compute_loss  # optimizer_step() calls self.compute_loss
     trainer._published_parts = (vae, encoder, pixels)
-
-
-# ------------------------------------------------------------------ environment
-def _run_text(cmd: list[str], cwd=None) -> str | None:
-    try:
-        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
-def git_state(override: str | None, dirty: bool | None = None) -> tuple[str, bool | None]:
-    if override:
-        return override, dirty
-    commit = _run_text(["git", "rev-parse", "HEAD"], cwd=REPO)
-    if not commit:
-        return "unknown", None
-    porcelain = _run_text(["git", "status", "--porcelain"], cwd=REPO)
-    return commit, bool(porcelain) if porcelain is not None else None
-
-
-def host_cpu() -> str:
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name} x{os.cpu_count()}"
-
-
-def _nvidia_driver() -> str | None:
-    v = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"])
-    if v:
-        return v
-    with contextlib.suppress(OSError):  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15 ..."
-        words = pathlib.Path("/proc/driver/nvidia/version").read_text().split()
-        return next((w for w in words if w[:1].isdigit() and "." in w), None)
-    return None
-
-
-def environment(device: str, commit_override: str | None, dirty: bool | None = None) -> dict:
-    import diffusers
-    import numpy
-    import transformers
-
-    commit, dirty = git_state(commit_override, dirty)
-    env = {
-        "commit": commit, "dirty": dirty,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(), "host_cpu": host_cpu(), "os": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "numpy": numpy.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device == "cuda":
-        env.update({
-            "device_name": torch.cuda.get_device_name(0),
-            "device_capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-            "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
-            "driver": _nvidia_driver(),
-            "cuda_runtime": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-        })
-    else:
-        env.update({"device_name": "cpu: " + env["host_cpu"], "driver": None})
-    return env
 
 
 # ------------------------------------------------------------------ one variant
@@ -360,8 +296,6 @@ def run_variant_isolated(name: str, args, model_dir, images_dir) -> dict:
 
 # ------------------------------------------------------------------ model and images
 def prepare_model(args, root: pathlib.Path) -> tuple[pathlib.Path, float]:
-    from random_models import make_sd15_shaped_model, make_tiny
-
     t0 = time.perf_counter()
     if args.model == "tiny":
         path = make_tiny(root, seed=args.seed)

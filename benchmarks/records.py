@@ -1,0 +1,140 @@
+"""What every benchmark record carries, written once (STYLE.md: benchmarks are records).
+
+environment(device) is the header of every record: commit (+ whether the tree was dirty), date,
+CPU, OS, Python, library versions and the device (GPU name, capability, memory, NVIDIA driver,
+CUDA and cuDNN versions). No host name: records are committed and shared. The helpers below
+write records: percentiles, a one-write-per-line JSONL append, the default results folder.
+No torch import at module level (the CPU benches' children import it themselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import pathlib
+import platform
+import re
+import subprocess
+from importlib import metadata
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+LIBRARIES = ("torch", "diffusers", "transformers", "numpy", "triton", "onnxruntime")
+
+
+def _run_text(cmd: list[str], cwd=None) -> str | None:
+    try:
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def git_state(override: str | None, dirty: bool | None = None) -> tuple[str, bool | None]:
+    """(commit, dirty): `git rev-parse HEAD` of this tree, or `override` (a copied tree without
+    .git: the caller knows the commit; PM_COMMIT in the GPU scripts); ("unknown", None) without git."""
+    if override:
+        return override, dirty
+    commit = _run_text(["git", "rev-parse", "HEAD"], cwd=REPO)
+    if not commit:
+        return "unknown", None
+    porcelain = _run_text(["git", "status", "--porcelain"], cwd=REPO)
+    return commit, bool(porcelain) if porcelain is not None else None
+
+
+def host_cpu() -> str:
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} x{os.cpu_count()}"
+
+
+def nvidia_driver() -> str | None:
+    v = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"])
+    if v:
+        return v
+    with contextlib.suppress(OSError):  # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15 ..."
+        words = pathlib.Path("/proc/driver/nvidia/version").read_text().split()
+        return next((w for w in words if w[:1].isdigit() and "." in w), None)
+    return None
+
+
+def versions(names=LIBRARIES) -> dict:
+    """Installed versions (None where not installed), read from package metadata: no imports."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment(device: str, commit_override: str | None = None, dirty: bool | None = None) -> dict:
+    """The record header. device: "cpu" or "cuda" (/"cuda:N": GPU facts of that device)."""
+    commit, dirty = git_state(commit_override, dirty)
+    env = {"commit": commit, "dirty": dirty,
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "host_cpu": host_cpu(), "os": platform.platform(), "python": platform.python_version(), **versions()}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    if device.startswith("cuda"):
+        i = int(device.split(":")[1]) if ":" in device else 0
+        props = torch.cuda.get_device_properties(i)
+        env.update({
+            "device_name": props.name,
+            "device_capability": f"{props.major}.{props.minor}",
+            "device_memory_bytes": props.total_memory,
+            "driver": nvidia_driver(),
+            "cuda_runtime": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        })
+    else:
+        env.update({"device_name": "cpu: " + env["host_cpu"], "driver": None})
+    return env
+
+
+def pcts(values) -> dict:
+    """{"p20", "p50", "p80"} of `values` (numpy's linear-interpolation percentiles), 4 decimals."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": round(float(np.percentile(a, q)), 4) for q in (20, 50, 80)}
+
+
+def append_jsonl(path: pathlib.Path, records) -> None:
+    """Append each record as one JSON line with one write(2) on an O_APPEND descriptor: lines of
+    runs sharing a file do not interleave, and a crash loses at most the line being written."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for rec in records:
+            data = (json.dumps(rec, default=str) + "\n").encode()
+            while data:
+                data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def slug(text: str) -> str:
+    """A file-name part: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return re.sub(r"^nvidia-", "", s) or "unknown"
+
+
+def results_dir() -> pathlib.Path:
+    """benchmarks/results of this source tree; ./pm-bench-results when installed from a wheel
+    (never inside site-packages)."""
+    if (REPO / "pyproject.toml").is_file() and (HERE / "results").is_dir():
+        return HERE / "results"
+    return pathlib.Path.cwd() / "pm-bench-results"
