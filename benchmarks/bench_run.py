@@ -30,24 +30,31 @@ project's initial latents, so their images can be compared: `max_abs_diff_vs_pee
 The model (random weights, SD 1.5's shapes), an untrained concept and the fp32 bundle are built
 once into --cache and reused (the SD-1.5-shaped export takes minutes and ~9 GB here).
 
-  python benchmarks/bench_run.py --model tiny --steps 10 --runs 3                # seconds
-  python benchmarks/bench_run.py --model sd15 --resolution 256 --steps 10 --runs 3 \\
+  pm-bench --model tiny --steps 10 --runs 3                # seconds (= python benchmarks/bench_run.py ...)
+  pm-bench --model sd15 --resolution 256 --steps 10 --runs 3 \\
       --cache /tmp/pm-bench-run --out benchmarks/results/run-cpu.jsonl          # many minutes
+
+The options are pm-bench's (benchmarks/cli.py parses them into RunOptions; run() does the work).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
-import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+if __package__:  # imported as pm_bench.bench_run (pm-bench, an installed wheel)
+    from .random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
+    from .records import append_jsonl, environment, pcts, results_dir
+else:  # run as a script (also each variant's child process): this tree's pm_runtime, the sibling modules
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
+    from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
+    from records import append_jsonl, environment, pcts, results_dir
 
 SCHEMA = "pm-bench-run/1"
 VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached")
@@ -60,13 +67,6 @@ def _peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _pcts(xs: list[float]) -> dict:
-    import numpy as np
-
-    a = np.asarray(xs, dtype=np.float64)
-    return {f"p{q}": round(float(np.percentile(a, q)), 4) for q in (20, 50, 80)}
 
 
 # ------------------------------------------------------------------ children
@@ -133,10 +133,10 @@ def child(variant: str, args: dict) -> dict:
         times.append(time.perf_counter() - t)
         per_stage.append(stages)
     np.save(pathlib.Path(args["cache"]) / f"image-{variant}.npy", image)
-    rec.update({f"image_s_{k}": v for k, v in _pcts(times).items()})
+    rec.update({f"image_s_{k}": v for k, v in pcts(times).items()})
     if per_stage and per_stage[0]:
         for key in ("load_s", "text_encoder_s", "unet_step_ms", "vae_s"):
-            rec[f"{key}_p50"] = _pcts([s[key] for s in per_stage])["p50"]
+            rec[f"{key}_p50"] = pcts([s[key] for s in per_stage])["p50"]
     rec.update(n=len(times), times_s=[round(t, 3) for t in times], peak_rss_bytes=_peak_rss_bytes(),
                peak_mem_kind="ru_maxrss of the variant's own process (imports, load, warm-up, runs)")
     return rec
@@ -187,8 +187,6 @@ def run_child(variant: str, args: dict) -> dict:
 
 # ------------------------------------------------------------------ preparation (cached)
 def prepare(model: str, cache: pathlib.Path, log) -> tuple[pathlib.Path, pathlib.Path, dict]:
-    from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-
     facts: dict = {}
     t0 = time.perf_counter()
     model_dir = (make_sd15_shaped_model(cache / "model-sd15", seed=0, image_encoder=False) if model == "sd15"
@@ -215,51 +213,53 @@ def prepare(model: str, cache: pathlib.Path, log) -> tuple[pathlib.Path, pathlib
     return model_dir, bundle, facts
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=233)
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: its own]")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--cache", type=pathlib.Path, default=pathlib.Path("/tmp/pm-bench-run"))
-    p.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "run-cpu.jsonl")
-    p.add_argument("--commit", default=None, help="record this commit instead of git's HEAD")
-    p.add_argument("--prepare-only", action="store_true", help="build the cached model and bundle, run nothing")
-    p.add_argument("--wait-quiet", type=float, default=0.0,
-                   help="before each variant wait up to this many seconds for other processes to go idle")
-    p.add_argument("--max-other-frac", type=float, default=0.05,
-                   help="re-measure a variant when other processes took more than this share of the CPUs")
-    p.add_argument("--retries", type=int, default=0, help="how many times to re-measure a busy variant")
-    a = p.parse_args(argv)
-    from bench_train import environment
+@dataclass(frozen=True)
+class RunOptions:
+    """pm-bench's CPU run benchmark, as the command line gave it (benchmarks/cli.py)."""
 
-    a.cache.mkdir(parents=True, exist_ok=True)
-    model_dir, bundle, facts = prepare(a.model, a.cache, lambda m: print(m, flush=True))
-    if a.prepare_only:
-        print(f"ready: {model_dir} {bundle} {facts}")
-        return 0
-    env = environment("cpu", a.commit)
-    base = {"schema": SCHEMA, **env, "command": "python " + " ".join(map(shlex.quote, sys.argv)), "model": a.model,
-            "device": "cpu", "resolution": a.resolution, "steps": a.steps, "scheduler": "dpmpp-2m", "guidance": 8.0,
-            "batch": 1, "warmup": a.warmup, "prompt": PROMPT, "peer": PEER, **facts}
-    args = {"model": str(model_dir), "bundle": str(bundle), "resolution": a.resolution, "steps": a.steps,
-            "runs": a.runs, "warmup": a.warmup, "seed": a.seed, "threads": a.threads, "cache": str(a.cache),
-            "wait_quiet": a.wait_quiet}
+    model: str = "tiny"  # tiny | sd15
+    resolution: int = 256
+    steps: int = 10
+    runs: int = 3
+    warmup: int = 1
+    seed: int = 233
+    threads: int | None = None  # onnxruntime intra-op threads; None: its own default
+    variants: tuple[str, ...] = VARIANTS
+    cache: pathlib.Path = pathlib.Path("/tmp/pm-bench-run")
+    out: pathlib.Path | None = None  # None: results_dir() / "run-cpu.jsonl"
+    commit: str | None = None  # record this commit instead of git's HEAD
+    prepare_only: bool = False
+    wait_quiet: float = 0.0  # before each variant wait up to this many seconds for other processes to idle
+    max_other_frac: float = 0.05  # re-measure a variant when other processes took more of the CPUs
+    retries: int = 0  # how many times to re-measure a busy variant
+
+
+def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list[dict]:
+    """Prepare (cached), run each variant in its own process, append the records to o.out; the records."""
+    out = o.out or results_dir() / "run-cpu.jsonl"
+    o.cache.mkdir(parents=True, exist_ok=True)
+    model_dir, bundle, facts = prepare(o.model, o.cache, log)
+    if o.prepare_only:
+        log(f"ready: {model_dir} {bundle} {facts}")
+        return []
+    env = environment("cpu", o.commit)
+    base = {"schema": SCHEMA, **env, "command": command, "model": o.model,
+            "device": "cpu", "resolution": o.resolution, "steps": o.steps, "scheduler": "dpmpp-2m", "guidance": 8.0,
+            "batch": 1, "warmup": o.warmup, "prompt": PROMPT, "peer": PEER, **facts}
+    args = {"model": str(model_dir), "bundle": str(bundle), "resolution": o.resolution, "steps": o.steps,
+            "runs": o.runs, "warmup": o.warmup, "seed": o.seed, "threads": o.threads, "cache": str(o.cache),
+            "wait_quiet": o.wait_quiet}
     records = {}
-    for v in a.variants:
+    for v in o.variants:
         busy = []  # other_cpu_frac of attempts discarded because other processes took the CPUs
         while True:
-            print(f"running {v} ...", flush=True)
+            log(f"running {v} ...")
             rec = run_child(v, args)
             frac = rec.get("other_cpu_frac", 0.0)
-            if rec["status"] != "ok" or frac <= a.max_other_frac or len(busy) >= a.retries:
+            if rec["status"] != "ok" or frac <= o.max_other_frac or len(busy) >= o.retries:
                 break
             busy.append(frac)
-            print(f"  other processes used {frac:.0%} of the CPUs: measuring {v} again", flush=True)
+            log(f"  other processes used {frac:.0%} of the CPUs: measuring {v} again")
         records[v] = {**base, "variant": v, **rec, "discarded_busy_attempts": busy}
     peer = records.get(PEER)
     import numpy as np
@@ -268,18 +268,18 @@ def main(argv=None) -> int:
         if peer and peer["status"] == "ok" and rec["status"] == "ok":
             rec["speedup_vs_peer_p50"] = round(peer["image_s_p50"] / rec["image_s_p50"], 3)
             rec["peak_mem_vs_peer"] = round(rec["peak_rss_bytes"] / peer["peak_rss_bytes"], 3)
-            mine, theirs = (np.load(a.cache / f"image-{x}.npy").astype(np.int16) for x in (v, PEER))
+            mine, theirs = (np.load(o.cache / f"image-{x}.npy").astype(np.int16) for x in (v, PEER))
             rec["max_abs_diff_vs_peer"] = int(np.abs(mine - theirs).max())
-        line = json.dumps(rec)
-        print(line, flush=True)
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as f:
-            f.write(line + "\n")
-    return 0 if all(r["status"] == "ok" for r in records.values()) else 1
+        log(json.dumps(rec))
+        append_jsonl(out, [rec])
+    log(f"appended {len(records)} records to {out}")
+    return list(records.values())
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         print(RESULT_TAG + json.dumps(child(sys.argv[2], json.loads(sys.argv[3]))), flush=True)
-    else:
-        sys.exit(main())
+    else:  # python benchmarks/bench_run.py [OPTIONS] = pm-bench [OPTIONS]
+        from cli import main
+
+        sys.exit(main(sys.argv[1:], prog="python benchmarks/bench_run.py"))

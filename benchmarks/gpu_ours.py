@@ -53,7 +53,10 @@ def _peak(torch) -> dict:
 
 def replay_ms(torch, loop, reps: int) -> dict:
     """One graph replay = one whole denoising step; timed singly with CUDA events."""
-    from bench_kernels import timed
+    if __package__:  # pm_bench.gpu_ours
+        from .bench_kernels import timed
+    else:  # imported by a script (python benchmarks/bench_gpu.py)
+        from bench_kernels import timed
 
     try:
         return timed(torch, loop.graph.replay if loop.graph is not None else loop._step, reps, True, warmup=0)

@@ -1,11 +1,20 @@
-"""pm-bench's dispatch and the GPU table (CPU-only checks: the GPU benchmark itself runs on a GPU)."""
+"""pm-bench: the command line, the GPU benchmark's plumbing on the CPU (tiny model; CUDA graph and
+torch.compile skipped), its records, table and error handling. The GPU figures need a GPU."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from pm_bench import bench_gpu, cli
+from pm_bench.records import append_jsonl, slug
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pm_bench(*args):
@@ -15,14 +24,21 @@ def pm_bench(*args):
 def test_help_names_every_benchmark():
     r = pm_bench("--help")
     assert r.returncode == 0
-    for mode in ("--gpu", "--kernels", "--train", "bench_run.py"):
-        assert mode in r.stdout
+    for needle in ("--gpu", "--kernels", "--train", "--compile", "--device", "pm-bench-gpu/1", "pm-bench-run/1"):
+        assert needle in r.stdout
 
 
 def test_each_mode_has_its_own_help():
     for mode, needle in (("--gpu", "--compile"), ("--kernels", "--reps"), ("--train", "--grad-accum")):
-        r = pm_bench(*([mode] if mode else []), "--help")
+        r = pm_bench(mode, "--help")
         assert r.returncode == 0 and needle in r.stdout, (mode, r.stderr)
+
+
+def test_scripts_still_run_as_scripts():
+    for script, needle in (("bench_run.py", "--cache"), ("bench_gpu.py", "--compile"), ("random_models.py", "--tiny")):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
+                           text=True)
+        assert r.returncode == 0 and needle in r.stdout, (script, r.stderr)
 
 
 def test_two_modes_are_refused():
@@ -30,26 +46,111 @@ def test_two_modes_are_refused():
     assert r.returncode == 2 and "choose one" in r.stderr
 
 
+def test_options_of_the_other_mode_are_refused_in_one_line():
+    runner = CliRunner()
+    for args, needle in ((["--compile"], "--compile: needs --gpu"), (["--gpu", "--seed", "1"], "--seed: not an option"),
+                         (["--resolution", "100"], "multiple of 8")):
+        r = runner.invoke(cli.bench, args)
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, (args, r.output)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without CUDA")
 def test_gpu_modes_refuse_cleanly_without_cuda():
     for mode in ("--gpu", "--kernels"):
         r = pm_bench(mode)
-        assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(err) == 1, err
+
+
+def _fake_ours(ctx):
+    """An entry that returns several records and times something with the context's timer."""
+    import torch
+
+    x = torch.ones(4, 4, device=ctx.device)
+    return [{"variant": "fake-fast", "unet_step_ms": ctx.timed(lambda: x @ x, reps=2), "image_ms": {"p50": 250.0}},
+            {"variant": "fake-broken-inside", "status": "error", "error": "ValueError: bad"}]
+
+
+def _boom(ctx):
+    raise RuntimeError("boom\nsecond line")
+
+
+def _absent(ctx):
+    raise bench_gpu.NotAvailable("pm_runtime.backends.fake: ImportError: no fake")
+
+
+def test_gpu_path_on_the_cpu_writes_records(tiny_model, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    work, out = tmp_path / "work", tmp_path / "gpu.jsonl"
+    work.mkdir()
+    (work / "model-tiny").symlink_to(tiny_model)  # reused as the tiny model (no rebuild)
+    monkeypatch.setattr(bench_gpu, "OURS", {"boom": _boom, "absent": _absent, "fake": _fake_ours})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a loaded 2-core machine makes multi-threaded CPU ops very slow
+    try:
+        args = ["--gpu", "--device", "cpu", "--model", "tiny", "--steps", "2", "--reps", "2", "--runs", "1",
+                "--warmup", "1", "--compile", "--work", str(work), "--out", str(out)]
+        r = CliRunner().invoke(cli.bench, args, obj=args)
+    finally:
+        torch.set_num_threads(threads)
+    assert r.exit_code == 1, r.output  # errors were recorded: exit status 1 after the whole run
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    by = {rec["variant"]: rec for rec in recs}
+    assert list(by) == ["diffusers-eager", "diffusers-cuda-graph", "diffusers-text-encoder-b2", "diffusers-vae-decode",
+                        "diffusers-pipeline-eager", "boom", "absent", "fake-fast", "fake-broken-inside",
+                        "torch-compile-reduce-overhead"]
+    for rec in recs:
+        assert rec["schema"] == "pm-bench-gpu/1" and rec["device_name"].startswith("cpu")
+        for key in ("commit", "date", "torch", "diffusers", "transformers", "run_id", "options", "resolution", "steps",
+                    "precision", "wall_s", "command"):
+            assert key in rec, key
+        assert "host" not in rec  # records are shared: no host name
+    assert len({rec["run_id"] for rec in recs}) == 1 and recs[0]["options"]["reps"] == 2
+    assert recs[0]["command"].startswith("pm-bench --gpu --device cpu")
+    for name in ("diffusers-eager", "fake-fast"):
+        assert by[name]["status"] == "ok" and set(by[name]["unet_step_ms"]) == {"p20", "p50", "p80"}
+    for name, key in (("diffusers-text-encoder-b2", "call_ms"), ("diffusers-vae-decode", "call_ms"),
+                      ("diffusers-pipeline-eager", "image_ms")):
+        assert by[name]["status"] == "ok" and by[name][key]["p50"] > 0, by[name]
+    assert by["diffusers-eager"]["load_s"] is not None
+    assert by["diffusers-cuda-graph"]["status"] == "skipped" and "CUDA" in by["diffusers-cuda-graph"]["reason"]
+    assert by["torch-compile-reduce-overhead"]["status"] == "skipped"
+    assert by["boom"]["status"] == "error" and by["boom"]["error"] == "RuntimeError: boom"
+    assert by["absent"]["status"] == "not available" and "no fake" in by["absent"]["reason"]
+    assert by["fake-broken-inside"]["status"] == "error"
+    assert "diffusers-eager" in r.output and "not available: pm_runtime.backends.fake" in r.output
+    assert "total" in r.output
+
+
+def test_unknown_ours_is_refused(tmp_path):
+    r = CliRunner().invoke(cli.bench, ["--gpu", "--device", "cpu", "--model", "tiny", "--ours", "nope",
+                                       "--work", str(tmp_path)])
+    assert r.exit_code == 2 and "--ours nope: unknown" in r.output
 
 
 def test_gpu_table_ratios():
-    sys.path.insert(0, "benchmarks")
-    try:
-        from pm_bench.bench_gpu import table
-    finally:
-        sys.path.remove("benchmarks")
     recs = [{"variant": "diffusers-eager", "status": "ok", "unet_step_ms": {"p50": 24.0}},
             {"variant": "diffusers-cuda-graph", "status": "ok", "unet_step_ms": {"p50": 12.0}},
             {"variant": "torch-compile-reduce-overhead", "status": "ok", "unet_step_ms": {"p50": 8.0}},
             {"variant": "torch-cuda", "status": "ok", "unet_step_ms": {"p50": 6.0}, "image_ms": {"p50": 350.0},
-             "peak_reserved_gib": 2.4},
-            {"variant": "broken", "status": "error", "error": "RuntimeError: boom"}]
-    lines = table(recs).splitlines()
-    ours = next(line for line in lines if line.startswith("torch-cuda"))
-    assert ours.split()[1:5] == ["6.0", "4.00", "2.00", "1.33"] and "0.35" in ours
-    assert any("broken" in line and "boom" in line for line in lines)
+             "peak_alloc_gib": 2.25, "peak_reserved_gib": 2.4},
+            {"variant": "diffusers-vae-decode", "status": "ok", "call_ms": {"p50": 21.5}},
+            {"variant": "broken", "status": "error", "error": "RuntimeError: boom"},
+            {"variant": "torch-cuda-x", "status": "not available", "reason": "ImportError: triton"}]
+    lines = bench_gpu.table(recs).splitlines()
+    ours = next(line for line in lines if line.startswith("torch-cuda "))
+    assert ours.split()[1:7] == ["6.00", "4.00", "2.00", "1.33", "0.350", "2.25/2.40"]
+    eager = next(line for line in lines if line.startswith("diffusers-eager"))
+    assert eager.split()[1:5] == ["24.00", "1.00", "0.50", "0.33"]
+    assert any(line.startswith("diffusers-vae-decode") and "call p50 21.50 ms" in line for line in lines)
+    assert any("broken" in line and "error: RuntimeError: boom" in line for line in lines)
+    assert any("not available: ImportError: triton" in line for line in lines)
+
+
+def test_records_helpers(tmp_path):
+    assert slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3" and slug("cpu: AMD EPYC x2") == "cpu-amd-epyc-x2"
+    append_jsonl(tmp_path / "a" / "r.jsonl", [{"x": 1}, {"y": Path("/p")}])
+    append_jsonl(tmp_path / "a" / "r.jsonl", [{"z": 3}])
+    assert [json.loads(line) for line in (tmp_path / "a" / "r.jsonl").read_text().splitlines()] == [
+        {"x": 1}, {"y": "/p"}, {"z": 3}]
