@@ -26,10 +26,12 @@ from pm_runtime import formats as F
 from pm_runtime.bundle import file_entry, open_bundle, sha256_file, write_manifest
 from pm_runtime.concept_table import save_table
 from pm_runtime.errors import UserError
-from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, network_specs
+from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, UNET, network_specs
 
 Log = Callable[[str], None]
-TARGETS = ("onnx", "tensorrt", "torch")  # --target: a comma-separated list of these, or "all"
+TARGETS = ("onnx", "tensorrt", "torch")
+# int8 UNet modes pm-export offers (export/quantize.py; the calibrated static modes need recorded feeds)
+INT8_MODES = ("dynamic-matmul", "nbits8", "weight-only-qdq")  # --target: a comma-separated list of these, or "all"
 
 
 def parse_targets(target: str) -> frozenset[str]:
@@ -58,6 +60,7 @@ class ExportConfig:
     external_data: str = "auto"  # auto | always | never
     timing_cache: Path | None = None
     optimize: str = "auto"  # auto: onnxruntime graph optimisation for the CPU provider (export/optimize.py) | none
+    int8: str | None = None  # an INT8_MODES mode: the shipped UNet graph is int8 (fp32 bundles, ONNX target)
 
     @property
     def concept_name(self) -> str:
@@ -140,6 +143,11 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
         raise UserError("--precision must be fp32 or fp16")
     if cfg.optimize not in ("auto", "none"):
         raise UserError("--optimize must be auto or none")
+    if cfg.int8 is not None:
+        if cfg.int8 not in INT8_MODES:
+            raise UserError(f"--int8 must be one of {', '.join(INT8_MODES)}")
+        if cfg.precision != "fp32" or "onnx" not in targets:
+            raise UserError("--int8 quantizes the fp32 ONNX UNet: use it with --precision fp32 and an onnx target")
     out = Path(cfg.out).absolute()
     _check_out(out, cfg.force)
     name = cfg.concept_name
@@ -264,6 +272,9 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         else:
             details["graph_optimization"] = not_optimized(net, "cpu", cfg.precision, cfg.optimize, ship_onnx)
         checks = validate(module, spec, fp32_path, "fp32", log)  # the graph that ships (optimised or not)
+        if net == UNET and cfg.int8:
+            files, int8_checks, details["int8"] = _int8_unet(cfg, module, spec, fp32_path, work, log)
+            checks += int8_checks
         if ship_onnx and cfg.precision == "fp16":
             half, kept = fp16.to_fp16(fp32_path)
             details["fp32_timestep_path_nodes"] = len(kept)
@@ -273,7 +284,8 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
             del half
             checks += validate(module, spec, tmp / f"{net}.onnx", "fp16", log)
         if ship_onnx:
-            components.append(_component(tmp, net, net, "onnx", files, cfg.precision, spec, checks, details))
+            precision = "int8" if net == UNET and cfg.int8 else cfg.precision
+            components.append(_component(tmp, net, net, "onnx", files, precision, spec, checks, details))
         if builder is not None:
             plan_rel = f"{net}.plan"
             trt = builder.build(plain_path, spec, tmp / plan_rel, fp16=True)
@@ -287,6 +299,28 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         log(f"  {net} done in {time.perf_counter() - t0:.1f} s (peak RSS so far {peak_rss_gib():.2f} GiB)")
     shutil.rmtree(work)
     return components, trt_details
+
+
+def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log: Log):
+    """Replace the shipped fp32 UNet graph by its int8 version (export/quantize.py), validated
+    against PyTorch with the int8 tolerance. Returns (files, checks, facts)."""
+    from .quantize import quantize_unet_int8
+    from .validate import validate
+
+    staged = work / "int8" / fp32_path.name  # same file name: an external data file keeps its location
+    facts = quantize_unet_int8(fp32_path, staged, mode=cfg.int8, external_data=cfg.external_data)
+    checks = validate(module, spec, staged, "int8", log)
+    _unlink_onnx(fp32_path)
+    files = [fp32_path]
+    data = staged.with_name(staged.name + ".data")
+    if data.is_file():
+        os.replace(data, fp32_path.with_name(data.name))
+        files.append(fp32_path.with_name(data.name))
+    os.replace(staged, fp32_path)  # the int8 graph ships under the UNet's usual name
+    staged.parent.rmdir()
+    log(f"  int8 UNet ({cfg.int8}): {facts.get('quantized_nodes', '?')} nodes quantized, "
+        f"{facts.get('bytes_before', 0) / 2**20:.1f} -> {facts.get('bytes_after', 0) / 2**20:.1f} MiB")
+    return files, checks, facts
 
 
 def _optional_onnx(cfg: ExportConfig, net: str, module, spec, tmp: Path, work: Path, log: Log,

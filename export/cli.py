@@ -62,6 +62,11 @@ def _log(msg: str) -> None:
 @click.option("--optimize", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
               help="onnxruntime graph optimisation of the shipped ONNX graphs: auto = the fusions measured to "
                    "help on the CPU provider (export/optimize.py), recorded in bundle.json; none = as exported.")
+@click.option("--int8", type=click.Choice(["dynamic-matmul", "nbits8", "weight-only-qdq"]), default=None,
+              help="Ship the UNet as an int8 graph (fp32 bundles): dynamic-matmul (int8 MatMuls, activations "
+                   "quantized per call), nbits8 (MatMulNBits, 8-bit weights), weight-only-qdq (int8 weights, fp32 "
+                   "compute, ~4x smaller). Validated with a looser tolerance; speed, memory and image drift of each "
+                   "mode on a 2-core CPU: benchmarks/results/int8-cpu.jsonl.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="TensorRT timing cache file to read and update (speeds up rebuilds).")
 def main(concept: Path, model, out, bundle, **kw) -> None:
@@ -71,8 +76,8 @@ def main(concept: Path, model, out, bundle, **kw) -> None:
         if bundle is not None:
             if model is not None or out is not None:
                 raise UserError("--bundle (concept-only export) takes neither --model nor --out")
-            if kw["precision"] != "fp32" or kw["target"] != "onnx" or kw["optimize"] != "auto":
-                raise UserError("--precision, --target and --optimize apply to a full export, not to --bundle")
+            if kw["precision"] != "fp32" or kw["target"] != "onnx" or kw["optimize"] != "auto" or kw["int8"]:
+                raise UserError("--precision, --target, --optimize and --int8 apply to a full export, not to --bundle")
             add_concept(ExportConfig(concept=concept, bundle=bundle, **_concept_only(kw)), log=_log)
         else:
             if model is None or out is None:

@@ -25,7 +25,9 @@ from pm_runtime.specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, Ne
 # (atol, rtol). Measured (random weights, CPU provider): fp32 max abs <= 6e-6 (tiny) and <= 1.2e-5
 # (SD-1.5-shaped); fp16 max abs <= 1.3e-2 on both, rel (to the output's max) <= 1e-2 (SD-1.5 UNet).
 # A broken graph (wrong cast, NaN, wrong input wiring) is off by O(1).
-TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}
+# int8: weights (and, in dynamic modes, activations) rounded to 8 bits: a per-call drift of ~1% of
+# the output's range is expected (benchmarks/results/int8-cpu.jsonl reports whole-trajectory drift).
+TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2), "int8": (5e-2, 5e-2)}
 
 
 def validation_shapes(spec: NetworkSpec) -> list[dict[str, int]]:

@@ -1,0 +1,41 @@
+"""pm-export --int8: the bundle ships an int8 UNet graph that the onnxruntime backend runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from pm_runtime.errors import UserError  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["dynamic-matmul", "weight-only-qdq"])
+def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp_path, mode):
+    """pm-export --int8 MODE ships an int8 unet.onnx (validated, precision int8) that pm-run's
+    onnxruntime backend runs; its image stays close to the fp32 bundle's."""
+    import json
+
+    from pm_export.build import ExportConfig, export_bundle
+    from pm_runtime.pipeline import Pipeline
+
+    out = export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", name="alice",
+                                     int8=mode), log=lambda m: None)
+    unet = next(c for c in json.loads((out / "bundle.json").read_text())["components"] if c["network"] == "unet")
+    assert unet["precision"] == "int8" and unet["details"]["int8"]["mode"] == mode
+    assert any(v["precision"] == "int8" and v["passed"] for v in unet["validation"])
+    kw = dict(seed=5, steps=4, height=256, width=256)
+    a = Pipeline.load(out, backend="onnxruntime").generate("a photo of <persona>", **kw).images.astype(float)
+    b = Pipeline.load(run_bundle, backend="onnxruntime", concept="alice").generate("a photo of <persona>",
+                                                                                  **kw).images.astype(float)
+    psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12))
+    assert psnr >= 30, psnr
+
+
+def test_int8_needs_an_fp32_onnx_export(tiny_model, trained_concept, tmp_path):
+    from pm_export.build import ExportConfig, export_bundle
+
+    for bad in (dict(precision="fp16"), dict(target="torch")):
+        with pytest.raises(UserError, match="--int8"):
+            export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b",
+                                       int8="dynamic-matmul", **bad), log=lambda m: None)
