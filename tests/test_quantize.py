@@ -69,6 +69,18 @@ def test_same_io_runs_and_close_to_fp32(mode, fp32_unet, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_static_keeps_named_convs_fp32(fp32_unet, tmp_path):
+    ref = session(fp32_unet)
+    dst = tmp_path / "unet.onnx"
+    facts = quantize_unet_int8(fp32_unet, dst, mode="static-qdq-conv", calibration=[feed(ref, seed=3)])
+    assert facts["kept_fp32"] == list(Q.STATIC_KEEP_FP32) and facts["kept_fp32_nodes"] > 0
+    g = onnx.load(str(dst)).graph
+    inits = {t.name for t in g.initializer}
+    kept = [n for n in g.node if n.op_type == "Conv" and any(f"/{k}/" in n.name for k in Q.STATIC_KEEP_FP32)]
+    assert len(kept) == facts["kept_fp32_nodes"] and all(n.input[1] in inits for n in kept)  # float weight
+    assert facts["quantized_nodes"] == sum(n.op_type == "Conv" for n in g.node) - len(kept)
+
+
 def test_per_channel_and_external_data(fp32_unet, tmp_path):
     dst = tmp_path / "out" / "unet.onnx"
     facts = quantize_unet_int8(fp32_unet, dst, mode="dynamic-matmul", per_channel=True, external_data="always")
