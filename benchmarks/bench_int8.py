@@ -65,6 +65,7 @@ VARIANTS = {
     "weight-only-qdq": ("weight-only-qdq", {}),
     "static-qdq": ("static-qdq", {"per_channel": True}),
     "static-qdq-conv": ("static-qdq-conv", {"per_channel": True}),
+    "static-qdq-pct": ("static-qdq", {"per_channel": True, "calibrate": "percentile"}),
 }
 CALIBRATION_PROMPT = "a portrait photo of a person in a park"  # not the measured prompt / latents
 REFERENCE = "fp32"
