@@ -135,10 +135,8 @@ def _backend(bundle, unet_path: str, threads):
     from pm_runtime.specs import UNET
 
     class Backend(OnnxRuntimeBackend):
-        """The bundle's text encoder and VAE decoder, the UNet from `unet_path`; `record`: a list
-        that collects every UNet feed."""
+        """The bundle's text encoder and VAE decoder, the UNet from `unet_path`."""
         last_latents = None
-        record = None
 
         def _load(self, network):
             if network != UNET:
@@ -147,8 +145,6 @@ def _backend(bundle, unet_path: str, threads):
             return OrtNetwork(sess, [o.name for o in sess.get_outputs()])
 
         def denoise(self, unet, job):
-            if self.record is not None:
-                unet = _Recorder(unet, self.record)
             x = super().denoise(unet, job)
             self.last_latents = x
             return x
@@ -156,34 +152,20 @@ def _backend(bundle, unet_path: str, threads):
     return Backend(bundle, threads=threads)
 
 
-class _Recorder:
-    def __init__(self, net, record: list):
-        self.net, self.record = net, record
-
-    def run(self, inputs):
-        self.record.append({k: v.copy() for k, v in inputs.items()})
-        return self.net.run(inputs)
-
-
 def child_calibrate(args: dict) -> dict:
-    """UNet feeds of one fp32 image (another prompt and seed than the measured one) -> npz."""
+    """UNet feeds of one fp32 image (another prompt and seed than the measured one) -> npz,
+    recorded by pm_export.quantize.record_calibration."""
     import numpy as np
 
-    from pm_runtime.bundle import open_bundle
-    from pm_runtime.pipeline import Pipeline
+    from pm_export.quantize import record_calibration
 
-    bundle = open_bundle(pathlib.Path(args["bundle"]), verify=False)
-    backend = _backend(bundle, args["unet"], args["threads"])
-    backend.record = []
-    pipe = Pipeline(bundle, backend, safety_checker=False)
-    side = args["resolution"]
-    pipe.generate(CALIBRATION_PROMPT, seed=args["seed"] + 1, height=side, width=side, steps=args["steps"],
-                  guidance=8.0, allow_no_concept=True)
+    feeds = record_calibration(pathlib.Path(args["bundle"]), prompts=(CALIBRATION_PROMPT,), steps=args["steps"],
+                               resolution=args["resolution"], seed=args["seed"] + 1, unet=pathlib.Path(args["unet"]))
     out = pathlib.Path(args["save"])
     tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **{f"{i}_{k}": v for i, feed in enumerate(backend.record) for k, v in feed.items()})
+    np.savez(tmp, **{f"{i}_{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()})
     os.replace(tmp, out)
-    return {"calibration_feeds": len(backend.record), "calibration_prompt": CALIBRATION_PROMPT,
+    return {"calibration_feeds": len(feeds), "calibration_prompt": CALIBRATION_PROMPT,
             "calibration_seed": args["seed"] + 1}
 
 
@@ -298,7 +280,8 @@ def run_child(kind: str, args: dict, quiet_s: float = 0.0) -> dict:
     others = max(0.0, (b1 - b0) - (m1 - m0))
     for line in r.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return {"status": "ok", **json.loads(line[len(RESULT_TAG):]), "wall_s": round(wall, 1), "quiet_wait_s": waited,
+            return {"status": "ok", **json.loads(line[len(RESULT_TAG):]), "wall_s": round(wall, 1),
+                    "quiet_wait_s": waited,
                     "loadavg": [load0, _loadavg()], "other_cpu_frac": round(others / (wall * os.cpu_count()), 3)}
     return {"status": "error", "wall_s": round(wall, 1), "error": (r.stderr or r.stdout).strip().splitlines()[-5:]}
 

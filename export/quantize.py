@@ -28,7 +28,27 @@ Modes (what each writes; which one pays on a given CPU is measured by benchmarks
                       Both leave `keep_fp32` (default STATIC_KEEP_FP32) in fp32.
 
 Quantize AFTER export/optimize.py's fp32 pass, never before: the attention fusion
-(MultiHeadAttention) matches MatMul nodes and finds none in an already-quantized graph.
+(MultiHeadAttention) matches MatMul nodes and finds none in an already-quantized graph (tiny model,
+dynamic-matmul: optimise -> quantize keeps 14/14 MultiHeadAttention; quantize -> optimise fuses 0).
+
+Measured (benchmarks/results/int8-cpu.jsonl, benchmarks/bench_int8.py; 2-core AMD EPYC with
+AVX-512 VNNI, onnxruntime 1.32, SD-1.5-shaped random UNet, 256 px, batch 2; speed from the A/B
+child, fp32 and int8 sessions alternating, other processes idle; drift: decoded uint8 image after
+10 DPM-Solver++ steps vs the fp32 UNet):
+  variant                       fp32 -> int8 ms   speed   peak RSS GiB   file GB   image PSNR
+  static-qdq calibrate=pct      977 -> 496       1.97x   3.42 -> 1.22   1.02      37.9 dB (max 19/255)
+  static-qdq (minmax)           1023 -> 525      1.95x   3.42 -> 1.22   1.02      35.4 dB (max 24)
+  static-qdq-conv               999 -> 636       1.57x   3.42 -> 1.82   1.74      36.0 dB (max 22)
+  dynamic-matmul per_channel    965 -> 748       1.29x   3.42 -> 2.67   2.63      51.5 dB (max 3)
+  dynamic-matmul                1019 -> 820      1.24x   3.42 -> 2.67   2.63      51.5 dB (max 3)
+  nbits8 (block 64)             992 -> 931       1.07x   3.42 -> 2.78   2.73      55.0 dB (max 2)
+  weight-only-qdq               982 -> 1088      0.90x   3.42 -> 1.66   0.95      54.1 dB (max 2)
+  dynamic-matmul-conv           980 -> 2752      0.36x   3.42 -> 1.01   0.86      42.7 dB (max 10)
+  nbits8-fp32                   slower than fp32 (0.73x, measured under load)
+Quantizer peak RSS on that UNet: dynamic/static ~10-15 GiB (onnxruntime loads the whole model and
+copies it), nbits8 3.7 GiB, weight-only-qdq 4.8 GiB; 10-70 s. Drift is of a RANDOM-weight model:
+a trained SD-1.5 UNet's activation ranges differ, so the static modes' drift must be re-measured
+on real weights before they are offered as more than an opt-in.
 
 Writing is atomic: the graph (and `<dst>.data` when the weights are external) is written into a
 temporary folder beside `dst`, then renamed into place, the data file first and the graph last;
@@ -197,15 +217,64 @@ def _static(src: Path, out: Path, external: bool, op_types: list[str], per_chann
     exclude = [n.name for n in graph.graph.node if n.op_type in op_types and n.name
                and any(f"/{k}/" in n.name for k in keep_fp32)]
     del graph
+    method = CalibrationMethod.Percentile if calibrate == "percentile" else CalibrationMethod.MinMax
     quantize_static(str(src), str(out), Feeds(calibration), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
                     nodes_to_exclude=exclude,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     use_external_data_format=external,
-                    calibrate_method=CalibrationMethod.Percentile if calibrate == "percentile" else CalibrationMethod.MinMax,
+                    calibrate_method=method,
                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
                                    "CalibPercentile": PERCENTILE})
     return exclude
+
+
+class _Recorder:
+    """A UNet network that keeps a copy of every feed."""
+
+    def __init__(self, net, feeds: list):
+        self.net, self.feeds = net, feeds
+
+    def run(self, inputs):
+        self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
+        return self.net.run(inputs)
+
+
+CALIBRATION_PROMPTS = ("a portrait photo of a person in a park", "a close-up photo of a face, studio light")
+
+
+def record_calibration(bundle_dir: Path, *, prompts=CALIBRATION_PROMPTS, steps: int = 10, resolution: int = 256,
+                       seed: int = 1, unet: Path | None = None) -> list[dict]:
+    """UNet feeds for the static modes: one fp32 image per prompt through the bundle's own
+    pipeline (onnxruntime, CPU; `unet` overrides the bundle's UNet file), every UNet call's
+    inputs recorded: len(prompts) * steps feeds of batch 2 (guidance). Needs a complete bundle
+    (bundle.json): quantize after the fp32 export, e.g. into the finished bundle."""
+    from pm_runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtNetwork
+    from pm_runtime.bundle import open_bundle
+    from pm_runtime.pipeline import Pipeline
+    from pm_runtime.specs import UNET
+
+    feeds: list[dict] = []
+
+    class Recording(OnnxRuntimeBackend):
+        def _load(self, network):
+            if network != UNET or unet is None:
+                return super()._load(network)
+            sess = self._session(Path(unet), self.session_options())
+            return OrtNetwork(sess, [o.name for o in sess.get_outputs()])
+
+        def denoise(self, net, job):
+            return super().denoise(_Recorder(net, feeds), job)
+
+    bundle = open_bundle(Path(bundle_dir), verify=False)
+    pipe = Pipeline(bundle, Recording(bundle), safety_checker=False)
+    try:
+        for i, prompt in enumerate(prompts):
+            pipe.generate(prompt, seed=seed + i, height=resolution, width=resolution, steps=steps, guidance=8.0,
+                          allow_no_concept=True)
+    finally:
+        pipe.close()
+    return feeds
 
 
 def _dq_fed(model: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
@@ -225,7 +294,7 @@ def quantize_unet_int8(src_onnx: Path, dst_onnx: Path, *, mode: str = DEFAULT_MO
     when the source's weights are), "always" or "never". Returns facts for the manifest:
     mode, options, quantized node count, op counts changed, sizes before/after (bytes), seconds.
     `calibration` (static-qdq modes only): a sequence of UNet feeds {sample, timestep, c_k, c_v}
-    (numpy float32), e.g. recorded from a few fp32 denoising steps; `keep_fp32`: module names
+    (numpy float32), e.g. record_calibration(bundle) (fp32 denoising steps of a few prompts); `keep_fp32`: module names
     whose nodes the static modes leave in fp32; `calibrate`: minmax | percentile (activation ranges).
     Raises UserError for a graph that is not a float UNet with something to quantize."""
     src, dst = Path(src_onnx).absolute(), Path(dst_onnx).absolute()

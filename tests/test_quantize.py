@@ -34,7 +34,8 @@ def session(path):
 
 
 def io(sess):
-    return ([(i.name, i.type, i.shape) for i in sess.get_inputs()], [(o.name, o.type, o.shape) for o in sess.get_outputs()])
+    return ([(i.name, i.type, i.shape) for i in sess.get_inputs()],
+            [(o.name, o.type, o.shape) for o in sess.get_outputs()])
 
 
 def feed(sess, seed=0):
@@ -79,6 +80,18 @@ def test_static_keeps_named_convs_fp32(fp32_unet, tmp_path):
     kept = [n for n in g.node if n.op_type == "Conv" and any(f"/{k}/" in n.name for k in Q.STATIC_KEEP_FP32)]
     assert len(kept) == facts["kept_fp32_nodes"] and all(n.input[1] in inits for n in kept)  # float weight
     assert facts["quantized_nodes"] == sum(n.op_type == "Conv" for n in g.node) - len(kept)
+
+
+def test_record_calibration_feeds_a_static_mode(run_bundle, fp32_unet, tmp_path):
+    feeds = Q.record_calibration(run_bundle, prompts=("a photo of a face",), steps=3, resolution=256)
+    assert len(feeds) == 3 and set(feeds[0]) == {"sample", "timestep", "c_k", "c_v"}
+    assert feeds[0]["sample"].shape[0] == 2 and feeds[0]["timestep"][0] > feeds[-1]["timestep"][0]  # guidance batch
+    facts = quantize_unet_int8(fp32_unet, tmp_path / "unet.onnx", mode="static-qdq", calibration=feeds,
+                               calibrate="percentile")
+    assert facts["calibration_feeds"] == 3 and facts["calibrate"] == "percentile"
+    ref, q = session(fp32_unet), session(tmp_path / "unet.onnx")
+    a, b = q.run(None, feeds[1])[0], ref.run(None, feeds[1])[0]
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < REL_L2_LIMIT["static-qdq"]
 
 
 def test_per_channel_and_external_data(fp32_unet, tmp_path):
