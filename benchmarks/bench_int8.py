@@ -50,6 +50,8 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from records import cpu_seconds, wait_quiet  # noqa: E402  (the other-CPU-load sampling bench_run uses too)
+
 SCHEMA = "pm-bench-int8/1"
 RESULT_TAG = "@@BENCH_INT8@@ "
 PROMPT = "a photo of a face on a beach"
@@ -247,36 +249,13 @@ def child_ab(args: dict) -> dict:
 CHILDREN = {"quantize": child_quantize, "measure": child_measure, "ab": child_ab, "calibrate": child_calibrate}
 
 
-def _cpu_s() -> tuple[float, float]:
-    import resource
-
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    mine = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for a in ("ru_utime", "ru_stime"))
-    return busy, mine
-
-
-def wait_quiet(limit_s: float, window_s: float = 5.0, frac: float = 0.1, windows: int = 3) -> float:
-    """Wait (at most limit_s) until other processes use < frac of the CPUs in `windows` windows in a
-    row; seconds waited."""
-    t0, quiet = time.perf_counter(), 0
-    while time.perf_counter() - t0 < limit_s and quiet < windows:
-        b0, m0 = _cpu_s()
-        time.sleep(window_s)
-        b1, m1 = _cpu_s()
-        quiet = quiet + 1 if (b1 - b0) - (m1 - m0) < frac * window_s * os.cpu_count() else 0
-    return round(time.perf_counter() - t0, 1)
-
-
 def run_child(kind: str, args: dict, quiet_s: float = 0.0) -> dict:
     waited = wait_quiet(quiet_s) if quiet_s else 0.0
-    b0, m0 = _cpu_s()
+    b0, m0 = cpu_seconds()
     load0, t0 = _loadavg(), time.perf_counter()
     r = subprocess.run([sys.executable, __file__, "_child", kind, json.dumps(args)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    b1, m1 = _cpu_s()
+    b1, m1 = cpu_seconds()
     others = max(0.0, (b1 - b0) - (m1 - m0))
     for line in r.stdout.splitlines():
         if line.startswith(RESULT_TAG):

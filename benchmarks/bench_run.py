@@ -50,11 +50,11 @@ from dataclasses import dataclass
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:  # imported as pm_bench.bench_run (pm-bench, an installed wheel)
     from .random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from .records import append_jsonl, environment, pcts, results_dir
+    from .records import append_jsonl, cpu_seconds, environment, pcts, results_dir, wait_quiet
 else:  # run as a script (also each variant's child process): this tree's pm_runtime, the sibling modules
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from records import append_jsonl, environment, pcts, results_dir
+    from records import append_jsonl, cpu_seconds, environment, pcts, results_dir, wait_quiet
 
 SCHEMA = "pm-bench-run/1"
 VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached")
@@ -142,39 +142,15 @@ def child(variant: str, args: dict) -> dict:
     return rec
 
 
-def _cpu_s() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process and its finished children)."""
-    import resource
-
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    mine = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for a in ("ru_utime", "ru_stime"))
-    return busy, mine
-
-
-def wait_quiet(limit_s: float, window_s: float = 5.0, frac: float = 0.1, windows: int = 3) -> float:
-    """Wait (at most limit_s) until other processes use < frac of the CPUs in `windows` windows in a
-    row; seconds waited."""
-    t0, quiet = time.perf_counter(), 0
-    while time.perf_counter() - t0 < limit_s and quiet < windows:
-        b0, m0 = _cpu_s()
-        time.sleep(window_s)
-        b1, m1 = _cpu_s()
-        quiet = quiet + 1 if (b1 - b0) - (m1 - m0) < frac * window_s * os.cpu_count() else 0
-    return round(time.perf_counter() - t0, 1)
-
-
 def run_child(variant: str, args: dict) -> dict:
     waited = wait_quiet(args.get("wait_quiet", 0)) if args.get("wait_quiet") else 0.0
-    b0, m0 = _cpu_s()
+    b0, m0 = cpu_seconds()
     t0 = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # never wait on a hub that cannot be reached
     r = subprocess.run([sys.executable, __file__, "_child", variant, json.dumps(args)], capture_output=True, text=True,
                        env=env)
     wall = time.perf_counter() - t0
-    b1, m1 = _cpu_s()
+    b1, m1 = cpu_seconds()
     others = max(0.0, (b1 - b0) - (m1 - m0))  # CPU time other processes on this machine took meanwhile
     load = {"quiet_wait_s": waited, "other_cpu_s": round(others, 1),
             "other_cpu_frac": round(others / (wall * os.cpu_count()), 3)}

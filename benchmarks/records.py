@@ -17,6 +17,7 @@ import pathlib
 import platform
 import re
 import subprocess
+import time
 from importlib import metadata
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -138,3 +139,27 @@ def results_dir() -> pathlib.Path:
     if (REPO / "pyproject.toml").is_file() and (HERE / "results").is_dir():
         return HERE / "results"
     return pathlib.Path.cwd() / "pm-bench-results"
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its finished children)."""
+    import resource
+
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    mine = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for a in ("ru_utime", "ru_stime"))
+    return busy, mine
+
+
+def wait_quiet(limit_s: float, window_s: float = 5.0, frac: float = 0.1, windows: int = 3) -> float:
+    """Wait (at most limit_s) until other processes use < frac of the CPUs in `windows` windows in a
+    row; seconds waited."""
+    t0, quiet = time.perf_counter(), 0
+    while time.perf_counter() - t0 < limit_s and quiet < windows:
+        b0, m0 = cpu_seconds()
+        time.sleep(window_s)
+        b1, m1 = cpu_seconds()
+        quiet = quiet + 1 if (b1 - b0) - (m1 - m0) < frac * window_s * os.cpu_count() else 0
+    return round(time.perf_counter() - t0, 1)
