@@ -126,6 +126,12 @@ class Backend(abc.ABC):
         self._lock = threading.Lock()
 
     @classmethod
+    def missing_networks(cls, bundle: Bundle) -> list[str]:
+        """The required networks the bundle has no component for in this backend's format."""
+        return [n for n in NETWORKS if not any(c["network"] == n and c["format"] == cls.component_format
+                                               for c in bundle.components)]
+
+    @classmethod
     def unavailable(cls, bundle: Bundle, **options) -> str | None:
         """None when this backend can run `bundle` here (library, files, device), else why not."""
         return None

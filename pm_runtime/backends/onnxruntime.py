@@ -109,10 +109,7 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def unavailable(cls, bundle: Bundle, device: str | None = None, **_) -> str | None:
-        from ..specs import NETWORKS
-
-        missing = [n for n in NETWORKS if not any(c[F.CK_NETWORK] == n and c[F.CK_FORMAT] == "onnx"
-                                                  for c in bundle.components)]
+        missing = cls.missing_networks(bundle)
         if missing:
             return f"the bundle has no ONNX {', '.join(missing)}"
         try:

@@ -155,8 +155,7 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def unavailable(cls, bundle: Bundle, device: str | None = None, **_) -> str | None:
-        missing = [n for n in NETWORKS if not any(c[F.CK_NETWORK] == n and c[F.CK_FORMAT] == "tensorrt"
-                                                  for c in bundle.components)]
+        missing = cls.missing_networks(bundle)
         if missing:
             return f"the bundle has no TensorRT plan for {', '.join(missing)}"
         try:

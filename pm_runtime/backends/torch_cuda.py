@@ -38,8 +38,7 @@ TORCH_FORMAT = "torch"
 
 
 def _has_torch_weights(bundle: Bundle) -> bool:
-    return all(any(c[F.CK_NETWORK] == n and c[F.CK_FORMAT] == TORCH_FORMAT for c in bundle.components)
-               for n in NETWORKS)
+    return not TorchCudaBackend.missing_networks(bundle)
 
 
 class TorchCudaBackend(Backend):
