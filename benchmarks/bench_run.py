@@ -17,6 +17,11 @@ Variants:
   ort-fp32-lowmem-cached
                    low_memory=True with the onnxruntime optimised-graph cache (cache_dir): the
                    sessions load pre-optimised graphs (made once, in the warm-up image).
+  ort-int8, ort-int8-lowmem-cached
+                   the same two settings on a second bundle exported with `pm-export --int8
+                   static-qdq` (int8 UNet, calibrated during the export). Their drift against fp32
+                   is in the record: `psnr_vs_ort_fp32_db` / `max_abs_diff_vs_ort_fp32` (uint8
+                   image against ort-fp32's, same latents) when ort-fp32 ran in the same run.
 Other processes on the machine skew CPU timings: each record carries `other_cpu_frac`, the share
 of all CPUs that other processes used while the variant ran (from /proc/stat); --wait-quiet
 waits for them to go idle before each variant, and --retries re-measures a variant whose
@@ -57,8 +62,11 @@ else:  # run as a script (also each variant's child process): this tree's pm_run
     from records import append_jsonl, cpu_seconds, environment, pcts, results_dir, wait_quiet
 
 SCHEMA = "pm-bench-run/1"
-VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached")
+VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached", "ort-int8",
+            "ort-int8-lowmem-cached")
 PEER = "diffusers-fp32"
+FP32 = "ort-fp32"  # the int8 variants' drift is measured against this one's image
+INT8_MODE = "static-qdq"
 RESULT_TAG = "@@BENCH_RUN@@ "
 PROMPT = "a photo of a face on a beach"
 
@@ -109,15 +117,17 @@ def child(variant: str, args: dict) -> dict:
             import shutil
 
             shutil.rmtree(cache, ignore_errors=True)  # made in the warm-up image, as a first run would
-        pipe = Pipeline.load(args["bundle"], backend="onnxruntime", low_memory="lowmem" in variant,
-                             threads=args.get("threads"), cache_dir=cache)
+        int8 = variant.startswith("ort-int8")
+        pipe = Pipeline.load(args["bundle_int8" if int8 else "bundle"], backend="onnxruntime",
+                             low_memory="lowmem" in variant, threads=args.get("threads"), cache_dir=cache)
         load_s = time.perf_counter() - t0  # sessions are created on first use (inside warm-up / each lowmem image)
 
         def one():
             r = pipe.generate(PROMPT, latents=lat, steps=steps, guidance=8.0, allow_no_concept=True)
             return r.images, r.timings
 
-        rec.update(backend=pipe.backend.describe(), onnxruntime=onnxruntime.__version__, precision="fp32",
+        rec.update(backend=pipe.backend.describe(), onnxruntime=onnxruntime.__version__,
+                   precision=f"int8 ({INT8_MODE} UNet)" if int8 else "fp32",
                    ort_threads=args.get("threads") or "default", low_memory=pipe.backend.low_memory,
                    ort_cache=cache is not None)
     rec["setup_s"] = round(load_s, 3)
@@ -162,7 +172,20 @@ def run_child(variant: str, args: dict) -> dict:
 
 
 # ------------------------------------------------------------------ preparation (cached)
-def prepare(model: str, cache: pathlib.Path, log) -> tuple[pathlib.Path, pathlib.Path, dict]:
+def _export(concept: pathlib.Path, model_dir: pathlib.Path, bundle: pathlib.Path, extra: list[str], log) -> str | float:
+    """pm-export into `bundle` unless it is already there; seconds taken or "cached"."""
+    if (bundle / "bundle.json").is_file():
+        return "cached"
+    log(f"exporting {bundle} (SD-1.5-shaped: minutes)")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", "from pm_export.cli import main; main()", str(concept), "--model",
+                        str(model_dir), "--out", str(bundle), "--force", *extra], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit("export failed: " + (r.stderr or r.stdout).strip().splitlines()[-1])
+    return round(time.perf_counter() - t0, 1)
+
+
+def prepare(model: str, cache: pathlib.Path, log, int8: bool = False) -> tuple[pathlib.Path, pathlib.Path, dict]:
     facts: dict = {}
     t0 = time.perf_counter()
     model_dir = (make_sd15_shaped_model(cache / "model-sd15", seed=0, image_encoder=False) if model == "sd15"
@@ -172,16 +195,14 @@ def prepare(model: str, cache: pathlib.Path, log) -> tuple[pathlib.Path, pathlib
         make_untrained_concept(model_dir, concept)
     facts["model_ready_s"] = round(time.perf_counter() - t0, 1)
     bundle = cache / f"bundle-{model}-fp32"
-    if not (bundle / "bundle.json").is_file():
-        log(f"exporting {bundle} (SD-1.5-shaped: minutes)")
-        t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", "from pm_export.cli import main; main()", str(concept), "--model",
-                            str(model_dir), "--out", str(bundle), "--force"], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit("export failed: " + (r.stderr or r.stdout).strip().splitlines()[-1])
-        facts["bundle_export_s"] = round(time.perf_counter() - t0, 1)
-    else:
-        facts["bundle_export_s"] = "cached"
+    facts["bundle_export_s"] = _export(concept, model_dir, bundle, [], log)
+    if int8:
+        b8 = cache / f"bundle-{model}-int8-{INT8_MODE}"
+        facts["bundle_int8_export_s"] = _export(concept, model_dir, b8, ["--int8", INT8_MODE], log)
+        unet = next(c for c in json.loads((b8 / "bundle.json").read_text())["components"] if c["network"] == "unet")
+        facts["bundle_int8"] = {k: unet["details"]["int8"].get(k) for k in (
+            "mode", "per_channel", "calibrate", "calibration_feeds", "calibration_steps", "calibration_size",
+            "bytes_before", "bytes_after", "seconds", "record_s")}
     manifest = json.loads((bundle / "bundle.json").read_text())
     facts["bundle_created"] = manifest.get("created")
     facts["bundle_graph_passes"] = {c["network"]: c.get("details", {}).get("graph_optimization", {}).get("passes")
@@ -214,7 +235,8 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
     """Prepare (cached), run each variant in its own process, append the records to o.out; the records."""
     out = o.out or results_dir() / "run-cpu.jsonl"
     o.cache.mkdir(parents=True, exist_ok=True)
-    model_dir, bundle, facts = prepare(o.model, o.cache, log)
+    int8 = any(v.startswith("ort-int8") for v in o.variants)
+    model_dir, bundle, facts = prepare(o.model, o.cache, log, int8=int8)
     if o.prepare_only:
         log(f"ready: {model_dir} {bundle} {facts}")
         return []
@@ -222,7 +244,8 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
     base = {"schema": SCHEMA, **env, "command": command, "model": o.model,
             "device": "cpu", "resolution": o.resolution, "steps": o.steps, "scheduler": "dpmpp-2m", "guidance": 8.0,
             "batch": 1, "warmup": o.warmup, "prompt": PROMPT, "peer": PEER, **facts}
-    args = {"model": str(model_dir), "bundle": str(bundle), "resolution": o.resolution, "steps": o.steps,
+    args = {"model": str(model_dir), "bundle": str(bundle), "bundle_int8": str(o.cache / f"bundle-{o.model}-int8-{INT8_MODE}"),
+            "resolution": o.resolution, "steps": o.steps,
             "runs": o.runs, "warmup": o.warmup, "seed": o.seed, "threads": o.threads, "cache": str(o.cache),
             "wait_quiet": o.wait_quiet}
     records = {}
@@ -246,6 +269,12 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
             rec["peak_mem_vs_peer"] = round(rec["peak_rss_bytes"] / peer["peak_rss_bytes"], 3)
             mine, theirs = (np.load(o.cache / f"image-{x}.npy").astype(np.int16) for x in (v, PEER))
             rec["max_abs_diff_vs_peer"] = int(np.abs(mine - theirs).max())
+        fp32 = records.get(FP32)
+        if v.startswith("ort-int8") and fp32 and fp32["status"] == "ok" and rec["status"] == "ok":
+            mine, ref = (np.load(o.cache / f"image-{x}.npy").astype(np.float64) for x in (v, FP32))
+            mse = float(((mine - ref) ** 2).mean())
+            rec["psnr_vs_ort_fp32_db"] = round(10 * np.log10(255**2 / mse), 2) if mse > 0 else None  # None: identical
+            rec["max_abs_diff_vs_ort_fp32"] = int(np.abs(mine - ref).max())
         log(json.dumps(rec))
         append_jsonl(out, [rec])
     log(f"appended {len(records)} records to {out}")

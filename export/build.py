@@ -30,8 +30,19 @@ from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, UNET, 
 
 Log = Callable[[str], None]
 TARGETS = ("onnx", "tensorrt", "torch")
-# int8 UNet modes pm-export offers (export/quantize.py; the calibrated static modes need recorded feeds)
-INT8_MODES = ("dynamic-matmul", "nbits8", "weight-only-qdq")  # --target: a comma-separated list of these, or "all"
+# int8 UNet modes pm-export offers (export/quantize.py). static-qdq is calibrated: after the fp32
+# bundle is complete, its own pipeline records UNet feeds (CALIBRATION_PROMPTS), see _static_int8_unet.
+INT8_MODES = ("dynamic-matmul", "nbits8", "weight-only-qdq", "static-qdq")
+STATIC_INT8 = ("static-qdq",)
+# static-qdq calibration: per prompt CALIBRATION_STEPS DPM-Solver++ steps at CALIBRATION_SIZE px; the
+# UNet feeds of the first prompts calibrate, those of the last one validate (held out). Feeds are
+# kept in memory by onnxruntime's percentile calibrator: 10 feeds of the SD-1.5-shaped UNet at 256 px
+# stayed within ~15 GiB (benchmarks/results/int8-cpu.jsonl).
+CALIBRATION_PROMPTS = ("a portrait photo of {word} in a park", "a close-up photo of {word}, studio light",
+                       "{word} as a knight in armour, oil painting")
+CALIBRATION_STEPS = 5
+CALIBRATION_SIZE = 256
+VALIDATION_FEEDS = 3  # of the held-out prompt's feeds: first, middle, last step  # --target: a comma-separated list of these, or "all"
 
 
 def parse_targets(target: str) -> frozenset[str]:
@@ -193,6 +204,8 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
         tok_files = _copy_tokenizer(model_dir, tmp)
         manifest = _manifest(facts, components, tok_files, concept_entries, trt_details)
         write_manifest(tmp, manifest)  # last: a folder without bundle.json is not a bundle
+        if cfg.int8 in STATIC_INT8:  # calibrated on the complete fp32 bundle (still in tmp), then swapped in
+            write_manifest(tmp, _static_int8_unet(cfg, tmp, model_dir, manifest, specs[UNET], log))
         _share(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
@@ -272,7 +285,7 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         else:
             details["graph_optimization"] = not_optimized(net, "cpu", cfg.precision, cfg.optimize, ship_onnx)
         checks = validate(module, spec, fp32_path, "fp32", log)  # the graph that ships (optimised or not)
-        if net == UNET and cfg.int8:
+        if net == UNET and cfg.int8 and cfg.int8 not in STATIC_INT8:  # static: after the bundle is complete
             files, int8_checks, details["int8"] = _int8_unet(cfg, module, spec, fp32_path, work, log)
             checks += int8_checks
         if ship_onnx and cfg.precision == "fp16":
@@ -301,17 +314,22 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
     return components, trt_details
 
 
-def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log: Log):
+def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log: Log, calibration=None,
+               holdout=None):
     """Replace the shipped fp32 UNet graph by its int8 version (export/quantize.py), validated
-    against PyTorch with the int8 tolerance. Returns (files, checks, facts)."""
+    against PyTorch with the int8 tolerance (on random inputs, or on the `holdout` feeds for the
+    calibrated modes). Returns (files, checks, facts)."""
     from .quantize import quantize_unet_int8
     from .validate import validate
 
     staged = work / "int8" / fp32_path.name  # same file name: an external data file keeps its location
-    # dynamic-matmul with per-output-channel weights: same speed, less drift (benchmarks/results/int8-cpu.jsonl)
+    # per-output-channel weights: same speed, less drift (benchmarks/results/int8-cpu.jsonl); static:
+    # percentile activation ranges (less drift than min..max at the same speed, same records)
+    static = cfg.int8 in STATIC_INT8
     facts = quantize_unet_int8(fp32_path, staged, mode=cfg.int8, external_data=cfg.external_data,
-                               per_channel=cfg.int8 == "dynamic-matmul")
-    checks = validate(module, spec, staged, "int8", log)
+                               per_channel=cfg.int8 in ("dynamic-matmul", *STATIC_INT8),
+                               calibration=calibration, calibrate="percentile" if static else "minmax")
+    checks = validate(module, spec, staged, "int8-static" if static else "int8", log, feeds=holdout)
     _unlink_onnx(fp32_path)
     files = [fp32_path]
     data = staged.with_name(staged.name + ".data")
@@ -323,6 +341,51 @@ def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log
     log(f"  int8 UNet ({cfg.int8}): {facts.get('quantized_nodes', '?')} nodes quantized, "
         f"{facts.get('bytes_before', 0) / 2**20:.1f} -> {facts.get('bytes_after', 0) / 2**20:.1f} MiB")
     return files, checks, facts
+
+
+def _static_int8_unet(cfg: ExportConfig, root: Path, model_dir: Path, manifest: dict, spec, log: Log) -> dict:
+    """static-qdq: record UNet feeds from the complete fp32 bundle in `root` (its own onnxruntime
+    pipeline, the bundle's concept in the prompts), quantize with the first prompts' feeds, validate
+    against the PyTorch UNet (reloaded from `model_dir`) on the last prompt's, swap the int8 graph in.
+    Returns the manifest with the UNet component updated."""
+    from pm_runtime.modeling.attention import install_split_kv
+    from pm_runtime.modeling.graphs import UNetGraph
+    from pm_runtime.modeling.loading import load_base_model
+
+    from .quantize import record_calibration
+
+    i = next(k for k, c in enumerate(manifest[F.BK_COMPONENTS])
+             if c[F.CK_NETWORK] == UNET and c[F.CK_FORMAT] == "onnx")
+    comp = manifest[F.BK_COMPONENTS][i]
+    word = manifest[F.BK_CONCEPTS][0][F.QK_CONCEPT_WORD]
+    prompts = [p.format(word=word) for p in CALIBRATION_PROMPTS]
+    log(f"  int8 ({cfg.int8}): recording calibration feeds ({len(prompts)} prompts x {CALIBRATION_STEPS} fp32 "
+        f"steps at {CALIBRATION_SIZE} px)")
+    t0 = time.perf_counter()
+    feeds = record_calibration(root, prompts=prompts, steps=CALIBRATION_STEPS, resolution=CALIBRATION_SIZE)
+    per = len(feeds) // len(prompts)
+    calibration, rest = feeds[:-per], feeds[-per:]
+    holdout = [rest[0], rest[len(rest) // 2], rest[-1]][:VALIDATION_FEEDS]
+    record_s = time.perf_counter() - t0
+    base = load_base_model(model_dir, with_vae=False)
+    install_split_kv(base.unet)
+    module = UNetGraph(base.unet).eval()
+    del base
+    work = root / ".work"
+    work.mkdir()
+    try:
+        files, checks, facts = _int8_unet(cfg, module, spec, root / comp[F.CK_FILE], work, log,
+                                          calibration=calibration, holdout=holdout)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    facts.update(calibration_prompts=prompts[:-1], validation_prompt=prompts[-1], calibration_steps=CALIBRATION_STEPS,
+                 calibration_size=CALIBRATION_SIZE, record_s=round(record_s, 1))
+    comp.update({**file_entry(root, files[0].relative_to(root).as_posix()),
+                 F.CK_DATA_FILES: [file_entry(root, p.relative_to(root).as_posix()) for p in files[1:]],
+                 F.CK_PRECISION: "int8",
+                 F.CK_VALIDATION: comp[F.CK_VALIDATION] + [c.to_dict() for c in checks],
+                 F.CK_DETAILS: {**comp[F.CK_DETAILS], "int8": facts}})
+    return manifest
 
 
 def _optional_onnx(cfg: ExportConfig, net: str, module, spec, tmp: Path, work: Path, log: Log,

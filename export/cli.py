@@ -62,11 +62,15 @@ def _log(msg: str) -> None:
 @click.option("--optimize", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
               help="onnxruntime graph optimisation of the shipped ONNX graphs: auto = the fusions measured to "
                    "help on the CPU provider (export/optimize.py), recorded in bundle.json; none = as exported.")
-@click.option("--int8", type=click.Choice(["dynamic-matmul", "nbits8", "weight-only-qdq"]), default=None,
+@click.option("--int8", type=click.Choice(["dynamic-matmul", "nbits8", "weight-only-qdq", "static-qdq"]),
+              default=None,
               help="Ship the UNet as an int8 graph (fp32 bundles): dynamic-matmul (int8 MatMuls, activations "
                    "quantized per call), nbits8 (MatMulNBits, 8-bit weights), weight-only-qdq (int8 weights, fp32 "
-                   "compute, ~4x smaller). Validated with a looser tolerance; speed, memory and image drift of each "
-                   "mode on a 2-core CPU: benchmarks/results/int8-cpu.jsonl.")
+                   "compute, ~4x smaller), static-qdq (int8 Conv and MatMul with fixed activation ranges "
+                   "calibrated on a few fp32 denoising runs of the finished bundle with its concept; the fastest "
+                   "on CPUs and the most drift; a concept added later with --bundle was not calibrated for). "
+                   "Validated with a looser tolerance (static-qdq on held-out recorded inputs); speed, memory and "
+                   "image drift of each mode on a 2-core CPU: benchmarks/results/int8-cpu.jsonl.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="TensorRT timing cache file to read and update (speeds up rebuilds).")
 def main(concept: Path, model, out, bundle, **kw) -> None:

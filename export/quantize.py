@@ -57,6 +57,8 @@ a failure removes the temporary folder and leaves no `dst`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
@@ -218,14 +220,15 @@ def _static(src: Path, out: Path, external: bool, op_types: list[str], per_chann
                and any(f"/{k}/" in n.name for k in keep_fp32)]
     del graph
     method = CalibrationMethod.Percentile if calibrate == "percentile" else CalibrationMethod.MinMax
-    quantize_static(str(src), str(out), Feeds(calibration), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
-                    nodes_to_exclude=exclude,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    use_external_data_format=external,
-                    calibrate_method=method,
-                    extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
-                                   "CalibPercentile": PERCENTILE})
+    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrator print()s its progress
+        quantize_static(str(src), str(out), Feeds(calibration), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
+                        nodes_to_exclude=exclude,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        use_external_data_format=external,
+                        calibrate_method=method,
+                        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
+                                       "CalibPercentile": PERCENTILE})
     return exclude
 
 

@@ -20,19 +20,12 @@ from typing import Callable
 from pm_runtime.errors import UserError
 from pm_runtime.specs import NetworkSpec
 
-INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
-                "pip install 'personamagic-runtime[tensorrt]' (tensorrt>=10, cuda-python), or use --target onnx")
-
 
 def require_tensorrt():
     """The tensorrt module (>= 10), or a one-line UserError with the install hint."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise UserError(INSTALL_HINT) from None
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise UserError(f"TensorRT {trt.__version__} is too old; the plans need TensorRT >= 10")
-    return trt
+    from pm_runtime.backends.tensorrt import require_tensorrt as runtime_require
+
+    return runtime_require(alternative=", or use --target onnx")
 
 
 def gpu_facts() -> dict:

@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")
 from pm_runtime.errors import UserError  # noqa: E402
 
 
-@pytest.mark.parametrize("mode", ["dynamic-matmul", "weight-only-qdq"])
+@pytest.mark.parametrize("mode", ["dynamic-matmul", "weight-only-qdq", "static-qdq"])
 def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp_path, mode):
     """pm-export --int8 MODE ships an int8 unet.onnx (validated, precision int8) that pm-run's
     onnxruntime backend runs; its image stays close to the fp32 bundle's."""
@@ -23,7 +23,12 @@ def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp
                                      int8=mode), log=lambda m: None)
     unet = next(c for c in json.loads((out / "bundle.json").read_text())["components"] if c["network"] == "unet")
     assert unet["precision"] == "int8" and unet["details"]["int8"]["mode"] == mode
-    assert any(v["precision"] == "int8" and v["passed"] for v in unet["validation"])
+    assert any(v["precision"].startswith("int8") and v["passed"] for v in unet["validation"])
+    if mode == "static-qdq":  # calibrated on the bundle's own fp32 runs, validated on a held-out prompt's feeds
+        facts = unet["details"]["int8"]
+        assert facts["calibration_feeds"] > 0 and all("<persona>" in p for p in facts["calibration_prompts"])
+        assert facts["validation_prompt"] not in facts["calibration_prompts"]
+        assert sum(v["precision"] == "int8-static" for v in unet["validation"]) == 3
     kw = dict(seed=5, steps=4, height=256, width=256)
     a = Pipeline.load(out, backend="onnxruntime").generate("a photo of <persona>", **kw).images.astype(float)
     b = Pipeline.load(run_bundle, backend="onnxruntime", concept="alice").generate("a photo of <persona>",
@@ -39,3 +44,16 @@ def test_int8_needs_an_fp32_onnx_export(tiny_model, trained_concept, tmp_path):
         with pytest.raises(UserError, match="--int8"):
             export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b",
                                        int8="dynamic-matmul", **bad), log=lambda m: None)
+
+
+def test_static_int8_over_tolerance_leaves_no_bundle(tiny_model, trained_concept, tmp_path, monkeypatch):
+    """The static mode runs after the fp32 bundle is complete (in the temporary folder): a failed
+    held-out validation still leaves no bundle behind, only the one-line error."""
+    from pm_export import validate as PV
+    from pm_export.build import ExportConfig, export_bundle
+
+    monkeypatch.setitem(PV.TOLERANCES, "int8-static", (0.0, 0.0))
+    with pytest.raises(UserError, match="validation failed: unet int8-static"):
+        export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", name="alice",
+                                   int8="static-qdq"), log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
