@@ -36,13 +36,13 @@ if __package__:  # imported as pm_bench.bench_gpu (pm-bench --gpu, an installed 
     from . import gpu_ours
     from .bench_kernels import timed as _timed
     from .random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from .records import append_jsonl, environment, pcts, results_dir, slug
+    from .records import append_jsonl, cuda_peak, cuda_reset, environment, pcts, results_dir, slug
 else:  # run as a script: this tree's pm_runtime and the sibling modules
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     import gpu_ours
     from bench_kernels import timed as _timed
     from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from records import append_jsonl, environment, pcts, results_dir, slug
+    from records import append_jsonl, cuda_peak, cuda_reset, environment, pcts, results_dir, slug
 
 SCHEMA = "pm-bench-gpu/1"
 EAGER, GRAPH, COMPILE = "diffusers-eager", "diffusers-cuda-graph", "torch-compile-reduce-overhead"
@@ -133,18 +133,13 @@ class Context:
 
         gc.collect()
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            cuda_reset(torch)
 
     def peak(self) -> dict:
         """Peak allocated / reserved GiB since the last reset (CUDA; empty on the CPU)."""
         import torch
 
-        if not self.cuda:
-            return {}
-        return {"peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+        return cuda_peak(torch) if self.cuda else {}
 
     def bundle(self, target: str = "torch") -> pathlib.Path:
         """A bundle of model_dir with an untrained concept (pm-export --target TARGET), made once in

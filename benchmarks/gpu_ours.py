@@ -18,13 +18,21 @@ against the reference image (the torch backend, fp32, same bundle, seed and step
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+if __package__:  # pm_bench.gpu_ours
+    from .records import cuda_peak as _peak
+    from .records import cuda_reset as _reset
+    from .records import pcts
+else:  # imported by a script (python benchmarks/bench_gpu.py), benchmarks/ on sys.path
+    from records import cuda_peak as _peak
+    from records import cuda_reset as _reset
+    from records import pcts
 
 PROMPT = "a photo of <persona> as a knight on a horse"
 
@@ -34,21 +42,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def pcts(values_ms) -> dict:
-    v = np.asarray(values_ms, np.float64)
-    return {f"p{q}": round(float(np.percentile(v, q)), 4) for q in (20, 50, 80)}
-
-
-def _reset(torch):
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-
-
-def _peak(torch) -> dict:
-    return {"peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
 
 
 def replay_ms(torch, loop, reps: int) -> dict:

@@ -112,6 +112,22 @@ def pcts(values) -> dict:
     return {f"p{q}": round(float(np.percentile(a, q)), 4) for q in (20, 50, 80)}
 
 
+def cuda_reset(torch) -> None:
+    """Free what the last measurement left on the GPU and restart the peak-memory counters."""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def cuda_peak(torch) -> dict:
+    """Peak allocated / reserved GiB since the last cuda_reset."""
+    return {"peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+
+
 def append_jsonl(path: pathlib.Path, records) -> None:
     """Append each record as one JSON line with one write(2) on an O_APPEND descriptor: lines of
     runs sharing a file do not interleave, and a crash loses at most the line being written."""

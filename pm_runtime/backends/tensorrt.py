@@ -29,13 +29,15 @@ INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run 
                 "pip install 'personamagic-runtime[tensorrt]' (tensorrt>=10, cuda-python)")
 
 
-def require_tensorrt():
+def require_tensorrt(alternative: str = ""):
+    """The tensorrt module (>= 10), or a one-line UserError with the install hint (+ `alternative`,
+    e.g. pm-export's ", or use --target onnx")."""
     try:
         import tensorrt as trt
     except ImportError:
-        raise UserError(INSTALL_HINT) from None
+        raise UserError(INSTALL_HINT + alternative) from None
     if int(trt.__version__.split(".")[0]) < 10:
-        raise UserError(f"TensorRT {trt.__version__} is too old; pm-run needs TensorRT >= 10")
+        raise UserError(f"TensorRT {trt.__version__} is too old; the plans need TensorRT >= 10")
     return trt
 
 
