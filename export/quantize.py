@@ -46,7 +46,11 @@ child, fp32 and int8 sessions alternating, other processes idle; drift: decoded 
   dynamic-matmul-conv           980 -> 2752      0.36x   3.42 -> 1.01   0.86      42.7 dB (max 10)
   nbits8-fp32                   slower than fp32 (0.73x, measured under load)
 Quantizer peak RSS on that UNet: dynamic/static ~10-15 GiB (onnxruntime loads the whole model and
-copies it), nbits8 3.7 GiB, weight-only-qdq 4.8 GiB; 10-70 s. Drift is of a RANDOM-weight model:
+copies it), nbits8 3.7 GiB, weight-only-qdq 4.8 GiB; 10-70 s. pm-export --int8 static-qdq
+(per-channel, percentile, 10 feeds calibrated in windows of CALIBRATION_STRIDE): whole export
+peak 15.5 GB with windows of 2, 19.6 GB in one call (/usr/bin/time, pm-bench --prepare-only).
+End to end (pm-bench CPU run, benchmarks/results/run-cpu.jsonl): 3.2-3.9x diffusers' speed at
+0.22-0.44x its memory, image 38.2-38.3 dB from the fp32 bundle's. Drift is of a RANDOM-weight model:
 a trained SD-1.5 UNet's activation ranges differ, so the static modes' drift must be re-measured
 on real weights before they are offered as more than an opt-in.
 
