@@ -26,7 +26,7 @@ from pm_runtime import formats as F
 from pm_runtime.bundle import file_entry, open_bundle, sha256_file, write_manifest
 from pm_runtime.concept_table import save_table
 from pm_runtime.errors import UserError
-from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, UNET, network_specs
+from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, STEP, UNET, network_specs
 
 Log = Callable[[str], None]
 TARGETS = ("onnx", "tensorrt", "torch")
@@ -310,6 +310,14 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         for p in work.iterdir():  # fp32 graphs that do not ship: done with (disk space)
             p.unlink()
         log(f"  {net} done in {time.perf_counter() - t0:.1f} s (peak RSS so far {peak_rss_gib():.2f} GiB)")
+    if builder is not None:  # the loop's guidance + scheduler update, so TensorRT's loop stays on the GPU
+        from .step_graph import validate_step_graph, write_step_graph
+
+        step_onnx = write_step_graph(specs[STEP], work / "step.onnx")
+        checks = validate_step_graph(specs[STEP], step_onnx, log)
+        trt = builder.build(step_onnx, specs[STEP], tmp / "step.plan", fp16=False)
+        components.append(_component(tmp, "step.plan", STEP, "tensorrt", [tmp / "step.plan"], "fp32", specs[STEP],
+                                     checks, {**trt, "graph": "export/step_graph.py"}))
     shutil.rmtree(work)
     return components, trt_details
 

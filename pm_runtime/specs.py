@@ -16,12 +16,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .schedulers.linear import COLUMNS as LINEAR_COLUMNS
+
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 NETWORKS = (TEXT_ENCODER, UNET, VAE_DECODER)
 SAFETY_CHECKER = "safety_checker"  # optional: exported when the model folder has one
 OPTIONAL_NETWORKS = (SAFETY_CHECKER,)
+# The guidance + scheduler update of one step (pm_runtime/schedulers/linear.py's affine form) as a
+# graph of its own: GPU backends run it between UNet calls so the loop never leaves the device
+# (pm_runtime/backends/device_loop.py). pm-export builds it with TensorRT plans (step.plan).
+STEP = "step"
+# the step graph's `coef` row: linear.COLUMNS (10), then guidance, x0 clamp (inf: none), and the
+# input scale of the NEXT step's UNet input (1 after the last step)
+STEP_COEF_COLUMNS = (*LINEAR_COLUMNS, "guidance", "clip", "next_input_scale")
 CHECKER_SIDE = 224  # the safety checker's CLIP input side (SD's checker: CLIP ViT-L/14 at 224 px)
 
 # Image sides the UNet and VAE engines accept: 256..1024 px in steps of 64 (latent 32..128, step 8).
@@ -179,4 +188,17 @@ def network_specs(dims: ModelDims) -> dict[str, NetworkSpec]:
         outputs=(TensorSpec("nsfw_score", f32, ("batch",)),),  # > 0: flagged (diffusers' has_nsfw_concepts)
         axes={"batch": Axis(1, 2, 8)},  # opt 2: the exporter traces at opt shapes (a 1 would be baked in)
         doc="Stable Diffusion's safety checker: max over concepts of (cosine - threshold [+ 0.01 special care])")
-    return {n.name: n for n in (text, unet, vae, checker)}
+    latent = (C, "latent_height", "latent_width")
+    step = NetworkSpec(
+        STEP,
+        inputs=(TensorSpec("noise_pred", f32, ("unet_batch", *latent)),  # the UNet's output: [uncond; cond]
+                TensorSpec("sample", f32, ("batch", *latent)),
+                TensorSpec("x0_prev", f32, ("batch", *latent)),  # the previous step's x0 (zeros at step 0)
+                TensorSpec("noise", f32, ("batch", *latent)),  # standard normal (euler-a), else zeros
+                TensorSpec("coef", f32, (len(STEP_COEF_COLUMNS),))),
+        outputs=(TensorSpec("prev_sample", f32, ("batch", *latent)), TensorSpec("x0", f32, ("batch", *latent)),
+                 TensorSpec("unet_sample", f32, ("unet_batch", *latent))),  # next UNet input [s x; s x]
+        axes={"batch": Axis(1, 1, 4), "latent_height": lat, "latent_width": lat},
+        derived={"unet_batch": ("batch", 2)},
+        doc="guidance combine + scheduler update (affine, schedulers/linear.py) + the next UNet input")
+    return {n.name: n for n in (text, unet, vae, checker, step)}

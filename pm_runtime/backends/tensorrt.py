@@ -10,20 +10,28 @@ by another TensorRT version or for another GPU) is tested here, as a pure functi
 A plan runs only on the TensorRT version and GPU architecture that built it, so both are read
 from the manifest (the exporter records them) and compared before deserialising.
 
-Current limit, stated: inputs and outputs cross to the host on every call (the loop's
-guidance combine and scheduler step run in numpy). DESIGN §3 wants them on the device with no
-host copy between steps; that needs device arrays in the loop and is not done yet.
+The denoising loop stays on the GPU when the bundle has `step.plan` (pm-export builds it with the
+other plans from export/step_graph.py): device_loop.denoise_on_device with TrtOps, i.e. one
+upload before the loop, UNet and step plans bound to device buffers by address, one copy of the
+final latents back. The loop's buffer flow is tested on the CPU with device_loop.HostOps (numpy
+buffers, onnxruntime engines, == the host loop for every scheduler); TrtOps / TrtNetwork.enqueue
+(cudaMalloc, cudaMemcpy2D rows padded to 256 bytes, set_tensor_address, execute_async_v3) are
+not run. Bundles without step.plan use the host loop (a host round trip per step). The text
+encoder, VAE and safety checker calls copy their inputs and outputs (once per stage).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from .. import formats as F
 from ..bundle import Bundle
 from ..errors import UserError
-from ..specs import NETWORKS
-from .base import Backend
+from ..specs import NETWORKS, STEP
+from .base import Backend, DenoiseJob
+from .device_loop import denoise_on_device
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
                 "pip install 'personamagic-runtime[tensorrt]' (tensorrt>=10, cuda-python)")
@@ -84,6 +92,83 @@ def device_index(device: str | None) -> int:
     return int(index or 0)
 
 
+ALIGN = 256  # bytes: TensorRT wants I/O tensor addresses aligned to 256 bytes (cudaMalloc's guarantee)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceBuf:
+    """float32 device memory: `ptr`, logical `shape`, `pitch` = bytes from one row to the next."""
+
+    ptr: int
+    shape: tuple
+    pitch: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * 4
+
+
+class TrtOps:
+    """device_loop.DeviceOps on one CUDA stream with cuda-python's runtime API (NOT RUN: see the
+    module docstring). put/zeros/put_rows allocate with cudaMalloc; put_rows pads each row to
+    ALIGN bytes (cudaMemcpy2D) so that every row's address can be bound to an engine input."""
+
+    def __init__(self, cudart, stream):
+        self.cudart, self.stream, self.owned = cudart, stream, []
+
+    def _alloc(self, nbytes: int) -> int:
+        ptr = int(_call(self.cudart.cudaMalloc(max(int(nbytes), 1))))
+        self.owned.append(ptr)
+        return ptr
+
+    def put(self, array):
+        a = np.ascontiguousarray(array, np.float32)
+        ptr = self._alloc(a.nbytes)
+        _call(self.cudart.cudaMemcpy(ptr, a.ctypes.data, a.nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        return DeviceBuf(ptr, a.shape, a.nbytes // max(a.shape[0], 1) if a.ndim else a.nbytes)
+
+    def put_rows(self, array):
+        a = np.ascontiguousarray(array, np.float32)
+        width = a.nbytes // a.shape[0]
+        pitch = -(-width // ALIGN) * ALIGN
+        ptr = self._alloc(pitch * a.shape[0])
+        _call(self.cudart.cudaMemcpy2D(ptr, pitch, a.ctypes.data, width, width, a.shape[0],
+                                       self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        return DeviceBuf(ptr, a.shape, pitch)
+
+    def zeros(self, shape):
+        shape = tuple(int(d) for d in shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+        ptr = self._alloc(nbytes)
+        _call(self.cudart.cudaMemset(ptr, 0, nbytes))
+        return DeviceBuf(ptr, shape, nbytes // max(shape[0], 1))
+
+    def row(self, buf, i):
+        inner = buf.shape[1:]
+        return DeviceBuf(buf.ptr + int(i) * buf.pitch, inner, int(np.prod(inner[1:], dtype=np.int64)) * 4 if inner else 4)
+
+    def run(self, net, inputs, outputs):
+        net.engine.enqueue(inputs, outputs, self.stream)
+
+    def sync(self):
+        _call(self.cudart.cudaStreamSynchronize(self.stream))
+
+    def get(self, buf):
+        self.sync()
+        out = np.empty(buf.shape, np.float32)
+        _call(self.cudart.cudaMemcpy(out.ctypes.data, buf.ptr, out.nbytes,
+                                     self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+        return out
+
+    def release(self):
+        try:
+            self.cudart.cudaStreamSynchronize(self.stream)  # nothing may still use the buffers
+        finally:
+            for ptr in self.owned:
+                self.cudart.cudaFree(ptr)
+            self.owned.clear()
+
+
 class TrtNetwork:
     """One engine + execution context + stream; device buffers grow as shapes need."""
 
@@ -129,6 +214,21 @@ class TrtNetwork:
         _call(cudart.cudaStreamSynchronize(stream))
         return {n: o.astype(np.float32, copy=False) for n, o in outs.items()}
 
+    def enqueue(self, inputs: dict, outputs: dict, stream) -> None:
+        """Bind device buffers (DeviceBuf) to every I/O tensor and enqueue on `stream`: no copy."""
+        ctx = self.context
+        if set(inputs) != set(self.inputs) or set(outputs) != set(self.outputs):
+            raise RuntimeError(f"engine I/O {self.inputs} -> {self.outputs}, bound {sorted(inputs)} -> {sorted(outputs)}")
+        for name, buf in inputs.items():
+            ctx.set_input_shape(name, buf.shape)
+            ctx.set_tensor_address(name, buf.ptr)
+        for name, buf in outputs.items():
+            if tuple(ctx.get_tensor_shape(name)) != tuple(buf.shape):
+                raise RuntimeError(f"{name}: engine output {tuple(ctx.get_tensor_shape(name))} != buffer {buf.shape}")
+            ctx.set_tensor_address(name, buf.ptr)
+        if not ctx.execute_async_v3(int(stream)):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+
     def free(self) -> None:
         for ptr, _ in self.buffers.values():
             self.cudart.cudaFree(ptr)
@@ -149,7 +249,7 @@ class TensorRTBackend(Backend):
         prop = _call(self.cudart.cudaGetDeviceProperties(self.index))
         self.gpu = prop.name.decode(errors="replace").rstrip("\0") if isinstance(prop.name, bytes) else str(prop.name)
         self.compute_capability = f"{prop.major}.{prop.minor}"
-        for net in NETWORKS:  # refuse before any engine is deserialised
+        for net in [*NETWORKS, *([STEP] if self.provides(STEP) else [])]:  # refuse before any deserialisation
             comp = bundle.component(net, "tensorrt")
             check_plan(comp[F.CK_NAME], comp.get(F.CK_DETAILS, {}), self.trt.__version__, self.compute_capability)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
@@ -176,6 +276,14 @@ class TensorRTBackend(Backend):
         if engine is None:
             raise UserError(f"TensorRT could not deserialise {path.name} (see the TensorRT log above)")
         return TrtNetwork(self.trt, self.cudart, engine)
+
+    def denoise(self, unet, job: DenoiseJob) -> np.ndarray:
+        """The loop on the GPU (device_loop.py) when the bundle has the step plan (pm-export builds
+        it with the other plans); older bundles: the host loop."""
+        if not self.provides(STEP):
+            return super().denoise(unet, job)
+        with self.network(STEP) as step:
+            return denoise_on_device(TrtOps(self.cudart, unet.engine.stream), unet, step, job)
 
     def _free(self, net) -> None:
         if net.engine is not None:

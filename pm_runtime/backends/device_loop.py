@@ -1,0 +1,136 @@
+"""The denoising loop with everything on the device (DESIGN §3): the GPU backends' `denoise`.
+
+Before the loop, ONE upload of everything the loop will read: the initial latents and first UNet
+input, the context pair [negative x n; concept row x n] of every distinct row, the timestep row
+of every step, the step graph's coefficient row of every step (step_coefficients) and, for
+euler-a, the noise of every step. Per step: the UNet runs on device buffers, then the step graph
+(pm_runtime.specs STEP: guidance + scheduler update + the next UNet input) reads its output and
+writes the next sample, x0 and UNet input into device buffers (double-buffered where a graph
+would read and write the same tensor). Each step selects its rows by buffer address, so no data
+moves between steps: the host only waits for the step to finish (progress, cancel) and copies
+the final latents back once; the pipeline checks them for NaN/inf (one read per stage).
+
+A backend provides the device through `DeviceOps`; `HostOps` is the same interface in host
+memory (numpy arrays, engines called with arrays): the tests run the loop's exact buffer flow
+with it against denoise_on_host, so only a backend's own few calls (allocate, copy, bind an
+address, enqueue) are specific to it. numpy only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from ..schedulers.linear import LinearSteps, linear_steps
+from ..specs import STEP_COEF_COLUMNS
+from .base import DenoiseJob
+
+Buf = Any  # a backend's device buffer handle
+
+
+class DeviceOps(Protocol):
+    def put(self, array: np.ndarray) -> Buf: ...  # a new device buffer holding a copy of `array` (float32)
+
+    def put_rows(self, array: np.ndarray) -> Buf: ...  # the same, each row addressable by row()
+
+    def zeros(self, shape: tuple[int, ...]) -> Buf: ...  # a new float32 device buffer of zeros
+
+    def row(self, buf: Buf, i: int) -> Buf: ...  # row i of a put_rows buffer, without copying
+
+    def run(self, net, inputs: Mapping[str, Buf], outputs: Mapping[str, Buf]) -> None: ...  # enqueue
+
+    def sync(self) -> None: ...  # wait for what was enqueued
+
+    def get(self, buf: Buf) -> np.ndarray: ...  # a host copy (waits)
+
+    def release(self) -> None: ...  # free every buffer this object made
+
+
+def step_coefficients(lin: LinearSteps, guidance: float) -> np.ndarray:
+    """(steps, len(STEP_COEF_COLUMNS)) float32: the step graph's `coef` row of every step."""
+    n = lin.num_steps
+    table = np.zeros((n, len(STEP_COEF_COLUMNS)), np.float64)
+    table[:, :lin.coef.shape[1]] = lin.coef
+    table[:, STEP_COEF_COLUMNS.index("guidance")] = guidance
+    table[:, STEP_COEF_COLUMNS.index("clip")] = lin.clip  # inf: no clamp
+    nxt = np.ones(n)
+    nxt[:-1] = lin.input_scale[1:]
+    table[:, STEP_COEF_COLUMNS.index("next_input_scale")] = nxt
+    return table.astype(np.float32)
+
+
+def denoise_on_device(ops: DeviceOps, unet, step, job: DenoiseJob) -> np.ndarray:
+    """Run `job` with UNet and step engines on the device behind `ops`; the final latents (host)."""
+    lin = linear_steps(job.tables)
+    x_host = np.ascontiguousarray(job.latents, np.float32)
+    n, steps = x_host.shape[0], lin.num_steps
+    shape = x_host.shape
+    try:
+        contexts = {}
+        for r in sorted({int(r) for r in job.rows}):
+            contexts[r] = tuple(ops.put(np.concatenate([np.repeat(c[:1], n, 0), np.repeat(c[r:r + 1], n, 0)]))
+                                for c in (job.c_k, job.c_v))
+        timesteps = ops.put_rows(np.repeat(lin.timesteps.astype(np.float32)[:, None], 2 * n, 1))  # (steps, 2n)
+        coef = ops.put_rows(step_coefficients(lin, job.guidance))
+        if lin.needs_noise:
+            noise = ops.put_rows(np.stack([np.asarray(job.noise(i), np.float32) for i in range(steps)]))
+            noise_at = lambda i: ops.row(noise, i)  # noqa: E731
+        else:
+            zero = ops.zeros(shape)
+            noise_at = lambda i: zero  # noqa: E731
+        first = np.float32(lin.input_scale[0]) * x_host
+        unet_in = ops.put(np.concatenate([first, first]))
+        x = [ops.put(x_host), ops.zeros(shape)]
+        x0 = [ops.zeros(shape), ops.zeros(shape)]  # x0_prev of step 0: zeros
+        noise_pred = ops.zeros((2 * n, *shape[1:]))
+        for i in range(steps):
+            job.before_step(i)
+            c_k, c_v = contexts[int(job.rows[i])]
+            ops.run(unet, {"sample": unet_in, "timestep": ops.row(timesteps, i), "c_k": c_k, "c_v": c_v},
+                    {"noise_pred": noise_pred})
+            ops.run(step, {"noise_pred": noise_pred, "sample": x[i % 2], "x0_prev": x0[i % 2],
+                           "noise": noise_at(i), "coef": ops.row(coef, i)},
+                    {"prev_sample": x[(i + 1) % 2], "x0": x0[(i + 1) % 2], "unet_sample": unet_in})
+            ops.sync()  # no copy: the host only waits, for progress and cancel
+            job.after_step(i)
+        return ops.get(x[steps % 2])
+    finally:
+        ops.release()
+
+
+class HostOps:
+    """DeviceOps in host memory: buffers are numpy arrays, `run` calls the engine with them and
+    writes its outputs into the given buffers. Tests run denoise_on_device with it."""
+
+    def __init__(self):
+        self.made = 0
+
+    def put(self, array):
+        self.made += 1
+        return np.array(array, np.float32, copy=True)
+
+    def zeros(self, shape):
+        self.made += 1
+        return np.zeros(shape, np.float32)
+
+    put_rows = put
+
+    def row(self, buf, i):
+        return buf[i]
+
+    def run(self, net, inputs, outputs):
+        res = net.run(dict(inputs))
+        for name, buf in outputs.items():
+            if res[name].shape != buf.shape:
+                raise ValueError(f"{name}: engine output {res[name].shape} does not fit the buffer {buf.shape}")
+            buf[...] = res[name]
+
+    def sync(self):
+        pass
+
+    def get(self, buf):
+        return np.array(buf, copy=True)
+
+    def release(self):
+        pass

@@ -1,0 +1,127 @@
+"""The device-side loop (pm_runtime/backends/device_loop.py) and its step graph (export/step_graph.py).
+
+The GPU backends (TensorRT) run denoise_on_device with their own buffers; here the same loop runs
+with HostOps (numpy buffers, onnxruntime engines) and must give what the host loop gives, for every
+scheduler; the step graph must compute its numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+
+from pm_runtime import schedulers  # noqa: E402
+from pm_runtime.backends.base import CheckedNetwork  # noqa: E402
+from pm_runtime.backends.device_loop import HostOps, denoise_on_device, step_coefficients  # noqa: E402
+from pm_runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtNetwork  # noqa: E402
+from pm_runtime.schedulers.linear import linear_steps  # noqa: E402
+from pm_runtime.specs import STEP, STEP_COEF_COLUMNS, ModelDims, network_specs  # noqa: E402
+
+SCHEDULERS = ("dpmpp-2m", "ddim", "euler", "euler-a")
+SD15_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "steps_offset": 1, "timestep_spacing": "leading", "clip_sample": False, "set_alpha_to_one": False,
+               "prediction_type": "epsilon"}
+
+
+def step_network(dims: ModelDims) -> CheckedNetwork:
+    from pm_export.step_graph import step_model
+
+    spec = network_specs(dims)[STEP]
+    sess = ort.InferenceSession(step_model(spec).SerializeToString(), providers=["CPUExecutionProvider"])
+    return CheckedNetwork(OrtNetwork(sess, spec.output_names), spec)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_step_graph_matches_its_reference(name):
+    """Every step's real coefficient row (and a clamped one) on random inputs: the ONNX step graph
+    under onnxruntime == the float64 numpy reference."""
+    from pm_export.step_graph import reference_step
+
+    dims = ModelDims(text_dim=32)
+    net = step_network(dims)
+    lin = linear_steps(schedulers.make_tables(name, SD15_CONFIG, 12))
+    table = step_coefficients(lin, 7.5)
+    rng = np.random.default_rng(3)
+    for i in (0, 1, 6, 11):
+        for clip in (np.inf, 1.0):
+            feeds = net.spec.dummy_inputs(rng, "opt", batch=2, latent_height=32, latent_width=40)
+            feeds["coef"] = table[i].copy()
+            feeds["coef"][STEP_COEF_COLUMNS.index("clip")] = clip
+            got = net.run(feeds)
+            want = reference_step(feeds)
+            for k, w in want.items():
+                assert got[k].shape == w.shape
+                np.testing.assert_allclose(got[k], w, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(w).max()))
+            if np.isfinite(clip):
+                assert np.abs(got["x0"]).max() <= clip
+
+
+def test_step_coefficients_columns():
+    lin = linear_steps(schedulers.make_tables("euler", SD15_CONFIG, 5))
+    t = step_coefficients(lin, 8.0)
+    col = STEP_COEF_COLUMNS.index
+    assert t.shape == (5, len(STEP_COEF_COLUMNS)) and t.dtype == np.float32
+    np.testing.assert_allclose(t[:, :10], lin.coef.astype(np.float32))
+    assert (t[:, col("guidance")] == 8.0).all() and np.isinf(t[:, col("clip")]).all()
+    np.testing.assert_allclose(t[:-1, col("next_input_scale")], lin.input_scale[1:].astype(np.float32))
+    assert t[-1, col("next_input_scale")] == 1.0
+
+
+class DeviceLoopOnHost(OnnxRuntimeBackend):
+    """The onnxruntime backend with the device loop (HostOps buffers) instead of the host loop."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.step_net = step_network(self.bundle.dims)
+        self.ops_made = []
+
+    def denoise(self, unet, job):
+        ops = HostOps()
+        self.ops_made.append(ops)
+        return denoise_on_device(ops, unet, self.step_net, job)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_device_loop_equals_host_loop(run_bundle, name):
+    """The whole generation through denoise_on_device == through denoise_on_host (same bundle,
+    engines, seed): per-step context rows, timesteps, coefficients, noise, double buffers."""
+    from pm_runtime.bundle import open_bundle
+    from pm_runtime.pipeline import Pipeline
+
+    bundle = open_bundle(run_bundle)
+    kw = dict(seed=11, steps=7, scheduler=name, height=256, width=256, num_images=2, concept_stage=(400, 700))
+    host = Pipeline(bundle, OnnxRuntimeBackend(bundle), concept="alice", safety_checker=False)
+    dev_backend = DeviceLoopOnHost(bundle)
+    dev = Pipeline(bundle, dev_backend, concept="alice", safety_checker=False)
+    seen = []
+    a = host.generate("a photo of <persona> in a garden", **kw).images.astype(int)
+    b = dev.generate("a photo of <persona> in a garden", callback=lambda i, n: seen.append((i, n)), **kw).images
+    assert dev_backend.ops_made and dev_backend.ops_made[0].made > 0  # the device loop ran
+    assert seen == [(i, 7) for i in range(1, 8)]
+    assert np.abs(a - b.astype(int)).max() <= 1
+
+
+def test_device_loop_cancel(run_bundle):
+    from pm_runtime.bundle import open_bundle
+    from pm_runtime.pipeline import Cancelled, Pipeline
+
+    bundle = open_bundle(run_bundle)
+    pipe = Pipeline(bundle, DeviceLoopOnHost(bundle), concept="alice", safety_checker=False)
+    steps_done = []
+    flag = lambda: len(steps_done) >= 2  # noqa: E731
+    with pytest.raises(Cancelled, match="before step 3"):
+        pipe.generate("a photo of <persona>", seed=1, steps=6, height=256, width=256, cancel=flag,
+                      callback=lambda i, n: steps_done.append(i))
+    assert steps_done == [1, 2]
+
+
+def test_step_graph_written_and_validated(tmp_path):
+    """What pm-export does before building step.plan: write the graph atomically, validate it."""
+    from pm_export.step_graph import validate_step_graph, write_step_graph
+
+    spec = network_specs(ModelDims(text_dim=32))[STEP]
+    path = write_step_graph(spec, tmp_path / "step.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["step.onnx"]
+    checks = validate_step_graph(spec, path)
+    assert len(checks) == 2 and all(c.ok and c.max_rel < 1e-5 for c in checks)
