@@ -310,14 +310,19 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         for p in work.iterdir():  # fp32 graphs that do not ship: done with (disk space)
             p.unlink()
         log(f"  {net} done in {time.perf_counter() - t0:.1f} s (peak RSS so far {peak_rss_gib():.2f} GiB)")
-    if builder is not None:  # the loop's guidance + scheduler update, so TensorRT's loop stays on the GPU
+    if ship_onnx or builder is not None:  # the loop's guidance + scheduler update: GPU loops stay on the device
         from .step_graph import validate_step_graph, write_step_graph
 
-        step_onnx = write_step_graph(specs[STEP], work / "step.onnx")
+        log(f"  {STEP}: the guidance + scheduler update graph (fp32, export/step_graph.py)")
+        step_onnx = write_step_graph(specs[STEP], (tmp if ship_onnx else work) / "step.onnx")
         checks = validate_step_graph(specs[STEP], step_onnx, log)
-        trt = builder.build(step_onnx, specs[STEP], tmp / "step.plan", fp16=False)
-        components.append(_component(tmp, "step.plan", STEP, "tensorrt", [tmp / "step.plan"], "fp32", specs[STEP],
-                                     checks, {**trt, "graph": "export/step_graph.py"}))
+        details = {"graph": "export/step_graph.py"}
+        if ship_onnx:
+            components.append(_component(tmp, STEP, STEP, "onnx", [step_onnx], "fp32", specs[STEP], checks, details))
+        if builder is not None:
+            trt = builder.build(step_onnx, specs[STEP], tmp / "step.plan", fp16=False)
+            components.append(_component(tmp, "step.plan", STEP, "tensorrt", [tmp / "step.plan"], "fp32",
+                                         specs[STEP], checks, {**trt, **details}))
     shutil.rmtree(work)
     return components, trt_details
 

@@ -125,3 +125,90 @@ def test_step_graph_written_and_validated(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["step.onnx"]
     checks = validate_step_graph(spec, path)
     assert len(checks) == 2 and all(c.ok and c.max_rel < 1e-5 for c in checks)
+
+
+class DeviceLoopOrtValues(OnnxRuntimeBackend):
+    """The onnxruntime backend with the device loop on OrtOps: OrtValues + IOBinding by address, on
+    the CPU device here (the CUDA provider uses the same code with device "cuda")."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.step_net = step_network(self.bundle.dims)
+        self.ops_made = []
+
+    def denoise(self, unet, job):
+        from pm_runtime.backends.device_loop import OrtOps
+
+        ops = OrtOps(self.ort, "cpu", 0)
+        self.ops_made.append(ops)
+        return denoise_on_device(ops, unet, self.step_net, job)
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m", "euler-a"])
+def test_ort_iobinding_loop_equals_host_loop(run_bundle, name):
+    from pm_runtime.bundle import open_bundle
+    from pm_runtime.pipeline import Pipeline
+
+    bundle = open_bundle(run_bundle)
+    kw = dict(seed=5, steps=6, scheduler=name, height=256, width=320, num_images=2)
+    a = Pipeline(bundle, OnnxRuntimeBackend(bundle), concept="alice", safety_checker=False).generate(
+        "<persona> reading a book", **kw).images.astype(int)
+    backend = DeviceLoopOrtValues(bundle)
+    b = Pipeline(bundle, backend, concept="alice", safety_checker=False).generate("<persona> reading a book", **kw)
+    assert len(backend.ops_made) == 1 and not backend.ops_made[0].values  # ran, then released its buffers
+    assert np.abs(a - b.images.astype(int)).max() <= 1
+
+
+def test_padded_rows_and_row_addresses():
+    from pm_runtime.backends.device_loop import ALIGN, DeviceBuf, padded_rows
+
+    a = np.arange(3 * 13, dtype=np.float32).reshape(3, 13)
+    host, pitch = padded_rows(a)
+    assert pitch % ALIGN == 0 and pitch >= 13 * 4 and host.shape == (3, pitch // 4)
+    np.testing.assert_array_equal(host[:, :13], a)
+    buf = DeviceBuf(1 << 20, a.shape, pitch)
+    assert [buf.row(i).ptr % ALIGN for i in range(3)] == [0, 0, 0] and buf.row(2).shape == (13,)
+
+
+def test_exported_bundle_has_the_step_graph(run_bundle):
+    """pm-export ships step.onnx (validated) with the ONNX graphs; the onnxruntime backend provides it."""
+    import json
+
+    from pm_runtime.bundle import open_bundle
+
+    comps = json.loads((run_bundle / "bundle.json").read_text())["components"]
+    step = next(c for c in comps if c["network"] == STEP)
+    assert step["format"] == "onnx" and step["precision"] == "fp32" and step["file"] == "step.onnx"
+    assert step["validation"] and all(v["passed"] for v in step["validation"])
+    assert OnnxRuntimeBackend(open_bundle(run_bundle)).provides(STEP)
+
+
+def test_onnxruntime_uses_the_device_loop_with_the_cuda_provider(run_bundle, monkeypatch):
+    """Which loop the onnxruntime backend picks: host loop on the CPU provider; the device loop
+    (OrtOps) with the CUDA provider. CUDA cannot run here: the step session is created on the CPU
+    first, then the provider list says CUDA and OrtOps is pointed at the CPU device."""
+    import pm_runtime.backends.onnxruntime as B
+    from pm_runtime.backends import device_loop
+    from pm_runtime.bundle import open_bundle
+    from pm_runtime.pipeline import Pipeline
+
+    bundle = open_bundle(run_bundle)
+    made = []
+
+    def cpu_ops(ort, device, device_id):
+        assert (device, device_id) == ("cuda", 1)
+        made.append(device_loop.OrtOps(ort, "cpu", 0))
+        return made[-1]
+
+    monkeypatch.setattr(B, "OrtOps", cpu_ops)
+    kw = dict(seed=2, steps=4, height=256, width=256)
+    backend = B.OnnxRuntimeBackend(bundle)
+    pipe = Pipeline(bundle, backend, concept="alice", safety_checker=False)
+    a = pipe.generate("a photo of <persona>", **kw).images
+    assert made == []  # CPU provider: the host loop
+    with backend.network(STEP):
+        pass  # the step session exists (on the CPU), cached
+    backend.providers = [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    b = pipe.generate("a photo of <persona>", **kw).images
+    assert len(made) == 1
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

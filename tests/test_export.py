@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from pm_export.cli import main
 from pm_runtime import formats as F
 from pm_runtime.bundle import open_bundle, sha256_file
-from pm_runtime.specs import NETWORKS, TEXT_ENCODER, UNET, VAE_DECODER
+from pm_runtime.specs import NETWORKS, STEP, TEXT_ENCODER, UNET, VAE_DECODER
 
 
 def run(args):
@@ -133,8 +133,10 @@ def test_onnx_parts_match_pytorch(net, precision, bundle_fp32, bundle_fp16, torc
 
 def test_fp16_bundle_layout(bundle_fp16):
     b = open_bundle(bundle_fp16)
-    assert [c[F.CK_NAME] for c in b.components] == list(NETWORKS)
-    for c in b.components:
+    assert [c[F.CK_NAME] for c in b.components] == [*NETWORKS, STEP]
+    step = b.component(STEP)  # the loop's guidance + scheduler update stays fp32 in an fp16 bundle (a few KB)
+    assert step[F.CK_PRECISION] == "fp32" and step[F.CK_DATA_FILES] == []
+    for c in b.components[:len(NETWORKS)]:
         assert [d[F.FK_FILE] for d in c[F.CK_DATA_FILES]] == [c[F.CK_FILE] + ".data"]  # forced external data
         assert c[F.CK_DETAILS]["fp32_ops"]  # blocked ops recorded
         assert {v["precision"] for v in c[F.CK_VALIDATION]} == {"fp32", "fp16"}

@@ -18,6 +18,7 @@ address, enqueue) are specific to it. numpy only.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Protocol
 
 import numpy as np
@@ -27,6 +28,35 @@ from ..specs import STEP_COEF_COLUMNS
 from .base import DenoiseJob
 
 Buf = Any  # a backend's device buffer handle
+ALIGN = 256  # bytes: row pitch of put_rows buffers (TensorRT wants I/O addresses aligned to 256 bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceBuf:
+    """float32 device memory by address: `ptr`, logical `shape`, `pitch` = bytes from one row
+    (index of the first axis) to the next. The buffers of TrtOps and OrtOps."""
+
+    ptr: int
+    shape: tuple
+    pitch: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * 4
+
+    def row(self, i: int) -> "DeviceBuf":
+        inner = tuple(self.shape[1:])
+        return DeviceBuf(self.ptr + int(i) * self.pitch, inner, int(np.prod(inner[1:], dtype=np.int64)) * 4)
+
+
+def padded_rows(array: np.ndarray) -> tuple[np.ndarray, int]:
+    """(rows, pitch/4) float32 host copy of `array` with every row padded to ALIGN bytes; the pitch."""
+    a = np.ascontiguousarray(array, np.float32).reshape(array.shape[0], -1)
+    width = a.shape[1]
+    pitch = -(-width * 4 // ALIGN) * ALIGN
+    out = np.zeros((a.shape[0], pitch // 4), np.float32)
+    out[:, :width] = a
+    return out, pitch
 
 
 class DeviceOps(Protocol):
@@ -134,3 +164,53 @@ class HostOps:
 
     def release(self):
         pass
+
+
+class OrtOps:
+    """DeviceOps with onnxruntime OrtValues on `device` ("cuda" for the CUDA execution provider,
+    "cpu" too: that is how it is tested) and IOBinding by address: the engines' sessions read and
+    write the buffers in place."""
+
+    def __init__(self, ort, device: str = "cuda", device_id: int = 0):
+        self.ort, self.device, self.device_id = ort, device, device_id
+        self.values: dict[int, Any] = {}  # base address -> OrtValue (kept alive until release)
+
+    def _value(self, host: np.ndarray) -> Any:
+        v = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host, np.float32), self.device, self.device_id)
+        self.values[int(v.data_ptr())] = v
+        return v
+
+    def put(self, array):
+        a = np.ascontiguousarray(array, np.float32)
+        v = self._value(a)
+        return DeviceBuf(int(v.data_ptr()), a.shape, a.nbytes // max(a.shape[0], 1) if a.ndim else a.nbytes)
+
+    def put_rows(self, array):
+        host, pitch = padded_rows(array)
+        return DeviceBuf(int(self._value(host).data_ptr()), tuple(array.shape), pitch)
+
+    def zeros(self, shape):
+        return self.put(np.zeros(tuple(int(d) for d in shape), np.float32))
+
+    def row(self, buf, i):
+        return buf.row(i)
+
+    def run(self, net, inputs, outputs):
+        sess = net.engine.session
+        binding = sess.io_binding()
+        for name, buf in inputs.items():
+            binding.bind_input(name, self.device, self.device_id, np.float32, list(buf.shape), buf.ptr)
+        for name, buf in outputs.items():
+            binding.bind_output(name, self.device, self.device_id, np.float32, list(buf.shape), buf.ptr)
+        sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    def sync(self):
+        pass  # run_with_iobinding + synchronize_outputs have finished the work
+
+    def get(self, buf):
+        v = self.values[buf.ptr]  # a whole buffer (the loop reads back only the final latents)
+        return np.array(v.numpy(), copy=True).reshape(buf.shape)
+
+    def release(self):
+        self.values.clear()

@@ -22,6 +22,12 @@ CPU (the weights are memory-mapped, not copied), which is what makes low-memory 
 so the key includes onnxruntime's version and a hash of the CPU's model name and flags. A cache
 entry that fails to load is deleted and rebuilt; entries are written to a temporary folder and
 renamed, never half-written.
+
+Denoising loop: on the CPU (and DirectML, CoreML) the host loop (numpy between UNet calls). With
+the CUDA provider and a bundle that has the step graph (`step.onnx`, pm-export writes it), the
+loop stays on the GPU: device_loop.denoise_on_device with OrtOps (OrtValues, IOBinding by
+address). That path is NOT RUN on CUDA here; the identical code runs on the CPU device in
+tests/test_device_loop.py and equals the host loop.
 """
 
 from __future__ import annotations
@@ -34,10 +40,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from .. import formats as F
 from ..bundle import Bundle
 from ..errors import UserError
-from .base import Backend
+from ..specs import STEP
+from .base import Backend, DenoiseJob
+from .device_loop import OrtOps, denoise_on_device
 
 INSTALL_HINT = "onnxruntime is not installed: pip install 'personamagic-runtime[onnx]'"
 OPT_LEVELS = ("all", "extended", "basic", "disabled")
@@ -188,6 +198,18 @@ class OnnxRuntimeBackend(Backend):
             raise UserError(f"{path.name} does not have the inputs/outputs of the {network} spec "
                             f"(outputs {names}, expected {want})")
         return OrtNetwork(sess, names)
+
+    def denoise(self, unet, job: DenoiseJob) -> np.ndarray:
+        """With the CUDA execution provider and the bundle's step graph: the loop on the GPU
+        (device_loop.py with OrtOps: OrtValues on the GPU, IOBinding by address; NOT RUN, the CUDA
+        provider cannot be installed on this project's machines; the same code runs on the CPU
+        device in the tests). Otherwise (CPU, DirectML, CoreML, older bundles): the host loop."""
+        first = self.providers[0]
+        name, options = (first, {}) if isinstance(first, str) else first
+        if name != "CUDAExecutionProvider" or not self.provides(STEP):
+            return super().denoise(unet, job)
+        with self.network(STEP) as step:
+            return denoise_on_device(OrtOps(self.ort, "cuda", int(options.get("device_id", 0))), unet, step, job)
 
     def _free(self, net) -> None:
         net.engine = None

@@ -15,14 +15,12 @@ other plans from export/step_graph.py): device_loop.denoise_on_device with TrtOp
 upload before the loop, UNet and step plans bound to device buffers by address, one copy of the
 final latents back. The loop's buffer flow is tested on the CPU with device_loop.HostOps (numpy
 buffers, onnxruntime engines, == the host loop for every scheduler); TrtOps / TrtNetwork.enqueue
-(cudaMalloc, cudaMemcpy2D rows padded to 256 bytes, set_tensor_address, execute_async_v3) are
+(cudaMalloc, cudaMemcpy, rows padded to 256 bytes, set_tensor_address, execute_async_v3) are
 not run. Bundles without step.plan use the host loop (a host round trip per step). The text
 encoder, VAE and safety checker calls copy their inputs and outputs (once per stage).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 
@@ -31,7 +29,7 @@ from ..bundle import Bundle
 from ..errors import UserError
 from ..specs import NETWORKS, STEP
 from .base import Backend, DenoiseJob
-from .device_loop import denoise_on_device
+from .device_loop import DeviceBuf, denoise_on_device, padded_rows
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
                 "pip install 'personamagic-runtime[tensorrt]' (tensorrt>=10, cuda-python)")
@@ -92,26 +90,10 @@ def device_index(device: str | None) -> int:
     return int(index or 0)
 
 
-ALIGN = 256  # bytes: TensorRT wants I/O tensor addresses aligned to 256 bytes (cudaMalloc's guarantee)
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceBuf:
-    """float32 device memory: `ptr`, logical `shape`, `pitch` = bytes from one row to the next."""
-
-    ptr: int
-    shape: tuple
-    pitch: int
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * 4
-
-
 class TrtOps:
     """device_loop.DeviceOps on one CUDA stream with cuda-python's runtime API (NOT RUN: see the
     module docstring). put/zeros/put_rows allocate with cudaMalloc; put_rows pads each row to
-    ALIGN bytes (cudaMemcpy2D) so that every row's address can be bound to an engine input."""
+    ALIGN bytes so that every row's address can be bound to an engine input."""
 
     def __init__(self, cudart, stream):
         self.cudart, self.stream, self.owned = cudart, stream, []
@@ -128,13 +110,11 @@ class TrtOps:
         return DeviceBuf(ptr, a.shape, a.nbytes // max(a.shape[0], 1) if a.ndim else a.nbytes)
 
     def put_rows(self, array):
-        a = np.ascontiguousarray(array, np.float32)
-        width = a.nbytes // a.shape[0]
-        pitch = -(-width // ALIGN) * ALIGN
-        ptr = self._alloc(pitch * a.shape[0])
-        _call(self.cudart.cudaMemcpy2D(ptr, pitch, a.ctypes.data, width, width, a.shape[0],
-                                       self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
-        return DeviceBuf(ptr, a.shape, pitch)
+        host, pitch = padded_rows(array)
+        ptr = self._alloc(host.nbytes)
+        _call(self.cudart.cudaMemcpy(ptr, host.ctypes.data, host.nbytes,
+                                     self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        return DeviceBuf(ptr, tuple(array.shape), pitch)
 
     def zeros(self, shape):
         shape = tuple(int(d) for d in shape)
@@ -144,8 +124,7 @@ class TrtOps:
         return DeviceBuf(ptr, shape, nbytes // max(shape[0], 1))
 
     def row(self, buf, i):
-        inner = buf.shape[1:]
-        return DeviceBuf(buf.ptr + int(i) * buf.pitch, inner, int(np.prod(inner[1:], dtype=np.int64)) * 4 if inner else 4)
+        return buf.row(i)
 
     def run(self, net, inputs, outputs):
         net.engine.enqueue(inputs, outputs, self.stream)
