@@ -131,8 +131,12 @@ def compare(module: torch.nn.Module, spec: NetworkSpec, onnx_path: Path, precisi
 
 def validate(module: torch.nn.Module, spec: NetworkSpec, onnx_path: Path, precision: str,
              log: Callable[[str], None] = lambda m: None, feeds: list[dict] | None = None) -> list[Check]:
-    """compare() + the decision: every check is logged; any over tolerance raises a UserError."""
-    checks = compare(module, spec, onnx_path, precision, feeds=feeds)
+    """compare() + the decision (decide)."""
+    return decide(compare(module, spec, onnx_path, precision, feeds=feeds), log)
+
+
+def decide(checks: list[Check], log: Callable[[str], None] = lambda m: None) -> list[Check]:
+    """Every check is logged; any over tolerance raises a UserError with the numbers."""
     for c in checks:
         log(f"  validated {c.describe()}")
     bad = [c for c in checks if not c.ok]
