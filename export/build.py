@@ -508,4 +508,9 @@ def add_concept(cfg: ExportConfig, log: Log = print) -> Path:
     manifest[F.BK_CONCEPTS] = others + [{**entry, **file_entry(bundle.root, rel)}]
     write_manifest(bundle.root, manifest)
     log(f"added concept {name!r} to {cfg.bundle} in {time.perf_counter() - t0:.1f} s")
+    int8 = next((c[F.CK_DETAILS].get("int8", {}) for c in bundle.components
+                 if c[F.CK_NETWORK] == UNET and c[F.CK_FORMAT] == "onnx"), {})
+    if int8.get("mode") in STATIC_INT8:
+        log(f"warning: the bundle's int8 UNet ({int8['mode']}) was calibrated on the concept it was exported with, "
+            f"not on {name!r}; its images may drift more from fp32 (re-export with this concept to calibrate)")
     return bundle.root / rel

@@ -57,3 +57,13 @@ def test_static_int8_over_tolerance_leaves_no_bundle(tiny_model, trained_concept
         export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", name="alice",
                                    int8="static-qdq"), log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adding_a_concept_to_a_static_int8_bundle_warns(tiny_model, trained_concept, tmp_path):
+    from pm_export.build import ExportConfig, add_concept, export_bundle
+
+    out = export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", name="alice",
+                                     int8="static-qdq"), log=lambda m: None)
+    said = []
+    add_concept(ExportConfig(concept=trained_concept, bundle=out, name="bob"), log=said.append)
+    assert any(m.startswith("warning:") and "calibrated" in m and "'bob'" in m for m in said)
