@@ -5,6 +5,8 @@ peers run. Not a test: nothing here asserts; every figure is a record.
 Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with guidance):
   torch-cuda                 FastUNet (fused kernels, channels-last, per-image cross-attention K/V
                              tables) + one CUDA graph per step
+  torch-cuda-offload-te      the same with the text encoder's weights in pinned host memory, on the
+                             GPU only for its call (offload_text_encoder: peak memory vs image time)
   torch-cuda-no-kv-tables    the same with K = to_k(C_k), V = to_v(C_v) computed inside every step
   torch-cuda-cudnn-attention the same with PyTorch's cuDNN attention preferred for self-attention
   torch-cuda-no-kernels      the plain diffusers UNet (split K/V, SDPA) in the same step graph
@@ -154,8 +156,9 @@ def profile_step(bundle: Path, size: int, log=print) -> dict:
             "top": [{"ms": round(t, 3), "calls": c, "kernel": k} for t, c, k in rows[:40]]}
 
 
-ALL = ("reference", "torch-cuda", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention", "torch-cuda-no-kernels",
-       "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024", "torch-cuda-warm-start", "profile")
+ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
+       "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
+       "torch-cuda-warm-start", "profile")
 
 
 def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 30, images: int = 3,
@@ -197,6 +200,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
     one = {**common, "images": 1}
     todo = {
         "torch-cuda": lambda: measure_variant("torch-cuda", bundle, **common),
+        "torch-cuda-offload-te": lambda: measure_variant("torch-cuda-offload-te", bundle, offload_text_encoder=True,
+                                                         **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),
         "torch-cuda-cudnn-attention": lambda: measure_variant("torch-cuda-cudnn-attention", bundle, sdpa="cudnn", **one),
         "torch-cuda-no-kernels": lambda: measure_variant("torch-cuda-no-kernels", bundle, kernels=False, **common),

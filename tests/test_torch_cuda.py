@@ -165,6 +165,24 @@ def test_low_memory_mode_runs_and_frees(run_bundle, fast_pipe):
     assert psnr(a.images, b.images) >= 30.0  # tiled VAE decode blends tile seams (no tiles at 256 px: equal)
 
 
+def test_offloaded_text_encoder(run_bundle, fast_pipe):
+    """offload_text_encoder: the text encoder is attached for its call and detached after (its
+    weights back on the host copies), the UNet stays; same image. (Its GPU memory effect is
+    measured by pm-bench --gpu --ours torch-cuda-offload-te, not here.)"""
+    pipe = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", offload_text_encoder=True)
+    kw = dict(seed=9, steps=3, height=256, width=256)
+    a = pipe.generate(PROMPT, **kw)
+    b = pipe.generate(PROMPT, **kw)
+    ref = fast_pipe.generate(PROMPT, **kw)
+    backend = pipe.backend
+    assert backend.loads["text_encoder"] == 2 and backend.loads["unet"] == 1
+    assert "text_encoder" not in backend._cache and "unet" in backend._cache
+    parked = backend._parked["text_encoder"]
+    assert all(t.data_ptr() == parked.host[name].data_ptr() for name, t in parked._tensors())
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.images, ref.images)
+
+
 def test_torch_only_bundle(tiny_model, trained_concept, tmp_path):
     from pm_export.build import ExportConfig, export_bundle
     from pm_runtime.bundle import open_bundle

@@ -152,19 +152,25 @@ class Backend(abc.ABC):
             return True
         return any(c["network"] == network and c["format"] == self.component_format for c in self.bundle.components)
 
+    def resident(self, network: str) -> bool:
+        """Whether `network` stays loaded between uses: every network, or none in low-memory mode
+        (a backend may keep some networks and free others)."""
+        return not self.low_memory
+
     @contextlib.contextmanager
     def network(self, name: str) -> Iterator[CheckedNetwork]:
+        keep = self.resident(name)
         with self._lock:
             net = self._cache.get(name)
             if net is None:
                 net = CheckedNetwork(self._load(name), self.specs[name])
                 self.loads[name] += 1
-                if not self.low_memory:
+                if keep:
                     self._cache[name] = net
         try:
             yield net
         finally:
-            if self.low_memory:
+            if not keep:
                 self._free(net)
                 del net
 
