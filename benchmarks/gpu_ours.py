@@ -7,6 +7,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              tables) + one CUDA graph per step
   torch-cuda-offload-te      the same with the text encoder's weights in pinned host memory, on the
                              GPU only for its call (offload_text_encoder: peak memory vs image time)
+  torch-cuda-vae-graph       the same with the VAE decode captured as a CUDA graph in the step graph's
+                             memory pool (vae_graph: the decode reuses the step's activation memory)
+  torch-cuda-lean            offload-te + vae-graph together (the candidate for the 2.5 GB goal)
   torch-cuda-no-kv-tables    the same with K = to_k(C_k), V = to_v(C_v) computed inside every step
   torch-cuda-cudnn-attention the same with PyTorch's cuDNN attention preferred for self-attention
   torch-cuda-no-kernels      the plain diffusers UNet (split K/V, SDPA) in the same step graph
@@ -156,7 +159,8 @@ def profile_step(bundle: Path, size: int, log=print) -> dict:
             "top": [{"ms": round(t, 3), "calls": c, "kernel": k} for t, c, k in rows[:40]]}
 
 
-ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
+ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-lean",
+       "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
        "torch-cuda-warm-start", "profile")
 
@@ -202,6 +206,9 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda": lambda: measure_variant("torch-cuda", bundle, **common),
         "torch-cuda-offload-te": lambda: measure_variant("torch-cuda-offload-te", bundle, offload_text_encoder=True,
                                                          **common),
+        "torch-cuda-vae-graph": lambda: measure_variant("torch-cuda-vae-graph", bundle, vae_graph=True, **common),
+        "torch-cuda-lean": lambda: measure_variant("torch-cuda-lean", bundle, vae_graph=True,
+                                                   offload_text_encoder=True, **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),
         "torch-cuda-cudnn-attention": lambda: measure_variant("torch-cuda-cudnn-attention", bundle, sdpa="cudnn", **one),
         "torch-cuda-no-kernels": lambda: measure_variant("torch-cuda-no-kernels", bundle, kernels=False, **common),
