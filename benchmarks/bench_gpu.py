@@ -426,8 +426,8 @@ def summary(r: dict) -> str:
     if r.get("status") != "ok":
         return f"{r['variant']}: {r.get('status')}: {r.get('error') or r.get('reason') or ''}"
     parts = [f"{k} p50 {_p50(r, k):.2f}" for k in ("unet_step_ms", "call_ms", "image_ms") if _p50(r, k) is not None]
-    parts += [f"{k} {r[k]}" for k in ("load_s", "capture_s", "compile_s", "peak_alloc_gib", "peak_reserved_gib")
-              if r.get(k) is not None]
+    parts += [f"{k} {r[k]}" for k in ("load_s", "capture_s", "compile_s", "peak_alloc_gib", "peak_reserved_gib",
+                                      "steady_peak_alloc_gib", "steady_peak_reserved_gib") if r.get(k) is not None]
     return f"{r['variant']}: " + ", ".join(parts)
 
 
@@ -449,6 +449,8 @@ def table(records: list[dict]) -> str:
                 else "")
         note = [f"call p50 {_p50(r, 'call_ms'):.2f} ms"] if _p50(r, "call_ms") is not None else []
         note += [f"{k} {r[k]} s" for k in ("load_s", "compile_s") if r.get(k) is not None]
+        if r.get("steady_peak_reserved_gib") is not None:
+            note.append(f"steady peak {r['steady_peak_alloc_gib']:.2f}/{r['steady_peak_reserved_gib']:.2f} GiB")
         lines.append(f"{name:34} {f'{step:.2f}' if step else '':>11} {ratios[0]:>8} {ratios[1]:>8} {ratios[2]:>9} "
                      f"{f'{image / 1000:.3f}' if image else '':>11} {peak:>11}  {', '.join(note)}".rstrip())
     lines.append("x PEER = PEER's step p50 / this step p50 (> 1: faster); peak GiB = allocated/reserved "

@@ -17,7 +17,8 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-low-memory      one network on the GPU at a time, tiled VAE decode
 Per variant: UNet step p20/p50/p80 (CUDA events around single graph replays: the whole step,
 UNet + guidance + scheduler update), whole image p20/p50/p80 (text encoder + steps + VAE + to
-uint8, wall clock), load time, peak memory of the whole pipeline, and the PSNR of its image
+uint8, wall clock), load time, peak memory of the whole pipeline (peak_*: load + first image with
+its captures and warm-ups; steady_peak_*: the later images), and the PSNR of its image
 against the reference image (the torch backend, fp32, same bundle, seed and steps).
 """
 
@@ -76,6 +77,8 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
     t0 = time.perf_counter()
     first = pipe.generate(PROMPT, **kw)  # captures the step graph, compiles/loads kernels
     first_image_s = time.perf_counter() - t0
+    first_peak = _peak(torch)  # load + first image (captures, warm-ups)
+    torch.cuda.reset_peak_memory_stats()  # from here: the steady state of later images
     walls, g = [], first
     for _ in range(images):
         t0 = time.perf_counter()
@@ -84,7 +87,8 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
     rec = {"variant": name, "status": "ok", "backend": g.backend, "size": size, "steps": steps,
            "load_s": round(load_s, 3), "first_image_s": round(first_image_s, 3),
            **({"image_ms": pcts(walls)} if walls else {}),
-           "timings_last_image": {k: round(v, 4) for k, v in g.timings.items()}, **_peak(torch)}
+           "timings_last_image": {k: round(v, 4) for k, v in g.timings.items()}, **first_peak,
+           **({f"steady_{k}": v for k, v in _peak(torch).items()} if walls else {})}
     loops = list(getattr(pipe.backend, "_loops", {}).values())
     if loops and not options.get("low_memory"):
         rec["unet_step_ms"] = replay_ms(torch, loops[0], reps)
