@@ -184,6 +184,8 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
     modules = graph_modules(base)
     checker_settings = base.checker_settings
     del base  # from here the modules hold the networks; each is freed once exported
+    if cfg.int8 in STATIC_INT8:
+        _warn_static_int8_memory(modules[UNET], log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -354,6 +356,32 @@ def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log
     log(f"  int8 UNet ({cfg.int8}): {facts.get('quantized_nodes', '?')} nodes quantized, "
         f"{facts.get('bytes_before', 0) / 2**20:.1f} -> {facts.get('bytes_after', 0) / 2**20:.1f} MiB")
     return files, checks, facts
+
+
+# pm-export --int8 static-qdq's whole-export peak RSS per byte of fp32 UNet weights: 15.5 GB for
+# the SD-1.5-shaped UNet's 3.44 GB (/usr/bin/time, benchmarks/results/run-cpu.jsonl's bundle).
+STATIC_INT8_PEAK_PER_UNET_BYTE = 4.5
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _warn_static_int8_memory(unet_module, log: Log) -> None:
+    """A warning before minutes of work when the static int8 calibration will likely not fit."""
+    need = STATIC_INT8_PEAK_PER_UNET_BYTE * sum(p.numel() * 4 for p in unet_module.parameters())
+    have = available_memory_bytes()
+    if have is not None and have < need:
+        log(f"warning: --int8 static-qdq needs about {need / 1e9:.1f} GB of memory for this UNet "
+            f"(calibration and quantization); {have / 1e9:.1f} GB is available now")
 
 
 def _static_int8_unet(cfg: ExportConfig, root: Path, model_dir: Path, manifest: dict, spec, log: Log) -> dict:

@@ -67,3 +67,22 @@ def test_adding_a_concept_to_a_static_int8_bundle_warns(tiny_model, trained_conc
     said = []
     add_concept(ExportConfig(concept=trained_concept, bundle=out, name="bob"), log=said.append)
     assert any(m.startswith("warning:") and "calibrated" in m and "'bob'" in m for m in said)
+
+
+def test_static_int8_memory_warning(monkeypatch):
+    """A warning (not an error) before the work when MemAvailable is below the measured need."""
+    import torch
+
+    from pm_export import build
+
+    unet = torch.nn.Linear(1000, 1000)  # 4 MB of fp32 weights -> ~18 MB needed
+    said = []
+    monkeypatch.setattr(build, "available_memory_bytes", lambda: 10 * 2**20)
+    build._warn_static_int8_memory(unet, said.append)
+    assert len(said) == 1 and said[0].startswith("warning: --int8 static-qdq needs about")
+    monkeypatch.setattr(build, "available_memory_bytes", lambda: 2**40)
+    build._warn_static_int8_memory(unet, said.append)
+    assert len(said) == 1
+    monkeypatch.undo()
+    have = build.available_memory_bytes()  # the real one: /proc/meminfo on Linux
+    assert have is None or 0 < have < 2**50
