@@ -251,9 +251,15 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
     for i, net in enumerate([*NETWORKS, *(n for n in OPTIONAL_NETWORKS if n in modules)]):
         spec, module = specs[net], modules.pop(net)
         t0 = time.perf_counter()
-        if net in OPTIONAL_NETWORKS:
+        if net in OPTIONAL_NETWORKS:  # the safety checker: fp32 ONNX (shipped or in work/) and an fp32 plan
+            root = tmp if ship_onnx else work
+            comp = _optional_onnx(cfg, net, module, spec, root, log, checker_settings)
             if ship_onnx:
-                components.append(_optional_onnx(cfg, net, module, spec, tmp, work, log, checker_settings))
+                components.append(comp)
+            if builder is not None:
+                trt = builder.build(root / comp[F.CK_FILE], spec, tmp / f"{net}.plan", fp16=False)
+                components.append(_component(tmp, f"{net}.plan", net, "tensorrt", [tmp / f"{net}.plan"], "fp32", spec,
+                                             [], {**trt, **comp[F.CK_DETAILS]}))
             del module
             continue
         fp32_in_bundle = ship_onnx and cfg.precision == "fp32"
@@ -429,17 +435,18 @@ def _static_int8_unet(cfg: ExportConfig, root: Path, model_dir: Path, manifest: 
     return manifest
 
 
-def _optional_onnx(cfg: ExportConfig, net: str, module, spec, tmp: Path, work: Path, log: Log,
+def _optional_onnx(cfg: ExportConfig, net: str, module, spec, root: Path, log: Log,
                    checker_settings: dict | None) -> dict:
-    """The safety checker: fp32 ONNX, validated, listed as an optional component."""
+    """The safety checker: fp32 ONNX written into `root`, validated; its component entry (optional,
+    with the preprocessing settings the runtime applies)."""
     from .onnx_export import export_network
     from .validate import validate
 
     log(f"  {net} (optional): exporting ONNX (fp32, opset {cfg.opset})")
-    files = export_network(module, spec, tmp / f"{net}.onnx", opset=cfg.opset, external_data=cfg.external_data)
-    checks = validate(module, spec, tmp / f"{net}.onnx", "fp32", log)
+    files = export_network(module, spec, root / f"{net}.onnx", opset=cfg.opset, external_data=cfg.external_data)
+    checks = validate(module, spec, root / f"{net}.onnx", "fp32", log)
     details = {"opset": cfg.opset, "optional": True, "preprocess": checker_settings or {}}
-    return _component(tmp, net, net, "onnx", files, "fp32", spec, checks, details)
+    return _component(root, net, net, "onnx", files, "fp32", spec, checks, details)
 
 
 def _torch_weights(modules: dict, specs: dict, tmp: Path, log: Log, checker_settings: dict | None = None) -> list[dict]:

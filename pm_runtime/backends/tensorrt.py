@@ -27,7 +27,7 @@ import numpy as np
 from .. import formats as F
 from ..bundle import Bundle
 from ..errors import UserError
-from ..specs import NETWORKS, STEP
+from ..specs import NETWORKS, OPTIONAL_NETWORKS, STEP
 from .base import Backend, DenoiseJob
 from .device_loop import DeviceBuf, denoise_on_device, padded_rows
 
@@ -228,7 +228,8 @@ class TensorRTBackend(Backend):
         prop = _call(self.cudart.cudaGetDeviceProperties(self.index))
         self.gpu = prop.name.decode(errors="replace").rstrip("\0") if isinstance(prop.name, bytes) else str(prop.name)
         self.compute_capability = f"{prop.major}.{prop.minor}"
-        for net in [*NETWORKS, *([STEP] if self.provides(STEP) else [])]:  # refuse before any deserialisation
+        optional = [n for n in (*OPTIONAL_NETWORKS, STEP) if self.provides(n)]
+        for net in [*NETWORKS, *optional]:  # refuse before any deserialisation
             comp = bundle.component(net, "tensorrt")
             check_plan(comp[F.CK_NAME], comp.get(F.CK_DETAILS, {}), self.trt.__version__, self.compute_capability)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
