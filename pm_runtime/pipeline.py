@@ -36,7 +36,7 @@ import numpy as np
 from . import __version__
 from . import formats as F
 from . import noise as pm_noise
-from . import schedulers
+from . import schedulers, vae_tiles
 from .backends.base import Backend, DenoiseJob, select_backend
 from .bundle import Bundle, open_bundle, sha256_file
 from .concept_table import ConceptTable, load_table
@@ -344,7 +344,14 @@ class Pipeline:
         with self.backend.network(VAE_DECODER) as vae:
             t1 = time.perf_counter()
             timings["load_s"] += t1 - t0
-            decoded = [vae.run({"latent": x})["image"] for x in finals]  # (n, 3, H, W) in [-1, 1]
+            # low memory: in tiles above 512 px (pm_runtime/vae_tiles.py) unless the backend tiles itself
+            tiled = self.backend.low_memory and not self.backend.tiles_vae
+            decoded, timings["vae_calls"] = [], 0
+            for x in finals:
+                run = lambda lat: vae.run({"latent": lat})["image"]  # noqa: E731 - (n, 3, H, W) in [-1, 1]
+                image, calls = vae_tiles.decode_tiled(run, x, dims.vae_scale_factor) if tiled else (run(x), 1)
+                decoded.append(image)
+                timings["vae_calls"] += calls
             timings["vae_s"] = time.perf_counter() - t1
         image = np.concatenate(decoded)
         _check_finite("VAE decoder output (image)", image)

@@ -115,6 +115,7 @@ class Backend(abc.ABC):
 
     name = "?"
     component_format: str | None = None  # the bundle component format this backend runs (onnx, tensorrt, ...)
+    tiles_vae = False  # True: the backend decodes in tiles itself in low-memory mode (else the pipeline does)
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False):
         self.bundle = bundle

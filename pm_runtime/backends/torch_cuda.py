@@ -52,6 +52,7 @@ def _has_torch_weights(bundle: Bundle) -> bool:
 class TorchCudaBackend(Backend):
     name = "torch-cuda"
     component_format = TORCH_FORMAT
+    tiles_vae = True  # low-memory mode: diffusers' tiled decoder inside the module (graphs.tiled_decoding)
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
                  model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
