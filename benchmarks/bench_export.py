@@ -6,6 +6,7 @@ for the model (export cost does not depend on training). Not a test: nothing her
 
   python benchmarks/bench_export.py --model tiny --out benchmarks/results/export-cpu.jsonl
   python benchmarks/bench_export.py --model sd15 --out benchmarks/results/export-cpu.jsonl   # minutes
+  python benchmarks/bench_export.py --model sd15 --precision fp32 --int8 static-qdq   # + the int8 UNet step
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def _sizes(bundle: pathlib.Path) -> dict:
     return {"network_files_bytes": nets, "bundle_bytes": total, "validation": checks}
 
 
-def run_export(model: pathlib.Path, concept: pathlib.Path, out: pathlib.Path, precision: str) -> dict:
+def run_export(model: pathlib.Path, concept: pathlib.Path, out: pathlib.Path, precision: str,
+               int8: str | None = None) -> dict:
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", CHILD, str(concept), "--model", str(model), "--out", str(out),
-                        "--precision", precision], capture_output=True, text=True)
+                        "--precision", precision, *(["--int8", int8] if int8 else [])], capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    rec = {"precision": precision, "wall_s": round(wall, 1), "status": "ok" if r.returncode == 0 else "error"}
+    rec = {"precision": precision, "int8": int8, "wall_s": round(wall, 1),
+           "status": "ok" if r.returncode == 0 else "error"}
     if "PEAK_RSS_KIB=" in r.stdout:
         rec["peak_rss_bytes"] = int(r.stdout.rsplit("PEAK_RSS_KIB=", 1)[1].split()[0]) * 1024
     if r.returncode != 0:
@@ -64,6 +67,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
     p.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
+    p.add_argument("--int8", default=None, help="pm-export --int8 MODE for the fp32 exports (e.g. static-qdq)")
     p.add_argument("--commit", default=None, help="commit to record (when the tree has no .git)")
     p.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "export-cpu.jsonl")
     args = p.parse_args()
@@ -78,7 +82,9 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for precision in args.precision:
             rec = {"schema": "pm-bench-export/1", **env, "model": args.model, "device": "cpu",
-                   "command": " ".join(sys.argv), **run_export(model, concept, root / f"b-{precision}", precision)}
+                   "command": " ".join(sys.argv),
+                   **run_export(model, concept, root / f"b-{precision}", precision,
+                                args.int8 if precision == "fp32" else None)}
             with args.out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             gib = rec.get("peak_rss_bytes", 0) / 2**30

@@ -339,7 +339,10 @@ def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log
                holdout=None):
     """Replace the shipped fp32 UNet graph by its int8 version (export/quantize.py), validated
     against PyTorch with the int8 tolerance (on random inputs, or on the `holdout` feeds for the
-    calibrated modes). Returns (files, checks, facts)."""
+    calibrated modes). `module`: the PyTorch UNet, or a function that loads it (called after the
+    quantization, which then does not share the memory with it). Returns (files, checks, facts)."""
+    import torch
+
     from .quantize import quantize_unet_int8
     from .validate import validate
 
@@ -350,7 +353,10 @@ def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log
     facts = quantize_unet_int8(fp32_path, staged, mode=cfg.int8, external_data=cfg.external_data,
                                per_channel=cfg.int8 in ("dynamic-matmul", *STATIC_INT8),
                                calibration=calibration, calibrate="percentile" if static else "minmax")
+    if not isinstance(module, torch.nn.Module):
+        module = module()
     checks = validate(module, spec, staged, "int8-static" if static else "int8", log, feeds=holdout)
+    del module
     _unlink_onnx(fp32_path)
     files = [fp32_path]
     data = staged.with_name(staged.name + ".data")
@@ -367,6 +373,19 @@ def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log
 # pm-export --int8 static-qdq's whole-export peak RSS per byte of fp32 UNet weights: 15.5 GB for
 # the SD-1.5-shaped UNet's 3.44 GB (/usr/bin/time, benchmarks/results/run-cpu.jsonl's bundle).
 STATIC_INT8_PEAK_PER_UNET_BYTE = 4.5
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap pages mapped; give them back (measured before the static int8 step of
+    an SD-1.5-shaped export: RSS 3.04 -> 0.78 GiB). No-op where malloc_trim does not exist."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def available_memory_bytes() -> int | None:
@@ -414,14 +433,17 @@ def _static_int8_unet(cfg: ExportConfig, root: Path, model_dir: Path, manifest: 
     calibration, rest = feeds[:-per], feeds[-per:]
     holdout = [rest[0], rest[len(rest) // 2], rest[-1]][:VALIDATION_FEEDS]
     record_s = time.perf_counter() - t0
-    base = load_base_model(model_dir, with_vae=False)
-    install_split_kv(base.unet)
-    module = UNetGraph(base.unet).eval()
-    del base
+    _return_freed_memory()  # the fp32 export's freed heap: the quantizer is the peak of this step
+
+    def load_unet():  # after the quantization (peak memory): the PyTorch UNet the int8 graph is checked against
+        base = load_base_model(model_dir, with_vae=False)
+        install_split_kv(base.unet)
+        return UNetGraph(base.unet).eval()
+
     work = root / ".work"
     work.mkdir()
     try:
-        files, checks, facts = _int8_unet(cfg, module, spec, root / comp[F.CK_FILE], work, log,
+        files, checks, facts = _int8_unet(cfg, load_unet, spec, root / comp[F.CK_FILE], work, log,
                                           calibration=calibration, holdout=holdout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
