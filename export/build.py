@@ -370,9 +370,9 @@ def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log
     return files, checks, facts
 
 
-# pm-export --int8 static-qdq's whole-export peak RSS per byte of fp32 UNet weights: 15.5 GB for
-# the SD-1.5-shaped UNet's 3.44 GB (/usr/bin/time, benchmarks/results/run-cpu.jsonl's bundle).
-STATIC_INT8_PEAK_PER_UNET_BYTE = 4.5
+# pm-export --int8 static-qdq's whole-export peak RSS per byte of fp32 UNet weights: 11.55 GiB
+# (12.4 GB) for the SD-1.5-shaped UNet's 3.44 GB (benchmarks/results/export-cpu.jsonl, VmHWM).
+STATIC_INT8_PEAK_PER_UNET_BYTE = 3.6
 
 
 def _return_freed_memory() -> None:

@@ -68,7 +68,7 @@ def _log(msg: str) -> None:
                    "quantized per call), nbits8 (MatMulNBits, 8-bit weights), weight-only-qdq (int8 weights, fp32 "
                    "compute, ~4x smaller), static-qdq (int8 Conv and MatMul with fixed activation ranges "
                    "calibrated on a few fp32 denoising runs of the finished bundle with its concept; the fastest "
-                   "on CPUs and the most drift; ~15 GB of RAM for SD 1.5; a concept added later with --bundle "
+                   "on CPUs and the most drift; ~12 GB of RAM for SD 1.5; a concept added later with --bundle "
                    "was not calibrated for). "
                    "Validated with a looser tolerance (static-qdq on held-out recorded inputs); speed, memory and "
                    "image drift of each mode on a 2-core CPU: benchmarks/results/int8-cpu.jsonl.")

@@ -48,7 +48,9 @@ child, fp32 and int8 sessions alternating, other processes idle; drift: decoded 
 Quantizer peak RSS on that UNet: dynamic/static ~10-15 GiB (onnxruntime loads the whole model and
 copies it), nbits8 3.7 GiB, weight-only-qdq 4.8 GiB; 10-70 s. pm-export --int8 static-qdq
 (per-channel, percentile, 10 feeds calibrated in windows of CALIBRATION_STRIDE): whole export
-peak 15.5 GB with windows of 2, 19.6 GB in one call (/usr/bin/time, pm-bench --prepare-only).
+peak 19.6 GB in one call, 15.5 GB with windows of 2 (/usr/bin/time, pm-bench --prepare-only), 12.4 GB
+(11.55 GiB VmHWM, bench_export.py --int8 static-qdq) once the PyTorch UNet for the validation is
+loaded after the quantization and the fp32 export's freed heap is returned first.
 End to end (pm-bench CPU run, benchmarks/results/run-cpu.jsonl): 3.2-3.9x diffusers' speed at
 0.22-0.44x its memory, image 38.2-38.3 dB from the fp32 bundle's. Drift is of a RANDOM-weight model:
 a trained SD-1.5 UNet's activation ranges differ, so the static modes' drift must be re-measured
