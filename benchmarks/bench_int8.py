@@ -50,7 +50,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from records import cpu_seconds, wait_quiet  # noqa: E402  (the other-CPU-load sampling bench_run uses too)
+from records import cpu_seconds, proc_status_kib, psnr_db, wait_quiet  # noqa: E402  (shared with the other benches)
 
 SCHEMA = "pm-bench-int8/1"
 RESULT_TAG = "@@BENCH_INT8@@ "
@@ -71,14 +71,6 @@ VARIANTS = {
 }
 CALIBRATION_PROMPT = "a portrait photo of a person in a park"  # not the measured prompt / latents
 REFERENCE = "fp32"
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _gib(kib: int) -> float:
@@ -180,7 +172,7 @@ def child_measure(args: dict) -> dict:
     from pm_runtime.pipeline import Pipeline
     from pm_runtime.specs import UNET
 
-    rec = {"rss_after_imports_gib": _gib(_status_kib("VmRSS"))}
+    rec = {"rss_after_imports_gib": _gib(proc_status_kib("VmRSS"))}
     bundle = open_bundle(pathlib.Path(args["bundle"]), verify=False)
     backend = _backend(bundle, args["unet"], args["threads"])
     pipe = Pipeline(bundle, backend, safety_checker=False)
@@ -188,7 +180,7 @@ def child_measure(args: dict) -> dict:
     with backend.network(UNET) as unet:  # kept (not low-memory): the pipeline below reuses it
         sess = unet.engine.session
     rec["session_load_s"] = round(time.perf_counter() - t0, 2)
-    rec["rss_after_load_gib"] = _gib(_status_kib("VmRSS"))
+    rec["rss_after_load_gib"] = _gib(proc_status_kib("VmRSS"))
     feed = _unet_feed(args["bundle"], args["resolution"], args["seed"])
     out = None
     for _ in range(args["warmup"]):
@@ -201,7 +193,7 @@ def child_measure(args: dict) -> dict:
     work = pathlib.Path(args["save"])
     np.save(work / "step_out.npy", out)
     rec.update({f"ms_{k}": v for k, v in _pcts(times).items()}, ms=[round(t, 1) for t in times],
-               peak_rss_gib=_gib(_status_kib("VmHWM")),
+               peak_rss_gib=_gib(proc_status_kib("VmHWM")),
                peak_rss_kind="VmHWM of the child after creating the UNet session and its timed calls")
     side = args["resolution"]
     dims = bundle.dims
@@ -213,7 +205,7 @@ def child_measure(args: dict) -> dict:
     rec["pipeline_unet_step_ms"] = round(r.timings["unet_step_ms"], 1)
     np.save(work / "latents.npy", backend.last_latents)
     np.save(work / "image.npy", r.images)
-    rec["pipeline_peak_rss_gib"] = _gib(_status_kib("VmHWM"))
+    rec["pipeline_peak_rss_gib"] = _gib(proc_status_kib("VmHWM"))
     rec["onnxruntime"] = onnxruntime.__version__
     rec["session_options"] = {"graph_optimization": backend.graph_optimization,
                               "intra_op_threads": args["threads"] or "onnxruntime default",
@@ -301,13 +293,10 @@ def drift(work: pathlib.Path, variant: str) -> dict:
     out["step_mean_abs"] = float(np.abs(a - b).mean())
     out["step_rel_l2"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
     a, b = load(variant, "latents.npy"), load(REFERENCE, "latents.npy")
-    mse = float(((a - b) ** 2).mean())
-    peak = float(b.max() - b.min())
-    out["latents_psnr_db"] = round(10 * np.log10(peak**2 / mse), 2) if mse > 0 else None
+    out["latents_psnr_db"] = psnr_db(a, b, peak=float(b.max() - b.min()))
     out["latents_rel_l2"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
     a, b = load(variant, "image.npy"), load(REFERENCE, "image.npy")
-    mse = float(((a - b) ** 2).mean())
-    out["image_psnr_db"] = round(10 * np.log10(255.0**2 / mse), 2) if mse > 0 else None
+    out["image_psnr_db"] = psnr_db(a, b)
     out["image_max_abs"] = int(np.abs(a - b).max())
     out["image_mean_abs"] = round(float(np.abs(a - b).mean()), 3)
     return out

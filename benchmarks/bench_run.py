@@ -55,11 +55,11 @@ from dataclasses import dataclass
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:  # imported as pm_bench.bench_run (pm-bench, an installed wheel)
     from .random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from .records import append_jsonl, cpu_seconds, environment, pcts, results_dir, wait_quiet
+    from .records import append_jsonl, cpu_seconds, environment, pcts, psnr_db, results_dir, wait_quiet
 else:  # run as a script (also each variant's child process): this tree's pm_runtime, the sibling modules
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from records import append_jsonl, cpu_seconds, environment, pcts, results_dir, wait_quiet
+    from records import append_jsonl, cpu_seconds, environment, pcts, psnr_db, results_dir, wait_quiet
 
 SCHEMA = "pm-bench-run/1"
 VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached", "ort-int8",
@@ -272,8 +272,7 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
         fp32 = records.get(FP32)
         if v.startswith("ort-int8") and fp32 and fp32["status"] == "ok" and rec["status"] == "ok":
             mine, ref = (np.load(o.cache / f"image-{x}.npy").astype(np.float64) for x in (v, FP32))
-            mse = float(((mine - ref) ** 2).mean())
-            rec["psnr_vs_ort_fp32_db"] = round(10 * np.log10(255**2 / mse), 2) if mse > 0 else None  # None: identical
+            rec["psnr_vs_ort_fp32_db"] = psnr_db(mine, ref)  # None: identical
             rec["max_abs_diff_vs_ort_fp32"] = int(np.abs(mine - ref).max())
         log(json.dumps(rec))
         append_jsonl(out, [rec])

@@ -18,24 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import subprocess
 import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:
-    from .records import append_jsonl, environment
+    from .records import append_jsonl, environment, proc_status_kib, psnr_db
 else:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
-    from records import append_jsonl, environment
+    from records import append_jsonl, environment, proc_status_kib, psnr_db
 
 SCHEMA = "pm-bench-vae-tiles/1"
 TAG = "@@VAE_TILES@@ "
-
-
-def _status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", pathlib.Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def child(bundle: str, size: int, mode: str, work: str) -> dict:
@@ -54,11 +49,11 @@ def child(bundle: str, size: int, mode: str, work: str) -> dict:
         run(np.zeros((1, b.dims.latent_channels, 32, 32), np.float32))  # warm-up
         lat = np.random.default_rng(0).standard_normal((1, b.dims.latent_channels, size // f, size // f))
         lat = lat.astype(np.float32)
-        before = _status("VmRSS")
+        before = proc_status_kib("VmRSS") * 1024
         t0 = time.perf_counter()
         image, calls = vae_tiles.decode_tiled(run, lat, f) if mode == "tiled" else (run(lat), 1)
         seconds = time.perf_counter() - t0
-        hwm = _status("VmHWM")
+        hwm = proc_status_kib("VmHWM") * 1024
     img = np.round(np.clip(image / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
     np.save(pathlib.Path(work) / f"vae-{size}-{mode}.npy", img)
     return {"decode_s": round(seconds, 3), "decoder_calls": calls, "peak_rss_bytes": hwm,
@@ -93,8 +88,7 @@ def main(argv=None) -> int:
                 got[mode] = np.load(pathlib.Path(a.work) / f"vae-{size}-{mode}.npy").astype(np.float64)
             records.append(rec)
         if len(got) == 2:
-            mse = float(((got["tiled"] - got["full"]) ** 2).mean())
-            records[-1]["psnr_vs_full_db"] = round(10 * np.log10(255**2 / mse), 2) if mse > 0 else None
+            records[-1]["psnr_vs_full_db"] = psnr_db(got["tiled"], got["full"])
             records[-1]["max_abs_diff_vs_full"] = int(np.abs(got["tiled"] - got["full"]).max())
     for rec in records:
         print(json.dumps({k: rec.get(k) for k in ("size", "mode", "status", "decode_s", "decoder_calls",

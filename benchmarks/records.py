@@ -112,6 +112,26 @@ def pcts(values) -> dict:
     return {f"p{q}": round(float(np.percentile(a, q)), 4) for q in (20, 50, 80)}
 
 
+def proc_status_kib(key: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM, ...); 0 where it is missing (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def psnr_db(a, b, peak: float = 255.0) -> float | None:
+    """PSNR of `a` against `b` in dB, 2 decimals; None when they are identical."""
+    import numpy as np
+
+    mse = float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean())
+    return round(10 * float(np.log10(peak**2 / mse)), 2) if mse > 0 else None
+
+
 def cuda_reset(torch) -> None:
     """Free what the last measurement left on the GPU and restart the peak-memory counters."""
     import gc

@@ -29,20 +29,19 @@ from pm_runtime.errors import UserError
 from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, STEP, UNET, network_specs
 
 Log = Callable[[str], None]
-TARGETS = ("onnx", "tensorrt", "torch")
+TARGETS = ("onnx", "tensorrt", "torch")  # --target: a comma-separated list of these, or "all"
 # int8 UNet modes pm-export offers (export/quantize.py). static-qdq is calibrated: after the fp32
 # bundle is complete, its own pipeline records UNet feeds (CALIBRATION_PROMPTS), see _static_int8_unet.
 INT8_MODES = ("dynamic-matmul", "nbits8", "weight-only-qdq", "static-qdq")
 STATIC_INT8 = ("static-qdq",)
 # static-qdq calibration: per prompt CALIBRATION_STEPS DPM-Solver++ steps at CALIBRATION_SIZE px; the
-# UNet feeds of the first prompts calibrate, those of the last one validate (held out). Feeds are
-# kept in memory by onnxruntime's percentile calibrator: 10 feeds of the SD-1.5-shaped UNet at 256 px
-# stayed within ~15 GiB (benchmarks/results/int8-cpu.jsonl).
+# UNet feeds of the first prompts calibrate, those of the last one validate (held out). The whole
+# SD-1.5-shaped export peaks at 12.4 GB with them (STATIC_INT8_PEAK_PER_UNET_BYTE below).
 CALIBRATION_PROMPTS = ("a portrait photo of {word} in a park", "a close-up photo of {word}, studio light",
                        "{word} as a knight in armour, oil painting")
 CALIBRATION_STEPS = 5
 CALIBRATION_SIZE = 256
-VALIDATION_FEEDS = 3  # of the held-out prompt's feeds: first, middle, last step  # --target: a comma-separated list of these, or "all"
+VALIDATION_FEEDS = 3  # of the held-out prompt's feeds: first, middle, last step
 
 
 def parse_targets(target: str) -> frozenset[str]:
@@ -257,9 +256,8 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
             if ship_onnx:
                 components.append(comp)
             if builder is not None:
-                trt = builder.build(root / comp[F.CK_FILE], spec, tmp / f"{net}.plan", fp16=False)
-                components.append(_component(tmp, f"{net}.plan", net, "tensorrt", [tmp / f"{net}.plan"], "fp32", spec,
-                                             [], {**trt, **comp[F.CK_DETAILS]}))
+                components.append(_plan(builder, root / comp[F.CK_FILE], spec, tmp, fp16=False,
+                                        details=comp[F.CK_DETAILS])[0])
             del module
             continue
         fp32_in_bundle = ship_onnx and cfg.precision == "fp32"
@@ -294,7 +292,7 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
             details["graph_optimization"] = not_optimized(net, "cpu", cfg.precision, cfg.optimize, ship_onnx)
         checks = validate(module, spec, fp32_path, "fp32", log)  # the graph that ships (optimised or not)
         if net == UNET and cfg.int8 and cfg.int8 not in STATIC_INT8:  # static: after the bundle is complete
-            files, int8_checks, details["int8"] = _int8_unet(cfg, module, spec, fp32_path, work, log)
+            files, int8_checks, details["int8"] = _int8_unet(cfg, lambda m=module: m, spec, fp32_path, work, log)
             checks += int8_checks
         if ship_onnx and cfg.precision == "fp16":
             half, kept = fp16.to_fp16(fp32_path)
@@ -308,10 +306,8 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
             precision = "int8" if net == UNET and cfg.int8 else cfg.precision
             components.append(_component(tmp, net, net, "onnx", files, precision, spec, checks, details))
         if builder is not None:
-            plan_rel = f"{net}.plan"
-            trt = builder.build(plain_path, spec, tmp / plan_rel, fp16=True)
-            components.append(_component(tmp, f"{net}.plan", net, "tensorrt", [tmp / plan_rel], "fp16", spec,
-                                         [], trt))
+            comp, trt = _plan(builder, plain_path, spec, tmp, fp16=True)
+            components.append(comp)
             trt_details = {k: trt[k] for k in ("tensorrt_version", "gpu", "compute_capability")}
         del module
         gc.collect()
@@ -328,21 +324,27 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         if ship_onnx:
             components.append(_component(tmp, STEP, STEP, "onnx", [step_onnx], "fp32", specs[STEP], checks, details))
         if builder is not None:
-            trt = builder.build(step_onnx, specs[STEP], tmp / "step.plan", fp16=False)
-            components.append(_component(tmp, "step.plan", STEP, "tensorrt", [tmp / "step.plan"], "fp32",
-                                         specs[STEP], checks, {**trt, **details}))
+            components.append(_plan(builder, step_onnx, specs[STEP], tmp, fp16=False, details=details)[0])
     shutil.rmtree(work)
     return components, trt_details
 
 
-def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log: Log, calibration=None,
+def _plan(builder, onnx_path: Path, spec, tmp: Path, fp16: bool, details: dict | None = None) -> tuple[dict, dict]:
+    """TensorRT plan `<network>.plan` in the bundle folder `tmp` from `onnx_path`: (component entry,
+    build facts). Plans carry no validation entries (they are built on the GPU, not checked here)."""
+    path = tmp / f"{spec.name}.plan"
+    trt = builder.build(onnx_path, spec, path, fp16=fp16)
+    comp = _component(tmp, path.name, spec.name, "tensorrt", [path], "fp16" if fp16 else "fp32", spec, [],
+                      {**trt, **(details or {})})
+    return comp, trt
+
+
+def _int8_unet(cfg: ExportConfig, load_module: Callable, spec, fp32_path: Path, work: Path, log: Log, calibration=None,
                holdout=None):
     """Replace the shipped fp32 UNet graph by its int8 version (export/quantize.py), validated
     against PyTorch with the int8 tolerance (on random inputs, or on the `holdout` feeds for the
-    calibrated modes). `module`: the PyTorch UNet, or a function that loads it (called after the
-    quantization, which then does not share the memory with it). Returns (files, checks, facts)."""
-    import torch
-
+    calibrated modes). `load_module()` gives the PyTorch UNet; it is called after the quantization,
+    so the two need not share the memory. Returns (files, checks, facts)."""
     from .quantize import quantize_unet_int8
     from .validate import validate
 
@@ -353,10 +355,7 @@ def _int8_unet(cfg: ExportConfig, module, spec, fp32_path: Path, work: Path, log
     facts = quantize_unet_int8(fp32_path, staged, mode=cfg.int8, external_data=cfg.external_data,
                                per_channel=cfg.int8 in ("dynamic-matmul", *STATIC_INT8),
                                calibration=calibration, calibrate="percentile" if static else "minmax")
-    if not isinstance(module, torch.nn.Module):
-        module = module()
-    checks = validate(module, spec, staged, "int8-static" if static else "int8", log, feeds=holdout)
-    del module
+    checks = validate(load_module(), spec, staged, "int8-static" if static else "int8", log, feeds=holdout)
     _unlink_onnx(fp32_path)
     files = [fp32_path]
     data = staged.with_name(staged.name + ".data")

@@ -21,7 +21,8 @@ Modes (what each writes; which one pays on a given CPU is measured by benchmarks
                       behind a standard DequantizeLinear: the file is ~4x smaller, compute stays
                       fp32 (onnxruntime keeps DequantizeLinear unfolded, so it runs every call).
   static-qdq          onnxruntime.quantization.quantize_static, QDQ format, Conv and MatMul:
-                      int8 per-channel weights, uint8 activations with FIXED ranges (MinMax over
+                      int8 weights (per channel with per_channel=True), uint8 activations with
+                      FIXED ranges (min..max, or a percentile with calibrate="percentile", over
                       `calibration`, a list of UNet feeds recorded from fp32 denoising steps);
                       the session fuses DQ -> Conv -> Q into QLinearConv (and QLinearMatMul).
   static-qdq-conv     the same on Conv only.
@@ -224,7 +225,8 @@ def _static(src: Path, out: Path, external: bool, op_types: list[str], per_chann
         intermediate tensors at once: ~0.8 GiB per feed of the SD-1.5-shaped UNet at 256 px)."""
 
         def __init__(self, feeds):
-            self.all, self.it = list(feeds), iter(feeds)
+            self.all = list(feeds)
+            self.it = iter(self.all)
 
         def __len__(self):
             return len(self.all)

@@ -347,8 +347,8 @@ class Pipeline:
             # low memory: in tiles above 512 px (pm_runtime/vae_tiles.py) unless the backend tiles itself
             tiled = self.backend.low_memory and not self.backend.tiles_vae
             decoded, timings["vae_calls"] = [], 0
+            run = lambda lat: vae.run({"latent": lat})["image"]  # noqa: E731 - (n, 3, H, W) in [-1, 1]
             for x in finals:
-                run = lambda lat: vae.run({"latent": lat})["image"]  # noqa: E731 - (n, 3, H, W) in [-1, 1]
                 image, calls = vae_tiles.decode_tiled(run, x, dims.vae_scale_factor) if tiled else (run(x), 1)
                 decoded.append(image)
                 timings["vae_calls"] += calls

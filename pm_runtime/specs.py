@@ -26,7 +26,8 @@ SAFETY_CHECKER = "safety_checker"  # optional: exported when the model folder ha
 OPTIONAL_NETWORKS = (SAFETY_CHECKER,)
 # The guidance + scheduler update of one step (pm_runtime/schedulers/linear.py's affine form) as a
 # graph of its own: GPU backends run it between UNet calls so the loop never leaves the device
-# (pm_runtime/backends/device_loop.py). pm-export builds it with TensorRT plans (step.plan).
+# (pm_runtime/backends/device_loop.py). pm-export ships it with every ONNX bundle (step.onnx) and
+# builds it with TensorRT plans (step.plan).
 STEP = "step"
 # the step graph's `coef` row: linear.COLUMNS (10), then guidance, x0 clamp (inf: none), and the
 # input scale of the NEXT step's UNet input (1 after the last step)

@@ -44,9 +44,14 @@ class DeviceBuf:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * 4
 
+    @classmethod
+    def whole(cls, ptr: int, shape) -> "DeviceBuf":
+        """A contiguous buffer: rows follow each other without padding."""
+        shape = tuple(int(d) for d in shape)
+        return cls(ptr, shape, int(np.prod(shape[1:], dtype=np.int64)) * 4)
+
     def row(self, i: int) -> "DeviceBuf":
-        inner = tuple(self.shape[1:])
-        return DeviceBuf(self.ptr + int(i) * self.pitch, inner, int(np.prod(inner[1:], dtype=np.int64)) * 4)
+        return DeviceBuf.whole(self.ptr + int(i) * self.pitch, self.shape[1:])
 
 
 def padded_rows(array: np.ndarray) -> tuple[np.ndarray, int]:
@@ -182,8 +187,7 @@ class OrtOps:
 
     def put(self, array):
         a = np.ascontiguousarray(array, np.float32)
-        v = self._value(a)
-        return DeviceBuf(int(v.data_ptr()), a.shape, a.nbytes // max(a.shape[0], 1) if a.ndim else a.nbytes)
+        return DeviceBuf.whole(int(self._value(a).data_ptr()), a.shape)
 
     def put_rows(self, array):
         host, pitch = padded_rows(array)

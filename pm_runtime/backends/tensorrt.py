@@ -103,25 +103,26 @@ class TrtOps:
         self.owned.append(ptr)
         return ptr
 
-    def put(self, array):
-        a = np.ascontiguousarray(array, np.float32)
-        ptr = self._alloc(a.nbytes)
-        _call(self.cudart.cudaMemcpy(ptr, a.ctypes.data, a.nbytes, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
-        return DeviceBuf(ptr, a.shape, a.nbytes // max(a.shape[0], 1) if a.ndim else a.nbytes)
-
-    def put_rows(self, array):
-        host, pitch = padded_rows(array)
+    def _upload(self, host: np.ndarray) -> int:
+        """A new device buffer holding `host` (float32, contiguous): its address."""
         ptr = self._alloc(host.nbytes)
         _call(self.cudart.cudaMemcpy(ptr, host.ctypes.data, host.nbytes,
                                      self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
-        return DeviceBuf(ptr, tuple(array.shape), pitch)
+        return ptr
+
+    def put(self, array):
+        a = np.ascontiguousarray(array, np.float32)
+        return DeviceBuf.whole(self._upload(a), a.shape)
+
+    def put_rows(self, array):
+        host, pitch = padded_rows(array)
+        return DeviceBuf(self._upload(host), tuple(array.shape), pitch)
 
     def zeros(self, shape):
-        shape = tuple(int(d) for d in shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * 4
-        ptr = self._alloc(nbytes)
-        _call(self.cudart.cudaMemset(ptr, 0, nbytes))
-        return DeviceBuf(ptr, shape, nbytes // max(shape[0], 1))
+        buf = DeviceBuf.whole(0, shape)
+        ptr = self._alloc(buf.nbytes)
+        _call(self.cudart.cudaMemset(ptr, 0, buf.nbytes))
+        return DeviceBuf.whole(ptr, buf.shape)
 
     def row(self, buf, i):
         return buf.row(i)

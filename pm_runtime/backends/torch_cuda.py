@@ -160,11 +160,9 @@ class TorchCudaBackend(Backend):
         return network in self.modules
 
     def _step_pool(self):
-        """(key, memory pool) of the current captured step graph, or None."""
+        """The memory pool of the current captured step graph (an id that is never reused), or None."""
         loop = next(iter(self._loops.values()), None)
-        if loop is None or loop.graph is None:
-            return None
-        return id(loop), loop.graph.pool()
+        return None if loop is None or loop.graph is None else loop.graph.pool()
 
     def _fast_unet(self, graph_module):
         """FastUNet around the graph module's UNet (channels-last on CUDA); the plain module where
@@ -272,13 +270,13 @@ class _Parked:
 
 class _GraphedDecoder:
     """The VAE decoder network as a CUDA graph per latent shape, captured into the step graph's
-    memory pool (`pool_of()` -> (key, pool) or None: then a pool of its own). Re-captured when the
-    shape or the step graph changes. Output copied to the host right after each replay (later
+    memory pool (`pool_of()` -> pool or None: then a pool of its own). Re-captured when the shape
+    or the pool (a new step graph) changes. Output copied to the host right after each replay (later
     step-graph replays reuse that memory)."""
 
     def __init__(self, net: TorchNetwork, pool_of):
         self.net, self.pool_of = net, pool_of
-        self.module = net.module  # what _free and low-memory code look at
+        self.module = net.module  # the graph module, as on a TorchNetwork
         self.key = self.graph = self.static_in = self.static_out = None
 
     def _capture(self, shape, pool) -> None:
@@ -302,10 +300,10 @@ class _GraphedDecoder:
         import torch
 
         latent = np.ascontiguousarray(inputs[self.net.input_names[0]], np.float32)
-        shared = self.pool_of()
-        key = (latent.shape, shared[0] if shared else None)
+        pool = self.pool_of()
+        key = (latent.shape, pool)
         if key != self.key:
-            self._capture(latent.shape, shared[1] if shared else None)
+            self._capture(latent.shape, pool)
             self.key = key
         with torch.inference_mode():
             self.static_in.copy_(torch.from_numpy(latent).to(self.net.device, self.net.dtype))
