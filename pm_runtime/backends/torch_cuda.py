@@ -40,7 +40,8 @@ from ..specs import NETWORKS, OPTIONAL_NETWORKS, TEXT_ENCODER, UNET, VAE_DECODER
 from .base import Backend, DenoiseJob
 from .torch import TorchNetwork  # numpy in, numpy out around a module on the device
 
-INSTALL_HINT = ("the torch-cuda backend needs PyTorch with CUDA, diffusers and transformers: install the CUDA "
+INSTALL_HINT = ("the torch-cuda backend needs PyTorch with CUDA (and diffusers + transformers for a --model folder "
+                "or networks its standalone modules do not cover): install the CUDA "
                 "build of torch, then pip install 'personamagic-runtime[train,kernels]'")
 TORCH_FORMAT = "torch"
 
@@ -52,12 +53,12 @@ def _has_torch_weights(bundle: Bundle) -> bool:
 class TorchCudaBackend(Backend):
     name = "torch-cuda"
     component_format = TORCH_FORMAT
-    tiles_vae = True  # low-memory mode: diffusers' tiled decoder inside the module (graphs.tiled_decoding)
+    tiles_vae = True  # per instance: True when the VAE is diffusers' (its tiled decoder, graphs.tiled_decoding)
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
                  model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
                  kernels: bool = True, kv_tables: bool = True, sdpa: str | None = None,
-                 offload_text_encoder: bool = False, vae_graph: bool = False, **_):
+                 offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -81,7 +82,11 @@ class TorchCudaBackend(Backend):
         self.home = self.torch_device if not self.low_memory else torch.device("cpu")  # where weights rest
         self.offload_text_encoder = bool(offload_text_encoder) and not self.low_memory
         self.vae_graph = bool(vae_graph) and self.cuda_graph and not self.low_memory
+        self.hf_modules = bool(hf_modules)  # False: pm_runtime.modeling.standalone's networks where they fit
         self.modules = self._load_modules(bundle, model)
+        # low-memory VAE tiling: inside diffusers' module (graphs.tiled_decoding), or by the pipeline
+        # (pm_runtime/vae_tiles.py) for the standalone decoder
+        self.tiles_vae = hasattr(self.modules[VAE_DECODER].vae, "use_tiling")
         self._parked = {}  # network -> _Parked: weights in (pinned) host memory, on the device only in use
         if self.offload_text_encoder:
             self._parked[TEXT_ENCODER] = _Parked(self.modules[TEXT_ENCODER], self.torch_device)
@@ -92,7 +97,10 @@ class TorchCudaBackend(Backend):
     def unavailable(cls, bundle: Bundle, model=None, device: str | None = None, **_) -> str | None:
         import importlib.util
 
-        if any(importlib.util.find_spec(m) is None for m in ("torch", "diffusers", "transformers")):
+        if importlib.util.find_spec("torch") is None:
+            return INSTALL_HINT
+        if not _has_torch_weights(bundle) and any(importlib.util.find_spec(m) is None
+                                                  for m in ("diffusers", "transformers")):
             return INSTALL_HINT
         import torch
 
@@ -119,8 +127,10 @@ class TorchCudaBackend(Backend):
                                                            for c in bundle.components)]
             for net in [*NETWORKS, *optional]:
                 comp = bundle.component(net, TORCH_FORMAT)
+                # the standalone UNet is FastUNet's parameter tree: without our kernels, diffusers' UNet runs
+                standalone = not self.hf_modules and (net != UNET or self.kernels)
                 out[net] = load_graph_module(net, comp.get(F.CK_DETAILS, {}), bundle.component_path(net, TORCH_FORMAT),
-                                             self.home, self.torch_dtype)
+                                             self.home, self.torch_dtype, standalone=standalone)
             return out
         from ..modeling.graphs import graph_modules
         from ..modeling.loading import load_base_model, quiet_hf
@@ -145,7 +155,7 @@ class TorchCudaBackend(Backend):
             module = module.to(self.torch_device)
         if network == UNET:
             module = self._fast_unet(module)
-        elif network == VAE_DECODER and self.low_memory:
+        elif network == VAE_DECODER and self.low_memory and self.tiles_vae:
             from ..modeling.graphs import tiled_decoding
 
             tiled_decoding(module)
@@ -172,11 +182,12 @@ class TorchCudaBackend(Backend):
         from ..modeling.fast_unet import FastUNet, unsupported
 
         unet = graph_module.unet
-        if not self.kernels or unsupported(unet):
+        standalone = isinstance(graph_module, FastUNet)  # loaded as pm_runtime.modeling.standalone's UNet
+        if not standalone and (not self.kernels or unsupported(unet)):
             return graph_module
         if self.torch_device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
-        return FastUNet(unet)
+        return graph_module if standalone else FastUNet(unet)
 
     def _free(self, net) -> None:
         import torch

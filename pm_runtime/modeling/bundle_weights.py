@@ -52,8 +52,6 @@ def _empty_module(net: str, class_name: str, config: dict, device: torch.device)
     """The module with its config. UNet and VAE are built on the meta device (no memory, no random
     init) and take the loaded tensors as they are; the text encoder, which has computed buffers
     (position ids), is built for real on the CPU (it is small)."""
-    if CLASSES.get(net) != class_name:
-        raise UserError(f"bundle component for {net} names class {class_name!r}; expected {CLASSES.get(net)!r}")
     if net == TEXT_ENCODER:
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -70,17 +68,57 @@ def _empty_module(net: str, class_name: str, config: dict, device: torch.device)
         return (UNet2DConditionModel if net == UNET else AutoencoderKL).from_config(config)
 
 
-def load_graph_module(net: str, details: dict, path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The graph wrapper (pm_runtime.modeling.graphs) of `net`, built from a bundle's torch weights."""
+def load_graph_module(net: str, details: dict, path: Path, device: torch.device, dtype: torch.dtype,
+                      standalone: bool = True) -> nn.Module:
+    """The graph wrapper (pm_runtime.modeling.graphs) of `net`, built from a bundle's torch weights.
+
+    standalone (default): the module is pm_runtime.modeling.standalone's (torch only: no diffusers
+    or transformers import) wherever that supports the config; else the Hugging Face class. A
+    standalone UNet comes back as FastUNet (its computation); the Hugging Face one as UNetGraph.
+    """
     from safetensors.torch import load_file
 
+    from . import standalone as torch_only
     from .graphs import SafetyCheckerGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
-    from .loading import quiet_hf
 
-    with quiet_hf():
-        module = _empty_module(net, details.get("class", "?"), details.get("config", {}), device)
+    class_name, config = details.get("class", "?"), details.get("config", {})
+    if CLASSES.get(net) != class_name:
+        raise UserError(f"bundle component for {net} names class {class_name!r}; expected {CLASSES.get(net)!r}")
     state = load_file(str(path), device=str(device))  # the shipped fp16 tensors, already where they will run
     state = {k: v.to(dtype) for k, v in state.items()}
+    why = torch_only.unsupported(net, config) if standalone else "standalone modules turned off"
+    if why is None:
+        module = torch_only.build(net, state, config)
+        if net == UNET:
+            from .fast_unet import FastUNet
+
+            return FastUNet(module).eval()
+    else:
+        module = _hf_module(net, class_name, config, state, path, device, dtype, why)
+        if net == UNET:
+            from .attention import install_split_kv
+
+            install_split_kv(module)
+            return UNetGraph(module).eval()
+    if net == TEXT_ENCODER:
+        return TextEncoderGraph(module).eval()
+    if net == SAFETY_CHECKER:
+        return SafetyCheckerGraph(module).eval()
+    return VaeDecoderGraph(module).eval()
+
+
+def _hf_module(net: str, class_name: str, config: dict, state: dict, path: Path, device, dtype, why: str) -> nn.Module:
+    """The Hugging Face module of `net` holding `state` (`why`: why not the standalone one)."""
+    import importlib.util
+
+    from .loading import quiet_hf
+
+    if any(importlib.util.find_spec(m) is None for m in ("diffusers", "transformers")):
+        raise UserError(f"{net}: this network needs diffusers and transformers ({why}): "
+                        "pip install 'personamagic-runtime[train]'")
+
+    with quiet_hf():
+        module = _empty_module(net, class_name, config, device)
     meta = next(module.parameters()).is_meta
     missing, unexpected = module.load_state_dict(state, strict=False, assign=meta)  # meta: take the tensors
     keep = KEEP_PREFIXES.get(net)
@@ -95,14 +133,4 @@ def load_graph_module(net: str, details: dict, path: Path, device: torch.device,
     if still_meta:
         raise UserError(f"{path.name}: {len(still_meta)} tensors were not loaded (e.g. {still_meta[0]})")
     with quiet_hf():  # diffusers warns on any dtype cast through .to()
-        module = module.to(device=device, dtype=dtype).requires_grad_(False).eval()
-    if net == UNET:
-        from .attention import install_split_kv
-
-        install_split_kv(module)
-        return UNetGraph(module).eval()
-    if net == TEXT_ENCODER:
-        return TextEncoderGraph(module).eval()
-    if net == SAFETY_CHECKER:
-        return SafetyCheckerGraph(module).eval()
-    return VaeDecoderGraph(module).eval()
+        return module.to(device=device, dtype=dtype).requires_grad_(False).eval()

@@ -86,8 +86,8 @@ def _fuse_qkv(attn) -> None:
 
 class FastUNet(nn.Module):
     """forward(sample (N, 4, h, w), timestep (N,), c_k, c_v (N, L, D)) -> noise_pred (N, 4, h, w),
-    the signature of UNetGraph. Wraps (does not copy) a diffusers UNet; call after moving the UNet
-    to its device, dtype and memory format."""
+    the signature of UNetGraph. Wraps (does not copy) a diffusers UNet or the parameter tree of
+    pm_runtime.modeling.standalone.UNet; call after moving the UNet to its device, dtype and memory format."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
@@ -99,8 +99,8 @@ class FastUNet(nn.Module):
         self.k = pm_kernels
         self.unet = unet.eval()
         self.cross = []  # every cross-attention layer, in forward order
-        for m in unet.modules():
-            if type(m).__name__ == "BasicTransformerBlock":
+        for m in unet.modules():  # transformer blocks: diffusers' BasicTransformerBlock or standalone.TransformerBlock
+            if getattr(m, "attn1", None) is not None and getattr(m, "attn2", None) is not None:
                 _fuse_qkv(m.attn1)
                 self.cross.append(m.attn2)
         self.kv_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(attn2) -> (K, V) tables

@@ -1,0 +1,219 @@
+"""pm_runtime.modeling.standalone: the networks built with PyTorch alone compute what the Hugging Face
+classes compute on the same weights (SD 1.x-like and SD 2.x-like configs), refuse what they do
+not compute, and keep diffusers/transformers out of a torch-cuda process (its start-up time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from pm_runtime.errors import UserError  # noqa: E402
+from pm_runtime.modeling import standalone  # noqa: E402
+from pm_runtime.modeling.bundle_weights import save_weights  # noqa: E402
+from pm_runtime.modeling.graphs import SafetyCheckerGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph  # noqa: E402
+from pm_runtime.specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER  # noqa: E402
+from pm_runtime.train.tiny_model import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, VISION_CONFIG  # noqa: E402
+
+# SD 2.x-like: linear projections in the transformers, a head count per block, a 3-block UNet with
+# a plain (attention-free) last down block, GELU in the text encoder.
+UNET_SD2 = dict(UNET_CONFIG, block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4),
+                use_linear_projection=True, upcast_attention=True,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+
+
+@pytest.fixture(autouse=True)
+def kernels_mode():
+    """Without CUDA the FastUNet runs the kernels' PyTorch references (the Triton interpreter is slow;
+    tests/test_kernels.py covers it)."""
+    import pm_kernels
+
+    pm_kernels.set_enabled(torch.cuda.is_available())
+    yield
+    pm_kernels.set_enabled(True)
+
+
+def _hf_config(module) -> dict:
+    cfg = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def _state(module, keep=None) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if keep is None or k.startswith(keep)}
+
+
+def _close(a, b, rel=1e-5):
+    err = float((a - b).abs().max())
+    assert err <= rel * max(float(b.abs().max()), 1.0), err
+    return err
+
+
+@pytest.mark.parametrize("config", [UNET_CONFIG, UNET_SD2], ids=["sd1", "sd2"])
+def test_unet_tree_computes_diffusers_unet(config):
+    from pm_runtime.modeling.attention import install_split_kv
+    from pm_runtime.modeling.fast_unet import FastUNet
+
+    torch.manual_seed(0)
+    hf = diffusers.UNet2DConditionModel(**config).eval()
+    install_split_kv(hf)
+    tree = standalone.build(UNET, _state(hf), _hf_config(hf))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 8, generator=g)
+    t = torch.tensor([999.0, 17.0])
+    c_k, c_v = torch.randn(2, 2, 77, 32, generator=g)
+    with torch.no_grad():
+        ref = UNetGraph(hf)(x, t, c_k, c_v)
+        fast_hf = FastUNet(hf)(x, t, c_k, c_v)
+        fast_sa = FastUNet(tree)(x, t, c_k, c_v)
+    assert torch.equal(fast_sa, fast_hf)  # same computation, same weights: the same numbers
+    _close(fast_sa, ref, 1e-4)
+    # every parameter of the HF module is in the tree, the same tensor values
+    n_tree = sum(p.numel() for p in tree.parameters())
+    assert n_tree == sum(p.numel() for p in hf.parameters())
+
+
+def test_vae_decoder_decodes_as_diffusers():
+    torch.manual_seed(1)
+    hf = diffusers.AutoencoderKL(**VAE_CONFIG).eval()
+    vae = standalone.build(VAE_DECODER, _state(hf, keep=("decoder.", "post_quant_conv.")), _hf_config(hf))
+    z = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = VaeDecoderGraph(hf)(z)
+        out = VaeDecoderGraph(vae)(z)
+    assert out.shape == ref.shape == (2, 3, 48, 80)
+    _close(out, ref)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_text_encoder_contexts_and_attention_as_transformers(act):
+    torch.manual_seed(2)
+    cfg = transformers.CLIPTextConfig(**TEXT_CONFIG, vocab_size=300, hidden_act=act)
+    hf = transformers.CLIPTextModel(cfg).eval()
+    te = standalone.build(TEXT_ENCODER, _state(hf), _hf_config(hf))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 300, (2, 77), generator=g)
+    mask = torch.zeros(2, 77, dtype=torch.bool)
+    mask[:, 5:9] = True
+    concept, bypass = torch.randn(2, 2, 77, 32, generator=g)
+    with torch.no_grad():
+        ref = TextEncoderGraph(hf)(ids, concept, bypass, mask)
+        out = TextEncoderGraph(te)(ids, concept, bypass, mask)
+        ref_p = TextEncoderGraph(hf).encoder(ids, concept, bypass, mask, return_last_attention=True)[2]
+        out_p = TextEncoderGraph(te).encoder(ids, concept, bypass, mask, return_last_attention=True)[2]
+    for a, b in zip(out, ref):
+        _close(a, b)
+    _close(out_p, ref_p)
+    assert not torch.equal(out[0], out[1])  # the bypass made C_v differ from C_k
+
+
+def test_safety_checker_scores_as_diffusers():
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    torch.manual_seed(3)
+    vision = {k: v for k, v in VISION_CONFIG.items() if k != "projection_dim"}
+    cfg = transformers.CLIPConfig(text_config=dict(TEXT_CONFIG), vision_config=vision, projection_dim=16)
+    hf = StableDiffusionSafetyChecker(cfg).eval()
+    with torch.no_grad():
+        hf.concept_embeds.copy_(torch.randn_like(hf.concept_embeds))
+        hf.special_care_embeds.copy_(torch.randn_like(hf.special_care_embeds))
+    checker = standalone.build(SAFETY_CHECKER, _state(hf), _hf_config(hf))
+    pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _close(SafetyCheckerGraph(checker)(pixels), SafetyCheckerGraph(hf)(pixels))
+
+
+def test_configs_it_does_not_compute_are_refused_by_name():
+    assert standalone.unsupported(UNET, dict(UNET_CONFIG, class_embed_type="timestep")) == "class_embed_type='timestep'"
+    assert "block types" in standalone.unsupported(UNET, dict(UNET_CONFIG, down_block_types=["SimpleCrossAttnDownBlock2D"] * 2))
+    assert standalone.unsupported(UNET, dict(UNET_CONFIG)) is None
+    assert "activation" in standalone.unsupported(VAE_DECODER, dict(VAE_CONFIG, act_fn="gelu"))
+    assert "activation" in standalone.unsupported(TEXT_ENCODER, {"hidden_act": "relu"})
+    with pytest.raises(UserError, match="class_embed_type"):
+        standalone.build(UNET, {}, dict(UNET_CONFIG, class_embed_type="timestep"))
+
+
+def test_weights_that_do_not_fit_are_errors():
+    torch.manual_seed(4)
+    hf = diffusers.AutoencoderKL(**VAE_CONFIG).eval()
+    state, cfg = _state(hf, keep=("decoder.", "post_quant_conv.")), _hf_config(hf)
+    extra = dict(state, **{"decoder.stray.weight": torch.zeros(1)})
+    with pytest.raises(UserError, match="1 tensors this network does not have"):
+        standalone.build(VAE_DECODER, extra, cfg)
+    missing = {k: v for k, v in state.items() if k != "decoder.conv_out.bias"}
+    with pytest.raises(UserError, match="decoder.conv_out.bias is missing"):
+        standalone.build(VAE_DECODER, missing, cfg)
+
+
+def test_loader_falls_back_to_the_hf_class_where_standalone_does_not_fit(tmp_path):
+    from pm_runtime.modeling.bundle_weights import load_graph_module
+    from pm_runtime.modeling.fast_unet import FastUNet
+    from pm_runtime.modeling.graphs import UNetGraph as Graph
+
+    torch.manual_seed(5)
+    for config, expect in [(UNET_CONFIG, FastUNet), (dict(UNET_CONFIG, resnet_time_scale_shift="scale_shift"), Graph)]:
+        hf = diffusers.UNet2DConditionModel(**config).eval()
+        path = tmp_path / "unet.fp16.safetensors"
+        details = save_weights(UNET, UNetGraph(hf), path, precision="fp32")
+        got = load_graph_module(UNET, details, path, torch.device("cpu"), torch.float32)
+        assert type(got) is expect
+    assert type(load_graph_module(UNET, save_weights(UNET, UNetGraph(diffusers.UNet2DConditionModel(**UNET_CONFIG)),
+                                                     path, precision="fp32"),
+                                  path, torch.device("cpu"), torch.float32, standalone=False)) is Graph
+
+
+def test_torch_cuda_process_imports_neither_diffusers_nor_transformers(run_bundle, tmp_path):
+    """The start-up cost this module exists for: a new process that loads the bundle's torch weights
+    and makes an image (cpu: the same code eagerly) never imports diffusers, transformers or dynamo."""
+    code = (
+        "import sys\n"
+        "from pm_runtime.pipeline import Pipeline\n"
+        f"p = Pipeline.load({str(run_bundle)!r}, backend='torch-cuda', device='cpu', concept='alice')\n"
+        "p.generate('a photo of <persona>', seed=1, steps=2, height=256, width=256)\n"
+        "print(sorted(m for m in ('diffusers', 'transformers', 'torch._dynamo') if m in sys.modules))\n")
+    env = dict(os.environ, PM_KERNELS="1" if torch.cuda.is_available() else "0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_pipeline_images_standalone_and_hf_modules_agree(run_bundle):
+    """The torch-cuda backend (cpu: eager) with the standalone networks and with the Hugging Face classes
+    (hf_modules=True) on the same bundle: the same image; low-memory mode tiles the standalone VAE decode in
+    the pipeline (pm_runtime/vae_tiles.py) above 512 px."""
+    import numpy as np
+
+    from pm_runtime.modeling.fast_unet import FastUNet
+    from pm_runtime.pipeline import Pipeline
+
+    kw = dict(seed=4, steps=3, height=256, width=256)
+    sa_pipe = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice")
+    hf_pipe = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", hf_modules=True)
+    assert isinstance(sa_pipe.backend.modules["unet"], FastUNet) and sa_pipe.backend.tiles_vae is False
+    assert isinstance(hf_pipe.backend.modules["unet"], UNetGraph) and hf_pipe.backend.tiles_vae is True
+    a, b = sa_pipe.generate("a photo of <persona>", **kw), hf_pipe.generate("a photo of <persona>", **kw)
+    assert int(np.abs(a.images.astype(int) - b.images.astype(int)).max()) <= 1
+    low = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", low_memory=True)
+    big = low.generate("a photo of <persona>", seed=4, steps=2, height=640, width=576)
+    assert big.images.shape == (1, 640, 576, 3) and big.timings["vae_calls"] == 4  # 2 x 2 tiles
+
+
+def test_hf_fallback_without_diffusers_is_a_one_line_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pm_runtime.modeling.bundle_weights import load_graph_module
+
+    hf = diffusers.UNet2DConditionModel(**dict(UNET_CONFIG, resnet_time_scale_shift="scale_shift"))
+    path = tmp_path / "unet.safetensors"
+    details = save_weights(UNET, UNetGraph(hf), path, precision="fp32")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    with pytest.raises(UserError, match=r"needs diffusers and transformers \(resnet_time_scale_shift="):
+        load_graph_module(UNET, details, path, torch.device("cpu"), torch.float32)
