@@ -9,9 +9,10 @@ checksum mismatch. Key names live in pm_runtime.formats.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import formats as F
@@ -70,8 +71,15 @@ def write_manifest(root: Path, manifest: dict) -> Path:
 
 @dataclass(frozen=True)
 class Bundle:
+    """An opened bundle. With verify=True a network file (and its external data files) is checked
+    against its sha256 when it is first used (component_path, or hashed alongside its loading with
+    `verifying`), so a backend hashes only the networks it loads: a bundle with ONNX graphs, torch
+    weights and TensorRT plans costs each backend only its own files. `verify_all()` checks them all."""
+
     root: Path
     manifest: dict
+    verify: bool = True
+    _verified: set = field(default_factory=set, compare=False, repr=False)
 
     @property
     def fingerprint(self) -> str:
@@ -104,7 +112,49 @@ class Bundle:
         raise UserError(f"the bundle in {self.root} has no {fmt} {network}")
 
     def component_path(self, network: str, fmt: str = "onnx") -> Path:
-        return inside(self.root, self.component(network, fmt)[F.CK_FILE])
+        """The component's file, checked against its sha256 (with its data files) on first use."""
+        path = inside(self.root, self.component(network, fmt)[F.CK_FILE])
+        self._check(network, fmt)
+        return path
+
+    def _entries(self, network: str, fmt: str) -> list[tuple[dict, str]]:
+        comp = self.component(network, fmt)
+        what = f"component {comp.get(F.CK_NAME, network)}"
+        return [(comp, what)] + [(d, what + " external data") for d in comp.get(F.CK_DATA_FILES, [])]
+
+    def _check(self, network: str, fmt: str) -> None:
+        if not self.verify or (network, fmt) in self._verified:
+            return
+        for entry, what in self._entries(network, fmt):
+            check_file(self.root, entry, what, verify=True)
+        self._verified.add((network, fmt))
+
+    def verify_all(self) -> None:
+        """Check every network file now (those of every format)."""
+        for c in self.components:
+            self._check(c[F.CK_NETWORK], c[F.CK_FORMAT])
+
+    @contextlib.contextmanager
+    def verifying(self, items: list[tuple[str, str]]):
+        """`with bundle.verifying([(network, fmt), ...]) as paths:` paths[(network, fmt)] is the file to
+        load; its sha256 is computed in a background thread meanwhile (one thread per file), and
+        leaving the block waits for the hashes: a mismatch raises UserError there, so whatever the
+        block built from the files must not be used before the block is left. A cheaper start than
+        hashing first: the loading and the hashing read the same (cached) pages at once."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        paths = {(n, f): inside(self.root, self.component(n, f)[F.CK_FILE]) for n, f in items}
+        todo = [(key, entry, what) for key in paths if self.verify and key not in self._verified
+                for entry, what in self._entries(*key)]
+        if not todo:
+            yield paths
+            return
+        with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="pm-verify") as pool:
+            futures = [(key, pool.submit(check_file, self.root, entry, what, True)) for key, entry, what in todo]
+            yield paths  # an error in the block propagates after the pool's threads finish
+            for _, fut in futures:
+                fut.result()  # raises the UserError of a file that fails its checksum
+        self._verified.update(key for key, _ in futures)
 
     def concept(self, name: str) -> dict:
         for c in self.concepts:
@@ -149,20 +199,22 @@ def read_manifest(root: Path) -> dict:
 
 
 def open_bundle(root: Path, verify: bool = True) -> Bundle:
-    """Read and check a bundle. verify=False checks paths and presence but skips the sha256 pass
-    over the network files (concept tables and tokenizer files are always hashed: they are small)."""
+    """Read and check a bundle: the manifest, every path (inside the bundle, present), and the
+    sha256 of the concept tables and tokenizer files (small). Network files are hashed when a
+    backend first uses them (verify=True, Bundle.component_path / Bundle.verifying) or never
+    (verify=False); Bundle.verify_all() hashes them all at once."""
     root = Path(root)
     manifest = read_manifest(root)
     try:
         for comp in manifest[F.BK_COMPONENTS]:
             what = f"component {comp.get(F.CK_NAME, '?')}"
-            check_file(root, comp, what, verify)
+            check_file(root, comp, what, verify=False)  # hashed on first use
             for data in comp.get(F.CK_DATA_FILES, []):
-                check_file(root, data, what + " external data", verify)
+                check_file(root, data, what + " external data", verify=False)
         for entry in manifest[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]:
             check_file(root, entry, "tokenizer")
         for entry in manifest.get(F.BK_CONCEPTS, []):
             check_file(root, entry, f"concept {entry.get(F.QK_NAME, '?')}")
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"malformed {root / F.BUNDLE_MANIFEST}: {type(e).__name__} {e}") from None
-    return Bundle(root, manifest)
+    return Bundle(root, manifest, verify=bool(verify))

@@ -173,9 +173,11 @@ class Pipeline:
              concept: str | Path | None = None, *, verify: bool = True, low_memory: bool = False,
              safety_checker: bool = True, prefer: str | None = None, log: Callable[[str], None] | None = None,
              **backend_options) -> "Pipeline":
-        """Open (and checksum) a bundle and create the backend. backend: auto | onnxruntime |
-        tensorrt | torch (torch also needs model=FOLDER). backend_options go to the backend
-        (onnxruntime: threads, graph_optimization; torch: model, dtype)."""
+        """Open a bundle and create the backend. backend: auto | onnxruntime | tensorrt | torch-cuda |
+        torch (torch also needs model=FOLDER). backend_options go to the backend (onnxruntime:
+        threads, graph_optimization; torch: model, dtype; torch-cuda: see its class). verify: each
+        network file the backend loads is checked against its sha256 first (torch-cuda: while it
+        loads); files it does not load are not read (Bundle.verify_all() checks them all)."""
         b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), verify=verify)
         cls_, why = select_backend(b, backend, prefer=prefer, device=device, **backend_options)
         if log:

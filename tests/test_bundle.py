@@ -141,13 +141,51 @@ def test_bundle_reads_and_verifies(tmp_path):
         b.component(UNET, "tensorrt")
 
 
-@pytest.mark.parametrize("victim", ["unet.onnx", "unet.onnx.data", "tokenizer/vocab.json", "concepts/alice.safetensors"])
-def test_tampered_file_refused(tmp_path, victim):
+@pytest.mark.parametrize("victim", ["tokenizer/vocab.json", "concepts/alice.safetensors"])
+def test_tampered_small_file_refused_at_open(tmp_path, victim):
     root = make_bundle(tmp_path / "b")
     with open(root / victim, "ab") as f:
         f.write(b"x")
     with pytest.raises(UserError, match="checksum"):
         open_bundle(root)
+
+
+def with_vae(root):
+    """make_bundle's folder plus a second network file (the VAE decoder's)."""
+    (root / "vae_decoder.onnx").write_bytes(b"vae graph")
+    vae = {F.CK_NAME: "vae_decoder", F.CK_NETWORK: VAE_DECODER, F.CK_FORMAT: "onnx",
+           **file_entry(root, "vae_decoder.onnx"), F.CK_DATA_FILES: []}
+    edit_manifest(root, lambda m: m[F.BK_COMPONENTS].append(vae))
+    return root
+
+
+@pytest.mark.parametrize("victim", ["unet.onnx", "unet.onnx.data"])
+def test_tampered_network_refused_on_use(tmp_path, victim):
+    """Network files are hashed when first used (only those a backend loads), or all by verify_all."""
+    root = with_vae(make_bundle(tmp_path / "b"))
+    with open(root / victim, "ab") as f:
+        f.write(b"x")
+    b = open_bundle(root)
+    assert b.component_path(VAE_DECODER) == root / "vae_decoder.onnx"  # an intact one is fine
+    with pytest.raises(UserError, match=r"unet.onnx(.data)? \(component unet( external data)?\) fails its checksum"):
+        b.component_path(UNET)
+    with pytest.raises(UserError, match="checksum"):
+        open_bundle(root).verify_all()
+    with pytest.raises(UserError, match="checksum"):
+        with open_bundle(root).verifying([(UNET, "onnx")]) as paths:
+            assert paths[(UNET, "onnx")] == root / "unet.onnx"  # the body runs; leaving it raises
+    assert open_bundle(root, verify=False).component_path(UNET) == root / "unet.onnx"
+
+
+def test_verifying_checks_once_and_lets_errors_of_the_body_through(tmp_path):
+    root = with_vae(make_bundle(tmp_path / "b"))
+    b = open_bundle(root)
+    with b.verifying([(UNET, "onnx"), (VAE_DECODER, "onnx")]) as paths:
+        assert set(paths) == {(UNET, "onnx"), (VAE_DECODER, "onnx")}
+    assert b._verified == {(UNET, "onnx"), (VAE_DECODER, "onnx")}
+    with pytest.raises(ValueError, match="from the body"):
+        with open_bundle(root).verifying([(UNET, "onnx")]):
+            raise ValueError("from the body")
 
 
 def test_missing_file_refused(tmp_path):

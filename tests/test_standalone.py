@@ -217,3 +217,25 @@ def test_hf_fallback_without_diffusers_is_a_one_line_error(tmp_path, monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
     with pytest.raises(UserError, match=r"needs diffusers and transformers \(resnet_time_scale_shift="):
         load_graph_module(UNET, details, path, torch.device("cpu"), torch.float32)
+
+
+def test_torch_weights_are_checked_while_they_load(run_bundle, tmp_path):
+    """torch-cuda hashes its files alongside their loading (Bundle.verifying): a damaged weight file
+    is still refused before anything runs; the ONNX files it does not load are not hashed."""
+    import shutil
+
+    from pm_runtime.bundle import open_bundle
+    from pm_runtime.pipeline import Pipeline
+
+    copy = shutil.copytree(run_bundle, tmp_path / "b")
+    with open(copy / "unet.onnx", "ab") as f:  # not used by torch-cuda: not even read
+        f.write(b"x")
+    pipe = Pipeline.load(copy, backend="torch-cuda", device="cpu", concept="alice")
+    assert pipe.backend.bundle._verified == {(n, "torch") for n in ("unet", "text_encoder", "vae_decoder")}
+    with pytest.raises(UserError, match=r"unet.onnx \(component unet\) fails its checksum"):
+        open_bundle(copy).verify_all()  # all files: the damaged ONNX graph is found
+    with open(copy / "torch" / "vae_decoder.fp16.safetensors", "r+b") as f:
+        f.seek(-2, 2)
+        f.write(b"\x00\x01")  # a weight's bytes change, the file still parses
+    with pytest.raises(UserError, match=r"vae_decoder.fp16.safetensors \(component .*\) fails its checksum"):
+        Pipeline.load(copy, backend="torch-cuda", device="cpu", concept="alice")

@@ -187,7 +187,7 @@ class OnnxRuntimeBackend(Backend):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _load(self, network: str) -> OrtNetwork:
-        path = self.bundle.component_path(network, "onnx")  # checked when the bundle was opened
+        path = self.bundle.component_path(network, "onnx")  # sha256 checked here, on first use
         if self.cache_dir is not None:
             sess = self._cached_session(network, path)
         else:

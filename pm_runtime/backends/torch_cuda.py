@@ -125,12 +125,15 @@ class TorchCudaBackend(Backend):
             out = {}
             optional = [n for n in OPTIONAL_NETWORKS if any(c[F.CK_NETWORK] == n and c[F.CK_FORMAT] == TORCH_FORMAT
                                                            for c in bundle.components)]
-            for net in [*NETWORKS, *optional]:
-                comp = bundle.component(net, TORCH_FORMAT)
-                # the standalone UNet is FastUNet's parameter tree: without our kernels, diffusers' UNet runs
-                standalone = not self.hf_modules and (net != UNET or self.kernels)
-                out[net] = load_graph_module(net, comp.get(F.CK_DETAILS, {}), bundle.component_path(net, TORCH_FORMAT),
-                                             self.home, self.torch_dtype, standalone=standalone)
+            nets = [*NETWORKS, *optional]
+            # the files' sha256 are computed while they load; leaving the block checks them (before any use)
+            with bundle.verifying([(n, TORCH_FORMAT) for n in nets]) as paths:
+                for net in nets:
+                    comp = bundle.component(net, TORCH_FORMAT)
+                    # the standalone UNet is FastUNet's parameter tree: without our kernels, diffusers' UNet runs
+                    standalone = not self.hf_modules and (net != UNET or self.kernels)
+                    out[net] = load_graph_module(net, comp.get(F.CK_DETAILS, {}), paths[(net, TORCH_FORMAT)],
+                                                 self.home, self.torch_dtype, standalone=standalone)
             return out
         from ..modeling.graphs import graph_modules
         from ..modeling.loading import load_base_model, quiet_hf
