@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +29,60 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# Files already hashed on this machine and unchanged since (git's rule for its index: the same inode,
+# size, mtime and ctime -> the same bytes; ctime cannot be set back from user space) are not hashed
+# again: a warm start does not re-read 2 GB of weights. PM_VERIFIED_CACHE names the record file
+# (default: $XDG_CACHE_HOME or ~/.cache, personamagic/verified-files.json); PM_VERIFIED_CACHE=0 hashes
+# every time.
+VERIFIED_CACHE_ENV = "PM_VERIFIED_CACHE"
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _verified_cache_path() -> Path | None:
+    value = os.environ.get(VERIFIED_CACHE_ENV)
+    if value == "0":
+        return None
+    if value:
+        return Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "personamagic" / "verified-files.json"
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_verified(cache: Path) -> dict:
+    try:
+        data = json.loads(cache.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def sha256_matches(path: Path, digest: str) -> bool:
+    """Whether `path` hashes to `digest`; a file recorded as hashed to it and unchanged since is not
+    read again (see VERIFIED_CACHE_ENV). Only matches are recorded."""
+    cache = _verified_cache_path()
+    key = str(Path(path).resolve())
+    if cache is not None and _read_verified(cache).get(key) == [digest, *_stamp(path)]:
+        return True
+    stamp = _stamp(path)  # taken before reading: a change while hashing leaves a stale stamp, never a wrong one
+    if sha256_file(path) != digest:
+        return False
+    if cache is not None:
+        with _VERIFIED_LOCK:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                records = _read_verified(cache)
+                records[key] = [digest, *stamp]
+                atomic_write_bytes(json.dumps(records, indent=0).encode(), cache)
+            except OSError:
+                pass  # a read-only home: hash again next time
+    return True
 
 
 def inside(root: Path, rel: str) -> Path:
@@ -57,7 +113,7 @@ def check_file(root: Path, entry: dict, what: str, verify: bool = True) -> Path:
     path = inside(root, rel)
     if not path.is_file():
         raise UserError(f"bundle file missing: {rel} ({what})")
-    if verify and sha256_file(path) != digest:
+    if verify and not sha256_matches(path, digest):
         raise UserError(f"bundle file {rel} ({what}) fails its checksum: modified or corrupted")
     return path
 

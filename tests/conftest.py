@@ -8,10 +8,15 @@ first imported, hence here. tests/test_kernels.py asserts that the Triton path r
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# the record of already-hashed bundle files (pm_runtime/bundle.py) lives in a folder of this session,
+# not in the user's ~/.cache
+os.environ.setdefault("PM_VERIFIED_CACHE", os.path.join(tempfile.mkdtemp(prefix="pm-verified-"), "verified.json"))
 
 try:
     import torch

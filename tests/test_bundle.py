@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +263,33 @@ def test_runtime_half_imports_without_torch():
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_hashed_files_are_not_hashed_again_until_they_change(tmp_path, monkeypatch):
+    """A warm start skips files hashed before and unchanged since (inode, size, mtime, ctime); any
+    change, even of the same size, hashes again; PM_VERIFIED_CACHE=0 always hashes."""
+    import pm_runtime.bundle as B
+
+    monkeypatch.setenv("PM_VERIFIED_CACHE", str(tmp_path / "cache" / "verified.json"))
+    root = make_bundle(tmp_path / "b")
+    calls = []
+    real = B.sha256_file
+    monkeypatch.setattr(B, "sha256_file", lambda p: calls.append(Path(p).name) or real(p))
+    open_bundle(root).component_path(UNET)
+    assert calls.count("unet.onnx") == 1 and calls.count("unet.onnx.data") == 1
+    calls.clear()
+    open_bundle(root).component_path(UNET)  # a new process would see the same record
+    assert calls == []
+    with open(root / "unet.onnx", "r+b") as f:  # same size, other bytes
+        f.write(b"GRAPH")
+    with pytest.raises(UserError, match="unet.onnx \\(component unet\\) fails its checksum"):
+        open_bundle(root).component_path(UNET)
+    assert calls == ["unet.onnx"]
+    (root / "unet.onnx").write_bytes(b"graph")  # restored: hashed again, recorded again
+    calls.clear()
+    open_bundle(root).component_path(UNET)
+    assert calls == ["unet.onnx"]
+    monkeypatch.setenv("PM_VERIFIED_CACHE", "0")
+    calls.clear()
+    open_bundle(root).component_path(UNET)
+    assert {"unet.onnx", "unet.onnx.data", "vocab.json"} <= set(calls)

@@ -89,6 +89,9 @@ class StepGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
             self._step()
+        # the warm-up's activations sit in the general pool as cached free blocks: hand them back (the
+        # graph keeps its own pool), so that what the GPU holds between replays is weights + graph pool
+        torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ one image (group)
     def load(self, latents: np.ndarray, c_k: np.ndarray, c_v: np.ndarray, rows: np.ndarray, lin: LinearSteps,
