@@ -1,7 +1,8 @@
 """Tiled VAE decoding for any backend (numpy only): the decoder runs on overlapping latent tiles
 and the image tiles are blended with linear weights, so its peak memory stops growing with the
 image size. The low-memory mode of the onnxruntime and TensorRT backends uses it above one tile
-(512 px); torch-cuda's low-memory mode tiles inside its module (diffusers' tiled decoder).
+(512 px), and torch-cuda's with its standalone VAE; torch-cuda with diffusers' VAE
+(hf_modules=True) tiles inside that module (diffusers' tiled decoder).
 
 The decoder's GroupNorms see one tile, not the whole image, so a tiled image differs a little
 from a one-piece decode (as with diffusers' tiled decoding); benchmarks/bench_vae_tiles.py

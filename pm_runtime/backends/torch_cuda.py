@@ -13,6 +13,10 @@
   uploaded once per image.
 - low_memory: one network on the GPU at a time (weights kept in host memory between uses, the
   step graph re-captured per image) and a tiled VAE decode.
+- The networks are pm_runtime.modeling.standalone's (torch only: this backend never imports
+  diffusers or transformers, most of a new process's start) where they cover the config;
+  hf_modules=True (or a config they do not cover) uses the diffusers/transformers classes. The
+  weight files are hashed in background threads while they load (Bundle.verifying).
 - vae_graph (opt-in, NOT MEASURED on a GPU yet): the VAE decode is captured as a CUDA graph per
   latent shape in the step graph's memory pool, so the decoder's activations reuse the UNet
   step's (both run in turn, never together): the steady-state footprint holds the larger of the
