@@ -194,7 +194,7 @@ class TorchCudaBackend(Backend):
             return graph_module
         if self.torch_device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
-        return graph_module if standalone else FastUNet(unet)
+        return FastUNet(unet)  # a new wrapper re-fuses Q/K/V where a move to the device copied the views
 
     def _free(self, net) -> None:
         import torch
