@@ -171,9 +171,15 @@ def test_loader_falls_back_to_the_hf_class_where_standalone_does_not_fit(tmp_pat
 
 def test_torch_cuda_process_imports_neither_diffusers_nor_transformers(run_bundle, tmp_path):
     """The start-up cost this module exists for: a new process that loads the bundle's torch weights
-    and makes an image (cpu: the same code eagerly) never imports diffusers, transformers or dynamo."""
+    and makes an image (cpu: the same code eagerly) never imports diffusers, transformers or dynamo,
+    and works where diffusers and transformers are not installed."""
     code = (
-        "import sys\n"
+        "import sys, importlib.abc\n"
+        "class NotInstalled(importlib.abc.MetaPathFinder):  # as if diffusers/transformers were not installed\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('diffusers', 'transformers'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, NotInstalled())\n"
         "from pm_runtime.pipeline import Pipeline\n"
         f"p = Pipeline.load({str(run_bundle)!r}, backend='torch-cuda', device='cpu', concept='alice')\n"
         "p.generate('a photo of <persona>', seed=1, steps=2, height=256, width=256)\n"
