@@ -68,9 +68,9 @@ def sha256_matches(path: Path, digest: str) -> bool:
     read again (see VERIFIED_CACHE_ENV). Only matches are recorded."""
     cache = _verified_cache_path()
     key = str(Path(path).resolve())
-    if cache is not None and _read_verified(cache).get(key) == [digest, *_stamp(path)]:
-        return True
     stamp = _stamp(path)  # taken before reading: a change while hashing leaves a stale stamp, never a wrong one
+    if cache is not None and _read_verified(cache).get(key) == [digest, *stamp]:
+        return True
     if sha256_file(path) != digest:
         return False
     if cache is not None:
@@ -125,6 +125,12 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     return path
 
 
+def component_files(comp: dict) -> list[tuple[dict, str]]:
+    """(file entry, description) of a component's file and its external data files."""
+    what = f"component {comp.get(F.CK_NAME, '?')}"
+    return [(comp, what)] + [(d, what + " external data") for d in comp.get(F.CK_DATA_FILES, [])]
+
+
 @dataclass(frozen=True)
 class Bundle:
     """An opened bundle. With verify=True a network file (and its external data files) is checked
@@ -173,15 +179,10 @@ class Bundle:
         self._check(network, fmt)
         return path
 
-    def _entries(self, network: str, fmt: str) -> list[tuple[dict, str]]:
-        comp = self.component(network, fmt)
-        what = f"component {comp.get(F.CK_NAME, network)}"
-        return [(comp, what)] + [(d, what + " external data") for d in comp.get(F.CK_DATA_FILES, [])]
-
     def _check(self, network: str, fmt: str) -> None:
         if not self.verify or (network, fmt) in self._verified:
             return
-        for entry, what in self._entries(network, fmt):
+        for entry, what in component_files(self.component(network, fmt)):
             check_file(self.root, entry, what, verify=True)
         self._verified.add((network, fmt))
 
@@ -201,7 +202,7 @@ class Bundle:
 
         paths = {(n, f): inside(self.root, self.component(n, f)[F.CK_FILE]) for n, f in items}
         todo = [(key, entry, what) for key in paths if self.verify and key not in self._verified
-                for entry, what in self._entries(*key)]
+                for entry, what in component_files(self.component(*key))]
         if not todo:
             yield paths
             return
@@ -263,10 +264,8 @@ def open_bundle(root: Path, verify: bool = True) -> Bundle:
     manifest = read_manifest(root)
     try:
         for comp in manifest[F.BK_COMPONENTS]:
-            what = f"component {comp.get(F.CK_NAME, '?')}"
-            check_file(root, comp, what, verify=False)  # hashed on first use
-            for data in comp.get(F.CK_DATA_FILES, []):
-                check_file(root, data, what + " external data", verify=False)
+            for entry, what in component_files(comp):
+                check_file(root, entry, what, verify=False)  # hashed on first use
         for entry in manifest[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]:
             check_file(root, entry, "tokenizer")
         for entry in manifest.get(F.BK_CONCEPTS, []):

@@ -57,7 +57,6 @@ def _has_torch_weights(bundle: Bundle) -> bool:
 class TorchCudaBackend(Backend):
     name = "torch-cuda"
     component_format = TORCH_FORMAT
-    tiles_vae = True  # per instance: True when the VAE is diffusers' (its tiled decoder, graphs.tiled_decoding)
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
                  model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
@@ -300,19 +299,14 @@ class _GraphedDecoder:
     def _capture(self, shape, pool) -> None:
         import torch
 
+        from ..modeling.step_graph import capture_graph
+
         net = self.net
         self.graph = None
         self.static_in = torch.zeros(shape, device=net.device, dtype=net.dtype)
-        side = torch.cuda.Stream(net.device)
-        side.wait_stream(torch.cuda.current_stream(net.device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            net.module(self.static_in)  # warm-up: cuDNN picks its algorithms outside the capture
-        torch.cuda.current_stream(net.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-            self.static_out = net.module(self.static_in)
-        self.graph = graph
-        torch.cuda.empty_cache()  # the warm-up's blocks: the steady state keeps only the shared pool
+        decode = lambda: net.module(self.static_in)  # noqa: E731
+        # one warm-up decode; the steady state keeps only the shared pool
+        self.graph, self.static_out = capture_graph(decode, net.device, warm_up=[decode], pool=pool)
 
     def run(self, inputs):
         import torch

@@ -28,21 +28,29 @@ from torch import nn
 
 DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+# UNet config keys FastUNet computes only at these values (diffusers' defaults; an absent key is its default)
+CONFIG = {"mid_block_type": "UNetMidBlock2DCrossAttn", "addition_embed_type": None, "class_embed_type": None,
+          "time_cond_proj_dim": None, "encoder_hid_dim": None, "time_embedding_act_fn": None,
+          "timestep_post_act": None, "conv_out_kernel": 3, "center_input_sample": False, "act_fn": "silu",
+          "resnet_time_scale_shift": "default"}
+
+
+def config_unsupported(cfg) -> str | None:
+    """The config part of `unsupported` (a diffusers UNet config, or the dict a bundle stores)."""
+    down, up = cfg.get("down_block_types", ()), cfg.get("up_block_types", ())
+    if any(t not in DOWN for t in down) or any(t not in UP for t in up):
+        return f"block types {down} / {up}"
+    for key, value in CONFIG.items():
+        if cfg.get(key, value) != value:
+            return f"{key}={cfg.get(key)!r}"
+    return None
 
 
 def unsupported(unet) -> str | None:
     """None when FastUNet computes exactly what `unet` computes, else the first reason why not."""
-    cfg = unet.config
-    if any(t not in DOWN for t in cfg.down_block_types) or any(t not in UP for t in cfg.up_block_types):
-        return f"block types {cfg.down_block_types} / {cfg.up_block_types}"
-    if cfg.mid_block_type != "UNetMidBlock2DCrossAttn":
-        return f"mid block {cfg.mid_block_type}"
-    for key in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim",
-                "time_embedding_act_fn", "timestep_post_act", "conv_out_kernel"):
-        if cfg.get(key) not in (None, 3 if key == "conv_out_kernel" else None):
-            return f"{key}={cfg.get(key)}"
-    if cfg.center_input_sample or cfg.act_fn != "silu" or cfg.resnet_time_scale_shift != "default":
-        return "input centring / activation / time scale-shift"
+    reason = config_unsupported(unet.config)
+    if reason:
+        return reason
     for m in unet.modules():
         name = type(m).__name__
         if name == "ResnetBlock2D" and (m.time_embedding_norm != "default" or m.output_scale_factor != 1.0

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
+from .fast_unet import config_unsupported
 
 
 class Config(dict):
@@ -327,31 +329,27 @@ class VAE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- UNet
-# Config keys whose value must be the default of diffusers' UNet2DConditionModel (or absent) for
-# the SD 1.x/2.x structure that FastUNet computes.
-UNET_DEFAULTS = {"center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
-                 "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-                 "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-                 "num_class_embeds": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
+# Beyond FastUNet's own config check (fast_unet.config_unsupported): keys whose value must be the
+# default of diffusers' UNet2DConditionModel (or absent) for this tree to have SD 1.x/2.x's structure
+# (FastUNet on diffusers' UNet does not need these: there the module itself carries the structure).
+UNET_DEFAULTS = {"flip_sin_to_cos": True, "freq_shift": 0, "only_cross_attention": False,
+                 "dual_cross_attention": False, "num_class_embeds": None, "resnet_skip_time_act": False,
                  "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
-                 "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
-                 "conv_in_kernel": 3, "conv_out_kernel": 3, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-                 "num_attention_heads": None, "attention_type": "default", "cross_attention_norm": None,
-                 "mid_block_only_cross_attention": None, "addition_time_embed_dim": None,
-                 "projection_class_embeddings_input_dim": None, "class_embeddings_concat": False,
-                 "reverse_transformer_layers_per_block": None, "mid_block_scale_factor": 1}
-DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+                 "conv_in_kernel": 3, "encoder_hid_dim_type": None, "num_attention_heads": None,
+                 "attention_type": "default", "cross_attention_norm": None, "mid_block_only_cross_attention": None,
+                 "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
+                 "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None,
+                 "mid_block_scale_factor": 1}
 
 
 def unet_unsupported(cfg: dict) -> str | None:
     """None when UNet (+ FastUNet) computes what diffusers' UNet2DConditionModel does with `cfg`."""
+    reason = config_unsupported(cfg)
+    if reason:
+        return reason
     for key, default in UNET_DEFAULTS.items():
         if cfg.get(key, default) != default:
             return f"{key}={cfg.get(key)!r}"
-    if any(t not in DOWN for t in cfg.get("down_block_types", ())) or \
-            any(t not in UP for t in cfg.get("up_block_types", ())):
-        return f"block types {cfg.get('down_block_types')} / {cfg.get('up_block_types')}"
     return None
 
 
@@ -476,8 +474,6 @@ class UNet(nn.Module):
 # ---------------------------------------------------------------------------------------- entry
 def unsupported(net: str, config: dict) -> str | None:
     """Why the standalone module of `net` cannot stand in for the Hugging Face class (None: it can)."""
-    from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
-
     if net == UNET:
         return unet_unsupported(config)
     if net == VAE_DECODER:
@@ -490,7 +486,5 @@ def unsupported(net: str, config: dict) -> str | None:
 
 
 def build(net: str, state: dict, config: dict) -> nn.Module:
-    from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
-
     cls = {UNET: UNet, VAE_DECODER: VAE, TEXT_ENCODER: CLIPText, SAFETY_CHECKER: SafetyChecker}[net]
     return cls(state, config).requires_grad_(False).eval()

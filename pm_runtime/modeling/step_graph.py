@@ -28,6 +28,25 @@ from ..schedulers.linear import COLUMNS, LinearSteps
 WARMUP = 2  # eager steps on a side stream before capture (Triton compiles, cuDNN picks algorithms)
 
 
+def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
+    """(CUDA graph of one call of `fn`, that call's output): the `warm_up` calls run first on a side
+    stream (Triton compiles, cuDNN picks its algorithms: outside the capture), as torch.cuda.graphs
+    documents; the capture goes to memory pool `pool` (None: a pool of its own). The warm-up's
+    activations then sit in the general pool as cached free blocks: they are handed back, so that
+    what the GPU holds between replays is the weights and the graph's pool."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode():
+        for call in warm_up:
+            call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    torch.cuda.empty_cache()
+    return graph, out
+
+
 class StepGraph:
     def __init__(self, unet: Callable, *, n: int, latent_shape: tuple[int, int, int], context_shape: tuple[int, int],
                  rows: int, dtype: torch.dtype, device: torch.device, cuda_graph: bool = True, max_steps: int = 1000,
@@ -79,19 +98,11 @@ class StepGraph:
         self.step.add_(1)
 
     def _capture(self) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(WARMUP):
-                self.step.zero_()
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
+        def warm_up():
+            self.step.zero_()
             self._step()
-        # the warm-up's activations sit in the general pool as cached free blocks: hand them back (the
-        # graph keeps its own pool), so that what the GPU holds between replays is weights + graph pool
-        torch.cuda.empty_cache()
+
+        self.graph, _ = capture_graph(self._step, self.device, warm_up=[warm_up] * WARMUP)
 
     # ------------------------------------------------------------------ one image (group)
     def load(self, latents: np.ndarray, c_k: np.ndarray, c_v: np.ndarray, rows: np.ndarray, lin: LinearSteps,
