@@ -10,6 +10,9 @@
         from different contexts) -> (B, Nq, H*d); kv_index (B,): k, v are (R, Nk, H*d) tables read
         by row. Triton for Nk <= attention.SHORT_KEYS (cross-attention), PyTorch's SDPA on
         (B, H, N, d) views for longer key axes (self-attention: flash attention is faster there)
+    quantize_int8(w) -> (q, scale); dequant_int8(q, scale, dtype)                 kernels/dequant.py
+        per-output-channel symmetric int8 weights (the torch-cuda backend's int8_weights option),
+        dequantized in one pass in q's memory format; bit-equal to its reference
 
 Dispatch (kernels/_dispatch.py, one rule for all): the Triton kernel runs on CUDA tensors when
 Triton imports, and on CPU tensors under TRITON_INTERPRET=1 (how the tests run them without a
@@ -22,8 +25,10 @@ beside PyTorch's).
 
 from ._dispatch import KERNELS, enabled, kernel_path, set_enabled, triton_available
 from .attention import attention, attention_reference, attention_sdpa
+from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
 from .geglu import geglu, geglu_reference
 from .group_norm import group_norm_silu, group_norm_silu_reference
 
-__all__ = ["KERNELS", "attention", "attention_reference", "attention_sdpa", "enabled", "geglu", "geglu_reference",
+__all__ = ["KERNELS", "attention", "attention_reference", "attention_sdpa", "dequant_int8", "dequant_int8_reference",
+           "enabled", "geglu", "geglu_reference", "quantize_int8",
            "group_norm_silu", "group_norm_silu_reference", "kernel_path", "set_enabled", "triton_available"]

@@ -22,6 +22,11 @@
   step's (both run in turn, never together): the steady-state footprint holds the larger of the
   two, not their sum (the first image still needs the decoder's eager warm-up on top). Without
   CUDA it runs eagerly.
+- int8_weights (opt-in, NOT MEASURED on a GPU yet): the UNet's linear and convolution weights
+  as per-output-channel int8, dequantized layer by layer as they run
+  (pm_runtime.modeling.int8_weights): about half the UNet's memory, at a measured drift.
+- kv_tables: on by default, off by default in low-memory mode (the tables grow with the
+  contexts: >= 123 MB in fp16 at SD 1.5 widths, 32-row capacity).
 - offload_text_encoder (opt-in, NOT MEASURED on a GPU yet): the text encoder's weights rest in
   pinned host memory and are copied to the GPU for the one encoding call per image, then
   dropped (~0.25 GB of fp16 SD-1.5 weights fewer on the GPU while the UNet and VAE run).
@@ -60,8 +65,9 @@ class TorchCudaBackend(Backend):
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
                  model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
-                 kernels: bool = True, kv_tables: bool = True, sdpa: str | None = None,
-                 offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False, **_):
+                 kernels: bool = True, kv_tables: bool | None = None, sdpa: str | None = None,
+                 offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
+                 int8_weights: bool = False, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -76,7 +82,12 @@ class TorchCudaBackend(Backend):
         self.torch_dtype = getattr(torch, self.dtype_name)
         self.cuda_graph = bool(cuda_graph) and on_cuda
         self.kernels = bool(kernels)
-        self.kv_tables = bool(kv_tables)  # per-image cross-attention K/V tables (FastUNet only)
+        self.int8_weights = bool(int8_weights)
+        if self.int8_weights and not self.kernels:
+            raise UserError("int8 weights run in the fast UNet (kernels on): drop kernels=False")
+        # per-image cross-attention K/V tables (FastUNet only): rows x 16 layers x 2 x L x inner
+        # values (>= 123 MB in fp16 at SD 1.5 widths): off by default in low-memory mode
+        self.kv_tables = (not self.low_memory) if kv_tables is None else bool(kv_tables)
         if sdpa not in (None, "flash", "cudnn", "efficient"):
             raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
@@ -122,6 +133,8 @@ class TorchCudaBackend(Backend):
 
     def _load_modules(self, bundle: Bundle, model) -> dict:
         """Graph modules (pm_runtime.modeling.graphs) at their resting place, in the run dtype."""
+        import torch
+
         if _has_torch_weights(bundle):
             from ..modeling.bundle_weights import load_graph_module
 
@@ -135,8 +148,11 @@ class TorchCudaBackend(Backend):
                     comp = bundle.component(net, TORCH_FORMAT)
                     # the standalone UNet is FastUNet's parameter tree: without our kernels, diffusers' UNet runs
                     standalone = not self.hf_modules and (net != UNET or self.kernels)
+                    where = torch.device("cpu") if net == UNET and self.int8_weights else self.home
                     out[net] = load_graph_module(net, comp.get(F.CK_DETAILS, {}), paths[(net, TORCH_FORMAT)],
-                                                 self.home, self.torch_dtype, standalone=standalone)
+                                                 where, self.torch_dtype, standalone=standalone)
+            if self.int8_weights:
+                out[UNET] = self._quantized_unet(out[UNET])
             return out
         from ..modeling.graphs import graph_modules
         from ..modeling.loading import load_base_model, quiet_hf
@@ -145,7 +161,26 @@ class TorchCudaBackend(Backend):
         if base.fingerprint != bundle.fingerprint:
             raise UserError(f"the model folder {model} is not the base model of this bundle (fingerprint mismatch)")
         with quiet_hf():  # diffusers warns on any dtype cast through .to()
-            return {n: m.to(self.home, self.torch_dtype) for n, m in graph_modules(base).items()}
+            out = {n: m.to("cpu" if n == UNET and self.int8_weights else self.home, self.torch_dtype)
+                   for n, m in graph_modules(base).items()}
+        if self.int8_weights:
+            out[UNET] = self._quantized_unet(out[UNET])
+        return out
+
+    def _quantized_unet(self, graph_module):
+        """FastUNet with int8 weights (pm_runtime.modeling.int8_weights) from the UNet loaded in host
+        memory: each layer is quantized on the run device and kept where the weights rest, so the
+        device never holds the whole fp16 UNet."""
+        from ..modeling.fast_unet import FastUNet, unsupported
+        from ..modeling.int8_weights import quantize_unet_
+
+        if not isinstance(graph_module, FastUNet):
+            reason = unsupported(graph_module.unet)
+            if reason:
+                raise UserError(f"int8 weights need the fast UNet, which does not support this UNet: {reason}")
+            graph_module = FastUNet(graph_module.unet)
+        self.int8_stats = quantize_unet_(graph_module, self.torch_device, self.home)
+        return graph_module
 
     def resident(self, network: str) -> bool:
         return super().resident(network) and network not in self._parked
@@ -211,7 +246,8 @@ class TorchCudaBackend(Backend):
         import torch
 
         what = "CUDA graph" if self.cuda_graph else "eager"
-        return f"torch-cuda {torch.__version__} {self.torch_device} {self.dtype_name} ({what})"
+        weights = ", UNet weights int8" if self.int8_weights else ""
+        return f"torch-cuda {torch.__version__} {self.torch_device} {self.dtype_name} ({what}{weights})"
 
     def _sdpa_choice(self):
         import contextlib

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int8_weights import weight_of
+
 DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 # UNet config keys FastUNet computes only at these values (diffusers' defaults; an absent key is its default)
@@ -73,14 +75,17 @@ def unsupported(unet) -> str | None:
 
 
 def _linear(x, layer) -> torch.Tensor:
-    """x (..., C_in) through an nn.Linear or a 1x1 nn.Conv2d (SD 1.x's proj_in / proj_out)."""
-    w = layer.weight
+    """x (..., C_in) through an nn.Linear or a 1x1 nn.Conv2d (SD 1.x's proj_in / proj_out), either
+    of them int8 (pm_runtime.modeling.int8_weights) or not."""
+    w = weight_of(layer)
     return F.linear(x, w.view(w.shape[0], w.shape[1]) if w.ndim == 4 else w, layer.bias)
 
 
 def _fuse_qkv(attn) -> None:
     """Q, K and V of a self-attention from one GEMM: concatenate the weights once and make the
     module's own weights views of the result (same values, no second copy)."""
+    if hasattr(attn, "pm_qkv_int8"):
+        return  # int8 weights: Q, K and V exist only fused (int8_weights.quantize_unet_)
     if hasattr(attn, "pm_qkv") and attn.to_q.weight.data_ptr() == attn.pm_qkv.data_ptr():
         return  # already fused (a module moved with .to() is fused again: its views became copies)
     qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()  # (3 inner, C)
@@ -118,9 +123,9 @@ class FastUNet(nn.Module):
         """Static (rows, L, inner) K and V tables for every cross-attention layer (allocate before
         a CUDA graph is captured: the graph reads them in place)."""
         self.kv_tables = {}
+        w = self.unet.conv_in.weight  # the run dtype and device (conv_in is never int8)
         for attn in self.cross:
-            w = attn.to_k.weight
-            table = torch.zeros((rows, length, w.shape[0]), dtype=w.dtype, device=w.device)
+            table = torch.zeros((rows, length, attn.to_k.out_features), dtype=w.dtype, device=w.device)
             self.kv_tables[id(attn)] = (table, torch.zeros_like(table))
 
     def set_contexts(self, c_k, c_v) -> None:
@@ -144,10 +149,11 @@ class FastUNet(nn.Module):
     def _attention(self, attn, x, ctx=None):
         """x (N, S, C) -> attn(x) (N, S, C). Self-attention when ctx is None; cross-attention with
         ctx = (c_k, c_v) contexts, or ctx = kv_index (N,) into the layer's K/V tables."""
-        inner = attn.to_q.weight.shape[0]
         index = None
         if ctx is None:
-            qkv = F.linear(x, attn.pm_qkv, attn.pm_qkv_bias)  # (N, S, 3 inner)
+            qkv = (attn.pm_qkv_int8(x) if hasattr(attn, "pm_qkv_int8")
+                   else F.linear(x, attn.pm_qkv, attn.pm_qkv_bias))  # (N, S, 3 inner)
+            inner = qkv.shape[-1] // 3
             q, k, v = qkv[..., :inner], qkv[..., inner:2 * inner], qkv[..., 2 * inner:]
         elif isinstance(ctx, tuple):
             q, k, v = attn.to_q(x), attn.to_k(ctx[0]), attn.to_v(ctx[1])  # (N, S, inner), (N, L, inner) x 2
