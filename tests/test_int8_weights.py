@@ -155,10 +155,10 @@ def test_backend_int8_weights(run_bundle):
     fp = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice")
     q = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", int8_weights=True)
     low = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", int8_weights=True,
-                        low_memory=True)
+                        low_memory=True, kv_tables=True, sequential_guidance=False)  # the step as `q` runs it
     a, b, c = (p.generate(PROMPT, **kw) for p in (fp, q, low))
     assert "UNet weights int8" in b.backend and "int8" not in a.backend
-    assert q.backend.int8_stats["layers"] > 0 and q.backend.kv_tables and not low.backend.kv_tables
+    assert q.backend.int8_stats["layers"] > 0
     assert not np.array_equal(a.images, b.images) and psnr(a.images, b.images) >= 25.0
     np.testing.assert_array_equal(b.images, c.images)  # low memory: same int8 weights, no tiles at 256 px
     assert low.backend.loads["unet"] == 1 and not low.backend._cache
@@ -182,3 +182,18 @@ def test_pm_run_int8_weights_flag(run_bundle, tmp_path):
                                   "--steps", "2", "--height", "256", "--width", "256", "--seed", "1", "--json"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "y.png").is_file() and "UNet weights int8" in r.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_int8_weights_in_the_step_graph(run_bundle):
+    """Compiled dequantize kernel inside the captured step (fp16, channels-last), low-memory too."""
+    kw = dict(seed=11, steps=6, height=256, width=256)
+    fp16 = Pipeline.load(run_bundle, backend="torch-cuda", concept="alice").generate(PROMPT, **kw)
+    q = Pipeline.load(run_bundle, backend="torch-cuda", concept="alice", int8_weights=True)
+    a, b = q.generate(PROMPT, **kw), q.generate(PROMPT, **kw)
+    low = Pipeline.load(run_bundle, backend="torch-cuda", concept="alice", int8_weights=True, low_memory=True)
+    c = low.generate(PROMPT, **kw)
+    assert "CUDA graph, UNet weights int8" in a.backend
+    np.testing.assert_array_equal(a.images, b.images)
+    assert psnr(a.images, fp16.images) >= 30.0 and psnr(c.images, a.images) >= 30.0

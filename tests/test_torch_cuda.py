@@ -85,11 +85,12 @@ def test_unsupported_unets_are_named(unet_graph):
         r.output_scale_factor = old
 
 
-@pytest.mark.parametrize("unet_kind", ["plain", "fast-kv-tables"])
+@pytest.mark.parametrize("unet_kind", ["plain", "fast-kv-tables", "plain-sequential", "fast-kv-tables-sequential"])
 @pytest.mark.parametrize("name", schedulers.SCHEDULERS)
 def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
     """StepGraph (eager here) against denoise_on_host with the plain UNet, same contexts and noise;
-    with FastUNet the step reads per-image K/V tables by row index."""
+    with FastUNet the step reads per-image K/V tables by row index; `sequential` runs the
+    unconditional and conditional halves as two UNet calls (low-memory mode's default)."""
     from pm_runtime.backends.torch import TorchNetwork
     from pm_runtime.modeling.fast_unet import FastUNet
     from pm_runtime.modeling.step_graph import StepGraph
@@ -110,9 +111,10 @@ def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
     seen = []
     job = DenoiseJob(latents, c_k, c_v, step_rows, tables, 7.5, (lambda i: noise[i]), lambda i: None, seen.append)
     host = denoise_on_host(net, job)
-    fast = unet_kind != "plain"
+    fast = unet_kind.startswith("fast")
     loop = StepGraph(FastUNet(unet_graph.unet) if fast else unet_graph, n=n, latent_shape=(4, 8, 8),
-                     context_shape=(77, 32), rows=8, dtype=torch.float32, device="cpu")
+                     context_shape=(77, 32), rows=8, dtype=torch.float32, device="cpu",
+                     sequential=unet_kind.endswith("sequential"))
     assert loop.indexed == fast
     with torch.inference_mode():
         dev = loop.run(latents, c_k, c_v, step_rows, linear_steps(tables), 7.5, noise, lambda i: None, seen.append)
@@ -162,6 +164,8 @@ def test_low_memory_mode_runs_and_frees(run_bundle, fast_pipe):
     kw = dict(seed=5, steps=4, height=256, width=256)
     a, b = low.generate(PROMPT, **kw), fast_pipe.generate(PROMPT, **kw)
     assert low.backend.loads["unet"] == 1 and not low.backend._cache  # loaded for the stage, then freed
+    assert low.backend.sequential_guidance and not low.backend.kv_tables  # low-memory defaults
+    assert not fast_pipe.backend.sequential_guidance and fast_pipe.backend.kv_tables
     assert psnr(a.images, b.images) >= 30.0  # tiled VAE decode blends tile seams (no tiles at 256 px: equal)
 
 

@@ -27,6 +27,9 @@
   (pm_runtime.modeling.int8_weights): about half the UNet's memory, at a measured drift.
 - kv_tables: on by default, off by default in low-memory mode (the tables grow with the
   contexts: >= 123 MB in fp16 at SD 1.5 widths, 32-row capacity).
+- sequential_guidance: the step runs the UNet's unconditional and conditional halves as two
+  calls one after the other instead of one batch (half the activation memory, some step time);
+  the default in low-memory mode. Both low-memory defaults are reasoned, NOT MEASURED on a GPU yet.
 - offload_text_encoder (opt-in, NOT MEASURED on a GPU yet): the text encoder's weights rest in
   pinned host memory and are copied to the GPU for the one encoding call per image, then
   dropped (~0.25 GB of fp16 SD-1.5 weights fewer on the GPU while the UNet and VAE run).
@@ -67,7 +70,7 @@ class TorchCudaBackend(Backend):
                  model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
                  kernels: bool = True, kv_tables: bool | None = None, sdpa: str | None = None,
                  offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
-                 int8_weights: bool = False, **_):
+                 int8_weights: bool = False, sequential_guidance: bool | None = None, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -88,6 +91,9 @@ class TorchCudaBackend(Backend):
         # per-image cross-attention K/V tables (FastUNet only): rows x 16 layers x 2 x L x inner
         # values (>= 123 MB in fp16 at SD 1.5 widths): off by default in low-memory mode
         self.kv_tables = (not self.low_memory) if kv_tables is None else bool(kv_tables)
+        # the unconditional and conditional UNet halves one after the other (half the activations;
+        # the default in low-memory mode, where memory matters more than the step time)
+        self.sequential_guidance = self.low_memory if sequential_guidance is None else bool(sequential_guidance)
         if sdpa not in (None, "flash", "cudnn", "efficient"):
             raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
@@ -280,7 +286,7 @@ class TorchCudaBackend(Backend):
             with self._sdpa_choice():  # the attention kernels are chosen at capture
                 loop = StepGraph(engine.module, n=n, latent_shape=(C, h, w), context_shape=(L, D), rows=capacity,
                                  dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph,
-                                 kv_tables=self.kv_tables)
+                                 kv_tables=self.kv_tables, sequential=self.sequential_guidance)
             self._loops[key] = loop
         lin = linear_steps(job.tables)
         noise = None

@@ -2,6 +2,8 @@
 
     step i:  xin = input_scale[i] * x                         (n, C, h, w)
              out = unet([xin; xin], t[i], [C_k row 0; C_k row rows[i]], [C_v ...])   (2n, C, h, w)
+                   (sequential=True: the two halves in two UNet calls of n, one after the other:
+                   the captured graph's pool then holds the activations of n samples, not 2n)
              o   = out_uncond + guidance * (out_cond - out_uncond)
              x, x0_prev = the scheduler's affine update (pm_runtime.schedulers.linear)
              i  += 1                                           (the counter is a device tensor)
@@ -50,8 +52,9 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
 class StepGraph:
     def __init__(self, unet: Callable, *, n: int, latent_shape: tuple[int, int, int], context_shape: tuple[int, int],
                  rows: int, dtype: torch.dtype, device: torch.device, cuda_graph: bool = True, max_steps: int = 1000,
-                 kv_tables: bool = True):
+                 kv_tables: bool = True, sequential: bool = False):
         self.unet, self.n, self.dtype, self.device = unet, n, dtype, torch.device(device)
+        self.sequential = bool(sequential)
         self.indexed = bool(kv_tables) and hasattr(unet, "allocate_context_tables")
         if self.indexed:
             unet.allocate_context_tables(rows, context_shape[0])
@@ -74,21 +77,26 @@ class StepGraph:
             self._capture()
 
     # ------------------------------------------------------------------ the step
+    def _unet(self, xin, t, rows) -> torch.Tensor:
+        """The UNet on xin (b, C, h, w) at timesteps t (b,) with context rows `rows` (b,), float32."""
+        if self.indexed:
+            return self.unet(xin, t, kv_index=rows).float()
+        return self.unet(xin, t, self.c_k.index_select(0, rows), self.c_v.index_select(0, rows)).float()
+
     def _step(self) -> None:
         n, i = self.n, self.step.view(1)
         c = self.coef.index_select(0, i)[0]  # (10,)
         x = self.x
         xin = (x * self.input_scale.index_select(0, i)).to(self.dtype)
-        xin = torch.cat([xin, xin])  # (2n, C, h, w): [uncond; cond]
-        t = self.timesteps.index_select(0, i).expand(2 * n)
+        t = self.timesteps.index_select(0, i)
         r = self.rows.index_select(0, i)
-        if self.indexed:  # row 0 (negative prompt) for the unconditional half, rows[i] for the rest
-            out = self.unet(xin, t, kv_index=torch.cat([torch.zeros_like(r).expand(n), r.expand(n)])).float()
-        else:
-            ck = torch.cat([self.c_k[:1].expand(n, -1, -1), self.c_k.index_select(0, r).expand(n, -1, -1)])
-            cv = torch.cat([self.c_v[:1].expand(n, -1, -1), self.c_v.index_select(0, r).expand(n, -1, -1)])
-            out = self.unet(xin, t, ck, cv).float()
-        uncond, cond = out[:n], out[n:]
+        zero = torch.zeros_like(r)  # row 0 (negative prompt) for the unconditional half, rows[i] for the rest
+        if self.sequential:  # one half after the other: activations of a batch of n at a time
+            uncond = self._unet(xin, t.expand(n), zero.expand(n))
+            cond = self._unet(xin, t.expand(n), r.expand(n))
+        else:  # one UNet call on [uncond; cond] (2n, C, h, w)
+            out = self._unet(torch.cat([xin, xin]), t.expand(2 * n), torch.cat([zero.expand(n), r.expand(n)]))
+            uncond, cond = out[:n], out[n:]
         o = uncond + self.guidance * (cond - uncond)
         x0 = torch.clamp(c[0] * x + c[1] * o, -self.clip, self.clip)
         eps = c[2] * x + c[3] * o
