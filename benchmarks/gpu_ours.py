@@ -14,7 +14,15 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-cudnn-attention the same with PyTorch's cuDNN attention preferred for self-attention
   torch-cuda-no-kernels      the plain diffusers UNet (split K/V, SDPA) in the same step graph
   torch-cuda-eager           FastUNet without the CUDA graph
-  torch-cuda-low-memory      one network on the GPU at a time, tiled VAE decode
+  torch-cuda-low-memory      one network on the GPU at a time, tiled VAE decode (and, by default
+                             there: no K/V tables, the guidance halves as two UNet calls)
+  torch-cuda-low-memory-batched  the same with the K/V tables and one UNet call on [uncond; cond]
+                             (what low-memory did before: the two memory defaults' effect)
+  torch-cuda-int8            torch-cuda with int8 UNet weights (int8_weights; PSNR also against the
+                             fp16 torch-cuda image), and -low-memory-int8 / -low-memory-int8-1024
+  torch-cuda-phases, torch-cuda-low-memory-phases   one image after a first one, with the GPU
+                             memory of each network's stage recorded apart (allocated before, peak
+                             while loading, peak while running, allocated after): where the peak is
 Per variant: UNet step p20/p50/p80 (CUDA events around single graph replays: the whole step,
 UNet + guidance + scheduler update), whole image p20/p50/p80 (text encoder + steps + VAE + to
 uint8, wall clock), load time, peak memory of the whole pipeline (peak_*: load + first image with
@@ -63,8 +71,75 @@ def replay_ms(torch, loop, reps: int) -> dict:
         loop.step.zero_()  # the counter ran on: reset it (replays read coefficient rows >= steps otherwise)
 
 
+def stage_memory(backend, torch) -> dict:
+    """Record the GPU memory of every network stage of `backend` (its `network` context and `_load`)
+    into the returned dict: {network: {before_alloc_gib, load_peak_alloc_gib, load_peak_reserved_gib,
+    run_peak_alloc_gib, run_peak_reserved_gib, after_alloc_gib, after_reserved_gib}}, maxima over
+    repeated entries. Resets the peak counters at every stage boundary."""
+    import contextlib
+
+    stages: dict = {}
+    network, load = backend.network, backend._load
+
+    def note(name, key, value_bytes):
+        d = stages.setdefault(name, {})
+        d[key] = max(d.get(key, 0.0), round(value_bytes / 2**30, 3))
+
+    def peaks(name, what):
+        torch.cuda.synchronize()
+        note(name, f"{what}_peak_alloc_gib", torch.cuda.max_memory_allocated())
+        note(name, f"{what}_peak_reserved_gib", torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
+
+    def loading(name):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out = load(name)
+        peaks(name, "load")
+        return out
+
+    @contextlib.contextmanager
+    def stage(name):
+        torch.cuda.synchronize()
+        note(name, "before_alloc_gib", torch.cuda.memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        with network(name) as net:
+            yield net
+            peaks(name, "run")
+        torch.cuda.synchronize()
+        note(name, "after_alloc_gib", torch.cuda.memory_allocated())
+        note(name, "after_reserved_gib", torch.cuda.memory_reserved())
+
+    backend.network, backend._load = stage, loading
+    return stages
+
+
+def measure_phases(name: str, bundle: Path, *, steps: int, size: int, **options) -> dict:
+    """Per-stage GPU memory of the first image (loads, captures) and of the next one."""
+    import torch
+
+    from pm_runtime.pipeline import Pipeline
+
+    _reset(torch)
+    pipe = Pipeline.load(bundle, backend="torch-cuda", device="cuda", **options)
+    after_load = round(torch.cuda.memory_allocated() / 2**30, 3)
+    rec = {"variant": name, "status": "ok", "backend": pipe.backend.describe(), "size": size, "steps": steps,
+           "after_pipeline_load_alloc_gib": after_load}
+    for which in ("first_image", "second_image"):
+        stages = stage_memory(pipe.backend, torch)
+        pipe.generate(PROMPT, seed=233, steps=steps, height=size, width=size)
+        rec[which] = stages
+        del pipe.backend.network, pipe.backend._load  # back to the class's methods
+    pipe.close()
+    del pipe
+    _reset(torch)
+    return rec
+
+
 def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: int, size: int, reference=None,
-                    **options) -> dict:
+                    keep: dict | None = None, compare: dict | None = None, **options) -> dict:
+    """keep: a dict that receives this variant's last image under its name; compare: {name: image}
+    -> psnr_vs_<name>_db in the record."""
     import torch
 
     from pm_runtime.pipeline import Pipeline
@@ -94,6 +169,10 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
         rec["unet_step_ms"] = replay_ms(torch, loops[0], reps)
     if reference is not None:
         rec["psnr_vs_reference_db"] = round(psnr(g.images, reference), 2)
+    for other, image in (compare or {}).items():
+        rec[f"psnr_vs_{other}_db"] = round(psnr(g.images, image), 2)
+    if keep is not None:
+        keep[name] = g.images
     rec["deterministic"] = bool(np.array_equal(first.images, g.images))
     pipe.close()
     del pipe
@@ -166,6 +245,8 @@ def profile_step(bundle: Path, size: int, log=print) -> dict:
 ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-lean",
        "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
+       "torch-cuda-low-memory-batched", "torch-cuda-int8", "torch-cuda-low-memory-int8",
+       "torch-cuda-low-memory-int8-1024", "torch-cuda-phases", "torch-cuda-low-memory-phases",
        "torch-cuda-warm-start", "profile")
 
 
@@ -204,10 +285,12 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
                 rec["psnr_vs_reference_db"] = round(psnr(img, ref), 2)
             return rec
         guarded("torch-reference-fp16", do_ref16)
+    kept: dict = {}  # torch-cuda's fp16 image: what the int8 variants' drift is measured against
     common = dict(steps=steps, reps=reps, images=images, size=size, reference=ref)
     one = {**common, "images": 1}
+    big = {**common, "images": 0, "size": 1024, "reference": None}
     todo = {
-        "torch-cuda": lambda: measure_variant("torch-cuda", bundle, **common),
+        "torch-cuda": lambda: measure_variant("torch-cuda", bundle, keep=kept, **common),
         "torch-cuda-offload-te": lambda: measure_variant("torch-cuda-offload-te", bundle, offload_text_encoder=True,
                                                          **common),
         "torch-cuda-vae-graph": lambda: measure_variant("torch-cuda-vae-graph", bundle, vae_graph=True, **common),
@@ -218,9 +301,19 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-no-kernels": lambda: measure_variant("torch-cuda-no-kernels", bundle, kernels=False, **common),
         "torch-cuda-eager": lambda: measure_variant("torch-cuda-eager", bundle, cuda_graph=False, **one),
         "torch-cuda-low-memory": lambda: measure_variant("torch-cuda-low-memory", bundle, low_memory=True, **one),
-        "torch-cuda-low-memory-1024": lambda: measure_variant(
-            "torch-cuda-low-memory-1024", bundle, low_memory=True, **{**common, "images": 0, "size": 1024,
-                                                                      "reference": None}),
+        "torch-cuda-low-memory-1024": lambda: measure_variant("torch-cuda-low-memory-1024", bundle, low_memory=True,
+                                                              **big),
+        "torch-cuda-low-memory-batched": lambda: measure_variant(
+            "torch-cuda-low-memory-batched", bundle, low_memory=True, kv_tables=True, sequential_guidance=False, **one),
+        "torch-cuda-int8": lambda: measure_variant("torch-cuda-int8", bundle, int8_weights=True, compare=kept,
+                                                   **common),
+        "torch-cuda-low-memory-int8": lambda: measure_variant("torch-cuda-low-memory-int8", bundle, low_memory=True,
+                                                              int8_weights=True, compare=kept, **one),
+        "torch-cuda-low-memory-int8-1024": lambda: measure_variant(
+            "torch-cuda-low-memory-int8-1024", bundle, low_memory=True, int8_weights=True, **big),
+        "torch-cuda-phases": lambda: measure_phases("torch-cuda-phases", bundle, steps=steps, size=size),
+        "torch-cuda-low-memory-phases": lambda: measure_phases("torch-cuda-low-memory-phases", bundle, steps=steps,
+                                                               size=size, low_memory=True),
         "torch-cuda-warm-start": lambda: warm_start_s(bundle, steps, size),
         "profile": lambda: profile_step(bundle, size, log),
     }

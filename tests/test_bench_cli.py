@@ -154,3 +154,46 @@ def test_records_helpers(tmp_path):
     append_jsonl(tmp_path / "a" / "r.jsonl", [{"z": 3}])
     assert [json.loads(line) for line in (tmp_path / "a" / "r.jsonl").read_text().splitlines()] == [
         {"x": 1}, {"y": "/p"}, {"z": 3}]
+
+
+def test_stage_memory_recorder_wraps_and_unwraps(run_bundle):
+    """gpu_ours.stage_memory's bookkeeping (the GPU numbers themselves come from torch.cuda on a GPU):
+    here torch.cuda is a stand-in whose allocated-bytes counter the stages move, so the recorder's
+    before/peak/after fields and its clean-up are checked on a CPU pipeline."""
+    torch = pytest.importorskip("torch")
+    import types
+
+    import gpu_ours
+    from pm_runtime.pipeline import Pipeline
+
+    mem = {"now": 0, "peak": 0}
+
+    def bump(n):
+        mem["now"] += n
+        mem["peak"] = max(mem["peak"], mem["now"])
+
+    cuda = types.SimpleNamespace(synchronize=lambda *a: None, memory_allocated=lambda *a: mem["now"],
+                                 memory_reserved=lambda *a: mem["now"] + 2**30,
+                                 max_memory_allocated=lambda *a: mem["peak"],
+                                 max_memory_reserved=lambda *a: mem["peak"] + 2**30,
+                                 reset_peak_memory_stats=lambda *a: mem.update(peak=mem["now"]))
+    fake_torch = types.SimpleNamespace(cuda=cuda)
+    pipe = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", low_memory=True)
+    backend = pipe.backend
+    load = backend._load
+
+    def load_and_grow(name):  # a stage that allocates 1 GiB while loading and gives it back when freed
+        bump(2**30)
+        return load(name)
+
+    free = backend._free
+    backend._load = load_and_grow
+    backend._free = lambda net: (free(net), bump(-(2**30)))
+    stages = gpu_ours.stage_memory(backend, fake_torch)
+    pipe.generate("a photo of <persona> as a knight", seed=1, steps=2, height=256, width=256)
+    assert {"text_encoder", "unet", "vae_decoder"} <= set(stages)
+    for name, d in stages.items():
+        assert d["before_alloc_gib"] == 0.0 and d["load_peak_alloc_gib"] == 1.0 and d["after_alloc_gib"] == 0.0, d
+        assert d["run_peak_alloc_gib"] == 1.0 and d["load_peak_reserved_gib"] == 2.0
+    del backend.network
+    assert backend.network.__func__ is type(backend).network
