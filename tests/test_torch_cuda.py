@@ -165,6 +165,13 @@ def test_low_memory_mode_runs_and_frees(run_bundle, fast_pipe):
     a, b = low.generate(PROMPT, **kw), fast_pipe.generate(PROMPT, **kw)
     assert low.backend.loads["unet"] == 1 and not low.backend._cache  # loaded for the stage, then freed
     assert low.backend.sequential_guidance and not low.backend.kv_tables  # low-memory defaults
+    parked = low.backend._parked
+    assert set(parked) >= {"text_encoder", "unet", "vae_decoder"} and all(p.on_host() for p in parked.values())
+    # the UNet's fused self-attention Q/K/V and the views of it rest in ONE host storage
+    unet = parked["unet"]
+    assert len(unet.bases) < len(unet.views)
+    fused = [m for m in low.backend.modules["unet"].modules() if hasattr(m, "pm_qkv")]
+    assert fused and all(a.to_q.weight.data_ptr() == a.pm_qkv.data_ptr() for a in fused)
     assert not fast_pipe.backend.sequential_guidance and fast_pipe.backend.kv_tables
     assert psnr(a.images, b.images) >= 30.0  # tiled VAE decode blends tile seams (no tiles at 256 px: equal)
 
@@ -181,8 +188,7 @@ def test_offloaded_text_encoder(run_bundle, fast_pipe):
     backend = pipe.backend
     assert backend.loads["text_encoder"] == 2 and backend.loads["unet"] == 1
     assert "text_encoder" not in backend._cache and "unet" in backend._cache
-    parked = backend._parked["text_encoder"]
-    assert all(t.data_ptr() == parked.host[name].data_ptr() for name, t in parked._tensors())
+    assert backend._parked["text_encoder"].on_host()
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.images, ref.images)
 
@@ -223,6 +229,33 @@ def test_gpu_fast_path_matches_the_reference(run_bundle):
     a, b = fast.generate(PROMPT, **kw), ref.generate(PROMPT, **kw)
     assert "CUDA graph" in a.backend
     assert psnr(a.images, b.images) >= 30.0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_low_memory_moves_keep_shared_weights_shared(run_bundle):
+    """Low-memory mode attaches the UNet's host storages to the GPU once each: the fused Q/K/V and
+    its views stay one copy on the device, 4-D weights arrive channels-last, and after the stage
+    every weight points back at the pinned host copies."""
+    low = Pipeline.load(run_bundle, backend="torch-cuda", concept="alice", low_memory=True)
+    parked = low.backend._parked["unet"]
+    assert all(b.is_pinned() for b in parked.bases)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    parked.attach()
+    torch.cuda.synchronize()
+    fused = [m for m in low.backend.modules["unet"].modules() if hasattr(m, "pm_qkv")]
+    assert fused and all(a.pm_qkv.is_cuda and a.to_q.weight.data_ptr() == a.pm_qkv.data_ptr() for a in fused)
+    grown = torch.cuda.memory_allocated() - before
+    assert grown <= sum(b.nbytes() for b in parked.bases) + 512 * len(parked.bases)  # allocator rounding only
+    convs = [m.weight for m in low.backend.modules["unet"].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    parked.detach()
+    assert parked.on_host()
+    a = low.generate(PROMPT, seed=3, steps=4, height=256, width=256)
+    b = Pipeline.load(run_bundle, backend="torch-cuda", concept="alice", low_memory=True, kv_tables=True,
+                      sequential_guidance=False).generate(PROMPT, seed=3, steps=4, height=256, width=256)
+    assert psnr(a.images, b.images) >= 35.0  # the low-memory defaults change the arithmetic order only
 
 
 @pytest.mark.gpu

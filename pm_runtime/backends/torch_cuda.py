@@ -11,8 +11,11 @@
   NaN/inf check at the end of the loop.
 - Every step's contexts come from the pipeline's one batched text-encoder call; they are
   uploaded once per image.
-- low_memory: one network on the GPU at a time (weights kept in host memory between uses, the
-  step graph re-captured per image) and a tiled VAE decode.
+- low_memory: one network on the GPU at a time and a tiled VAE decode. Every network's weights
+  rest in pinned host memory (_Parked: one copy per storage, so FastUNet's fused Q/K/V and its
+  views stay one copy; the UNet's convolution weights already channels-last) and are copied to the
+  GPU for their stage, then dropped (never copied back: they do not change); the step graph is
+  re-captured per image.
 - The networks are pm_runtime.modeling.standalone's (torch only: this backend never imports
   diffusers or transformers, most of a new process's start) where they cover the config;
   hf_modules=True (or a config they do not cover) uses the diffusers/transformers classes. The
@@ -108,7 +111,9 @@ class TorchCudaBackend(Backend):
         # (pm_runtime/vae_tiles.py) for the standalone decoder
         self.tiles_vae = hasattr(self.modules[VAE_DECODER].vae, "use_tiling")
         self._parked = {}  # network -> _Parked: weights in (pinned) host memory, on the device only in use
-        if self.offload_text_encoder:
+        if self.low_memory:  # every network, each on the device only for its stage
+            self._parked = {n: _Parked(m, self.torch_device, channels_last=n == UNET) for n, m in self.modules.items()}
+        elif self.offload_text_encoder:
             self._parked[TEXT_ENCODER] = _Parked(self.modules[TEXT_ENCODER], self.torch_device)
         self._loops: dict = {}  # (n, C, h, w, L, D, rows capacity) -> StepGraph
 
@@ -198,8 +203,6 @@ class TorchCudaBackend(Backend):
         module = self.modules[network]
         if network in self._parked:
             self._parked[network].attach()
-        elif self.low_memory:
-            module = module.to(self.torch_device)
         if network == UNET:
             module = self._fast_unet(module)
         elif network == VAE_DECODER and self.low_memory and self.tiles_vae:
@@ -240,10 +243,9 @@ class TorchCudaBackend(Backend):
         import torch
 
         if net.spec.name in self._parked:
+            if net.spec.name == UNET:
+                self._loops.clear()  # captured graphs point at the weights that leave the device
             self._parked[net.spec.name].detach()  # the device copies go; the pinned host weights stay
-        elif self.low_memory and net.engine is not None:
-            self._loops.clear()  # captured graphs point at the weights that leave the device
-            net.engine.module.to(self.home)  # FastUNet or graph module: back to host memory
         net.engine = None
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()
@@ -301,30 +303,83 @@ class TorchCudaBackend(Backend):
 class _Parked:
     """A module whose weights rest in host memory (pinned where CUDA is, for fast copies): attach()
     gives its parameters and buffers device copies, detach() points them back at the host ones.
-    The weights never change, so nothing is copied back."""
+    The weights never change, so nothing is copied back. Tensors that share a storage (FastUNet's
+    fused Q/K/V matrix and the views of it) keep sharing one copy on both sides, where Module.to
+    would copy each apart. channels_last: 4-D tensors that share nothing rest in the channels-last
+    layout (what FastUNet's convolutions read on the GPU), so no conversion happens per load."""
 
-    def __init__(self, module, device):
+    def __init__(self, module, device, channels_last: bool = False):
+        import collections
+
         import torch
 
         self.module, self.device = module, torch.device(device)
-        self.host = {}
-        for name, t in self._tensors():
-            h = t.detach().to("cpu")
-            self.host[name] = h.pin_memory() if self.device.type == "cuda" else h
-            t.data = self.host[name]
+        pin = self.device.type == "cuda"
+        channels_last = channels_last and pin  # the layout FastUNet uses on CUDA only
+        slots = list(self._slots())
+        users = collections.Counter(self._key(t) for _, _, t in slots)
+        index: dict = {}  # source storage key -> position in self.bases
+        self.bases: list = []  # host storages
+        self.views: list = []  # per slot: (owner dict, name, base position, offset, shape, stride, dtype)
+        for store, name, t in slots:
+            key = self._key(t)
+            if users[key] == 1 and channels_last and t.ndim == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+                key = ("own", len(self.views))
+            if key not in index:
+                src = t.untyped_storage()
+                base = src.cpu() if src.device.type != "cpu" else src
+                self.bases.append(base.pin_memory() if pin and not base.is_pinned() else base)
+                index[key] = len(self.bases) - 1
+            self.views.append((store, name, index[key], t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
+        self.detach()
 
-    def _tensors(self):
-        import itertools
+    def _slots(self):
+        """(owner dict, name, tensor) of every parameter and buffer slot of the module."""
+        for m in self.module.modules():
+            for store in (m._parameters, m._buffers):
+                for name, t in store.items():
+                    if t is not None:
+                        yield store, name, t
 
-        return itertools.chain(self.module.named_parameters(), self.module.named_buffers())
+    @staticmethod
+    def _key(t):
+        return (str(t.device), t.untyped_storage().data_ptr())
+
+    def _place(self, bases: list) -> None:
+        """Point every slot at its view of bases[position]."""
+        import torch
+        from torch import nn
+
+        for store, name, pos, offset, shape, stride, dtype in self.views:
+            b = bases[pos]
+            view = torch.empty(0, dtype=dtype, device=b.device).set_(b, offset, shape, stride)
+            if isinstance(store[name], nn.Parameter):
+                store[name].data = view
+            else:
+                store[name] = view
 
     def attach(self) -> None:
-        for name, t in self._tensors():
-            t.data = self.host[name].to(self.device, non_blocking=True)
+        self._place([self._copy(b) for b in self.bases])
+
+    def _copy(self, base):
+        """A device copy of host storage `base` (asynchronous from pinned memory); on the CPU, itself."""
+        import torch
+
+        if self.device.type == "cpu":
+            return base
+        src = torch.empty(0, dtype=torch.uint8).set_(base)  # the storage's bytes
+        dst = torch.empty(base.nbytes(), dtype=torch.uint8, device=self.device)
+        dst.copy_(src, non_blocking=True)
+        return dst.untyped_storage()
 
     def detach(self) -> None:
-        for name, t in self._tensors():
-            t.data = self.host[name]
+        self._place(self.bases)
+
+    def on_host(self) -> bool:
+        """Whether every slot points into the host storages (detached)."""
+        ptrs = {b.data_ptr() for b in self.bases}
+        return all(store[name].untyped_storage().data_ptr() in ptrs for store, name, *_ in self.views)
 
 
 class _GraphedDecoder:

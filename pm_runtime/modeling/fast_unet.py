@@ -93,8 +93,8 @@ def _fuse_qkv(attn) -> None:
     inner = attn.to_q.weight.shape[0]
     for j, layer in enumerate((attn.to_q, attn.to_k, attn.to_v)):
         layer.weight = nn.Parameter(qkv[j * inner:(j + 1) * inner], requires_grad=False)
-    attn.pm_qkv_bias = (None if attn.to_q.bias is None else
-                        torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).detach())
+    attn.register_buffer("pm_qkv_bias", None if attn.to_q.bias is None else
+                         torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).detach(), persistent=False)
 
 
 class FastUNet(nn.Module):
