@@ -12,6 +12,8 @@ Variants (each run in a fresh interpreter, interleaved run by run):
   hf-verify-first  how it started before: diffusers/transformers classes (hf_modules=True) and every
                    network file of the bundle hashed before loading, every time (verify_all, no record)
   standalone-no-verify  the default without any hashing (verify=False): what the checksums cost
+  standalone-cudnn-heuristics  the default with cudnn_benchmark=False (cuDNN's heuristics instead of
+                   timing every convolution algorithm in the new process's first image)
 Phases (child's perf_counter, from its first line): import_s (pm_runtime.pipeline + torch +
 the backend module), load_s (Pipeline.load, hashing included), first_image_s (one generate);
 process_wall_s is the parent's wall time around the whole child (interpreter start included).
@@ -43,7 +45,7 @@ else:
 
 SCHEMA = "pm-bench-start/1"
 TAG = "@@START@@ "
-VARIANTS = ("standalone", "standalone-rehash", "hf-verify-first", "standalone-no-verify")
+VARIANTS = ("standalone", "standalone-rehash", "hf-verify-first", "standalone-no-verify", "standalone-cudnn-heuristics")
 PROMPT = "a photo of <persona> as a knight"
 
 CHILD = """
@@ -61,7 +63,8 @@ if variant == "hf-verify-first":
     b.verify_all()
     pipe = Pipeline.load(b, backend="torch-cuda", device=device, hf_modules=True)
 else:
-    pipe = Pipeline.load(bundle, backend="torch-cuda", device=device, verify=variant != "standalone-no-verify")
+    pipe = Pipeline.load(bundle, backend="torch-cuda", device=device, verify=variant != "standalone-no-verify",
+                         cudnn_benchmark=variant != "standalone-cudnn-heuristics")
 if device.startswith("cuda"):
     torch.cuda.synchronize()
 t2 = time.perf_counter()
@@ -75,7 +78,8 @@ print(%r + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_image_s": 
 
 def run_child(variant: str, bundle: str, device: str, steps: int, size: int, record: str,
               timeout: float = 600) -> dict:
-    env = dict(os.environ, PM_VERIFIED_CACHE=record if variant == "standalone" else "0")
+    env = dict(os.environ, PM_VERIFIED_CACHE=record if variant in ("standalone", "standalone-cudnn-heuristics")
+               else "0")
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps([variant, bundle, device, steps, size])],
                        capture_output=True, text=True, timeout=timeout, env=env)

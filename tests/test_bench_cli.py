@@ -160,7 +160,7 @@ def test_stage_memory_recorder_wraps_and_unwraps(run_bundle):
     """gpu_ours.stage_memory's bookkeeping (the GPU numbers themselves come from torch.cuda on a GPU):
     here torch.cuda is a stand-in whose allocated-bytes counter the stages move, so the recorder's
     before/peak/after fields and its clean-up are checked on a CPU pipeline."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import types
 
     import gpu_ours

@@ -73,7 +73,8 @@ class TorchCudaBackend(Backend):
                  model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
                  kernels: bool = True, kv_tables: bool | None = None, sdpa: str | None = None,
                  offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
-                 int8_weights: bool = False, sequential_guidance: bool | None = None, **_):
+                 int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
+                 **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -100,8 +101,9 @@ class TorchCudaBackend(Backend):
         if sdpa not in (None, "flash", "cudnn", "efficient"):
             raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
-        if on_cuda:
-            torch.backends.cudnn.benchmark = True  # fixed shapes per image: pick the fastest conv algorithms once
+        if on_cuda:  # fixed shapes per image: time cuDNN's convolution algorithms once per shape (a process-wide
+            # setting; False: its heuristics, no timing runs in a new process's first image)
+            torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
         self.home = self.torch_device if not self.low_memory else torch.device("cpu")  # where weights rest
         self.offload_text_encoder = bool(offload_text_encoder) and not self.low_memory
         self.vae_graph = bool(vae_graph) and self.cuda_graph and not self.low_memory
