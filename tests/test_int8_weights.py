@@ -173,6 +173,7 @@ def test_pm_run_int8_weights_flag(run_bundle, tmp_path):
 
     from pm_runtime.cli import main
 
+    K.set_enabled(False)  # the kernels' references: the interpreter would take minutes for a whole image
     r = CliRunner().invoke(main, ["--engine", str(run_bundle), "--prompt", PROMPT, "--backend", "onnxruntime",
                                   "--int8-weights", "--out", str(tmp_path / "x.png"), "--steps", "1"])
     assert r.exit_code != 0 and "--int8-weights" in r.output and "torch-cuda" in r.output

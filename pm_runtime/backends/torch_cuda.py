@@ -334,7 +334,7 @@ class _Parked:
                 self.bases.append(base.pin_memory() if pin and not base.is_pinned() else base)
                 index[key] = len(self.bases) - 1
             self.views.append((store, name, index[key], t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
-        self.detach()
+            self._place(self.bases, self.views[-1:])  # at once: a storage nothing else shares is freed here
 
     def _slots(self):
         """(owner dict, name, tensor) of every parameter and buffer slot of the module."""
@@ -348,12 +348,12 @@ class _Parked:
     def _key(t):
         return (str(t.device), t.untyped_storage().data_ptr())
 
-    def _place(self, bases: list) -> None:
-        """Point every slot at its view of bases[position]."""
+    def _place(self, bases: list, views=None) -> None:
+        """Point every slot (of `views`: all) at its view of bases[position]."""
         import torch
         from torch import nn
 
-        for store, name, pos, offset, shape, stride, dtype in self.views:
+        for store, name, pos, offset, shape, stride, dtype in self.views if views is None else views:
             b = bases[pos]
             view = torch.empty(0, dtype=dtype, device=b.device).set_(b, offset, shape, stride)
             if isinstance(store[name], nn.Parameter):
