@@ -242,11 +242,20 @@ class Resnet(nn.Module):
         self.conv_shortcut = w.conv(f"{p}.conv_shortcut") if w.has(f"{p}.conv_shortcut.weight") else None
 
     def forward(self, x, temb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(gn_silu(self.norm1, x))
         if temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(gn_silu(self.norm2, h))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+def gn_silu(norm: nn.GroupNorm, x, silu: bool = True):
+    """SiLU(norm(x)) (silu=False: norm(x)) in one pass: pm_kernels.group_norm_silu (Triton on CUDA,
+    its PyTorch reference elsewhere): one output tensor where GroupNorm then SiLU make two, which
+    is the VAE decode's activation peak at full resolution (benchmarks/live_memory.py)."""
+    import pm_kernels
+
+    return pm_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=silu)
 
 
 class _Sampler(nn.Module):
@@ -268,7 +277,7 @@ class VaeAttention(nn.Module):
 
     def forward(self, x):
         n, c, height, width = x.shape
-        h = self.group_norm(x).view(n, c, height * width).transpose(1, 2)  # (N, HW, C)
+        h = gn_silu(self.group_norm, x, silu=False).reshape(n, c, height * width).transpose(1, 2)  # (N, HW, C)
         q, k, v = (layer(h)[:, None] for layer in (self.to_q, self.to_k, self.to_v))  # one head
         out = F.scaled_dot_product_attention(q, k, v)[:, 0]
         return self.to_out[0](out).transpose(1, 2).reshape(n, c, height, width) + x
@@ -321,7 +330,7 @@ class VAE(nn.Module):
                 h = r(h)
             if isinstance(up, _Sampler):
                 h = up.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(gn_silu(self.conv_norm_out, h))
 
     def decode(self, z, return_dict: bool = False):
         """diffusers' AutoencoderKL.decode signature: a 1-tuple (image,)."""

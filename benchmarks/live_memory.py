@@ -1,0 +1,197 @@
+"""Activation memory counted on the meta device: the peak of live tensor bytes that a network's
+forward creates (weights excluded), eager, at full SD-1.5 shapes, in seconds and without a GPU.
+Not a test: nothing here asserts.
+
+What is counted: every tensor an op returns (torch dispatch) that is not a view of (or written in
+place into) its inputs, by storage, from its creation until its storage is freed, in the run dtype. Fused kernels are counted by what their GPU path allocates:
+pm_kernels' group_norm_silu / geglu / attention / dequant_int8 stand in as one output tensor each
+(their Triton paths allocate exactly that, plus a few KB of statistics), and PyTorch's
+scaled_dot_product_attention as its output (flash / memory-efficient attention; the math path's
+(N, N) score matrix is what a GPU does NOT allocate). What is NOT counted: cuDNN / cuBLAS
+workspaces, the CUDA caching allocator's rounding and caching, CUDA-graph pools (which hold this
+peak between replays). So this is a floor for the GPU's `max_memory_allocated` above the weights,
+and a fair comparison between two ways of computing the same network; the GPU check measures the
+real thing (gpu_ours variants).
+
+  python benchmarks/live_memory.py --out benchmarks/results/live-memory-meta.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pathlib
+import sys
+import weakref
+
+HERE = pathlib.Path(__file__).resolve().parent
+if __package__:
+    from .records import append_jsonl, environment
+else:
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
+    from records import append_jsonl, environment
+
+SCHEMA = "pm-live-memory/1"
+MIB = 2**20
+
+
+def live_bytes_mode():
+    """A TorchDispatchMode counting live bytes of the tensors ops create: .now, .peak."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.now, self.peak = {}, 0, 0
+
+        def _free(self, key):
+            self.now -= self.live.pop(key, 0)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(r.alias_info is not None for r in func._schema.returns):
+                return out  # a view of (or in-place on) an input: no new memory (weights' views included)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    s = t.untyped_storage()
+                    if s._cdata not in self.live:
+                        self.live[s._cdata] = s.nbytes()
+                        self.now += s.nbytes()
+                        self.peak = max(self.peak, self.now)
+                        weakref.finalize(s, self._free, s._cdata)
+            return out
+
+    return LiveBytes()
+
+
+@contextlib.contextmanager
+def gpu_footprints():
+    """pm_kernels' fused kernels and PyTorch's SDPA replaced, for counting, by what their GPU paths
+    allocate: one output tensor (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    import pm_kernels
+
+    def attention(q, k, v, heads, scale=None, kv_index=None):
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    fakes = {
+        "group_norm_silu": lambda x, *a, **k: torch.empty_like(x),
+        "geglu": lambda h: torch.empty((*h.shape[:-1], h.shape[-1] // 2), dtype=h.dtype, device=h.device),
+        "attention": attention,
+        "dequant_int8": lambda q, scale, dtype=torch.float16: torch.empty_like(q, dtype=dtype),
+    }
+    saved = {name: getattr(pm_kernels, name) for name in fakes}
+    sdpa = F.scaled_dot_product_attention
+    try:
+        for name, fn in fakes.items():
+            setattr(pm_kernels, name, fn)
+        F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: torch.empty(
+            (*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(pm_kernels, name, fn)
+        F.scaled_dot_product_attention = sdpa
+
+
+def peak_of(fn) -> tuple[int, int]:
+    """(peak live bytes while fn runs, bytes still live from it after)."""
+    import torch
+
+    with torch.inference_mode(), gpu_footprints():
+        mode = live_bytes_mode()
+        with mode:
+            out = fn()
+        kept = mode.now
+        del out
+    return mode.peak, kept
+
+
+def sd15_networks(dtype):
+    """SD-1.5-shaped diffusers UNet and VAE and the standalone VAE decoder, on the meta device."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from pm_runtime.modeling import standalone
+    from pm_runtime.specs import VAE_DECODER
+
+    from random_models import SD15_UNET_CONFIG, SD15_VAE_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(dtype).eval()
+        vae = AutoencoderKL(**SD15_VAE_CONFIG).to(dtype).eval()
+    state = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    ours_vae = standalone.build(VAE_DECODER, state, dict(vae.config)).eval()
+    return unet, vae, ours_vae
+
+
+def measure(sizes=(512, 1024), dtype_name: str = "float16") -> list[dict]:
+    import copy
+
+    import torch
+
+    from pm_runtime.modeling.fast_unet import FastUNet
+    from pm_runtime.modeling.int8_weights import quantize_unet_
+
+    dtype = getattr(torch, dtype_name)
+    unet, vae, ours_vae = sd15_networks(dtype)
+    fast = FastUNet(unet)
+    q_unet = copy.deepcopy(unet)
+    fast_int8 = FastUNet(q_unet)
+    quantize_unet_(fast_int8, "meta", "meta")
+    meta = dict(device="meta", dtype=dtype)
+    recs = []
+
+    def rec(what, variant, size, fn, **extra):
+        peak, kept = peak_of(fn)
+        r = {"network": what, "variant": variant, "size": size, "dtype": dtype_name,
+             "peak_live_mib": round(peak / MIB, 1), "kept_mib": round(kept / MIB, 1), **extra}
+        print(f"{what:12s} {variant:36s} {size:5d} px  peak {r['peak_live_mib']:8.1f} MiB", flush=True)
+        recs.append(r)
+
+    for size in sizes:
+        lat = size // 8
+        z = torch.empty(1, 4, lat, lat, **meta)
+        rec("vae-decode", "diffusers AutoencoderKL.decode", size, lambda: vae.decode(z).sample)
+        rec("vae-decode", "standalone VAE (torch-cuda)", size, lambda: ours_vae(z))
+        t2, t1 = torch.full((2,), 500.0, device="meta"), torch.full((1,), 500.0, device="meta")
+        rows = 32
+        fast.allocate_context_tables(rows, 77)
+        fast_int8.allocate_context_tables(rows, 77)
+        for n, t in ((2, t2), (1, t1)):
+            x = torch.empty(n, 4, lat, lat, **meta).contiguous(memory_format=torch.channels_last)
+            idx = torch.zeros(n, dtype=torch.long, device="meta")
+            c = torch.empty(n, 77, 768, **meta)
+            how = "[uncond; cond] in one call" if n == 2 else "one guidance half (sequential)"
+            rec("unet-call", f"FastUNet, K/V tables, batch {n}", size, lambda: fast(x, t, kv_index=idx), note=how)
+            rec("unet-call", f"FastUNet, contexts, batch {n}", size, lambda: fast(x, t, c, c), note=how)
+            rec("unet-call", f"FastUNet int8 weights, K/V tables, batch {n}", size,
+                lambda: fast_int8(x, t, kv_index=idx), note=how)
+    return recs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="512,1024")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--out", type=pathlib.Path, default=None, help="append the records to this JSON-lines file")
+    a = ap.parse_args(argv)
+    recs = measure(tuple(int(s) for s in a.sizes.split(",")), a.dtype)
+    env = environment("meta", a.commit)
+    command = "python benchmarks/live_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    records = [{"schema": SCHEMA, **env, "command": command,
+                "counts": "live tensor bytes created by the forward, meta device, fused kernels and SDPA as their "
+                          "GPU paths' outputs; no workspaces, allocator rounding or graph pools", **r} for r in recs]
+    if a.out:
+        append_jsonl(a.out, records)
+        print(f"appended {len(records)} records to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
