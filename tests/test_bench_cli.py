@@ -206,3 +206,25 @@ def _check_stage_memory(run_bundle, fake_torch, mem):
         assert d["run_peak_alloc_gib"] == 1.0 and d["load_peak_reserved_gib"] == 2.0
     del backend.network
     assert backend.network.__func__ is type(backend).network
+
+
+def test_live_memory_counts_created_tensors_not_views():
+    """benchmarks/live_memory.py's counter on the meta device: new tensors count from creation until
+    freed, views and in-place results of existing tensors (weights) do not."""
+    torch = pytest.importorskip("torch")
+    import live_memory
+
+    with torch.device("meta"):
+        x = torch.empty(1024, 1024)  # 4 MiB that exists before: not counted
+        with live_memory.live_bytes_mode() as m:
+            y = x * 2  # +4
+            x.t()  # a view of x: +0
+            z = y + 1  # +4 -> 8 (the peak)
+            del y  # -> 4
+            z.view(-1).relu_()  # in place on z: +0
+            w = z.sum()  # +4 bytes
+            del z
+    assert m.peak == 8 * 2**20 and m.now == 4 and w.shape == ()
+    q = torch.empty(1, 2, 4096, 40, device="meta", dtype=torch.float16)
+    peak, kept = live_memory.peak_of(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert peak == q.numel() * 2  # the output only: no (4096 x 4096) score matrix
