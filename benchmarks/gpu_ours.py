@@ -21,7 +21,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-int8            torch-cuda with int8 UNet weights (int8_weights; PSNR also against the
                              fp16 torch-cuda image), and -low-memory-int8 / -low-memory-int8-1024
   torch-cuda-cudnn-heuristics  torch-cuda with cuDNN's heuristic algorithm choice instead of timing
-                             them (cudnn_benchmark=False): step time and the first image's time
+                             them (cudnn_benchmark=False): step time, the first image's time and
+                             peak (timing runs try algorithms with large workspaces); and
+                             torch-cuda-low-memory-cudnn-heuristics
   torch-cuda-phases, torch-cuda-low-memory-phases   one image after a first one, with the GPU
                              memory of each network's stage recorded apart (allocated before, peak
                              while loading, peak while running, allocated after): where the peak is
@@ -248,7 +250,8 @@ ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph
        "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
        "torch-cuda-low-memory-batched", "torch-cuda-int8", "torch-cuda-low-memory-int8",
-       "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-phases", "torch-cuda-low-memory-phases",
+       "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-low-memory-cudnn-heuristics",
+       "torch-cuda-phases", "torch-cuda-low-memory-phases",
        "torch-cuda-warm-start", "profile")
 
 
@@ -315,6 +318,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             "torch-cuda-low-memory-int8-1024", bundle, low_memory=True, int8_weights=True, **big),
         "torch-cuda-cudnn-heuristics": lambda: measure_variant("torch-cuda-cudnn-heuristics", bundle,
                                                                cudnn_benchmark=False, **one),
+        "torch-cuda-low-memory-cudnn-heuristics": lambda: measure_variant(
+            "torch-cuda-low-memory-cudnn-heuristics", bundle, low_memory=True, cudnn_benchmark=False, **one),
         "torch-cuda-phases": lambda: measure_phases("torch-cuda-phases", bundle, steps=steps, size=size),
         "torch-cuda-low-memory-phases": lambda: measure_phases("torch-cuda-low-memory-phases", bundle, steps=steps,
                                                                size=size, low_memory=True),

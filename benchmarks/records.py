@@ -98,6 +98,7 @@ def environment(device: str, commit_override: str | None = None, dirty: bool | N
             "driver": nvidia_driver(),
             "cuda_runtime": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # allocator settings change peaks
         })
     else:
         env.update({"device_name": "cpu: " + env["host_cpu"], "driver": None})
