@@ -121,6 +121,15 @@ def test_pipeline_runs_it_by_default(checker_bundle, backend):
     assert g.nsfw == [False, False] and g.images.any() and "safety_checker_s" in g.timings
     off = Pipeline.load(checker_bundle, backend=backend, safety_checker=False, **kw).generate(PROMPT, **FAST)
     assert off.nsfw is None
+    if backend == "torch-cuda":  # its weights rest in host memory, on the device only for its call
+        parked = pipe.backend._parked["safety_checker"]
+        assert parked.on_host() and pipe.backend.loads["safety_checker"] == 1
+        pipe.generate(PROMPT, **FAST)
+        assert parked.on_host() and pipe.backend.loads["safety_checker"] == 2 and pipe.backend.loads["unet"] == 1
+        resident = Pipeline.load(checker_bundle, backend=backend, offload_safety_checker=False, **kw)
+        again = resident.generate(PROMPT, num_images=2, **FAST)
+        assert "safety_checker" not in resident.backend._parked and again.nsfw == [False, False]
+        np.testing.assert_array_equal(again.images, g.images)
 
 
 def test_flagged_images_are_black_and_not_written(flagging_bundle, tmp_path):

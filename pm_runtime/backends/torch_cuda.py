@@ -33,6 +33,9 @@
 - sequential_guidance: the step runs the UNet's unconditional and conditional halves as two
   calls one after the other instead of one batch (half the activation memory, some step time);
   the default in low-memory mode. Both low-memory defaults are reasoned, NOT MEASURED on a GPU yet.
+- offload_safety_checker (default on; NOT MEASURED on a GPU yet): the safety checker (a CLIP
+  ViT-L/14 vision tower, ~0.6 GB in fp16, called once per image) rests in pinned host memory and is
+  copied to the GPU for its call only, as offload_text_encoder does for the text encoder.
 - offload_text_encoder (opt-in, NOT MEASURED on a GPU yet): the text encoder's weights rest in
   pinned host memory and are copied to the GPU for the one encoding call per image, then
   dropped (~0.25 GB of fp16 SD-1.5 weights fewer on the GPU while the UNet and VAE run).
@@ -51,7 +54,7 @@ import numpy as np
 from .. import formats as F
 from ..bundle import Bundle
 from ..errors import UserError
-from ..specs import NETWORKS, OPTIONAL_NETWORKS, TEXT_ENCODER, UNET, VAE_DECODER
+from ..specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
 from .base import Backend, DenoiseJob
 from .torch import TorchNetwork  # numpy in, numpy out around a module on the device
 
@@ -74,7 +77,7 @@ class TorchCudaBackend(Backend):
                  kernels: bool = True, kv_tables: bool | None = None, sdpa: str | None = None,
                  offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
                  int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
-                 **_):
+                 offload_safety_checker: bool = True, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -106,8 +109,12 @@ class TorchCudaBackend(Backend):
             torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
         self.home = self.torch_device if not self.low_memory else torch.device("cpu")  # where weights rest
         self.offload_text_encoder = bool(offload_text_encoder) and not self.low_memory
+        self.offload_safety_checker = bool(offload_safety_checker) and not self.low_memory
         self.vae_graph = bool(vae_graph) and self.cuda_graph and not self.low_memory
         self.hf_modules = bool(hf_modules)  # False: pm_runtime.modeling.standalone's networks where they fit
+        # networks whose weights rest in host memory (parked below): loaded there directly
+        self.on_host = ({TEXT_ENCODER} if self.offload_text_encoder else set()) | (
+            {SAFETY_CHECKER} if self.offload_safety_checker else set())
         self.modules = self._load_modules(bundle, model)
         # low-memory VAE tiling: inside diffusers' module (graphs.tiled_decoding), or by the pipeline
         # (pm_runtime/vae_tiles.py) for the standalone decoder
@@ -115,8 +122,8 @@ class TorchCudaBackend(Backend):
         self._parked = {}  # network -> _Parked: weights in (pinned) host memory, on the device only in use
         if self.low_memory:  # every network, each on the device only for its stage
             self._parked = {n: _Parked(m, self.torch_device, channels_last=n == UNET) for n, m in self.modules.items()}
-        elif self.offload_text_encoder:
-            self._parked[TEXT_ENCODER] = _Parked(self.modules[TEXT_ENCODER], self.torch_device)
+        else:
+            self._parked = {n: _Parked(self.modules[n], self.torch_device) for n in self.on_host if n in self.modules}
         self._loops: dict = {}  # (n, C, h, w, L, D, rows capacity) -> StepGraph
 
     # ------------------------------------------------------------------ availability and loading
@@ -161,7 +168,8 @@ class TorchCudaBackend(Backend):
                     comp = bundle.component(net, TORCH_FORMAT)
                     # the standalone UNet is FastUNet's parameter tree: without our kernels, diffusers' UNet runs
                     standalone = not self.hf_modules and (net != UNET or self.kernels)
-                    where = torch.device("cpu") if net == UNET and self.int8_weights else self.home
+                    where = torch.device("cpu") if (net == UNET and self.int8_weights) or net in self.on_host \
+                        else self.home
                     out[net] = load_graph_module(net, comp.get(F.CK_DETAILS, {}), paths[(net, TORCH_FORMAT)],
                                                  where, self.torch_dtype, standalone=standalone)
             if self.int8_weights:
@@ -174,8 +182,8 @@ class TorchCudaBackend(Backend):
         if base.fingerprint != bundle.fingerprint:
             raise UserError(f"the model folder {model} is not the base model of this bundle (fingerprint mismatch)")
         with quiet_hf():  # diffusers warns on any dtype cast through .to()
-            out = {n: m.to("cpu" if n == UNET and self.int8_weights else self.home, self.torch_dtype)
-                   for n, m in graph_modules(base).items()}
+            out = {n: m.to("cpu" if (n == UNET and self.int8_weights) or n in self.on_host else self.home,
+                           self.torch_dtype) for n, m in graph_modules(base).items()}
         if self.int8_weights:
             out[UNET] = self._quantized_unet(out[UNET])
         return out
