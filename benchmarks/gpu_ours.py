@@ -53,6 +53,16 @@ else:  # imported by a script (python benchmarks/bench_gpu.py), benchmarks/ on s
     from records import pcts
 
 PROMPT = "a photo of <persona> as a knight on a horse"
+DEVICE = "cuda"  # where the variants run (tests smoke-run them on "cpu", memory helpers stubbed)
+BIG_SIZE = 1024  # the *-1024 variants' image size
+
+
+def _restart_peak(torch) -> None:
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _allocated_gib(torch) -> float:
+    return round(torch.cuda.memory_allocated() / 2**30, 3)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -70,7 +80,8 @@ def replay_ms(torch, loop, reps: int) -> dict:
         from bench_kernels import timed
 
     try:
-        return timed(torch, loop.graph.replay if loop.graph is not None else loop._step, reps, True, warmup=0)
+        return timed(torch, loop.graph.replay if loop.graph is not None else loop._step, reps, DEVICE != "cpu",
+                     warmup=0)
     finally:
         loop.step.zero_()  # the counter ran on: reset it (replays read coefficient rows >= steps otherwise)
 
@@ -125,8 +136,8 @@ def measure_phases(name: str, bundle: Path, *, steps: int, size: int, **options)
     from pm_runtime.pipeline import Pipeline
 
     _reset(torch)
-    pipe = Pipeline.load(bundle, backend="torch-cuda", device="cuda", **options)
-    after_load = round(torch.cuda.memory_allocated() / 2**30, 3)
+    pipe = Pipeline.load(bundle, backend="torch-cuda", device=DEVICE, **options)
+    after_load = _allocated_gib(torch)
     rec = {"variant": name, "status": "ok", "backend": pipe.backend.describe(), "size": size, "steps": steps,
            "after_pipeline_load_alloc_gib": after_load}
     for which in ("first_image", "second_image"):
@@ -150,14 +161,14 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
 
     _reset(torch)
     t0 = time.perf_counter()
-    pipe = Pipeline.load(bundle, backend="torch-cuda", device="cuda", **options)
+    pipe = Pipeline.load(bundle, backend="torch-cuda", device=DEVICE, **options)
     load_s = time.perf_counter() - t0
     kw = dict(seed=233, steps=steps, height=size, width=size)
     t0 = time.perf_counter()
     first = pipe.generate(PROMPT, **kw)  # captures the step graph, compiles/loads kernels
     first_image_s = time.perf_counter() - t0
     first_peak = _peak(torch)  # load + first image (captures, warm-ups)
-    torch.cuda.reset_peak_memory_stats()  # from here: the steady state of later images
+    _restart_peak(torch)  # from here: the steady state of later images
     walls, g = [], first
     for _ in range(images):
         t0 = time.perf_counter()
@@ -293,7 +304,7 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
     kept: dict = {}  # torch-cuda's fp16 image: what the int8 variants' drift is measured against
     common = dict(steps=steps, reps=reps, images=images, size=size, reference=ref)
     one = {**common, "images": 1}
-    big = {**common, "images": 0, "size": 1024, "reference": None}
+    big = {**common, "images": 0, "size": BIG_SIZE, "reference": None}
     todo = {
         "torch-cuda": lambda: measure_variant("torch-cuda", bundle, keep=kept, **common),
         "torch-cuda-offload-te": lambda: measure_variant("torch-cuda-offload-te", bundle, offload_text_encoder=True,

@@ -228,3 +228,47 @@ def test_live_memory_counts_created_tensors_not_views():
     q = torch.empty(1, 2, 4096, 40, device="meta", dtype=torch.float16)
     peak, kept = live_memory.peak_of(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
     assert peak == q.numel() * 2  # the output only: no (4096 x 4096) score matrix
+
+
+def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path, monkeypatch):
+    """gpu_check's variants (gpu_ours.run_ours) wired end to end on the tiny bundle, on the CPU: the
+    memory helpers (torch.cuda) are stubbed out, so only the plumbing is checked here (options,
+    image comparisons, per-stage records); the figures come from a GPU run."""
+    torch = pytest.importorskip("torch")
+    import types
+
+    import gpu_ours
+    import pm_kernels
+    from pm_export.build import ExportConfig, export_bundle
+
+    bundle = export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", target="torch"),
+                           log=lambda m: None)  # one concept, torch weights: what gpu_check's bundle is
+    zero = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        synchronize=lambda *a: None, memory_allocated=lambda *a: 0, memory_reserved=lambda *a: 0,
+        max_memory_allocated=lambda *a: 0, max_memory_reserved=lambda *a: 0, reset_peak_memory_stats=lambda *a: None))
+    stage_memory = gpu_ours.stage_memory
+    monkeypatch.setattr(gpu_ours, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_ours, "BIG_SIZE", 320)  # the large-image variants' plumbing, at a CPU's pace
+    monkeypatch.setattr(gpu_ours, "_reset", lambda torch: None)
+    monkeypatch.setattr(gpu_ours, "_peak", lambda torch: {})
+    monkeypatch.setattr(gpu_ours, "_restart_peak", lambda torch: None)
+    monkeypatch.setattr(gpu_ours, "_allocated_gib", lambda torch: None)
+    monkeypatch.setattr(gpu_ours, "stage_memory", lambda backend, torch: stage_memory(backend, zero))
+    skip = {"reference", "torch-cuda-warm-start", "profile"}  # CUDA-only by nature (profiler, a CUDA child)
+    variants = [v for v in gpu_ours.ALL if v not in skip]
+    pm_kernels.set_enabled(False)  # the kernels' references: the interpreter is slow
+    try:
+        recs = gpu_ours.run_ours(bundle, None, steps=2, reps=2, images=1, size=256, log=lambda m: None,
+                                 variants=variants)
+    finally:
+        pm_kernels.set_enabled(True)
+    by = {r["variant"]: r for r in recs}
+    assert list(by) == variants and all(r["status"] == "ok" for r in recs), [r for r in recs if r["status"] != "ok"]
+    assert "UNet weights int8" in by["torch-cuda-int8"]["backend"]
+    assert by["torch-cuda-int8"]["psnr_vs_torch-cuda_db"] > 20 and "unet_step_ms" in by["torch-cuda"]
+    assert by["torch-cuda-low-memory-int8-1024"]["size"] == 320
+    for name in ("torch-cuda-phases", "torch-cuda-low-memory-phases"):
+        assert {"text_encoder", "unet", "vae_decoder"} <= set(by[name]["second_image"])
+    assert by["torch-cuda-low-memory-phases"]["second_image"]["unet"]["load_peak_alloc_gib"] == 0.0
+    assert "unet" not in by["torch-cuda-phases"]["second_image"] or \
+        "load_peak_alloc_gib" not in by["torch-cuda-phases"]["second_image"]["unet"]  # resident: loaded once
