@@ -234,7 +234,7 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     """gpu_check's variants (gpu_ours.run_ours) wired end to end on the tiny bundle, on the CPU: the
     memory helpers (torch.cuda) are stubbed out, so only the plumbing is checked here (options,
     image comparisons, per-stage records); the figures come from a GPU run."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import types
 
     import gpu_ours
