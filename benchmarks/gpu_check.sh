@@ -27,9 +27,9 @@ timeout 60 python3 benchmarks/bench_kernels.py --reps 30 --out "$OUT/kernels-gpu
     | tee "$OUT/bench_kernels.log"
 echo "== pipeline: peers and torch-cuda"
 # PM_OURS: which of our variants (gpu_ours.ALL); the default leaves out the ablations measured before
-# (no-kv-tables, cudnn-attention, no-kernels, eager, profile, warm-start: bench_start.py below
+# (cudnn-attention, no-kernels, eager, profile, warm-start: bench_start.py below
 # measures the start in phases, against the way before) to stay within the 8 minutes.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-offload-te,torch-cuda-vae-graph,torch-cuda-lean,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-batched,torch-cuda-low-memory-int8,torch-cuda-low-memory-1024,torch-cuda-low-memory-int8-1024,torch-cuda-cudnn-heuristics,torch-cuda-low-memory-cudnn-heuristics,torch-cuda-phases,torch-cuda-low-memory-phases}
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-offload-te,torch-cuda-vae-graph,torch-cuda-lean,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-batched,torch-cuda-low-memory-int8,torch-cuda-low-memory-1024,torch-cuda-low-memory-int8-1024,torch-cuda-cudnn-heuristics,torch-cuda-low-memory-cudnn-heuristics,torch-cuda-phases,torch-cuda-low-memory-phases}
 timeout ${PM_BENCH_TIMEOUT:-360} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 echo "== our memory variants again with the allocator's expandable segments (reserved vs allocated)"
