@@ -98,7 +98,9 @@ def environment(device: str, commit_override: str | None = None, dirty: bool | N
             "driver": nvidia_driver(),
             "cuda_runtime": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
-            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # allocator settings change peaks
+            # allocator and cuDNN workspace settings change peaks
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
+            "cudnn_conv_wscap_dbg": os.environ.get("CUDNN_CONV_WSCAP_DBG"),
         })
     else:
         env.update({"device_name": "cpu: " + env["host_cpu"], "driver": None})
