@@ -350,7 +350,8 @@ class Pipeline:
             tiled = self.backend.low_memory and not self.backend.tiles_vae
             decoded, timings["vae_calls"] = [], 0
             run = lambda lat: vae.run({"latent": lat})["image"]  # noqa: E731 - (n, 3, H, W) in [-1, 1]
-            for x in finals:
+            step = self.backend.decode_batch or max(len(x) for x in finals)
+            for x in (x[i:i + step] for x in finals for i in range(0, len(x), step)):
                 image, calls = vae_tiles.decode_tiled(run, x, dims.vae_scale_factor) if tiled else (run(x), 1)
                 decoded.append(image)
                 timings["vae_calls"] += calls

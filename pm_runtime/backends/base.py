@@ -116,6 +116,7 @@ class Backend(abc.ABC):
     name = "?"
     component_format: str | None = None  # the bundle component format this backend runs (onnx, tensorrt, ...)
     tiles_vae = False  # True: the backend decodes in tiles itself in low-memory mode (else the pipeline does)
+    decode_batch: int | None = None  # latents per VAE decoder call (None: a whole group of images at once)
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False):
         self.bundle = bundle

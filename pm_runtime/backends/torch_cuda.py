@@ -71,6 +71,10 @@ def _has_torch_weights(bundle: Bundle) -> bool:
 class TorchCudaBackend(Backend):
     name = "torch-cuda"
     component_format = TORCH_FORMAT
+    # one latent per VAE decode: its activations (~320 MiB per 512 px image in fp16) are the pipeline's
+    # largest, and grow with the batch; one 512 px decode is already a large amount of convolution
+    # work (not measured per batch size: the GPU check times the decode of one image)
+    decode_batch = 1
 
     def __init__(self, bundle: Bundle, *, device: str | None = None, low_memory: bool = False,
                  model: Path | str | None = None, dtype: str | None = None, cuda_graph: bool = True,
