@@ -8,7 +8,8 @@ few microseconds) and "graph" (--graph-calls calls captured in one CUDA graph, r
 time, which is what the torch-cuda backend's step graph pays). Cases: GroupNorm+SiLU (channels-
 last; PyTorch on the same channels-last tensor and on NCHW), GroupNorm with the time-embedding
 add, ours on NCHW, GEGLU, cross-attention with 77 keys (split K/V), self-attention (the Triton
-kernel, forced even where attention() dispatches to SDPA, vs PyTorch's SDPA), and fp8 e4m3 GEMMs (activation quantised per call, weights once) vs fp16 where
+kernel, forced even where attention() dispatches to SDPA, vs PyTorch's SDPA), the int8 weight
+dequantize (vs its three-pass PyTorch reference), and fp8 e4m3 GEMMs (activation quantised per call, weights once) vs fp16 where
 torch._scaled_mm runs (H100/H200), with the fp8 output's relative error. A failing case is
 recorded as an error and the rest goes on; cases stop being started after --max-seconds.
 
@@ -163,6 +164,16 @@ def cases(torch, K, KA, dev: str, tiny: bool):
                "ours": lambda q=q, k=k, v=v: triton_attention(q, k, v),
                "refs": {"torch_sdpa": lambda q=q, k=k, v=v: K.attention_sdpa(q, k, v, heads)},
                "check": lambda q=q, k=k, v=v: (triton_attention(q, k, v), K.attention_reference(q, k, v, heads))}
+    # int8 weight dequantize (int8_weights): the largest conv weight (channels-last), the feed-forward
+    # projection, a self-attention's fused QKV; bytes = int8 read + fp16 written
+    for shape in ([(6, 10, 3, 3), (40, 16)] if tiny else [(1280, 2560, 3, 3), (10240, 1280), (3840, 1280)]):
+        qw, sc = K.quantize_int8(rnd(*shape))
+        if len(shape) == 4:
+            qw = qw.contiguous(memory_format=torch.channels_last)
+        yield {"op": "dequant_int8", "shape": list(shape), "bytes": qw.numel() * 3,
+               "ours": lambda qw=qw, sc=sc: K.dequant_int8(qw, sc, h16),
+               "refs": {"torch": lambda qw=qw, sc=sc: K.dequant_int8_reference(qw, sc, h16)},
+               "check": lambda qw=qw, sc=sc: (K.dequant_int8(qw, sc, h16), K.dequant_int8_reference(qw, sc, h16))}
     if hasattr(torch, "_scaled_mm") and hasattr(torch, "float8_e4m3fn") \
             and (dev == "cpu" or torch.cuda.get_device_capability() >= (8, 9)):  # fp8 tensor cores: sm_89+
         for m, kk, n in ([(32, 64, 48)] if tiny else FP8_GEMMS):
