@@ -168,6 +168,19 @@ def test_backend_int8_weights(run_bundle):
         Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", int8_weights=True, kernels=False)
 
 
+def test_quantized_unet_ends_up_where_the_weights_rest(run_bundle):
+    """The UNet is loaded into host memory, its layers quantized on the run device and kept at the
+    backend's home; everything else must follow them there (on a GPU: the norms, conv_in, conv_out).
+    Here the home is the meta device, a stand-in for "not where it was loaded"."""
+    K.set_enabled(False)
+    pipe = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice")
+    backend = pipe.backend
+    backend.home = torch.device("meta")
+    fast = backend._quantized_unet(backend.modules["unet"])
+    devices = {t.device.type for t in (*fast.parameters(), *fast.buffers())}
+    assert devices == {"meta"} and backend.int8_stats["layers"] > 0
+
+
 def test_pm_run_int8_weights_flag(run_bundle, tmp_path):
     from click.testing import CliRunner
 

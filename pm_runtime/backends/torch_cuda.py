@@ -205,7 +205,7 @@ class TorchCudaBackend(Backend):
                 raise UserError(f"int8 weights need the fast UNet, which does not support this UNet: {reason}")
             graph_module = FastUNet(graph_module.unet)
         self.int8_stats = quantize_unet_(graph_module, self.torch_device, self.home)
-        return graph_module
+        return graph_module.to(self.home)  # the rest (norms, conv_in/conv_out) joins the int8 layers
 
     def resident(self, network: str) -> bool:
         return super().resident(network) and network not in self._parked
