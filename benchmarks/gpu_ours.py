@@ -16,6 +16,8 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-eager           FastUNet without the CUDA graph
   torch-cuda-low-memory      one network on the GPU at a time, tiled VAE decode (and, by default
                              there: no K/V tables, the guidance halves as two UNet calls)
+  torch-cuda-low-memory-1024-untiled  low-memory at 1024 px with the VAE decoded in one piece
+                             (vae_tiling=False: exact, no seams; PSNR against the tiled image)
   torch-cuda-low-memory-batched  the same with the K/V tables and one UNet call on [uncond; cond]
                              (what low-memory did before: the two memory defaults' effect)
   torch-cuda-int8            torch-cuda with int8 UNet weights (int8_weights; PSNR also against the
@@ -260,7 +262,8 @@ def profile_step(bundle: Path, size: int, log=print) -> dict:
 ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-lean",
        "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
-       "torch-cuda-low-memory-batched", "torch-cuda-int8", "torch-cuda-low-memory-int8",
+       "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-batched", "torch-cuda-int8",
+       "torch-cuda-low-memory-int8",
        "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-phases", "torch-cuda-low-memory-phases",
        "torch-cuda-warm-start", "profile")
@@ -301,7 +304,11 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
                 rec["psnr_vs_reference_db"] = round(psnr(img, ref), 2)
             return rec
         guarded("torch-reference-fp16", do_ref16)
-    kept: dict = {}  # torch-cuda's fp16 image: what the int8 variants' drift is measured against
+    kept: dict = {}  # variant -> its image: what other variants' drift is measured against
+
+    def only(name: str) -> dict:  # {name: image} once that variant has run (compare=...)
+        return {name: kept[name]} if name in kept else {}
+
     common = dict(steps=steps, reps=reps, images=images, size=size, reference=ref)
     one = {**common, "images": 1}
     big = {**common, "images": 0, "size": BIG_SIZE, "reference": None}
@@ -318,13 +325,17 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-eager": lambda: measure_variant("torch-cuda-eager", bundle, cuda_graph=False, **one),
         "torch-cuda-low-memory": lambda: measure_variant("torch-cuda-low-memory", bundle, low_memory=True, **one),
         "torch-cuda-low-memory-1024": lambda: measure_variant("torch-cuda-low-memory-1024", bundle, low_memory=True,
-                                                              **big),
+                                                              keep=kept, **big),
+        "torch-cuda-low-memory-1024-untiled": lambda: measure_variant(
+            "torch-cuda-low-memory-1024-untiled", bundle, low_memory=True, vae_tiling=False, keep=kept,
+            compare=only("torch-cuda-low-memory-1024"), **big),
         "torch-cuda-low-memory-batched": lambda: measure_variant(
-            "torch-cuda-low-memory-batched", bundle, low_memory=True, kv_tables=True, sequential_guidance=False, **one),
-        "torch-cuda-int8": lambda: measure_variant("torch-cuda-int8", bundle, int8_weights=True, compare=kept,
-                                                   **common),
+            "torch-cuda-low-memory-batched", bundle, low_memory=True, kv_tables=True, sequential_guidance=False,
+            **one),
+        "torch-cuda-int8": lambda: measure_variant("torch-cuda-int8", bundle, int8_weights=True,
+                                                   compare=only("torch-cuda"), **common),
         "torch-cuda-low-memory-int8": lambda: measure_variant("torch-cuda-low-memory-int8", bundle, low_memory=True,
-                                                              int8_weights=True, compare=kept, **one),
+                                                              int8_weights=True, compare=only("torch-cuda"), **one),
         "torch-cuda-low-memory-int8-1024": lambda: measure_variant(
             "torch-cuda-low-memory-int8-1024", bundle, low_memory=True, int8_weights=True, **big),
         "torch-cuda-cudnn-heuristics": lambda: measure_variant("torch-cuda-cudnn-heuristics", bundle,

@@ -347,7 +347,7 @@ class Pipeline:
             t1 = time.perf_counter()
             timings["load_s"] += t1 - t0
             # low memory: in tiles above 512 px (pm_runtime/vae_tiles.py) unless the backend tiles itself
-            tiled = self.backend.low_memory and not self.backend.tiles_vae
+            tiled = self.backend.vae_tiling and not self.backend.tiles_vae
             decoded, timings["vae_calls"] = [], 0
             run = lambda lat: vae.run({"latent": lat})["image"]  # noqa: E731 - (n, 3, H, W) in [-1, 1]
             step = self.backend.decode_batch or max(len(x) for x in finals)

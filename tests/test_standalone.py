@@ -209,6 +209,14 @@ def test_pipeline_images_standalone_and_hf_modules_agree(run_bundle):
     low = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", low_memory=True)
     big = low.generate("a photo of <persona>", seed=4, steps=2, height=640, width=576)
     assert big.images.shape == (1, 640, 576, 3) and big.timings["vae_calls"] == 4  # 2 x 2 tiles
+    # vae_tiling=False: one piece, exactly the default mode's decode (same UNet arithmetic asked for)
+    whole = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", low_memory=True,
+                          vae_tiling=False, kv_tables=True, sequential_guidance=False)
+    one = whole.generate("a photo of <persona>", seed=4, steps=2, height=640, width=576)
+    ref = sa_pipe.generate("a photo of <persona>", seed=4, steps=2, height=640, width=576)
+    assert one.timings["vae_calls"] == 1 and ref.timings["vae_calls"] == 1
+    np.testing.assert_array_equal(one.images, ref.images)
+    assert not np.array_equal(big.images, ref.images)  # the tiles' blended seams
 
 
 def test_hf_fallback_without_diffusers_is_a_one_line_error(tmp_path, monkeypatch):

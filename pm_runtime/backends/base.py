@@ -122,6 +122,7 @@ class Backend(abc.ABC):
         self.bundle = bundle
         self.device = device
         self.low_memory = bool(low_memory)
+        self.vae_tiling = self.low_memory  # decode above 512 px in tiles (bounded memory, blended seams)
         self.specs = network_specs(bundle.dims)
         self.loads: collections.Counter[str] = collections.Counter()  # network -> creations
         self._cache: dict[str, CheckedNetwork] = {}

@@ -30,6 +30,11 @@
   (pm_runtime.modeling.int8_weights): about half the UNet's memory, at a measured drift.
 - kv_tables: on by default, off by default in low-memory mode (the tables grow with the
   contexts: >= 123 MB in fp16 at SD 1.5 widths, 32-row capacity).
+- vae_tiling: decode above 512 px in blended 512 px tiles (default: in low-memory mode, as every
+  backend). False decodes in one piece (exact): with the standalone decoder's fused GroupNorm+SiLU
+  a 1024 px decode's activations are ~1.25 GiB in fp16 (benchmarks/live_memory.py), below the
+  low-memory UNet stage's fp16 weights + activations, so at <= 1024 px the tiles may not lower the
+  process peak at all: measured by the GPU check (torch-cuda-low-memory-1024-untiled), not here.
 - sequential_guidance: the step runs the UNet's unconditional and conditional halves as two
   calls one after the other instead of one batch (half the activation memory, some step time);
   the default in low-memory mode. Both low-memory defaults are reasoned, NOT MEASURED on a GPU yet.
@@ -81,7 +86,7 @@ class TorchCudaBackend(Backend):
                  kernels: bool = True, kv_tables: bool | None = None, sdpa: str | None = None,
                  offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
                  int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
-                 offload_safety_checker: bool = True, **_):
+                 offload_safety_checker: bool = True, vae_tiling: bool | None = None, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -94,6 +99,8 @@ class TorchCudaBackend(Backend):
         if self.dtype_name not in ("float16", "bfloat16", "float32"):
             raise UserError("torch-cuda dtype must be float16, bfloat16 or float32")
         self.torch_dtype = getattr(torch, self.dtype_name)
+        if vae_tiling is not None:  # default: tiles in low-memory mode (Backend)
+            self.vae_tiling = bool(vae_tiling)
         self.cuda_graph = bool(cuda_graph) and on_cuda
         self.kernels = bool(kernels)
         self.int8_weights = bool(int8_weights)
@@ -219,7 +226,7 @@ class TorchCudaBackend(Backend):
             self._parked[network].attach()
         if network == UNET:
             module = self._fast_unet(module)
-        elif network == VAE_DECODER and self.low_memory and self.tiles_vae:
+        elif network == VAE_DECODER and self.vae_tiling and self.tiles_vae:
             from ..modeling.graphs import tiled_decoding
 
             tiled_decoding(module)
