@@ -171,8 +171,13 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     t = result.timings
     log(f"time: text encoder {t['text_encoder_s']:.2f} s, UNet {t['unet_steps']} x {t['unet_step_ms']:.1f} ms = "
         f"{t['unet_s']:.2f} s, VAE {t['vae_s']:.2f} s, engine loading {t['load_s']:.2f} s, total {t['total_s']:.2f} s")
+    memory = pipe.backend.device_memory()  # pm-run is its own process: its peak is this run's
+    if memory:
+        log(f"GPU memory (PyTorch's allocator, this process): peak {memory['peak_allocated_gib']:.2f} GiB allocated, "
+            f"{memory['peak_reserved_gib']:.2f} GiB reserved")
     summary = {"files": [str(paths[i]) for i in keep], "flagged": [str(paths[i]) for i in flagged],
-               **result.summary(), "parameters": [result.parameters(i) for i in range(cfg.num_images)]}
+               **result.summary(), "parameters": [result.parameters(i) for i in range(cfg.num_images)],
+               "device_memory": memory}
     if not cfg.json:
         for i in keep:
             click.echo(f"wrote {paths[i]}")

@@ -196,6 +196,7 @@ def test_pm_run_int8_weights_flag(run_bundle, tmp_path):
                                   "--steps", "2", "--height", "256", "--width", "256", "--seed", "1", "--json"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "y.png").is_file() and "UNet weights int8" in r.output
+    assert '"device_memory": null' in r.output  # only a GPU run reports its peak
 
 
 @pytest.mark.gpu
@@ -209,5 +210,7 @@ def test_gpu_int8_weights_in_the_step_graph(run_bundle):
     low = Pipeline.load(run_bundle, backend="torch-cuda", concept="alice", int8_weights=True, low_memory=True)
     c = low.generate(PROMPT, **kw)
     assert "CUDA graph, UNet weights int8" in a.backend
+    memory = q.backend.device_memory()
+    assert 0 < memory["peak_allocated_gib"] <= memory["peak_reserved_gib"]
     np.testing.assert_array_equal(a.images, b.images)
     assert psnr(a.images, fp16.images) >= 30.0 and psnr(c.images, a.images) >= 30.0

@@ -186,6 +186,11 @@ class Backend(abc.ABC):
         """Low-memory mode: release an engine now (subclasses free device memory here)."""
         net.engine = None
 
+    def device_memory(self) -> dict | None:
+        """This process's peak device memory so far ({"peak_allocated_gib", "peak_reserved_gib"}) where
+        the backend can tell (torch-cuda on a GPU); None elsewhere."""
+        return None
+
     def close(self) -> None:
         with self._lock:
             for net in self._cache.values():

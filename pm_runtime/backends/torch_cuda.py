@@ -271,6 +271,14 @@ class TorchCudaBackend(Backend):
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def device_memory(self) -> dict | None:
+        import torch
+
+        if self.torch_device.type != "cuda":
+            return None
+        return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(self.torch_device) / 2**30, 3),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved(self.torch_device) / 2**30, 3)}
+
     def describe(self) -> str:
         import torch
 
