@@ -50,3 +50,5 @@ CUDNN_CONV_WSCAP_DBG=256 timeout ${PM_WSCAP_TIMEOUT:-80} python3 benchmarks/benc
     --ours torch-cuda,torch-cuda-phases,torch-cuda-low-memory 2>&1 | grep -v -i "warn" \
     | tee "$OUT/bench_gpu_wscap256.log"
 fi
+echo "== the GPU issue's goals against these records (benchmarks/gpu_goals.py)"
+python3 benchmarks/gpu_goals.py "$OUT" | tee "$OUT/goals.md"

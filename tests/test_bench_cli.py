@@ -276,3 +276,35 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     assert by["torch-cuda-low-memory-phases"]["second_image"]["unet"]["load_peak_alloc_gib"] == 0.0
     assert "unet" not in by["torch-cuda-phases"]["second_image"] or \
         "load_peak_alloc_gib" not in by["torch-cuda-phases"]["second_image"]["unet"]  # resident: loaded once
+
+
+def test_gpu_goals_report(tmp_path):
+    """benchmarks/gpu_goals.py judges the records it is given: met / not met / met only as steady
+    allocated / not measured, GiB converted to GB, the latest run of a file only."""
+    import gpu_goals
+
+    def rec(variant, run="b", **kw):
+        return json.dumps({"run_id": run, "variant": variant, "status": "ok", "device_name": "NVIDIA H200",
+                           "commit": "abc", "size": 512, **kw})
+
+    gib = lambda gb: gb / gpu_goals.GIB  # noqa: E731
+    (tmp_path / "gpu.jsonl").write_text("\n".join([
+        rec("torch-cuda", run="a", unet_step_ms={"p50": 99.0}),  # an older run in the same file: ignored
+        rec("torch-cuda", unet_step_ms={"p50": 5.5}, image_ms={"p50": 360.0}, psnr_vs_reference_db=41.0,
+            peak_alloc_gib=gib(2.6), peak_reserved_gib=gib(2.7), steady_peak_alloc_gib=gib(2.4),
+            steady_peak_reserved_gib=gib(2.6)),
+        rec("torch-cuda-lean", peak_alloc_gib=gib(2.2), peak_reserved_gib=gib(2.3)),
+        rec(gpu_goals.COMPILE, unet_step_ms={"p50": 8.0}),
+        rec("torch-cuda-low-memory", peak_alloc_gib=gib(1.9), peak_reserved_gib=gib(2.1), status="error"),
+    ]) + "\n")
+    (tmp_path / "start-gpu.jsonl").write_text(json.dumps({"variant": "standalone", "process_wall_s_p50": 8.2}) + "\n")
+    got = {r[0]: r for r in gpu_goals.rows(gpu_goals.load(tmp_path))}
+    assert got["UNet step p50, torch-cuda"][1:] == ("5.50 ms", "<= 6.0 ms", "**met**")
+    assert got["vs torch.compile (same run)"][3] == "**met**" and got["vs torch.compile (same run)"][1].startswith("1.45x")
+    assert got["50-step image p50, torch-cuda"][3] == "not met"
+    assert got["whole-pipeline peak, torch-cuda (512 px)"][3] == "met only as steady allocated"
+    assert got["whole-pipeline peak, torch-cuda-lean (512 px)"][3] == "**met**"
+    assert got["low-memory peak"][3] == "not measured"  # the only record is an error
+    assert got["low-memory int8 peak"][3] == "not measured"
+    assert got["new process to first image, warm caches (standalone)"][3] == "**met**"
+    assert "NVIDIA H200" in gpu_goals.table(gpu_goals.load(tmp_path))

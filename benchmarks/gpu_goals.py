@@ -1,0 +1,133 @@
+"""The GPU issue's goals against the records of one gpu_check run: a markdown table, one row per
+goal and measured setting, with the figure, the goal and a verdict. Not a benchmark: it reads
+records (gpu.jsonl, start-gpu.jsonl and the extra runs' files in the check's output folder) and
+judges nothing that is not in them; a goal without a record says "not measured".
+
+Memory goals are stated in GB (10^9 bytes); records hold GiB (2^30): converted here. Each memory
+row shows the steady state (later images) and the first image (load, captures, warm-ups), as
+allocated and reserved by PyTorch's allocator; the verdict uses the STRICTEST of them (reserved,
+first image) and says so, with the lenient one (allocated, steady) beside it.
+
+  python benchmarks/gpu_goals.py OUTDIR            # the folder gpu_check.sh wrote
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+GIB = 2**30 / 1e9  # GB per GiB
+STEP_MS, COMPILE_RATIO, IMAGE_S, PSNR_DB, START_S = 6.0, 1.4, 0.35, 30.0, 10.0
+PEAK_GB, LOW_GB, LOW_INT8_GB = 2.5, 2.0, 1.2
+PIPELINE = ("torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-lean", "torch-cuda-no-kv-tables",
+            "torch-cuda-cudnn-heuristics")
+LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low-memory-cudnn-heuristics",
+       "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-untiled")
+LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
+COMPILE = "torch-compile-reduce-overhead"
+
+
+def load(folder: pathlib.Path) -> dict[str, list[dict]]:
+    """file stem -> its records (the latest run's only, by run_id where records carry one)."""
+    out = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        runs = [r.get("run_id") for r in recs if r.get("run_id")]
+        if runs:
+            recs = [r for r in recs if r.get("run_id") == runs[-1]]
+        out[path.stem] = recs
+    return out
+
+
+def _ok(r: dict | None) -> bool:
+    return bool(r) and r.get("status", "ok") == "ok"
+
+
+def verdict(value, goal, lower_is_better: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    met = value <= goal if lower_is_better else value >= goal
+    return "**met**" if met else "not met"
+
+
+def memory_row(label: str, r: dict, goal_gb: float) -> tuple:
+    """(setting, figure text, goal text, verdict) for one variant's peaks."""
+    first = (r.get("peak_alloc_gib"), r.get("peak_reserved_gib"))
+    steady = (r.get("steady_peak_alloc_gib"), r.get("steady_peak_reserved_gib"))
+    gb = lambda v: None if v is None else round(v * GIB, 2)  # noqa: E731
+    strict = gb(first[1])
+    lenient = gb(steady[0]) if steady[0] is not None else gb(first[0])
+    extra = []
+    if r.get("cuda_alloc_conf"):
+        extra.append(f"PYTORCH_CUDA_ALLOC_CONF={r['cuda_alloc_conf']}")
+    if r.get("cudnn_conv_wscap_dbg"):
+        extra.append(f"CUDNN_CONV_WSCAP_DBG={r['cudnn_conv_wscap_dbg']}")
+    figure = (f"first image {gb(first[0])} / {gb(first[1])} GB, steady {gb(steady[0])} / {gb(steady[1])} GB "
+              "(allocated / reserved)")
+    v = verdict(strict, goal_gb)
+    if v != "**met**" and lenient is not None and lenient <= goal_gb:
+        v = "met only as steady allocated"
+    return (label + (f" [{', '.join(extra)}]" if extra else ""), figure, f"<= {goal_gb} GB", v)
+
+
+def rows(records: dict[str, list[dict]]) -> list[tuple]:
+    gpu = [r for stem, recs in records.items() if stem.startswith("gpu") and stem != "gpu-goals" for r in recs]
+    main = {r["variant"]: r for r in records.get("gpu", []) if "variant" in r}
+    out = []
+    ours, comp = main.get("torch-cuda"), main.get(COMPILE)
+    step = ours["unet_step_ms"]["p50"] if _ok(ours) and "unet_step_ms" in ours else None
+    out.append(("UNet step p50, torch-cuda", "not measured" if step is None else f"{step:.2f} ms", f"<= {STEP_MS} ms",
+                verdict(step, STEP_MS)))
+    if step is not None and _ok(comp) and "unet_step_ms" in comp:
+        ratio = comp["unet_step_ms"]["p50"] / step
+        out.append(("vs torch.compile (same run)", f"{ratio:.2f}x ({comp['unet_step_ms']['p50']:.2f} ms)",
+                    f">= {COMPILE_RATIO}x", verdict(ratio, COMPILE_RATIO, lower_is_better=False)))
+    else:
+        out.append(("vs torch.compile (same run)", "not measured", f">= {COMPILE_RATIO}x", "not measured"))
+    image = ours["image_ms"]["p50"] / 1000 if _ok(ours) and "image_ms" in ours else None
+    out.append(("50-step image p50, torch-cuda", "not measured" if image is None else f"{image:.3f} s",
+                f"<= {IMAGE_S} s", verdict(image, IMAGE_S)))
+    psnr = ours.get("psnr_vs_reference_db") if _ok(ours) else None
+    out.append(("image PSNR vs the fp32 reference", "not measured" if psnr is None else f"{psnr} dB",
+                f">= {PSNR_DB} dB", verdict(psnr, PSNR_DB, lower_is_better=False)))
+    for names, goal, what in ((PIPELINE, PEAK_GB, "whole-pipeline peak"), (LOW, LOW_GB, "low-memory peak"),
+                              (LOW_INT8, LOW_INT8_GB, "low-memory int8 peak")):
+        found = False
+        for r in gpu:
+            if r.get("variant") in names and _ok(r) and "peak_reserved_gib" in r:
+                out.append(memory_row(f"{what}, {r['variant']} ({r.get('size', '?')} px)", r, goal))
+                found = True
+        if not found:
+            out.append((what, "not measured", f"<= {goal} GB", "not measured"))
+    start = {r.get("variant"): r for r in records.get("start-gpu", [])}
+    warm = start.get("standalone")
+    wall = warm.get("process_wall_s_p50") if warm else None
+    out.append(("new process to first image, warm caches (standalone)",
+                "not measured" if wall is None else f"{wall:.1f} s (import {warm.get('import_s_p50')}, load "
+                f"{warm.get('load_s_p50')}, first image {warm.get('first_image_s_p50')})", f"<= {START_S} s",
+                verdict(wall, START_S)))
+    return out
+
+
+def table(records: dict[str, list[dict]]) -> str:
+    lines = ["| goal, setting | measured | goal | verdict |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(records)]
+    device = next((r.get("device_name") for recs in records.values() for r in recs if r.get("device_name")), "?")
+    commit = next((r.get("commit") for recs in records.values() for r in recs if r.get("commit")), "?")
+    return f"Device: {device}; commit {str(commit)[:12]}\n\n" + "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folder", type=pathlib.Path, help="gpu_check.sh's output folder")
+    a = ap.parse_args(argv)
+    if not a.folder.is_dir():
+        ap.error(f"{a.folder}: not a folder")
+    print(table(load(a.folder)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
