@@ -20,10 +20,10 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:
-    from .records import append_jsonl, environment, psnr_db
+    from .records import environment, psnr_db, save_records
 else:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
-    from records import append_jsonl, environment, psnr_db
+    from records import environment, psnr_db, save_records
 
 SCHEMA = "pm-bench-int8-weights/1"
 PROMPT = "a photo of <persona> as a knight"
@@ -91,9 +91,7 @@ def main(argv=None) -> int:
     records = [{"schema": SCHEMA, **env, "bundle": a.bundle.name, "size": a.size, "steps": a.steps,
                 "weights": "SD-1.5-shaped random" if "sd15" in a.bundle.name else "the bundle's", "command": command,
                 **r} for r in (plain, q)]
-    if a.out:
-        append_jsonl(a.out, records)
-        print(f"appended {len(records)} records to {a.out}")
+    save_records(a.out, records)
     return 0
 
 

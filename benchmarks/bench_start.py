@@ -38,10 +38,10 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:
-    from .records import append_jsonl, environment
+    from .records import environment, save_records
 else:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
-    from records import append_jsonl, environment
+    from records import environment, save_records
 
 SCHEMA = "pm-bench-start/1"
 TAG = "@@START@@ "
@@ -143,9 +143,7 @@ def main(argv=None) -> int:
         print(f"{r['variant']:22s} process {r['process_wall_s_p50']} s  import {r['import_s_p50']}  load "
               f"{r['load_s_p50']}  first image {r['first_image_s_p50']}  "
               f"x{r.get('process_speedup_vs_hf_verify_first', '-')}")
-    if a.out:
-        append_jsonl(a.out, records)
-        print(f"appended {len(records)} records to {a.out}")
+    save_records(a.out, records)
     return 0 if all(r["ok_runs"] == r["runs"] for r in records) else 1
 
 

@@ -26,10 +26,10 @@ import weakref
 
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:
-    from .records import append_jsonl, environment
+    from .records import environment, save_records
 else:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
-    from records import append_jsonl, environment
+    from records import environment, save_records
 
 SCHEMA = "pm-live-memory/1"
 MIB = 2**20
@@ -187,9 +187,7 @@ def main(argv=None) -> int:
     records = [{"schema": SCHEMA, **env, "command": command,
                 "counts": "live tensor bytes created by the forward, meta device, fused kernels and SDPA as their "
                           "GPU paths' outputs; no workspaces, allocator rounding or graph pools", **r} for r in recs]
-    if a.out:
-        append_jsonl(a.out, records)
-        print(f"appended {len(records)} records to {a.out}")
+    save_records(a.out, records)
     return 0
 
 

@@ -166,6 +166,13 @@ def append_jsonl(path: pathlib.Path, records) -> None:
         os.close(fd)
 
 
+def save_records(out, records: list, log=print) -> None:
+    """Append `records` to the JSON-lines file `out` (nothing when out is None) and say so."""
+    if out:
+        append_jsonl(out, records)
+        log(f"appended {len(records)} records to {out}")
+
+
 def slug(text: str) -> str:
     """A file-name part: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"."""
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
