@@ -9,6 +9,8 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              GPU only for its call (offload_text_encoder: peak memory vs image time)
   torch-cuda-vae-graph       the same with the VAE decode captured as a CUDA graph in the step graph's
                              memory pool (vae_graph: the decode reuses the step's activation memory)
+  torch-cuda-vae-bands       the same with the VAE decoder's full-resolution end in 32-row bands
+                             (vae_bands: exact, less decode memory; PSNR against torch-cuda's image)
   torch-cuda-lean            offload-te + vae-graph together (the candidate for the 2.5 GB goal)
   torch-cuda-no-kv-tables    the same with K = to_k(C_k), V = to_v(C_v) computed inside every step
   torch-cuda-cudnn-attention the same with PyTorch's cuDNN attention preferred for self-attention
@@ -259,7 +261,8 @@ def profile_step(bundle: Path, size: int, log=print) -> dict:
             "top": [{"ms": round(t, 3), "calls": c, "kernel": k} for t, c, k in rows[:40]]}
 
 
-ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-lean",
+ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands",
+       "torch-cuda-lean",
        "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
        "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-batched", "torch-cuda-int8",
@@ -317,6 +320,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-offload-te": lambda: measure_variant("torch-cuda-offload-te", bundle, offload_text_encoder=True,
                                                          **common),
         "torch-cuda-vae-graph": lambda: measure_variant("torch-cuda-vae-graph", bundle, vae_graph=True, **common),
+        "torch-cuda-vae-bands": lambda: measure_variant("torch-cuda-vae-bands", bundle, vae_bands=32,
+                                                        compare=only("torch-cuda"), **common),
         "torch-cuda-lean": lambda: measure_variant("torch-cuda-lean", bundle, vae_graph=True,
                                                    offload_text_encoder=True, **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),

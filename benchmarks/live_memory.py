@@ -158,6 +158,10 @@ def measure(sizes=(512, 1024), dtype_name: str = "float16") -> list[dict]:
         z = torch.empty(1, 4, lat, lat, **meta)
         rec("vae-decode", "diffusers AutoencoderKL.decode", size, lambda: vae.decode(z).sample)
         rec("vae-decode", "standalone VAE (torch-cuda)", size, lambda: ours_vae(z))
+        for band in (32, 64):
+            ours_vae.band_rows = band
+            rec("vae-decode", f"standalone VAE, {band}-row bands (vae_bands)", size, lambda: ours_vae(z))
+        ours_vae.band_rows = None
         t2, t1 = torch.full((2,), 500.0, device="meta"), torch.full((1,), 500.0, device="meta")
         rows = 32
         fast.allocate_context_tables(rows, 77)

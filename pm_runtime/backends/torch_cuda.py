@@ -35,6 +35,10 @@
   a 1024 px decode's activations are ~1.25 GiB in fp16 (benchmarks/live_memory.py), below the
   low-memory UNet stage's fp16 weights + activations, so at <= 1024 px the tiles may not lower the
   process peak at all: measured by the GPU check (torch-cuda-low-memory-1024-untiled), not here.
+- vae_bands (opt-in, NOT MEASURED on a GPU yet): the standalone VAE decoder's full-resolution end
+  in row bands of this many rows (pm_runtime.modeling.vae_bands: exact, GroupNorm statistics of the
+  whole tensor; the last upsampler's output never exists whole): at 512 px in fp16 its activations
+  go from 320 to 219 MiB with 32-row bands, by benchmarks/live_memory.py's count.
 - sequential_guidance: the step runs the UNet's unconditional and conditional halves as two
   calls one after the other instead of one batch (half the activation memory, some step time);
   the default in low-memory mode. Both low-memory defaults are reasoned, NOT MEASURED on a GPU yet.
@@ -86,7 +90,8 @@ class TorchCudaBackend(Backend):
                  kernels: bool = True, kv_tables: bool | None = None, sdpa: str | None = None,
                  offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
                  int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
-                 offload_safety_checker: bool = True, vae_tiling: bool | None = None, **_):
+                 offload_safety_checker: bool = True, vae_tiling: bool | None = None, vae_bands: int | None = None,
+                 **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -130,6 +135,12 @@ class TorchCudaBackend(Backend):
         # low-memory VAE tiling: inside diffusers' module (graphs.tiled_decoding), or by the pipeline
         # (pm_runtime/vae_tiles.py) for the standalone decoder
         self.tiles_vae = hasattr(self.modules[VAE_DECODER].vae, "use_tiling")
+        if vae_bands:
+            vae = self.modules[VAE_DECODER].vae
+            if not hasattr(vae, "band_rows") or int(vae_bands) < 1:
+                raise UserError("vae_bands needs a row count >= 1 and the standalone VAE decoder (not hf_modules=True, "
+                                "and a VAE config it covers)")
+            vae.band_rows = int(vae_bands)
         self._parked = {}  # network -> _Parked: weights in (pinned) host memory, on the device only in use
         if self.low_memory:  # every network, each on the device only for its stage
             self._parked = {n: _Parked(m, self.torch_device, channels_last=n == UNET) for n, m in self.modules.items()}

@@ -321,8 +321,16 @@ class VAE(nn.Module):
         self.conv_norm_out = w.group_norm(f"{d}.conv_norm_out", groups, eps)
         self.conv_out = w.conv(f"{d}.conv_out")
         w.check_all_used()
+        self.band_rows: int | None = None  # set: the full-resolution end in row bands (vae_bands.decode)
 
     def forward(self, z):
+        if self.band_rows:
+            from .vae_bands import decode
+
+            return decode(self, z, self.band_rows)
+        return self.forward_plain(z)
+
+    def forward_plain(self, z):
         h = self.conv_in(self.post_quant_conv(z))
         h = self.mid_resnets[1](self.mid_attention(self.mid_resnets[0](h)))
         for resnets, up in zip(self.up_resnets, self.upsamplers):
