@@ -19,7 +19,8 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-low-memory      one network on the GPU at a time, tiled VAE decode (and, by default
                              there: no K/V tables, the guidance halves as two UNet calls)
   torch-cuda-low-memory-1024-untiled  low-memory at 1024 px with the VAE decoded in one piece
-                             (vae_tiling=False: exact, no seams; PSNR against the tiled image)
+                             (vae_tiling=False: exact, no seams; PSNR against the tiled image);
+                             -1024-bands: the same in 32-row bands (vae_bands=32)
   torch-cuda-low-memory-batched  the same with the K/V tables and one UNet call on [uncond; cond]
                              (what low-memory did before: the two memory defaults' effect)
   torch-cuda-int8            torch-cuda with int8 UNet weights (int8_weights; PSNR also against the
@@ -265,7 +266,8 @@ ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph
        "torch-cuda-lean",
        "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
-       "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-batched", "torch-cuda-int8",
+       "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands", "torch-cuda-low-memory-batched",
+       "torch-cuda-int8",
        "torch-cuda-low-memory-int8",
        "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-phases", "torch-cuda-low-memory-phases",
@@ -334,6 +336,9 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-low-memory-1024-untiled": lambda: measure_variant(
             "torch-cuda-low-memory-1024-untiled", bundle, low_memory=True, vae_tiling=False, keep=kept,
             compare=only("torch-cuda-low-memory-1024"), **big),
+        "torch-cuda-low-memory-1024-bands": lambda: measure_variant(
+            "torch-cuda-low-memory-1024-bands", bundle, low_memory=True, vae_tiling=False, vae_bands=32,
+            compare=only("torch-cuda-low-memory-1024-untiled"), **big),
         "torch-cuda-low-memory-batched": lambda: measure_variant(
             "torch-cuda-low-memory-batched", bundle, low_memory=True, kv_tables=True, sequential_guidance=False,
             **one),
