@@ -132,7 +132,9 @@ def _is_cancelled(cancel) -> bool:
 
 def _check_finite(stage: str, *arrays: np.ndarray) -> None:
     for a in arrays:
-        if not np.isfinite(a).all():
+        ok = a.all_finite() if hasattr(a, "all_finite") else np.isfinite(a).all()  # a DeviceArray checks in place
+        if not ok:
+            a = np.asarray(a)
             bad = int(a.size - np.isfinite(a).sum())
             raise NonFiniteError(f"NaN/inf in the {stage} ({bad} of {a.size} values); no image was produced "
                                  "(an fp16 bundle may overflow: try the fp32 bundle)")
@@ -404,6 +406,8 @@ class Pipeline:
         outs = [te.run({"input_ids": ids[i:i + batch], "concept_embeds": embeds[i:i + batch],
                         "bypass": bypass[i:i + batch], "concept_mask": mask[i:i + batch]})
                 for i in range(0, n, batch)]
+        if len(outs) == 1:  # as the network returned them (a backend's device arrays stay on the device)
+            return outs[0]["c_k"], outs[0]["c_v"]
         return np.concatenate([o["c_k"] for o in outs]), np.concatenate([o["c_v"] for o in outs])
 
     def close(self) -> None:

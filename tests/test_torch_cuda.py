@@ -273,3 +273,28 @@ def test_gpu_vae_graph_and_offloaded_text_encoder_give_the_same_image(run_bundle
     assert c.images.shape[1] == 320
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     np.testing.assert_array_equal(b, lean.generate(PROMPT, **kw).images)  # replayed again after a re-capture
+
+
+def test_contexts_stay_on_the_device(fast_pipe, monkeypatch):
+    """torch-cuda's text encoder returns DeviceArrays: the NaN check runs where they are and the step
+    graph copies them in place, so they never go to host memory (their lazy host copy stays unmade);
+    as numpy they read as the float32 contexts; NaN in them stops the pipeline as before."""
+    from pm_runtime.backends import torch as tb
+    from pm_runtime.pipeline import NonFiniteError, _check_finite
+
+    made = []
+    real = tb.DeviceArray.__init__
+
+    def spy(self, tensor):
+        real(self, tensor)
+        made.append(self)
+
+    monkeypatch.setattr(tb.DeviceArray, "__init__", spy)
+    g = fast_pipe.generate(PROMPT, seed=5, steps=2, height=256, width=256)
+    assert g.images.shape == (1, 256, 256, 3) and len(made) == 2  # c_k and c_v
+    assert all(d._host is None for d in made)  # never copied to the host
+    host = np.asarray(made[0])
+    assert host.dtype == np.float32 and host.shape == made[0].shape and len(made[0]) == host.shape[0]
+    bad = tb.DeviceArray(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(NonFiniteError, match="1 of 2"):
+        _check_finite("text encoder output (contexts)", bad)

@@ -23,10 +23,39 @@ INSTALL_HINT = "the torch backend needs PyTorch: pip install torch, then pip ins
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+class DeviceArray:
+    """A network output left where it was computed (a torch tensor on the run device) that still
+    reads as a float32 numpy array (np.asarray copies it to the host, once): a backend that can
+    consume it in place (torch-cuda's step graph) skips the round trip through host memory."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self._host = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        if self._host is None:
+            self._host = self.tensor.float().cpu().numpy()
+        return self._host if dtype is None else self._host.astype(dtype)
+
+    def all_finite(self) -> bool:
+        """The NaN/inf check where the values are (one bool comes back)."""
+        import torch
+
+        return bool(torch.isfinite(self.tensor).all())
+
+
 class TorchNetwork:
-    def __init__(self, module, input_names, output_names, device, dtype):
+    def __init__(self, module, input_names, output_names, device, dtype, device_outputs: bool = False):
         self.module, self.input_names, self.output_names = module, input_names, output_names
         self.device, self.dtype = device, dtype
+        self.device_outputs = device_outputs  # outputs as DeviceArray (left on the device) instead of numpy
 
     def run(self, inputs):
         import torch
@@ -38,6 +67,8 @@ class TorchNetwork:
         with torch.inference_mode():
             outs = self.module(*args)
         outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+        if self.device_outputs:
+            return {n: DeviceArray(o) for n, o in zip(self.output_names, outs)}
         return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
 
 

@@ -122,7 +122,10 @@ class StepGraph:
         dev = self.device
 
         def put(buf, values):
-            buf[:len(values)].copy_(torch.from_numpy(np.array(values)).to(dev, buf.dtype))  # a writable copy
+            src = getattr(values, "tensor", None)  # a DeviceArray: device to device, no host round trip
+            if src is None:
+                src = torch.from_numpy(np.array(values))  # a writable copy
+            buf[:len(values)].copy_(src.to(dev, buf.dtype))
 
         self.x.copy_(torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(dev))
         self.x0_prev.zero_()
