@@ -121,7 +121,7 @@ def upsample_resnet(box: list, up_conv, r, band: int):
     h = 2 * hs
     k = _halo(up_conv)
 
-    def up_rows(a: int, b: int):
+    def up_rows(src, a: int, b: int):
         """Rows [a, b) of up_conv(nearest 2x(src))."""
         ua, ub = max(a - k, 0), min(b + k, h)
         sa, sb = ua // 2, (ub - 1) // 2 + 1
@@ -130,7 +130,7 @@ def upsample_resnet(box: list, up_conv, r, band: int):
 
     stats = GroupStats(r.norm1, n, src.device)  # pass A: statistics only
     for r0 in range(0, h, band):
-        stats.add(up_rows(r0, min(r0 + band, h)))
+        stats.add(up_rows(src, r0, min(r0 + band, h)))
     affine = stats.affine()
     k1 = _halo(r.conv1)
     mid = torch.empty((n, r.conv1.out_channels, h, 2 * ws), dtype=src.dtype, device=src.device)
@@ -139,7 +139,7 @@ def upsample_resnet(box: list, up_conv, r, band: int):
     for r0 in range(0, h, band):  # pass B: conv1 and the shortcut
         r1 = min(r0 + band, h)
         a, b = max(r0 - k1, 0), min(r1 + k1, h)
-        x = up_rows(a, b)
+        x = up_rows(src, a, b)
         t = _pad_rows(_norm_silu(x, affine, src.dtype), k1 - (r0 - a), k1 - (b - r1))
         mid[:, :, r0:r1] = _conv_rows(r.conv1, t)
         core = x[:, :, r0 - a:r0 - a + (r1 - r0)]
