@@ -103,11 +103,16 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
             out.append((what, "not measured", f"<= {goal} GB", "not measured"))
     start = {r.get("variant"): r for r in records.get("start-gpu", [])}
     warm = start.get("standalone")
-    wall = warm.get("process_wall_s_p50") if warm else None
-    out.append(("new process to first image, warm caches (standalone)",
-                "not measured" if wall is None else f"{wall:.1f} s (import {warm.get('import_s_p50')}, load "
-                f"{warm.get('load_s_p50')}, first image {warm.get('first_image_s_p50')})", f"<= {START_S} s",
-                verdict(wall, START_S)))
+    # the goal: bundle load to first image (Pipeline.load + the first generate) in a new process with
+    # warm caches; the whole process (interpreter + imports) is shown beside it
+    load_first = None
+    if warm and warm.get("load_s_p50") is not None and warm.get("first_image_s_p50") is not None:
+        load_first = warm["load_s_p50"] + warm["first_image_s_p50"]
+    out.append(("bundle load to first image, new process, warm caches (standalone)",
+                "not measured" if load_first is None else
+                f"{load_first:.1f} s (load {warm['load_s_p50']} + first image {warm['first_image_s_p50']}; whole "
+                f"process {warm.get('process_wall_s_p50')} s with import {warm.get('import_s_p50')})",
+                f"<= {START_S} s", verdict(load_first, START_S)))
     return out
 
 
