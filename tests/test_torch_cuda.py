@@ -298,3 +298,27 @@ def test_contexts_stay_on_the_device(fast_pipe, monkeypatch):
     bad = tb.DeviceArray(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(NonFiniteError, match="1 of 2"):
         _check_finite("text encoder output (contexts)", bad)
+
+
+def test_masked_inputs_upload_only_what_the_network_reads(fast_pipe):
+    """torch-cuda's text encoder network uploads its concept embeddings and bypass only at the
+    concept positions (zeros elsewhere): the network reads them nowhere else, so the contexts equal
+    those of a dense upload even with garbage outside the mask."""
+    from pm_runtime.backends.torch import TorchNetwork
+
+    with fast_pipe.backend.network("text_encoder") as te:
+        sparse = te.engine
+        assert sparse.masked_inputs == {"concept_embeds": "concept_mask", "bypass": "concept_mask"}
+        dense = TorchNetwork(sparse.module, sparse.input_names, sparse.output_names, sparse.device, sparse.dtype)
+        rng = np.random.default_rng(0)
+        n, length, d = 3, 77, fast_pipe.bundle.dims.text_dim
+        mask = np.zeros((n, length), bool)
+        mask[0, 5:7] = mask[2, 9] = True
+        feed = {"input_ids": rng.integers(0, 100, (n, length)).astype(np.int64),
+                "concept_embeds": rng.standard_normal((n, length, d)).astype(np.float32),
+                "bypass": rng.standard_normal((n, length, d)).astype(np.float32), "concept_mask": mask}
+        a, b = sparse.run(feed), dense.run(feed)
+        for name in ("c_k", "c_v"):
+            np.testing.assert_array_equal(np.asarray(a[name]), b[name])
+        none = sparse.run({**feed, "concept_mask": np.zeros_like(mask)})  # no concept position at all
+        assert np.asarray(none["c_k"]).shape == (n, length, d)

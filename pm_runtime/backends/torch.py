@@ -52,17 +52,34 @@ class DeviceArray:
 
 
 class TorchNetwork:
-    def __init__(self, module, input_names, output_names, device, dtype, device_outputs: bool = False):
+    def __init__(self, module, input_names, output_names, device, dtype, device_outputs: bool = False,
+                 masked_inputs: dict | None = None):
         self.module, self.input_names, self.output_names = module, input_names, output_names
         self.device, self.dtype = device, dtype
         self.device_outputs = device_outputs  # outputs as DeviceArray (left on the device) instead of numpy
+        # input -> the boolean input that says where it is read: only those entries are uploaded (zeros
+        # elsewhere, which the network never reads): the text encoder's concept embeddings and bypass
+        self.masked_inputs = masked_inputs or {}
+
+    def _upload(self, name, inputs):
+        import torch
+
+        a = np.ascontiguousarray(inputs[name])
+        mask_name = self.masked_inputs.get(name)
+        if mask_name is None:
+            return torch.from_numpy(a).to(self.device)
+        mask = np.asarray(inputs[mask_name], bool)
+        out = torch.zeros(a.shape, dtype=torch.from_numpy(a[:0]).dtype, device=self.device)
+        if mask.any():
+            out[torch.from_numpy(mask).to(self.device)] = torch.from_numpy(np.ascontiguousarray(a[mask])).to(self.device)
+        return out
 
     def run(self, inputs):
         import torch
 
         args = []
         for n in self.input_names:
-            t = torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device)
+            t = self._upload(n, inputs)
             args.append(t.to(self.dtype) if t.is_floating_point() else t)
         with torch.inference_mode():
             outs = self.module(*args)

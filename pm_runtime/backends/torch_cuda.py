@@ -243,9 +243,12 @@ class TorchCudaBackend(Backend):
             from ..modeling.graphs import tiled_decoding
 
             tiled_decoding(module)
-        # the text encoder's contexts stay on the device: the step graph copies them in place
+        # the text encoder's contexts stay on the device (the step graph copies them in place), and of
+        # its (rows, L, D) concept-embedding and bypass inputs only the rows at concept positions go up
+        te = network == TEXT_ENCODER
         net = TorchNetwork(module, spec.input_names, spec.output_names, self.torch_device, self.torch_dtype,
-                           device_outputs=network == TEXT_ENCODER)
+                           device_outputs=te, masked_inputs={"concept_embeds": "concept_mask",
+                                                             "bypass": "concept_mask"} if te else None)
         if network == VAE_DECODER and self.vae_graph:
             net = _GraphedDecoder(net, self._step_pool)
         if self.torch_device.type == "cuda":
