@@ -71,7 +71,8 @@ class TorchNetwork:
         mask = np.asarray(inputs[mask_name], bool)
         out = torch.zeros(a.shape, dtype=torch.from_numpy(a[:0]).dtype, device=self.device)
         if mask.any():
-            out[torch.from_numpy(mask).to(self.device)] = torch.from_numpy(np.ascontiguousarray(a[mask])).to(self.device)
+            rows = torch.from_numpy(np.ascontiguousarray(a[mask])).to(self.device)
+            out[torch.from_numpy(mask).to(self.device)] = rows
         return out
 
     def run(self, inputs):
