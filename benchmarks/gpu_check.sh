@@ -19,7 +19,7 @@ python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.
 if [ "${PM_GPU_TESTS:-1}" = 1 ]; then
     echo "== gpu tests"
     timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_torch_cuda.py \
-        tests/test_int8_weights.py 2>&1 \
+        tests/test_int8_weights.py tests/test_vae_bands.py 2>&1 \
         | tail -8
 fi
 echo "== kernels"

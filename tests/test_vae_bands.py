@@ -80,3 +80,23 @@ def test_backend_option(run_bundle):
     assert int(np.abs(a.images.astype(int) - b.images.astype(int)).max()) <= 1
     with pytest.raises(UserError, match="standalone VAE"):
         Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", vae_bands=16, hf_modules=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_banded_decode_in_fp16(decoder):
+    """The banded decode on the GPU in fp16 (the fused GroupNorm+SiLU kernel compiled for the plain
+    one) against the plain decode: fp16 tolerance."""
+    pm_kernels.set_enabled(True)
+    gpu = decoder.to("cuda", torch.float16)
+    try:
+        z = torch.randn(1, 4, 24, 20, device="cuda", dtype=torch.float16)
+        with torch.inference_mode():
+            ref = gpu(z).float()
+            gpu.band_rows = 16
+            out = gpu(z).float()
+        assert torch.isfinite(out).all()
+        assert float((out - ref).abs().max() / ref.abs().max()) < 1e-2
+    finally:
+        gpu.band_rows = None
+        decoder.to("cpu", torch.float32)
