@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU fast-path check in one run (issue: fused kernels + one CUDA graph per step), < 8 min on an
-# H100/H200: the gpu-marked tests (kernels at SD 1.5 shapes, the torch-cuda backend on the tiny model),
-# the kernel benchmark, then bench_gpu.py (peers and ours on SD-1.5-shaped random weights, 512 px,
-# 50 steps; torch.compile last). Records land in OUT.
+# The GPU fast-path check in one run (issue: fused kernels + one CUDA graph per step), estimated
+# 8-10 min on an H100/H200 (run it with a ~590 s limit: it is ordered by priority): the gpu-marked
+# tests (kernels at SD 1.5 shapes, the torch-cuda backend on the tiny model), the kernel benchmark,
+# bench_gpu.py (peers and ours on SD-1.5-shaped random weights, 512 px, 50 steps; torch.compile
+# last), start-up in new processes, two short runs under other allocator / cuDNN workspace settings
+# (PM_EXTRA_RUNS=0 skips them), and the goals table (gpu_goals.py -> OUT/goals.md). Records land in OUT.
 #   bash benchmarks/gpu_check.sh OUTDIR COMMIT
 # On a machine without diffusers, put its wheels in .whl/ (they are installed to /tmp/site).
 set -u
