@@ -92,6 +92,10 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
     psnr = ours.get("psnr_vs_reference_db") if _ok(ours) else None
     out.append(("image PSNR vs the fp32 reference", "not measured" if psnr is None else f"{psnr} dB",
                 f">= {PSNR_DB} dB", verdict(psnr, PSNR_DB, lower_is_better=False)))
+    q = main.get("torch-cuda-int8")
+    drift = q.get("psnr_vs_torch-cuda_db") if _ok(q) else None
+    out.append(("int8 weights: image PSNR against the fp16 torch-cuda image", "not measured" if drift is None else
+                f"{drift} dB", "reported (no threshold)", "not measured" if drift is None else "reported"))
     for names, goal, what in ((PIPELINE, PEAK_GB, "whole-pipeline peak"), (LOW, LOW_GB, "low-memory peak"),
                               (LOW_INT8, LOW_INT8_GB, "low-memory int8 peak")):
         found = False

@@ -295,6 +295,7 @@ def test_gpu_goals_report(tmp_path):
             steady_peak_reserved_gib=gib(2.6)),
         rec("torch-cuda-lean", peak_alloc_gib=gib(2.2), peak_reserved_gib=gib(2.3)),
         rec(gpu_goals.COMPILE, unet_step_ms={"p50": 8.0}),
+        rec("torch-cuda-int8", **{"psnr_vs_torch-cuda_db": 37.5}),
         rec("torch-cuda-low-memory", peak_alloc_gib=gib(1.9), peak_reserved_gib=gib(2.1), status="error"),
     ]) + "\n")
     (tmp_path / "start-gpu.jsonl").write_text(json.dumps({"variant": "standalone", "process_wall_s_p50": 12.2,
@@ -308,6 +309,8 @@ def test_gpu_goals_report(tmp_path):
     assert got["whole-pipeline peak, torch-cuda-lean (512 px)"][3] == "**met**"
     assert got["low-memory peak"][3] == "not measured"  # the only record is an error
     assert got["low-memory int8 peak"][3] == "not measured"
+    assert got["int8 weights: image PSNR against the fp16 torch-cuda image"][1:] == (
+        "37.5 dB", "reported (no threshold)", "reported")
     warm = got["bundle load to first image, new process, warm caches (standalone)"]
     assert warm[3] == "**met**" and warm[1].startswith("7.5 s") and "12.2" in warm[1]  # load + first image judged
     assert "NVIDIA H200" in gpu_goals.table(gpu_goals.load(tmp_path))
