@@ -64,8 +64,8 @@ def memory_row(label: str, r: dict, goal_gb: float) -> tuple:
         extra.append(f"PYTORCH_CUDA_ALLOC_CONF={r['cuda_alloc_conf']}")
     if r.get("cudnn_conv_wscap_dbg"):
         extra.append(f"CUDNN_CONV_WSCAP_DBG={r['cudnn_conv_wscap_dbg']}")
-    figure = (f"first image {gb(first[0])} / {gb(first[1])} GB, steady {gb(steady[0])} / {gb(steady[1])} GB "
-              "(allocated / reserved)")
+    later = "no later image" if steady[0] is None else f"later images {gb(steady[0])} / {gb(steady[1])} GB"
+    figure = f"first image {gb(first[0])} / {gb(first[1])} GB, {later} (allocated / reserved)"
     v = verdict(strict, goal_gb)
     if v != "**met**" and lenient is not None and lenient <= goal_gb:
         v = "met only as steady allocated"
