@@ -177,8 +177,6 @@ class TorchCudaBackend(Backend):
 
     def _load_modules(self, bundle: Bundle, model) -> dict:
         """Graph modules (pm_runtime.modeling.graphs) at their resting place, in the run dtype."""
-        import torch
-
         if _has_torch_weights(bundle):
             from ..modeling.bundle_weights import load_graph_module
 
@@ -192,10 +190,8 @@ class TorchCudaBackend(Backend):
                     comp = bundle.component(net, TORCH_FORMAT)
                     # the standalone UNet is FastUNet's parameter tree: without our kernels, diffusers' UNet runs
                     standalone = not self.hf_modules and (net != UNET or self.kernels)
-                    where = torch.device("cpu") if (net == UNET and self.int8_weights) or net in self.on_host \
-                        else self.home
                     out[net] = load_graph_module(net, comp.get(F.CK_DETAILS, {}), paths[(net, TORCH_FORMAT)],
-                                                 where, self.torch_dtype, standalone=standalone)
+                                                 self._load_place(net), self.torch_dtype, standalone=standalone)
             if self.int8_weights:
                 out[UNET] = self._quantized_unet(out[UNET])
             return out
@@ -206,11 +202,19 @@ class TorchCudaBackend(Backend):
         if base.fingerprint != bundle.fingerprint:
             raise UserError(f"the model folder {model} is not the base model of this bundle (fingerprint mismatch)")
         with quiet_hf():  # diffusers warns on any dtype cast through .to()
-            out = {n: m.to("cpu" if (n == UNET and self.int8_weights) or n in self.on_host else self.home,
-                           self.torch_dtype) for n, m in graph_modules(base).items()}
+            out = {n: m.to(self._load_place(n), self.torch_dtype) for n, m in graph_modules(base).items()}
         if self.int8_weights:
             out[UNET] = self._quantized_unet(out[UNET])
         return out
+
+    def _load_place(self, network: str):
+        """Where `network`'s weights are loaded: host memory for networks parked there and for a UNet
+        about to be quantized (layer by layer, _quantized_unet), else where they rest (self.home)."""
+        import torch
+
+        if network in self.on_host or (network == UNET and self.int8_weights):
+            return torch.device("cpu")
+        return self.home
 
     def _quantized_unet(self, graph_module):
         """FastUNet with int8 weights (pm_runtime.modeling.int8_weights) from the UNet loaded in host
@@ -276,7 +280,7 @@ class TorchCudaBackend(Backend):
             return graph_module
         if self.torch_device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
-        return FastUNet(unet)  # a new wrapper re-fuses Q/K/V where a move to the device copied the views
+        return FastUNet(unet)  # a fresh wrapper per load: the K/V tables it gets belong to this load's step graph
 
     def _free(self, net) -> None:
         import torch
