@@ -111,10 +111,11 @@ class FastUNet(nn.Module):
 
         self.k = pm_kernels
         self.unet = unet.eval()
-        self.cross = []  # every cross-attention layer, in forward order
+        self.self_attn, self.cross = [], []  # every self- / cross-attention layer, in forward order
         for m in unet.modules():  # transformer blocks: diffusers' BasicTransformerBlock or standalone.TransformerBlock
             if getattr(m, "attn1", None) is not None and getattr(m, "attn2", None) is not None:
                 _fuse_qkv(m.attn1)
+                self.self_attn.append(m.attn1)
                 self.cross.append(m.attn2)
         self.kv_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(attn2) -> (K, V) tables
 

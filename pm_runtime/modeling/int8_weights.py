@@ -90,17 +90,20 @@ def quantize_unet_(fast_unet, device, home) -> dict:
     device, home = torch.device(device), torch.device(home)
     unet = fast_unet.unet
     dtype = unet.conv_in.weight.dtype
-    layers = int8_bytes = replaced = 0
-    for m in list(unet.modules()):  # self-attention: only the fused Q/K/V matrix exists afterwards
-        attn = getattr(m, "attn1", None)
-        if attn is None or getattr(m, "attn2", None) is None or hasattr(attn, "pm_qkv_int8"):
+    stats = {"layers": 0, "int8_bytes": 0, "replaced_bytes": 0}
+
+    def int8(weight, bias, make):
+        """make(q, scale, bias) for `weight` quantized; counted in stats."""
+        q, scale = _quantize(weight, device, home)
+        stats["layers"] += 1
+        stats["int8_bytes"] += q.numel() + 4 * scale.numel()
+        stats["replaced_bytes"] += weight.numel() * weight.element_size()
+        return make(q, scale, None if bias is None else bias.detach().to(home))
+
+    for attn in fast_unet.self_attn:  # only the fused Q/K/V matrix exists afterwards
+        if hasattr(attn, "pm_qkv_int8"):
             continue
-        q, scale = _quantize(attn.pm_qkv, device, home)
-        bias = attn.pm_qkv_bias
-        attn.pm_qkv_int8 = Int8Linear(q, scale, None if bias is None else bias.to(home), dtype)
-        replaced += attn.pm_qkv.numel() * attn.pm_qkv.element_size()
-        int8_bytes += q.numel() + 4 * scale.numel()
-        layers += 1
+        attn.pm_qkv_int8 = int8(attn.pm_qkv, attn.pm_qkv_bias, lambda q, s, b: Int8Linear(q, s, b, dtype))
         del attn.pm_qkv
         attn.pm_qkv_bias = None
         attn.to_q = attn.to_k = attn.to_v = None
@@ -111,15 +114,10 @@ def quantize_unet_(fast_unet, device, home) -> dict:
                 continue  # (a subclass that computes something else is left as it is)
             if isinstance(child, nn.Conv2d) and child.padding_mode != "zeros":
                 continue
-            q, scale = _quantize(child.weight, device, home)
-            bias = None if child.bias is None else child.bias.detach().to(home)
-            new = (Int8Linear(q, scale, bias, dtype) if isinstance(child, nn.Linear)
-                   else Int8Conv2d(q, scale, bias, dtype, child))
-            replaced += child.weight.numel() * child.weight.element_size()
-            int8_bytes += q.numel() + 4 * scale.numel()
-            layers += 1
-            setattr(parent, name, new)
-    return {"layers": layers, "int8_bytes": int8_bytes, "replaced_bytes": replaced}
+            make = ((lambda q, s, b: Int8Linear(q, s, b, dtype)) if isinstance(child, nn.Linear)
+                    else (lambda q, s, b, c=child: Int8Conv2d(q, s, b, dtype, c)))
+            setattr(parent, name, int8(child.weight, child.bias, make))
+    return stats
 
 
 def tensor_bytes(module: nn.Module) -> int:
