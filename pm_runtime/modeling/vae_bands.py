@@ -54,10 +54,23 @@ class GroupStats:
         return (scale.reshape(-1, c, 1, 1).float(), shift.reshape(-1, c, 1, 1).float())
 
 
+def _bands(h: int, band: int):
+    """(r0, r1) of each band of `band` rows over h rows."""
+    for r0 in range(0, h, band):
+        yield r0, min(r0 + band, h)
+
+
+def _with_halo(r0: int, r1: int, k: int, h: int) -> tuple[int, int, int, int]:
+    """Rows [r0 - k, r1 + k) of an h-row image: (a, b, top, bottom) = the rows [a, b) that exist and
+    the zero rows to pad above and below (a convolution's zero padding at the image's edges)."""
+    a, b = max(r0 - k, 0), min(r1 + k, h)
+    return a, b, k - (r0 - a), k - (b - r1)
+
+
 def _stats_of(x: torch.Tensor, norm, band: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = GroupStats(norm, x.shape[0], x.device)
-    for r0 in range(0, x.shape[2], band):
-        s.add(x[:, :, r0:r0 + band])
+    for r0, r1 in _bands(x.shape[2], band):
+        s.add(x[:, :, r0:r1])
     return s.affine()
 
 
@@ -87,11 +100,9 @@ def norm_conv(x, norm, conv, band: int, out=None, add: bool = False):
     k = _halo(conv)
     if out is None:
         out = torch.empty((x.shape[0], conv.out_channels, h, x.shape[3]), dtype=x.dtype, device=x.device)
-    for r0 in range(0, h, band):
-        r1 = min(r0 + band, h)
-        a, b = max(r0 - k, 0), min(r1 + k, h)
-        t = _pad_rows(_norm_silu(x[:, :, a:b], affine, x.dtype), k - (r0 - a), k - (b - r1))
-        y = _conv_rows(conv, t)
+    for r0, r1 in _bands(h, band):
+        a, b, top, bottom = _with_halo(r0, r1, k, h)
+        y = _conv_rows(conv, _pad_rows(_norm_silu(x[:, :, a:b], affine, x.dtype), top, bottom))
         if add:
             out[:, :, r0:r1] += y
         else:
@@ -106,8 +117,8 @@ def resnet(box: list, r, band: int):
     a = norm_conv(x, r.norm1, r.conv1, band)
     if r.conv_shortcut is not None:
         s = torch.empty((x.shape[0], r.conv_shortcut.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device)
-        for r0 in range(0, x.shape[2], band):
-            s[:, :, r0:r0 + band] = r.conv_shortcut(x[:, :, r0:r0 + band])
+        for r0, r1 in _bands(x.shape[2], band):
+            s[:, :, r0:r1] = r.conv_shortcut(x[:, :, r0:r1])
     else:
         s = x  # the residual: conv2's output is added into it in place
     del x
@@ -123,28 +134,26 @@ def upsample_resnet(box: list, up_conv, r, band: int):
 
     def up_rows(src, a: int, b: int):
         """Rows [a, b) of up_conv(nearest 2x(src))."""
-        ua, ub = max(a - k, 0), min(b + k, h)
+        ua, ub, top, bottom = _with_halo(a, b, k, h)  # rows of the upsampled image the convolution reads
         sa, sb = ua // 2, (ub - 1) // 2 + 1
         u = F.interpolate(src[:, :, sa:sb], scale_factor=2.0, mode="nearest")[:, :, ua - 2 * sa:ub - 2 * sa]
-        return _conv_rows(up_conv, _pad_rows(u, k - (a - ua), k - (ub - b)))
+        return _conv_rows(up_conv, _pad_rows(u, top, bottom))
 
     stats = GroupStats(r.norm1, n, src.device)  # pass A: statistics only
-    for r0 in range(0, h, band):
-        stats.add(up_rows(src, r0, min(r0 + band, h)))
+    for r0, r1 in _bands(h, band):
+        stats.add(up_rows(src, r0, r1))
     affine = stats.affine()
     k1 = _halo(r.conv1)
     mid = torch.empty((n, r.conv1.out_channels, h, 2 * ws), dtype=src.dtype, device=src.device)
     c_out = (r.conv2 if r.conv_shortcut is None else r.conv_shortcut).out_channels
     s = torch.empty((n, c_out, h, 2 * ws), dtype=src.dtype, device=src.device)
-    for r0 in range(0, h, band):  # pass B: conv1 and the shortcut
-        r1 = min(r0 + band, h)
-        a, b = max(r0 - k1, 0), min(r1 + k1, h)
+    for r0, r1 in _bands(h, band):  # pass B: conv1 and the shortcut
+        a, b, top, bottom = _with_halo(r0, r1, k1, h)
         x = up_rows(src, a, b)
-        t = _pad_rows(_norm_silu(x, affine, src.dtype), k1 - (r0 - a), k1 - (b - r1))
-        mid[:, :, r0:r1] = _conv_rows(r.conv1, t)
+        mid[:, :, r0:r1] = _conv_rows(r.conv1, _pad_rows(_norm_silu(x, affine, src.dtype), top, bottom))
         core = x[:, :, r0 - a:r0 - a + (r1 - r0)]
         s[:, :, r0:r1] = core if r.conv_shortcut is None else r.conv_shortcut(core)
-    del src, x, t
+    del src, x
     return norm_conv(mid, r.norm2, r.conv2, band, out=s, add=True)  # pass C
 
 
