@@ -40,7 +40,7 @@
 - vae_bands (opt-in, NOT MEASURED on a GPU yet): the standalone VAE decoder's full-resolution end
   in row bands of this many rows (pm_runtime.modeling.vae_bands: exact, GroupNorm statistics of the
   whole tensor; the last upsampler's output never exists whole): at 512 px in fp16 its activations
-  go from 320 to 219 MiB with 32-row bands, by benchmarks/live_memory.py's count.
+  go from 320 to 211 MiB with 32-row bands, by benchmarks/live_memory.py's count.
 - sequential_guidance: the step runs the UNet's unconditional and conditional halves as two
   calls one after the other instead of one batch (half the activation memory, some step time);
   the default in low-memory mode. Both low-memory defaults are reasoned, NOT MEASURED on a GPU yet.
