@@ -31,11 +31,11 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:
     from .random_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, VIT_B32_VISION_CONFIG
-    from .records import append_jsonl, environment
+    from .records import environment, save_records
 else:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     from random_models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, VIT_B32_VISION_CONFIG
-    from records import append_jsonl, environment
+    from records import environment, save_records
 
 SCHEMA = "pm-train-flops/1"
 
@@ -96,9 +96,7 @@ def main(argv=None) -> int:
            "work_ratio_published_over_ours": round(published / ours, 3),
            "command": "python benchmarks/train_flops.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(json.dumps({k: v for k, v in rec.items() if k.endswith(("gflop", "ratio_published_over_ours"))}, indent=1))
-    if a.out:
-        append_jsonl(a.out, [rec])
-        print(f"appended 1 record to {a.out}")
+    save_records(a.out, [rec])
     return 0
 
 

@@ -34,6 +34,12 @@ def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of two uint8-range images in dB (inf when equal)."""
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
 def write_photos(folder, n=3, seed=0, sizes=((80, 72), (64, 96), (100, 100))):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

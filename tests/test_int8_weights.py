@@ -12,16 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import pm_kernels as K  # noqa: E402
+from conftest import psnr  # noqa: E402
 from pm_runtime.errors import UserError  # noqa: E402
 from pm_runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPT = "a photo of <persona> as a knight"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def psnr(a, b) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
+from conftest import psnr
 from pm_runtime import noise
 from pm_runtime.backends.base import CheckedNetwork
 from pm_runtime.errors import UserError
@@ -61,11 +62,6 @@ def calls(monkeypatch):
 
 def final_latents(calls) -> np.ndarray:
     return np.concatenate([i["latent"] for name, i, _ in calls if name == VAE_DECODER])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def latents(seed=233, n=1):

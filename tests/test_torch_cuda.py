@@ -16,6 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import psnr  # noqa: E402
 from pm_runtime import schedulers  # noqa: E402
 from pm_runtime.backends.base import DenoiseJob, denoise_on_host  # noqa: E402
 from pm_runtime.errors import UserError  # noqa: E402
@@ -23,11 +24,6 @@ from pm_runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPT = "a photo of <persona> as a knight"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(autouse=True)
