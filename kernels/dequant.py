@@ -53,10 +53,14 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.contiguous()
 
 
-def dequant_int8_reference(q, scale, dtype):
-    _check(q, scale)
+def _reference(q, scale, dtype):
     shape = (-1,) + (1,) * (q.ndim - 1)
     return (q.float() * scale.float().view(shape)).to(dtype)
+
+
+def dequant_int8_reference(q, scale, dtype):
+    _check(q, scale)
+    return _reference(q, scale, dtype)
 
 
 if triton is not None:
@@ -74,7 +78,7 @@ def dequant_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torc
     same shape and memory format as q."""
     per = _check(q, scale)
     if kernel_path("dequant_int8", q) == "reference":
-        return dequant_int8_reference(q, scale, dtype)
+        return _reference(q, scale, dtype)  # (checked above)
     out = torch.empty_like(q, dtype=dtype)  # keeps q's memory format (same strides)
     total = q.numel()
     if total:
