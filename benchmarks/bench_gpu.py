@@ -91,6 +91,7 @@ class Context:
     dtype: object  # torch.float16 on CUDA, torch.float32 on the CPU
     model_dir: pathlib.Path  # the random model folder (diffusers layout)
     log: Callable[[str], None] = print
+    save: Callable[[list[dict]], None] | None = None  # writes records now (run() sets it)
     load_s: float | None = None  # seconds to load the components (the last time they were loaded)
     _components: dict | None = None
     _bundles: dict = field(default_factory=dict)
@@ -300,7 +301,8 @@ PEERS: dict[str, Callable[[Context], dict]] = {
 
 # ------------------------------------------------------------------ ours
 def torch_cuda(ctx: Context) -> list[dict]:
-    """pm_runtime's torch-cuda backend and its ablations (gpu_ours.py), on a bundle with torch weights."""
+    """pm_runtime's torch-cuda backend and its ablations (gpu_ours.py), on a bundle with torch weights.
+    With ctx.save, each variant's record is written as it finishes and the list returned is empty."""
     try:
         import pm_runtime.backends.torch_cuda  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means: not available here
@@ -309,8 +311,10 @@ def torch_cuda(ctx: Context) -> list[dict]:
         raise Skip("needs CUDA")
     o = ctx.opts
     wanted = [v for v in o.ours if v in gpu_ours.ALL] or list(gpu_ours.ALL)
-    return gpu_ours.run_ours(ctx.bundle("torch"), ctx.model_dir, steps=o.steps, reps=o.reps, images=o.runs,
-                             size=ctx.size, log=ctx.log, variants=wanted)
+    recs = gpu_ours.run_ours(ctx.bundle("torch"), ctx.model_dir, steps=o.steps, reps=o.reps, images=o.runs,
+                             size=ctx.size, log=ctx.log, variants=wanted,
+                             on_record=(lambda r: ctx.save([{"status": "ok", **r}])) if ctx.save else None)
+    return [] if ctx.save else recs
 
 
 torch_cuda.variants = gpu_ours.ALL  # names --ours accepts for this entry
@@ -397,6 +401,8 @@ def run(o: GpuOptions, command: str, log: Callable[[str], None] = print) -> list
         full = [{**base, **r} for r in recs]
         append_jsonl(out, full)
         records.extend(full)
+
+    ctx.save = save
 
     if o.only in ("all", "peers"):
         log("peers (diffusers):")

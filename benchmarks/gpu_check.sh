@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 if [ "${PM_GPU_TESTS:-1}" = 1 ]; then
     echo "== gpu tests"
-    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_torch_cuda.py \
+    timeout ${PM_TESTS_TIMEOUT:-120} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_torch_cuda.py \
         tests/test_int8_weights.py tests/test_vae_bands.py 2>&1 \
         | tail -8
 fi

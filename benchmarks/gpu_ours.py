@@ -275,15 +275,18 @@ ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph
 
 
 def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 30, images: int = 3,
-             size: int = 512, log=print, variants=ALL) -> list[dict]:
-    """The chosen variants; a failing one is recorded as an error and the rest go on."""
+             size: int = 512, log=print, variants=ALL, on_record=None) -> list[dict]:
+    """The chosen variants; a failing one is recorded as an error and the rest go on. on_record(rec)
+    is called as each variant finishes (bench_gpu writes it then: a run cut short keeps what ran)."""
     out = []
 
     def guarded(name, fn):
+        t0 = time.perf_counter()
         try:
             rec = fn()
         except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
             rec = {"variant": name, "status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+        rec.setdefault("wall_s", round(time.perf_counter() - t0, 2))
         log(f"  {rec.get('variant', name)}: {rec.get('status')} "
             + (f"step p50 {rec['unet_step_ms']['p50']:.2f} ms" if "unet_step_ms" in rec else "")
             + (f" image p50 {rec['image_ms']['p50']:.0f} ms" if "image_ms" in rec else "")
@@ -291,6 +294,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             + (f" PSNR {rec['psnr_vs_reference_db']} dB" if "psnr_vs_reference_db" in rec else "")
             + (f" {rec.get('error')}" if rec.get("status") == "error" else ""))
         out.append(rec)
+        if on_record is not None:
+            on_record(rec)
         return rec
 
     ref = None

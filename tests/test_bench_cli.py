@@ -257,11 +257,13 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     skip = {"reference", "torch-cuda-warm-start", "profile"}  # CUDA-only by nature (profiler, a CUDA child)
     variants = [v for v in gpu_ours.ALL if v not in skip]
     pm_kernels.set_enabled(False)  # the kernels' references: the interpreter is slow
+    streamed = []  # what bench_gpu writes as each variant finishes (a run cut short keeps these)
     try:
         recs = gpu_ours.run_ours(bundle, None, steps=2, reps=2, images=1, size=256, log=lambda m: None,
-                                 variants=variants)
+                                 variants=variants, on_record=streamed.append)
     finally:
         pm_kernels.set_enabled(True)
+    assert streamed == recs and all(r["wall_s"] >= 0 for r in recs)
     by = {r["variant"]: r for r in recs}
     assert list(by) == variants and all(r["status"] == "ok" for r in recs), [r for r in recs if r["status"] != "ok"]
     assert "UNet weights int8" in by["torch-cuda-int8"]["backend"]
