@@ -5,6 +5,9 @@
 # bench_gpu.py (peers and ours on SD-1.5-shaped random weights, 512 px, 50 steps; torch.compile
 # last), start-up in new processes, two short runs under other allocator / cuDNN workspace settings
 # (PM_EXTRA_RUNS=0 skips them), and the goals table (gpu_goals.py -> OUT/goals.md). Records land in OUT.
+# The memory variants are measured once more each in a NEW process ("fresh": nothing an earlier
+# variant left in the process counts in its peak), also with the allocator's expandable segments.
+# PM_STAGES picks stages (default tests,kernels,bench,fresh,start,extra).
 #   bash benchmarks/gpu_check.sh OUTDIR COMMIT
 # On a machine without diffusers, put its wheels in .whl/ (they are installed to /tmp/site).
 set -u
@@ -18,15 +21,22 @@ fi
 ln -sfn "$PWD/export" /tmp/site/pm_export; ln -sfn "$PWD/kernels" /tmp/site/pm_kernels
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
-if [ "${PM_GPU_TESTS:-1}" = 1 ]; then
+STAGES=",${PM_STAGES:-tests,kernels,bench,fresh,start,extra},"
+stage() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
+[ "${PM_GPU_TESTS:-1}" = 1 ] || STAGES=${STAGES/,tests,/,}
+[ "${PM_EXTRA_RUNS:-1}" = 1 ] || STAGES=${STAGES/,extra,/,}
+if stage tests; then
     echo "== gpu tests"
     timeout ${PM_TESTS_TIMEOUT:-120} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_torch_cuda.py \
         tests/test_int8_weights.py tests/test_vae_bands.py 2>&1 \
         | tail -8
 fi
+if stage kernels; then
 echo "== kernels"
 timeout 60 python3 benchmarks/bench_kernels.py --reps 30 --out "$OUT/kernels-gpu.jsonl" 2>&1 | grep -v -i warn \
     | tee "$OUT/bench_kernels.log"
+fi
+if stage bench; then
 echo "== pipeline: peers and torch-cuda"
 # PM_OURS: which of our variants (gpu_ours.ALL); the default leaves out the ablations measured before
 # (cudnn-attention, no-kernels, eager, profile, warm-start: bench_start.py below
@@ -34,13 +44,29 @@ echo "== pipeline: peers and torch-cuda"
 OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-offload-te,torch-cuda-vae-graph,torch-cuda-vae-bands,torch-cuda-lean,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-batched,torch-cuda-low-memory-int8,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-untiled,torch-cuda-low-memory-1024-bands,torch-cuda-low-memory-int8-1024,torch-cuda-cudnn-heuristics,torch-cuda-low-memory-cudnn-heuristics,torch-cuda-phases,torch-cuda-low-memory-phases}
 timeout ${PM_BENCH_TIMEOUT:-360} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
+fi
+if stage fresh; then
+echo "== memory variants, each in a new process (default allocator, then expandable segments)"
+FRESH=${PM_FRESH:-torch-cuda-low-memory,torch-cuda-low-memory-1024,torch-cuda-low-memory-int8,torch-cuda-low-memory-int8-1024,torch-cuda,torch-cuda-lean,torch-cuda-vae-bands,torch-cuda-lean-bands,torch-cuda-offload-te,torch-cuda-int8}
+for conf in default expandable; do
+    for v in ${FRESH//,/ }; do
+        if [ $conf = expandable ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; out=gpu-fresh-expandable
+        else unset PYTORCH_CUDA_ALLOC_CONF; out=gpu-fresh; fi
+        timeout ${PM_FRESH_TIMEOUT:-45} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/$out.jsonl" \
+            --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
+    done
+done
+unset PYTORCH_CUDA_ALLOC_CONF
+fi
+if stage start; then
 echo "== start-up: new process to first image (warm caches), standalone modules vs diffusers/transformers"
 if [ -f /tmp/pm-gpu/bundle-sd15-torch/bundle.json ]; then
     timeout ${PM_START_TIMEOUT:-90} python3 benchmarks/bench_start.py --bundle /tmp/pm-gpu/bundle-sd15-torch \
         --device cuda --size 512 --steps 50 --runs 1 --variants standalone,hf-verify-first,standalone-cudnn-heuristics \
         --out "$OUT/start-gpu.jsonl" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_start.log"
 fi
-if [ "${PM_EXTRA_RUNS:-1}" = 1 ]; then  # last: what matters less if the time runs out
+fi
+if stage extra; then  # last: what matters less if the time runs out
 echo "== our memory variants again with the allocator's expandable segments (reserved vs allocated)"
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${PM_ALLOC_TIMEOUT:-80} python3 benchmarks/bench_gpu.py \
     --work /tmp/pm-gpu --out "$OUT/gpu-expandable.jsonl" --only ours \

@@ -1,6 +1,7 @@
 """The GPU issue's goals against the records of one gpu_check run: a markdown table, one row per
 goal and measured setting, with the figure, the goal and a verdict. Not a benchmark: it reads
-records (gpu.jsonl, start-gpu.jsonl and the extra runs' files in the check's output folder) and
+records (gpu.jsonl, start-gpu.jsonl, gpu-fresh*.jsonl (a new process per variant) and the extra runs'
+files in the check's output folder) and
 judges nothing that is not in them; a goal without a record says "not measured".
 
 Memory goals are stated in GB (10^9 bytes); records hold GiB (2^30): converted here. Each memory
@@ -22,7 +23,7 @@ GIB = 2**30 / 1e9  # GB per GiB
 STEP_MS, COMPILE_RATIO, IMAGE_S, PSNR_DB, START_S = 6.0, 1.4, 0.35, 30.0, 10.0
 PEAK_GB, LOW_GB, LOW_INT8_GB = 2.5, 2.0, 1.2
 PIPELINE = ("torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands", "torch-cuda-lean",
-            "torch-cuda-no-kv-tables", "torch-cuda-cudnn-heuristics")
+            "torch-cuda-lean-bands", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-heuristics")
 LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands")
 LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
@@ -30,14 +31,18 @@ COMPILE = "torch-compile-reduce-overhead"
 
 
 def load(folder: pathlib.Path) -> dict[str, list[dict]]:
-    """file stem -> its records (the latest run's only, by run_id where records carry one)."""
+    """file stem -> its records, the latest of each variant (a file can hold several runs: gpu_check's
+    new-process stage appends one run per variant; an older record of the same variant is superseded)."""
     out = {}
     for path in sorted(folder.glob("*.jsonl")):
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        runs = [r.get("run_id") for r in recs if r.get("run_id")]
-        if runs:
-            recs = [r for r in recs if r.get("run_id") == runs[-1]]
-        out[path.stem] = recs
+        latest: dict = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                key = r.get("variant") or len(latest)
+                latest.pop(key, None)  # re-inserted last: the file's order of the latest records
+                latest[key] = r
+        out[path.stem] = list(latest.values())
     return out
 
 
@@ -73,7 +78,9 @@ def memory_row(label: str, r: dict, goal_gb: float) -> tuple:
 
 
 def rows(records: dict[str, list[dict]]) -> list[tuple]:
-    gpu = [r for stem, recs in records.items() if stem.startswith("gpu") and stem != "gpu-goals" for r in recs]
+    # (record, where): gpu-fresh* files hold one new process per variant (nothing earlier in it)
+    gpu = [(r, ", new process" if "fresh" in stem else "") for stem, recs in records.items()
+           if stem.startswith("gpu") and stem != "gpu-goals" for r in recs]
     main = {r["variant"]: r for r in records.get("gpu", []) if "variant" in r}
     out = []
     ours, comp = main.get("torch-cuda"), main.get(COMPILE)
@@ -99,9 +106,9 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
     for names, goal, what in ((PIPELINE, PEAK_GB, "whole-pipeline peak"), (LOW, LOW_GB, "low-memory peak"),
                               (LOW_INT8, LOW_INT8_GB, "low-memory int8 peak")):
         found = False
-        for r in gpu:
+        for r, where in gpu:
             if r.get("variant") in names and _ok(r) and "peak_reserved_gib" in r:
-                out.append(memory_row(f"{what}, {r['variant']} ({r.get('size', '?')} px)", r, goal))
+                out.append(memory_row(f"{what}, {r['variant']} ({r.get('size', '?')} px{where})", r, goal))
                 found = True
         if not found:
             out.append((what, "not measured", f"<= {goal} GB", "not measured"))

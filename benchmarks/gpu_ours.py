@@ -12,6 +12,7 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-vae-bands       the same with the VAE decoder's full-resolution end in 32-row bands
                              (vae_bands: exact, less decode memory; PSNR against torch-cuda's image)
   torch-cuda-lean            offload-te + vae-graph together (the candidate for the 2.5 GB goal)
+  torch-cuda-lean-bands      lean with the banded VAE decode (vae_bands=32) as well
   torch-cuda-no-kv-tables    the same with K = to_k(C_k), V = to_v(C_v) computed inside every step
   torch-cuda-cudnn-attention the same with PyTorch's cuDNN attention preferred for self-attention
   torch-cuda-no-kernels      the plain diffusers UNet (split K/V, SDPA) in the same step graph
@@ -165,6 +166,7 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
     from pm_runtime.pipeline import Pipeline
 
     _reset(torch)
+    before = _allocated_gib(torch)  # what earlier work in this process still holds (counted in the peaks)
     t0 = time.perf_counter()
     pipe = Pipeline.load(bundle, backend="torch-cuda", device=DEVICE, **options)
     load_s = time.perf_counter() - t0
@@ -180,7 +182,7 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
         g = pipe.generate(PROMPT, **kw)
         walls.append((time.perf_counter() - t0) * 1000)
     rec = {"variant": name, "status": "ok", "backend": g.backend, "size": size, "steps": steps,
-           "load_s": round(load_s, 3), "first_image_s": round(first_image_s, 3),
+           "before_load_alloc_gib": before, "load_s": round(load_s, 3), "first_image_s": round(first_image_s, 3),
            **({"image_ms": pcts(walls)} if walls else {}),
            "timings_last_image": {k: round(v, 4) for k, v in g.timings.items()}, **first_peak,
            **({f"steady_{k}": v for k, v in _peak(torch).items()} if walls else {})}
@@ -263,7 +265,7 @@ def profile_step(bundle: Path, size: int, log=print) -> dict:
 
 
 ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands",
-       "torch-cuda-lean",
+       "torch-cuda-lean", "torch-cuda-lean-bands",
        "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
        "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands", "torch-cuda-low-memory-batched",
@@ -331,6 +333,9 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
                                                         compare=only("torch-cuda"), **common),
         "torch-cuda-lean": lambda: measure_variant("torch-cuda-lean", bundle, vae_graph=True,
                                                    offload_text_encoder=True, **common),
+        "torch-cuda-lean-bands": lambda: measure_variant("torch-cuda-lean-bands", bundle, vae_graph=True,
+                                                         offload_text_encoder=True, vae_bands=32,
+                                                         compare=only("torch-cuda"), **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),
         "torch-cuda-cudnn-attention": lambda: measure_variant("torch-cuda-cudnn-attention", bundle, sdpa="cudnn", **one),
         "torch-cuda-no-kernels": lambda: measure_variant("torch-cuda-no-kernels", bundle, kernels=False, **common),

@@ -36,6 +36,7 @@ def _run_text(cmd: list[str], cwd=None) -> str | None:
 def git_state(override: str | None, dirty: bool | None = None) -> tuple[str, bool | None]:
     """(commit, dirty): `git rev-parse HEAD` of this tree, or `override` (a copied tree without
     .git: the caller knows the commit; PM_COMMIT in the GPU scripts); ("unknown", None) without git."""
+    override = override or os.environ.get("PM_COMMIT")
     if override:
         return override, dirty
     commit = _run_text(["git", "rev-parse", "HEAD"], cwd=REPO)
@@ -141,6 +142,11 @@ def cuda_reset(torch) -> None:
 
     gc.collect()
     torch.cuda.synchronize()
+    # cuBLAS workspaces PyTorch keeps per stream for the process's life: the last variant's would
+    # count in the next one's memory (no graph of it is alive by now to need them)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 

@@ -81,6 +81,17 @@ def trained_concept(tiny_model, photos, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cuda_bundle(tmp_path_factory, tiny_model, trained_concept):
+    """A bundle with torch fp16 weights only (concept "alice"): what the GPU tests load. No ONNX
+    export, so they do not depend on the GPU machine's onnxruntime (which the export's check uses)."""
+    from pm_export.build import ExportConfig, export_bundle
+
+    out = tmp_path_factory.getbasetemp() / "pm-cuda-bundle" / "bundle"
+    return export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=out, name="alice", target="torch"),
+                         log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
 def run_bundle(tmp_path_factory, tiny_model, trained_concept, photos):
     """The exported bundle the pipeline, pm-run and backend tests share (built once per session):
     ONNX graphs and torch fp16 weights, concepts "alice" and "alice-photo2" (re-baked with photo2)."""

@@ -303,14 +303,20 @@ def test_gpu_goals_report(tmp_path):
     (tmp_path / "start-gpu.jsonl").write_text(json.dumps({"variant": "standalone", "process_wall_s_p50": 12.2,
                                                           "import_s_p50": 4.0, "load_s_p50": 1.5,
                                                           "first_image_s_p50": 6.0}) + "\n")
+    (tmp_path / "gpu-fresh.jsonl").write_text("\n".join([  # one new process (run) per variant: all count
+        rec("torch-cuda-low-memory", run="p1", peak_alloc_gib=gib(1.8), peak_reserved_gib=gib(2.2)),
+        rec("torch-cuda-low-memory", run="p2", peak_alloc_gib=gib(1.7), peak_reserved_gib=gib(1.9)),  # re-run
+        rec("torch-cuda-low-memory-int8", run="p3", peak_alloc_gib=gib(1.0), peak_reserved_gib=gib(1.1)),
+    ]) + "\n")
     got = {r[0]: r for r in gpu_goals.rows(gpu_goals.load(tmp_path))}
+    assert got["low-memory peak, torch-cuda-low-memory (512 px, new process)"][3] == "**met**"  # the later record
+    assert got["low-memory int8 peak, torch-cuda-low-memory-int8 (512 px, new process)"][3] == "**met**"
     assert got["UNet step p50, torch-cuda"][1:] == ("5.50 ms", "<= 6.0 ms", "**met**")
     assert got["vs torch.compile (same run)"][3] == "**met**" and got["vs torch.compile (same run)"][1].startswith("1.45x")
     assert got["50-step image p50, torch-cuda"][3] == "not met"
     assert got["whole-pipeline peak, torch-cuda (512 px)"][3] == "met only as steady allocated"
     assert got["whole-pipeline peak, torch-cuda-lean (512 px)"][3] == "**met**"
-    assert got["low-memory peak"][3] == "not measured"  # the only record is an error
-    assert got["low-memory int8 peak"][3] == "not measured"
+    assert not any(k.startswith("low-memory peak, torch-cuda-low-memory (512 px)") for k in got)  # an error
     assert got["int8 weights: image PSNR against the fp16 torch-cuda image"][1:] == (
         "37.5 dB", "reported (no threshold)", "reported")
     warm = got["bundle load to first image, new process, warm caches (standalone)"]

@@ -197,13 +197,13 @@ def test_pm_run_int8_weights_flag(run_bundle, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_int8_weights_in_the_step_graph(run_bundle):
+def test_gpu_int8_weights_in_the_step_graph(cuda_bundle):
     """Compiled dequantize kernel inside the captured step (fp16, channels-last), low-memory too."""
     kw = dict(seed=11, steps=6, height=256, width=256)
-    fp16 = Pipeline.load(run_bundle, backend="torch-cuda", concept="alice").generate(PROMPT, **kw)
-    q = Pipeline.load(run_bundle, backend="torch-cuda", concept="alice", int8_weights=True)
+    fp16 = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice").generate(PROMPT, **kw)
+    q = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", int8_weights=True)
     a, b = q.generate(PROMPT, **kw), q.generate(PROMPT, **kw)
-    low = Pipeline.load(run_bundle, backend="torch-cuda", concept="alice", int8_weights=True, low_memory=True)
+    low = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", int8_weights=True, low_memory=True)
     c = low.generate(PROMPT, **kw)
     assert "CUDA graph, UNet weights int8" in a.backend
     memory = q.backend.device_memory()
