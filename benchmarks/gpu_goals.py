@@ -73,7 +73,7 @@ def memory_row(label: str, r: dict, goal_gb: float) -> tuple:
     figure = f"first image {gb(first[0])} / {gb(first[1])} GB, {later} (allocated / reserved)"
     v = verdict(strict, goal_gb)
     if v != "**met**" and lenient is not None and lenient <= goal_gb:
-        v = "met only as steady allocated"
+        v = "met only as steady allocated" if steady[0] is not None else "met only as allocated"
     return (label + (f" [{', '.join(extra)}]" if extra else ""), figure, f"<= {goal_gb} GB", v)
 
 
@@ -131,8 +131,12 @@ def table(records: dict[str, list[dict]]) -> str:
     lines = ["| goal, setting | measured | goal | verdict |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(records)]
     device = next((r.get("device_name") for recs in records.values() for r in recs if r.get("device_name")), "?")
-    commit = next((r.get("commit") for recs in records.values() for r in recs if r.get("commit")), "?")
-    return f"Device: {device}; commit {str(commit)[:12]}\n\n" + "\n".join(lines)
+    commits: dict = {}  # commit -> the files measured at it
+    for stem, recs in records.items():
+        for c in dict.fromkeys(str(r["commit"])[:12] for r in recs if r.get("commit")):
+            commits.setdefault(c, []).append(stem)
+    at = "; ".join(f"{c} ({', '.join(stems)})" for c, stems in commits.items()) or "?"
+    return f"Device: {device}; commit {at}\n\n" + "\n".join(lines)
 
 
 def main(argv=None) -> int:
