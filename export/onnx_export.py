@@ -25,6 +25,8 @@ from torch import nn
 
 from pm_runtime.specs import NetworkSpec
 
+from .onnx_ir import oldest_ir_version
+
 OPSET = 17
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB, less headroom for the graph itself
 
@@ -34,10 +36,12 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external_data: str = "auto") -> list[Path]:
-    """Save `model` to `path`; returns every file written (the graph, then any external data file).
+    """Save `model` to `path` (at its opsets' oldest IR version); returns every file written (the
+    graph, then any external data file).
 
     external_data: "auto" (only above protobuf's limit), "always" or "never".
     """
+    oldest_ir_version(model)
     path = Path(path)
     use_external = external_data == "always" or (external_data == "auto" and weight_bytes(model) > EXTERNAL_DATA_LIMIT)
     data = path.with_name(path.name + ".data")

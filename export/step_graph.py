@@ -25,6 +25,8 @@ from onnx import TensorProto, helper
 
 from pm_runtime.specs import STEP, STEP_COEF_COLUMNS, NetworkSpec
 
+from .onnx_ir import oldest_ir_version
+
 OPSET = 17
 
 
@@ -68,6 +70,7 @@ def step_model(spec: NetworkSpec) -> onnx.ModelProto:
                               [value_info(t) for t in spec.outputs], initializer=[split])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="pm-export step graph")
+    oldest_ir_version(model)  # not the installed onnx's newest IR: older onnxruntimes refuse that
     onnx.checker.check_model(model, full_check=True)
     return model
 

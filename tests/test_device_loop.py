@@ -181,6 +181,12 @@ def test_exported_bundle_has_the_step_graph(run_bundle):
     assert step["format"] == "onnx" and step["precision"] == "fp32" and step["file"] == "step.onnx"
     assert step["validation"] and all(v["passed"] for v in step["validation"])
     assert OnnxRuntimeBackend(open_bundle(run_bundle)).provides(STEP)
+    import onnx
+
+    # every graph at its opset's oldest IR version (8 for opset 17), not the installed onnx's newest:
+    # onnxruntime 1.30 refused the step graph written at onnx 1.23's default IR 14
+    versions = {p.name: onnx.load(str(p), load_external_data=False).ir_version for p in run_bundle.rglob("*.onnx")}
+    assert "step.onnx" in versions and set(versions.values()) == {8}, versions
 
 
 def test_onnxruntime_uses_the_device_loop_with_the_cuda_provider(run_bundle, monkeypatch):
