@@ -41,13 +41,13 @@ echo "== pipeline: peers and torch-cuda"
 # PM_OURS: which of our variants (gpu_ours.ALL); the default leaves out the ablations measured before
 # (cudnn-attention, no-kernels, eager, profile, warm-start: bench_start.py below
 # measures the start in phases, against the way before) to stay within the 8 minutes.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-offload-te,torch-cuda-vae-graph,torch-cuda-vae-bands,torch-cuda-lean,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-batched,torch-cuda-low-memory-int8,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-untiled,torch-cuda-low-memory-1024-bands,torch-cuda-low-memory-int8-1024,torch-cuda-cudnn-heuristics,torch-cuda-low-memory-cudnn-heuristics,torch-cuda-phases,torch-cuda-low-memory-phases}
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-offload-te,torch-cuda-vae-graph,torch-cuda-vae-bands,torch-cuda-lean,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-batched,torch-cuda-low-memory-int8,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-1024-untiled,torch-cuda-low-memory-1024-bands,torch-cuda-low-memory-int8-1024,torch-cuda-cudnn-heuristics,torch-cuda-low-memory-cudnn-heuristics,torch-cuda-phases,torch-cuda-low-memory-phases}
 timeout ${PM_BENCH_TIMEOUT:-360} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi
 if stage fresh; then
 echo "== memory variants, each in a new process (default allocator, then expandable segments)"
-FRESH=${PM_FRESH:-torch-cuda-low-memory,torch-cuda-low-memory-1024,torch-cuda-low-memory-int8,torch-cuda-low-memory-int8-1024,torch-cuda,torch-cuda-lean,torch-cuda-vae-bands,torch-cuda-lean-bands,torch-cuda-offload-te,torch-cuda-int8}
+FRESH=${PM_FRESH:-torch-cuda-low-memory,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-int8,torch-cuda-low-memory-int8-1024,torch-cuda,torch-cuda-lean,torch-cuda-vae-bands,torch-cuda-lean-bands,torch-cuda-offload-te,torch-cuda-int8}
 for conf in default expandable; do
     for v in ${FRESH//,/ }; do
         if [ $conf = expandable ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; out=gpu-fresh-expandable

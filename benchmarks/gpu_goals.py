@@ -25,7 +25,7 @@ PEAK_GB, LOW_GB, LOW_INT8_GB = 2.5, 2.0, 1.2
 PIPELINE = ("torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands", "torch-cuda-lean",
             "torch-cuda-lean-bands", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-heuristics")
 LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low-memory-cudnn-heuristics",
-       "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands")
+       "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands")
 LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
 COMPILE = "torch-compile-reduce-overhead"
 

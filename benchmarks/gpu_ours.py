@@ -18,7 +18,8 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-no-kernels      the plain diffusers UNet (split K/V, SDPA) in the same step graph
   torch-cuda-eager           FastUNet without the CUDA graph
   torch-cuda-low-memory      one network on the GPU at a time, tiled VAE decode (and, by default
-                             there: no K/V tables, the guidance halves as two UNet calls)
+                             there: no K/V tables, the guidance halves as two UNet calls, the
+                             feed-forward in 2048-token chunks; -1024-no-ff-chunk: without those)
   torch-cuda-low-memory-1024-untiled  low-memory at 1024 px with the VAE decoded in one piece
                              (vae_tiling=False: exact, no seams; PSNR against the tiled image);
                              -1024-bands: the same in 32-row bands (vae_bands=32)
@@ -268,7 +269,8 @@ ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph
        "torch-cuda-lean", "torch-cuda-lean-bands",
        "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
-       "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands", "torch-cuda-low-memory-batched",
+       "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands",
+       "torch-cuda-low-memory-batched",
        "torch-cuda-int8",
        "torch-cuda-low-memory-int8",
        "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-low-memory-cudnn-heuristics",
@@ -343,6 +345,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-low-memory": lambda: measure_variant("torch-cuda-low-memory", bundle, low_memory=True, **one),
         "torch-cuda-low-memory-1024": lambda: measure_variant("torch-cuda-low-memory-1024", bundle, low_memory=True,
                                                               keep=kept, **big),
+        "torch-cuda-low-memory-1024-no-ff-chunk": lambda: measure_variant(
+            "torch-cuda-low-memory-1024-no-ff-chunk", bundle, low_memory=True, ff_chunk=0, **big),
         "torch-cuda-low-memory-1024-untiled": lambda: measure_variant(
             "torch-cuda-low-memory-1024-untiled", bundle, low_memory=True, vae_tiling=False, keep=kept,
             compare=only("torch-cuda-low-memory-1024"), **big),

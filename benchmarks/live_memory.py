@@ -134,6 +134,7 @@ def measure(sizes=(512, 1024), dtype_name: str = "float16") -> list[dict]:
 
     import torch
 
+    from pm_runtime.backends.torch_cuda import FF_CHUNK
     from pm_runtime.modeling.fast_unet import FastUNet
     from pm_runtime.modeling.int8_weights import quantize_unet_
 
@@ -175,6 +176,11 @@ def measure(sizes=(512, 1024), dtype_name: str = "float16") -> list[dict]:
             rec("unet-call", f"FastUNet, contexts, batch {n}", size, lambda: fast(x, t, c, c), note=how)
             rec("unet-call", f"FastUNet int8 weights, K/V tables, batch {n}", size,
                 lambda: fast_int8(x, t, kv_index=idx), note=how)
+            if n == 1:  # low-memory mode's UNet call: contexts, one guidance half, chunked feed-forward
+                fast.ff_chunk = FF_CHUNK
+                rec("unet-call", f"FastUNet, contexts, batch 1, feed-forward in {FF_CHUNK}-token chunks", size,
+                    lambda: fast(x, t, c, c), note=how)
+                fast.ff_chunk = None
     return recs
 
 

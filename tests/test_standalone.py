@@ -75,6 +75,10 @@ def test_unet_tree_computes_diffusers_unet(config):
         fast_sa = FastUNet(tree)(x, t, c_k, c_v)
     assert torch.equal(fast_sa, fast_hf)  # same computation, same weights: the same numbers
     _close(fast_sa, ref, 1e-4)
+    chunked = FastUNet(tree)
+    chunked.ff_chunk = 37  # 128 tokens at the first level: 4 chunks, the last one short; 32 tokens below: whole
+    with torch.no_grad():
+        _close(chunked(x, t, c_k, c_v), fast_sa, 1e-6)  # low-memory mode's chunked feed-forward: same values
     # every parameter of the HF module is in the tree, the same tensor values
     n_tree = sum(p.numel() for p in tree.parameters())
     assert n_tree == sum(p.numel() for p in hf.parameters())

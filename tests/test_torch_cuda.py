@@ -162,6 +162,14 @@ def test_low_memory_mode_runs_and_frees(run_bundle, fast_pipe):
     a, b = low.generate(PROMPT, **kw), fast_pipe.generate(PROMPT, **kw)
     assert low.backend.loads["unet"] == 1 and not low.backend._cache  # loaded for the stage, then freed
     assert low.backend.sequential_guidance and not low.backend.kv_tables  # low-memory defaults
+    from pm_runtime.backends.torch_cuda import FF_CHUNK
+
+    assert low.backend._load("unet").module.ff_chunk == FF_CHUNK and fast_pipe.backend.ff_chunk is None
+    low.backend._parked["unet"].detach()
+    with pytest.raises(UserError, match="ff_chunk"):
+        Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", ff_chunk=-1)
+    assert Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", low_memory=True, ff_chunk=0).backend.ff_chunk \
+        is None
     parked = low.backend._parked
     assert set(parked) >= {"text_encoder", "unet", "vae_decoder"} and all(p.on_host() for p in parked.values())
     # the UNet's fused self-attention Q/K/V and the views of it rest in ONE host storage

@@ -73,6 +73,7 @@ INSTALL_HINT = ("the torch-cuda backend needs PyTorch with CUDA (and diffusers +
                 "or networks its standalone modules do not cover): install the CUDA "
                 "build of torch, then pip install 'personamagic-runtime[train,kernels]'")
 TORCH_FORMAT = "torch"
+FF_CHUNK = 2048  # low-memory mode's feed-forward chunk, in tokens (FastUNet.ff_chunk; 4096 tokens at 512 px)
 
 
 def _has_torch_weights(bundle: Bundle) -> bool:
@@ -93,7 +94,7 @@ class TorchCudaBackend(Backend):
                  offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
                  int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
                  offload_safety_checker: bool = True, vae_tiling: bool | None = None, vae_bands: int | None = None,
-                 **_):
+                 ff_chunk: int | None = None, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -119,6 +120,11 @@ class TorchCudaBackend(Backend):
         # the unconditional and conditional UNet halves one after the other (half the activations;
         # the default in low-memory mode, where memory matters more than the step time)
         self.sequential_guidance = self.low_memory if sequential_guidance is None else bool(sequential_guidance)
+        # the UNet's feed-forward in token chunks (FastUNet.ff_chunk): the default in low-memory mode;
+        # 0 turns it off
+        if ff_chunk is not None and int(ff_chunk) < 0:
+            raise UserError(f"ff_chunk must be a token count >= 1 (0: off), got {ff_chunk}")
+        self.ff_chunk = (FF_CHUNK if self.low_memory else None) if ff_chunk is None else (int(ff_chunk) or None)
         if sdpa not in (None, "flash", "cudnn", "efficient"):
             raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
@@ -280,7 +286,9 @@ class TorchCudaBackend(Backend):
             return graph_module
         if self.torch_device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
-        return FastUNet(unet)  # a fresh wrapper per load: the K/V tables it gets belong to this load's step graph
+        fast = FastUNet(unet)  # a fresh wrapper per load: the K/V tables it gets belong to this load's step graph
+        fast.ff_chunk = self.ff_chunk
+        return fast
 
     def _free(self, net) -> None:
         import torch

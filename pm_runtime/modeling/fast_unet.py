@@ -118,6 +118,9 @@ class FastUNet(nn.Module):
                 self.self_attn.append(m.attn1)
                 self.cross.append(m.attn2)
         self.kv_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(attn2) -> (K, V) tables
+        # feed-forward in chunks of this many tokens where a block has more (None: in one piece):
+        # less activation memory at large images, same values (torch-cuda sets it in low-memory mode)
+        self.ff_chunk: int | None = None
 
     # ------------------------------------------------------------------ per-image K/V tables
     def allocate_context_tables(self, rows: int, length: int) -> None:
@@ -168,7 +171,16 @@ class FastUNet(nn.Module):
         h = self._attention(b.attn1, b.norm1(h)) + h
         h = self._attention(b.attn2, b.norm2(h), ctx) + h
         ff = b.ff.net
-        return ff[2](self.k.geglu(ff[0].proj(b.norm3(h)))) + h
+        chunk = self.ff_chunk
+        if not chunk or h.shape[1] <= chunk:
+            return ff[2](self.k.geglu(ff[0].proj(b.norm3(h)))) + h  # norm3's output freed after proj
+        x = b.norm3(h)
+        # token chunks: the 8x-wide GEGLU projection (80 MiB per sample at 1024 px in fp16) lives
+        # one chunk at a time; each chunk's result goes straight into the output, then h is added
+        out = torch.empty_like(h)
+        for s in range(0, x.shape[1], chunk):
+            out[:, s:s + chunk] = ff[2](self.k.geglu(ff[0].proj(x[:, s:s + chunk])))
+        return out.add_(h)
 
     def _transformer(self, t, x, ctx):
         n, c, height, width = x.shape

@@ -46,9 +46,11 @@ def _side_stream(device) -> torch.cuda.Stream:
 def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     """(CUDA graph of one call of `fn`, that call's output): the `warm_up` calls run first on a side
     stream (Triton compiles, cuDNN picks its algorithms: outside the capture), as torch.cuda.graphs
-    documents; the capture goes to memory pool `pool` (None: a pool of its own). The warm-up's
-    activations then sit in the general pool as cached free blocks: they are handed back, so that
-    what the GPU holds between replays is the weights and the graph's pool."""
+    documents, and the capture runs on that same stream (one cuBLAS workspace for both, not a
+    second one for torch.cuda.graph's own capture stream); it goes to memory pool `pool` (None: a
+    pool of its own). torch.cuda.graph empties the allocator's cache before capturing (the warm-up's
+    activations go back to the GPU); what the capture left in the general pool goes after it, so that
+    between replays the GPU holds the weights and the graph's pool."""
     side = _side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.inference_mode():
@@ -56,7 +58,7 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
             call()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, stream=side):
         out = fn()
     torch.cuda.empty_cache()
     return graph, out
