@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU fast-path check in one run (issue: fused kernels + one CUDA graph per step), estimated
-# 8-10 min on an H100/H200 (run it with a ~590 s limit: it is ordered by priority): the gpu-marked
-# tests (kernels at SD 1.5 shapes, the torch-cuda backend on the tiny model), the kernel benchmark,
-# bench_gpu.py (peers and ours on SD-1.5-shaped random weights, 512 px, 50 steps; torch.compile
-# last), start-up in new processes, two short runs under other allocator / cuDNN workspace settings
-# (PM_EXTRA_RUNS=0 skips them), and the goals table (gpu_goals.py -> OUT/goals.md). Records land in OUT.
-# The memory variants are measured once more each in a NEW process ("fresh": nothing an earlier
-# variant left in the process counts in its peak), also with the allocator's expandable segments.
-# PM_STAGES picks stages (default tests,kernels,bench,fresh,start,extra).
+# The GPU fast-path check in one run (issue: fused kernels + one CUDA graph per step), ordered by
+# priority: the gpu-marked tests (kernels at SD 1.5 shapes, the torch-cuda backend on the tiny
+# model), the kernel benchmark, bench_gpu.py (peers and ours on SD-1.5-shaped random weights, 512 px,
+# 50 steps; torch.compile last), the memory variants once more each in a NEW process ("fresh":
+# nothing an earlier variant left in the process counts in its peak; some also with the allocator's
+# expandable segments), start-up in new processes, two short runs under other allocator / cuDNN
+# workspace settings (stage "extra", off by default), and the goals table (gpu_goals.py ->
+# OUT/goals.md). Records land in OUT. PM_STAGES picks stages (default tests,kernels,bench,fresh,start).
+# Timed on an H200 (this session's runs): tests 35-57 s, kernels 8 s, bench_gpu 162 s with 14 of our
+# variants + peers + compile, ~18 s per fresh process, start-up ~40 s: the defaults below come to
+# ~8.5 min; run it with a ~590 s limit (what it has not reached by then is the least needed).
 #   bash benchmarks/gpu_check.sh OUTDIR COMMIT
 # On a machine without diffusers, put its wheels in .whl/ (they are installed to /tmp/site).
 set -u
@@ -21,7 +23,7 @@ fi
 ln -sfn "$PWD/export" /tmp/site/pm_export; ln -sfn "$PWD/kernels" /tmp/site/pm_kernels
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
-STAGES=",${PM_STAGES:-tests,kernels,bench,fresh,start,extra},"
+STAGES=",${PM_STAGES:-tests,kernels,bench,fresh,start},"
 stage() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 [ "${PM_GPU_TESTS:-1}" = 1 ] || STAGES=${STAGES/,tests,/,}
 [ "${PM_EXTRA_RUNS:-1}" = 1 ] || STAGES=${STAGES/,extra,/,}
@@ -38,21 +40,23 @@ timeout 60 python3 benchmarks/bench_kernels.py --reps 30 --out "$OUT/kernels-gpu
 fi
 if stage bench; then
 echo "== pipeline: peers and torch-cuda"
-# PM_OURS: which of our variants (gpu_ours.ALL); the default leaves out the ablations measured before
-# (cudnn-attention, no-kernels, eager, profile, warm-start: bench_start.py below
-# measures the start in phases, against the way before) to stay within the 8 minutes.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-offload-te,torch-cuda-vae-graph,torch-cuda-vae-bands,torch-cuda-lean,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-batched,torch-cuda-low-memory-int8,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-1024-untiled,torch-cuda-low-memory-1024-bands,torch-cuda-low-memory-int8-1024,torch-cuda-cudnn-heuristics,torch-cuda-low-memory-cudnn-heuristics,torch-cuda-phases,torch-cuda-low-memory-phases}
+# PM_OURS: which of our variants (gpu_ours.ALL); the default leaves out the ablations already recorded
+# in benchmarks/results (cudnn-attention, no-kernels, eager, vae-graph, offload-te, cudnn-heuristics,
+# low-memory-batched, 1024-untiled; warm-start: bench_start.py below measures the start in phases).
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-hf-modules,torch-cuda-lean,torch-cuda-lean-bands,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-int8,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-1024-bands,torch-cuda-low-memory-int8-1024,torch-cuda-phases,torch-cuda-low-memory-phases,profile}
 timeout ${PM_BENCH_TIMEOUT:-360} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi
 if stage fresh; then
 echo "== memory variants, each in a new process (default allocator, then expandable segments)"
-FRESH=${PM_FRESH:-torch-cuda-low-memory,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-int8,torch-cuda-low-memory-int8-1024,torch-cuda,torch-cuda-lean,torch-cuda-vae-bands,torch-cuda-lean-bands,torch-cuda-offload-te,torch-cuda-int8}
+FRESH=${PM_FRESH:-torch-cuda-low-memory,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-int8,torch-cuda-low-memory-int8-1024,torch-cuda,torch-cuda-lean,torch-cuda-lean-bands}
+FRESH_EXPANDABLE=${PM_FRESH_EXPANDABLE:-torch-cuda-low-memory-1024,torch-cuda-low-memory-int8-1024,torch-cuda-lean-bands,torch-cuda}
 for conf in default expandable; do
-    for v in ${FRESH//,/ }; do
+    list=$FRESH; [ $conf = expandable ] && list=$FRESH_EXPANDABLE
+    for v in ${list//,/ }; do
         if [ $conf = expandable ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; out=gpu-fresh-expandable
         else unset PYTORCH_CUDA_ALLOC_CONF; out=gpu-fresh; fi
-        timeout ${PM_FRESH_TIMEOUT:-45} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/$out.jsonl" \
+        timeout ${PM_FRESH_TIMEOUT:-60} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/$out.jsonl" \
             --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
     done
 done

@@ -13,6 +13,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              (vae_bands: exact, less decode memory; PSNR against torch-cuda's image)
   torch-cuda-lean            offload-te + vae-graph together (the candidate for the 2.5 GB goal)
   torch-cuda-lean-bands      lean with the banded VAE decode (vae_bands=32) as well
+  torch-cuda-hf-modules      the same with diffusers' / transformers' modules under FastUNet instead of
+                             the standalone ones (hf_modules: the step went 6.80 -> 7.09 ms between
+                             commits 8c3ff4a and 76e8a1a; this isolates one of the changes)
   torch-cuda-no-kv-tables    the same with K = to_k(C_k), V = to_v(C_v) computed inside every step
   torch-cuda-cudnn-attention the same with PyTorch's cuDNN attention preferred for self-attention
   torch-cuda-no-kernels      the plain diffusers UNet (split K/V, SDPA) in the same step graph
@@ -267,7 +270,7 @@ def profile_step(bundle: Path, size: int, log=print) -> dict:
 
 ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands",
        "torch-cuda-lean", "torch-cuda-lean-bands",
-       "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
+       "torch-cuda-hf-modules", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
        "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands",
        "torch-cuda-low-memory-batched",
@@ -337,6 +340,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
                                                    offload_text_encoder=True, **common),
         "torch-cuda-lean-bands": lambda: measure_variant("torch-cuda-lean-bands", bundle, vae_graph=True,
                                                          offload_text_encoder=True, vae_bands=32,
+                                                         compare=only("torch-cuda"), **common),
+        "torch-cuda-hf-modules": lambda: measure_variant("torch-cuda-hf-modules", bundle, hf_modules=True,
                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),
         "torch-cuda-cudnn-attention": lambda: measure_variant("torch-cuda-cudnn-attention", bundle, sdpa="cudnn", **one),
