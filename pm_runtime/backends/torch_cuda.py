@@ -10,46 +10,52 @@
   50-step image is 50 graph replays with nothing copied to or from the host in between, and one
   NaN/inf check at the end of the loop.
 - Every step's contexts come from the pipeline's one batched text-encoder call; they stay on the
-  device (DeviceArray: NaN check there, copied device-to-device into the step graph; NOT MEASURED
-  on a GPU yet: the last record's text-encoder stage took 10.5 ms against diffusers' 4.0 ms, with
-  ~11 MB of fp32 contexts going to the host and back).
+  device (DeviceArray: NaN check there, copied device-to-device into the step graph; on an H200
+  the text-encoder stage went 10.5 -> 7.2 ms with it and the masked inputs below).
 - low_memory: one network on the GPU at a time and a tiled VAE decode. Every network's weights
   rest in pinned host memory (_Parked: one copy per storage, so FastUNet's fused Q/K/V and its
   views stay one copy; the UNet's convolution weights already channels-last) and are copied to the
   GPU for their stage, then dropped (never copied back: they do not change); the step graph is
-  re-captured per image.
+  re-captured per image; the UNet's feed-forward runs in token chunks (ff_chunk, FF_CHUNK tokens:
+  fewer activations at large images, NOT MEASURED on a GPU yet).
 - The networks are pm_runtime.modeling.standalone's (torch only: this backend never imports
   diffusers or transformers, most of a new process's start) where they cover the config;
   hf_modules=True (or a config they do not cover) uses the diffusers/transformers classes. The
   weight files are hashed in background threads while they load (Bundle.verifying).
-- vae_graph (opt-in, NOT MEASURED on a GPU yet): the VAE decode is captured as a CUDA graph per
+- vae_graph (opt-in; measured on an H200 only together with offload_text_encoder, where it did not
+  lower the first image's peak below offload_text_encoder's alone): the VAE decode is captured as a CUDA graph per
   latent shape in the step graph's memory pool, so the decoder's activations reuse the UNet
   step's (both run in turn, never together): the steady-state footprint holds the larger of the
   two, not their sum (the first image still needs the decoder's eager warm-up on top). Without
   CUDA it runs eagerly.
-- int8_weights (opt-in, NOT MEASURED on a GPU yet): the UNet's linear and convolution weights
-  as per-output-channel int8, dequantized layer by layer as they run
-  (pm_runtime.modeling.int8_weights): about half the UNet's memory, at a measured drift.
-- kv_tables: on by default, off by default in low-memory mode (the tables grow with the
-  contexts: >= 123 MB in fp16 at SD 1.5 widths, 32-row capacity).
+- int8_weights (opt-in): the UNet's linear and convolution weights as per-output-channel int8,
+  dequantized layer by layer as they run (pm_runtime.modeling.int8_weights): about half the UNet's
+  memory (H200: first-image peak 2.91 -> 2.05 GB allocated), step 7.09 -> 8.04 ms, image 55.7 dB
+  against the fp16 one (random weights).
+- kv_tables: on by default (H200: 7.09 ms per step against 7.20 without), off by default in
+  low-memory mode (the tables grow with the contexts: >= 123 MB in fp16 at SD 1.5 widths, 32-row
+  capacity).
 - vae_tiling: decode above 512 px in blended 512 px tiles (default: in low-memory mode, as every
   backend). False decodes in one piece (exact): with the standalone decoder's fused GroupNorm+SiLU
   a 1024 px decode's activations are ~1.25 GiB in fp16 (benchmarks/live_memory.py), below the
   low-memory UNet stage's fp16 weights + activations, so at <= 1024 px the tiles may not lower the
   process peak at all: measured by the GPU check (torch-cuda-low-memory-1024-untiled), not here.
-- vae_bands (opt-in, NOT MEASURED on a GPU yet): the standalone VAE decoder's full-resolution end
+- vae_bands (opt-in; H200: the first image's peak 2.91 -> 2.63 GB allocated, the decode 16 -> 62 ms
+  with 32-row bands): the standalone VAE decoder's full-resolution end
   in row bands of this many rows (pm_runtime.modeling.vae_bands: exact, GroupNorm statistics of the
   whole tensor; the last upsampler's output never exists whole): at 512 px in fp16 its activations
   go from 320 to 211 MiB with 32-row bands, by benchmarks/live_memory.py's count.
 - sequential_guidance: the step runs the UNet's unconditional and conditional halves as two
   calls one after the other instead of one batch (half the activation memory, some step time);
-  the default in low-memory mode. Both low-memory defaults are reasoned, NOT MEASURED on a GPU yet.
+  the default in low-memory mode. Low-memory mode with its defaults was measured on an H200 (1.89 GB
+  allocated / 1.96 GB reserved at 512 px); these two defaults' own share of that was not.
 - offload_safety_checker (default on; NOT MEASURED on a GPU yet): the safety checker (a CLIP
   ViT-L/14 vision tower, ~0.6 GB in fp16, called once per image) rests in pinned host memory and is
   copied to the GPU for its call only, as offload_text_encoder does for the text encoder.
-- offload_text_encoder (opt-in, NOT MEASURED on a GPU yet): the text encoder's weights rest in
-  pinned host memory and are copied to the GPU for the one encoding call per image, then
-  dropped (~0.25 GB of fp16 SD-1.5 weights fewer on the GPU while the UNet and VAE run).
+- offload_text_encoder (opt-in): the text encoder's weights rest in pinned host memory and are
+  copied to the GPU for the one encoding call per image, then dropped (~0.25 GB of fp16 SD-1.5
+  weights fewer on the GPU while the UNet and VAE run; H200: first-image peak 2.91 -> 2.66 GB
+  allocated, image 0.381 -> 0.387 s).
 
 Where CUDA is missing, --backend auto skips it; asked for explicitly with --device cpu it runs
 the same code eagerly in fp32 with the kernels' PyTorch references (how it is tested on CPUs).
