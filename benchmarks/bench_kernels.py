@@ -103,6 +103,19 @@ def graph_timed(torch, fn, reps: int, calls: int) -> dict:
 
 
 # ------------------------------------------------------------------ cases
+def _grouped(fn, *args, **kwargs):
+    """fn with GroupNorm's "grouped" implementation (pm_kernels.group_norm; a CUDA graph captured
+    around this call keeps those kernels)."""
+    import pm_kernels as K
+
+    old = K.group_norm_impl()
+    K.set_group_norm_impl("grouped")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        K.set_group_norm_impl(old)
+
+
 def cases(torch, K, KA, dev: str, tiny: bool):
     """Dicts: op, shape, dtype, bytes or flops, ours, refs {name: fn}, check () -> (ours, reference)."""
     F = torch.nn.functional
@@ -122,13 +135,16 @@ def cases(torch, K, KA, dev: str, tiny: bool):
                                                                  w.half(), b.half(), 1e-5))
         yield {"op": "group_norm_silu", "shape": [2, c, side, side], "bytes": nbytes,
                "ours": lambda x=x, w=w, b=b: K.group_norm_silu(x, w, b, 32, 1e-5),
-               "refs": {"torch_channels_last": lambda x=x: ref_gn(x), "torch_nchw": lambda x=xn: ref_gn(x)},
+               "refs": {"torch_channels_last": lambda x=x: ref_gn(x), "torch_nchw": lambda x=xn: ref_gn(x),
+                        "ours_grouped": lambda x=x, w=w, b=b: _grouped(K.group_norm_silu, x, w, b, 32, 1e-5)},
                "check": lambda x=x, w=w, b=b: (K.group_norm_silu(x, w, b, 32, 1e-5),
                                                K.group_norm_silu_reference(x, w, b, 32, 1e-5))}
         yield {"op": "group_norm_temb_silu", "shape": [2, c, side, side], "bytes": nbytes,
                "ours": lambda x=x, w=w, b=b, t=t: K.group_norm_silu(x, w, b, 32, 1e-5, temb=t),
                "refs": {"torch_channels_last": lambda x=x, t=t: ref_gn(x, t),
-                        "torch_nchw": lambda x=xn, t=t: ref_gn(x, t)},
+                        "torch_nchw": lambda x=xn, t=t: ref_gn(x, t),
+                        "ours_grouped": lambda x=x, w=w, b=b, t=t: _grouped(K.group_norm_silu, x, w, b, 32, 1e-5,
+                                                                            temb=t)},
                "check": lambda x=x, w=w, b=b, t=t: (K.group_norm_silu(x, w, b, 32, 1e-5, temb=t),
                                                     K.group_norm_silu_reference(x, w, b, 32, 1e-5, temb=t))}
         if side in (64, 16, 4):

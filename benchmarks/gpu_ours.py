@@ -13,6 +13,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              (vae_bands: exact, less decode memory; PSNR against torch-cuda's image)
   torch-cuda-lean            offload-te + vae-graph together (the candidate for the 2.5 GB goal)
   torch-cuda-lean-bands      lean with the banded VAE decode (vae_bands=32) as well
+  torch-cuda-gn-grouped      the same with pm_kernels' "grouped" GroupNorm (one or two kernel launches
+                             per GroupNorm instead of three: gn_impl="grouped"); -gn-auto: grouped
+                             where one launch covers a group, the default's elsewhere
   torch-cuda-hf-modules      the same with diffusers' / transformers' modules under FastUNet instead of
                              the standalone ones (hf_modules: the step went 6.80 -> 7.09 ms between
                              commits 8c3ff4a and 76e8a1a; this isolates one of the changes)
@@ -270,7 +273,7 @@ def profile_step(bundle: Path, size: int, log=print) -> dict:
 
 ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands",
        "torch-cuda-lean", "torch-cuda-lean-bands",
-       "torch-cuda-hf-modules", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
+       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
        "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
        "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands",
        "torch-cuda-low-memory-batched",
@@ -279,6 +282,17 @@ ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph
        "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-phases", "torch-cuda-low-memory-phases",
        "torch-cuda-warm-start", "profile")
+
+
+def _gn_restored(fn):
+    """fn(); then GroupNorm's default implementation again (gn_impl is process-wide: the variants
+    after torch-cuda-gn-grouped must not inherit it)."""
+    import pm_kernels
+
+    try:
+        return fn()
+    finally:
+        pm_kernels.set_group_norm_impl("tiled")
 
 
 def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 30, images: int = 3,
@@ -341,6 +355,10 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-lean-bands": lambda: measure_variant("torch-cuda-lean-bands", bundle, vae_graph=True,
                                                          offload_text_encoder=True, vae_bands=32,
                                                          compare=only("torch-cuda"), **common),
+        "torch-cuda-gn-grouped": lambda: _gn_restored(lambda: measure_variant(
+            "torch-cuda-gn-grouped", bundle, gn_impl="grouped", compare=only("torch-cuda"), **common)),
+        "torch-cuda-gn-auto": lambda: _gn_restored(lambda: measure_variant(
+            "torch-cuda-gn-auto", bundle, gn_impl="auto", compare=only("torch-cuda"), **common)),
         "torch-cuda-hf-modules": lambda: measure_variant("torch-cuda-hf-modules", bundle, hf_modules=True,
                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),

@@ -2,7 +2,8 @@
 
     group_norm_silu(x, weight, bias, num_groups, eps, *, temb=None, silu=True)   kernels/group_norm.py
         silu(group_norm(x + temb[:, :, None, None])), x (N, C, H, W) in any memory format (read in
-        place; fast for channels-last), output in x's format; fp32 statistics, safe for mean >> std
+        place; fast for channels-last), output in x's format; fp32 statistics, safe for mean >> std;
+        two Triton implementations, set_group_norm_impl("tiled" | "grouped") (PM_GN_IMPL)
     geglu(h)                                                                     kernels/geglu.py
         h (..., 2F) -> h[..., :F] * gelu(h[..., F:]) (exact erf GELU, as diffusers' GEGLU), one pass
     attention(q, k, v, heads, scale=None, kv_index=None)                         kernels/attention.py
@@ -27,8 +28,9 @@ from ._dispatch import KERNELS, enabled, kernel_path, set_enabled, triton_availa
 from .attention import attention, attention_reference, attention_sdpa
 from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
 from .geglu import geglu, geglu_reference
-from .group_norm import group_norm_silu, group_norm_silu_reference
+from .group_norm import group_norm_impl, group_norm_silu, group_norm_silu_reference, set_group_norm_impl
 
 __all__ = ["KERNELS", "attention", "attention_reference", "attention_sdpa", "dequant_int8", "dequant_int8_reference",
            "enabled", "geglu", "geglu_reference", "quantize_int8",
-           "group_norm_silu", "group_norm_silu_reference", "kernel_path", "set_enabled", "triton_available"]
+           "group_norm_impl", "group_norm_silu", "group_norm_silu_reference", "kernel_path", "set_enabled",
+           "set_group_norm_impl", "triton_available"]

@@ -15,9 +15,26 @@ Statistics in fp32, numerically safe for activations whose mean is >> their spre
 taken about a per-channel pivot (the channel's first pixel, close to its mean) and channels are
 combined Chan-style (M2_group = sum M2_c + HW * sum (mean_c - mean_group)^2). temb shifts every
 pixel of a channel equally, so it cancels from the pivoted sums: only pass 2 reads it.
+
+A second implementation, "grouped" (set_group_norm_impl; PM_GN_IMPL), launches fewer kernels: in
+a CUDA-graph-captured UNet step a GroupNorm at SD 1.5's sizes costs more in launches than in bytes
+(61 of them per step, three launches each here), and the step got ~0.3 ms slower on an H200 when
+this three-pass version replaced a two-launch one. Its programs work on one (sample, group) and a
+range of its pixels, the group's channels contiguous in channels-last (shorter rows than the tiles
+above: less coalesced), with the same pivoted, Chan-combined fp32 statistics:
+  small groups (CPG * HW <= FUSE_MAX)  _gn_grp_apply, FUSED: ONE launch, grid (N*G,): the program
+          takes its group's statistics, then normalises it (a second read, from cache)
+  larger  _gn_grp_stats grid (N*G, SPLIT): (mean, M2) of each pixel range -> part (N*G, SPLIT, 2);
+          _gn_grp_apply grid (N*G, SPLIT): combines its group's SPLIT partials, normalises its range
+"auto" takes grouped's one launch where it covers the group and tiled's coalesced passes elsewhere.
+Which is faster at which size is for the GPU benchmark to say (bench_kernels.py measures tiled and
+grouped, the torch-cuda variants torch-cuda-gn-grouped / -gn-auto the step); "tiled" stays the
+default until it has.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +56,27 @@ def group_norm_silu_reference(x, weight, bias, num_groups: int, eps: float, *, t
     if silu:
         y = F.silu(y)
     return y.to(x.dtype).contiguous(memory_format=_format(x))
+
+
+IMPLS = ("tiled", "grouped", "auto")  # auto: grouped where one launch does (CPG * HW <= FUSE_MAX), else tiled
+_IMPL = os.environ.get("PM_GN_IMPL", "tiled")
+FUSE_MAX = 16384  # grouped: a (sample, group) of at most this many elements is normalised in one launch
+GROUPED_TILE = 2048  # grouped: elements per [pixels, group channels] tile
+
+
+def set_group_norm_impl(name: str) -> None:
+    """Which Triton implementation group_norm_silu launches from now on: "tiled" (three passes over
+    all-channel tiles), "grouped" (one or two launches per call) or "auto" (grouped where its one
+    launch covers the group, tiled elsewhere). A CUDA graph keeps the kernels it captured: set this
+    before capturing."""
+    global _IMPL
+    if name not in IMPLS:
+        raise ValueError(f"group norm implementation {name!r}: one of {', '.join(IMPLS)}")
+    _IMPL = name
+
+
+def group_norm_impl() -> str:
+    return _IMPL
 
 
 def _format(x) -> torch.memory_format:
@@ -121,6 +159,82 @@ if triton is not None:
             y = y / (1.0 + tl.exp(-y))
         tl.store(y_ptr + n * o_n + cs[None, :] * o_c + ps[:, None] * o_p, y.to(y_ptr.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _grp_range_stats(x_ptr, t_ptr, n, g, G, CPG, start, end, s_n, s_c, s_p, HAS_T: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(mean, M2) of x + temb over one group's channels and pixels [start, end): per-channel sums
+        about the channel's first pixel, channels combined Chan-style."""
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < CPG
+        chan = g * CPG + cs
+        base = x_ptr + n * s_n + chan[None, :] * s_c
+        pivot = tl.load(base, mask=cmask[None, :], other=0.0).to(tl.float32)  # (1, BLOCK_C): pixel 0
+        acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            m = (ps[:, None] < end) & cmask[None, :]
+            d = tl.where(m, tl.load(base + ps[:, None] * s_p, mask=m, other=0.0).to(tl.float32) - pivot, 0.0)
+            acc += d
+            acc2 += d * d
+        s1 = tl.sum(acc, 0)  # (BLOCK_C,)
+        s2 = tl.sum(acc2, 0)
+        npix = (end - start).to(tl.float32)
+        mean_c = tl.sum(pivot, 0) + s1 / npix
+        if HAS_T:
+            mean_c += tl.load(t_ptr + n * G * CPG + chan, mask=cmask, other=0.0).to(tl.float32)
+        m2_c = tl.maximum(s2 - s1 * (s1 / npix), 0.0)
+        mean = tl.sum(tl.where(cmask, mean_c, 0.0), 0) / CPG.to(tl.float32)
+        dev = tl.where(cmask, mean_c - mean, 0.0)
+        return mean, tl.sum(tl.where(cmask, m2_c, 0.0), 0) + npix * tl.sum(dev * dev, 0)
+
+    @triton.jit(do_not_specialize=["HW", "G", "CPG", "SPLIT", "CHUNK"])
+    def _gn_grp_stats(x_ptr, t_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, s_n, s_c, s_p, HAS_T: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        ng, sp = tl.program_id(0), tl.program_id(1)
+        start = sp * CHUNK
+        mean, m2 = _grp_range_stats(x_ptr, t_ptr, ng // G, ng % G, G, CPG, start, tl.minimum(start + CHUNK, HW),
+                                    s_n, s_c, s_p, HAS_T, BLOCK_P, BLOCK_C)
+        tl.store(part_ptr + (ng * SPLIT + sp) * 2, mean)
+        tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, m2)
+
+    @triton.jit(do_not_specialize=["HW", "G", "CPG", "SPLIT", "CHUNK", "eps"])
+    def _gn_grp_apply(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, eps, s_n, s_c, s_p,
+                      o_n, o_c, o_p, HAS_T: tl.constexpr, SILU: tl.constexpr, FUSED: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        ng, sp = tl.program_id(0), tl.program_id(1)
+        n, g = ng // G, ng % G
+        hw = HW.to(tl.float32)
+        if FUSED:  # the whole group in this program: its statistics first (SPLIT == 1)
+            mean, m2 = _grp_range_stats(x_ptr, t_ptr, n, g, G, CPG, 0, HW, s_n, s_c, s_p, HAS_T, BLOCK_P, BLOCK_C)
+        else:  # Chan-combine the group's SPLIT (mean, M2) partials, each over cnt pixels x CPG channels
+            ss = tl.arange(0, BLOCK_S)
+            smask = ss < SPLIT
+            means = tl.load(part_ptr + (ng * SPLIT + ss) * 2, mask=smask, other=0.0)
+            m2s = tl.load(part_ptr + (ng * SPLIT + ss) * 2 + 1, mask=smask, other=0.0)
+            cnt = tl.where(smask, tl.minimum(CHUNK, HW - ss * CHUNK), 0).to(tl.float32)
+            mean = tl.sum(cnt * means, 0) / hw
+            dm = tl.where(smask, means - mean, 0.0)
+            m2 = tl.sum(m2s, 0) + CPG.to(tl.float32) * tl.sum(cnt * dm * dm, 0)
+        rstd = 1.0 / tl.sqrt(m2 / (hw * CPG.to(tl.float32)) + eps)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < CPG
+        chan = g * CPG + cs
+        scale = tl.load(w_ptr + chan, mask=cmask, other=0.0).to(tl.float32) * rstd
+        shift = tl.load(b_ptr + chan, mask=cmask, other=0.0).to(tl.float32) - mean * scale
+        if HAS_T:  # (x + t - mean) * scale + b
+            shift += tl.load(t_ptr + n * G * CPG + chan, mask=cmask, other=0.0).to(tl.float32) * scale
+        start = sp * CHUNK
+        end = tl.minimum(start + CHUNK, HW)
+        for p0 in range(start, end, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            m = (ps[:, None] < end) & cmask[None, :]
+            v = tl.load(x_ptr + n * s_n + chan[None, :] * s_c + ps[:, None] * s_p, mask=m, other=0.0).to(tl.float32)
+            y = v * scale[None, :] + shift[None, :]
+            if SILU:
+                y = y / (1.0 + tl.exp(-y))
+            tl.store(y_ptr + n * o_n + chan[None, :] * o_c + ps[:, None] * o_p, y.to(y_ptr.dtype.element_ty), mask=m)
+
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
@@ -142,6 +256,8 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
         raise ValueError(f"group_norm_silu: x {tuple(x.shape)} with {num_groups} groups")
     if kernel_path("group_norm_silu", x) == "reference":
         return group_norm_silu_reference(x, weight, bias, num_groups, eps, temb=temb, silu=silu)
+    if _IMPL not in IMPLS:
+        raise ValueError(f"PM_GN_IMPL={_IMPL!r}: one of {', '.join(IMPLS)}")
     n, c, h, w = x.shape
     fmt = _format(x)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
@@ -150,6 +266,10 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     hw, cpg = h * w, c // num_groups
     s_n, s_c, s_p = x.stride(0), x.stride(1), x.stride(3)  # pixel p = h*W + w: stride(2) == W*stride(3)
     o_n, o_c, o_p = y.stride(0), y.stride(1), y.stride(3)
+    t = temb.contiguous() if temb is not None else x  # (N, C); a dummy pointer when absent
+    if _IMPL == "grouped" or (_IMPL == "auto" and (c // num_groups) * h * w <= FUSE_MAX):
+        _grouped(x, t, weight, bias, y, num_groups, eps, temb is not None, silu, (s_n, s_c, s_p), (o_n, o_c, o_p))
+        return y
     nhwc = s_c == 1 and c > 1
 
     # pass 1: enough programs (~512) to fill a big GPU, each looping over whole tiles of its pixel range
@@ -163,7 +283,6 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
 
     # pass 2: one program per (sample, group)
     ss = torch.empty((n, 2, c), dtype=torch.float32, device=x.device)
-    t = temb.contiguous() if temb is not None else x  # (N, C); a dummy pointer when absent
     _gn_finalize[(n * num_groups,)](x, t, weight, bias, part, ss, c, hw, num_groups, cpg, split, float(eps), s_n,
                                     s_c, HAS_T=temb is not None, BLOCK_S=max(2, next_pow2(split)),
                                     BLOCK_G=max(2, next_pow2(cpg)))
@@ -173,3 +292,22 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     _gn_apply[(n, _ceil(hw, block_p), _ceil(c, block_c))](x, ss, y, c, hw, s_n, s_c, s_p, o_n, o_c, o_p,
                                                          SILU=bool(silu), BLOCK_P=block_p, BLOCK_C=block_c)
     return y
+
+
+def _grouped(x, t, weight, bias, y, num_groups: int, eps: float, has_t: bool, silu: bool, xs, ys) -> None:
+    """The "grouped" implementation into y: one launch for small groups, two otherwise."""
+    n, c, h, w = x.shape
+    hw, cpg = h * w, c // num_groups
+    block_c = max(2, next_pow2(cpg))
+    block_p = max(1, min(next_pow2(hw), GROUPED_TILE // block_c))
+    split = 1 if cpg * hw <= FUSE_MAX else max(1, min(64, _ceil(512, n * num_groups), _ceil(hw, block_p)))
+    chunk = _ceil(_ceil(hw, split), block_p) * block_p  # whole tiles per program
+    split = _ceil(hw, chunk)
+    part = y  # a dummy pointer for the one-launch case
+    if split > 1:
+        part = torch.empty((n * num_groups, split, 2), dtype=torch.float32, device=x.device)
+        _gn_grp_stats[(n * num_groups, split)](x, t, part, hw, num_groups, cpg, split, chunk, *xs, HAS_T=has_t,
+                                               BLOCK_P=block_p, BLOCK_C=block_c)
+    _gn_grp_apply[(n * num_groups, split)](x, t, weight, bias, y, part, hw, num_groups, cpg, split, chunk, float(eps),
+                                           *xs, *ys, HAS_T=has_t, SILU=bool(silu), FUSED=split == 1,
+                                           BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_S=max(2, next_pow2(split)))

@@ -38,10 +38,27 @@ def kernels_on():
     K.set_enabled(True)
 
 
+GN_IMPLS = ["tiled", "grouped", "grouped-split"]
+
+
+@pytest.fixture
+def gn_impl(request, monkeypatch):
+    """GroupNorm's two Triton implementations; "grouped-split" forces the grouped one's two-launch
+    path (statistics of pixel ranges, then their combination) at these small sizes."""
+    gn = importlib.import_module("pm_kernels.group_norm")
+    name = request.param
+    if name == "grouped-split":
+        monkeypatch.setattr(gn, "FUSE_MAX", 0)
+        monkeypatch.setattr(gn, "GROUPED_TILE", 32)  # tiles of a few pixels: several ranges per group
+    monkeypatch.setattr(gn, "_IMPL", name.split("-")[0])
+    return name
+
+
+@pytest.mark.parametrize("gn_impl", GN_IMPLS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
 @pytest.mark.parametrize("n, c, h, w, groups", [(2, 40, 5, 7, 8), (1, 60, 1, 1, 4), (3, 32, 8, 8, 8)])
-def test_group_norm_silu(n, c, h, w, groups, fmt, dtype):
+def test_group_norm_silu(n, c, h, w, groups, fmt, dtype, gn_impl):
     g = torch.Generator().manual_seed(n + c + h)
     x = (3 + torch.randn(n, c, h, w, generator=g)).to(DEVICE, dtype).contiguous(memory_format=fmt)  # mean >> 0
     weight, bias = torch.randn(2, c, generator=g).to(DEVICE)
@@ -56,8 +73,9 @@ def test_group_norm_silu(n, c, h, w, groups, fmt, dtype):
             assert rel_err(out, ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("gn_impl", GN_IMPLS, indirect=True)
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
-def test_group_norm_large_mean(fmt):
+def test_group_norm_large_mean(fmt, gn_impl):
     """mean 300 >> std 1: a plain fp32 sum / sum-of-squares variance loses ~1e-2 here (PyTorch's
     own CPU channels-last GroupNorm does); pivoted sums keep fp32 accuracy. Against float64."""
     g = torch.Generator().manual_seed(1)
@@ -68,6 +86,28 @@ def test_group_norm_large_mean(fmt):
     out = K.group_norm_silu(x.float().to(DEVICE).contiguous(memory_format=fmt), w.float().to(DEVICE),
                             b.float().to(DEVICE), 16, 1e-5, temb=t.float().to(DEVICE), silu=False)
     assert rel_err(out.cpu(), ref.float()) <= 1e-4
+
+
+def test_group_norm_implementation_setting():
+    gn = importlib.import_module("pm_kernels.group_norm")
+    assert K.group_norm_impl() in gn.IMPLS
+    with pytest.raises(ValueError, match="tiled, grouped, auto"):
+        K.set_group_norm_impl("fast")
+
+
+def test_group_norm_auto_takes_grouped_where_one_launch_covers_a_group(monkeypatch):
+    gn = importlib.import_module("pm_kernels.group_norm")
+    grouped = []
+    real = gn._grouped
+    monkeypatch.setattr(gn, "_grouped", lambda *a, **k: grouped.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(gn, "_IMPL", "auto")
+    monkeypatch.setattr(gn, "FUSE_MAX", 4 * 9)  # 4 channels per group x 3 x 3 pixels
+    w, b = torch.randn(2, 8, device=DEVICE)
+    for side in (3, 4):
+        x = torch.randn(1, 8, side, side, device=DEVICE)
+        out = K.group_norm_silu(x, w, b, 2, 1e-5)
+        assert rel_err(out, K.group_norm_silu_reference(x, w, b, 2, 1e-5)) <= 1e-4
+    assert grouped == [(1, 8, 3, 3)]  # 4 x 16 pixels > FUSE_MAX: the tiled passes
 
 
 def test_group_norm_reference_is_torch_group_norm():
@@ -212,11 +252,14 @@ def test_sd15_shapes_on_gpu(c, side, monkeypatch):
     w, b = torch.randn(2, c, device="cuda", generator=g)
     t = torch.randn(2, c, device="cuda", generator=g).half()
     assert K.kernel_path("group_norm_silu", x) == "triton"
-    for fmt in (torch.channels_last, torch.contiguous_format):
-        xf = x.contiguous(memory_format=fmt)
-        out = K.group_norm_silu(xf, w, b, 32, 1e-5, temb=t)
-        assert out.is_contiguous(memory_format=fmt)
-        assert rel_err(out, K.group_norm_silu_reference(xf, w, b, 32, 1e-5, temb=t)) <= 1e-2
+    gn = importlib.import_module("pm_kernels.group_norm")
+    for impl in gn.IMPLS:  # both implementations, compiled
+        monkeypatch.setattr(gn, "_IMPL", impl)
+        for fmt in (torch.channels_last, torch.contiguous_format):
+            xf = x.contiguous(memory_format=fmt)
+            out = K.group_norm_silu(xf, w, b, 32, 1e-5, temb=t)
+            assert out.is_contiguous(memory_format=fmt)
+            assert rel_err(out, K.group_norm_silu_reference(xf, w, b, 32, 1e-5, temb=t)) <= 1e-2, impl
     h = torch.randn(2, side * side, 8 * c, device="cuda", generator=g).half()
     assert rel_err(K.geglu(h), K.geglu_reference(h)) <= 1e-2
     if c not in (320, 640, 1280):  # SD 1.5's attention widths

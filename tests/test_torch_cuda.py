@@ -166,6 +166,8 @@ def test_low_memory_mode_runs_and_frees(run_bundle, fast_pipe):
 
     assert low.backend._load("unet").module.ff_chunk == FF_CHUNK and fast_pipe.backend.ff_chunk is None
     low.backend._parked["unet"].detach()
+    with pytest.raises(UserError, match="gn_impl"):
+        Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", gn_impl="fast")
     with pytest.raises(UserError, match="ff_chunk"):
         Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", ff_chunk=-1)
     assert Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", low_memory=True, ff_chunk=0).backend.ff_chunk \

@@ -52,6 +52,9 @@
 - offload_safety_checker (default on; NOT MEASURED on a GPU yet): the safety checker (a CLIP
   ViT-L/14 vision tower, ~0.6 GB in fp16, called once per image) rests in pinned host memory and is
   copied to the GPU for its call only, as offload_text_encoder does for the text encoder.
+- gn_impl ("tiled" default | "grouped" | "auto", NOT MEASURED on a GPU yet): which of pm_kernels'
+  Triton GroupNorms the UNet runs (fewer kernel launches per GroupNorm with "grouped"; "auto" uses
+  it where one launch covers a group); process-wide.
 - offload_text_encoder (opt-in): the text encoder's weights rest in pinned host memory and are
   copied to the GPU for the one encoding call per image, then dropped (~0.25 GB of fp16 SD-1.5
   weights fewer on the GPU while the UNet and VAE run; H200: first-image peak 2.91 -> 2.66 GB
@@ -100,7 +103,7 @@ class TorchCudaBackend(Backend):
                  offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
                  int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
                  offload_safety_checker: bool = True, vae_tiling: bool | None = None, vae_bands: int | None = None,
-                 ff_chunk: int | None = None, **_):
+                 ff_chunk: int | None = None, gn_impl: str | None = None, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -134,6 +137,13 @@ class TorchCudaBackend(Backend):
         if sdpa not in (None, "flash", "cudnn", "efficient"):
             raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
+        if gn_impl is not None:  # which Triton GroupNorm the UNet's graph captures (a process-wide setting)
+            import pm_kernels
+
+            try:
+                pm_kernels.set_group_norm_impl(gn_impl)
+            except ValueError as e:
+                raise UserError(f"gn_impl: {e}") from None
         if on_cuda:  # fixed shapes per image: time cuDNN's convolution algorithms once per shape (a process-wide
             # setting; False: its heuristics, no timing runs in a new process's first image)
             torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
