@@ -18,8 +18,9 @@ pixel of a channel equally, so it cancels from the pivoted sums: only pass 2 rea
 
 A second implementation, "grouped" (set_group_norm_impl; PM_GN_IMPL), launches fewer kernels: in
 a CUDA-graph-captured UNet step a GroupNorm at SD 1.5's sizes costs more in launches than in bytes
-(61 of them per step, three launches each here), and the step got ~0.3 ms slower on an H200 when
-this three-pass version replaced a two-launch one. Its programs work on one (sample, group) and a
+(61 of them per step, three launches each here); the step got ~0.3 ms slower on an H200 between
+two commits, and this three-pass version replacing a two-launch one is among the changes between
+them (a suspect, not a finding). Its programs work on one (sample, group) and a
 range of its pixels, the group's channels contiguous in channels-last (shorter rows than the tiles
 above: less coalesced), with the same pivoted, Chan-combined fp32 statistics:
   small groups (CPG * HW <= FUSE_MAX)  _gn_grp_apply, FUSED: ONE launch, grid (N*G,): the program
