@@ -47,11 +47,16 @@ def gn_impl(request, monkeypatch):
     path (statistics of pixel ranges, then their combination) at these small sizes."""
     gn = importlib.import_module("pm_kernels.group_norm")
     name = request.param
+    splits = []  # grid of each range-statistics launch (the two-launch path)
     if name == "grouped-split":
         monkeypatch.setattr(gn, "FUSE_MAX", 0)
-        monkeypatch.setattr(gn, "GROUPED_TILE", 32)  # tiles of a few pixels: several ranges per group
+        monkeypatch.setattr(gn, "GROUPED_TILE", 128)  # tiles of 16-32 pixels: 2-5 ranges per group here
+        stats = gn._gn_grp_stats
+        monkeypatch.setattr(gn, "_gn_grp_stats", _Launch(lambda *a, **k: None, stats, splits))
     monkeypatch.setattr(gn, "_IMPL", name.split("-")[0])
-    return name
+    yield name
+    if name == "grouped-split" and request.node.funcargs.get("h", 2) * request.node.funcargs.get("w", 2) > 1:
+        assert splits and all(grid[1] > 1 for grid in splits), splits
 
 
 @pytest.mark.parametrize("gn_impl", GN_IMPLS, indirect=True)
@@ -212,13 +217,17 @@ def test_a_failing_kernel_raises(monkeypatch):
 
 
 class _Launch:
-    """Stands in for a @triton.jit kernel: kernel[grid](...) calls fn."""
+    """Stands in for a @triton.jit kernel: kernel[grid](...) calls fn; with `real`, the real kernel
+    is launched and each grid is recorded in `grids`."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, real=None, grids=None):
+        self.fn, self.real, self.grids = fn, real, grids
 
     def __getitem__(self, grid):
-        return self.fn
+        if self.real is None:
+            return self.fn
+        self.grids.append(grid)
+        return self.real[grid]
 
 
 def test_benchmark_runs_end_to_end(tmp_path):
