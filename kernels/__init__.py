@@ -3,7 +3,7 @@
     group_norm_silu(x, weight, bias, num_groups, eps, *, temb=None, silu=True)   kernels/group_norm.py
         silu(group_norm(x + temb[:, :, None, None])), x (N, C, H, W) in any memory format (read in
         place; fast for channels-last), output in x's format; fp32 statistics, safe for mean >> std;
-        two Triton implementations, set_group_norm_impl("tiled" | "grouped") (PM_GN_IMPL)
+        two Triton implementations, set_group_norm_impl("tiled" | "grouped" | "auto") (PM_GN_IMPL)
     geglu(h)                                                                     kernels/geglu.py
         h (..., 2F) -> h[..., :F] * gelu(h[..., F:]) (exact erf GELU, as diffusers' GEGLU), one pass
     attention(q, k, v, heads, scale=None, kv_index=None)                         kernels/attention.py

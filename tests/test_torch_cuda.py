@@ -271,7 +271,7 @@ def test_gpu_low_memory_moves_keep_shared_weights_shared(cuda_bundle):
 def test_gpu_repeated_captures_do_not_grow_memory(cuda_bundle):
     """Low-memory mode captures its step graph once per image; all captures warm up on one stream,
     so PyTorch does not keep one more cuBLAS workspace per capture (it did: +32 MiB allocated per
-    image on an H200, 0.58 GiB after 18 captures)."""
+    image on an H200)."""
     low = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", low_memory=True)
     kw = dict(seed=3, steps=2, height=256, width=256)
     low.generate(PROMPT, **kw)

@@ -35,7 +35,7 @@ def _side_stream(device) -> torch.cuda.Stream:
     """The warm-up stream of `device`, one per process. PyTorch keeps a cuBLAS workspace (32 MiB on
     Hopper) for every stream cuBLAS has run on, for the life of the process: a new stream per
     capture (low-memory mode captures once per image) left one more behind each time (measured on
-    an H200: +32 MiB of allocated memory per capture, 0.58 GiB after 18)."""
+    an H200: +32 MiB allocated per low-memory image; 0.58 GiB held after a benchmark's earlier variants)."""
     key = torch.device(device)
     key = torch.device(key.type, torch.cuda.current_device() if key.index is None else key.index)
     if key not in _SIDE_STREAMS:
