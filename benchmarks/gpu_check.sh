@@ -43,7 +43,7 @@ echo "== pipeline: peers and torch-cuda"
 # PM_OURS: which of our variants (gpu_ours.ALL); the default leaves out the ablations already recorded
 # in benchmarks/results (cudnn-attention, no-kernels, eager, vae-graph, offload-te, cudnn-heuristics,
 # low-memory-batched; warm-start: bench_start.py below measures the start in phases).
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-gn-grouped,torch-cuda-gn-auto,torch-cuda-hf-modules,torch-cuda-lean,torch-cuda-lean-bands,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-int8,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-1024-untiled,torch-cuda-low-memory-1024-bands,torch-cuda-low-memory-int8-1024,torch-cuda-phases,torch-cuda-low-memory-phases,profile}
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-gn-grouped,torch-cuda-gn-auto,torch-cuda-hf-modules,torch-cuda-lean,torch-cuda-lean-bands,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-int8,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-1024-untiled,torch-cuda-low-memory-1024-bands,torch-cuda-low-memory-int8-1024,torch-cuda-phases,torch-cuda-low-memory-phases,profile,profile-gn-auto}
 timeout ${PM_BENCH_TIMEOUT:-360} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi

@@ -246,13 +246,16 @@ def warm_start_s(bundle: Path, steps: int, size: int) -> dict:
             "steps": steps, "size": size, "error": r.stderr[-500:] if r.returncode else None}
 
 
-def profile_step(bundle: Path, size: int, log=print) -> dict:
-    """Where one eager FastUNet step's GPU time goes (torch.profiler, kernels grouped by name)."""
+def profile_step(bundle: Path, size: int, log=print, gn_impl: str | None = None) -> dict:
+    """Where a 2-step eager image's GPU time goes (torch.profiler, kernels grouped by name; the text
+    encoder and the VAE decode included), and how many kernels it launches (a CUDA graph replays
+    the same kernels: launches per step are what the graph's per-kernel overhead multiplies)."""
     from torch.profiler import ProfilerActivity, profile
 
     from pm_runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(bundle, backend="torch-cuda", device="cuda", cuda_graph=False)
+    options = {} if gn_impl is None else {"gn_impl": gn_impl}
+    pipe = Pipeline.load(bundle, backend="torch-cuda", device="cuda", cuda_graph=False, **options)
     kw = dict(seed=233, steps=2, height=size, width=size)
     pipe.generate(PROMPT, **kw)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -267,7 +270,9 @@ def profile_step(bundle: Path, size: int, log=print) -> dict:
     for t, c, k in rows[:25]:
         log(f"    {t:8.2f} ms {100 * t / total:5.1f}% x{c:<5} {k}")
     pipe.close()
-    return {"variant": "profile-eager-2-steps", "status": "ok", "gpu_ms_total": round(total, 3),
+    name = "profile-eager-2-steps" + (f"-gn-{gn_impl}" if gn_impl else "")
+    return {"variant": name, "status": "ok", "gpu_ms_total": round(total, 3),
+            "kernel_launches": sum(r[1] for r in rows),
             "top": [{"ms": round(t, 3), "calls": c, "kernel": k} for t, c, k in rows[:40]]}
 
 
@@ -281,7 +286,7 @@ ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph
        "torch-cuda-low-memory-int8",
        "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-phases", "torch-cuda-low-memory-phases",
-       "torch-cuda-warm-start", "profile")
+       "torch-cuda-warm-start", "profile", "profile-gn-auto")
 
 
 def _gn_restored(fn):
@@ -394,6 +399,7 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
                                                                size=size, low_memory=True),
         "torch-cuda-warm-start": lambda: warm_start_s(bundle, steps, size),
         "profile": lambda: profile_step(bundle, size, log),
+        "profile-gn-auto": lambda: _gn_restored(lambda: profile_step(bundle, size, log, gn_impl="auto")),
     }
     for name, fn in todo.items():
         if name in variants:

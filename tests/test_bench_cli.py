@@ -254,7 +254,7 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     monkeypatch.setattr(gpu_ours, "_restart_peak", lambda torch: None)
     monkeypatch.setattr(gpu_ours, "_allocated_gib", lambda torch: None)
     monkeypatch.setattr(gpu_ours, "stage_memory", lambda backend, torch: stage_memory(backend, zero))
-    skip = {"reference", "torch-cuda-warm-start", "profile"}  # CUDA-only by nature (profiler, a CUDA child)
+    skip = {"reference", "torch-cuda-warm-start", "profile", "profile-gn-auto"}  # CUDA-only (profiler, a CUDA child)
     variants = [v for v in gpu_ours.ALL if v not in skip]
     pm_kernels.set_enabled(False)  # the kernels' references: the interpreter is slow
     streamed = []  # what bench_gpu writes as each variant finishes (a run cut short keeps these)
