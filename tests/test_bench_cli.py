@@ -297,6 +297,7 @@ def test_gpu_goals_report(tmp_path):
             steady_peak_reserved_gib=gib(2.6)),
         rec("torch-cuda-lean", peak_alloc_gib=gib(2.2), peak_reserved_gib=gib(2.3)),
         rec(gpu_goals.COMPILE, unet_step_ms={"p50": 8.0}),
+        rec("torch-cuda-gn-auto", unet_step_ms={"p50": 6.4}, image_ms={"p50": 340.0}),
         rec("torch-cuda-int8", **{"psnr_vs_torch-cuda_db": 37.5}),
         rec("torch-cuda-low-memory", peak_alloc_gib=gib(1.9), peak_reserved_gib=gib(2.1), status="error"),
     ]) + "\n")
@@ -314,6 +315,8 @@ def test_gpu_goals_report(tmp_path):
     assert got["UNet step p50, torch-cuda"][1:] == ("5.50 ms", "<= 6.0 ms", "**met**")
     assert got["vs torch.compile (same run)"][3] == "**met**" and got["vs torch.compile (same run)"][1].startswith("1.45x")
     assert got["50-step image p50, torch-cuda"][3] == "not met"
+    assert got["UNet step p50, torch-cuda-gn-auto"][1:] == ("6.40 ms, 1.25x torch.compile", "<= 6.0 ms", "not met")
+    assert got["50-step image p50, torch-cuda-gn-auto"][3] == "**met**"
     assert got["whole-pipeline peak, torch-cuda (512 px)"][3] == "met only as steady allocated"
     assert got["whole-pipeline peak, torch-cuda-lean (512 px)"][3] == "**met**"
     assert not any(k.startswith("low-memory peak, torch-cuda-low-memory (512 px)") for k in got)  # an error
