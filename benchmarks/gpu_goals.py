@@ -23,9 +23,11 @@ GIB = 2**30 / 1e9  # GB per GiB
 STEP_MS, COMPILE_RATIO, IMAGE_S, PSNR_DB, START_S = 6.0, 1.4, 0.35, 30.0, 10.0
 PEAK_GB, LOW_GB, LOW_INT8_GB = 2.5, 2.0, 1.2
 PIPELINE = ("torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands", "torch-cuda-lean",
-            "torch-cuda-lean-bands", "torch-cuda-int8", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-heuristics")
+            "torch-cuda-lean-bands", "torch-cuda-int8", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
+            "torch-cuda-cudnn-heuristics")
 LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low-memory-cudnn-heuristics",
-       "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands")
+       "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled",
+       "torch-cuda-low-memory-1024-bands")
 LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
 COMPILE = "torch-compile-reduce-overhead"
 STEP_VARIANTS = ("torch-cuda-gn-auto", "torch-cuda-gn-grouped")
@@ -101,7 +103,8 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
         r = main.get(name)
         if _ok(r) and "unet_step_ms" in r:
             v = r["unet_step_ms"]["p50"]
-            ratio = f", {comp['unet_step_ms']['p50'] / v:.2f}x torch.compile" if _ok(comp) and "unet_step_ms" in comp else ""
+            ratio = (f", {comp['unet_step_ms']['p50'] / v:.2f}x torch.compile"
+                     if _ok(comp) and "unet_step_ms" in comp else "")
             out.append((f"UNet step p50, {name}", f"{v:.2f} ms{ratio}", f"<= {STEP_MS} ms", verdict(v, STEP_MS)))
             if "image_ms" in r:
                 im = r["image_ms"]["p50"] / 1000
