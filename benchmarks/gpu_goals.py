@@ -30,7 +30,7 @@ LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low
        "torch-cuda-low-memory-1024-bands")
 LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
 COMPILE = "torch-compile-reduce-overhead"
-STEP_VARIANTS = ("torch-cuda-gn-auto", "torch-cuda-gn-grouped")
+STEP_VARIANTS = ("torch-cuda-gn-auto", "torch-cuda-gn-grouped", "torch-cuda-cudnn-attention")
 
 
 def load(folder: pathlib.Path) -> dict[str, list[dict]]:
