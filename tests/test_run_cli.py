@@ -4,6 +4,7 @@ input list of the issue (one-line error, non-zero exit, no traceback, no file wr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 
@@ -89,7 +90,9 @@ def test_json_folder_and_several_images(run_bundle, tmp_path):
     assert json.loads(r.stdout)["files"][0] == str(out / "00002-233.png") and len(pngs(out)) == 4
 
 
-def test_options_reach_the_pipeline(run_bundle, tmp_path):
+def test_options_reach_the_pipeline(run_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "unset-below")  # restored (unset) after the test
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     out = tmp_path / "x.png"
     r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", out, "--late-stage",
                "super-class", "--concept-stage", "500", "700", "--guidance", "5.5", "--negative-prompt", "blurry",
@@ -99,6 +102,11 @@ def test_options_reach_the_pipeline(run_bundle, tmp_path):
     assert (p["Late stage"], p["Concept stage"], p["CFG scale"], p["Negative prompt"], p["Sampler"]) == \
         ("super-class", "500-700", "5.5", "blurry", "DDIM")
     assert "note: --no-safety-checker: the bundle has no safety checker" in r.output
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # --low-memory's allocator setting
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.6")
+    assert pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "y.png",
+                  "--low-memory", *FAST).exit_code == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.6"  # the user's own stays
 
 
 def test_long_unicode_and_repeated_concept_prompts(run_bundle, tmp_path):
