@@ -297,15 +297,32 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     return y
 
 
-def _grouped(x, t, weight, bias, y, num_groups: int, eps: float, has_t: bool, silu: bool, xs, ys) -> None:
-    """The "grouped" implementation into y: one launch for small groups, two otherwise."""
-    n, c, h, w = x.shape
+def _grouped_plan(shape, num_groups: int) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_P, SPLIT, CHUNK) of the grouped implementation for x of `shape` (N, C, H, W)."""
+    n, c, h, w = shape
     hw, cpg = h * w, c // num_groups
     block_c = max(2, next_pow2(cpg))
     block_p = max(1, min(next_pow2(hw), GROUPED_TILE // block_c))
     split = 1 if cpg * hw <= FUSE_MAX else max(1, min(64, _ceil(512, n * num_groups), _ceil(hw, block_p)))
     chunk = _ceil(_ceil(hw, split), block_p) * block_p  # whole tiles per program
-    split = _ceil(hw, chunk)
+    return block_c, block_p, _ceil(hw, chunk), chunk
+
+
+def launches(shape, num_groups: int, impl: str | None = None) -> int:
+    """Kernel launches of one group_norm_silu call on x of `shape` with implementation `impl`
+    (default: the current one) on the Triton path: what a CUDA graph of a UNet step multiplies."""
+    impl = impl or _IMPL
+    n, c, h, w = shape
+    if impl == "tiled" or (impl == "auto" and (c // num_groups) * h * w > FUSE_MAX):
+        return 3
+    return 1 if _grouped_plan(shape, num_groups)[2] == 1 else 2
+
+
+def _grouped(x, t, weight, bias, y, num_groups: int, eps: float, has_t: bool, silu: bool, xs, ys) -> None:
+    """The "grouped" implementation into y: one launch for small groups, two otherwise."""
+    n, c, h, w = x.shape
+    hw, cpg = h * w, c // num_groups
+    block_c, block_p, split, chunk = _grouped_plan(x.shape, num_groups)
     part = y  # a dummy pointer for the one-launch case
     if split > 1:
         part = torch.empty((n * num_groups, split, 2), dtype=torch.float32, device=x.device)

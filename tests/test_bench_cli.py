@@ -208,6 +208,22 @@ def _check_stage_memory(run_bundle, fake_torch, mem):
     assert backend.network.__func__ is type(backend).network
 
 
+def test_launch_count_at_sd15_shapes():
+    """benchmarks/launch_count.py on the meta device: every GroupNorm the UNet calls is counted once
+    among the fused calls and launches what group_norm.launches() says per implementation (three
+    each when tiled); views are not counted as kernels."""
+    pytest.importorskip("torch")
+    import launch_count
+
+    (rec,) = launch_count.count(sizes=(512,))
+    norms = rec["fused_calls"]["group_norm_silu"]
+    assert norms == 61 and rec["group_norm_launches"]["tiled"] == 3 * norms
+    assert norms <= rec["group_norm_launches"]["grouped"] < rec["group_norm_launches"]["auto"] < 3 * norms
+    assert not set(rec["aten_by_op"]) & launch_count.NO_KERNEL and rec["aten_by_op"]["conv2d"] > 0
+    assert rec["kernels_total"]["tiled"] - rec["kernels_total"]["grouped"] == \
+        rec["group_norm_launches"]["tiled"] - rec["group_norm_launches"]["grouped"]
+
+
 def test_live_memory_counts_created_tensors_not_views():
     """benchmarks/live_memory.py's counter on the meta device: new tensors count from creation until
     freed, views and in-place results of existing tensors (weights) do not."""

@@ -115,6 +115,24 @@ def test_group_norm_auto_takes_grouped_where_one_launch_covers_a_group(monkeypat
     assert grouped == [(1, 8, 3, 3)]  # 4 x 16 pixels > FUSE_MAX: the tiled passes
 
 
+@pytest.mark.parametrize("impl", ["tiled", "grouped", "auto"])
+def test_group_norm_launch_count(impl, monkeypatch):
+    """group_norm.launches() says how many kernels a call launches: counted here by the launches."""
+    gn = importlib.import_module("pm_kernels.group_norm")
+    monkeypatch.setattr(gn, "_IMPL", impl)
+    monkeypatch.setattr(gn, "FUSE_MAX", 4 * 9)
+    monkeypatch.setattr(gn, "GROUPED_TILE", 16)  # 4 pixels per tile at 4 channels per group
+    grids = []
+    for name in ("_gn_partial", "_gn_finalize", "_gn_apply", "_gn_grp_stats", "_gn_grp_apply"):
+        monkeypatch.setattr(gn, name, _Launch(None, getattr(gn, name), grids))
+    w, b = torch.randn(2, 8, device=DEVICE)
+    for side in (3, 4):  # 36 elements per group (one grouped launch) and 64 (two, or tiled's three)
+        grids.clear()
+        K.group_norm_silu(torch.randn(1, 8, side, side, device=DEVICE), w, b, 2, 1e-5)
+        assert len(grids) == gn.launches((1, 8, side, side), 2) == {"tiled": 3}.get(impl, 1 if side == 3 else
+                                                                                     2 if impl == "grouped" else 3)
+
+
 def test_group_norm_reference_is_torch_group_norm():
     x = torch.randn(2, 8, 3, 3)
     w, b = torch.randn(8), torch.randn(8)
