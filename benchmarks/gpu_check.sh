@@ -51,8 +51,8 @@ timeout ${PM_BENCH_TIMEOUT:-360} python3 benchmarks/bench_gpu.py --work /tmp/pm-
 fi
 if stage fresh; then
 echo "== memory variants, each in a new process (default allocator, then expandable segments)"
-FRESH=${PM_FRESH:-torch-cuda-low-memory,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-int8,torch-cuda-low-memory-int8-1024,torch-cuda,torch-cuda-lean-bands,torch-cuda-int8}
-FRESH_EXPANDABLE=${PM_FRESH_EXPANDABLE:-torch-cuda-low-memory-1024,torch-cuda-low-memory-int8-1024,torch-cuda-lean-bands,torch-cuda}
+FRESH=${PM_FRESH:-torch-cuda-low-memory,torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-low-memory-int8,torch-cuda-low-memory-int8-1024,torch-cuda,torch-cuda-lean-bands,torch-cuda-lean-bands-no-kv,torch-cuda-int8}
+FRESH_EXPANDABLE=${PM_FRESH_EXPANDABLE:-torch-cuda-low-memory-1024,torch-cuda-low-memory-int8-1024,torch-cuda-lean-bands,torch-cuda-lean-bands-no-kv}
 for conf in default expandable; do
     list=$FRESH; [ $conf = expandable ] && list=$FRESH_EXPANDABLE
     for v in ${list//,/ }; do

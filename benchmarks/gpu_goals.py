@@ -23,7 +23,7 @@ GIB = 2**30 / 1e9  # GB per GiB
 STEP_MS, COMPILE_RATIO, IMAGE_S, PSNR_DB, START_S = 6.0, 1.4, 0.35, 30.0, 10.0
 PEAK_GB, LOW_GB, LOW_INT8_GB = 2.5, 2.0, 1.2
 PIPELINE = ("torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands", "torch-cuda-lean",
-            "torch-cuda-lean-bands", "torch-cuda-int8", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
+            "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv", "torch-cuda-int8", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
             "torch-cuda-cudnn-heuristics")
 LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled",

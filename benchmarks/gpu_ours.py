@@ -12,7 +12,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-vae-bands       the same with the VAE decoder's full-resolution end in 32-row bands
                              (vae_bands: exact, less decode memory; PSNR against torch-cuda's image)
   torch-cuda-lean            offload-te + vae-graph together (the candidate for the 2.5 GB goal)
-  torch-cuda-lean-bands      lean with the banded VAE decode (vae_bands=32) as well
+  torch-cuda-lean-bands      lean with the banded VAE decode (vae_bands=32) as well; -no-kv: and without
+                             the K/V tables (0.12 GB; the text encoder's stage, with the step graph's pool
+                             held, is where lean-bands' peak is expected)
   torch-cuda-gn-grouped      the same with pm_kernels' "grouped" GroupNorm (one or two kernel launches
                              per GroupNorm instead of three: gn_impl="grouped"); -gn-auto: grouped
                              where one launch covers a group, the default's elsewhere
@@ -277,10 +279,11 @@ def profile_step(bundle: Path, size: int, log=print, gn_impl: str | None = None)
 
 
 ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands",
-       "torch-cuda-lean", "torch-cuda-lean-bands",
-       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables", "torch-cuda-cudnn-attention",
-       "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory", "torch-cuda-low-memory-1024",
-       "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-1024-bands",
+       "torch-cuda-lean", "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv",
+       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
+       "torch-cuda-cudnn-attention", "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory",
+       "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled",
+       "torch-cuda-low-memory-1024-bands",
        "torch-cuda-low-memory-batched",
        "torch-cuda-int8",
        "torch-cuda-low-memory-int8",
@@ -360,6 +363,9 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-lean-bands": lambda: measure_variant("torch-cuda-lean-bands", bundle, vae_graph=True,
                                                          offload_text_encoder=True, vae_bands=32,
                                                          compare=only("torch-cuda"), **common),
+        "torch-cuda-lean-bands-no-kv": lambda: measure_variant("torch-cuda-lean-bands-no-kv", bundle, vae_graph=True,
+                                                               offload_text_encoder=True, vae_bands=32, kv_tables=False,
+                                                               compare=only("torch-cuda"), **common),
         "torch-cuda-gn-grouped": lambda: _gn_restored(lambda: measure_variant(
             "torch-cuda-gn-grouped", bundle, gn_impl="grouped", compare=only("torch-cuda"), **common)),
         "torch-cuda-gn-auto": lambda: _gn_restored(lambda: measure_variant(
