@@ -3,6 +3,7 @@
 # into ONE file (the device tool brings back at most 8 files; a check cut short by the limit still
 # returns what it finished, since our records are written as each variant ends), and the log's tail.
 #   bash benchmarks/gpu_device_run.sh "$OUT/gpu.tgz" COMMIT [LIMIT_S, default 545]
+# COMMIT written out as this checkout's `git rev-parse HEAD` (a copied tree's .git can be stale there)
 # with `carry: [".whl"]` (the diffusers + importlib_metadata wheels) and timeout_s ~ LIMIT_S + 35.
 set -u
 TAR=${1:?tar file}; COMMIT=${2:?commit}; LIMIT=${3:-545}
