@@ -82,6 +82,14 @@ def group_norm_impl() -> str:
     return _IMPL
 
 
+def _takes_grouped(group_elements: int, impl: str) -> bool:
+    """Whether implementation `impl` normalises a (sample, group) of this many elements with the
+    grouped kernels (else the tiled passes)."""
+    if impl not in IMPLS:
+        raise ValueError(f"group norm implementation {impl!r} (PM_GN_IMPL): one of {', '.join(IMPLS)}")
+    return impl == "grouped" or (impl == "auto" and group_elements <= FUSE_MAX)
+
+
 def _format(x) -> torch.memory_format:
     return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
         and not x.is_contiguous() else torch.contiguous_format
@@ -259,8 +267,6 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
         raise ValueError(f"group_norm_silu: x {tuple(x.shape)} with {num_groups} groups")
     if kernel_path("group_norm_silu", x) == "reference":
         return group_norm_silu_reference(x, weight, bias, num_groups, eps, temb=temb, silu=silu)
-    if _IMPL not in IMPLS:
-        raise ValueError(f"PM_GN_IMPL={_IMPL!r}: one of {', '.join(IMPLS)}")
     n, c, h, w = x.shape
     fmt = _format(x)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
@@ -270,7 +276,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     s_n, s_c, s_p = x.stride(0), x.stride(1), x.stride(3)  # pixel p = h*W + w: stride(2) == W*stride(3)
     o_n, o_c, o_p = y.stride(0), y.stride(1), y.stride(3)
     t = temb.contiguous() if temb is not None else x  # (N, C); a dummy pointer when absent
-    if _IMPL == "grouped" or (_IMPL == "auto" and (c // num_groups) * h * w <= FUSE_MAX):
+    if _takes_grouped(cpg * hw, _IMPL):
         _grouped(x, t, weight, bias, y, num_groups, eps, temb is not None, silu, (s_n, s_c, s_p), (o_n, o_c, o_p))
         return y
     nhwc = s_c == 1 and c > 1
@@ -311,9 +317,8 @@ def _grouped_plan(shape, num_groups: int) -> tuple[int, int, int, int]:
 def launches(shape, num_groups: int, impl: str | None = None) -> int:
     """Kernel launches of one group_norm_silu call on x of `shape` with implementation `impl`
     (default: the current one) on the Triton path: what a CUDA graph of a UNet step multiplies."""
-    impl = impl or _IMPL
     n, c, h, w = shape
-    if impl == "tiled" or (impl == "auto" and (c // num_groups) * h * w > FUSE_MAX):
+    if not _takes_grouped(c // num_groups * h * w, impl or _IMPL):
         return 3
     return 1 if _grouped_plan(shape, num_groups)[2] == 1 else 2
 
