@@ -108,12 +108,8 @@ def _grouped(fn, *args, **kwargs):
     around this call keeps those kernels)."""
     import pm_kernels as K
 
-    old = K.group_norm_impl()
-    K.set_group_norm_impl("grouped")
-    try:
+    with K.group_norm_impl_kept("grouped"):
         return fn(*args, **kwargs)
-    finally:
-        K.set_group_norm_impl(old)
 
 
 def cases(torch, K, KA, dev: str, tiny: bool):

@@ -293,14 +293,12 @@ ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph
 
 
 def _gn_restored(fn):
-    """fn(); then GroupNorm's default implementation again (gn_impl is process-wide: the variants
-    after torch-cuda-gn-grouped must not inherit it)."""
+    """fn(); then the GroupNorm implementation in force before it again (a variant's gn_impl is
+    process-wide: the variants after it must not inherit it)."""
     import pm_kernels
 
-    try:
+    with pm_kernels.group_norm_impl_kept():
         return fn()
-    finally:
-        pm_kernels.set_group_norm_impl("tiled")
 
 
 def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 30, images: int = 3,

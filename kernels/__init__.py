@@ -28,9 +28,10 @@ from ._dispatch import KERNELS, enabled, kernel_path, set_enabled, triton_availa
 from .attention import attention, attention_reference, attention_sdpa
 from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
 from .geglu import geglu, geglu_reference
-from .group_norm import group_norm_impl, group_norm_silu, group_norm_silu_reference, set_group_norm_impl
+from .group_norm import (group_norm_impl, group_norm_impl_kept, group_norm_silu, group_norm_silu_reference,
+                         set_group_norm_impl)
 
 __all__ = ["KERNELS", "attention", "attention_reference", "attention_sdpa", "dequant_int8", "dequant_int8_reference",
-           "enabled", "geglu", "geglu_reference", "quantize_int8",
-           "group_norm_impl", "group_norm_silu", "group_norm_silu_reference", "kernel_path", "set_enabled",
-           "set_group_norm_impl", "triton_available"]
+           "enabled", "geglu", "geglu_reference", "quantize_int8", "group_norm_impl", "group_norm_impl_kept",
+           "group_norm_silu", "group_norm_silu_reference", "kernel_path", "set_enabled", "set_group_norm_impl",
+           "triton_available"]

@@ -35,6 +35,7 @@ default until it has.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -80,6 +81,19 @@ def set_group_norm_impl(name: str) -> None:
 
 def group_norm_impl() -> str:
     return _IMPL
+
+
+@contextlib.contextmanager
+def group_norm_impl_kept(name: str | None = None):
+    """A block run with implementation `name` (None: whatever the block itself sets, e.g. a torch-cuda
+    backend's gn_impl); the implementation in force before it is back afterwards."""
+    old = _IMPL
+    try:
+        if name is not None:
+            set_group_norm_impl(name)
+        yield
+    finally:
+        set_group_norm_impl(old)
 
 
 def _takes_grouped(group_elements: int, impl: str) -> bool:

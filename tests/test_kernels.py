@@ -98,6 +98,13 @@ def test_group_norm_implementation_setting():
     assert K.group_norm_impl() in gn.IMPLS
     with pytest.raises(ValueError, match="tiled, grouped, auto"):
         K.set_group_norm_impl("fast")
+    before = K.group_norm_impl()
+    with K.group_norm_impl_kept("auto"):
+        assert K.group_norm_impl() == "auto"
+    with pytest.raises(RuntimeError), K.group_norm_impl_kept():
+        K.set_group_norm_impl("grouped")  # what a backend's gn_impl does inside the block
+        raise RuntimeError
+    assert K.group_norm_impl() == before
 
 
 def test_group_norm_auto_takes_grouped_where_one_launch_covers_a_group(monkeypatch):
