@@ -242,7 +242,7 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
          threads, low_memory, ort_cache, int8_weights) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
-        # peaks in new processes on an H200 were 0.04-0.08 GB lower with it (gpu-fresh-expandable-h200.jsonl)
+        # peaks in new processes on an H200 were 0.04-0.07 GB lower with it (gpu-fresh-expandable-h200.jsonl)
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     cfg = RunConfig(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height,
                     width, backend, device, model, out, late_stage, tuple(concept_stage) if concept_stage else None,

@@ -30,7 +30,7 @@
   CUDA it runs eagerly.
 - int8_weights (opt-in): the UNet's linear and convolution weights as per-output-channel int8,
   dequantized layer by layer as they run (pm_runtime.modeling.int8_weights): about half the UNet's
-  memory (H200: first-image peak 2.91 -> 2.05 GB allocated), step 7.09 -> 8.04 ms, image 55.7 dB
+  memory (H200: first-image peak 2.91 -> 2.05 GB allocated), step 7.09 -> 8.00 ms, image 55.7 dB
   against the fp16 one (random weights).
 - kv_tables: on by default (H200: 7.09 ms per step against 7.20 without), off by default in
   low-memory mode (the tables grow with the contexts: >= 123 MB in fp16 at SD 1.5 widths, 32-row
@@ -58,7 +58,7 @@
 - offload_text_encoder (opt-in): the text encoder's weights rest in pinned host memory and are
   copied to the GPU for the one encoding call per image, then dropped (~0.25 GB of fp16 SD-1.5
   weights fewer on the GPU while the UNet and VAE run; H200: first-image peak 2.91 -> 2.66 GB
-  allocated, image 0.381 -> 0.387 s).
+  allocated, image 0.386 -> 0.387 s; each in its own process).
 
 Where CUDA is missing, --backend auto skips it; asked for explicitly with --device cpu it runs
 the same code eagerly in fp32 with the kernels' PyTorch references (how it is tested on CPUs).
