@@ -22,7 +22,6 @@ CUDA events; CUDA graph and torch.compile skipped): a check of the plumbing, not
 from __future__ import annotations
 
 import gc
-import os
 import pathlib
 import sys
 import time
@@ -380,7 +379,7 @@ def run(o: GpuOptions, command: str, log: Callable[[str], None] = print) -> list
                         "(--device cpu --model tiny runs the plumbing on the CPU)")
     ours = _selected(o)
     t_start = time.perf_counter()
-    env = environment(o.device, o.commit or os.environ.get("PM_COMMIT"))
+    env = environment(o.device, o.commit)  # (records.git_state falls back to PM_COMMIT)
     out = o.out or results_dir() / f"gpu-{slug(env['device_name'])}.jsonl"
     o.work.mkdir(parents=True, exist_ok=True)
     log(f"{env['device_name']}, driver {env['driver']}, torch {env['torch']}, commit {env['commit'][:12]}")

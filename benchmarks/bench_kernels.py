@@ -45,12 +45,12 @@ def environment(device: str) -> dict:
     try:
         from bench_train import environment as env
 
-        return {**env(device, os.environ.get("PM_COMMIT")), "triton": triton.__version__}
+        return {**env(device), "triton": triton.__version__}
     except ImportError as e:  # bench_train needs diffusers/transformers: record what we can without them
         from bench_train import git_state
 
         cuda = device == "cuda"
-        return {"commit": git_state(os.environ.get("PM_COMMIT"))[0], "host": platform.node(),
+        return {"commit": git_state(None)[0], "host": platform.node(),
                 "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
                 "device_name": torch.cuda.get_device_name(0) if cuda else "cpu", "env_note": f"partial: {e}"}
 
