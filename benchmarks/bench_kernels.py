@@ -7,7 +7,7 @@ of --reps: "eager" (one Python call per rep: includes launch overhead, which dom
 few microseconds) and "graph" (--graph-calls calls captured in one CUDA graph, replayed: the GPU
 time, which is what the torch-cuda backend's step graph pays). Cases: GroupNorm+SiLU (channels-
 last; PyTorch on the same channels-last tensor and on NCHW), GroupNorm with the time-embedding
-add, ours on NCHW, GEGLU, cross-attention with 77 keys (split K/V), self-attention (the Triton
+add, ours on NCHW, GEGLU, residual add + LayerNorm, a ResNet's conv bias + residual add, cross-attention with 77 keys (split K/V), self-attention (the Triton
 kernel, forced even where attention() dispatches to SDPA, vs PyTorch's SDPA), the int8 weight
 dequantize (vs its three-pass PyTorch reference), and fp8 e4m3 GEMMs (activation quantised per call, weights once) vs fp16 where
 torch._scaled_mm runs (H100/H200), with the fp8 output's relative error. A failing case is
@@ -156,6 +156,24 @@ def cases(torch, K, KA, dev: str, tiny: bool):
                "ours": lambda hh=hh: K.geglu(hh),
                "refs": {"torch": lambda hh=hh: (lambda a, gt: a * F.gelu(gt))(*hh.chunk(2, -1))},
                "check": lambda hh=hh: (K.geglu(hh), K.geglu_reference(hh))}
+    for tokens, inner in widths:  # a transformer block's residual add + the LayerNorm after it
+        a, r = rnd(2, tokens, inner), rnd(2, tokens, inner)
+        lw, lb = rnd(2, inner)
+        yield {"op": "add_layer_norm", "shape": [2, tokens, inner], "bytes": 4 * a.numel() * a.element_size(),
+               "ours": lambda a=a, r=r, lw=lw, lb=lb: K.add_layer_norm(a, r, lw, lb, 1e-5),
+               "refs": {"torch": lambda a=a, r=r, lw=lw, lb=lb: F.layer_norm(a + r, (a.shape[-1],), lw, lb, 1e-5)},
+               "check": lambda a=a, r=r, lw=lw, lb=lb: (K.add_layer_norm(a, r, lw, lb, 1e-5)[1],
+                                                        K.add_layer_norm_reference(a, r, lw, lb, 1e-5)[1])}
+    for c, side in gn_shapes[:4]:  # a ResNet block's end: conv2's bias + the residual (FastUNet's fused epilogue)
+        hc, xc = (rnd(2, c, side, side).contiguous(memory_format=torch.channels_last) for _ in range(2))
+        bc = rnd(c)
+        yield {"op": "add_bias_residual", "shape": [2, c, side, side], "bytes": 3 * hc.numel() * hc.element_size(),
+               "ours": lambda hc=hc, xc=xc, bc=bc: K.add_bias_residual(hc, xc, bc),
+               # PyTorch: the convolution's separate bias pass, then the residual add
+               "refs": {"torch_bias_then_add": lambda hc=hc, xc=xc, bc=bc: xc + (hc + bc[None, :, None, None])},
+               "check": lambda hc=hc, xc=xc, bc=bc: (K.add_bias_residual(hc, xc, bc),
+                                                     K.add_bias_residual_reference(hc, xc, bc))}
+
     def triton_attention(q, k, v):  # the Triton kernel even where attention() would pick SDPA
         old, KA.ALWAYS_TRITON = KA.ALWAYS_TRITON, True
         try:

@@ -14,6 +14,12 @@
     quantize_int8(w) -> (q, scale); dequant_int8(q, scale, dtype)                 kernels/dequant.py
         per-output-channel symmetric int8 weights (the torch-cuda backend's int8_weights option),
         dequantized in one pass in q's memory format; bit-equal to its reference
+    add_bias_residual(h, x, bias=None, out=None)                                 kernels/residual.py
+        h + x + bias[c] for (N, C, H, W) in either memory format, one pass: a ResNet block's end with
+        its convolutions run bias-free (cuDNN's bias is a separate pass in PyTorch)
+    add_layer_norm(a, r, weight, bias, eps) -> (s, y)                            kernels/layer_norm.py
+        s = a + r, y = layer_norm(s) (fp32 statistics) in one pass: the transformer block's residual
+        add and the LayerNorm after it
 
 Dispatch (kernels/_dispatch.py, one rule for all): the Triton kernel runs on CUDA tensors when
 Triton imports, and on CPU tensors under TRITON_INTERPRET=1 (how the tests run them without a
@@ -28,10 +34,14 @@ from ._dispatch import KERNELS, enabled, kernel_path, set_enabled, triton_availa
 from .attention import attention, attention_reference, attention_sdpa
 from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
 from .geglu import geglu, geglu_reference
+from .layer_norm import add_layer_norm, add_layer_norm_reference
+from .residual import add_bias_residual, add_bias_residual_reference
 from .group_norm import (group_norm_impl, group_norm_impl_kept, group_norm_silu, group_norm_silu_reference,
                          set_group_norm_impl)
 
-__all__ = ["KERNELS", "attention", "attention_reference", "attention_sdpa", "dequant_int8", "dequant_int8_reference",
+__all__ = ["KERNELS", "add_bias_residual", "add_bias_residual_reference", "add_layer_norm",
+           "add_layer_norm_reference", "attention", "attention_reference", "attention_sdpa", "dequant_int8",
+           "dequant_int8_reference",
            "enabled", "geglu", "geglu_reference", "quantize_int8", "group_norm_impl", "group_norm_impl_kept",
            "group_norm_silu", "group_norm_silu_reference", "kernel_path", "set_enabled", "set_group_norm_impl",
            "triton_available"]

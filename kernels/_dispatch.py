@@ -36,7 +36,7 @@ def triton_available() -> bool:
     return True
 
 
-KERNELS = ("group_norm_silu", "geglu", "attention", "dequant_int8")
+KERNELS = ("group_norm_silu", "geglu", "attention", "dequant_int8", "add_bias_residual", "add_layer_norm")
 
 
 def kernel_path(name_or_tensor, tensor=None) -> str:

@@ -136,7 +136,7 @@ if triton is not None:
         tl.store(out + C, tl.sum(acc2, 0), mask=cmask)
 
     @triton.jit(do_not_specialize=["C", "HW", "G", "CPG", "SPLIT", "eps"])
-    def _gn_finalize(x_ptr, t_ptr, w_ptr, b_ptr, part_ptr, ss_ptr, C, HW, G, CPG, SPLIT, eps, s_n, s_c,
+    def _gn_finalize(x_ptr, t_ptr, w_ptr, b_ptr, part_ptr, ss_ptr, C, HW, G, CPG, SPLIT, eps, s_n, s_c, t_n,
                      HAS_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
         ng = tl.program_id(0)
         n, g = ng // G, ng % G
@@ -151,7 +151,7 @@ if triton is not None:
         hw = HW.to(tl.float32)
         pivot = tl.load(x_ptr + n * s_n + cs * s_c, mask=jmask, other=0.0).to(tl.float32)
         if HAS_T:
-            tv = tl.load(t_ptr + n * C + cs, mask=jmask, other=0.0).to(tl.float32)
+            tv = tl.load(t_ptr + n * t_n + cs, mask=jmask, other=0.0).to(tl.float32)
             pivot += tv
         mean_c = pivot + s1 / hw
         m2_c = tl.maximum(s2 - s1 * (s1 / hw), 0.0)
@@ -185,7 +185,7 @@ if triton is not None:
         tl.store(y_ptr + n * o_n + cs[None, :] * o_c + ps[:, None] * o_p, y.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _grp_range_stats(x_ptr, t_ptr, n, g, G, CPG, start, end, s_n, s_c, s_p, HAS_T: tl.constexpr,
+    def _grp_range_stats(x_ptr, t_ptr, n, g, G, CPG, start, end, s_n, s_c, s_p, t_n, HAS_T: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """(mean, M2) of x + temb over one group's channels and pixels [start, end): per-channel sums
         about the channel's first pixel, channels combined Chan-style."""
@@ -207,31 +207,32 @@ if triton is not None:
         npix = (end - start).to(tl.float32)
         mean_c = tl.sum(pivot, 0) + s1 / npix
         if HAS_T:
-            mean_c += tl.load(t_ptr + n * G * CPG + chan, mask=cmask, other=0.0).to(tl.float32)
+            mean_c += tl.load(t_ptr + n * t_n + chan, mask=cmask, other=0.0).to(tl.float32)
         m2_c = tl.maximum(s2 - s1 * (s1 / npix), 0.0)
         mean = tl.sum(tl.where(cmask, mean_c, 0.0), 0) / CPG.to(tl.float32)
         dev = tl.where(cmask, mean_c - mean, 0.0)
         return mean, tl.sum(tl.where(cmask, m2_c, 0.0), 0) + npix * tl.sum(dev * dev, 0)
 
     @triton.jit(do_not_specialize=["HW", "G", "CPG", "SPLIT", "CHUNK"])
-    def _gn_grp_stats(x_ptr, t_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, s_n, s_c, s_p, HAS_T: tl.constexpr,
+    def _gn_grp_stats(x_ptr, t_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, s_n, s_c, s_p, t_n, HAS_T: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         ng, sp = tl.program_id(0), tl.program_id(1)
         start = sp * CHUNK
         mean, m2 = _grp_range_stats(x_ptr, t_ptr, ng // G, ng % G, G, CPG, start, tl.minimum(start + CHUNK, HW),
-                                    s_n, s_c, s_p, HAS_T, BLOCK_P, BLOCK_C)
+                                    s_n, s_c, s_p, t_n, HAS_T, BLOCK_P, BLOCK_C)
         tl.store(part_ptr + (ng * SPLIT + sp) * 2, mean)
         tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, m2)
 
     @triton.jit(do_not_specialize=["HW", "G", "CPG", "SPLIT", "CHUNK", "eps"])
     def _gn_grp_apply(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, eps, s_n, s_c, s_p,
-                      o_n, o_c, o_p, HAS_T: tl.constexpr, SILU: tl.constexpr, FUSED: tl.constexpr,
+                      t_n, o_n, o_c, o_p, HAS_T: tl.constexpr, SILU: tl.constexpr, FUSED: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         ng, sp = tl.program_id(0), tl.program_id(1)
         n, g = ng // G, ng % G
         hw = HW.to(tl.float32)
         if FUSED:  # the whole group in this program: its statistics first (SPLIT == 1)
-            mean, m2 = _grp_range_stats(x_ptr, t_ptr, n, g, G, CPG, 0, HW, s_n, s_c, s_p, HAS_T, BLOCK_P, BLOCK_C)
+            mean, m2 = _grp_range_stats(x_ptr, t_ptr, n, g, G, CPG, 0, HW, s_n, s_c, s_p, t_n, HAS_T, BLOCK_P,
+                                        BLOCK_C)
         else:  # Chan-combine the group's SPLIT (mean, M2) partials, each over cnt pixels x CPG channels
             ss = tl.arange(0, BLOCK_S)
             smask = ss < SPLIT
@@ -248,7 +249,7 @@ if triton is not None:
         scale = tl.load(w_ptr + chan, mask=cmask, other=0.0).to(tl.float32) * rstd
         shift = tl.load(b_ptr + chan, mask=cmask, other=0.0).to(tl.float32) - mean * scale
         if HAS_T:  # (x + t - mean) * scale + b
-            shift += tl.load(t_ptr + n * G * CPG + chan, mask=cmask, other=0.0).to(tl.float32) * scale
+            shift += tl.load(t_ptr + n * t_n + chan, mask=cmask, other=0.0).to(tl.float32) * scale
         start = sp * CHUNK
         end = tl.minimum(start + CHUNK, HW)
         for p0 in range(start, end, BLOCK_P):
@@ -289,9 +290,14 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     hw, cpg = h * w, c // num_groups
     s_n, s_c, s_p = x.stride(0), x.stride(1), x.stride(3)  # pixel p = h*W + w: stride(2) == W*stride(3)
     o_n, o_c, o_p = y.stride(0), y.stride(1), y.stride(3)
-    t = temb.contiguous() if temb is not None else x  # (N, C); a dummy pointer when absent
+    t = x  # a dummy pointer when temb is absent
+    if temb is not None:  # (N, C) with unit channel stride; a row expanded over the batch (stride 0) is read as it is
+        if temb.shape != (n, c):
+            raise ValueError(f"group_norm_silu: temb {tuple(temb.shape)} for x {tuple(x.shape)}")
+        t = temb if temb.stride(1) == 1 else temb.contiguous()
+    t_n = t.stride(0) if temb is not None else 0
     if _takes_grouped(cpg * hw, _IMPL):
-        _grouped(x, t, weight, bias, y, num_groups, eps, temb is not None, silu, (s_n, s_c, s_p), (o_n, o_c, o_p))
+        _grouped(x, t, t_n, weight, bias, y, num_groups, eps, temb is not None, silu, (s_n, s_c, s_p), (o_n, o_c, o_p))
         return y
     nhwc = s_c == 1 and c > 1
 
@@ -307,7 +313,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     # pass 2: one program per (sample, group)
     ss = torch.empty((n, 2, c), dtype=torch.float32, device=x.device)
     _gn_finalize[(n * num_groups,)](x, t, weight, bias, part, ss, c, hw, num_groups, cpg, split, float(eps), s_n,
-                                    s_c, HAS_T=temb is not None, BLOCK_S=max(2, next_pow2(split)),
+                                    s_c, t_n, HAS_T=temb is not None, BLOCK_S=max(2, next_pow2(split)),
                                     BLOCK_G=max(2, next_pow2(cpg)))
 
     # pass 3: one tile per program
@@ -337,7 +343,7 @@ def launches(shape, num_groups: int, impl: str | None = None) -> int:
     return 1 if _grouped_plan(shape, num_groups)[2] == 1 else 2
 
 
-def _grouped(x, t, weight, bias, y, num_groups: int, eps: float, has_t: bool, silu: bool, xs, ys) -> None:
+def _grouped(x, t, t_n, weight, bias, y, num_groups: int, eps: float, has_t: bool, silu: bool, xs, ys) -> None:
     """The "grouped" implementation into y: one launch for small groups, two otherwise."""
     n, c, h, w = x.shape
     hw, cpg = h * w, c // num_groups
@@ -345,8 +351,8 @@ def _grouped(x, t, weight, bias, y, num_groups: int, eps: float, has_t: bool, si
     part = y  # a dummy pointer for the one-launch case
     if split > 1:
         part = torch.empty((n * num_groups, split, 2), dtype=torch.float32, device=x.device)
-        _gn_grp_stats[(n * num_groups, split)](x, t, part, hw, num_groups, cpg, split, chunk, *xs, HAS_T=has_t,
+        _gn_grp_stats[(n * num_groups, split)](x, t, part, hw, num_groups, cpg, split, chunk, *xs, t_n, HAS_T=has_t,
                                                BLOCK_P=block_p, BLOCK_C=block_c)
     _gn_grp_apply[(n * num_groups, split)](x, t, weight, bias, y, part, hw, num_groups, cpg, split, chunk, float(eps),
-                                           *xs, *ys, HAS_T=has_t, SILU=bool(silu), FUSED=split == 1,
+                                           *xs, t_n, *ys, HAS_T=has_t, SILU=bool(silu), FUSED=split == 1,
                                            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_S=max(2, next_pow2(split)))

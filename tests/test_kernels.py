@@ -206,6 +206,70 @@ def test_attention_routes_small_head_dims_and_long_keys_to_sdpa(monkeypatch):
         assert (out == "sdpa") == (want == "sdpa"), (nq, nk, d)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("n, c, h, w", [(2, 40, 5, 7), (1, 3, 1, 9)])
+def test_add_bias_residual(n, c, h, w, fmt, dtype):
+    g = torch.Generator().manual_seed(c + h)
+    hh, x = (torch.randn(2, n, c, h, w, generator=g) * 4).to(DEVICE, dtype)
+    hh = hh.contiguous(memory_format=fmt)
+    bias = torch.randn(c, generator=g).to(DEVICE, dtype)
+    assert K.kernel_path("add_bias_residual", hh) == "triton"
+    exact = hh.double() + x.double() + bias.double()[None, :, None, None]
+    for xin in (x.contiguous(memory_format=fmt), x.contiguous()):  # x in h's format, and NCHW
+        out = K.add_bias_residual(hh, xin, bias)
+        assert out.dtype == dtype and (out.is_contiguous(memory_format=fmt) or h == 1)
+        assert rel_err(out, K.add_bias_residual_reference(hh, xin, bias)) <= TOL[dtype] / 2
+        assert rel_err(out, exact) <= TOL[dtype] / 2
+    assert rel_err(K.add_bias_residual(hh, x, None), hh.double() + x.double()) <= TOL[dtype] / 2
+    inplace = hh.clone()
+    assert K.add_bias_residual(inplace, x, bias, out=inplace) is inplace  # FastUNet writes into conv2's output
+    assert rel_err(inplace, exact) <= TOL[dtype] / 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 7, 40), (3, 320), (1, 5, 1, 37)])
+def test_add_layer_norm(shape, dtype):
+    g = torch.Generator().manual_seed(shape[-1])
+    a, r = torch.randn(2, *shape, generator=g).to(DEVICE, dtype)
+    r = r * 3 + 5  # a residual stream with a mean: the statistics must not lose it
+    width = shape[-1]
+    w, b = torch.randn(2, width, generator=g).to(DEVICE, dtype)
+    assert K.kernel_path("add_layer_norm", a) == "triton"
+    for weight, bias in ((w, b), (None, None), (w, None)):
+        s, y = K.add_layer_norm(a, r, weight, bias, 1e-5)
+        s_ref, y_ref = K.add_layer_norm_reference(a, r, weight, bias, 1e-5)
+        assert s.shape == y.shape == a.shape and s.dtype == y.dtype == dtype
+        assert rel_err(s, s_ref) <= TOL[dtype] / 2
+        exact = torch.nn.functional.layer_norm(s.double(), (width,), None if weight is None else weight.double(),
+                                               None if bias is None else bias.double(), 1e-5)  # of the stored s
+        assert rel_err(y, exact) <= TOL[dtype] and rel_err(y, y_ref) <= TOL[dtype]
+
+
+def test_add_layer_norm_large_mean():
+    """Rows with mean 300 and std 1: the two-pass (in registers) variance keeps fp32 accuracy; against float64."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 320, generator=g, dtype=torch.float64)
+    r = 300 + torch.randn(6, 320, generator=g, dtype=torch.float64)
+    s, y = K.add_layer_norm(a.float().to(DEVICE), r.float().to(DEVICE), None, None, 1e-5)
+    exact = torch.nn.functional.layer_norm(s.double().cpu(), (320,), eps=1e-5)
+    assert rel_err(y.cpu(), exact) <= 1e-5
+
+
+@pytest.mark.parametrize("gn_impl", GN_IMPLS, indirect=True)
+def test_group_norm_reads_an_expanded_time_row(gn_impl):
+    """FastUNet's time tables hand every sample the same (1, C) row expanded to (N, C) (batch stride 0):
+    read in place, the same result as the materialised (N, C) tensor."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, 6, 5, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(2, 40, generator=g).to(DEVICE)
+    row = torch.randn(1, 40, generator=g).to(DEVICE)
+    out = K.group_norm_silu(x, w, b, 8, 1e-5, temb=row.expand(3, 40))
+    assert torch.equal(out, K.group_norm_silu(x, w, b, 8, 1e-5, temb=row.expand(3, 40).contiguous()))
+    with pytest.raises(ValueError, match="temb"):
+        K.group_norm_silu(x, w, b, 8, 1e-5, temb=row)
+
+
 def test_fallbacks_and_bad_shapes():
     x = torch.randn(1, 8, 2, 2)
     K.set_enabled(False)
@@ -225,6 +289,14 @@ def test_fallbacks_and_bad_shapes():
         K.geglu(torch.randn(2, 5))
     with pytest.raises(ValueError, match="heads"):
         K.attention(q, torch.randn(1, 3, 6), torch.randn(1, 3, 6), 2)
+    with pytest.raises(ValueError, match="add_bias_residual"):
+        K.add_bias_residual(x, torch.randn(1, 8, 2, 3), None)
+    with pytest.raises(ValueError, match="add_bias_residual"):
+        K.add_bias_residual(x, x, torch.ones(7))
+    with pytest.raises(ValueError, match="add_layer_norm"):
+        K.add_layer_norm(h, h.half(), None, None, 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        K.add_layer_norm(h, h, torch.ones(9), None, 1e-5)
 
 
 def test_a_failing_kernel_raises(monkeypatch):
@@ -260,7 +332,8 @@ def test_benchmark_runs_end_to_end(tmp_path):
     tiny shapes), on a GPU a short real run of a few ops; records well-formed, no case failing."""
     bench = importlib.import_module("pm_bench.bench_kernels")
     out = tmp_path / "k.jsonl"
-    ops = "group_norm_temb_silu,cross_attention_77,self_attention,dequant_int8,gemm_fp8_e4m3"
+    ops = ("group_norm_temb_silu,add_layer_norm,add_bias_residual,cross_attention_77,self_attention,dequant_int8,"
+           "gemm_fp8_e4m3")
     assert bench.main(["--device", DEVICE, "--reps", "2", "--only", ops, "--out", str(out)]) == 0
     import json
 

@@ -1,0 +1,82 @@
+"""A residual add and the LayerNorm that follows it, in one pass ("skip layer norm", as ONNX
+Runtime and TensorRT fuse it):
+
+    s = a + r           (stored in a's dtype: the transformer block's residual stream)
+    y = layer_norm(s)   (statistics in fp32 of the stored s)
+
+In SD's transformer block the attention outputs are added to the residual stream and the sum is
+normalised right away (norm2 after self-attention, norm3 after cross-attention); PyTorch does an
+add kernel, then a LayerNorm kernel that reads the sum back. Here each program takes a few whole
+rows (the channel axis, <= 2048 wide at SD's widths, sits in registers), so a and r are read once
+and s and y written once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import kernel_path, next_pow2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+MAX_WIDTH = 8192  # wider rows take the reference (no SD layer is wider than 1280)
+
+
+def add_layer_norm_reference(a, r, weight, bias, eps: float):
+    s = a + r
+    y = F.layer_norm(s.float(), (s.shape[-1],), None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps)
+    return s, y.to(s.dtype)
+
+
+if triton is not None:
+    @triton.jit(do_not_specialize=["M", "C", "eps"])
+    def _add_layer_norm(a_ptr, r_ptr, w_ptr, b_ptr, s_ptr, y_ptr, M, C, eps, HAS_W: tl.constexpr,
+                        HAS_B: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        cm = cols < C
+        m = (rows[:, None] < M) & cm[None, :]
+        off = rows[:, None].to(tl.int64) * C + cols[None, :]
+        s = tl.load(a_ptr + off, mask=m, other=0.0).to(tl.float32) + tl.load(r_ptr + off, mask=m, other=0.0).to(
+            tl.float32)
+        s = s.to(s_ptr.dtype.element_ty)  # the residual stream as stored; its LayerNorm reads this
+        tl.store(s_ptr + off, s, mask=m)
+        s = s.to(tl.float32)
+        width = C.to(tl.float32)
+        mean = tl.sum(s, 1) / width
+        d = tl.where(m, s - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / width + eps)
+        y = d * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def add_layer_norm(a, r, weight, bias, eps: float):
+    """(s, y): s = a + r in a's dtype, y = layer_norm(s) over the last axis with fp32 statistics;
+    a and r (..., C) of the same shape and dtype; weight, bias (C,) or None."""
+    if a.shape != r.shape or a.dtype != r.dtype or a.dim() < 1:
+        raise ValueError(f"add_layer_norm: a {tuple(a.shape)} {a.dtype}, r {tuple(r.shape)} {r.dtype}")
+    width = a.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != (width,):
+            raise ValueError(f"add_layer_norm: {name} {tuple(p.shape)} for width {width}")
+    if kernel_path("add_layer_norm", a) == "reference" or width > MAX_WIDTH:
+        return add_layer_norm_reference(a, r, weight, bias, eps)
+    a, r = a.contiguous(), r.contiguous()
+    s, y = torch.empty_like(a), torch.empty_like(a)
+    rows = a.numel() // max(1, width)
+    block = max(16, next_pow2(width))
+    per = max(1, min(16, 4096 // block))  # rows per program: ~4096 elements per tile
+    dummy = a
+    _add_layer_norm[(triton.cdiv(rows, per),)](a, r, dummy if weight is None else weight, dummy if bias is None
+                                               else bias, s, y, rows, width, float(eps), HAS_W=weight is not None,
+                                               HAS_B=bias is not None, ROWS=per, BLOCK=block)
+    return s, y
