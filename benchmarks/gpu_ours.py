@@ -4,7 +4,10 @@ peers run. Not a test: nothing here asserts; every figure is a record.
 
 Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with guidance):
   torch-cuda                 FastUNet (fused kernels, channels-last, per-image cross-attention K/V
-                             tables) + one CUDA graph per step
+                             tables and time tables, fused epilogues) + one CUDA graph per step
+  torch-cuda-pre-fusion      the same without the time tables and fused epilogues (the default
+                             before them: their joint effect); -unfused-epilogues, -no-time-tables:
+                             each of the two off alone
   torch-cuda-offload-te      the same with the text encoder's weights in pinned host memory, on the
                              GPU only for its call (offload_text_encoder: peak memory vs image time)
   torch-cuda-vae-graph       the same with the VAE decode captured as a CUDA graph in the step graph's
@@ -278,7 +281,8 @@ def profile_step(bundle: Path, size: int, log=print, gn_impl: str | None = None)
             "top": [{"ms": round(t, 3), "calls": c, "kernel": k} for t, c, k in rows[:40]]}
 
 
-ALL = ("reference", "torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands",
+ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables",
+       "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands",
        "torch-cuda-lean", "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv",
        "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
        "torch-cuda-cudnn-attention", "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory",
@@ -351,6 +355,13 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
     big = {**common, "images": 0, "size": BIG_SIZE, "reference": None}
     todo = {
         "torch-cuda": lambda: measure_variant("torch-cuda", bundle, keep=kept, **common),
+        "torch-cuda-pre-fusion": lambda: measure_variant("torch-cuda-pre-fusion", bundle, fused_epilogues=False,
+                                                         time_tables=False, compare=only("torch-cuda"), **common),
+        "torch-cuda-unfused-epilogues": lambda: measure_variant("torch-cuda-unfused-epilogues", bundle,
+                                                                fused_epilogues=False, compare=only("torch-cuda"),
+                                                                **one),
+        "torch-cuda-no-time-tables": lambda: measure_variant("torch-cuda-no-time-tables", bundle, time_tables=False,
+                                                             compare=only("torch-cuda"), **one),
         "torch-cuda-offload-te": lambda: measure_variant("torch-cuda-offload-te", bundle, offload_text_encoder=True,
                                                          **common),
         "torch-cuda-vae-graph": lambda: measure_variant("torch-cuda-vae-graph", bundle, vae_graph=True, **common),

@@ -3,7 +3,11 @@ PyTorch ops that launch a kernel (views and allocations excluded), pm_kernels' f
 GroupNorm's launches under each of its implementations (pm_kernels.group_norm.launches). A CUDA
 graph replays these kernels; the per-kernel cost of a replay is what this count multiplies. Not a
 benchmark of time: nothing here is timed, and a cuBLAS / cuDNN call can launch more than one kernel
-(counted as one here).
+(counted as one here). A convolution with a bias counts one more: on CUDA, PyTorch runs cuDNN's
+convolution and then adds the bias in a pass of its own (aten/src/ATen/native/Convolution.cpp,
+ConvBackend::Cudnn: output.add_(reshape_bias(...))), which the meta device does not show.
+Counted for FastUNet as the torch-cuda backend runs it (fused epilogues, time tables: one row read
+per call) and without both (what it ran before them).
 
   python benchmarks/launch_count.py --out benchmarks/results/launch-count-meta.jsonl
 """
@@ -48,20 +52,25 @@ def count(sizes=(512, 1024)) -> list[dict]:
             name = func.overloadpacket.__name__
             if name not in NO_KERNEL:
                 self.ops[name] += 1
+            if name in ("conv2d", "convolution") and (args[2] if len(args) > 2 else kwargs.get("bias")) is not None:
+                self.ops["cudnn_bias_add"] += 1  # cuDNN's convolution, then PyTorch's own bias pass
             return func(*args, **(kwargs or {}))
 
     unet, _, _ = sd15_networks(torch.float16)
     fast = FastUNet(unet)
     fast.allocate_context_tables(32, 77)
+    fast.allocate_time_tables(64)
     recs = []
-    for size in sizes:
+    for size, fused in ((s, f) for s in sizes for f in (True, False)):
+        fast.fused_epilogues = fused
         lat = size // 8
         x = torch.empty(2, 4, lat, lat, device="meta", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
         t = torch.full((2,), 500.0, device="meta")
         idx = torch.zeros(2, dtype=torch.long, device="meta")
         fused, norms = collections.Counter(), []
         with torch.inference_mode(), gpu_footprints():
-            stand_ins = {name: getattr(pm_kernels, name) for name in ("group_norm_silu", "geglu", "attention")}
+            stand_ins = {name: getattr(pm_kernels, name) for name in ("group_norm_silu", "geglu", "attention",
+                                                                       "add_bias_residual", "add_layer_norm")}
 
             def wrap(name, fn):
                 def call(*a, **k):
@@ -76,18 +85,20 @@ def count(sizes=(512, 1024)) -> list[dict]:
             try:
                 mode = Ops()
                 with mode:
-                    fast(x, t, kv_index=idx)
+                    fast(x, t, kv_index=idx, t_index=idx[:1] if fused else None)
             finally:
                 for name, fn in stand_ins.items():
                     setattr(pm_kernels, name, fn)
         aten = sum(mode.ops.values())
-        other_fused = fused["geglu"] + fused["attention"]
+        other_fused = sum(n for name, n in fused.items() if name != "group_norm_silu")
         by_impl = {impl: sum(gn.launches(shape, groups, impl) for shape, groups in norms) for impl in gn.IMPLS}
-        rec = {"network": "unet-call", "variant": "FastUNet, K/V tables, batch 2", "size": size, "dtype": "float16",
+        variant = ("FastUNet, K/V tables, time tables, fused epilogues, batch 2" if fused
+                   else "FastUNet, K/V tables, batch 2 (no time tables, epilogues unfused)")
+        rec = {"network": "unet-call", "variant": variant, "size": size, "dtype": "float16",
                "aten_kernels": aten, "aten_by_op": dict(mode.ops.most_common()), "fused_calls": dict(fused),
                "group_norm_launches": by_impl, "fuse_max": gn.FUSE_MAX,
                "kernels_total": {impl: aten + other_fused + n for impl, n in by_impl.items()}}
-        print(f"{size} px: {aten} PyTorch kernels + {other_fused} fused attention/GEGLU + GroupNorm "
+        print(f"{size} px{'' if fused else ' (unfused)'}: {aten} PyTorch kernels + {other_fused} other fused + GroupNorm "
               + ", ".join(f"{impl} {n}" for impl, n in by_impl.items())
               + " -> " + ", ".join(f"{impl} {n}" for impl, n in rec["kernels_total"].items()), flush=True)
         recs.append(rec)

@@ -5,7 +5,8 @@ Not a test: nothing here asserts.
 What is counted: every tensor an op returns (torch dispatch) that is not a view of (or written in
 place into) its inputs, by storage, from its creation until its storage is freed, in the run dtype. Fused kernels are counted by what their GPU path allocates:
 pm_kernels' group_norm_silu / geglu / attention / dequant_int8 stand in as one output tensor each
-(their Triton paths allocate exactly that, plus a few KB of statistics), and PyTorch's
+(their Triton paths allocate exactly that, plus a few KB of statistics; add_layer_norm as its two,
+add_bias_residual as none where it writes into `out`), and PyTorch's
 scaled_dot_product_attention as its output (flash / memory-efficient attention; the math path's
 (N, N) score matrix is what a GPU does NOT allocate). What is NOT counted: cuDNN / cuBLAS
 workspaces, the CUDA caching allocator's rounding and caching, CUDA-graph pools (which hold this
@@ -83,6 +84,9 @@ def gpu_footprints():
         "geglu": lambda h: torch.empty((*h.shape[:-1], h.shape[-1] // 2), dtype=h.dtype, device=h.device),
         "attention": attention,
         "dequant_int8": lambda q, scale, dtype=torch.float16: torch.empty_like(q, dtype=dtype),
+        # the residual kernel writes into `out` when given (FastUNet: conv2's output), else a new tensor
+        "add_bias_residual": lambda h, x, bias=None, out=None: torch.empty_like(h) if out is None else out,
+        "add_layer_norm": lambda a, r, *args: (torch.empty_like(a), torch.empty_like(a)),  # (a + r, its norm)
     }
     saved = {name: getattr(pm_kernels, name) for name in fakes}
     sdpa = F.scaled_dot_product_attention

@@ -67,6 +67,38 @@ def test_fast_unet_matches_the_plain_unet(unet_graph, n, h, w, kernels):
     assert float((swapped - ref).abs().max()) > 100 * err  # the test can tell C_v from C_k
 
 
+@pytest.mark.parametrize("kernels", ["triton", "reference"])
+def test_fast_unet_epilogues_and_time_tables(unet_graph, kernels):
+    """The fused epilogues (conv biases folded into the time vector and the residual kernel, add +
+    LayerNorm) against FastUNet without them and the plain UNet; the time tables (every step's time
+    vectors computed once, the call reads row t_index) against computing them in the call."""
+    from pm_runtime.modeling.fast_unet import FastUNet
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    c_k, c_v = torch.randn(2, 2, 77, 32, generator=g)
+    steps = torch.tensor([981.0, 500.5, 1.0])
+    fast = FastUNet(unet_graph.unet)
+    assert all(r.pm_time_bias is not None and r.pm_out_bias is not None for r in fast.resnets)
+    with torch.no_grad():
+        ref = unet_graph(x, steps[1].expand(2), c_k, c_v)
+        fused = fast(x, steps[1].expand(2), c_k, c_v)
+        fast.fused_epilogues = False
+        unfused = fast(x, steps[1].expand(2), c_k, c_v)
+        fast.fused_epilogues = True
+        fast.allocate_time_tables(8)
+        assert fast.time_table.shape == (8, sum(r.norm2.weight.shape[0] for r in fast.resnets))
+        fast.set_timesteps(steps)
+        rows = [fast(x, steps[0], c_k, c_v, t_index=torch.tensor([i])) for i in range(3)]
+        direct = [fast(x, t.expand(2), c_k, c_v) for t in steps]
+    scale = float(ref.abs().max())
+    for out in (fused, unfused):
+        assert float((out - ref).abs().max()) <= 1e-4 * scale
+    for row, want in zip(rows, direct):  # row i is timestep i's, whatever `timestep` says
+        assert float((row - want).abs().max()) <= 1e-5 * scale
+    assert float((rows[0] - rows[2]).abs().max()) > 1e-2 * scale  # the rows really differ
+
+
 def test_unsupported_unets_are_named(unet_graph):
     from pm_runtime.modeling.fast_unet import FastUNet, unsupported
 
@@ -111,7 +143,7 @@ def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
     loop = StepGraph(FastUNet(unet_graph.unet) if fast else unet_graph, n=n, latent_shape=(4, 8, 8),
                      context_shape=(77, 32), rows=8, dtype=torch.float32, device="cpu",
                      sequential=unet_kind.endswith("sequential"))
-    assert loop.indexed == fast
+    assert loop.indexed == loop.timed == fast
     with torch.inference_mode():
         dev = loop.run(latents, c_k, c_v, step_rows, linear_steps(tables), 7.5, noise, lambda i: None, seen.append)
     assert seen == list(range(9)) * 2

@@ -52,6 +52,14 @@
 - offload_safety_checker (default on; NOT MEASURED on a GPU yet): the safety checker (a CLIP
   ViT-L/14 vision tower, ~0.6 GB in fp16, called once per image) rests in pinned host memory and is
   copied to the GPU for its call only, as offload_text_encoder does for the text encoder.
+- fused_epilogues (default on; NOT MEASURED on a GPU yet): FastUNet runs the ResNets' convolutions
+  without their biases (PyTorch adds a cuDNN convolution's bias in a separate pass) and folds them
+  into the time vector and one residual kernel; residual add + LayerNorm in one kernel. Counted:
+  fewer kernels per UNet call (benchmarks/launch_count.py); whether the step gets faster is for the
+  GPU check (variant torch-cuda-unfused-epilogues).
+- time_tables (default on; NOT MEASURED on a GPU yet): every ResNet's time-embedding vector of
+  every step computed once per image (FastUNet.set_timesteps); the step reads its row (variant
+  torch-cuda-no-time-tables).
 - gn_impl ("tiled" default | "grouped" | "auto", NOT MEASURED on a GPU yet): which of pm_kernels'
   Triton GroupNorms the UNet runs (fewer kernel launches per GroupNorm with "grouped"; "auto" uses
   it where one launch covers a group); process-wide.
@@ -103,7 +111,8 @@ class TorchCudaBackend(Backend):
                  offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
                  int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
                  offload_safety_checker: bool = True, vae_tiling: bool | None = None, vae_bands: int | None = None,
-                 ff_chunk: int | None = None, gn_impl: str | None = None, **_):
+                 ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool = True,
+                 time_tables: bool = True, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -137,6 +146,8 @@ class TorchCudaBackend(Backend):
         if sdpa not in (None, "flash", "cudnn", "efficient"):
             raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
+        self.fused_epilogues = bool(fused_epilogues)  # FastUNet.fused_epilogues
+        self.time_tables = bool(time_tables)  # per-image time-embedding tables (StepGraph / FastUNet)
         if gn_impl is not None:  # which Triton GroupNorm the UNet's graph captures (a process-wide setting)
             import pm_kernels
 
@@ -304,6 +315,7 @@ class TorchCudaBackend(Backend):
             unet.to(memory_format=torch.channels_last)
         fast = FastUNet(unet)  # a fresh wrapper per load: the K/V tables it gets belong to this load's step graph
         fast.ff_chunk = self.ff_chunk
+        fast.fused_epilogues = self.fused_epilogues
         return fast
 
     def _free(self, net) -> None:
@@ -356,16 +368,20 @@ class TorchCudaBackend(Backend):
         n, C, h, w = job.latents.shape
         rows, L, D = job.c_k.shape
         capacity = 1 << max(5, (rows - 1).bit_length())  # context rows the graph's buffers hold
-        key = (n, C, h, w, L, D, capacity)
+        lin = linear_steps(job.tables)
+        # steps the graph's tables hold: the time tables are (steps, sum of the ResNets' widths), 2.4 MB
+        # in fp16 at SD 1.5 widths for 64 steps (38 MB for 1000)
+        max_steps = 1 << max(6, (lin.num_steps - 1).bit_length())
+        key = (n, C, h, w, L, D, capacity, max_steps)
         loop = self._loops.get(key)
         if loop is None:
             self._loops.clear()  # one captured graph at a time: its memory pool is freed with it
             with self._sdpa_choice():  # the attention kernels are chosen at capture
                 loop = StepGraph(engine.module, n=n, latent_shape=(C, h, w), context_shape=(L, D), rows=capacity,
                                  dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph,
-                                 kv_tables=self.kv_tables, sequential=self.sequential_guidance)
+                                 kv_tables=self.kv_tables, sequential=self.sequential_guidance, max_steps=max_steps,
+                                 time_tables=self.time_tables)
             self._loops[key] = loop
-        lin = linear_steps(job.tables)
         noise = None
         if lin.needs_noise:
             noise = np.stack([job.noise(i) for i in range(lin.num_steps)])  # (steps, n, C, h, w)

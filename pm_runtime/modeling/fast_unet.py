@@ -7,6 +7,16 @@ cross-attention, DESIGN §1); what changes is how it is computed:
   then a free view, and cuDNN runs its NHWC convolutions without transposes;
 - GroupNorm + SiLU in one kernel, with the ResNet's time-embedding add folded in
   (pm_kernels.group_norm_silu);
+- fused epilogues (`fused_epilogues`, on by default): PyTorch adds a cuDNN convolution's bias in a
+  pass of its own over the output, so the ResNet's convolutions run without bias: conv1's goes into
+  the time-embedding vector that norm2 adds anyway (folded into time_emb_proj's bias), conv2's and
+  the shortcut's into one kernel that also does the residual add (pm_kernels.add_bias_residual);
+  in the transformer block each residual add and the LayerNorm after it are one kernel
+  (pm_kernels.add_layer_norm);
+- time tables: in the torch-cuda loop the timesteps of an image are known before its first step,
+  so every ResNet's time-embedding vector of every step is computed ONCE per image into one table
+  (set_timesteps) and a step reads its row by index (forward(..., t_index=...)): no sinusoid, time
+  MLP or time projection inside the step;
 - self-attention: one GEMM for Q, K and V (their weights concatenated once, the module's own
   to_q/to_k/to_v weights become views of it: no extra memory), attention read in place;
 - cross-attention: K = to_k(C_k), V = to_v(C_v) (the split contexts), one fused attention kernel
@@ -71,6 +81,8 @@ def unsupported(unet) -> str | None:
             return "a resampler without convolution"
         if name == "Upsample2D" and (not m.interpolate or m.use_conv_transpose):
             return "an upsampler other than nearest + conv"
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            return f"a convolution with padding_mode={m.padding_mode!r}"
     return None
 
 
@@ -79,6 +91,19 @@ def _linear(x, layer) -> torch.Tensor:
     of them int8 (pm_runtime.modeling.int8_weights) or not."""
     w = weight_of(layer)
     return F.linear(x, w.view(w.shape[0], w.shape[1]) if w.ndim == 4 else w, layer.bias)
+
+
+def _conv(layer, x, bias: bool = True):
+    """layer(x) for an nn.Conv2d or an int8 one; bias=False: the same convolution without its bias."""
+    if bias:
+        return layer(x)
+    return F.conv2d(x, weight_of(layer), None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _sum(*tensors):
+    """The sum of the tensors that are not None (None when all are)."""
+    present = [t for t in tensors if t is not None]
+    return None if not present else torch.stack([t.detach() for t in present]).sum(0)
 
 
 def _fuse_qkv(attn) -> None:
@@ -118,6 +143,17 @@ class FastUNet(nn.Module):
                 self.self_attn.append(m.attn1)
                 self.cross.append(m.attn2)
         self.kv_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(attn2) -> (K, V) tables
+        u = unet
+        self.resnets = [r for b in (*u.down_blocks, u.mid_block, *u.up_blocks) for r in b.resnets]  # forward order
+        for r in self.resnets:  # the biases the fused epilogues add (module buffers: they move with the UNet)
+            r.register_buffer("pm_time_bias", _sum(r.conv1.bias, getattr(r.time_emb_proj, "bias", None)
+                                                   if r.time_emb_proj is not None else None), persistent=False)
+            r.register_buffer("pm_out_bias", _sum(r.conv2.bias, None if r.conv_shortcut is None
+                                                  else r.conv_shortcut.bias), persistent=False)
+        # conv biases folded into the time vector / one residual kernel, add + LayerNorm fused
+        self.fused_epilogues = True
+        self.time_table: torch.Tensor | None = None  # (rows, sum of the ResNets' widths), see set_timesteps
+        self.time_slots: list[tuple[int, int]] = []  # per ResNet: (offset, width) in a time-table row
         # feed-forward in chunks of this many tokens where a block has more (None: in one piece):
         # less activation memory at large images, same values (torch-cuda sets it in low-memory mode)
         self.ff_chunk: int | None = None
@@ -139,15 +175,50 @@ class FastUNet(nn.Module):
             k_tab[:len(c_k)].copy_(attn.to_k(c_k.to(k_tab.dtype)))
             v_tab[:len(c_v)].copy_(attn.to_v(c_v.to(v_tab.dtype)))
 
+    # ------------------------------------------------------------------ per-image time tables
+    def allocate_time_tables(self, rows: int) -> None:
+        """A static (rows, sum of the ResNets' widths) table of time-embedding vectors (allocate before
+        a CUDA graph is captured: the graph reads it in place)."""
+        w = self.unet.conv_in.weight
+        widths = [r.norm2.weight.shape[0] for r in self.resnets]
+        offsets = [sum(widths[:i]) for i in range(len(widths))]
+        self.time_slots = list(zip(offsets, widths))
+        self.time_table = torch.zeros((rows, sum(widths)), dtype=w.dtype, device=w.device)
+
+    def set_timesteps(self, timesteps) -> None:
+        """Fill the table's first rows with every ResNet's time vector at these timesteps (S,)."""
+        vectors = self._time_vectors(timesteps.reshape(-1))
+        for (off, width), v in zip(self.time_slots, vectors):
+            self.time_table[:len(timesteps), off:off + width].copy_(v)
+
+    def _time_vectors(self, t) -> list:
+        """Per ResNet, what its norm2 adds to conv1's output at timesteps t (N,): time_emb_proj(
+        SiLU(temb)) (N, C), plus conv1's bias where the epilogues are fused (conv1 then runs without)."""
+        u = self.unet
+        dtype = u.conv_in.weight.dtype
+        temb_act = F.silu(u.time_embedding(u.time_proj(t).to(dtype)))  # every ResNet reads SiLU(temb)
+        out = []
+        for r in self.resnets:
+            if not self.fused_epilogues:
+                out.append(r.time_emb_proj(temb_act))
+            elif r.time_emb_proj is not None:
+                out.append(F.linear(temb_act, weight_of(r.time_emb_proj), r.pm_time_bias))
+            else:
+                out.append(None if r.pm_time_bias is None else r.pm_time_bias.expand(len(t), -1))
+        return out
+
     # ------------------------------------------------------------------ pieces
     def _gn(self, norm: nn.GroupNorm, x, silu: bool = True, temb=None):
         return self.k.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, temb=temb, silu=silu)
 
-    def _resnet(self, r, x, temb_act):
-        h = r.conv1(self._gn(r.norm1, x))
-        h = r.conv2(self._gn(r.norm2, h, temb=r.time_emb_proj(temb_act)))  # norm2(h + temb) + SiLU, fused
+    def _resnet(self, r, x, temb):
+        fused = self.fused_epilogues
+        h = _conv(r.conv1, self._gn(r.norm1, x), bias=not fused)  # fused: its bias is in temb
+        h = _conv(r.conv2, self._gn(r.norm2, h, temb=temb), bias=not fused)  # norm2(h + temb) + SiLU, fused
         if r.conv_shortcut is not None:
-            x = r.conv_shortcut(x)
+            x = _conv(r.conv_shortcut, x, bias=not fused)
+        if fused:
+            return self.k.add_bias_residual(h, x, r.pm_out_bias, out=h)  # h + x + both biases, one pass
         return x + h
 
     def _attention(self, attn, x, ctx=None):
@@ -167,14 +238,23 @@ class FastUNet(nn.Module):
         out = self.k.attention(q, k, v, attn.heads, attn.scale, kv_index=index)  # (N, S, inner)
         return attn.to_out[0](out)
 
+    def _add_norm(self, a, h, norm):
+        """(a + h, norm(a + h)): the residual add and the LayerNorm after it."""
+        if self.fused_epilogues:
+            return self.k.add_layer_norm(a, h, norm.weight, norm.bias, norm.eps)
+        h = a + h
+        return h, norm(h)
+
     def _block(self, b, h, ctx):
-        h = self._attention(b.attn1, b.norm1(h)) + h
-        h = self._attention(b.attn2, b.norm2(h), ctx) + h
+        h, x = self._add_norm(self._attention(b.attn1, b.norm1(h)), h, b.norm2)
+        h, x = self._add_norm(self._attention(b.attn2, x, ctx), h, b.norm3)
         ff = b.ff.net
         chunk = self.ff_chunk
-        if not chunk or h.shape[1] <= chunk:
-            return ff[2](self.k.geglu(ff[0].proj(b.norm3(h)))) + h  # norm3's output freed after proj
-        x = b.norm3(h)
+        if not chunk or h.shape[1] <= chunk:  # each temporary dropped as soon as it is read
+            a = ff[0].proj(x)
+            del x
+            a = self.k.geglu(a)
+            return ff[2](a).add_(h)
         # token chunks: the 8x-wide GEGLU projection (80 MiB per sample at 1024 px in fp16) lives
         # one chunk at a time; each chunk's result goes straight into the output, then h is added
         out = torch.empty_like(h)
@@ -193,21 +273,28 @@ class FastUNet(nn.Module):
         return h.view(n, height, width, -1).permute(0, 3, 1, 2) + x  # channels-last (N, C, H, W)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, sample, timestep, c_k=None, c_v=None, kv_index=None):
-        """c_k, c_v (N, L, D) contexts; or kv_index (N,) int64 rows of the tables of set_contexts."""
+    def forward(self, sample, timestep, c_k=None, c_v=None, kv_index=None, t_index=None):
+        """c_k, c_v (N, L, D) contexts; or kv_index (N,) int64 rows of the tables of set_contexts.
+        t_index (1,) int64: every sample is at the timesteps' row t_index of the time table
+        (set_timesteps; `timestep` is then not read)."""
         u = self.unet
         dtype = u.conv_in.weight.dtype
         channels_last = u.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and sample.is_cuda
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        temb = u.time_embedding(u.time_proj(timestep.reshape(-1).expand(sample.shape[0])).to(dtype))  # (N, T)
-        temb_act = F.silu(temb)  # every ResNet's time projection reads SiLU(temb)
+        n = sample.shape[0]
+        if t_index is not None:  # one row of the table: (1, sum of widths), each ResNet's slice expanded to n
+            row = self.time_table.index_select(0, t_index.reshape(1))
+            tembs = [row[:, off:off + width].expand(n, width) for off, width in self.time_slots]
+        else:
+            tembs = self._time_vectors(timestep.reshape(-1).expand(n))
+        temb = dict(zip(map(id, self.resnets), tembs))
         ctx = kv_index if kv_index is not None else (c_k.to(dtype), c_v.to(dtype))
         h = u.conv_in(sample.to(dtype).contiguous(memory_format=fmt))
         skips = [h]
         for block in u.down_blocks:
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for r, a in zip(block.resnets, attns):
-                h = self._resnet(r, h, temb_act)
+                h = self._resnet(r, h, temb[id(r)])
                 if a is not None:
                     h = self._transformer(a, h, ctx)
                 skips.append(h)
@@ -215,13 +302,13 @@ class FastUNet(nn.Module):
                 h = d.conv(h)
                 skips.append(h)
         mid = u.mid_block
-        h = self._resnet(mid.resnets[0], h, temb_act)
+        h = self._resnet(mid.resnets[0], h, temb[id(mid.resnets[0])])
         for a, r in zip(mid.attentions, mid.resnets[1:]):
-            h = self._resnet(r, self._transformer(a, h, ctx), temb_act)
+            h = self._resnet(r, self._transformer(a, h, ctx), temb[id(r)])
         for block in u.up_blocks:
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for r, a in zip(block.resnets, attns):
-                h = self._resnet(r, torch.cat([h, skips.pop()], dim=1), temb_act)
+                h = self._resnet(r, torch.cat([h, skips.pop()], dim=1), temb[id(r)])
                 if a is not None:
                     h = self._transformer(a, h, ctx)
             for up in block.upsamplers or ():

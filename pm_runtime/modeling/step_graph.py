@@ -13,7 +13,9 @@ from device tables indexed by the device-side counter, so replaying the graph `s
 the whole loop: no host work, no host<->device copy between steps (euler-a's per-step noise is
 the one exception: a device-to-device copy before each replay). With a UNet that keeps per-image
 K/V tables (FastUNet.set_contexts), the contexts' cross-attention K and V are computed once per
-image in `load` and the step passes only row indices. The latent state stays float32;
+image in `load` and the step passes only row indices; with one that keeps time tables
+(FastUNet.set_timesteps), so are the ResNets' time-embedding vectors of every step (the step passes
+the counter). The latent state stays float32;
 the UNet runs in the model dtype. Without CUDA (or cuda_graph=False) the same step function runs
 eagerly, which is how it is tested against the host loop.
 """
@@ -67,12 +69,15 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
 class StepGraph:
     def __init__(self, unet: Callable, *, n: int, latent_shape: tuple[int, int, int], context_shape: tuple[int, int],
                  rows: int, dtype: torch.dtype, device: torch.device, cuda_graph: bool = True, max_steps: int = 1000,
-                 kv_tables: bool = True, sequential: bool = False):
+                 kv_tables: bool = True, sequential: bool = False, time_tables: bool = True):
         self.unet, self.n, self.dtype, self.device = unet, n, dtype, torch.device(device)
         self.sequential = bool(sequential)
         self.indexed = bool(kv_tables) and hasattr(unet, "allocate_context_tables")
         if self.indexed:
             unet.allocate_context_tables(rows, context_shape[0])
+        self.timed = bool(time_tables) and hasattr(unet, "allocate_time_tables")
+        if self.timed:  # one row per step: (max_steps, sum of the ResNets' widths) in the UNet's dtype
+            unet.allocate_time_tables(max_steps)
         f32 = dict(dtype=torch.float32, device=self.device)
         self.x = torch.zeros((n, *latent_shape), **f32)        # the sample
         self.x0_prev = torch.zeros_like(self.x)                 # the previous step's x0 (DPM-Solver++ 2M)
@@ -93,10 +98,12 @@ class StepGraph:
 
     # ------------------------------------------------------------------ the step
     def _unet(self, xin, t, rows) -> torch.Tensor:
-        """The UNet on xin (b, C, h, w) at timesteps t (b,) with context rows `rows` (b,), float32."""
+        """The UNet on xin (b, C, h, w) at timesteps t (b,) (this step's: row `step` of the time
+        tables) with context rows `rows` (b,), float32."""
+        extra = {"t_index": self.step.view(1)} if self.timed else {}
         if self.indexed:
-            return self.unet(xin, t, kv_index=rows).float()
-        return self.unet(xin, t, self.c_k.index_select(0, rows), self.c_v.index_select(0, rows)).float()
+            return self.unet(xin, t, kv_index=rows, **extra).float()
+        return self.unet(xin, t, self.c_k.index_select(0, rows), self.c_v.index_select(0, rows), **extra).float()
 
     def _step(self) -> None:
         n, i = self.n, self.step.view(1)
@@ -154,6 +161,8 @@ class StepGraph:
         put(self.c_v, c_v)
         if self.indexed:
             self.unet.set_contexts(self.c_k[:len(c_k)], self.c_v[:len(c_v)])  # K/V of every context, once
+        if self.timed:
+            self.unet.set_timesteps(self.timesteps[:steps])  # every step's time vectors, once
         self.clip.fill_(lin.clip)
         self.guidance.fill_(float(guidance))
 
