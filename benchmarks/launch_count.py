@@ -7,7 +7,8 @@ benchmark of time: nothing here is timed, and a cuBLAS / cuDNN call can launch m
 convolution and then adds the bias in a pass of its own (aten/src/ATen/native/Convolution.cpp,
 ConvBackend::Cudnn: output.add_(reshape_bias(...))), which the meta device does not show.
 Counted for FastUNet as the torch-cuda backend runs it (fused epilogues, time tables: one row read
-per call) and without both (what it ran before them).
+per call) and without both (what it ran before them), and for a whole step of the step graph
+(StepGraph._step: the UNet call plus the arithmetic around it, guidance batched and sequential).
 
   python benchmarks/launch_count.py --out benchmarks/results/launch-count-meta.jsonl
 """
@@ -56,13 +57,16 @@ def count(sizes=(512, 1024)) -> list[dict]:
                 self.ops["cudnn_bias_add"] += 1  # cuDNN's convolution, then PyTorch's own bias pass
             return func(*args, **(kwargs or {}))
 
+    from pm_runtime.modeling.step_graph import StepGraph
+
     unet, _, _ = sd15_networks(torch.float16)
     fast = FastUNet(unet)
     fast.allocate_context_tables(32, 77)
     fast.allocate_time_tables(64)
     recs = []
-    for size, fused in ((s, f) for s in sizes for f in (True, False)):
-        fast.fused_epilogues = fused
+    for size, epilogues, step in ((s, f, st) for s in sizes for f, st in ((True, None), (False, None), (True, "batched"),
+                                                                        (True, "sequential"))):
+        fast.fused_epilogues = epilogues
         lat = size // 8
         x = torch.empty(2, 4, lat, lat, device="meta", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
         t = torch.full((2,), 500.0, device="meta")
@@ -70,7 +74,8 @@ def count(sizes=(512, 1024)) -> list[dict]:
         fused, norms = collections.Counter(), []
         with torch.inference_mode(), gpu_footprints():
             stand_ins = {name: getattr(pm_kernels, name) for name in ("group_norm_silu", "geglu", "attention",
-                                                                       "add_bias_residual", "add_layer_norm")}
+                                                                       "add_bias_residual", "add_layer_norm",
+                                                                       "scaled_copies", "guided_update")}
 
             def wrap(name, fn):
                 def call(*a, **k):
@@ -83,22 +88,33 @@ def count(sizes=(512, 1024)) -> list[dict]:
             for name, fn in stand_ins.items():
                 setattr(pm_kernels, name, wrap(name, fn))
             try:
+                loop = None
+                if step:  # a whole step: n = 1 image, the UNet on [uncond; cond] or on each half
+                    loop = StepGraph(fast, n=1, latent_shape=(4, size // 8, size // 8), context_shape=(77, 768),
+                                     rows=32, dtype=torch.float16, device="meta", max_steps=64,
+                                     sequential=step == "sequential")
                 mode = Ops()
                 with mode:
-                    fast(x, t, kv_index=idx, t_index=idx[:1] if fused else None)
+                    if loop is not None:
+                        loop._step()
+                    else:
+                        fast(x, t, kv_index=idx, t_index=idx[:1] if epilogues else None)
             finally:
                 for name, fn in stand_ins.items():
                     setattr(pm_kernels, name, fn)
         aten = sum(mode.ops.values())
         other_fused = sum(n for name, n in fused.items() if name != "group_norm_silu")
         by_impl = {impl: sum(gn.launches(shape, groups, impl) for shape, groups in norms) for impl in gn.IMPLS}
-        variant = ("FastUNet, K/V tables, time tables, fused epilogues, batch 2" if fused
+        variant = ("FastUNet, K/V tables, time tables, fused epilogues, batch 2" if epilogues
                    else "FastUNet, K/V tables, batch 2 (no time tables, epilogues unfused)")
-        rec = {"network": "unet-call", "variant": variant, "size": size, "dtype": "float16",
+        if step:
+            variant = f"one step graph step, guidance {step} (FastUNet as above)"
+        rec = {"network": "step" if step else "unet-call", "variant": variant, "size": size, "dtype": "float16",
                "aten_kernels": aten, "aten_by_op": dict(mode.ops.most_common()), "fused_calls": dict(fused),
                "group_norm_launches": by_impl, "fuse_max": gn.FUSE_MAX,
                "kernels_total": {impl: aten + other_fused + n for impl, n in by_impl.items()}}
-        print(f"{size} px{'' if fused else ' (unfused)'}: {aten} PyTorch kernels + {other_fused} other fused + GroupNorm "
+        label = f"step ({step})" if step else ("UNet call" if epilogues else "UNet call (unfused)")
+        print(f"{size} px {label}: {aten} PyTorch kernels + {other_fused} other fused + GroupNorm "
               + ", ".join(f"{impl} {n}" for impl, n in by_impl.items())
               + " -> " + ", ".join(f"{impl} {n}" for impl, n in rec["kernels_total"].items()), flush=True)
         recs.append(rec)

@@ -87,6 +87,11 @@ def gpu_footprints():
         # the residual kernel writes into `out` when given (FastUNet: conv2's output), else a new tensor
         "add_bias_residual": lambda h, x, bias=None, out=None: torch.empty_like(h) if out is None else out,
         "add_layer_norm": lambda a, r, *args: (torch.empty_like(a), torch.empty_like(a)),  # (a + r, its norm)
+        # the step graph's arithmetic around the UNet: its input (copies of the scaled latent), and an
+        # update in place (nothing new)
+        "scaled_copies": lambda x, scale, step, copies, dtype, fmt=torch.contiguous_format: torch.empty(
+            (copies * x.shape[0], *x.shape[1:]), dtype=dtype, device=x.device, memory_format=fmt),
+        "guided_update": lambda *args: None,
     }
     saved = {name: getattr(pm_kernels, name) for name in fakes}
     sdpa = F.scaled_dot_product_attention

@@ -20,6 +20,10 @@
     add_layer_norm(a, r, weight, bias, eps) -> (s, y)                            kernels/layer_norm.py
         s = a + r, y = layer_norm(s) (fp32 statistics) in one pass: the transformer block's residual
         add and the LayerNorm after it
+    scaled_copies(x, scale, step, copies, dtype, memory_format)                 kernels/step_update.py
+    guided_update(uncond, cond, x, x0_prev, noise, coef, step, guidance, clip)
+        the denoising step's arithmetic around the UNet (its input; guidance + the scheduler's affine
+        update), per-step values read at the device-side step counter: two kernels instead of ~30
 
 Dispatch (kernels/_dispatch.py, one rule for all): the Triton kernel runs on CUDA tensors when
 Triton imports, and on CPU tensors under TRITON_INTERPRET=1 (how the tests run them without a
@@ -36,12 +40,14 @@ from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
 from .geglu import geglu, geglu_reference
 from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .residual import add_bias_residual, add_bias_residual_reference
+from .step_update import guided_update, guided_update_reference, scaled_copies, scaled_copies_reference
 from .group_norm import (group_norm_impl, group_norm_impl_kept, group_norm_silu, group_norm_silu_reference,
                          set_group_norm_impl)
 
 __all__ = ["KERNELS", "add_bias_residual", "add_bias_residual_reference", "add_layer_norm",
            "add_layer_norm_reference", "attention", "attention_reference", "attention_sdpa", "dequant_int8",
            "dequant_int8_reference",
-           "enabled", "geglu", "geglu_reference", "quantize_int8", "group_norm_impl", "group_norm_impl_kept",
+           "enabled", "geglu", "geglu_reference", "guided_update", "guided_update_reference", "scaled_copies",
+           "scaled_copies_reference", "quantize_int8", "group_norm_impl", "group_norm_impl_kept",
            "group_norm_silu", "group_norm_silu_reference", "kernel_path", "set_enabled", "set_group_norm_impl",
            "triton_available"]

@@ -36,7 +36,8 @@ def triton_available() -> bool:
     return True
 
 
-KERNELS = ("group_norm_silu", "geglu", "attention", "dequant_int8", "add_bias_residual", "add_layer_norm")
+KERNELS = ("group_norm_silu", "geglu", "attention", "dequant_int8", "add_bias_residual", "add_layer_norm",
+           "step_update")
 
 
 def kernel_path(name_or_tensor, tensor=None) -> str:

@@ -211,17 +211,30 @@ def _check_stage_memory(run_bundle, fake_torch, mem):
 def test_launch_count_at_sd15_shapes():
     """benchmarks/launch_count.py on the meta device: every GroupNorm the UNet calls is counted once
     among the fused calls and launches what group_norm.launches() says per implementation (three
-    each when tiled); views are not counted as kernels."""
+    each when tiled); views are not counted as kernels. The fused epilogues and time tables take
+    kernels out of a UNet call (no time embedding inside it, fewer cuDNN bias passes), and a whole
+    step graph step adds only a handful to its UNet call (per-step values read from device tables,
+    the arithmetic around the UNet in two kernels)."""
     pytest.importorskip("torch")
     import launch_count
 
-    (rec,) = launch_count.count(sizes=(512,))
+    recs = launch_count.count(sizes=(512,))
+    rec = recs[0]  # the UNet call as torch-cuda runs it
+    unfused = next(r for r in recs if r["network"] == "unet-call" and "unfused" in r["variant"])
+    batched, sequential = (next(r for r in recs if r["network"] == "step" and kind in r["variant"])
+                           for kind in ("batched", "sequential"))
     norms = rec["fused_calls"]["group_norm_silu"]
     assert norms == 61 and rec["group_norm_launches"]["tiled"] == 3 * norms
     assert norms <= rec["group_norm_launches"]["grouped"] < rec["group_norm_launches"]["auto"] < 3 * norms
     assert not set(rec["aten_by_op"]) & launch_count.NO_KERNEL and rec["aten_by_op"]["conv2d"] > 0
     assert rec["kernels_total"]["tiled"] - rec["kernels_total"]["grouped"] == \
         rec["group_norm_launches"]["tiled"] - rec["group_norm_launches"]["grouped"]
+    assert "fused epilogues" in rec["variant"] and rec["kernels_total"]["tiled"] < unfused["kernels_total"]["tiled"] - 100
+    assert not {"sin", "cos", "exp"} & set(rec["aten_by_op"]) and {"sin", "cos"} <= set(unfused["aten_by_op"])
+    assert rec["aten_by_op"]["cudnn_bias_add"] < unfused["aten_by_op"]["cudnn_bias_add"] == 66
+    extra = batched["kernels_total"]["tiled"] - rec["kernels_total"]["tiled"]
+    assert 0 < extra <= 6, batched["aten_by_op"]
+    assert sequential["kernels_total"]["tiled"] <= 2 * rec["kernels_total"]["tiled"] + 6
 
 
 def test_live_memory_counts_created_tensors_not_views():
@@ -343,3 +356,4 @@ def test_gpu_goals_report(tmp_path):
     warm = got["bundle load to first image, new process, warm caches (standalone)"]
     assert warm[3] == "**met**" and warm[1].startswith("7.5 s") and "12.2" in warm[1]  # load + first image judged
     assert "NVIDIA H200" in gpu_goals.table(gpu_goals.load(tmp_path))
+

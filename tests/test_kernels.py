@@ -270,6 +270,56 @@ def test_group_norm_reads_an_expanded_time_row(gn_impl):
         K.group_norm_silu(x, w, b, 8, 1e-5, temb=row)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("copies", [1, 2])
+def test_scaled_copies(copies, fmt, dtype):
+    g = torch.Generator().manual_seed(copies)
+    x = torch.randn(3, 4, 5, 7, generator=g).to(DEVICE)
+    scale = torch.rand(6, generator=g).to(DEVICE)
+    step = torch.tensor(4, device=DEVICE)
+    assert K.kernel_path("step_update", x) == "triton"
+    y = K.scaled_copies(x, scale, step, copies, dtype, fmt)
+    assert y.shape == (3 * copies, 4, 5, 7) and y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    want = (x * scale[4]).to(dtype)
+    for k in range(copies):
+        assert torch.equal(y[3 * k:3 * (k + 1)], want)
+    assert torch.equal(y, K.scaled_copies_reference(x, scale, step, copies, dtype, fmt))
+
+
+@pytest.mark.parametrize("clip", [float("inf"), 1.5])
+@pytest.mark.parametrize("layout", ["halves-of-one-channels-last", "two-nchw-fp32"])
+def test_guided_update(layout, clip):
+    """The step's guidance + affine update in place, against its PyTorch reference (the ops the step
+    graph ran before): every coefficient column non-zero, the clamp active or not."""
+    g = torch.Generator().manual_seed(5)
+    n = 2
+    x, x0_prev, noise = (torch.randn(n, 4, 6, 5, generator=g).to(DEVICE) for _ in range(3))
+    coef = torch.randn(8, 10, generator=g).to(DEVICE)
+    step, guidance, clip_t = (torch.tensor(v, device=DEVICE) for v in (3, 7.5, clip))
+    if layout == "two-nchw-fp32":  # sequential guidance: two UNet calls
+        uncond, cond = (torch.randn(n, 4, 6, 5, generator=g).to(DEVICE) for _ in range(2))
+    else:  # one fp16 channels-last call on [uncond; cond]
+        out = torch.randn(2 * n, 4, 6, 5, generator=g).to(DEVICE, torch.float16).contiguous(
+            memory_format=torch.channels_last)
+        uncond, cond = out[:n], out[n:]
+    states = [(x.clone(), x0_prev.clone()) for _ in range(2)]
+    assert K.kernel_path("step_update", x) == "triton"
+    K.guided_update(uncond, cond, *states[0][:2], noise, coef, step, guidance, clip_t)
+    K.guided_update_reference(uncond, cond, *states[1][:2], noise, coef, step, guidance, clip_t)
+    for got, want in zip(states[0], states[1]):
+        assert rel_err(got, want) <= 1e-5
+    assert not torch.equal(states[0][0], x)  # it did update in place
+    if clip < float("inf"):
+        assert float(states[0][1].abs().max()) <= clip
+    with pytest.raises(ValueError, match="same shape and strides"):
+        K.guided_update(uncond, cond.contiguous(), x, x0_prev, noise, coef, step, guidance, clip_t) \
+            if layout != "two-nchw-fp32" else K.guided_update(uncond[:1], cond, x, x0_prev, noise, coef, step,
+                                                                 guidance, clip_t)
+    with pytest.raises(ValueError, match="float32"):
+        K.guided_update(uncond, cond, x.half(), x0_prev, noise, coef, step, guidance, clip_t)
+
+
 def test_fallbacks_and_bad_shapes():
     x = torch.randn(1, 8, 2, 2)
     K.set_enabled(False)

@@ -113,12 +113,19 @@ def test_unsupported_unets_are_named(unet_graph):
         r.output_scale_factor = old
 
 
-@pytest.mark.parametrize("unet_kind", ["plain", "fast-kv-tables", "plain-sequential", "fast-kv-tables-sequential"])
+@pytest.mark.parametrize("unet_kind", ["plain", "fast-kv-tables", "plain-sequential", "fast-kv-tables-sequential"]
+                         + ["plain-triton", "plain-triton-sequential"])
 @pytest.mark.parametrize("name", schedulers.SCHEDULERS)
 def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
     """StepGraph (eager here) against denoise_on_host with the plain UNet, same contexts and noise;
-    with FastUNet the step reads per-image K/V tables by row index; `sequential` runs the
-    unconditional and conditional halves as two UNet calls (low-memory mode's default)."""
+    with FastUNet the step reads per-image K/V and time tables by row index; `sequential` runs the
+    unconditional and conditional halves as two UNet calls (low-memory mode's default); "triton":
+    the step's own arithmetic (pm_kernels.scaled_copies, guided_update) in Triton (interpreter) around
+    the plain UNet (FastUNet under the interpreter is test_fast_unet_*'s), else their references."""
+    import pm_kernels
+
+    assert pm_kernels.kernel_path("step_update", torch.zeros(1)) == ("triton" if "triton" in unet_kind
+                                                                     else "reference")
     from pm_runtime.backends.torch import TorchNetwork
     from pm_runtime.modeling.fast_unet import FastUNet
     from pm_runtime.modeling.step_graph import StepGraph

@@ -273,14 +273,19 @@ class FastUNet(nn.Module):
         return h.view(n, height, width, -1).permute(0, 3, 1, 2) + x  # channels-last (N, C, H, W)
 
     # ------------------------------------------------------------------ forward
+    def sample_format(self, device) -> torch.memory_format:
+        """The layout forward computes in on `device` (channels-last on CUDA when the weights are): a
+        sample handed over in it is not converted."""
+        channels_last = self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        return torch.channels_last if channels_last and torch.device(device).type == "cuda" else torch.contiguous_format
+
     def forward(self, sample, timestep, c_k=None, c_v=None, kv_index=None, t_index=None):
         """c_k, c_v (N, L, D) contexts; or kv_index (N,) int64 rows of the tables of set_contexts.
         t_index (1,) int64: every sample is at the timesteps' row t_index of the time table
         (set_timesteps; `timestep` is then not read)."""
         u = self.unet
         dtype = u.conv_in.weight.dtype
-        channels_last = u.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and sample.is_cuda
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        fmt = self.sample_format(sample.device)
         n = sample.shape[0]
         if t_index is not None:  # one row of the table: (1, sum of widths), each ResNet's slice expanded to n
             row = self.time_table.index_select(0, t_index.reshape(1))

@@ -8,8 +8,9 @@
              x, x0_prev = the scheduler's affine update (pm_runtime.schedulers.linear)
              i  += 1                                           (the counter is a device tensor)
 
-Every per-step value (coefficients, timestep, input scale, context row) is READ INSIDE the step
-from device tables indexed by the device-side counter, so replaying the graph `steps` times is
+Every per-step value (coefficients, timestep, input scale, context rows) is READ INSIDE the step
+from device tables indexed by the device-side counter (the arithmetic around the UNet, its input and
+the update, is two pm_kernels calls: scaled_copies, guided_update), so replaying the graph `steps` times is
 the whole loop: no host work, no host<->device copy between steps (euler-a's per-step noise is
 the one exception: a device-to-device copy before each replay). With a UNet that keeps per-image
 K/V tables (FastUNet.set_contexts), the contexts' cross-attention K and V are computed once per
@@ -26,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+import pm_kernels
 
 from ..schedulers.linear import COLUMNS, LinearSteps
 
@@ -87,7 +90,8 @@ class StepGraph:
         self.clip = torch.full((), float("inf"), **f32)
         self.timesteps = torch.zeros(max_steps, **f32)
         self.input_scale = torch.zeros(max_steps, **f32)
-        self.rows = torch.zeros(max_steps, dtype=torch.int64, device=self.device)
+        # the UNet batch's context rows per step: n x row 0 (negative prompt), then n x rows[i]
+        self.kv_rows = torch.zeros((max_steps, 2 * n), dtype=torch.int64, device=self.device)
         self.c_k = torch.zeros((rows, *context_shape), dtype=dtype, device=self.device)  # row 0: negative prompt
         self.c_v = torch.zeros_like(self.c_k)
         self.guidance = torch.zeros((), **f32)
@@ -99,32 +103,27 @@ class StepGraph:
     # ------------------------------------------------------------------ the step
     def _unet(self, xin, t, rows) -> torch.Tensor:
         """The UNet on xin (b, C, h, w) at timesteps t (b,) (this step's: row `step` of the time
-        tables) with context rows `rows` (b,), float32."""
+        tables) with context rows `rows` (b,), in the UNet's dtype."""
         extra = {"t_index": self.step.view(1)} if self.timed else {}
         if self.indexed:
-            return self.unet(xin, t, kv_index=rows, **extra).float()
-        return self.unet(xin, t, self.c_k.index_select(0, rows), self.c_v.index_select(0, rows), **extra).float()
+            return self.unet(xin, t, kv_index=rows, **extra)
+        return self.unet(xin, t, self.c_k.index_select(0, rows), self.c_v.index_select(0, rows), **extra)
 
     def _step(self) -> None:
         n, i = self.n, self.step.view(1)
-        c = self.coef.index_select(0, i)[0]  # (10,)
-        x = self.x
-        xin = (x * self.input_scale.index_select(0, i)).to(self.dtype)
         t = self.timesteps.index_select(0, i)
-        r = self.rows.index_select(0, i)
-        zero = torch.zeros_like(r)  # row 0 (negative prompt) for the unconditional half, rows[i] for the rest
+        r = self.kv_rows.index_select(0, i)[0]  # (2n,)
+        fmt = self.unet.sample_format(self.device) if hasattr(self.unet, "sample_format") else torch.contiguous_format
+        copies = 1 if self.sequential else 2
+        xin = pm_kernels.scaled_copies(self.x, self.input_scale, self.step, copies, self.dtype, fmt)
         if self.sequential:  # one half after the other: activations of a batch of n at a time
-            uncond = self._unet(xin, t.expand(n), zero.expand(n))
-            cond = self._unet(xin, t.expand(n), r.expand(n))
+            uncond = self._unet(xin, t.expand(n), r[:n])
+            cond = self._unet(xin, t.expand(n), r[n:])
         else:  # one UNet call on [uncond; cond] (2n, C, h, w)
-            out = self._unet(torch.cat([xin, xin]), t.expand(2 * n), torch.cat([zero.expand(n), r.expand(n)]))
+            out = self._unet(xin, t.expand(2 * n), r)
             uncond, cond = out[:n], out[n:]
-        o = uncond + self.guidance * (cond - uncond)
-        x0 = torch.clamp(c[0] * x + c[1] * o, -self.clip, self.clip)
-        eps = c[2] * x + c[3] * o
-        prev = c[4] * x + c[5] * o + c[6] * x0 + c[7] * eps + c[8] * self.x0_prev + c[9] * self.noise
-        self.x.copy_(prev)
-        self.x0_prev.copy_(x0)
+        pm_kernels.guided_update(uncond, cond, self.x, self.x0_prev, self.noise, self.coef, self.step, self.guidance,
+                                 self.clip)
         self.step.add_(1)
 
     def _capture(self) -> None:
@@ -156,7 +155,8 @@ class StepGraph:
         put(self.coef, lin.coef)
         put(self.timesteps, lin.timesteps)
         put(self.input_scale, lin.input_scale)
-        put(self.rows, np.asarray(rows, np.int64))
+        rows = np.asarray(rows, np.int64)[:, None]
+        put(self.kv_rows, np.concatenate([np.zeros((len(rows), self.n), np.int64), np.repeat(rows, self.n, 1)], 1))
         put(self.c_k, c_k)
         put(self.c_v, c_v)
         if self.indexed:
