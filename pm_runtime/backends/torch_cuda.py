@@ -60,6 +60,9 @@
 - time_tables (default on; NOT MEASURED on a GPU yet): every ResNet's time-embedding vector of
   every step computed once per image (FastUNet.set_timesteps); the step reads its row (variant
   torch-cuda-no-time-tables).
+- step_kernels (default on; NOT MEASURED on a GPU yet): the step's arithmetic around the UNet
+  (input scale/cast/copies; guidance + the scheduler update) as two pm_kernels kernels instead of
+  ~30 PyTorch ops (False: those ops, their references).
 - gn_impl ("tiled" default | "grouped" | "auto", NOT MEASURED on a GPU yet): which of pm_kernels'
   Triton GroupNorms the UNet runs (fewer kernel launches per GroupNorm with "grouped"; "auto" uses
   it where one launch covers a group); process-wide.
@@ -112,7 +115,7 @@ class TorchCudaBackend(Backend):
                  int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
                  offload_safety_checker: bool = True, vae_tiling: bool | None = None, vae_bands: int | None = None,
                  ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool = True,
-                 time_tables: bool = True, **_):
+                 time_tables: bool = True, step_kernels: bool = True, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -148,6 +151,7 @@ class TorchCudaBackend(Backend):
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
         self.fused_epilogues = bool(fused_epilogues)  # FastUNet.fused_epilogues
         self.time_tables = bool(time_tables)  # per-image time-embedding tables (StepGraph / FastUNet)
+        self.step_kernels = bool(step_kernels)  # the step's arithmetic around the UNet in two kernels (StepGraph)
         if gn_impl is not None:  # which Triton GroupNorm the UNet's graph captures (a process-wide setting)
             import pm_kernels
 
@@ -380,7 +384,7 @@ class TorchCudaBackend(Backend):
                 loop = StepGraph(engine.module, n=n, latent_shape=(C, h, w), context_shape=(L, D), rows=capacity,
                                  dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph,
                                  kv_tables=self.kv_tables, sequential=self.sequential_guidance, max_steps=max_steps,
-                                 time_tables=self.time_tables)
+                                 time_tables=self.time_tables, step_kernels=self.step_kernels)
             self._loops[key] = loop
         noise = None
         if lin.needs_noise:

@@ -72,9 +72,13 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
 class StepGraph:
     def __init__(self, unet: Callable, *, n: int, latent_shape: tuple[int, int, int], context_shape: tuple[int, int],
                  rows: int, dtype: torch.dtype, device: torch.device, cuda_graph: bool = True, max_steps: int = 1000,
-                 kv_tables: bool = True, sequential: bool = False, time_tables: bool = True):
+                 kv_tables: bool = True, sequential: bool = False, time_tables: bool = True,
+                 step_kernels: bool = True):
         self.unet, self.n, self.dtype, self.device = unet, n, dtype, torch.device(device)
         self.sequential = bool(sequential)
+        # the arithmetic around the UNet: pm_kernels' two kernels, or (False) their PyTorch references
+        self._copies, self._update = ((pm_kernels.scaled_copies, pm_kernels.guided_update) if step_kernels else
+                                      (pm_kernels.scaled_copies_reference, pm_kernels.guided_update_reference))
         self.indexed = bool(kv_tables) and hasattr(unet, "allocate_context_tables")
         if self.indexed:
             unet.allocate_context_tables(rows, context_shape[0])
@@ -115,15 +119,14 @@ class StepGraph:
         r = self.kv_rows.index_select(0, i)[0]  # (2n,)
         fmt = self.unet.sample_format(self.device) if hasattr(self.unet, "sample_format") else torch.contiguous_format
         copies = 1 if self.sequential else 2
-        xin = pm_kernels.scaled_copies(self.x, self.input_scale, self.step, copies, self.dtype, fmt)
+        xin = self._copies(self.x, self.input_scale, self.step, copies, self.dtype, fmt)
         if self.sequential:  # one half after the other: activations of a batch of n at a time
             uncond = self._unet(xin, t.expand(n), r[:n])
             cond = self._unet(xin, t.expand(n), r[n:])
         else:  # one UNet call on [uncond; cond] (2n, C, h, w)
             out = self._unet(xin, t.expand(2 * n), r)
             uncond, cond = out[:n], out[n:]
-        pm_kernels.guided_update(uncond, cond, self.x, self.x0_prev, self.noise, self.coef, self.step, self.guidance,
-                                 self.clip)
+        self._update(uncond, cond, self.x, self.x0_prev, self.noise, self.coef, self.step, self.guidance, self.clip)
         self.step.add_(1)
 
     def _capture(self) -> None:
