@@ -30,7 +30,10 @@ LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low
        "torch-cuda-low-memory-1024-bands")
 LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
 COMPILE = "torch-compile-reduce-overhead"
-STEP_VARIANTS = ("torch-cuda-gn-auto", "torch-cuda-gn-grouped", "torch-cuda-cudnn-attention")
+# other ways of computing the same step (the ablations of the default too: where one is faster, the
+# default's change it undoes did not pay)
+STEP_VARIANTS = ("torch-cuda-gn-auto", "torch-cuda-gn-grouped", "torch-cuda-cudnn-attention", "torch-cuda-pre-fusion",
+                 "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables", "torch-cuda-no-step-kernels")
 
 
 def load(folder: pathlib.Path) -> dict[str, list[dict]]:
@@ -99,7 +102,7 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
     image = ours["image_ms"]["p50"] / 1000 if _ok(ours) and "image_ms" in ours else None
     out.append(("50-step image p50, torch-cuda", "not measured" if image is None else f"{image:.3f} s",
                 f"<= {IMAGE_S} s", verdict(image, IMAGE_S)))
-    for name in STEP_VARIANTS:  # other ways of computing the same step (opt-in until they win)
+    for name in STEP_VARIANTS:
         r = main.get(name)
         if _ok(r) and "unet_step_ms" in r:
             v = r["unet_step_ms"]["p50"]
