@@ -45,7 +45,7 @@ echo "== pipeline: peers and torch-cuda"
 # epilogues and time tables, GroupNorm implementations, the standalone modules, K/V tables, int8, the profiles), the per-stage memory, and
 # one in-process low-memory pair; the memory variants proper run in the new-process stage below. Left
 # out: the ablations already recorded in benchmarks/results.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-pre-fusion,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-gn-grouped,torch-cuda-gn-auto,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-1024-untiled,torch-cuda-phases,torch-cuda-low-memory-phases,profile,profile-gn-auto}
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-pre-fusion,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-gn-grouped,torch-cuda-gn-auto,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-1024-untiled,torch-cuda-phases,torch-cuda-low-memory-phases,profile,profile-gn-auto}
 timeout ${PM_BENCH_TIMEOUT:-360} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi

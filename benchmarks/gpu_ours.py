@@ -4,10 +4,13 @@ peers run. Not a test: nothing here asserts; every figure is a record.
 
 Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with guidance):
   torch-cuda                 FastUNet (fused kernels, channels-last, per-image cross-attention K/V
-                             tables and time tables, fused epilogues) + one CUDA graph per step
-  torch-cuda-pre-fusion      the same without the time tables, fused epilogues and step kernels (the
-                             default before them: their joint effect); -unfused-epilogues,
+                             tables and time tables, fused epilogues) + one CUDA graph per step; the
+                             text encoder's call as a CUDA graph too
+  torch-cuda-pre-fusion      the same without the time tables, fused epilogues, step kernels and the
+                             text encoder's graph (the default before them: their joint effect); -unfused-epilogues,
                              -no-time-tables, -no-step-kernels: each of the three off alone
+  torch-cuda-no-te-graph     the same with the text encoder called eagerly (te_graph=False) instead of
+                             as a CUDA graph
   torch-cuda-offload-te      the same with the text encoder's weights in pinned host memory, on the
                              GPU only for its call (offload_text_encoder: peak memory vs image time)
   torch-cuda-vae-graph       the same with the VAE decode captured as a CUDA graph in the step graph's
@@ -282,7 +285,7 @@ def profile_step(bundle: Path, size: int, log=print, gn_impl: str | None = None)
 
 
 ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables",
-       "torch-cuda-no-step-kernels",
+       "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph",
        "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands",
        "torch-cuda-lean", "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv",
        "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
@@ -357,7 +360,7 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
     todo = {
         "torch-cuda": lambda: measure_variant("torch-cuda", bundle, keep=kept, **common),
         "torch-cuda-pre-fusion": lambda: measure_variant("torch-cuda-pre-fusion", bundle, fused_epilogues=False,
-                                                         time_tables=False, step_kernels=False,
+                                                         time_tables=False, step_kernels=False, te_graph=False,
                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-unfused-epilogues": lambda: measure_variant("torch-cuda-unfused-epilogues", bundle,
                                                                 fused_epilogues=False, compare=only("torch-cuda"),
@@ -366,6 +369,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
                                                              compare=only("torch-cuda"), **one),
         "torch-cuda-no-step-kernels": lambda: measure_variant("torch-cuda-no-step-kernels", bundle,
                                                               step_kernels=False, compare=only("torch-cuda"), **one),
+        "torch-cuda-no-te-graph": lambda: measure_variant("torch-cuda-no-te-graph", bundle, te_graph=False,
+                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-offload-te": lambda: measure_variant("torch-cuda-offload-te", bundle, offload_text_encoder=True,
                                                          **common),
         "torch-cuda-vae-graph": lambda: measure_variant("torch-cuda-vae-graph", bundle, vae_graph=True, **common),

@@ -325,8 +325,9 @@ def test_gpu_repeated_captures_do_not_grow_memory(cuda_bundle):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_vae_graph_and_offloaded_text_encoder_give_the_same_image(cuda_bundle):
-    """vae_graph (the VAE decode captured in the step graph's memory pool) and offload_text_encoder
-    change where memory lives, not the image: identical bytes to the default fast path."""
+    """vae_graph (the VAE decode captured in the step graph's memory pool), offload_text_encoder and
+    the text encoder's CUDA graph change where memory lives and how kernels are launched, not the
+    image: the same bytes as the default fast path (within one level)."""
     kw = dict(seed=4, steps=6, height=256, width=256)
     plain = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice")
     lean = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", vae_graph=True, offload_text_encoder=True)
@@ -336,6 +337,11 @@ def test_gpu_vae_graph_and_offloaded_text_encoder_give_the_same_image(cuda_bundl
     assert c.images.shape[1] == 320
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     np.testing.assert_array_equal(b, lean.generate(PROMPT, **kw).images)  # replayed again after a re-capture
+    # the text encoder's CUDA graph (te_graph, default on; off when it is offloaded as in `lean`)
+    eager_te = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", te_graph=False)
+    assert np.abs(a.astype(int) - eager_te.generate(PROMPT, **kw).images.astype(int)).max() <= 1
+    other = "a photo of <persona> reading a book, by a window"
+    np.testing.assert_array_equal(plain.generate(other, **kw).images, plain.generate(other, **kw).images)
 
 
 def test_contexts_stay_on_the_device(fast_pipe, monkeypatch):
@@ -385,3 +391,32 @@ def test_masked_inputs_upload_only_what_the_network_reads(fast_pipe):
             np.testing.assert_array_equal(np.asarray(a[name]), b[name])
         none = sparse.run({**feed, "concept_mask": np.zeros_like(mask)})  # no concept position at all
         assert np.asarray(none["c_k"]).shape == (n, length, d)
+
+
+def test_graphed_network_copies_in_and_out(fast_pipe):
+    """torch-cuda's _GraphedNetwork (the text encoder as a CUDA graph per input shape; here, without
+    CUDA, the same code eagerly on its static buffers): the same contexts as the plain network, each
+    call's outputs its own (a later call does not overwrite them), a new shape captured anew."""
+    from pm_runtime.backends.torch_cuda import _GraphedNetwork
+
+    with fast_pipe.backend.network("text_encoder") as te:
+        plain = te.engine
+        graphed = _GraphedNetwork(plain)
+        rng = np.random.default_rng(1)
+        d = fast_pipe.bundle.dims.text_dim
+
+        def feed(n):
+            mask = np.zeros((n, 77), bool)
+            mask[0, 4:6] = True
+            return {"input_ids": rng.integers(0, 100, (n, 77)).astype(np.int64),
+                    "concept_embeds": rng.standard_normal((n, 77, d)).astype(np.float32),
+                    "bypass": rng.standard_normal((n, 77, d)).astype(np.float32), "concept_mask": mask}
+
+        feeds = [feed(3), feed(3), feed(2)]
+        outs = [graphed.run(f) for f in feeds]
+        for f, out in zip(feeds, outs):  # the first call's outputs survive the later calls
+            want = plain.run(f)
+            for name in ("c_k", "c_v"):
+                np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(want[name]))
+        assert graphed.captures == 2  # (3, 77) twice: one capture; then (2, 77)
+        assert not np.array_equal(np.asarray(outs[0]["c_k"]), np.asarray(outs[1]["c_k"]))

@@ -75,19 +75,34 @@ class TorchNetwork:
             out[torch.from_numpy(mask).to(self.device)] = rows
         return out
 
-    def run(self, inputs):
-        import torch
-
+    def device_inputs(self, inputs) -> list:
+        """The module's arguments on the device, floating point ones in the run dtype."""
         args = []
         for n in self.input_names:
             t = self._upload(n, inputs)
             args.append(t.to(self.dtype) if t.is_floating_point() else t)
-        with torch.inference_mode():
-            outs = self.module(*args)
-        outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+        return args
+
+    def call(self, args) -> tuple:
+        """The module on device arguments: its outputs as a tuple (call under inference_mode)."""
+        import torch
+
+        outs = self.module(*args)
+        return (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+
+    def outputs(self, outs, copy: bool = False) -> dict:
+        """name -> output: a DeviceArray (copied on the device first when `copy`: a buffer that the next
+        call overwrites) or a float32 numpy array."""
         if self.device_outputs:
-            return {n: DeviceArray(o) for n, o in zip(self.output_names, outs)}
+            return {n: DeviceArray(o.clone() if copy else o) for n, o in zip(self.output_names, outs)}
         return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+    def run(self, inputs):
+        import torch
+
+        with torch.inference_mode():
+            args = self.device_inputs(inputs)
+            return self.outputs(self.call(args))
 
 
 class TorchBackend(Backend):
