@@ -94,6 +94,28 @@ def test_vae_decoder_decodes_as_diffusers():
         out = VaeDecoderGraph(vae)(z)
     assert out.shape == ref.shape == (2, 3, 48, 80)
     _close(out, ref)
+    # the ResNets' fused epilogues (default) against the plain blocks, on the references and, for one
+    # block with a shortcut, under the Triton interpreter (pm_kernels' own paths)
+    resnets = [m for m in vae.modules() if isinstance(m, standalone.Resnet)]
+    assert any(r.conv_shortcut is not None for r in resnets) and all(r.fused_epilogues for r in resnets)
+    for r in resnets:
+        r.fused_epilogues = False
+    with torch.no_grad():
+        _close(VaeDecoderGraph(vae)(z), out)
+    import pm_kernels
+
+    r = next(r for r in resnets if r.conv_shortcut is not None)
+    x = torch.randn(1, r.conv1.in_channels, 5, 7, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = r(x)
+        r.fused_epilogues = True
+        pm_kernels.set_enabled(True)
+        try:
+            assert pm_kernels.kernel_path("add_bias_residual", x) == ("triton" if os.environ.get("TRITON_INTERPRET")
+                                                                     == "1" else "reference")
+            _close(r(x), plain)
+        finally:
+            pm_kernels.set_enabled(torch.cuda.is_available())
 
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])

@@ -54,7 +54,8 @@
   copied to the GPU for its call only, as offload_text_encoder does for the text encoder.
 - fused_epilogues (default on; NOT MEASURED on a GPU yet): FastUNet runs the ResNets' convolutions
   without their biases (PyTorch adds a cuDNN convolution's bias in a separate pass) and folds them
-  into the time vector and one residual kernel; residual add + LayerNorm in one kernel. Counted:
+  into the time vector and one residual kernel; residual add + LayerNorm in one kernel; the
+  standalone VAE decoder's ResNets the same way (their residual written into conv2's output). Counted:
   fewer kernels per UNet call (benchmarks/launch_count.py); whether the step gets faster is for the
   GPU check (variant torch-cuda-unfused-epilogues).
 - time_tables (default on; NOT MEASURED on a GPU yet): every ResNet's time-embedding vector of
@@ -176,6 +177,9 @@ class TorchCudaBackend(Backend):
         self.on_host = ({TEXT_ENCODER} if self.offload_text_encoder else set()) | (
             {SAFETY_CHECKER} if self.offload_safety_checker else set())
         self.modules = self._load_modules(bundle, model)
+        for m in self.modules[VAE_DECODER].modules():  # the standalone VAE's ResNets (FastUNet's: per load)
+            if hasattr(m, "fused_epilogues"):
+                m.fused_epilogues = self.fused_epilogues
         # low-memory VAE tiling: inside diffusers' module (graphs.tiled_decoding), or by the pipeline
         # (pm_runtime/vae_tiles.py) for the standalone decoder
         self.tiles_vae = hasattr(self.modules[VAE_DECODER].vae, "use_tiling")

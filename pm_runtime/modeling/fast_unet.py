@@ -93,7 +93,7 @@ def _linear(x, layer) -> torch.Tensor:
     return F.linear(x, w.view(w.shape[0], w.shape[1]) if w.ndim == 4 else w, layer.bias)
 
 
-def _conv(layer, x, bias: bool = True):
+def conv(layer, x, bias: bool = True):
     """layer(x) for an nn.Conv2d or an int8 one; bias=False: the same convolution without its bias."""
     if bias:
         return layer(x)
@@ -104,6 +104,16 @@ def _sum(*tensors):
     """The sum of the tensors that are not None (None when all are)."""
     present = [t for t in tensors if t is not None]
     return None if not present else torch.stack([t.detach() for t in present]).sum(0)
+
+
+def resnet_biases(r) -> tuple:
+    """(time bias, out bias) of a ResNet block whose convolutions run without their biases (the fused
+    epilogues): what norm2 adds to conv1's output besides the time projection (conv1's bias, plus
+    time_emb_proj's where it has one), and what the residual kernel adds (conv2's and the
+    shortcut's biases). Either is None where no bias exists."""
+    proj = getattr(r, "time_emb_proj", None)
+    return (_sum(r.conv1.bias, None if proj is None else proj.bias),
+            _sum(r.conv2.bias, None if r.conv_shortcut is None else r.conv_shortcut.bias))
 
 
 def _fuse_qkv(attn) -> None:
@@ -146,10 +156,9 @@ class FastUNet(nn.Module):
         u = unet
         self.resnets = [r for b in (*u.down_blocks, u.mid_block, *u.up_blocks) for r in b.resnets]  # forward order
         for r in self.resnets:  # the biases the fused epilogues add (module buffers: they move with the UNet)
-            r.register_buffer("pm_time_bias", _sum(r.conv1.bias, getattr(r.time_emb_proj, "bias", None)
-                                                   if r.time_emb_proj is not None else None), persistent=False)
-            r.register_buffer("pm_out_bias", _sum(r.conv2.bias, None if r.conv_shortcut is None
-                                                  else r.conv_shortcut.bias), persistent=False)
+            time_bias, out_bias = resnet_biases(r)
+            r.register_buffer("pm_time_bias", time_bias, persistent=False)
+            r.register_buffer("pm_out_bias", out_bias, persistent=False)
         # conv biases folded into the time vector / one residual kernel, add + LayerNorm fused
         self.fused_epilogues = True
         self.time_table: torch.Tensor | None = None  # (rows, sum of the ResNets' widths), see set_timesteps
@@ -213,10 +222,10 @@ class FastUNet(nn.Module):
 
     def _resnet(self, r, x, temb):
         fused = self.fused_epilogues
-        h = _conv(r.conv1, self._gn(r.norm1, x), bias=not fused)  # fused: its bias is in temb
-        h = _conv(r.conv2, self._gn(r.norm2, h, temb=temb), bias=not fused)  # norm2(h + temb) + SiLU, fused
+        h = conv(r.conv1, self._gn(r.norm1, x), bias=not fused)  # fused: its bias is in temb
+        h = conv(r.conv2, self._gn(r.norm2, h, temb=temb), bias=not fused)  # norm2(h + temb) + SiLU, fused
         if r.conv_shortcut is not None:
-            x = _conv(r.conv_shortcut, x, bias=not fused)
+            x = conv(r.conv_shortcut, x, bias=not fused)
         if fused:
             return self.k.add_bias_residual(h, x, r.pm_out_bias, out=h)  # h + x + both biases, one pass
         return x + h

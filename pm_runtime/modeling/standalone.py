@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
-from .fast_unet import config_unsupported
+from .fast_unet import config_unsupported, conv, resnet_biases
 
 
 class Config(dict):
@@ -232,7 +232,11 @@ class SafetyChecker(nn.Module):
 # ---------------------------------------------------------------------------------------- VAE
 class Resnet(nn.Module):
     """diffusers' ResnetBlock2D (default time norm, output scale 1): x + conv2(SiLU(norm2(conv1(
-    SiLU(norm1(x))) + temb))). FastUNet fuses its own version; the VAE decoder runs this one."""
+    SiLU(norm1(x))) + temb))). FastUNet fuses its own version; the VAE decoder runs this one, with
+    the same fused epilogues (`fused_epilogues`, default on): the convolutions run without their
+    biases (PyTorch adds a cuDNN convolution's bias in a pass of its own), conv1's is added by
+    norm2's kernel, conv2's and the shortcut's by one residual kernel that writes into conv2's
+    output (one full-resolution tensor fewer alive at the block's end)."""
 
     def __init__(self, w: _Weights, p: str, groups: int, eps: float):
         super().__init__()
@@ -240,8 +244,21 @@ class Resnet(nn.Module):
         self.time_emb_proj = w.linear(f"{p}.time_emb_proj") if w.has(f"{p}.time_emb_proj.weight") else None
         self.norm2, self.conv2 = w.group_norm(f"{p}.norm2", groups, eps), w.conv(f"{p}.conv2")
         self.conv_shortcut = w.conv(f"{p}.conv_shortcut") if w.has(f"{p}.conv_shortcut.weight") else None
+        self.fused_epilogues = True
+        time_bias, out_bias = resnet_biases(self)
+        self.register_buffer("pm_time_bias", time_bias, persistent=False)
+        self.register_buffer("pm_out_bias", out_bias, persistent=False)
 
     def forward(self, x, temb=None):
+        if temb is None and self.fused_epilogues:  # the VAE's blocks (FastUNet runs the UNet's)
+            import pm_kernels
+
+            h = conv(self.conv1, gn_silu(self.norm1, x), bias=False)
+            t = None if self.pm_time_bias is None else self.pm_time_bias[None].expand(h.shape[0], -1)
+            h = conv(self.conv2, pm_kernels.group_norm_silu(h, self.norm2.weight, self.norm2.bias,
+                                                            self.norm2.num_groups, self.norm2.eps, temb=t), bias=False)
+            s = x if self.conv_shortcut is None else conv(self.conv_shortcut, x, bias=False)
+            return pm_kernels.add_bias_residual(h, s, self.pm_out_bias, out=h)
         h = self.conv1(gn_silu(self.norm1, x))
         if temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
