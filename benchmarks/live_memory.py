@@ -86,7 +86,7 @@ def gpu_footprints():
         "dequant_int8": lambda q, scale, dtype=torch.float16: torch.empty_like(q, dtype=dtype),
         # the residual kernel writes into `out` when given (FastUNet: conv2's output), else a new tensor
         "add_bias_residual": lambda h, x, bias=None, out=None: torch.empty_like(h) if out is None else out,
-        "add_layer_norm": lambda a, r, *args: (torch.empty_like(a), torch.empty_like(a)),  # (a + r, its norm)
+        "add_layer_norm": lambda a, r, *args, **kw: (torch.empty_like(a), torch.empty_like(a)),  # (a + r, its norm)
         # the step graph's arithmetic around the UNet: its input (copies of the scaled latent), and an
         # update in place (nothing new)
         "scaled_copies": lambda x, scale, step, copies, dtype, fmt=torch.contiguous_format: torch.empty(

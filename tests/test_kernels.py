@@ -244,6 +244,11 @@ def test_add_layer_norm(shape, dtype):
         exact = torch.nn.functional.layer_norm(s.double(), (width,), None if weight is None else weight.double(),
                                                None if bias is None else bias.double(), 1e-5)  # of the stored s
         assert rel_err(y, exact) <= TOL[dtype] and rel_err(y, y_ref) <= TOL[dtype]
+    sb = torch.randn(width, generator=g).to(DEVICE, dtype)  # a bias on the returned stream only
+    s2, y2 = K.add_layer_norm(a, r, w, b, 1e-5, s_bias=sb)
+    s0, y0 = K.add_layer_norm(a, r, w, b, 1e-5)
+    assert torch.equal(y2, y0) and rel_err(s2, s0.double() + sb.double()) <= TOL[dtype] / 2
+    assert rel_err(s2, K.add_layer_norm_reference(a, r, w, b, 1e-5, sb)[0]) <= TOL[dtype]  # (two roundings there)
 
 
 def test_add_layer_norm_large_mean():

@@ -12,7 +12,10 @@ cross-attention, DESIGN §1); what changes is how it is computed:
   the time-embedding vector that norm2 adds anyway (folded into time_emb_proj's bias), conv2's and
   the shortcut's into one kernel that also does the residual add (pm_kernels.add_bias_residual);
   in the transformer block each residual add and the LayerNorm after it are one kernel
-  (pm_kernels.add_layer_norm);
+  (pm_kernels.add_layer_norm), and the adds after the feed-forward and after proj_out are done by
+  their GEMMs, accumulating in place into the residual stream (addmm_), whose biases it carries
+  already: ff[2]'s added by add_layer_norm, proj_out's by the ResNet before the transformer (its
+  GroupNorm takes it off again through the time-vector input);
 - time tables: in the torch-cuda loop the timesteps of an image are known before its first step,
   so every ResNet's time-embedding vector of every step is computed ONCE per image into one table
   (set_timesteps) and a step reads its row by index (forward(..., t_index=...)): no sinusoid, time
@@ -159,7 +162,19 @@ class FastUNet(nn.Module):
             time_bias, out_bias = resnet_biases(r)
             r.register_buffer("pm_time_bias", time_bias, persistent=False)
             r.register_buffer("pm_out_bias", out_bias, persistent=False)
-        # conv biases folded into the time vector / one residual kernel, add + LayerNorm fused
+        # A transformer follows a ResNet in every SD block that has one. With the fused epilogues the
+        # ResNet's residual kernel also adds the transformer's proj_out bias (the transformer's input x
+        # carries it), the transformer's GroupNorm takes it off again (as its time-vector input) and
+        # proj_out accumulates into x in place: one GEMM for "x + proj_out(h)", no add kernel.
+        self.before_transformer: set[int] = set()  # ids of those ResNets
+        for block in (*u.down_blocks, u.mid_block, *u.up_blocks):
+            for r, t in zip(block.resnets, getattr(block, "attentions", None) or ()):
+                pb = t.proj_out.bias
+                r.register_buffer("pm_out_bias_t", _sum(r.pm_out_bias, pb), persistent=False)
+                t.register_buffer("pm_in_shift", None if pb is None else -pb.detach(), persistent=False)
+                self.before_transformer.add(id(r))
+        # conv biases folded into the time vector / one residual kernel, add + LayerNorm fused, residual
+        # adds after the feed-forward and proj_out accumulated by their GEMMs
         self.fused_epilogues = True
         self.time_table: torch.Tensor | None = None  # (rows, sum of the ResNets' widths), see set_timesteps
         self.time_slots: list[tuple[int, int]] = []  # per ResNet: (offset, width) in a time-table row
@@ -226,8 +241,9 @@ class FastUNet(nn.Module):
         h = conv(r.conv2, self._gn(r.norm2, h, temb=temb), bias=not fused)  # norm2(h + temb) + SiLU, fused
         if r.conv_shortcut is not None:
             x = conv(r.conv_shortcut, x, bias=not fused)
-        if fused:
-            return self.k.add_bias_residual(h, x, r.pm_out_bias, out=h)  # h + x + both biases, one pass
+        if fused:  # h + x + both biases (+ the next transformer's proj_out bias), one pass
+            bias = r.pm_out_bias_t if id(r) in self.before_transformer else r.pm_out_bias
+            return self.k.add_bias_residual(h, x, bias, out=h)
         return x + h
 
     def _attention(self, attn, x, ctx=None):
@@ -247,25 +263,35 @@ class FastUNet(nn.Module):
         out = self.k.attention(q, k, v, attn.heads, attn.scale, kv_index=index)  # (N, S, inner)
         return attn.to_out[0](out)
 
-    def _add_norm(self, a, h, norm):
-        """(a + h, norm(a + h)): the residual add and the LayerNorm after it."""
+    def _add_norm(self, a, h, norm, s_bias=None):
+        """(a + h, norm(a + h)): the residual add and the LayerNorm after it; fused, the returned
+        stream also carries s_bias (which the norm does not see)."""
         if self.fused_epilogues:
-            return self.k.add_layer_norm(a, h, norm.weight, norm.bias, norm.eps)
+            return self.k.add_layer_norm(a, h, norm.weight, norm.bias, norm.eps, s_bias=s_bias)
         h = a + h
         return h, norm(h)
 
     def _block(self, b, h, ctx):
-        h, x = self._add_norm(self._attention(b.attn1, b.norm1(h)), h, b.norm2)
-        h, x = self._add_norm(self._attention(b.attn2, x, ctx), h, b.norm3)
+        fused = self.fused_epilogues
         ff = b.ff.net
+        h, x = self._add_norm(self._attention(b.attn1, b.norm1(h)), h, b.norm2)
+        # fused: h then carries ff[2]'s bias, and the feed-forward's output GEMM accumulates into it
+        h, x = self._add_norm(self._attention(b.attn2, x, ctx), h, b.norm3, s_bias=ff[2].bias)
         chunk = self.ff_chunk
         if not chunk or h.shape[1] <= chunk:  # each temporary dropped as soon as it is read
             a = ff[0].proj(x)
             del x
             a = self.k.geglu(a)
+            if fused:  # h + a @ W^T (+ the bias h carries): one GEMM into h
+                return h.view(-1, h.shape[-1]).addmm_(a.view(-1, a.shape[-1]), weight_of(ff[2]).t()).view(h.shape)
             return ff[2](a).add_(h)
         # token chunks: the 8x-wide GEGLU projection (80 MiB per sample at 1024 px in fp16) lives
-        # one chunk at a time; each chunk's result goes straight into the output, then h is added
+        # one chunk at a time; each chunk's result goes straight into the output
+        if fused:  # into h, which carries ff[2]'s bias
+            w = weight_of(ff[2])
+            for s in range(0, x.shape[1], chunk):
+                h[:, s:s + chunk] += F.linear(self.k.geglu(ff[0].proj(x[:, s:s + chunk])), w)
+            return h
         out = torch.empty_like(h)
         for s in range(0, x.shape[1], chunk):
             out[:, s:s + chunk] = ff[2](self.k.geglu(ff[0].proj(x[:, s:s + chunk])))
@@ -273,11 +299,19 @@ class FastUNet(nn.Module):
 
     def _transformer(self, t, x, ctx):
         n, c, height, width = x.shape
-        h = self._gn(t.norm, x, silu=False)
+        fused = self.fused_epilogues
+        shift = t.pm_in_shift if fused else None  # fused: x carries proj_out's bias (_resnet), taken off here
+        h = self._gn(t.norm, x, silu=False, temb=None if shift is None else shift[None].expand(n, -1))
         h = h.permute(0, 2, 3, 1).reshape(n, height * width, c)  # a view for channels-last x
         h = _linear(h, t.proj_in)
         for b in t.transformer_blocks:
             h = self._block(b, h, ctx)
+        if fused:  # x + proj_out(h), the bias already in x: one GEMM accumulating into x (in place where
+            # x is channels-last: x is read by nothing else afterwards)
+            w = weight_of(t.proj_out)
+            x2 = x.permute(0, 2, 3, 1).reshape(n * height * width, c)
+            x2 = x2.addmm_(h.reshape(-1, h.shape[-1]), w.view(w.shape[0], w.shape[1]).t())
+            return x2.view(n, height, width, c).permute(0, 3, 1, 2)
         h = _linear(h, t.proj_out)
         return h.view(n, height, width, -1).permute(0, 3, 1, 2) + x  # channels-last (N, C, H, W)
 
