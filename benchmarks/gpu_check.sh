@@ -8,8 +8,9 @@
 # workspace settings (stage "extra", off by default), and the goals table (gpu_goals.py ->
 # OUT/goals.md). Records land in OUT. PM_STAGES picks stages (default tests,kernels,bench,fresh,start).
 # Timed on an H200 (two runs, 2026-11-27): tests 35-57 s, kernels 8 s, bench_gpu 162 s with 14 of our
-# variants + peers + compile, ~18 s per new process, start-up ~40 s: the defaults below (14 variants
-# in-process, 13 new processes) come to ~9 min; run it with a ~590 s limit (it is ordered so that
+# variants + peers + compile, ~18 s per new process, start-up ~40 s: the defaults below (15 entries
+# in-process, 13 new processes; estimated from those parts, the list has changed since) come to ~9 min;
+# run it with a ~590 s limit (it is ordered so that
 # what it has not reached by then is the least needed).
 #   bash benchmarks/gpu_check.sh OUTDIR COMMIT
 # On a machine without diffusers, put its wheels in .whl/ (they are installed to /tmp/site).
@@ -41,11 +42,12 @@ timeout 60 python3 benchmarks/bench_kernels.py --reps 30 --out "$OUT/kernels-gpu
 fi
 if stage bench; then
 echo "== pipeline: peers and torch-cuda"
-# PM_OURS: which of our variants (gpu_ours.ALL); the default: the step-time questions (the fused
-# epilogues and time tables, GroupNorm implementations, the standalone modules, K/V tables, int8, the profiles), the per-stage memory, and
-# one in-process low-memory pair; the memory variants proper run in the new-process stage below. Left
-# out: the ablations already recorded in benchmarks/results.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-pre-fusion,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-gn-grouped,torch-cuda-gn-auto,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-no-kv-tables,torch-cuda-int8,torch-cuda-low-memory,torch-cuda-low-memory-1024-untiled,torch-cuda-phases,torch-cuda-low-memory-phases,profile,profile-gn-auto}
+# PM_OURS: which of our variants (gpu_ours.ALL); the default: the step-time questions (this session's
+# fusions against the default before them and one by one, the GroupNorm implementations, the
+# standalone modules, cuDNN attention, the profiles), the per-stage memory and one in-process
+# low-memory image; the memory variants proper (int8 too) run in the new-process stage below. Left
+# out: the ablations already recorded in benchmarks/results (no-kv-tables, the untiled 1024 decode).
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-low-memory,torch-cuda-phases,profile,profile-gn-auto}
 timeout ${PM_BENCH_TIMEOUT:-360} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi

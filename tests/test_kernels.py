@@ -408,7 +408,8 @@ SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 32), (2560, 8)]  # (c
 @pytest.mark.parametrize("c, side", SD15)
 def test_sd15_shapes_on_gpu(c, side, monkeypatch):
     """Compiled kernels at SD 1.5's shapes (batch 2, fp16): GroupNorm in both layouts, GEGLU at the
-    feed-forward width, cross-attention with 77 keys at the attention widths (d = 40, 80, 160)."""
+    feed-forward width, the bias + residual and add + LayerNorm kernels, cross-attention with 77 keys
+    at the attention widths (d = 40, 80, 160)."""
     g = torch.Generator(device="cuda").manual_seed(c)
     x = (3 + torch.randn(2, c, side, side, device="cuda", generator=g)).half()
     w, b = torch.randn(2, c, device="cuda", generator=g)
@@ -424,6 +425,12 @@ def test_sd15_shapes_on_gpu(c, side, monkeypatch):
             assert rel_err(out, K.group_norm_silu_reference(xf, w, b, 32, 1e-5, temb=t)) <= 1e-2, impl
     h = torch.randn(2, side * side, 8 * c, device="cuda", generator=g).half()
     assert rel_err(K.geglu(h), K.geglu_reference(h)) <= 1e-2
+    xc = x.contiguous(memory_format=torch.channels_last)  # a ResNet's end; the transformer's add + LayerNorm
+    assert rel_err(K.add_bias_residual(xc, xc.flip(0), t[0]), K.add_bias_residual_reference(xc, xc.flip(0), t[0])) <= 1e-2
+    a = torch.randn(2, side * side, c, device="cuda", generator=g).half()
+    s_k, y_k = K.add_layer_norm(a, a.flip(1), t[0], t[1], 1e-5, s_bias=t[0])
+    s_r, y_r = K.add_layer_norm_reference(a, a.flip(1), t[0], t[1], 1e-5, s_bias=t[0])
+    assert rel_err(s_k, s_r) <= 1e-2 and rel_err(y_k, y_r) <= 1e-2
     if c not in (320, 640, 1280):  # SD 1.5's attention widths
         return
     q = torch.randn(2, side * side, c, device="cuda", generator=g).half()
