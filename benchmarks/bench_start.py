@@ -14,6 +14,11 @@ Variants (each run in a fresh interpreter, interleaved run by run):
   standalone-no-verify  the default without any hashing (verify=False): what the checksums cost
   standalone-cudnn-heuristics  the default with cudnn_benchmark=False (cuDNN's heuristics instead of
                    timing every convolution algorithm in the new process's first image)
+  cold             the default's first start on a new machine: an EMPTY Triton kernel cache (a new
+                   TRITON_CACHE_DIR per run: every pm_kernels kernel compiled in the process) and no
+                   hash record (every weight file hashed while it loads). The OS's file cache is
+                   not emptied (that would need root and touches the whole machine): the weight
+                   files' reads may still come from memory.
 Phases (child's perf_counter, from its first line): import_s (pm_runtime.pipeline + torch +
 the backend module), load_s (Pipeline.load, hashing included), first_image_s (one generate);
 process_wall_s is the parent's wall time around the whole child (interpreter start included).
@@ -45,7 +50,8 @@ else:
 
 SCHEMA = "pm-bench-start/1"
 TAG = "@@START@@ "
-VARIANTS = ("standalone", "standalone-rehash", "hf-verify-first", "standalone-no-verify", "standalone-cudnn-heuristics")
+VARIANTS = ("standalone", "standalone-rehash", "hf-verify-first", "standalone-no-verify", "standalone-cudnn-heuristics",
+            "cold")
 PROMPT = "a photo of <persona> as a knight"
 
 CHILD = """
@@ -80,10 +86,13 @@ def run_child(variant: str, bundle: str, device: str, steps: int, size: int, rec
               timeout: float = 600) -> dict:
     env = dict(os.environ, PM_VERIFIED_CACHE=record if variant in ("standalone", "standalone-cudnn-heuristics")
                else "0")
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps([variant, bundle, device, steps, size])],
-                       capture_output=True, text=True, timeout=timeout, env=env)
-    wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="pm-cold-triton-") as cache:
+        if variant == "cold":
+            env["TRITON_CACHE_DIR"] = cache  # empty: every Triton kernel compiles in this process
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", CHILD, json.dumps([variant, bundle, device, steps, size])],
+                           capture_output=True, text=True, timeout=timeout, env=env)
+        wall = time.perf_counter() - t0
     lines = [ln[len(TAG):] for ln in r.stdout.splitlines() if ln.startswith(TAG)]
     if r.returncode or not lines:
         return {"status": "error", "error": (r.stderr or r.stdout)[-800:]}

@@ -70,7 +70,7 @@ if stage start; then
 echo "== start-up: new process to first image (warm caches), standalone modules vs diffusers/transformers"
 if [ -f /tmp/pm-gpu/bundle-sd15-torch/bundle.json ]; then
     timeout ${PM_START_TIMEOUT:-90} python3 benchmarks/bench_start.py --bundle /tmp/pm-gpu/bundle-sd15-torch \
-        --device cuda --size 512 --steps 50 --runs 1 --variants standalone,hf-verify-first,standalone-cudnn-heuristics \
+        --device cuda --size 512 --steps 50 --runs 1 --variants standalone,cold,standalone-cudnn-heuristics \
         --out "$OUT/start-gpu.jsonl" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_start.log"
 fi
 fi

@@ -141,6 +141,12 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
                 f"{load_first:.1f} s (load {warm['load_s_p50']} + first image {warm['first_image_s_p50']}; whole "
                 f"process {warm.get('process_wall_s_p50')} s with import {warm.get('import_s_p50')})",
                 f"<= {START_S} s", verdict(load_first, START_S)))
+    cold = start.get("cold")  # reported beside the goal, not judged: an empty Triton cache, every file hashed
+    if cold and cold.get("load_s_p50") is not None and cold.get("first_image_s_p50") is not None:
+        out.append(("cold first start: bundle load to first image, new process, empty Triton cache, files hashed",
+                    f"{cold['load_s_p50'] + cold['first_image_s_p50']:.1f} s (load {cold['load_s_p50']} + first "
+                    f"image {cold['first_image_s_p50']}; whole process {cold.get('process_wall_s_p50')} s)",
+                    "reported (no threshold)", "reported"))
     return out
 
 
