@@ -99,6 +99,37 @@ def test_fast_unet_epilogues_and_time_tables(unet_graph, kernels):
     assert float((rows[0] - rows[2]).abs().max()) > 1e-2 * scale  # the rows really differ
 
 
+def test_fast_unet_channels_last_in_place(unet_graph, monkeypatch):
+    """The layout the GPU runs (channels-last activations), here on the CPU: there the residual GEMMs
+    accumulate in place into views of the transformers' inputs, which NCHW tensors never exercise
+    (their 2-D view is a copy); the result must still be the plain UNet's."""
+    import copy
+
+    from pm_runtime.modeling.fast_unet import FastUNet
+
+    unet = copy.deepcopy(unet_graph.unet).to(memory_format=torch.channels_last)
+    fast = FastUNet(unet)
+    monkeypatch.setattr(fast, "sample_format", lambda device: torch.channels_last)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 4, 16, 8, generator=g)
+    t = torch.tensor([700.0, 20.0])
+    c_k, c_v = torch.randn(2, 2, 77, 32, generator=g)
+    seen = []
+    real = fast._transformer
+
+    def transformer(tr, h, ctx):
+        out = real(tr, h, ctx)
+        seen.append(h.is_contiguous(memory_format=torch.channels_last) and out.data_ptr() == h.data_ptr())
+        return out
+
+    monkeypatch.setattr(fast, "_transformer", transformer)
+    with torch.no_grad():
+        ref = unet_graph(x, t, c_k, c_v)
+        out = fast(x, t, c_k, c_v)
+    assert seen and all(seen)  # every transformer's output was written into its channels-last input
+    assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
 def test_unsupported_unets_are_named(unet_graph):
     from pm_runtime.modeling.fast_unet import FastUNet, unsupported
 
