@@ -27,7 +27,7 @@ PIPELINE = ("torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torc
             "torch-cuda-cudnn-heuristics")
 LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled",
-       "torch-cuda-low-memory-1024-bands")
+       "torch-cuda-low-memory-1024-bands", "torch-cuda-low-memory-1024-cudnn-heuristics")
 LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
 COMPILE = "torch-compile-reduce-overhead"
 # other ways of computing the same step (the ablations of the default too: where one is faster, the

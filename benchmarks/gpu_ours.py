@@ -44,7 +44,8 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-cudnn-heuristics  torch-cuda with cuDNN's heuristic algorithm choice instead of timing
                              them (cudnn_benchmark=False): step time, the first image's time and
                              peak (timing runs try algorithms with large workspaces); and
-                             torch-cuda-low-memory-cudnn-heuristics
+                             torch-cuda-low-memory-cudnn-heuristics (-1024: at 1024 px, where the
+                             low-memory goal is missed by 0.03-0.13 GB)
   torch-cuda-phases, torch-cuda-low-memory-phases   one image after a first one, with the GPU
                              memory of each network's stage recorded apart (allocated before, peak
                              while loading, peak while running, allocated after): where the peak is
@@ -296,6 +297,7 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-int8",
        "torch-cuda-low-memory-int8",
        "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-low-memory-cudnn-heuristics",
+       "torch-cuda-low-memory-1024-cudnn-heuristics",
        "torch-cuda-phases", "torch-cuda-low-memory-phases",
        "torch-cuda-warm-start", "profile", "profile-gn-auto")
 
@@ -418,6 +420,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
                                                                cudnn_benchmark=False, **one),
         "torch-cuda-low-memory-cudnn-heuristics": lambda: measure_variant(
             "torch-cuda-low-memory-cudnn-heuristics", bundle, low_memory=True, cudnn_benchmark=False, **one),
+        "torch-cuda-low-memory-1024-cudnn-heuristics": lambda: measure_variant(
+            "torch-cuda-low-memory-1024-cudnn-heuristics", bundle, low_memory=True, cudnn_benchmark=False, **big),
         "torch-cuda-phases": lambda: measure_phases("torch-cuda-phases", bundle, steps=steps, size=size),
         "torch-cuda-low-memory-phases": lambda: measure_phases("torch-cuda-low-memory-phases", bundle, steps=steps,
                                                                size=size, low_memory=True),
