@@ -17,9 +17,9 @@
     add_bias_residual(h, x, bias=None, out=None)                                 kernels/residual.py
         h + x + bias[c] for (N, C, H, W) in either memory format, one pass: a ResNet block's end with
         its convolutions run bias-free (cuDNN's bias is a separate pass in PyTorch)
-    add_layer_norm(a, r, weight, bias, eps) -> (s, y)                            kernels/layer_norm.py
+    add_layer_norm(a, r, weight, bias, eps, s_bias=None) -> (s, y)              kernels/layer_norm.py
         s = a + r, y = layer_norm(s) (fp32 statistics) in one pass: the transformer block's residual
-        add and the LayerNorm after it
+        add and the LayerNorm after it; s_bias: the returned s also carries it (y does not see it)
     scaled_copies(x, scale, step, copies, dtype, memory_format)                 kernels/step_update.py
     guided_update(uncond, cond, x, x0_prev, noise, coef, step, guidance, clip)
         the denoising step's arithmetic around the UNet (its input; guidance + the scheduler's affine
