@@ -7,7 +7,8 @@ of --reps: "eager" (one Python call per rep: includes launch overhead, which dom
 few microseconds) and "graph" (--graph-calls calls captured in one CUDA graph, replayed: the GPU
 time, which is what the torch-cuda backend's step graph pays). Cases: GroupNorm+SiLU (channels-
 last; PyTorch on the same channels-last tensor and on NCHW), GroupNorm with the time-embedding
-add, ours on NCHW, GEGLU, residual add + LayerNorm, a ResNet's conv bias + residual add, cross-attention with 77 keys (split K/V), self-attention (the Triton
+add, ours on NCHW, GEGLU, residual add + LayerNorm, a ResNet's conv bias + residual add, the step's
+arithmetic around the UNet (scaled_copies + guided_update vs the PyTorch ops), cross-attention with 77 keys (split K/V), self-attention (the Triton
 kernel, forced even where attention() dispatches to SDPA, vs PyTorch's SDPA), the int8 weight
 dequantize (vs its three-pass PyTorch reference), and fp8 e4m3 GEMMs (activation quantised per call, weights once) vs fp16 where
 torch._scaled_mm runs (H100/H200), with the fp8 output's relative error. A failing case is
@@ -173,6 +174,31 @@ def cases(torch, K, KA, dev: str, tiny: bool):
                "refs": {"torch_bias_then_add": lambda hc=hc, xc=xc, bc=bc: xc + (hc + bc[None, :, None, None])},
                "check": lambda hc=hc, xc=xc, bc=bc: (K.add_bias_residual(hc, xc, bc),
                                                      K.add_bias_residual_reference(hc, xc, bc))}
+
+    # the step graph's arithmetic around the UNet (n = 1 image, guidance batch 2): the UNet input, then
+    # guidance + the scheduler update, against the same done with PyTorch ops (their references)
+    lat = (4, 8, 8) if tiny else (4, 64, 64)
+    x, x0p, nz = (torch.randn(1, *lat, device=dev, generator=g) for _ in range(3))
+    out = rnd(2, *lat).contiguous(memory_format=torch.channels_last)
+    coef = torch.tensor([[1.0, -0.1, 0.0, 1.0, 0.9, 0.0, 0.1, 0.0, 0.0, 0.0]] * 4, device=dev)  # a contraction
+    step, scale, gd, clip = (torch.tensor(v, device=dev) for v in (2, [1.0, 0.9, 0.8, 0.7], 7.5, float("inf")))
+
+    def step_ops(copies, update, x=x, x0p=x0p):
+        xin = copies(x, scale, step, 2, h16, torch.channels_last)
+        update(out[:1], out[1:], x, x0p, nz, coef, step, gd, clip)
+        return xin
+
+    def step_check():
+        states = [(x.clone(), x0p.clone()) for _ in range(2)]
+        K.guided_update(out[:1], out[1:], *states[0], nz, coef, step, gd, clip)
+        K.guided_update_reference(out[:1], out[1:], *states[1], nz, coef, step, gd, clip)
+        return states[0][0], states[1][0]
+    # bytes: x read twice, x0_prev and noise read, x and x0_prev written (fp32); the fp16 UNet input
+    # written (2 copies) and the fp16 UNet output read (2 halves)
+    yield {"op": "step_update", "shape": [1, *lat], "bytes": 6 * x.numel() * 4 + 2 * out.numel() * 2,
+           "ours": lambda: step_ops(K.scaled_copies, K.guided_update),
+           "refs": {"torch_ops": lambda: step_ops(K.scaled_copies_reference, K.guided_update_reference)},
+           "check": step_check}
 
     def triton_attention(q, k, v):  # the Triton kernel even where attention() would pick SDPA
         old, KA.ALWAYS_TRITON = KA.ALWAYS_TRITON, True

@@ -387,8 +387,8 @@ def test_benchmark_runs_end_to_end(tmp_path):
     tiny shapes), on a GPU a short real run of a few ops; records well-formed, no case failing."""
     bench = importlib.import_module("pm_bench.bench_kernels")
     out = tmp_path / "k.jsonl"
-    ops = ("group_norm_temb_silu,add_layer_norm,add_bias_residual,cross_attention_77,self_attention,dequant_int8,"
-           "gemm_fp8_e4m3")
+    ops = ("group_norm_temb_silu,add_layer_norm,add_bias_residual,step_update,cross_attention_77,self_attention,"
+           "dequant_int8,gemm_fp8_e4m3")
     assert bench.main(["--device", DEVICE, "--reps", "2", "--only", ops, "--out", str(out)]) == 0
     import json
 
