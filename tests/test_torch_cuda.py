@@ -451,3 +451,18 @@ def test_graphed_network_copies_in_and_out(fast_pipe):
                 np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(want[name]))
         assert graphed.captures == 2  # (3, 77) twice: one capture; then (2, 77)
         assert not np.array_equal(np.asarray(outs[0]["c_k"]), np.asarray(outs[1]["c_k"]))
+
+
+def test_parked_module_drops_what_was_derived_on_the_device():
+    """_Parked (low-memory mode's weights in host memory): a buffer registered while the module was
+    attached (FastUNet's fused Q/K/V or bias buffers on a diffusers UNet) is dropped on detach, so
+    nothing stays on the device between stages; the parked weights and buffers stay."""
+    from pm_runtime.backends.torch_cuda import _Parked
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    parked = _Parked(m, "cpu")
+    parked.attach()
+    m[0].register_buffer("pm_derived", m[0].weight.sum(0), persistent=False)
+    parked.detach()
+    assert "pm_derived" not in m[0]._buffers and parked.on_host()
+    assert m[1].running_mean is not None and m[0].weight.shape == (4, 3)  # the slots themselves stay

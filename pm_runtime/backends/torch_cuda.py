@@ -482,6 +482,18 @@ class _Parked:
 
     def detach(self) -> None:
         self._place(self.bases)
+        self._drop_strays()
+
+    def _drop_strays(self) -> None:
+        """Drop the buffers registered on the module's device while it was attached that no slot
+        covers: FastUNet's derived tensors (the fused Q/K/V, the fused epilogues' biases) on a
+        diffusers UNet, which FastUNet builds after parking (the standalone UNet has them before, as
+        slots). Nothing then stays on the device between stages; the next load derives them again."""
+        slots = {(id(store), name) for store, name, *_ in self.views}
+        for m in self.module.modules():
+            for name, t in list(m._buffers.items()):
+                if t is not None and t.device.type == self.device.type and (id(m._buffers), name) not in slots:
+                    del m._buffers[name]
 
     def on_host(self) -> bool:
         """Whether every slot points into the host storages (detached)."""
