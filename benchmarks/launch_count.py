@@ -8,7 +8,9 @@ convolution and then adds the bias in a pass of its own (aten/src/ATen/native/Co
 ConvBackend::Cudnn: output.add_(reshape_bias(...))), which the meta device does not show.
 Counted for FastUNet as the torch-cuda backend runs it (fused epilogues, time tables: one row read
 per call) and without both (what it ran before them), and for a whole step of the step graph
-(StepGraph._step: the UNet call plus the arithmetic around it, guidance batched and sequential).
+(StepGraph._step: the UNet call plus the arithmetic around it, guidance batched and sequential);
+and for one call of the equilibrium text encoder on the standalone CLIP text model (what torch-cuda's
+te_graph replays as one CUDA graph).
 
   python benchmarks/launch_count.py --out benchmarks/results/launch-count-meta.jsonl
 """
@@ -36,13 +38,9 @@ NO_KERNEL = {"view", "reshape", "_reshape_alias", "_unsafe_view", "permute", "tr
              "empty_like", "empty_strided"}
 
 
-def count(sizes=(512, 1024)) -> list[dict]:
-    import torch
+def _ops_mode():
+    """A dispatch mode that counts the PyTorch ops that launch kernels (its .ops Counter)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    import pm_kernels
-    from pm_kernels import group_norm as gn
-    from pm_runtime.modeling.fast_unet import FastUNet
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -57,6 +55,15 @@ def count(sizes=(512, 1024)) -> list[dict]:
                 self.ops["cudnn_bias_add"] += 1  # cuDNN's convolution, then PyTorch's own bias pass
             return func(*args, **(kwargs or {}))
 
+    return Ops()
+
+
+def count(sizes=(512, 1024)) -> list[dict]:
+    import torch
+
+    import pm_kernels
+    from pm_kernels import group_norm as gn
+    from pm_runtime.modeling.fast_unet import FastUNet
     from pm_runtime.modeling.step_graph import StepGraph
 
     unet, _, _ = sd15_networks(torch.float16)
@@ -93,7 +100,7 @@ def count(sizes=(512, 1024)) -> list[dict]:
                     loop = StepGraph(fast, n=1, latent_shape=(4, size // 8, size // 8), context_shape=(77, 768),
                                      rows=32, dtype=torch.float16, device="meta", max_steps=64,
                                      sequential=step == "sequential")
-                mode = Ops()
+                mode = _ops_mode()
                 with mode:
                     if loop is not None:
                         loop._step()
@@ -121,13 +128,38 @@ def count(sizes=(512, 1024)) -> list[dict]:
     return recs
 
 
+def count_text_encoder(rows: int = 23) -> dict:
+    """Kernels of one EquilibriumTextEncoder call (SD 1.5's CLIP ViT-L/14 text model: 12 layers, width
+    768) on the standalone modules, `rows` contexts of 77 tokens (the count does not depend on rows)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pm_runtime.modeling import standalone
+    from pm_runtime.modeling.text_encoder import EquilibriumTextEncoder
+
+    cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         max_position_embeddings=77, vocab_size=49408)
+    with torch.device("meta"):
+        hf = CLIPTextModel(cfg).half()  # only for a state dict of the right shapes
+    te = EquilibriumTextEncoder(standalone.CLIPText(hf.state_dict(), cfg.to_dict()))
+    ids = torch.zeros(rows, 77, dtype=torch.long, device="meta")
+    embeds = torch.zeros(rows, 77, 768, dtype=torch.float16, device="meta")
+    mask = torch.zeros(rows, 77, dtype=torch.bool, device="meta")
+    mode = _ops_mode()
+    with torch.inference_mode(), mode:
+        te(ids, embeds, embeds, mask)
+    return {"network": "text-encoder-call", "variant": f"standalone CLIP text model, {rows} rows of 77 tokens",
+            "dtype": "float16", "aten_kernels": sum(mode.ops.values()), "aten_by_op": dict(mode.ops.most_common())}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", type=pathlib.Path, default=None, help="append the records to this JSON-lines file")
     a = ap.parse_args(argv)
-    recs = count(tuple(int(s) for s in a.sizes.split(",")))
+    recs = count(tuple(int(s) for s in a.sizes.split(","))) + [count_text_encoder()]
+    print(f"text encoder call: {recs[-1]['aten_kernels']} PyTorch kernels", flush=True)
     env = environment("meta", a.commit)
     command = "python benchmarks/launch_count.py " + " ".join(sys.argv[1:] if argv is None else argv)
     save_records(a.out, [{"schema": SCHEMA, **env, "command": command, **r} for r in recs])

@@ -235,6 +235,8 @@ def test_launch_count_at_sd15_shapes():
     extra = batched["kernels_total"]["tiled"] - rec["kernels_total"]["tiled"]
     assert 0 < extra <= 6, batched["aten_by_op"]
     assert sequential["kernels_total"]["tiled"] <= 2 * rec["kernels_total"]["tiled"] + 6
+    te = launch_count.count_text_encoder(rows=3)  # what te_graph replays: 12 layers of a few kernels each
+    assert te["aten_by_op"]["scaled_dot_product_attention"] == 12 and te["aten_kernels"] > 12 * 10
 
 
 def test_live_memory_counts_created_tensors_not_views():
