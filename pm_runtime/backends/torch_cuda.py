@@ -63,8 +63,8 @@
   torch-cuda-no-time-tables).
 - te_graph (default on; NOT MEASURED on a GPU yet): the text encoder's call captured as a CUDA graph
   per input shape (its own small memory pool; not when its weights are parked in host memory):
-  the 185 kernels a call launches from Python (counted with PyTorch's dispatch on the meta device
-  for SD 1.5's text encoder, standalone modules) become one replay (the stage took 7.2 ms on an
+  the 185 kernels a call launches from Python (SD 1.5's text encoder on the standalone modules,
+  counted on the meta device by benchmarks/launch_count.py) become one replay (the stage took 7.2 ms on an
   H200, diffusers' text encoder alone 3.35 ms). Variant torch-cuda-no-te-graph.
 - step_kernels (default on; NOT MEASURED on a GPU yet): the step's arithmetic around the UNet
   (input scale/cast/copies; guidance + the scheduler update) as two pm_kernels kernels instead of
