@@ -55,5 +55,23 @@ def kernel_path(name_or_tensor, tensor=None) -> str:
     return "triton" if interpreting() and tensor.device.type == "cpu" else "reference"
 
 
+def layout(t):
+    """torch.channels_last for a 4-D tensor dense in that layout (and not also plain contiguous), else
+    torch.contiguous_format: the memory format a kernel's output keeps."""
+    import torch
+
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous() else torch.contiguous_format
+
+
+def dense(t):
+    """(t, its layout) where t is dense in either layout, else (a contiguous copy, contiguous_format):
+    what a kernel reads through its strides."""
+    import torch
+
+    fmt = layout(t)
+    return (t, fmt) if t.is_contiguous(memory_format=fmt) else (t.contiguous(), torch.contiguous_format)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())

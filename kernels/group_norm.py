@@ -41,7 +41,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import kernel_path, next_pow2
+from ._dispatch import dense, kernel_path, layout, next_pow2
 
 try:
     import triton
@@ -57,7 +57,7 @@ def group_norm_silu_reference(x, weight, bias, num_groups: int, eps: float, *, t
     y = F.group_norm(y, num_groups, weight.float(), bias.float(), eps)
     if silu:
         y = F.silu(y)
-    return y.to(x.dtype).contiguous(memory_format=_format(x))
+    return y.to(x.dtype).contiguous(memory_format=layout(x))
 
 
 IMPLS = ("tiled", "grouped", "auto")  # auto: grouped where one launch does (CPG * HW <= FUSE_MAX), else tiled
@@ -102,11 +102,6 @@ def _takes_grouped(group_elements: int, impl: str) -> bool:
     if impl not in IMPLS:
         raise ValueError(f"group norm implementation {impl!r} (PM_GN_IMPL): one of {', '.join(IMPLS)}")
     return impl == "grouped" or (impl == "auto" and group_elements <= FUSE_MAX)
-
-
-def _format(x) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
 
 
 if triton is not None:
@@ -283,9 +278,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     if kernel_path("group_norm_silu", x) == "reference":
         return group_norm_silu_reference(x, weight, bias, num_groups, eps, temb=temb, silu=silu)
     n, c, h, w = x.shape
-    fmt = _format(x)
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x, fmt = x.contiguous(), torch.contiguous_format
+    x, fmt = dense(x)
     y = torch.empty_like(x, memory_format=fmt)
     hw, cpg = h * w, c // num_groups
     s_n, s_c, s_p = x.stride(0), x.stride(1), x.stride(3)  # pixel p = h*W + w: stride(2) == W*stride(3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import kernel_path
+from ._dispatch import dense, kernel_path, layout
 
 try:
     import triton
@@ -18,16 +18,11 @@ except ImportError:
     triton = None
 
 
-def _format(t) -> torch.memory_format:
-    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
-        else torch.contiguous_format
-
-
 def add_bias_residual_reference(h, x, bias=None, out=None):
     y = h.float() + x.float()
     if bias is not None:
         y = y + bias.float()[None, :, None, None]
-    y = y.to(h.dtype).contiguous(memory_format=_format(h))
+    y = y.to(h.dtype).contiguous(memory_format=layout(h))
     return y if out is None else out.copy_(y)
 
 
@@ -53,9 +48,7 @@ def add_bias_residual(h, x, bias=None, out=None):
                          f"bias {None if bias is None else tuple(bias.shape)}")
     if kernel_path("add_bias_residual", h) == "reference":
         return add_bias_residual_reference(h, x, bias, out)
-    fmt = _format(h)
-    if not h.is_contiguous(memory_format=fmt):
-        h, fmt = h.contiguous(), torch.contiguous_format
+    h, fmt = dense(h)
     x = x.contiguous(memory_format=fmt)  # no copy when it already is
     y = torch.empty_like(h, memory_format=fmt) if out is None else out
     if y.stride() != h.stride():
