@@ -89,11 +89,16 @@ def unsupported(unet) -> str | None:
     return None
 
 
-def _linear(x, layer) -> torch.Tensor:
-    """x (..., C_in) through an nn.Linear or a 1x1 nn.Conv2d (SD 1.x's proj_in / proj_out), either
-    of them int8 (pm_runtime.modeling.int8_weights) or not."""
+def _matrix(layer) -> torch.Tensor:
+    """The (C_out, C_in) weight of an nn.Linear or a 1x1 nn.Conv2d (SD 1.x's proj_in / proj_out),
+    either of them int8 (pm_runtime.modeling.int8_weights) or not."""
     w = weight_of(layer)
-    return F.linear(x, w.view(w.shape[0], w.shape[1]) if w.ndim == 4 else w, layer.bias)
+    return w.view(w.shape[0], w.shape[1])
+
+
+def _linear(x, layer) -> torch.Tensor:
+    """x (..., C_in) through such a layer."""
+    return F.linear(x, _matrix(layer), layer.bias)
 
 
 def conv(layer, x, bias: bool = True):
@@ -101,6 +106,29 @@ def conv(layer, x, bias: bool = True):
     if bias:
         return layer(x)
     return F.conv2d(x, weight_of(layer), None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def gn_silu(norm: nn.GroupNorm, x, silu: bool = True, temb=None):
+    """SiLU(norm(x + temb)) (silu=False: without the SiLU; temb (N, C) or None) in one pass:
+    pm_kernels.group_norm_silu (Triton on CUDA, its PyTorch reference elsewhere): one output tensor
+    where GroupNorm then SiLU make two (the VAE decode's activation peak at full resolution,
+    benchmarks/live_memory.py)."""
+    import pm_kernels
+
+    return pm_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, temb=temb, silu=silu)
+
+
+def fused_resnet(r, x, temb, out_bias):
+    """A ResNet block with the fused epilogues (FastUNet's and the standalone VAE decoder's): its
+    convolutions run without their biases, conv1's being in `temb` (what norm2 adds to its output,
+    (N, C)) and conv2's and the shortcut's in `out_bias`, which one kernel adds with the residual,
+    written into conv2's output."""
+    import pm_kernels
+
+    h = conv(r.conv1, gn_silu(r.norm1, x), bias=False)
+    h = conv(r.conv2, gn_silu(r.norm2, h, temb=temb), bias=False)
+    s = x if r.conv_shortcut is None else conv(r.conv_shortcut, x, bias=False)
+    return pm_kernels.add_bias_residual(h, s, out_bias, out=h)
 
 
 def _sum(*tensors):
@@ -232,18 +260,13 @@ class FastUNet(nn.Module):
         return out
 
     # ------------------------------------------------------------------ pieces
-    def _gn(self, norm: nn.GroupNorm, x, silu: bool = True, temb=None):
-        return self.k.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, temb=temb, silu=silu)
-
     def _resnet(self, r, x, temb):
-        fused = self.fused_epilogues
-        h = conv(r.conv1, self._gn(r.norm1, x), bias=not fused)  # fused: its bias is in temb
-        h = conv(r.conv2, self._gn(r.norm2, h, temb=temb), bias=not fused)  # norm2(h + temb) + SiLU, fused
+        if self.fused_epilogues:  # (+ the next transformer's proj_out bias, see __init__)
+            return fused_resnet(r, x, temb, r.pm_out_bias_t if id(r) in self.before_transformer else r.pm_out_bias)
+        h = r.conv1(gn_silu(r.norm1, x))
+        h = r.conv2(gn_silu(r.norm2, h, temb=temb))  # norm2(h + temb) + SiLU, fused
         if r.conv_shortcut is not None:
-            x = conv(r.conv_shortcut, x, bias=not fused)
-        if fused:  # h + x + both biases (+ the next transformer's proj_out bias), one pass
-            bias = r.pm_out_bias_t if id(r) in self.before_transformer else r.pm_out_bias
-            return self.k.add_bias_residual(h, x, bias, out=h)
+            x = r.conv_shortcut(x)
         return x + h
 
     def _attention(self, attn, x, ctx=None):
@@ -301,16 +324,15 @@ class FastUNet(nn.Module):
         n, c, height, width = x.shape
         fused = self.fused_epilogues
         shift = t.pm_in_shift if fused else None  # fused: x carries proj_out's bias (_resnet), taken off here
-        h = self._gn(t.norm, x, silu=False, temb=None if shift is None else shift[None].expand(n, -1))
+        h = gn_silu(t.norm, x, silu=False, temb=None if shift is None else shift[None].expand(n, -1))
         h = h.permute(0, 2, 3, 1).reshape(n, height * width, c)  # a view for channels-last x
         h = _linear(h, t.proj_in)
         for b in t.transformer_blocks:
             h = self._block(b, h, ctx)
         if fused:  # x + proj_out(h), the bias already in x: one GEMM accumulating into x (in place where
             # x is channels-last: x is read by nothing else afterwards)
-            w = weight_of(t.proj_out)
             x2 = x.permute(0, 2, 3, 1).reshape(n * height * width, c)
-            x2 = x2.addmm_(h.reshape(-1, h.shape[-1]), w.view(w.shape[0], w.shape[1]).t())
+            x2 = x2.addmm_(h.reshape(-1, h.shape[-1]), _matrix(t.proj_out).t())
             return x2.view(n, height, width, c).permute(0, 3, 1, 2)
         h = _linear(h, t.proj_out)
         return h.view(n, height, width, -1).permute(0, 3, 1, 2) + x  # channels-last (N, C, H, W)
@@ -361,5 +383,5 @@ class FastUNet(nn.Module):
                     h = self._transformer(a, h, ctx)
             for up in block.upsamplers or ():
                 h = up.conv(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
-        h = u.conv_out(self._gn(u.conv_norm_out, h))
+        h = u.conv_out(gn_silu(u.conv_norm_out, h))
         return h  # (N, 4, h, w) in the UNet's dtype

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
-from .fast_unet import config_unsupported, conv, resnet_biases
+from .fast_unet import config_unsupported, fused_resnet, gn_silu, resnet_biases
 
 
 class Config(dict):
@@ -251,28 +251,13 @@ class Resnet(nn.Module):
 
     def forward(self, x, temb=None):
         if temb is None and self.fused_epilogues:  # the VAE's blocks (FastUNet runs the UNet's)
-            import pm_kernels
-
-            h = conv(self.conv1, gn_silu(self.norm1, x), bias=False)
-            t = None if self.pm_time_bias is None else self.pm_time_bias[None].expand(h.shape[0], -1)
-            h = conv(self.conv2, pm_kernels.group_norm_silu(h, self.norm2.weight, self.norm2.bias,
-                                                            self.norm2.num_groups, self.norm2.eps, temb=t), bias=False)
-            s = x if self.conv_shortcut is None else conv(self.conv_shortcut, x, bias=False)
-            return pm_kernels.add_bias_residual(h, s, self.pm_out_bias, out=h)
+            t = None if self.pm_time_bias is None else self.pm_time_bias[None].expand(x.shape[0], -1)
+            return fused_resnet(self, x, t, self.pm_out_bias)
         h = self.conv1(gn_silu(self.norm1, x))
         if temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(gn_silu(self.norm2, h))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
-
-def gn_silu(norm: nn.GroupNorm, x, silu: bool = True):
-    """SiLU(norm(x)) (silu=False: norm(x)) in one pass: pm_kernels.group_norm_silu (Triton on CUDA,
-    its PyTorch reference elsewhere): one output tensor where GroupNorm then SiLU make two, which
-    is the VAE decode's activation peak at full resolution (benchmarks/live_memory.py)."""
-    import pm_kernels
-
-    return pm_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=silu)
 
 
 class _Sampler(nn.Module):
