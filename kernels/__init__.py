@@ -10,7 +10,8 @@
         q (B, Nq, H*d), k, v (B, Nk, H*d) read in place (strided slices are fine; K and V may come
         from different contexts) -> (B, Nq, H*d); kv_index (B,): k, v are (R, Nk, H*d) tables read
         by row. Triton for Nk <= attention.SHORT_KEYS (cross-attention), PyTorch's SDPA on
-        (B, H, N, d) views for longer key axes (self-attention: flash attention is faster there)
+        (B, H, N, d) views for longer key axes (self-attention: flash attention is faster there);
+        fewer pipeline stages where a GPU's shared memory per block is short, SDPA where none fit
     quantize_int8(w) -> (q, scale); dequant_int8(q, scale, dtype)                 kernels/dequant.py
         per-output-channel symmetric int8 weights (the torch-cuda backend's int8_weights option),
         dequantized in one pass in q's memory format; bit-equal to its reference

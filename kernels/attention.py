@@ -123,12 +123,37 @@ def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
     block_d = max(16, next_pow2(d))
     block_n = min(64, max(16, next_pow2(nk)))  # 77 keys: two blocks of 64 beat one of 128 (H200 sweep)
     block_m = 128 if block_d <= 64 else 64 if block_d <= 128 else 32
-    # fp32 inputs: exact fp32 products (no TF32). bf16 under the interpreter: its tl.dot multiplies
-    # bf16 bit patterns as integers (triton-lang/triton#11584), so upcast there.
-    f32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
+    # fp32 inputs: exact fp32 products (no TF32). bf16 under the interpreter (CPU tensors): its tl.dot
+    # multiplies bf16 bit patterns as integers (triton-lang/triton#11584), so upcast there.
+    f32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
     grid = (triton.cdiv(nq, block_m), b * heads)
     idx = kv_index.contiguous() if kv_index is not None else out  # a dummy pointer when absent
-    _attn[grid](q, k, v, out, idx, nq, nk, heads, d, scale * 1.4426950408889634, q.stride(0), q.stride(1),
-                k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-                HAS_IDX=kv_index is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, F32_DOT=f32_dot)
-    return out
+    args = (q, k, v, out, idx, nq, nk, heads, d, scale * 1.4426950408889634, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
+    config = dict(HAS_IDX=kv_index is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, F32_DOT=f32_dot)
+    key = (q.device, q.dtype, block_m, block_n, block_d, f32_dot)
+    for stages in _STAGES.get(key, STAGES):
+        try:
+            _attn[grid](*args, **config, num_stages=stages)
+        except OutOfResources:  # raised as Triton loads the kernel, before anything runs: one stage less
+            continue
+        _STAGES[key] = (stages,)
+        return out
+    _STAGES[key] = ()  # no depth fits this GPU: PyTorch's attention, as for the shapes routed there above
+    return attention_sdpa(q, k, v, heads, scale, kv_index)
+
+
+# Software-pipelining depths of _attn, tried in this order until the GPU's shared memory per block
+# holds the kernel (Triton raises OutOfResources as it loads one that does not, before it runs; the
+# first call of each configuration runs eagerly, before any CUDA graph capture); where none does,
+# SDPA. 3 is Triton's default and what the H200 records measured; with it the head dim 160 blocks
+# (BLOCK_D 256) need 148 KB of shared memory in fp16, more than consumer Ampere / Ada GPUs give a
+# block (99 KB; 2 stages fit), and 96 KB at any depth on Turing (64 KB: SDPA there). Found without a
+# GPU by benchmarks/compile_check.py, which compiles every kernel for those architectures.
+STAGES = (3, 2, 1)
+_STAGES: dict = {}  # (device, dtype, BLOCK_M, BLOCK_N, BLOCK_D, F32_DOT) -> (the depth that loaded,) or ()
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # no Triton: the kernel never runs
+    class OutOfResources(Exception):
+        pass

@@ -206,6 +206,75 @@ def test_attention_routes_small_head_dims_and_long_keys_to_sdpa(monkeypatch):
         assert (out == "sdpa") == (want == "sdpa"), (nq, nk, d)
 
 
+def _attention_case():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 9, 2 * 80, generator=g).to(DEVICE)
+    k, v = torch.randn(2, 2, 77, 2 * 80, generator=g).to(DEVICE)
+    return q, k, v
+
+
+def test_attention_takes_fewer_pipeline_stages_where_shared_memory_is_short(monkeypatch):
+    """A GPU whose shared memory per block cannot hold the kernel at Triton's default depth (Triton
+    raises OutOfResources as it loads it, before it runs): the next depth that loads is used, and
+    remembered per configuration. (benchmarks/compile_check.py found this for consumer GPUs.)"""
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+    real = KA._attn
+
+    class ShortOfSharedMemory:  # loads at 2 stages or fewer, as a 99 KB GPU would for BLOCK_D 256
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kw):
+                tried.append(num_stages)
+                if num_stages > 2:
+                    raise OutOfResources(151552, 101376, "shared memory")
+                return real[grid](*args, num_stages=num_stages, **kw)
+            return launch
+
+    monkeypatch.setattr(KA, "_attn", ShortOfSharedMemory())
+    monkeypatch.setattr(KA, "_STAGES", {})
+    q, k, v = _attention_case()
+    ref = K.attention_reference(q, k, v, 2)
+    assert rel_err(K.attention(q, k, v, 2), ref) <= TOL[torch.float32]
+    assert tried == [3, 2] and list(KA._STAGES.values()) == [(2,)]
+    assert rel_err(K.attention(q, k, v, 2), ref) <= TOL[torch.float32]
+    assert tried == [3, 2, 2]  # the depth that loaded, straight away
+
+
+def test_attention_goes_to_sdpa_where_no_depth_fits(monkeypatch):
+    """No depth loads (Turing's 64 KB for BLOCK_D 256): PyTorch's attention, and no more tries."""
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+
+    class NeverFits:
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kw):
+                tried.append(num_stages)
+                raise OutOfResources(98304, 65536, "shared memory")
+            return launch
+
+    monkeypatch.setattr(KA, "_attn", NeverFits())
+    monkeypatch.setattr(KA, "_STAGES", {})
+    q, k, v = _attention_case()
+    ref = K.attention_reference(q, k, v, 2)
+    assert rel_err(K.attention(q, k, v, 2), ref) <= TOL[torch.float32] and tried == [3, 2, 1]
+    assert rel_err(K.attention(q, k, v, 2), ref) <= TOL[torch.float32] and tried == [3, 2, 1]
+
+
+def test_attention_errors_other_than_resources_raise(monkeypatch):
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                raise RuntimeError("launch failed")
+            return launch
+
+    monkeypatch.setattr(KA, "_attn", Broken())
+    monkeypatch.setattr(KA, "_STAGES", {})
+    with pytest.raises(RuntimeError, match="launch failed"):
+        K.attention(*_attention_case(), 2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
 @pytest.mark.parametrize("n, c, h, w", [(2, 40, 5, 7), (1, 3, 1, 9)])
