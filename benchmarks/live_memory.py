@@ -128,7 +128,10 @@ def sd15_networks(dtype):
     from pm_runtime.modeling import standalone
     from pm_runtime.specs import VAE_DECODER
 
-    from random_models import SD15_UNET_CONFIG, SD15_VAE_CONFIG
+    if __package__:  # pm_bench.live_memory (installed), or python benchmarks/live_memory.py
+        from .random_models import SD15_UNET_CONFIG, SD15_VAE_CONFIG
+    else:
+        from random_models import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(dtype).eval()

@@ -1,0 +1,369 @@
+"""pm_kernels' Triton kernels compiled ahead of time for NVIDIA GPUs, on a machine without one.
+
+The torch-cuda backend's networks run on the meta device at SD-1.5 shapes in the GPU's layout
+(channels-last) with every pm_kernels call sent down its Triton path: the UNet call at 512 and
+1024 px (guidance batched and sequential, epilogues fused and not, the low-memory feed-forward
+chunks), the whole step (its two step kernels), each GroupNorm implementation, the int8 UNet
+(the dequantize kernel at its weight shapes) and the standalone VAE decoder, whole and in row
+bands. Each launch is compiled by Triton for the target architecture instead of run
+(JITFunction.run(..., warmup=True): Triton's compiler and the ptxas it ships, down to a cubin),
+and each distinct kernel is checked against that architecture's per-block limits the way Triton
+checks them when it loads a kernel (CompiledKernel._init_handles): shared memory, and threads per
+block against the registers each thread uses (read from the cubin with the cuobjdump Triton
+ships). Local memory (register spills) is reported, not failed.
+
+What this shows: every kernel the backend launches at those shapes compiles for that GPU with
+this Triton and fits the GPU's limits. What it does not: that it computes the right values
+(tests/test_kernels.py under the interpreter; the gpu-marked tests on a GPU) or how fast it runs
+(benchmarks/bench_kernels.py on a GPU). The lent GPUs run another Triton version than this machine
+may: run it under that version too (PYTHONPATH=<a folder with that triton> python ...).
+
+  python benchmarks/compile_check.py [--arch 90,89,87,86,80,75] [--dtypes float16,bfloat16] [--quick]
+                                     [--details] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+if __package__:
+    from .live_memory import sd15_networks
+    from .records import environment, save_records
+else:
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
+    from live_memory import sd15_networks
+    from records import environment, save_records
+
+SCHEMA = "pm-compile-check/1"
+# Maximum shared memory per thread block (opt-in), bytes: CUDA C++ Programming Guide, "Technical
+# Specifications per Compute Capability" (what cudaDevAttrMaxSharedMemoryPerBlockOptin reports,
+# which Triton compares against). GPUs: 9.0 H100/H200, 8.9 RTX 40xx/L4/L40, 8.7 Jetson Orin,
+# 8.6 RTX 30xx/A10, 8.0 A100, 7.5 RTX 20xx/T4.
+MAX_SHARED = {90: 227 * 1024, 89: 99 * 1024, 87: 163 * 1024, 86: 99 * 1024, 80: 163 * 1024, 75: 64 * 1024}
+REGS_PER_BLOCK = 65536  # 32-bit registers per block, every architecture above
+REG_UNIT = 256  # registers are allocated per warp in units of 256
+MAX_THREADS = 1024
+DEFAULT_ARCHS = (90, 89, 87, 86, 80, 75)
+
+
+def max_threads(regs_per_thread: int) -> int:
+    """Threads a block may have when each uses `regs_per_thread` registers (whole warps)."""
+    per_warp = -(-max(1, regs_per_thread) * 32 // REG_UNIT) * REG_UNIT
+    return min(MAX_THREADS, REGS_PER_BLOCK // per_warp * 32)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{"regs", "local", "shared_static"} of the one kernel in `cubin` (cuobjdump --dump-resource-usage)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    m = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", out)
+    if not m:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+    return {"regs": int(m.group(1)), "shared_static": int(m.group(2)), "local": int(m.group(3))}
+
+
+class _TargetDriver:
+    """Triton's active driver, answering as one GPU of architecture `arch` would (nothing is launched).
+    Its device id is the architecture: Triton caches a kernel's binder (target included) per device."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.arch, self.target = arch, GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        import torch
+
+        return torch.device("meta")
+
+
+def load_problems(arch: int, kernel) -> list[str]:
+    """Why Triton would refuse to load `kernel` on a GPU of architecture `arch` (its checks in
+    CompiledKernel._init_handles: shared memory per block; threads per block against the
+    registers each thread uses); empty where it fits."""
+    md, use = kernel.metadata, _usage(kernel)
+    problems = []
+    if md.shared > MAX_SHARED[arch]:
+        problems.append(f"shared memory {md.shared} > {MAX_SHARED[arch]} bytes per block")
+    if md.num_warps * 32 > max_threads(use["regs"]):
+        problems.append(f"{md.num_warps * 32} threads but {use['regs']} registers each allow {max_threads(use['regs'])}")
+    return problems
+
+
+_USAGE: dict = {}  # kernel hash -> resource_usage
+
+
+def _usage(kernel) -> dict:
+    if kernel.hash not in _USAGE:
+        _USAGE[kernel.hash] = resource_usage(kernel.asm["cubin"])
+    return _USAGE[kernel.hash]
+
+
+@contextlib.contextmanager
+def compile_only(arch: int, seen: dict):
+    """Every pm_kernels call takes its Triton path on any tensor and each launch `kernel[grid](...)`
+    is compiled for `arch` instead of run (outputs stay uninitialised: run on the meta device); a
+    kernel Triton would refuse to load there raises OutOfResources as Triton's loader does (the
+    dispatch may then pick a smaller configuration). Every compiled kernel lands in `seen`:
+    (arch, kernel name, Triton's hash) -> (CompiledKernel, its load problems)."""
+    import importlib
+
+    import triton
+    from triton.runtime import jit
+    from triton.runtime.driver import driver
+    from triton.runtime.errors import OutOfResources
+
+    import pm_kernels
+
+    modules = [importlib.import_module(f"pm_kernels.{m}") for m in
+               ("attention", "dequant", "geglu", "group_norm", "layer_norm", "residual", "step_update")]
+    saved_paths = {m: m.kernel_path for m in modules}
+    saved_getitem = jit.JITFunction.__getitem__
+
+    def getitem(self, grid):
+        def launch(*args, **kwargs):
+            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            problems = load_problems(arch, kernel)
+            seen[(arch, self.fn.__name__, kernel.hash)] = (kernel, problems)
+            if problems:
+                md = kernel.metadata
+                raise OutOfResources(md.shared, MAX_SHARED[arch], "shared memory") if md.shared > MAX_SHARED[arch] \
+                    else OutOfResources(md.num_warps * 32, max_threads(_usage(kernel)["regs"]), "threads")
+            return kernel
+        return launch
+
+    attention = modules[0]
+    saved_stages, attention._STAGES = attention._STAGES, {}  # per device, and every arch here is "meta"
+    saved_driver = driver._active  # (reset_active() would look for a real GPU)
+    driver.set_active(_TargetDriver(arch))
+    jit.JITFunction.__getitem__ = getitem
+    for m in modules:
+        m.kernel_path = lambda *a, **k: "triton"
+    try:
+        assert pm_kernels.triton_available() and triton is not None
+        yield
+    finally:
+        jit.JITFunction.__getitem__ = saved_getitem
+        for m, fn in saved_paths.items():
+            m.kernel_path = fn
+        driver._active = saved_driver
+        attention._STAGES = saved_stages
+
+
+def workloads(dtype_name: str, quick: bool = False):
+    """(label, callable) pairs: the backend's calls of pm_kernels at SD-1.5 shapes on the meta device
+    (quick: the 512 px UNet call and step only)."""
+    import copy
+
+    import torch
+
+    import pm_kernels
+    from pm_runtime.modeling.fast_unet import FastUNet
+    from pm_runtime.modeling.int8_weights import quantize_unet_
+    from pm_runtime.modeling.step_graph import StepGraph
+
+    dtype = getattr(torch, dtype_name)
+    cl = torch.channels_last
+    unet, _, vae = sd15_networks(dtype)
+    unet.to(memory_format=cl)  # as the backend keeps it on CUDA
+    fast = FastUNet(unet)
+    fast.allocate_context_tables(32, 77)
+    fast.allocate_time_tables(64)
+    fast.sample_format = lambda device: cl  # the layout it computes in on CUDA
+
+    def unet_call(size, batch, fused=True, ff_chunk=None, net=fast):
+        def run():
+            net.fused_epilogues, net.ff_chunk = fused, ff_chunk
+            x = torch.empty(batch, 4, size // 8, size // 8, device="meta", dtype=dtype).contiguous(memory_format=cl)
+            idx = torch.zeros(batch, dtype=torch.long, device="meta")
+            net(x, torch.full((batch,), 500.0, device="meta"), kv_index=idx, t_index=idx[:1] if fused else None)
+        return run
+
+    def step(size, sequential):
+        def run():
+            fast.fused_epilogues, fast.ff_chunk = True, None
+            StepGraph(fast, n=1, latent_shape=(4, size // 8, size // 8), context_shape=(77, 768), rows=32,
+                      dtype=dtype, device="meta", max_steps=64, sequential=sequential)._step()
+        return run
+
+    def vae_decode(size, band_rows=None):
+        def run():
+            vae.to(memory_format=cl)
+            vae.band_rows = band_rows
+            vae(torch.empty(1, 4, size // 8, size // 8, device="meta", dtype=dtype).contiguous(memory_format=cl))
+        return run
+
+    def int8_unet():
+        q = FastUNet(copy.deepcopy(unet))
+        q.allocate_context_tables(32, 77)
+        q.allocate_time_tables(64)
+        q.sample_format = fast.sample_format
+        quantize_unet_(q, "meta", "meta")
+        return unet_call(512, 2, net=q)()
+
+    def with_gn(impl, fn):
+        def run():
+            kept = pm_kernels.group_norm_impl()
+            pm_kernels.set_group_norm_impl(impl)
+            try:
+                fn()
+            finally:
+                pm_kernels.set_group_norm_impl(kept)
+        return run
+
+    yield "unet 512 px batch 2", unet_call(512, 2)
+    yield "step 512 px, guidance batched", step(512, False)
+    if quick:
+        return
+    yield "unet 512 px batch 2, epilogues unfused", unet_call(512, 2, fused=False)
+    yield "unet 1024 px batch 2", unet_call(1024, 2)
+    yield "step 512 px, guidance sequential (low memory)", step(512, True)
+    yield "unet 1024 px batch 1, ff chunks of 2048 (low memory)", unet_call(1024, 1, ff_chunk=2048)
+    for impl in ("grouped", "auto"):
+        yield f"unet 512 px batch 2, GroupNorm {impl}", with_gn(impl, unet_call(512, 2))
+        yield f"unet 1024 px batch 1, GroupNorm {impl}", with_gn(impl, unet_call(1024, 1))
+    yield "unet 512 px batch 2, int8 weights", int8_unet
+    yield "vae decode 512 px", vae_decode(512)
+    yield "vae decode 512 px, 32-row bands", vae_decode(512, 32)
+    yield "vae decode 1024 px", vae_decode(1024)
+
+
+def constexprs(kernel) -> dict:
+    """{argument name: value} of the compiled kernel's constexpr arguments (block sizes, flags)."""
+    src, out = kernel.src, {}
+    for k, v in getattr(src, "constants", {}).items():
+        name = k if isinstance(k, str) else src.fn.arg_names[k[0]] if len(k) == 1 else ",".join(map(str, k))
+        v = getattr(v, "value", v)
+        if isinstance(v, (int, float, bool, str)):
+            out[name] = v
+    return out
+
+
+def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=print) -> list[dict]:
+    """One record per (arch, dtype, distinct compiled kernel): launch options, resources, `fits`
+    (Triton would load it there) with the reasons where not; and one record per workload that
+    raised (`ok` False: a compile error, or a kernel that does not fit and that the dispatch had no
+    smaller configuration for). A kernel that does not fit in a workload that still ran is one the
+    dispatch replaced (a smaller configuration, or PyTorch's op): `ok` True."""
+    import torch
+
+    recs = []
+    for arch in archs:
+        if arch not in MAX_SHARED:
+            raise SystemExit(f"--arch {arch}: limits known for {sorted(MAX_SHARED)}")
+        for dtype_name in dtypes:
+            seen: dict = {}
+            where: dict = {}
+            errors = []
+            t0 = time.perf_counter()
+            for label, fn in workloads(dtype_name, quick):
+                before = set(seen)
+                try:
+                    with compile_only(arch, seen), torch.inference_mode():
+                        fn()
+                except Exception as e:  # the finding: record it, go on
+                    errors.append({"workload": label, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+                    log(f"sm_{arch} {dtype_name} {label}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                for key in set(seen) - before:
+                    where.setdefault(key, label)
+            failed = {e["workload"] for e in errors}
+            for key, (kernel, problems) in sorted(seen.items(), key=lambda kv: kv[0][1]):
+                md, use = kernel.metadata, _usage(kernel)
+                recs.append({"arch": f"sm_{arch}", "dtype": dtype_name, "kernel": key[1], "first_seen": where[key],
+                             "constexprs": constexprs(kernel), "num_warps": md.num_warps, "num_stages": md.num_stages,
+                             "shared_bytes": md.shared, "max_shared_bytes": MAX_SHARED[arch], **use,
+                             "max_threads_for_regs": max_threads(use["regs"]), "fits": not problems,
+                             "ok": not problems or where[key] not in failed, "problems": problems})
+            for e in errors:
+                recs.append({"arch": f"sm_{arch}", "dtype": dtype_name, "kernel": None, "first_seen": e["workload"],
+                             "ok": False, "problems": [e["error"]]})
+            mine = [r for r in recs if r["arch"] == f"sm_{arch}" and r["dtype"] == dtype_name]
+            refused = sum(1 for r in mine if r["kernel"] and not r["fits"])
+            spills = sum(1 for r in mine if r.get("local", 0) > 0)
+            log(f"sm_{arch} {dtype_name}: {len(seen)} kernels compiled in {time.perf_counter() - t0:.1f} s; "
+                f"{len(errors)} workloads failed; {refused} kernels over the limits (the dispatch took a smaller "
+                f"configuration or PyTorch's op where their workload ran); {spills} with register spills")
+    return recs
+
+
+def summarize(recs: list[dict]) -> list[dict]:
+    """One record per (arch, dtype) of check()'s: kernels compiled (distinct specialisations, per
+    kernel), the workloads that failed, the configurations over the limits (which the dispatch
+    replaced where their workload ran), the largest register and shared-memory use that loads."""
+    out = []
+    for key in dict.fromkeys((r["arch"], r["dtype"]) for r in recs):
+        mine = [r for r in recs if (r["arch"], r["dtype"]) == key]
+        kernels = [r for r in mine if r["kernel"]]
+        fits = [r for r in kernels if r["fits"]]
+        out.append({"record": "summary", "arch": key[0], "dtype": key[1], "kernels": len(kernels),
+                    "by_kernel": dict(sorted(collections.Counter(r["kernel"] for r in kernels).items())),
+                    "workloads_failed": [{"workload": r["first_seen"], "error": r["problems"][0]}
+                                         for r in mine if not r["kernel"]],
+                    "over_limits": [{k: r[k] for k in ("kernel", "constexprs", "num_warps", "num_stages",
+                                                       "shared_bytes", "max_shared_bytes", "regs", "problems")}
+                                    for r in kernels if not r["fits"]],
+                    "max_regs": max((r["regs"] for r in fits), default=None),
+                    "max_shared_bytes": max((r["shared_bytes"] for r in fits), default=None),
+                    "with_spills": sum(1 for r in kernels if r["local"] > 0),
+                    "ok": all(r["ok"] for r in mine)})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)),
+                    help="compute capabilities as numbers: 90 (H100/H200), 89, 87 (Jetson Orin), 86, 80, 75")
+    ap.add_argument("--dtypes", default="float16", help="run dtypes of the networks (float16, bfloat16, float32)")
+    ap.add_argument("--quick", action="store_true", help="the 512 px UNet call and step only")
+    ap.add_argument("--details", action="store_true",
+                    help="also one record per compiled kernel (default: one summary per architecture and dtype)")
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--out", type=pathlib.Path, default=None, help="append the records to this JSON-lines file")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile_check compiles for a GPU: unset TRITON_INTERPRET")
+    recs = check(tuple(int(x) for x in a.arch.split(",")), tuple(a.dtypes.split(",")), a.quick)
+    for r in recs:
+        if not r.get("fits", r["ok"]):
+            what = "NOT OK" if not r["ok"] else "over the limits, replaced by the dispatch"
+            print(f"{what} {r['arch']} {r['dtype']} {r['kernel']} ({r['first_seen']}): {'; '.join(r['problems'])}")
+    import triton
+
+    env = {**environment("cpu", a.commit), "triton_compiler": triton.__version__}  # the Triton that compiled
+    command = "python benchmarks/compile_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = summarize(recs) + ([{"record": "kernel", **r} for r in recs] if a.details else [])
+    save_records(a.out, [{"schema": SCHEMA, **env, "command": command, **r} for r in out])
+    return 0 if all(r["ok"] for r in recs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

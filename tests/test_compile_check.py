@@ -1,0 +1,69 @@
+"""benchmarks/compile_check.py: pm_kernels' Triton kernels compiled for NVIDIA GPUs without one.
+
+Runs the check in a child process (the test session runs the kernels under TRITON_INTERPRET=1,
+which replaces @triton.jit functions by interpreted ones at import) for a Hopper GPU (what the
+H200 records ran) and a consumer Ampere one (99 KB of shared memory per block), at the 512 px
+UNet call and step (--quick). Needs Triton with its NVIDIA backend (ptxas, cuobjdump), as the
+Linux x86-64 wheels ship it; skipped elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+pytest.importorskip("diffusers")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+needs_tools = pytest.mark.skipif(not ((BIN / "ptxas").exists() and (BIN / "cuobjdump").exists()),
+                                 reason=f"Triton's NVIDIA tools (ptxas, cuobjdump) are not in {BIN}")
+
+
+@needs_tools
+def test_kernels_compile_for_hopper_and_consumer_ampere(tmp_path):
+    out = tmp_path / "compile.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "benchmarks/compile_check.py", "--arch", "90,86", "--quick", "--details", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines and all(r["schema"] == "pm-compile-check/1" and r["ok"] for r in lines)
+    summary = {r["arch"]: r for r in lines if r["record"] == "summary"}
+    recs = [r for r in lines if r["record"] == "kernel"]
+    assert set(summary) == {"sm_90", "sm_86"} and not summary["sm_90"]["over_limits"]
+    assert [o["num_stages"] for o in summary["sm_86"]["over_limits"]] == [3]
+    assert summary["sm_90"]["kernels"] == len([r for r in recs if r["arch"] == "sm_90"])
+    by_arch = {a: [r for r in recs if r["arch"] == a] for a in ("sm_90", "sm_86")}
+    names = {r["kernel"] for r in by_arch["sm_90"]}
+    # what one step launches: GroupNorm (tiled, three passes), attention, GEGLU, the fused epilogues
+    # and the step's own two kernels
+    assert {"_gn_partial", "_gn_finalize", "_gn_apply", "_attn", "_geglu", "_add_layer_norm", "_add_bias_residual",
+            "_scaled_copies", "_guided_update"} <= names
+    assert all(r["fits"] and r["shared_bytes"] <= r["max_shared_bytes"] and r["regs"] > 0 for r in by_arch["sm_90"])
+
+    def attn(arch, stages):
+        return [r for r in by_arch[arch] if r["kernel"] == "_attn" and r["constexprs"]["BLOCK_D"] == 256
+                and r["num_stages"] == stages]
+
+    # head dim 160: Triton's default 3 stages fit Hopper's 227 KB; a 99 KB GPU refuses it, 2 stages load
+    assert attn("sm_90", 3) and all(r["fits"] for r in attn("sm_90", 3))
+    assert attn("sm_86", 3) and not any(r["fits"] for r in attn("sm_86", 3))
+    assert attn("sm_86", 2) and all(r["fits"] for r in attn("sm_86", 2))
+    assert all(r["shared_bytes"] > r["max_shared_bytes"] for r in attn("sm_86", 3))
+
+
+def test_register_and_thread_limits():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import compile_check as cc
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert cc.max_threads(32) == 1024 and cc.max_threads(64) == 1024
+    assert cc.max_threads(128) == 512 and cc.max_threads(255) == 256 and cc.max_threads(65) == 896
