@@ -4,74 +4,86 @@
 # model), the kernel benchmark, bench_gpu.py (peers and ours on SD-1.5-shaped random weights, 512 px,
 # 50 steps; torch.compile last), start-up in new processes (warm, and cold: an empty Triton cache),
 # the memory variants once more each in a NEW process ("fresh": nothing an earlier variant left in
-# the process counts in its peak; some also with the allocator's expandable segments; the unmet
-# goals' variants first), two short runs under other allocator / cuDNN workspace settings (stage
-# "extra", off by default), and the goals table (gpu_goals.py -> OUT/goals.md). Records land in OUT.
+# the process counts in its peak; "expandable:" entries with the allocator's expandable segments,
+# which pm-run --low-memory sets; the unmet goals first), two short runs under other allocator /
+# cuDNN workspace settings (stage "extra", off by default), and the goals table (gpu_goals.py ->
+# OUT/goals.md). Records land in OUT as each variant ends.
 # PM_STAGES picks stages (default tests,kernels,bench,start,fresh; they run in this order).
-# Timed on an H200 (two runs, 2026-11-26/27): tests 35-57 s, kernels 8 s, bench_gpu 162 s with 14 of
-# our variants + peers + compile, ~18 s per new process, start-up ~40 s for three warm variants: the
-# defaults below (15 in-process entries, a warm and a cold start, 13 new processes) come to an
-# estimated ~9-10 min (not timed with these lists); run it with a ~590 s limit: it is ordered so
-# that what it has not reached by then is the least needed.
+# Time: the whole run keeps within PM_BUDGET_S seconds (default 450, under the issue's 8 minutes):
+# each stage's time limit is cut to what is left (minus PM_RESERVE_S, 15, for the goals table), a
+# stage with under PM_MIN_S (60) seconds left is skipped, and the fresh processes stop when under
+# PM_FRESH_MIN_S (40) are left; what was skipped is printed ("skipped for time"). Timed on an H200 (2026-11-26/27, other
+# lists): tests 35-57 s, kernels 8 s, bench_gpu 162 s with 14 of our variants + peers + compile,
+# ~18-25 s per new process, start-up ~40 s for three warm variants.
 #   bash benchmarks/gpu_check.sh OUTDIR COMMIT
-# On a machine without diffusers, put its wheels in .whl/ (they are installed to /tmp/site).
+# On a machine without diffusers, put its wheels in .whl/ (they are installed to PM_SITE, /tmp/site).
 set -u
 OUT=${1:?outdir}; export PM_COMMIT=${2:?commit}
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-mkdir -p /tmp/site "$OUT"
+SITE=${PM_SITE:-/tmp/site}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$PWD
+mkdir -p "$SITE" "$OUT"
 if ! python3 -c "import diffusers" 2>/dev/null && [ -d .whl ]; then
-    pip install -q --no-deps --target /tmp/site .whl/*.whl
+    pip install -q --no-deps --target "$SITE" .whl/*.whl
 fi
 # the installed names of export/ and kernels/ (pyproject's package-dir), without building a wheel here
-ln -sfn "$PWD/export" /tmp/site/pm_export; ln -sfn "$PWD/kernels" /tmp/site/pm_kernels
+ln -sfn "$PWD/export" "$SITE/pm_export"; ln -sfn "$PWD/kernels" "$SITE/pm_kernels"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 STAGES=",${PM_STAGES:-tests,kernels,bench,start,fresh},"
 stage() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 [ "${PM_GPU_TESTS:-1}" = 1 ] || STAGES=${STAGES/,tests,/,}
 [ "${PM_EXTRA_RUNS:-1}" = 1 ] || STAGES=${STAGES/,extra,/,}
-if stage tests; then
+BUDGET=${PM_BUDGET_S:-450}; RESERVE=${PM_RESERVE_S:-15}; MIN=${PM_MIN_S:-60}; FRESH_MIN=${PM_FRESH_MIN_S:-40}
+left() { echo $(( BUDGET - RESERVE - SECONDS )); }
+# limit CAP [FLOOR]: the smaller of CAP and the time left; 0 when under FLOOR (default MIN) seconds are left
+limit() { local l; l=$(left); [ "$l" -lt "${2:-$MIN}" ] && { echo 0; return; }; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+skipped() { echo "== skipped for time ($(left) s left of ${BUDGET} s): $*"; }
+# go NAME CAP [MIN]: whether stage NAME runs now, with time limit T; says so where time is short
+go() { stage "$1" || return 1; T=$(limit "$2" "${3:-$MIN}"); [ "$T" -gt 0 ] && return 0; skipped "stage $1"; return 1; }
+if go tests ${PM_TESTS_TIMEOUT:-120}; then
     echo "== gpu tests"
-    timeout ${PM_TESTS_TIMEOUT:-120} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_torch_cuda.py \
+    timeout "$T" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_torch_cuda.py \
         tests/test_int8_weights.py tests/test_vae_bands.py 2>&1 \
         | tail -8
 fi
-if stage kernels; then
+if go kernels 60 $(( MIN / 2 )); then
 echo "== kernels"
-timeout 60 python3 benchmarks/bench_kernels.py --reps 30 --out "$OUT/kernels-gpu.jsonl" 2>&1 | grep -v -i warn \
+timeout "$T" python3 benchmarks/bench_kernels.py --reps 30 --out "$OUT/kernels-gpu.jsonl" 2>&1 | grep -v -i warn \
     | tee "$OUT/bench_kernels.log"
 fi
-if stage bench; then
+if go bench ${PM_BENCH_TIMEOUT:-300}; then
 echo "== pipeline: peers and torch-cuda"
 # PM_OURS: which of our variants (gpu_ours.ALL); the default: the step-time questions (this session's
 # fusions against the default before them and one by one, the GroupNorm implementations, the
-# standalone modules, cuDNN attention, the profiles), the per-stage memory and one in-process
-# low-memory image; the memory variants proper (int8 too) run in the new-process stage below. Left
-# out: the ablations already recorded in benchmarks/results (no-kv-tables, the untiled 1024 decode).
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-low-memory,torch-cuda-phases,profile,profile-gn-auto}
-timeout ${PM_BENCH_TIMEOUT:-360} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
+# standalone modules, cuDNN attention, the step's profile) and the per-stage memory; the memory
+# variants proper (low memory, int8) run in the new-process stage below. Left out: the ablations
+# already recorded in benchmarks/results (no-kv-tables, the untiled 1024 decode), profile-gn-auto.
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
+timeout "$T" python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi
-if stage start; then
-echo "== start-up: new process to first image (warm caches), standalone modules vs diffusers/transformers"
+if go start ${PM_START_TIMEOUT:-90}; then
+echo "== start-up: new process to first image, warm caches and cold (an empty Triton cache)"
 if [ -f /tmp/pm-gpu/bundle-sd15-torch/bundle.json ]; then
-    timeout ${PM_START_TIMEOUT:-90} python3 benchmarks/bench_start.py --bundle /tmp/pm-gpu/bundle-sd15-torch \
+    timeout "$T" python3 benchmarks/bench_start.py --bundle /tmp/pm-gpu/bundle-sd15-torch \
         --device cuda --size 512 --steps 50 --runs 1 --variants standalone,cold \
         --out "$OUT/start-gpu.jsonl" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_start.log"
 fi
 fi
 if stage fresh; then
-echo "== memory variants, each in a new process (default allocator, then expandable segments)"
-FRESH=${PM_FRESH:-torch-cuda-low-memory-1024,torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-low-memory-1024-no-ff-chunk,torch-cuda-lean-bands-no-kv,torch-cuda,torch-cuda-low-memory,torch-cuda-low-memory-int8-1024,torch-cuda-low-memory-int8,torch-cuda-int8,torch-cuda-lean-bands}
-FRESH_EXPANDABLE=${PM_FRESH_EXPANDABLE:-torch-cuda-low-memory-1024,torch-cuda-lean-bands-no-kv,torch-cuda-low-memory-int8-1024}
-for conf in default expandable; do
-    list=$FRESH; [ $conf = expandable ] && list=$FRESH_EXPANDABLE
-    for v in ${list//,/ }; do
-        if [ $conf = expandable ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; out=gpu-fresh-expandable
-        else unset PYTORCH_CUDA_ALLOC_CONF; out=gpu-fresh; fi
-        timeout ${PM_FRESH_TIMEOUT:-60} python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/$out.jsonl" \
-            --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
-    done
+echo "== memory variants, each in a new process (expandable: with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"
+# by priority: the unmet goals as the user runs them (pm-run --low-memory sets expandable segments),
+# their A/B variants, then the goals already met (a check for regressions)
+FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-lean-bands-no-kv,torch-cuda,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
+entries=(${FRESH//,/ })
+for i in "${!entries[@]}"; do
+    e=${entries[$i]}; v=${e#expandable:}
+    T=$(limit ${PM_FRESH_TIMEOUT:-60} "$FRESH_MIN")
+    if [ "$T" -eq 0 ]; then skipped "${entries[*]:$i}"; break; fi
+    if [ "$v" != "$e" ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; conf=expandable; out=gpu-fresh-expandable
+    else unset PYTORCH_CUDA_ALLOC_CONF; conf=default; out=gpu-fresh; fi
+    timeout "$T" python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/$out.jsonl" \
+        --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
 done
 unset PYTORCH_CUDA_ALLOC_CONF
 fi

@@ -2,11 +2,12 @@
 # One lent-GPU call of the whole check: gpu_check.sh under a time limit, then everything it wrote packed
 # into ONE file (the device tool brings back at most 8 files; a check cut short by the limit still
 # returns what it finished, since our records are written as each variant ends), and the log's tail.
-#   bash benchmarks/gpu_device_run.sh "$OUT/gpu.tgz" COMMIT [LIMIT_S, default 545]
+#   bash benchmarks/gpu_device_run.sh "$OUT/gpu.tgz" COMMIT [LIMIT_S, default 480]
 # COMMIT written out as this checkout's `git rev-parse HEAD` (a copied tree's .git can be stale there)
 # with `carry: [".whl"]` (the diffusers + importlib_metadata wheels) and timeout_s ~ LIMIT_S + 35.
+# gpu_check.sh keeps itself within PM_BUDGET_S (default 450 s); LIMIT_S is the safety net around it.
 set -u
-TAR=${1:?tar file}; COMMIT=${2:?commit}; LIMIT=${3:-545}
+TAR=${1:?tar file}; COMMIT=${2:?commit}; LIMIT=${3:-480}
 W=$(mktemp -d)
 timeout "$LIMIT" bash benchmarks/gpu_check.sh "$W" "$COMMIT" > "$W/check.log" 2>&1
 echo "gpu_check exit status $? (124: stopped at ${LIMIT} s)" >> "$W/check.log"
