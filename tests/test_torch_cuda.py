@@ -466,3 +466,55 @@ def test_parked_module_drops_what_was_derived_on_the_device():
     parked.detach()
     assert "pm_derived" not in m[0]._buffers and parked.on_host()
     assert m[1].running_mean is not None and m[0].weight.shape == (4, 3)  # the slots themselves stay
+
+
+def test_the_captured_work_never_touches_host_memory():
+    """What a CUDA graph captures (the whole step in every variant, the VAE decode of vae_graph),
+    run on the meta device at SD-1.5 shapes, never reads or writes a CPU tensor and never reads a
+    value back to the host (.item(), nonzero): a host tensor in a captured op is baked into the graph
+    at capture (a CPU scalar tensor's value) or cannot be captured at all (a pageable copy, a sync)."""
+    import collections
+    import sys
+    from pathlib import Path
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from pm_runtime.modeling.fast_unet import FastUNet
+    from pm_runtime.modeling.step_graph import StepGraph
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from live_memory import sd15_networks
+    finally:
+        sys.path.pop(0)
+
+    class HostTouches(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.total = collections.Counter(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.total += 1
+            name = func.overloadpacket.__name__
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            if name in ("_local_scalar_dense", "nonzero", "item") or any(t.device.type != "meta" for t in tensors):
+                self.ops[name] += 1
+            return out
+
+    unet, _, vae = sd15_networks(torch.float16)
+    fast = FastUNet(unet)
+    for sequential in (False, True):
+        for time_tables, step_kernels, kv_tables in ((True, True, True), (False, False, False)):
+            loop = StepGraph(fast, n=1, latent_shape=(4, 64, 64), context_shape=(77, 768), rows=32,
+                             dtype=torch.float16, device="meta", max_steps=64, sequential=sequential,
+                             time_tables=time_tables, step_kernels=step_kernels, kv_tables=kv_tables)
+            mode = HostTouches()
+            with torch.inference_mode(), mode:
+                loop._step()
+            assert mode.total > 200 and not mode.ops, (sequential, time_tables, step_kernels, dict(mode.ops))
+    mode = HostTouches()
+    with torch.inference_mode(), mode:
+        vae(torch.empty(1, 4, 64, 64, device="meta", dtype=torch.float16))
+    assert mode.total > 50 and not mode.ops, dict(mode.ops)
