@@ -351,14 +351,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_check compiles for a GPU: unset TRITON_INTERPRET")
+    import triton
+
+    # the tree's state as the run starts (the kernels compiled are the ones read now)
+    env = {**environment("cpu", a.commit), "triton_compiler": triton.__version__}  # the Triton that compiles
     recs = check(tuple(int(x) for x in a.arch.split(",")), tuple(a.dtypes.split(",")), a.quick)
     for r in recs:
         if not r.get("fits", r["ok"]):
             what = "NOT OK" if not r["ok"] else "over the limits, replaced by the dispatch"
             print(f"{what} {r['arch']} {r['dtype']} {r['kernel']} ({r['first_seen']}): {'; '.join(r['problems'])}")
-    import triton
-
-    env = {**environment("cpu", a.commit), "triton_compiler": triton.__version__}  # the Triton that compiled
     command = "python benchmarks/compile_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = summarize(recs) + ([{"record": "kernel", **r} for r in recs] if a.details else [])
     save_records(a.out, [{"schema": SCHEMA, **env, "command": command, **r} for r in out])
