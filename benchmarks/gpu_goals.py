@@ -150,9 +150,30 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
     return out
 
 
+def profile_lines(records: dict[str, list[dict]]) -> list[str]:
+    """Where one step's GPU time goes (gpu_ours.profile_step's record: one eager step's kernels by
+    class), beside the graphed step's p50: the difference is what launching and the gaps between
+    kernels cost inside the graph. Empty without a profile record."""
+    main = {r.get("variant"): r for r in records.get("gpu", [])}
+    prof = main.get("profile-eager-2-steps")
+    if not _ok(prof) or "step_ms_by_class" not in prof:
+        return []
+    kernel_ms = prof["step_gpu_ms"]
+    out = ["", f"One step's kernels (eager profile: (4-step image - 2-step image) / 2): {kernel_ms:.3f} ms of GPU "
+                f"time in {prof['step_launches']:.0f} launches", "", "| kernels | ms per step | share |", "|---|---|---|"]
+    out += [f"| {cls} | {ms:.3f} | {100 * ms / max(kernel_ms, 1e-9):.1f}% |" for cls, ms in prof["step_ms_by_class"].items()]
+    ours = main.get("torch-cuda")
+    if _ok(ours) and "unet_step_ms" in ours:
+        graph = ours["unet_step_ms"]["p50"]
+        out.append(f"| graphed step p50 less the kernels' time: launches and gaps | {graph - kernel_ms:.3f} | "
+                   f"{100 * (graph - kernel_ms) / graph:.1f}% of {graph:.2f} ms |")
+    return out
+
+
 def table(records: dict[str, list[dict]]) -> str:
     lines = ["| goal, setting | measured | goal | verdict |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(records)]
+    lines += profile_lines(records)
     device = next((r.get("device_name") for recs in records.values() for r in recs if r.get("device_name")), "?")
     commits: dict = {}  # commit -> the files measured at it
     for stem, recs in records.items():

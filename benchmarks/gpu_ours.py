@@ -49,6 +49,10 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-phases, torch-cuda-low-memory-phases   one image after a first one, with the GPU
                              memory of each network's stage recorded apart (allocated before, peak
                              while loading, peak while running, allocated after): where the peak is
+  profile                    one step's kernels alone (torch.profiler, eager: a 4-step image less a
+                             2-step one), by kernel and by class (convolution, GEMM, attention,
+                             GroupNorm, ...); gpu_goals sets them beside the graphed step's p50
+                             (profile-gn-auto: the same with gn_impl="auto")
 Per variant: UNet step p20/p50/p80 (CUDA events around single graph replays: the whole step,
 UNet + guidance + scheduler update), whole image p20/p50/p80 (text encoder + steps + VAE + to
 uint8, wall clock), load time, peak memory of the whole pipeline (peak_*: load + first image with
@@ -255,34 +259,95 @@ def warm_start_s(bundle: Path, steps: int, size: int) -> dict:
             "steps": steps, "size": size, "error": r.stderr[-500:] if r.returncode else None}
 
 
+# What each kernel of a profile is, by its name (first match wins; cuDNN's convolution kernels carry
+# "fprop"/"implicit_gemm"/"conv" in their names, so they are matched before the GEMMs)
+KERNEL_CLASSES = (
+    ("GroupNorm (Triton)", r"^_gn_"),
+    ("cross-attention (Triton)", r"^_attn"),
+    ("GEGLU (Triton)", r"^_geglu"),
+    ("fused epilogues (Triton)", r"^_add_(layer_norm|bias_residual)"),
+    ("step update (Triton)", r"^_(scaled_copies|guided_update)"),
+    ("int8 dequantize (Triton)", r"^_dequant"),
+    ("self-attention (SDPA)", r"flash|fmha|attention|mha_|sdpa|cudnn_generated_fort_native_sdpa"),
+    ("convolution (cuDNN)", r"fprop|dgrad|wgrad|conv|implicit|winograd|cudnn|nchwToNhwc|nhwcToNchw"),
+    ("GEMM (cuBLAS)", r"gemm|nvjet|cutlass|cublas|xmma|splitK|Kernel2"),
+    ("LayerNorm (PyTorch)", r"layer_norm"),
+    ("cat / copies (PyTorch)", r"CatArray|cat_|copy|Copy"),
+    ("upsample (PyTorch)", r"upsample"),
+    ("elementwise / reduce (PyTorch)", r"elementwise|vectorized|unrolled|reduce|index"),
+)
+
+
+def kernel_class(name: str) -> str:
+    import re
+
+    for cls, pattern in KERNEL_CLASSES:
+        if re.search(pattern, name):
+            return cls
+    return "other"
+
+
+def per_step(short: dict, long: dict, extra_steps: int) -> dict:
+    """Per-step kernel time and launches from two profiles of the same image with `extra_steps` more
+    steps in `long`: {name: (ms, launches)} each; what the text encoder and the decode launch cancels.
+    Returns {"ms_by_class", "launches", "ms", "top": [(ms, launches, name)]} per step."""
+    names = set(short) | set(long)
+    rows = []
+    for n in names:
+        ms = (long.get(n, (0.0, 0))[0] - short.get(n, (0.0, 0))[0]) / extra_steps
+        calls = (long.get(n, (0.0, 0))[1] - short.get(n, (0, 0))[1]) / extra_steps
+        if calls > 0 or ms > 0:
+            rows.append((ms, calls, n))
+    rows.sort(reverse=True)
+    by_class: dict = {}
+    for ms, _, n in rows:
+        by_class[kernel_class(n)] = by_class.get(kernel_class(n), 0.0) + ms
+    return {"ms": sum(r[0] for r in rows), "launches": sum(r[1] for r in rows),
+            "ms_by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1])), "top": rows}
+
+
 def profile_step(bundle: Path, size: int, log=print, gn_impl: str | None = None) -> dict:
-    """Where a 2-step eager image's GPU time goes (torch.profiler, kernels grouped by name; the text
-    encoder and the VAE decode included), and how many kernels it launches (a CUDA graph replays
-    the same kernels: launches per step are what the graph's per-kernel overhead multiplies)."""
+    """Where the step's GPU time goes: torch.profiler over an eager image of 2 steps and one of 4
+    (the same prompt and seed), kernels grouped by name; their difference / 2 is one step's kernels
+    alone (the text encoder and the VAE decode cancel), grouped into classes (KERNEL_CLASSES). The
+    graphed step replays the same kernels: its p50 less this kernel time is what the launches and
+    the gaps between kernels cost. The whole 2-step image's top kernels are kept too."""
     from torch.profiler import ProfilerActivity, profile
 
     from pm_runtime.pipeline import Pipeline
 
     options = {} if gn_impl is None else {"gn_impl": gn_impl}
     pipe = Pipeline.load(bundle, backend="torch-cuda", device="cuda", cuda_graph=False, **options)
-    kw = dict(seed=233, steps=2, height=size, width=size)
-    pipe.generate(PROMPT, **kw)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        pipe.generate(PROMPT, **kw)
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append((t / 1000, e.count, e.key[:90]))
-    rows.sort(reverse=True)
-    total = sum(r[0] for r in rows)
-    for t, c, k in rows[:25]:
-        log(f"    {t:8.2f} ms {100 * t / total:5.1f}% x{c:<5} {k}")
+    pipe.generate(PROMPT, seed=233, steps=2, height=size, width=size)  # warm-up: compiles, cuDNN's choices
+
+    def kernels(steps: int) -> dict:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            pipe.generate(PROMPT, seed=233, steps=steps, height=size, width=size)
+        out = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t > 0:
+                out[e.key] = (t / 1000, e.count)
+        return out
+
+    two, four = kernels(2), kernels(4)
     pipe.close()
+    step = per_step(two, four, 2)
+    total = sum(t for t, _ in two.values())
+    log(f"    one step's kernels: {step['ms']:.3f} ms GPU time, {step['launches']:.0f} launches")
+    for cls, ms in step["ms_by_class"].items():
+        log(f"    {ms:8.3f} ms {100 * ms / max(step['ms'], 1e-9):5.1f}%  {cls}")
+    for ms, calls, name in step["top"][:15]:
+        log(f"      {ms:8.3f} ms x{calls:<4.0f} {name[:90]}")
     name = "profile-eager-2-steps" + (f"-gn-{gn_impl}" if gn_impl else "")
+    top_image = sorted(((t, c, k) for k, (t, c) in two.items()), reverse=True)
     return {"variant": name, "status": "ok", "gpu_ms_total": round(total, 3),
-            "kernel_launches": sum(r[1] for r in rows),
-            "top": [{"ms": round(t, 3), "calls": c, "kernel": k} for t, c, k in rows[:40]]}
+            "kernel_launches": sum(c for _, c in two.values()),
+            "top": [{"ms": round(t, 3), "calls": c, "kernel": k[:120]} for t, c, k in top_image[:40]],
+            "step_gpu_ms": round(step["ms"], 4), "step_launches": round(step["launches"], 1),
+            "step_ms_by_class": {k: round(v, 4) for k, v in step["ms_by_class"].items()},
+            "step_top": [{"ms": round(t, 4), "calls": round(c, 1), "kernel": k[:120], "class": kernel_class(k)}
+                         for t, c, k in step["top"][:40]]}
 
 
 ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables",

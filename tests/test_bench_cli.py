@@ -363,4 +363,38 @@ def test_gpu_goals_report(tmp_path):
     cold = next(v for k, v in got.items() if k.startswith("cold first start"))
     assert cold[1].startswith("36.5 s") and cold[3] == "reported"  # reported beside the goal, not judged
     assert "NVIDIA H200" in gpu_goals.table(gpu_goals.load(tmp_path))
+    assert "One step's kernels" not in gpu_goals.table(gpu_goals.load(tmp_path))  # no profile record
+    with open(tmp_path / "gpu.jsonl", "a") as f:
+        f.write(rec("profile-eager-2-steps", step_gpu_ms=4.0, step_launches=525.0,
+                    step_ms_by_class={"convolution (cuDNN)": 2.0, "GEMM (cuBLAS)": 1.0, "GroupNorm (Triton)": 1.0})
+                + "\n")
+    report = gpu_goals.table(gpu_goals.load(tmp_path))
+    assert "| convolution (cuDNN) | 2.000 | 50.0% |" in report and "4.000 ms of GPU time in 525 launches" in report
+    assert "launches and gaps | 1.500 | 27.3% of 5.50 ms |" in report  # the graphed step (5.5 ms) less 4.0 ms
 
+
+
+def test_the_step_profile_isolates_one_step_and_names_its_kernels():
+    """profile_step's arithmetic (the profiles themselves need a GPU): one step = (4-step image -
+    2-step image) / 2, so the text encoder's and the decode's kernels cancel; kernels grouped into
+    classes by name, cuDNN's implicit-GEMM convolutions not counted as GEMMs."""
+    from pm_bench import gpu_ours
+
+    names = {"_gn_apply": "GroupNorm (Triton)", "_attn": "cross-attention (Triton)",
+             "sm90_xmma_fprop_implicit_gemm_indexed_f16f16_f16f32_f32_nhwckrsc_nhwc": "convolution (cuDNN)",
+             "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNN": "GEMM (cuBLAS)",
+             "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64": "GEMM (cuBLAS)",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>": "self-attention (SDPA)",
+             "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<c10::Half>>": "elementwise / reduce (PyTorch)",
+             "void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>": "cat / copies (PyTorch)",
+             "_add_layer_norm": "fused epilogues (Triton)", "_guided_update": "step update (Triton)",
+             "something_new": "other"}
+    for name, cls in names.items():
+        assert gpu_ours.kernel_class(name) == cls, name
+    two = {"_gn_apply": (1.0, 40), "clip_te_kernel": (3.0, 100), "vae_conv_fprop": (9.0, 30)}
+    four = {"_gn_apply": (2.0, 80), "clip_te_kernel": (3.0, 100), "vae_conv_fprop": (9.0, 30),
+            "_guided_update": (0.02, 2)}
+    step = gpu_ours.per_step(two, four, 2)
+    assert step["ms"] == pytest.approx(0.51) and step["launches"] == 21
+    assert step["ms_by_class"] == pytest.approx({"GroupNorm (Triton)": 0.5, "step update (Triton)": 0.01})
+    assert [n for _, _, n in step["top"]] == ["_gn_apply", "_guided_update"]
