@@ -48,8 +48,9 @@ SCHEMA = "pm-compile-check/1"
 # Maximum shared memory per thread block (opt-in), bytes: CUDA C++ Programming Guide, "Technical
 # Specifications per Compute Capability" (what cudaDevAttrMaxSharedMemoryPerBlockOptin reports,
 # which Triton compares against). GPUs: 9.0 H100/H200, 8.9 RTX 40xx/L4/L40, 8.7 Jetson Orin,
-# 8.6 RTX 30xx/A10, 8.0 A100, 7.5 RTX 20xx/T4.
-MAX_SHARED = {90: 227 * 1024, 89: 99 * 1024, 87: 163 * 1024, 86: 99 * 1024, 80: 163 * 1024, 75: 64 * 1024}
+# 8.6 RTX 30xx/A10, 8.0 A100, 7.5 RTX 20xx/T4, 7.0 V100, 6.1 GTX 10xx (not in the default list).
+MAX_SHARED = {90: 227 * 1024, 89: 99 * 1024, 87: 163 * 1024, 86: 99 * 1024, 80: 163 * 1024, 75: 64 * 1024,
+              70: 96 * 1024, 61: 48 * 1024}
 REGS_PER_BLOCK = 65536  # 32-bit registers per block, every architecture above
 REG_UNIT = 256  # registers are allocated per warp in units of 256
 MAX_THREADS = 1024

@@ -1,5 +1,6 @@
-"""Where a kernel runs: its Triton version on CUDA tensors (or on CPU tensors under the Triton
-interpreter, TRITON_INTERPRET=1, which is how CI tests them), its PyTorch reference elsewhere.
+"""Where a kernel runs: its Triton version on CUDA tensors of a GPU Triton supports (compute
+capability 7.0+), or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, which is how
+CI tests them); its PyTorch reference elsewhere.
 
 set_enabled(False), or PM_KERNELS=0 in the environment, forces the references everywhere. A
 kernel that CAN run but fails raises: the fallback is for "cannot run here", never for errors.
@@ -40,6 +41,18 @@ KERNELS = ("group_norm_silu", "geglu", "attention", "dequant_int8", "add_bias_re
            "step_update")
 
 
+# Triton compiles for NVIDIA GPUs of compute capability 7.0 (Volta) and newer; PyTorch's inductor
+# refuses older ones for that reason. On those (Pascal: GTX 10xx, P100) the references run.
+MIN_CAPABILITY = (7, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def capability(index: int) -> tuple[int, int]:
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(index))
+
+
 def kernel_path(name_or_tensor, tensor=None) -> str:
     """"triton" or "reference": the path kernel `name` takes on `tensor`, kernel_path(name, tensor)
     (kernel_path(tensor) also works: the rule is the same for every kernel). attention() also
@@ -51,7 +64,9 @@ def kernel_path(name_or_tensor, tensor=None) -> str:
     if not (_ENABLED and triton_available()):
         return "reference"
     if tensor.is_cuda:
-        return "reference" if interpreting() else "triton"
+        if interpreting():
+            return "reference"
+        return "triton" if capability(tensor.device.index) >= MIN_CAPABILITY else "reference"
     return "triton" if interpreting() and tensor.device.type == "cpu" else "reference"
 
 

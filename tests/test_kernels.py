@@ -394,6 +394,19 @@ def test_guided_update(layout, clip):
         K.guided_update(uncond, cond, x.half(), x0_prev, noise, coef, step, guidance, clip_t)
 
 
+def test_gpus_older_than_triton_supports_run_the_references(monkeypatch):
+    """Triton compiles for compute capability 7.0 and newer: on a Pascal GPU (GTX 10xx, P100) every
+    kernel takes its PyTorch reference ("cannot run here"), on Volta and newer its Triton path."""
+    import types
+
+    d = importlib.import_module("pm_kernels._dispatch")
+    monkeypatch.setattr(d, "interpreting", lambda: False)  # (conftest's interpreter is for CPU tensors)
+    on_gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    for cap, want in (((6, 1), "reference"), ((6, 0), "reference"), ((7, 0), "triton"), ((9, 0), "triton")):
+        monkeypatch.setattr(d, "capability", lambda index, cap=cap: cap)
+        assert K.kernel_path("group_norm_silu", on_gpu) == want, cap
+
+
 def test_fallbacks_and_bad_shapes():
     x = torch.randn(1, 8, 2, 2)
     K.set_enabled(False)

@@ -3,7 +3,7 @@
 - Weights from the bundle's optional "torch" components (pm-export --target torch: fp16
   safetensors), or from the base model folder (model=...) when the bundle has none.
 - The UNet is pm_runtime.modeling.fast_unet.FastUNet: channels-last, fp16, fused kernels
-  (pm_kernels: Triton on CUDA, their PyTorch references elsewhere).
+  (pm_kernels: Triton on CUDA GPUs of compute capability 7.0+, their PyTorch references elsewhere).
 - The WHOLE denoising step (UNet on [uncond; cond], guidance combine, scheduler update in its
   affine form, pm_runtime.schedulers.linear) runs on static device buffers and is captured once
   as a CUDA graph (pm_runtime.modeling.step_graph); the step counter lives on the device, so a

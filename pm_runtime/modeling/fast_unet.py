@@ -110,7 +110,7 @@ def conv(layer, x, bias: bool = True):
 
 def gn_silu(norm: nn.GroupNorm, x, silu: bool = True, temb=None):
     """SiLU(norm(x + temb)) (silu=False: without the SiLU; temb (N, C) or None) in one pass:
-    pm_kernels.group_norm_silu (Triton on CUDA, its PyTorch reference elsewhere): one output tensor
+    pm_kernels.group_norm_silu (Triton on CUDA GPUs, its PyTorch reference elsewhere): one output tensor
     where GroupNorm then SiLU make two (the VAE decode's activation peak at full resolution,
     benchmarks/live_memory.py)."""
     import pm_kernels
