@@ -37,11 +37,11 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:
-    from .live_memory import sd15_networks
+    from .live_memory import fast_unet_call, sd15_fast_unet, sd15_networks, sd15_step_graph
     from .records import environment, save_records
 else:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
-    from live_memory import sd15_networks
+    from live_memory import fast_unet_call, sd15_fast_unet, sd15_networks, sd15_step_graph
     from records import environment, save_records
 
 SCHEMA = "pm-compile-check/1"
@@ -187,32 +187,25 @@ def workloads(dtype_name: str, quick: bool = False):
     import torch
 
     import pm_kernels
-    from pm_runtime.modeling.fast_unet import FastUNet
     from pm_runtime.modeling.int8_weights import quantize_unet_
-    from pm_runtime.modeling.step_graph import StepGraph
 
     dtype = getattr(torch, dtype_name)
     cl = torch.channels_last
     unet, _, vae = sd15_networks(dtype)
     unet.to(memory_format=cl)  # as the backend keeps it on CUDA
-    fast = FastUNet(unet)
-    fast.allocate_context_tables(32, 77)
-    fast.allocate_time_tables(64)
+    fast = sd15_fast_unet(unet)
     fast.sample_format = lambda device: cl  # the layout it computes in on CUDA
 
     def unet_call(size, batch, fused=True, ff_chunk=None, net=fast):
         def run():
             net.fused_epilogues, net.ff_chunk = fused, ff_chunk
-            x = torch.empty(batch, 4, size // 8, size // 8, device="meta", dtype=dtype).contiguous(memory_format=cl)
-            idx = torch.zeros(batch, dtype=torch.long, device="meta")
-            net(x, torch.full((batch,), 500.0, device="meta"), kv_index=idx, t_index=idx[:1] if fused else None)
+            fast_unet_call(net, size, batch, dtype)()
         return run
 
     def step(size, sequential):
         def run():
             fast.fused_epilogues, fast.ff_chunk = True, None
-            StepGraph(fast, n=1, latent_shape=(4, size // 8, size // 8), context_shape=(77, 768), rows=32,
-                      dtype=dtype, device="meta", max_steps=64, sequential=sequential)._step()
+            sd15_step_graph(fast, size, dtype, sequential=sequential)._step()
         return run
 
     def vae_decode(size, band_rows=None):
@@ -223,21 +216,15 @@ def workloads(dtype_name: str, quick: bool = False):
         return run
 
     def int8_unet():
-        q = FastUNet(copy.deepcopy(unet))
-        q.allocate_context_tables(32, 77)
-        q.allocate_time_tables(64)
+        q = sd15_fast_unet(copy.deepcopy(unet))
         q.sample_format = fast.sample_format
         quantize_unet_(q, "meta", "meta")
         return unet_call(512, 2, net=q)()
 
     def with_gn(impl, fn):
         def run():
-            kept = pm_kernels.group_norm_impl()
-            pm_kernels.set_group_norm_impl(impl)
-            try:
+            with pm_kernels.group_norm_impl_kept(impl):
                 fn()
-            finally:
-                pm_kernels.set_group_norm_impl(kept)
         return run
 
     yield "unet 512 px batch 2", unet_call(512, 2)

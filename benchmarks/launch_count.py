@@ -24,11 +24,11 @@ import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:
-    from .live_memory import gpu_footprints, sd15_networks
+    from .live_memory import fast_unet_call, gpu_footprints, sd15_fast_unet, sd15_networks, sd15_step_graph
     from .records import environment, save_records
 else:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
-    from live_memory import gpu_footprints, sd15_networks
+    from live_memory import fast_unet_call, gpu_footprints, sd15_fast_unet, sd15_networks, sd15_step_graph
     from records import environment, save_records
 
 SCHEMA = "pm-launch-count/1"
@@ -63,21 +63,14 @@ def count(sizes=(512, 1024)) -> list[dict]:
 
     import pm_kernels
     from pm_kernels import group_norm as gn
-    from pm_runtime.modeling.fast_unet import FastUNet
-    from pm_runtime.modeling.step_graph import StepGraph
 
     unet, _, _ = sd15_networks(torch.float16)
-    fast = FastUNet(unet)
-    fast.allocate_context_tables(32, 77)
-    fast.allocate_time_tables(64)
+    fast = sd15_fast_unet(unet)
     recs = []
     for size, epilogues, step in ((s, f, st) for s in sizes for f, st in ((True, None), (False, None), (True, "batched"),
                                                                         (True, "sequential"))):
         fast.fused_epilogues = epilogues
-        lat = size // 8
-        x = torch.empty(2, 4, lat, lat, device="meta", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-        t = torch.full((2,), 500.0, device="meta")
-        idx = torch.zeros(2, dtype=torch.long, device="meta")
+        call = fast_unet_call(fast, size, 2, torch.float16)
         fused, norms = collections.Counter(), []
         with torch.inference_mode(), gpu_footprints():
             stand_ins = {name: getattr(pm_kernels, name) for name in ("group_norm_silu", "geglu", "attention",
@@ -97,15 +90,13 @@ def count(sizes=(512, 1024)) -> list[dict]:
             try:
                 loop = None
                 if step:  # a whole step: n = 1 image, the UNet on [uncond; cond] or on each half
-                    loop = StepGraph(fast, n=1, latent_shape=(4, size // 8, size // 8), context_shape=(77, 768),
-                                     rows=32, dtype=torch.float16, device="meta", max_steps=64,
-                                     sequential=step == "sequential")
+                    loop = sd15_step_graph(fast, size, torch.float16, sequential=step == "sequential")
                 mode = _ops_mode()
                 with mode:
                     if loop is not None:
                         loop._step()
                     else:
-                        fast(x, t, kv_index=idx, t_index=idx[:1] if epilogues else None)
+                        call()
             finally:
                 for name, fn in stand_ins.items():
                     setattr(pm_kernels, name, fn)

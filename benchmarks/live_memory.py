@@ -141,6 +141,42 @@ def sd15_networks(dtype):
     return unet, vae, ours_vae
 
 
+CONTEXT_ROWS, STEPS = 32, 64  # the torch-cuda loop's table capacities for a 50-step SD-1.5 image
+
+
+def sd15_fast_unet(unet):
+    """FastUNet around `unet` (sd15_networks') with the per-image tables the torch-cuda loop gives
+    it: cross-attention K/V for CONTEXT_ROWS contexts of 77 tokens, time vectors for STEPS steps."""
+    from pm_runtime.modeling.fast_unet import FastUNet
+
+    fast = FastUNet(unet)
+    fast.allocate_context_tables(CONTEXT_ROWS, 77)
+    fast.allocate_time_tables(STEPS)
+    return fast
+
+
+def fast_unet_call(fast, size: int, batch: int, dtype):
+    """() -> one call of sd15_fast_unet's FastUNet on the meta device as torch-cuda's step makes it:
+    channels-last latents, contexts as K/V table rows, the time vectors as a time-table row where
+    the epilogues are fused (else from the timestep). The inputs are made here, not in the call."""
+    import torch
+
+    x = torch.empty(batch, 4, size // 8, size // 8, device="meta", dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    t = torch.full((batch,), 500.0, device="meta")
+    idx = torch.zeros(batch, dtype=torch.long, device="meta")
+    return lambda: fast(x, t, kv_index=idx, t_index=idx[:1] if fast.fused_epilogues else None)
+
+
+def sd15_step_graph(unet, size: int, dtype, **options):
+    """torch-cuda's StepGraph for one image of `size` px around `unet` on the meta device (SD 1.5's
+    77 x 768 contexts, the tables' capacities above); options: StepGraph's (sequential, ...)."""
+    from pm_runtime.modeling.step_graph import StepGraph
+
+    return StepGraph(unet, n=1, latent_shape=(4, size // 8, size // 8), context_shape=(77, 768), rows=CONTEXT_ROWS,
+                     dtype=dtype, device="meta", max_steps=STEPS, **options)
+
+
 def measure(sizes=(512, 1024), dtype_name: str = "float16") -> list[dict]:
     import copy
 

@@ -20,10 +20,12 @@ pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 pytest.importorskip("diffusers")
 
+from pm_bench import compile_check  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-needs_tools = pytest.mark.skipif(not ((BIN / "ptxas").exists() and (BIN / "cuobjdump").exists()),
-                                 reason=f"Triton's NVIDIA tools (ptxas, cuobjdump) are not in {BIN}")
+TOOLS = [pathlib.Path(compile_check._tool(name)) for name in ("ptxas", "cuobjdump")]
+needs_tools = pytest.mark.skipif(not all(t.exists() for t in TOOLS),
+                                 reason=f"Triton's NVIDIA tools (ptxas, cuobjdump) are not in {TOOLS[0].parent}")
 
 
 @needs_tools
@@ -60,10 +62,6 @@ def test_kernels_compile_for_hopper_and_consumer_ampere(tmp_path):
 
 
 def test_register_and_thread_limits():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import compile_check as cc
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    cc = compile_check
     assert cc.max_threads(32) == 1024 and cc.max_threads(64) == 1024
     assert cc.max_threads(128) == 512 and cc.max_threads(255) == 256 and cc.max_threads(65) == 896

@@ -11,7 +11,6 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -28,11 +27,8 @@ def _default_list(name: str) -> list[str]:
 
 
 def test_every_variant_the_script_names_exists():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_ours
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from pm_bench import gpu_ours
+
     ours = _default_list("OURS")
     fresh = [e.split(":", 1)[-1] for e in _default_list("FRESH")]
     assert "torch-cuda" in ours and "reference" in ours and "profile" in ours

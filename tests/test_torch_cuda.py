@@ -474,20 +474,12 @@ def test_the_captured_work_never_touches_host_memory():
     value back to the host (.item(), nonzero): a host tensor in a captured op is baked into the graph
     at capture (a CPU scalar tensor's value) or cannot be captured at all (a pageable copy, a sync)."""
     import collections
-    import sys
-    from pathlib import Path
 
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
+    from pm_bench.live_memory import sd15_networks, sd15_step_graph
     from pm_runtime.modeling.fast_unet import FastUNet
-    from pm_runtime.modeling.step_graph import StepGraph
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        from live_memory import sd15_networks
-    finally:
-        sys.path.pop(0)
 
     class HostTouches(TorchDispatchMode):
         def __init__(self):
@@ -507,9 +499,8 @@ def test_the_captured_work_never_touches_host_memory():
     fast = FastUNet(unet)
     for sequential in (False, True):
         for time_tables, step_kernels, kv_tables in ((True, True, True), (False, False, False)):
-            loop = StepGraph(fast, n=1, latent_shape=(4, 64, 64), context_shape=(77, 768), rows=32,
-                             dtype=torch.float16, device="meta", max_steps=64, sequential=sequential,
-                             time_tables=time_tables, step_kernels=step_kernels, kv_tables=kv_tables)
+            loop = sd15_step_graph(fast, 512, torch.float16, sequential=sequential, time_tables=time_tables,
+                                   step_kernels=step_kernels, kv_tables=kv_tables)
             mode = HostTouches()
             with torch.inference_mode(), mode:
                 loop._step()
