@@ -301,7 +301,8 @@ def per_step(short: dict, long: dict, extra_steps: int) -> dict:
     rows.sort(reverse=True)
     by_class: dict = {}
     for ms, _, n in rows:
-        by_class[kernel_class(n)] = by_class.get(kernel_class(n), 0.0) + ms
+        cls = kernel_class(n)
+        by_class[cls] = by_class.get(cls, 0.0) + ms
     return {"ms": sum(r[0] for r in rows), "launches": sum(r[1] for r in rows),
             "ms_by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1])), "top": rows}
 

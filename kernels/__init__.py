@@ -28,11 +28,11 @@
 
 Dispatch (kernels/_dispatch.py, one rule for all): the Triton kernel runs on CUDA tensors when
 Triton imports and the GPU is one it compiles for (compute capability 7.0+), and on CPU tensors
-under TRITON_INTERPRET=1 (how the tests run them without a GPU); elsewhere the PyTorch reference (`*_reference`; SDPA for attention) runs. set_enabled(False)
-or PM_KERNELS=0 forces the references; kernel_path(name, tensor) -> "triton" | "reference" says
-which path a call takes. A kernel that can run but fails raises: no silent fallback after an
-error. Tests: tests/test_kernels.py; benchmark: benchmarks/bench_kernels.py (GB/s and TFLOP/s
-beside PyTorch's).
+under TRITON_INTERPRET=1 (how the tests run them without a GPU); elsewhere the PyTorch reference
+(`*_reference`; SDPA for attention) runs. set_enabled(False) or PM_KERNELS=0 forces the references;
+kernel_path(name, tensor) -> "triton" | "reference" says which path a call takes. A kernel that can
+run but fails raises: no silent fallback after an error. Tests: tests/test_kernels.py; benchmark:
+benchmarks/bench_kernels.py (GB/s and TFLOP/s beside PyTorch's).
 """
 
 from ._dispatch import KERNELS, enabled, kernel_path, set_enabled, triton_available
