@@ -5,7 +5,8 @@ Not a test: nothing here asserts.
 What is counted: every tensor an op returns (torch dispatch) that is not a view of (or written in
 place into) its inputs, by storage, from its creation until its storage is freed, in the run dtype. Fused kernels are counted by what their GPU path allocates:
 pm_kernels' group_norm_silu / geglu / attention / dequant_int8 stand in as one output tensor each
-(their Triton paths allocate exactly that, plus a few KB of statistics; add_layer_norm as its two,
+(their Triton paths allocate exactly that, plus a few KB of statistics; group_norm_silu with out=
+as none; add_layer_norm as its two,
 add_bias_residual as none where it writes into `out`), and PyTorch's
 scaled_dot_product_attention as its output (flash / memory-efficient attention; the math path's
 (N, N) score matrix is what a GPU does NOT allocate). What is NOT counted: cuDNN / cuBLAS
@@ -80,7 +81,7 @@ def gpu_footprints():
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     fakes = {
-        "group_norm_silu": lambda x, *a, **k: torch.empty_like(x),
+        "group_norm_silu": lambda x, *a, out=None, **k: torch.empty_like(x) if out is None else out,
         "geglu": lambda h: torch.empty((*h.shape[:-1], h.shape[-1] // 2), dtype=h.dtype, device=h.device),
         "attention": attention,
         "dequant_int8": lambda q, scale, dtype=torch.float16: torch.empty_like(q, dtype=dtype),

@@ -270,16 +270,28 @@ def _tile(hw: int, c: int, channels_last: bool, elems: int) -> tuple[int, int]:
     return block_p, max(1, min(next_pow2(c), elems // block_p))
 
 
-def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, silu: bool = True):
+def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, silu: bool = True, out=None):
     """silu(group_norm(x + temb)) with fp32 statistics; the output has x's shape, dtype and memory
-    format. x (N, C, H, W); temb None or (N, C); silu=False: the plain GroupNorm."""
+    format. x (N, C, H, W); temb None or (N, C); silu=False: the plain GroupNorm. out: a tensor of
+    x's shape and dtype to write the result into and return, x itself included (in place: every
+    pass reads what it normalises before the last pass writes it, each element by the program that
+    read it; for a caller whose input is dead after the norm, one full-size tensor fewer alive)."""
     if x.dim() != 4 or x.shape[1] % num_groups:
         raise ValueError(f"group_norm_silu: x {tuple(x.shape)} with {num_groups} groups")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"group_norm_silu: out {tuple(out.shape)} {out.dtype} for x {tuple(x.shape)} {x.dtype}")
     if kernel_path("group_norm_silu", x) == "reference":
-        return group_norm_silu_reference(x, weight, bias, num_groups, eps, temb=temb, silu=silu)
+        y = group_norm_silu_reference(x, weight, bias, num_groups, eps, temb=temb, silu=silu)
+        return y if out is None else out.copy_(y)
     n, c, h, w = x.shape
     x, fmt = dense(x)
-    y = torch.empty_like(x, memory_format=fmt)
+    if out is None or out.data_ptr() == x.data_ptr() and out.stride() == x.stride():
+        y = x if out is not None else torch.empty_like(x, memory_format=fmt)
+    else:  # a separate tensor: written through its own strides when dense, else via a copy
+        y, _ = dense(out)
+        if y.data_ptr() != out.data_ptr():  # not dense: computed apart, copied in
+            out.copy_(group_norm_silu(x, weight, bias, num_groups, eps, temb=temb, silu=silu))
+            return out
     hw, cpg = h * w, c // num_groups
     s_n, s_c, s_p = x.stride(0), x.stride(1), x.stride(3)  # pixel p = h*W + w: stride(2) == W*stride(3)
     o_n, o_c, o_p = y.stride(0), y.stride(1), y.stride(3)
@@ -291,7 +303,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     t_n = t.stride(0) if temb is not None else 0
     if _takes_grouped(cpg * hw, _IMPL):
         _grouped(x, t, t_n, weight, bias, y, num_groups, eps, temb is not None, silu, (s_n, s_c, s_p), (o_n, o_c, o_p))
-        return y
+        return y if out is None else out
     nhwc = s_c == 1 and c > 1
 
     # pass 1: enough programs (~512) to fill a big GPU, each looping over whole tiles of its pixel range
@@ -313,7 +325,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     block_p, block_c = _tile(hw, c, nhwc, 4096)
     _gn_apply[(n, _ceil(hw, block_p), _ceil(c, block_c))](x, ss, y, c, hw, s_n, s_c, s_p, o_n, o_c, o_p,
                                                          SILU=bool(silu), BLOCK_P=block_p, BLOCK_C=block_c)
-    return y
+    return y if out is None else out
 
 
 def _grouped_plan(shape, num_groups: int) -> tuple[int, int, int, int]:

@@ -80,6 +80,35 @@ def test_group_norm_silu(n, c, h, w, groups, fmt, dtype, gn_impl):
 
 @pytest.mark.parametrize("gn_impl", GN_IMPLS, indirect=True)
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_group_norm_silu_out(fmt, gn_impl):
+    """out=: in place (x itself: what the VAE decoder does with a dead input), into a tensor of the
+    other memory format, into a non-dense view; each the values of the plain call, and the tensor
+    given is the one returned."""
+    g = torch.Generator().manual_seed(7)
+    n, c, h, w, groups = 2, 24, 6, 5, 4
+    x0 = (2 + torch.randn(n, c, h, w, generator=g)).to(DEVICE).contiguous(memory_format=fmt)
+    weight, bias = torch.randn(2, c, generator=g).to(DEVICE)
+    temb = torch.randn(n, c, generator=g).to(DEVICE)
+    assert K.kernel_path("group_norm_silu", x0) == "triton"
+    for t in (None, temb):
+        ref = K.group_norm_silu_reference(x0, weight, bias, groups, 1e-5, temb=t)
+        x = x0.clone()
+        assert K.group_norm_silu(x, weight, bias, groups, 1e-5, temb=t, out=x) is x
+        assert rel_err(x, ref) <= 1e-4 and x.is_contiguous(memory_format=fmt)
+        other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
+        y = torch.empty_like(x0, memory_format=other)
+        assert K.group_norm_silu(x0, weight, bias, groups, 1e-5, temb=t, out=y) is y
+        assert rel_err(y, ref) <= 1e-4 and y.is_contiguous(memory_format=other)
+        big = torch.zeros(n, c, h, 2 * w, device=DEVICE)
+        view = big[..., ::2]  # dense in neither layout
+        assert K.group_norm_silu(x0, weight, bias, groups, 1e-5, temb=t, out=view) is view
+        assert rel_err(view, ref) <= 1e-4 and not big[..., 1::2].any()
+    with pytest.raises(ValueError, match="out"):
+        K.group_norm_silu(x0, weight, bias, groups, 1e-5, out=x0[:1])
+
+
+@pytest.mark.parametrize("gn_impl", GN_IMPLS, indirect=True)
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
 def test_group_norm_large_mean(fmt, gn_impl):
     """mean 300 >> std 1: a plain fp32 sum / sum-of-squares variance loses ~1e-2 here (PyTorch's
     own CPU channels-last GroupNorm does); pivoted sums keep fp32 accuracy. Against float64."""

@@ -37,14 +37,15 @@
   capacity).
 - vae_tiling: decode above 512 px in blended 512 px tiles (default: in low-memory mode, as every
   backend). False decodes in one piece (exact): with the standalone decoder's fused GroupNorm+SiLU
-  a 1024 px decode's activations are ~1.25 GiB in fp16 (benchmarks/live_memory.py), below the
+  a 1024 px decode's activations are ~1.0 GiB in fp16 (benchmarks/live_memory.py), below the
   low-memory UNet stage's fp16 weights + activations, so at <= 1024 px the tiles may not lower the
   process peak at all: measured by the GPU check (torch-cuda-low-memory-1024-untiled), not here.
 - vae_bands (opt-in; H200: the first image's peak 2.91 -> 2.63 GB allocated, the decode 16 -> 62 ms
   with 32-row bands): the standalone VAE decoder's full-resolution end
   in row bands of this many rows (pm_runtime.modeling.vae_bands: exact, GroupNorm statistics of the
   whole tensor; the last upsampler's output never exists whole): at 512 px in fp16 its activations
-  go from 320 to 211 MiB with 32-row bands, by benchmarks/live_memory.py's count.
+  go from 256 to 211 MiB with 32-row bands, by benchmarks/live_memory.py's count (from 320 when
+  bands were measured: the plain decoder's blocks have since stopped holding their dead inputs).
 - sequential_guidance: the step runs the UNet's unconditional and conditional halves as two
   calls one after the other instead of one batch (half the activation memory, some step time);
   the default in low-memory mode. Low-memory mode with its defaults was measured on an H200 (1.89 GB
@@ -109,7 +110,7 @@ def _has_torch_weights(bundle: Bundle) -> bool:
 class TorchCudaBackend(Backend):
     name = "torch-cuda"
     component_format = TORCH_FORMAT
-    # one latent per VAE decode: its activations (~320 MiB per 512 px image in fp16) are the pipeline's
+    # one latent per VAE decode: its activations (~256 MiB per 512 px image in fp16) are the pipeline's
     # largest, and grow with the batch; one 512 px decode is already a large amount of convolution
     # work (not measured per batch size: the GPU check times the decode of one image)
     decode_batch = 1

@@ -108,14 +108,15 @@ def conv(layer, x, bias: bool = True):
     return F.conv2d(x, weight_of(layer), None, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
-def gn_silu(norm: nn.GroupNorm, x, silu: bool = True, temb=None):
+def gn_silu(norm: nn.GroupNorm, x, silu: bool = True, temb=None, out=None):
     """SiLU(norm(x + temb)) (silu=False: without the SiLU; temb (N, C) or None) in one pass:
     pm_kernels.group_norm_silu (Triton on CUDA GPUs, its PyTorch reference elsewhere): one output tensor
     where GroupNorm then SiLU make two (the VAE decode's activation peak at full resolution,
-    benchmarks/live_memory.py)."""
+    benchmarks/live_memory.py); out=x: none (in place, for an input nothing reads afterwards)."""
     import pm_kernels
 
-    return pm_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, temb=temb, silu=silu)
+    return pm_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, temb=temb, silu=silu,
+                                      out=out)
 
 
 def fused_resnet(r, x, temb, out_bias):
@@ -128,6 +129,28 @@ def fused_resnet(r, x, temb, out_bias):
     h = conv(r.conv1, gn_silu(r.norm1, x), bias=False)
     h = conv(r.conv2, gn_silu(r.norm2, h, temb=temb), bias=False)
     s = x if r.conv_shortcut is None else conv(r.conv_shortcut, x, bias=False)
+    return pm_kernels.add_bias_residual(h, s, out_bias, out=h)
+
+
+def fused_resnet_consuming(r, box: list, temb, out_bias):
+    """fused_resnet(r, box.pop(), temb, out_bias) for a caller that keeps no other reference to the
+    input (inference only: it is overwritten): the same kernels and values, with fewer full-size
+    tensors alive at once. With a shortcut convolution, the shortcut runs first and norm1 then
+    writes into the input (alive at conv1: input, shortcut, conv1's output, where fused_resnet
+    holds the input, its normalised copy and conv1's output); norm2 always writes into conv1's
+    output (alive at conv2: the residual, conv1's and conv2's outputs, one fewer). For the
+    standalone VAE decoder: its 512 px fp16 activation peak 320 -> 256 MiB (benchmarks/live_memory.py)."""
+    import pm_kernels
+
+    x = box.pop()
+    if r.conv_shortcut is not None:
+        s = conv(r.conv_shortcut, x, bias=False)
+        h = conv(r.conv1, gn_silu(r.norm1, x, out=x), bias=False)
+    else:
+        s = x  # the residual: read again at the end, so normalised into a new tensor
+        h = conv(r.conv1, gn_silu(r.norm1, x), bias=False)
+    del x
+    h = conv(r.conv2, gn_silu(r.norm2, h, temb=temb, out=h), bias=False)
     return pm_kernels.add_bias_residual(h, s, out_bias, out=h)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
-from .fast_unet import config_unsupported, fused_resnet, gn_silu, resnet_biases
+from .fast_unet import config_unsupported, fused_resnet, fused_resnet_consuming, gn_silu, resnet_biases
 
 
 class Config(dict):
@@ -259,6 +259,15 @@ class Resnet(nn.Module):
         h = self.conv2(gn_silu(self.norm2, h))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
+    def consume(self, box: list):
+        """forward(box.pop()) for a caller that keeps no other reference to the input: with the
+        fused epilogues and no autograd, fused_resnet_consuming (the input's memory reused or freed
+        early; same values)."""
+        if not self.fused_epilogues or torch.is_grad_enabled():
+            return self(box.pop())
+        t = None if self.pm_time_bias is None else self.pm_time_bias[None].expand(box[0].shape[0], -1)
+        return fused_resnet_consuming(self, box, t, self.pm_out_bias)
+
 
 class _Sampler(nn.Module):
     """Holds the `conv` of a diffusers Downsample2D / Upsample2D."""
@@ -266,6 +275,12 @@ class _Sampler(nn.Module):
     def __init__(self, w: _Weights, p: str, stride: int = 1):
         super().__init__()
         self.conv = w.conv(f"{p}.conv", stride=stride)
+
+    def upsample(self, box: list):
+        """Upsample2D: conv(nearest 2x(box.pop())); the input is freed once upsampled (the caller
+        keeps no other reference to it)."""
+        u = F.interpolate(box.pop(), scale_factor=2.0, mode="nearest")
+        return self.conv(u)
 
 
 class VaeAttention(nn.Module):
@@ -333,14 +348,21 @@ class VAE(nn.Module):
         return self.forward_plain(z)
 
     def forward_plain(self, z):
+        """The decoder. Each block gets its input in a list it pops (Resnet.consume, _Sampler.upsample)
+        so that no reference here keeps a dead activation alive; the output norm runs in place."""
         h = self.conv_in(self.post_quant_conv(z))
         h = self.mid_resnets[1](self.mid_attention(self.mid_resnets[0](h)))
         for resnets, up in zip(self.up_resnets, self.upsamplers):
             for r in resnets:
-                h = r(h)
+                box = [h]
+                del h
+                h = r.consume(box)
             if isinstance(up, _Sampler):
-                h = up.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(gn_silu(self.conv_norm_out, h))
+                box = [h]
+                del h
+                h = up.upsample(box)
+        in_place = None if torch.is_grad_enabled() else h
+        return self.conv_out(gn_silu(self.conv_norm_out, h, out=in_place))
 
     def decode(self, z, return_dict: bool = False):
         """diffusers' AutoencoderKL.decode signature: a 1-tuple (image,)."""

@@ -3,9 +3,10 @@ VAE.forward (exact: every GroupNorm uses the whole tensor's statistics, every co
 neighbouring rows), with less memory alive at once. torch-cuda's `vae_bands` option.
 
 Where the plain decode peaks (fp16, SD 1.5 widths, one 512 px image; benchmarks/live_memory.py):
-the last block's first ResNet holds its 256-channel 512x512 input (the upsampler's output, 128 MiB),
-its normalised copy and its first convolution's output (320 MiB); its later ResNets hold input,
-two intermediates and output (4 x 64 MiB). Here:
+256 MiB, twice: the last upsampler's nearest-2x copy of its input and its output (256 channels at
+512x512, 128 MiB each); then the last block's first ResNet with that output (normalised in place
+after its 1x1 shortcut ran: Resnet.consume), the shortcut's and conv1's outputs (64 MiB each).
+(Before the blocks consumed their inputs: 320 MiB there, the input's normalised copy besides.) Here:
 - the last upsampler and the first ResNet after it are one step, in three passes over row bands:
   (A) the upsampler's output, band by band, only for its GroupNorm statistics (merged exactly, in
   float64, per band: Chan's parallel variance); (B) the same bands again (the upsampler is computed
