@@ -161,7 +161,6 @@ def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
     from pm_runtime.modeling.fast_unet import FastUNet
     from pm_runtime.modeling.step_graph import StepGraph
     from pm_runtime.schedulers.linear import linear_steps
-    from pm_runtime.specs import UNET
 
     config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
               "set_alpha_to_one": False, "clip_sample": False}
@@ -373,6 +372,119 @@ def test_gpu_vae_graph_and_offloaded_text_encoder_give_the_same_image(cuda_bundl
     assert np.abs(a.astype(int) - eager_te.generate(PROMPT, **kw).images.astype(int)).max() <= 1
     other = "a photo of <persona> reading a book, by a window"
     np.testing.assert_array_equal(plain.generate(other, **kw).images, plain.generate(other, **kw).images)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_shared_pool_same_images_one_pool(cuda_bundle):
+    """shared_pool: the VAE decode, the K/V fill, the step and (from the second image) the text
+    encoder captured into ONE pool, their warm-ups allocating from it, the K/V tables left for the
+    decode to reuse: the default's images (the K/V GEMMs run over every row of the buffers here, so
+    within one level), images that stay the same over repeated calls, a prompt with other contexts,
+    another size (all graphs captured again in a new pool), and the step alone replayed after the
+    decode once refilled."""
+    kw = dict(seed=4, steps=6, height=256, width=256)
+    plain = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice")
+    shared = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", shared_pool=True)
+    a = plain.generate(PROMPT, **kw).images
+    first = shared.generate(PROMPT, **kw).images  # the text encoder eagerly: no pool before the step graph
+    second = shared.generate(PROMPT, **kw).images  # the text encoder captured into the pool now
+    backend = shared.backend
+    pools = backend.graph_pools()
+    assert len(pools) == 1 and set(next(iter(pools.values())).split("+")) == {"step", "vae_decoder", "text_encoder"}
+    assert np.abs(a.astype(int) - first.astype(int)).max() <= 1
+    np.testing.assert_array_equal(first, second)
+    other = "a photo of <persona> reading a book, by a window"
+    assert np.abs(plain.generate(other, **kw).images.astype(int)
+                  - shared.generate(other, **kw).images.astype(int)).max() <= 1
+    old_pool = backend._pool
+    c = shared.generate(PROMPT, **{**kw, "height": 320})
+    assert c.images.shape[1] == 320 and backend._pool is not old_pool
+    np.testing.assert_array_equal(second, shared.generate(PROMPT, **kw).images)
+    loop = next(iter(backend._loops.values()))
+    x = loop.x.clone()
+    loop.refill()
+    loop.step.zero_()
+    loop.graph.replay()  # the step alone after the decode overwrote the tables' memory: refilled first
+    assert torch.isfinite(loop.x).all() and not torch.equal(loop.x, x)
+
+
+def test_shared_pool_order_and_bookkeeping_with_stand_in_graphs(run_bundle, fast_pipe, monkeypatch):
+    """shared_pool's logic on the CPU: CUDA graphs are replaced by stand-ins that run the captured
+    function again at every replay (copying into the outputs it returned at capture), so the
+    backend's own code decides what is captured, when, into which pool, and what each replay
+    reads. The images equal the eager path's; the VAE decode is captured first (largest
+    activations first into a new pool), then the K/V fill, then the step, all into that one pool;
+    the text encoder runs eagerly in the first image (no pool yet) and is captured into the pool in
+    the second; the K/V tables are dropped once the step is captured (the fill graph allocates
+    them again at each replay here, as its captured allocation would be rewritten on a GPU); a new
+    image size releases every graph and makes a new pool."""
+    import contextlib
+
+    from pm_runtime.modeling import step_graph as sg
+
+    captures, pools, routed = [], [], []
+
+    class Pool:
+        def __init__(self, device):
+            self.id = (0, 100 + len(pools))
+            pools.append(self)
+
+        def routing(self):
+            routed.append(self)
+            return contextlib.nullcontext()
+
+    class Graph:
+        def __init__(self, fn, pool, out):
+            self.fn, self._pool, self.out = fn, pool, out
+
+        def replay(self):
+            out = self.fn()
+            for static, new in zip(self.out or (), out or ()):
+                static.copy_(new)
+
+        def pool(self):
+            return self._pool.id
+
+    def capture(fn, device, warm_up, pool=None):
+        assert isinstance(pool, Pool), "every shared_pool capture goes to the shared pool"
+        with pool.routing():
+            for call in warm_up:
+                call()
+        out = fn()
+        name = getattr(getattr(fn, "__self__", None), "name", None) or fn.__name__
+        captures.append((name, pool))
+        return Graph(fn, pool, out), out
+
+    from pm_runtime.modeling.fast_unet import FastUNet
+
+    drop = FastUNet.drop_context_tables
+    monkeypatch.setattr(FastUNet, "drop_context_tables", lambda self: (captures.append(("drop", None)), drop(self)))
+    monkeypatch.setattr(sg, "graphs_available", lambda device: True)
+    monkeypatch.setattr(sg, "GraphPool", Pool)
+    monkeypatch.setattr(sg, "capture_graph", capture)
+    shared = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", shared_pool=True)
+    backend = shared.backend
+    assert backend.shared_pool and backend.cuda_graph
+    kw = dict(seed=5, steps=3, height=256, width=256)
+    ref = fast_pipe.generate(PROMPT, **kw).images
+    a = shared.generate(PROMPT, **kw).images
+    # the fill's warm-up drops its eager tables before the capture; the step's capture is followed by
+    # the drop that leaves the captured tables' memory to the pool
+    assert [n for n, _ in captures] == ["vae_decoder", "drop", "fill", "_step", "drop"] and len(pools) == 1
+    assert all(p is pools[0] for n, p in captures if n != "drop") and routed  # warm-ups routed to the pool
+    assert next(iter(backend._loops.values())).kv_fill is not None
+    b = shared.generate(PROMPT, **kw).images
+    assert [n for n, _ in captures][5:] == ["text_encoder"] and captures[5][1] is pools[0]
+    assert psnr(a, ref) > 60 and np.array_equal(a, b)
+    (names,) = backend.graph_pools().values()  # one pool
+    assert sorted(names.split("+")) == ["step", "text_encoder", "vae_decoder"]
+    c = shared.generate(PROMPT, **{**kw, "height": 320})
+    assert c.images.shape[1] == 320 and len(pools) == 2
+    assert [n for n, p in captures if p is pools[1]] == ["vae_decoder", "fill", "_step"]
+    assert [n for n, _ in captures][-2:] == ["_step", "drop"]
+    assert backend._graphed[0].graph is None or backend._graphed[0].key[1] is pools[1]  # nothing left in the old pool
+    np.testing.assert_array_equal(shared.generate(PROMPT, **kw).images, a)
 
 
 def test_contexts_stay_on_the_device(fast_pipe, monkeypatch):

@@ -73,6 +73,21 @@
 - gn_impl ("tiled" default | "grouped" | "auto", NOT MEASURED on a GPU yet): which of pm_kernels'
   Triton GroupNorms the UNet runs (fewer kernel launches per GroupNorm with "grouped"; "auto" uses
   it where one launch covers a group); process-wide.
+- shared_pool (opt-in; NOT MEASURED on a GPU yet): ONE memory pool (modeling.step_graph.GraphPool:
+  a torch.cuda.MemPool) for every CUDA graph of the backend, their eager warm-ups allocating from it
+  too (torch.cuda.use_mem_pool), so that the pool holds the largest of the networks' activations
+  (the VAE decode's, 256 MiB at 512 px in fp16) instead of each graph's pool and the warm-ups'
+  cached blocks side by side. The largest come first: with each new step graph the VAE decode of
+  one latent is captured before it (the allocator carves later, smaller blocks out of the free big
+  ones, never the reverse); then the K/V tables, allocated by a graph of their own (the fill, one
+  flat buffer) and let go once the step is captured, so the decode reuses their memory too (the
+  tables are dead after the last step and rewritten by the fill before the next image's first);
+  the text encoder runs eagerly in the first image and is captured into the pool from the second.
+  Safe because these graphs replay one at a time in a fixed order and each one's outputs are copied
+  out (or were held alive through the captures after it) before another replays. Counted without a
+  GPU, the whole-pipeline floor is then the weights + ~256 MiB; what the allocator really reserves
+  (block rounding, cuDNN's workspaces, the warm-ups' algorithm searches) is for the GPU check
+  (variants torch-cuda-shared-pool, -shared-pool-offload-te).
 - offload_text_encoder (opt-in): the text encoder's weights rest in pinned host memory and are
   copied to the GPU for the one encoding call per image, then dropped (~0.25 GB of fp16 SD-1.5
   weights fewer on the GPU while the UNet and VAE run; H200: first-image peak 2.91 -> 2.66 GB
@@ -122,7 +137,8 @@ class TorchCudaBackend(Backend):
                  int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
                  offload_safety_checker: bool = True, vae_tiling: bool | None = None, vae_bands: int | None = None,
                  ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool = True,
-                 time_tables: bool = True, step_kernels: bool = True, te_graph: bool = True, **_):
+                 time_tables: bool = True, step_kernels: bool = True, te_graph: bool = True,
+                 shared_pool: bool = False, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -137,7 +153,9 @@ class TorchCudaBackend(Backend):
         self.torch_dtype = getattr(torch, self.dtype_name)
         if vae_tiling is not None:  # default: tiles in low-memory mode (Backend)
             self.vae_tiling = bool(vae_tiling)
-        self.cuda_graph = bool(cuda_graph) and on_cuda
+        from ..modeling.step_graph import graphs_available
+
+        self.cuda_graph = bool(cuda_graph) and graphs_available(self.torch_device)
         self.kernels = bool(kernels)
         self.int8_weights = bool(int8_weights)
         if self.int8_weights and not self.kernels:
@@ -174,6 +192,10 @@ class TorchCudaBackend(Backend):
         self.offload_safety_checker = bool(offload_safety_checker) and not self.low_memory
         self.vae_graph = bool(vae_graph) and self.cuda_graph and not self.low_memory
         self.te_graph = bool(te_graph) and self.cuda_graph  # (a parked text encoder is never graphed: _load)
+        # one memory pool for every CUDA graph of the backend, warm-ups included (see the docstring)
+        self.shared_pool = bool(shared_pool) and self.cuda_graph and not self.low_memory
+        self._pool = None  # the current GraphPool (shared_pool), made with the step graph
+        self._graphed: list = []  # the _GraphedNetworks of the loaded networks
         self.hf_modules = bool(hf_modules)  # False: pm_runtime.modeling.standalone's networks where they fit
         # networks whose weights rest in host memory (parked below): loaded there directly
         self.on_host = ({TEXT_ENCODER} if self.offload_text_encoder else set()) | (
@@ -301,10 +323,16 @@ class TorchCudaBackend(Backend):
         net = TorchNetwork(module, spec.input_names, spec.output_names, self.torch_device, self.torch_dtype,
                            device_outputs=te, masked_inputs={"concept_embeds": "concept_mask",
                                                              "bypass": "concept_mask"} if te else None)
-        if network == VAE_DECODER and self.vae_graph:
-            net = _GraphedNetwork(net, self._step_pool)
+        if network == VAE_DECODER and self.shared_pool:  # captured with the step graph (denoise)
+            net = _GraphedNetwork(net, self._shared, needs_pool=True, name=network)
+        elif network == VAE_DECODER and self.vae_graph:
+            net = _GraphedNetwork(net, self._step_pool, name=network)
         elif te and self.te_graph and network not in self._parked:  # weights stay in place between calls
-            net = _GraphedNetwork(net)
+            # shared_pool: eager until the pool exists (the first image), captured into it after
+            net = (_GraphedNetwork(net, self._shared, needs_pool=True, name=network) if self.shared_pool
+                   else _GraphedNetwork(net, name=network))
+        if isinstance(net, _GraphedNetwork):
+            self._graphed.append(net)
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
         return net
@@ -316,6 +344,41 @@ class TorchCudaBackend(Backend):
         """The memory pool of the current captured step graph (an id that is never reused), or None."""
         loop = next(iter(self._loops.values()), None)
         return None if loop is None or loop.graph is None else loop.graph.pool()
+
+    def _shared(self):
+        """The shared GraphPool (shared_pool), or None before the first step graph made it."""
+        return self._pool
+
+    def _new_shared_pool(self, latent_shape) -> None:
+        """shared_pool, before a step graph is captured: every graph of the backend lets go of the
+        old pool (the text encoder's and the decode's re-capture into the new one when next called),
+        and the VAE decode of one latent of `latent_shape` (C, h, w) is captured first: the largest
+        activations of the three networks' graphs come first into the pool, so the later captures
+        carve their blocks out of its memory instead of adding segments."""
+        from ..modeling.step_graph import GraphPool
+
+        self._loops.clear()
+        for g in self._graphed:
+            g.release()
+        self._pool = GraphPool(self.torch_device)
+        with self.network(VAE_DECODER) as vae:  # resident: loaded here (once), kept for the decode
+            engine = vae.engine
+            if isinstance(engine, _GraphedNetwork):
+                engine.prepare({vae.spec.input_names[0]: np.zeros((self.decode_batch, *latent_shape), np.float32)})
+
+    def graph_pools(self) -> dict:
+        """{memory pool id: the graphs in it}: the step graph (+ its K/V fill), the text encoder's and
+        the VAE decode's graphs (the GPU check's memory map names the allocator's pools with it)."""
+        import collections
+
+        names = collections.defaultdict(list)
+        for loop in self._loops.values():
+            if loop.graph is not None:
+                names[tuple(loop.graph.pool())].append("step")
+        for g in self._graphed:
+            if g.graph is not None:
+                names[tuple(g.graph.pool())].append(g.name)
+        return {pid: "+".join(v) for pid, v in names.items()}
 
     def _fast_unet(self, graph_module):
         """FastUNet around the graph module's UNet (channels-last on CUDA); the plain module where
@@ -393,11 +456,14 @@ class TorchCudaBackend(Backend):
         loop = self._loops.get(key)
         if loop is None:
             self._loops.clear()  # one captured graph at a time: its memory pool is freed with it
+            if self.shared_pool:
+                self._new_shared_pool((C, h, w))
             with self._sdpa_choice():  # the attention kernels are chosen at capture
                 loop = StepGraph(engine.module, n=n, latent_shape=(C, h, w), context_shape=(L, D), rows=capacity,
                                  dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph,
                                  kv_tables=self.kv_tables, sequential=self.sequential_guidance, max_steps=max_steps,
-                                 time_tables=self.time_tables, step_kernels=self.step_kernels)
+                                 time_tables=self.time_tables, step_kernels=self.step_kernels,
+                                 pool=self._pool, kv_graph=self.shared_pool)
             self._loops[key] = loop
         noise = None
         if lin.needs_noise:
@@ -511,23 +577,41 @@ class _GraphedNetwork:
     at a time). Without CUDA the same code calls the module eagerly on the static inputs (how it is
     tested). Its networks must keep their weights in place between calls (not parked in host memory)."""
 
-    def __init__(self, net: TorchNetwork, pool_of=None):
-        self.net, self.pool_of = net, pool_of or (lambda: None)
+    def __init__(self, net: TorchNetwork, pool_of=None, needs_pool: bool = False, name: str = ""):
+        self.net, self.pool_of, self.name = net, pool_of or (lambda: None), name
+        self.needs_pool = needs_pool  # True: called eagerly while pool_of() is None (no capture then)
         self.module = net.module  # the graph module, as on a TorchNetwork
         self.key = self.graph = None
         self.static_in: list = []
         self.static_out: tuple = ()
         self.captures = 0
 
+    def release(self) -> None:
+        """Drop the graph and its static tensors (its memory pool is let go; the next call captures again)."""
+        self.key = self.graph = None
+        self.static_in, self.static_out = [], ()
+
+    def prepare(self, inputs) -> None:
+        """Capture for the signature of `inputs` now, without replaying (nothing is computed for them)."""
+        import torch
+
+        with torch.inference_mode():
+            args = self.net.device_inputs(inputs)
+            pool = self.pool_of()
+            key = (tuple((tuple(a.shape), a.dtype) for a in args), pool)
+            if key != self.key and not (self.needs_pool and pool is None):
+                self._capture(args, pool)
+                self.key = key
+
     def _call(self):
         return self.net.call(self.static_in)
 
     def _capture(self, args, pool) -> None:
-        from ..modeling.step_graph import capture_graph
+        from ..modeling.step_graph import capture_graph, graphs_available
 
         self.graph = None  # the old graph and its pool go first
         self.static_in = [a.clone() for a in args]
-        if self.net.device.type == "cuda":  # one warm-up call (outside the capture), then the capture
+        if graphs_available(self.net.device):  # one warm-up call (outside the capture), then the capture
             self.graph, self.static_out = capture_graph(self._call, self.net.device, warm_up=[self._call], pool=pool)
         self.captures += 1
 
@@ -537,6 +621,8 @@ class _GraphedNetwork:
         with torch.inference_mode():
             args = self.net.device_inputs(inputs)
             pool = self.pool_of()
+            if self.needs_pool and pool is None:  # no pool yet (shared_pool's first image): eagerly
+                return self.net.outputs(self.net.call(args))
             key = (tuple((tuple(a.shape), a.dtype) for a in args), pool)
             if key != self.key:
                 self._capture(args, pool)

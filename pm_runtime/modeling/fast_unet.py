@@ -234,14 +234,24 @@ class FastUNet(nn.Module):
         self.ff_chunk: int | None = None
 
     # ------------------------------------------------------------------ per-image K/V tables
-    def allocate_context_tables(self, rows: int, length: int) -> None:
+    def allocate_context_tables(self, rows: int, length: int, empty: bool = False) -> None:
         """Static (rows, L, inner) K and V tables for every cross-attention layer (allocate before
-        a CUDA graph is captured: the graph reads them in place)."""
+        a CUDA graph is captured: the graph reads them in place), views of ONE buffer (a single
+        block: once freed, the allocator can hand it out whole or split; empty=True: not zeroed)."""
         self.kv_tables = {}
         w = self.unet.conv_in.weight  # the run dtype and device (conv_in is never int8)
-        for attn in self.cross:
-            table = torch.zeros((rows, length, attn.to_k.out_features), dtype=w.dtype, device=w.device)
-            self.kv_tables[id(attn)] = (table, torch.zeros_like(table))
+        sizes = [rows * length * attn.to_k.out_features for attn in self.cross]
+        flat = (torch.empty if empty else torch.zeros)(2 * sum(sizes), dtype=w.dtype, device=w.device)
+        offset = 0
+        for attn, size in zip(self.cross, sizes):
+            shape = (rows, length, attn.to_k.out_features)
+            k, v = (flat[offset + j * size: offset + (j + 1) * size].view(shape) for j in (0, 1))
+            self.kv_tables[id(attn)] = (k, v)
+            offset += 2 * size
+
+    def drop_context_tables(self) -> None:
+        """Forget the tables (a CUDA graph that was captured reading them keeps their addresses)."""
+        self.kv_tables = {}
 
     def set_contexts(self, c_k, c_v) -> None:
         """Fill the tables' first rows from the contexts (rows, L, D): K = to_k(C_k), V = to_v(C_v)."""

@@ -48,22 +48,82 @@ def _side_stream(device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[key]
 
 
+_BLAS_READY: set = set()  # the side streams whose cuBLAS workspace exists (see _blas_outside_pools)
+
+
+def _blas_outside_pools(stream, device) -> None:
+    """cuBLAS keeps a workspace per (handle, stream) for the life of the process, made by its first
+    call there through PyTorch's allocator: made inside a GraphPool's routing it would sit in (and
+    pin) one of the pool's segments after the pool is let go. One small matmul (and addmm: the
+    cuBLASLt path) on `stream` first, outside any routing, makes it in the general pool."""
+    key = (torch.device(device), id(stream))
+    if key in _BLAS_READY:
+        return
+    with torch.cuda.stream(stream), torch.inference_mode():
+        a = torch.zeros((16, 16), dtype=torch.float16, device=device)
+        torch.addmm(a[0], a, torch.mm(a, a))
+    _BLAS_READY.add(key)
+
+
+def graphs_available(device) -> bool:
+    """Whether CUDA graphs can be captured on `device` (a CUDA device)."""
+    return torch.device(device).type == "cuda"
+
+
+class GraphPool:
+    """One memory pool that several CUDA graphs capture into AND whose warm-ups allocate from
+    (torch-cuda's shared_pool): a torch.cuda.MemPool where this PyTorch has one (its id is what a
+    capture takes as `pool`; torch.cuda.use_mem_pool routes the warm-ups' allocations to it), else a
+    plain graph pool handle (captures share it; warm-ups then allocate from the general pool).
+    Memory a warm-up or capture frees stays in the pool for the next one, so the pool holds the
+    largest of its users' needs, not their sum, as long as the largest come first (the allocator
+    carves small blocks out of big free ones, never the reverse): torch-cuda captures the VAE
+    decode first. Sharing is safe for graphs replayed one at a time whose outputs are copied out (or
+    held alive) before another replays: see TorchCudaBackend.shared_pool."""
+
+    def __init__(self, device):
+        import contextlib
+
+        self.device = torch.device(device)
+        self._nothing = contextlib.nullcontext
+        self.mem_pool = None
+        if hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
+            with torch.cuda.device(self.device):
+                self.mem_pool = torch.cuda.MemPool()
+            self.id = self.mem_pool.id
+        else:
+            self.id = torch.cuda.graph_pool_handle()
+
+    def routing(self):
+        """A context in which this thread's allocations come from the pool (where it can)."""
+        if self.mem_pool is None:
+            return self._nothing()
+        return torch.cuda.use_mem_pool(self.mem_pool, self.device)
+
+
 def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     """(CUDA graph of one call of `fn`, that call's output): the `warm_up` calls run first on a side
     stream (Triton compiles, cuDNN picks its algorithms: outside the capture), as torch.cuda.graphs
     documents, and the capture runs on that same stream (one cuBLAS workspace for both, not a
     second one for torch.cuda.graph's own capture stream); it goes to memory pool `pool` (None: a
-    pool of its own). torch.cuda.graph empties the allocator's cache before capturing (the warm-up's
-    activations go back to the GPU); what the capture left in the general pool goes after it, so that
-    between replays the GPU holds the weights and the graph's pool."""
+    pool of its own; a GraphPool: its pool, the warm-ups allocating from it too; else a pool id).
+    torch.cuda.graph empties the allocator's cache before capturing (the warm-up's activations in
+    the general pool go back to the GPU); what the capture left in the general pool goes after it, so
+    that between replays the GPU holds the weights and the graph's pool."""
+    import contextlib
+
+    shared = pool if isinstance(pool, GraphPool) else None
     side = _side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), torch.inference_mode():
+    if shared is not None:
+        _blas_outside_pools(side, device)
+    routing = shared.routing() if shared is not None else contextlib.nullcontext()
+    with torch.cuda.stream(side), torch.inference_mode(), routing:
         for call in warm_up:
             call()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, stream=side):
+    with torch.inference_mode(), torch.cuda.graph(graph, pool=shared.id if shared is not None else pool, stream=side):
         out = fn()
     torch.cuda.empty_cache()
     return graph, out
@@ -73,14 +133,21 @@ class StepGraph:
     def __init__(self, unet: Callable, *, n: int, latent_shape: tuple[int, int, int], context_shape: tuple[int, int],
                  rows: int, dtype: torch.dtype, device: torch.device, cuda_graph: bool = True, max_steps: int = 1000,
                  kv_tables: bool = True, sequential: bool = False, time_tables: bool = True,
-                 step_kernels: bool = True):
+                 step_kernels: bool = True, pool=None, kv_graph: bool = False):
         self.unet, self.n, self.dtype, self.device = unet, n, dtype, torch.device(device)
         self.sequential = bool(sequential)
         # the arithmetic around the UNet: pm_kernels' two kernels, or (False) their PyTorch references
         self._copies, self._update = ((pm_kernels.scaled_copies, pm_kernels.guided_update) if step_kernels else
                                       (pm_kernels.scaled_copies_reference, pm_kernels.guided_update_reference))
         self.indexed = bool(kv_tables) and hasattr(unet, "allocate_context_tables")
-        if self.indexed:
+        graphed = cuda_graph and graphs_available(self.device)
+        # kv_graph (with a CUDA graph): the K/V tables are filled by a graph of their own, captured in
+        # the step graph's pool, which also allocates them there; once the step is captured nothing
+        # here holds them, so later captures in the pool (the VAE decode's) may reuse their memory
+        # (dead after the last step; the fill graph rewrites them before the next image's first)
+        self.kv_fill = None
+        self._kv_in_graph = self.indexed and bool(kv_graph) and graphed
+        if self.indexed and not self._kv_in_graph:
             unet.allocate_context_tables(rows, context_shape[0])
         self.timed = bool(time_tables) and hasattr(unet, "allocate_time_tables")
         if self.timed:  # one row per step: (max_steps, sum of the ResNets' widths) in the UNet's dtype
@@ -100,8 +167,9 @@ class StepGraph:
         self.c_v = torch.zeros_like(self.c_k)
         self.guidance = torch.zeros((), **f32)
         self.max_steps, self.capacity = max_steps, rows
+        self.pool = pool  # None: the step graph's own pool; a GraphPool: shared (warm-ups allocate from it too)
         self.graph = None
-        if cuda_graph and self.device.type == "cuda":
+        if graphed:
             self._capture()
 
     # ------------------------------------------------------------------ the step
@@ -134,7 +202,25 @@ class StepGraph:
             self.step.zero_()
             self._step()
 
-        self.graph, _ = capture_graph(self._step, self.device, warm_up=[warm_up] * WARMUP)
+        if self._kv_in_graph:
+            rows, length = self.c_k.shape[:2]
+
+            def fill():  # tables allocated inside the capture: in the pool, alive while the step is captured
+                self.unet.allocate_context_tables(rows, length, empty=True)
+                self.unet.set_contexts(self.c_k, self.c_v)
+
+            self.kv_fill, _ = capture_graph(fill, self.device, warm_up=[fill, self.unet.drop_context_tables],
+                                            pool=self.pool)
+            self.kv_fill.replay()  # defined values for the step's warm-up (the contexts are zeros here)
+        self.graph, _ = capture_graph(self._step, self.device, warm_up=[warm_up] * WARMUP, pool=self.pool)
+        if self._kv_in_graph:
+            self.unet.drop_context_tables()  # the two graphs keep the addresses; the pool may reuse the memory
+
+    def refill(self) -> None:
+        """Fill the K/V tables again from the contexts in place (after other graphs in a shared pool
+        ran, e.g. before timing replays of the step alone); a no-op unless the fill is a graph."""
+        if self.kv_fill is not None:
+            self.kv_fill.replay()
 
     # ------------------------------------------------------------------ one image (group)
     def load(self, latents: np.ndarray, c_k: np.ndarray, c_v: np.ndarray, rows: np.ndarray, lin: LinearSteps,
@@ -162,7 +248,9 @@ class StepGraph:
         put(self.kv_rows, np.concatenate([np.zeros((len(rows), self.n), np.int64), np.repeat(rows, self.n, 1)], 1))
         put(self.c_k, c_k)
         put(self.c_v, c_v)
-        if self.indexed:
+        if self.kv_fill is not None:  # K/V of every row of the buffers, once (its own graph)
+            self.kv_fill.replay()
+        elif self.indexed:
             self.unet.set_contexts(self.c_k[:len(c_k)], self.c_v[:len(c_v)])  # K/V of every context, once
         if self.timed:
             self.unet.set_timesteps(self.timesteps[:steps])  # every step's time vectors, once
