@@ -58,7 +58,7 @@ echo "== pipeline: peers and torch-cuda"
 # standalone modules, cuDNN attention, the step's profile) and the per-stage memory; the memory
 # variants proper (low memory, int8) run in the new-process stage below. Left out: the ablations
 # already recorded in benchmarks/results (no-kv-tables, the untiled 1024 decode), profile-gn-auto.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-shared-pool,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
 timeout "$T" python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi
@@ -73,8 +73,10 @@ fi
 if stage fresh; then
 echo "== memory variants, each in a new process (expandable: with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"
 # by priority: the unmet goals as the user runs them (pm-run --low-memory sets expandable segments),
-# their A/B variants, then the goals already met (a check for regressions)
-FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-lean-bands-no-kv,torch-cuda,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
+# the candidates for them (shared_pool) and where their memory goes (-phases: per stage, by pool, in
+# a new process: the first image's searches included), their A/B variants, then the goals already
+# met (a check for regressions)
+FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,torch-cuda,torch-cuda-shared-pool-phases,expandable:torch-cuda-shared-pool,torch-cuda-shared-pool-offload-te,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
 entries=(${FRESH//,/ })
 for i in "${!entries[@]}"; do
     e=${entries[$i]}; v=${e#expandable:}

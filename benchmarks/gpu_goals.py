@@ -24,7 +24,7 @@ STEP_MS, COMPILE_RATIO, IMAGE_S, PSNR_DB, START_S = 6.0, 1.4, 0.35, 30.0, 10.0
 PEAK_GB, LOW_GB, LOW_INT8_GB = 2.5, 2.0, 1.2
 PIPELINE = ("torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands", "torch-cuda-lean",
             "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv", "torch-cuda-int8", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
-            "torch-cuda-cudnn-heuristics")
+            "torch-cuda-cudnn-heuristics", "torch-cuda-shared-pool", "torch-cuda-shared-pool-offload-te")
 LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled",
        "torch-cuda-low-memory-1024-bands", "torch-cuda-low-memory-1024-cudnn-heuristics")
@@ -34,7 +34,7 @@ COMPILE = "torch-compile-reduce-overhead"
 # default's change it undoes did not pay)
 STEP_VARIANTS = ("torch-cuda-gn-auto", "torch-cuda-gn-grouped", "torch-cuda-cudnn-attention", "torch-cuda-pre-fusion",
                  "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables", "torch-cuda-no-step-kernels",
-                 "torch-cuda-no-te-graph")
+                 "torch-cuda-no-te-graph", "torch-cuda-shared-pool")
 
 
 def load(folder: pathlib.Path) -> dict[str, list[dict]]:

@@ -21,6 +21,11 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-lean-bands      lean with the banded VAE decode (vae_bands=32) as well; -no-kv: and without
                              the K/V tables (0.12 GB; the text encoder's stage, with the step graph's pool
                              held, is where lean-bands' peak is expected)
+  torch-cuda-shared-pool     the same with one memory pool for every CUDA graph and its warm-ups, the
+                             VAE decode captured first, the K/V tables left to the decode (shared_pool:
+                             the candidate for the 2.5 GB goal with every weight on the GPU; PSNR against
+                             torch-cuda's image); -offload-te: with offload_text_encoder as well;
+                             -phases: its per-stage memory (below)
   torch-cuda-gn-grouped      the same with pm_kernels' "grouped" GroupNorm (one or two kernel launches
                              per GroupNorm instead of three: gn_impl="grouped"); -gn-auto: grouped
                              where one launch covers a group, the default's elsewhere
@@ -48,7 +53,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              low-memory goal is missed by 0.03-0.13 GB)
   torch-cuda-phases, torch-cuda-low-memory-phases   one image after a first one, with the GPU
                              memory of each network's stage recorded apart (allocated before, peak
-                             while loading, peak while running, allocated after): where the peak is
+                             while loading, peak while running, allocated after; and after each stage
+                             the allocator's segments by memory pool: the general pool and each graph's,
+                             reserved / allocated / largest free block): where the peak is
   profile                    one step's kernels alone (torch.profiler, eager: a 4-step image less a
                              2-step one), by kernel and by class (convolution, GEMM, attention,
                              GroupNorm, ...); gpu_goals sets them beside the graphed step's p50
@@ -106,10 +113,32 @@ def replay_ms(torch, loop, reps: int) -> dict:
         from bench_kernels import timed
 
     try:
+        loop.refill()  # K/V tables in a shared pool: the decode has overwritten them since the last image
         return timed(torch, loop.graph.replay if loop.graph is not None else loop._step, reps, DEVICE != "cpu",
                      warmup=0)
     finally:
         loop.step.zero_()  # the counter ran on: reset it (replays read coefficient rows >= steps otherwise)
+
+
+def pool_map(torch, names: dict | None = None) -> dict:
+    """The caching allocator's segments by memory pool, now: {pool: {reserved_mib, allocated_mib,
+    segments, largest_free_mib}}; pool "general" (PyTorch's default pools) or a private pool (CUDA
+    graphs, MemPools) named by `names` ({pool id: name}, TorchCudaBackend.graph_pools) where it
+    knows it, else "pool A:B". Empty where torch.cuda has no memory_snapshot."""
+    if not hasattr(torch.cuda, "memory_snapshot"):
+        return {}
+    mib = 2**20
+    out: dict = {}
+    for seg in torch.cuda.memory_snapshot():
+        pid = tuple(seg.get("segment_pool_id") or (0, 0))
+        key = "general" if pid == (0, 0) else (names or {}).get(pid, f"pool {pid[0]}:{pid[1]}")
+        d = out.setdefault(key, {"reserved_mib": 0.0, "allocated_mib": 0.0, "segments": 0, "largest_free_mib": 0.0})
+        d["reserved_mib"] += seg["total_size"] / mib
+        d["allocated_mib"] += seg["allocated_size"] / mib
+        d["segments"] += 1
+        free = [b["size"] for b in seg.get("blocks", ()) if b.get("state") == "inactive"]
+        d["largest_free_mib"] = max(d["largest_free_mib"], max(free, default=0) / mib)
+    return {k: {f: round(v, 1) if isinstance(v, float) else v for f, v in d.items()} for k, d in out.items()}
 
 
 def stage_memory(backend, torch) -> dict:
@@ -150,6 +179,9 @@ def stage_memory(backend, torch) -> dict:
         torch.cuda.synchronize()
         note(name, "after_alloc_gib", torch.cuda.memory_allocated())
         note(name, "after_reserved_gib", torch.cuda.memory_reserved())
+        pools = pool_map(torch, backend.graph_pools() if hasattr(backend, "graph_pools") else None)
+        if pools:
+            stages[name]["pools_after"] = pools
 
     backend.network, backend._load = stage, loading
     return stages
@@ -364,7 +396,8 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-low-memory-int8",
        "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-low-memory-1024-cudnn-heuristics",
-       "torch-cuda-phases", "torch-cuda-low-memory-phases",
+       "torch-cuda-shared-pool", "torch-cuda-shared-pool-offload-te",
+       "torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-shared-pool-phases",
        "torch-cuda-warm-start", "profile", "profile-gn-auto")
 
 
@@ -488,9 +521,16 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             "torch-cuda-low-memory-cudnn-heuristics", bundle, low_memory=True, cudnn_benchmark=False, **one),
         "torch-cuda-low-memory-1024-cudnn-heuristics": lambda: measure_variant(
             "torch-cuda-low-memory-1024-cudnn-heuristics", bundle, low_memory=True, cudnn_benchmark=False, **big),
+        "torch-cuda-shared-pool": lambda: measure_variant("torch-cuda-shared-pool", bundle, shared_pool=True,
+                                                          compare=only("torch-cuda"), **common),
+        "torch-cuda-shared-pool-offload-te": lambda: measure_variant(
+            "torch-cuda-shared-pool-offload-te", bundle, shared_pool=True, offload_text_encoder=True,
+            compare=only("torch-cuda"), **common),
         "torch-cuda-phases": lambda: measure_phases("torch-cuda-phases", bundle, steps=steps, size=size),
         "torch-cuda-low-memory-phases": lambda: measure_phases("torch-cuda-low-memory-phases", bundle, steps=steps,
                                                                size=size, low_memory=True),
+        "torch-cuda-shared-pool-phases": lambda: measure_phases("torch-cuda-shared-pool-phases", bundle, steps=steps,
+                                                                size=size, shared_pool=True),
         "torch-cuda-warm-start": lambda: warm_start_s(bundle, steps, size),
         "profile": lambda: profile_step(bundle, size, log),
         "profile-gn-auto": lambda: _gn_restored(lambda: profile_step(bundle, size, log, gn_impl="auto")),

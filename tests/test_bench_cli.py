@@ -208,6 +208,32 @@ def _check_stage_memory(run_bundle, fake_torch, mem):
     assert backend.network.__func__ is type(backend).network
 
 
+def test_pool_map_groups_segments_by_pool():
+    """gpu_ours.pool_map on a stand-in allocator snapshot (the layout torch.cuda.memory_snapshot
+    returns): segments summed per pool, the general pool and named / unnamed private pools, the
+    largest free (inactive) block; nothing where torch.cuda has no snapshot."""
+    import types
+
+    import gpu_ours
+
+    mib = 2**20
+
+    def seg(pool, total, allocated, free_blocks=()):
+        blocks = [{"size": allocated, "state": "active_allocated"}] + [{"size": f, "state": "inactive"}
+                                                                       for f in free_blocks]
+        return {"segment_pool_id": pool, "total_size": total, "allocated_size": allocated, "blocks": blocks}
+
+    snap = [seg((0, 0), 20 * mib, 12 * mib, [8 * mib]), seg((0, 0), 2 * mib, 2 * mib),
+            seg((0, 7), 256 * mib, 0, [128 * mib, 128 * mib]), seg((3, 0), 4 * mib, 1 * mib, [3 * mib])]
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(memory_snapshot=lambda: snap))
+    got = gpu_ours.pool_map(fake, {(0, 7): "step+vae_decoder"})
+    assert got == {"general": {"reserved_mib": 22.0, "allocated_mib": 14.0, "segments": 2, "largest_free_mib": 8.0},
+                   "step+vae_decoder": {"reserved_mib": 256.0, "allocated_mib": 0.0, "segments": 1,
+                                        "largest_free_mib": 128.0},
+                   "pool 3:0": {"reserved_mib": 4.0, "allocated_mib": 1.0, "segments": 1, "largest_free_mib": 3.0}}
+    assert gpu_ours.pool_map(types.SimpleNamespace(cuda=types.SimpleNamespace())) == {}
+
+
 def test_launch_count_at_sd15_shapes():
     """benchmarks/launch_count.py on the meta device: every GroupNorm the UNet calls is counted once
     among the fused calls and launches what group_norm.launches() says per implementation (three
