@@ -294,6 +294,14 @@ class FastUNet(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def _resnet(self, r, x, temb):
+        """x: the block's input; or a list holding it that the block pops (the caller keeps no other
+        reference: with the fused epilogues and no autograd the input is overwritten or freed early,
+        fused_resnet_consuming)."""
+        if isinstance(x, list):
+            if self.fused_epilogues and not torch.is_grad_enabled():
+                return fused_resnet_consuming(r, x, temb, r.pm_out_bias_t if id(r) in self.before_transformer
+                                              else r.pm_out_bias)
+            x = x.pop()
         if self.fused_epilogues:  # (+ the next transformer's proj_out bias, see __init__)
             return fused_resnet(r, x, temb, r.pm_out_bias_t if id(r) in self.before_transformer else r.pm_out_bias)
         h = r.conv1(gn_silu(r.norm1, x))
@@ -304,7 +312,11 @@ class FastUNet(nn.Module):
 
     def _attention(self, attn, x, ctx=None):
         """x (N, S, C) -> attn(x) (N, S, C). Self-attention when ctx is None; cross-attention with
-        ctx = (c_k, c_v) contexts, or ctx = kv_index (N,) into the layer's K/V tables."""
+        ctx = (c_k, c_v) contexts, or ctx = kv_index (N,) into the layer's K/V tables. x may be a
+        list holding it, popped here (the caller keeps no other reference): x is then freed once
+        projected, and Q/K/V once attended, before the output projection."""
+        if isinstance(x, list):
+            x = x.pop()
         index = None
         if ctx is None:
             qkv = (attn.pm_qkv_int8(x) if hasattr(attn, "pm_qkv_int8")
@@ -316,7 +328,10 @@ class FastUNet(nn.Module):
         else:
             (k, v), index = self.kv_tables[id(attn)], ctx  # (rows, L, inner) tables, read by row
             q = attn.to_q(x)
+        del x
         out = self.k.attention(q, k, v, attn.heads, attn.scale, kv_index=index)  # (N, S, inner)
+        del q, k, v  # (and a self-attention's fused Q/K/V with them)
+        qkv = None
         return attn.to_out[0](out)
 
     def _add_norm(self, a, h, norm, s_bias=None):
@@ -330,9 +345,12 @@ class FastUNet(nn.Module):
     def _block(self, b, h, ctx):
         fused = self.fused_epilogues
         ff = b.ff.net
-        h, x = self._add_norm(self._attention(b.attn1, b.norm1(h)), h, b.norm2)
+        # the attentions' inputs handed over in lists they pop (freed once projected, see _attention)
+        h, x = self._add_norm(self._attention(b.attn1, [b.norm1(h)]), h, b.norm2)
+        box = [x]
+        del x
         # fused: h then carries ff[2]'s bias, and the feed-forward's output GEMM accumulates into it
-        h, x = self._add_norm(self._attention(b.attn2, x, ctx), h, b.norm3, s_bias=ff[2].bias)
+        h, x = self._add_norm(self._attention(b.attn2, box, ctx), h, b.norm3, s_bias=ff[2].bias)
         chunk = self.ff_chunk
         if not chunk or h.shape[1] <= chunk:  # each temporary dropped as soon as it is read
             a = ff[0].proj(x)
@@ -404,17 +422,24 @@ class FastUNet(nn.Module):
             for d in block.downsamplers or ():
                 h = d.conv(h)
                 skips.append(h)
+        # from here on every block's input is read by that block only: handed over in a list it pops
+        # (_resnet), the upsampler's input freed once upsampled; the down path's are also skips
         mid = u.mid_block
-        h = self._resnet(mid.resnets[0], h, temb[id(mid.resnets[0])])
+        h = self._resnet(mid.resnets[0], h, temb[id(mid.resnets[0])])  # h is also the last skip
         for a, r in zip(mid.attentions, mid.resnets[1:]):
-            h = self._resnet(r, self._transformer(a, h, ctx), temb[id(r)])
+            box = [self._transformer(a, h, ctx)]
+            del h
+            h = self._resnet(r, box, temb[id(r)])
         for block in u.up_blocks:
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for r, a in zip(block.resnets, attns):
-                h = self._resnet(r, torch.cat([h, skips.pop()], dim=1), temb[id(r)])
+                box = [torch.cat([h, skips.pop()], dim=1)]
+                del h
+                h = self._resnet(r, box, temb[id(r)])
                 if a is not None:
                     h = self._transformer(a, h, ctx)
             for up in block.upsamplers or ():
-                h = up.conv(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
-        h = u.conv_out(gn_silu(u.conv_norm_out, h))
+                h = F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest")
+                h = up.conv(h)
+        h = u.conv_out(gn_silu(u.conv_norm_out, h, out=None if torch.is_grad_enabled() else h))
         return h  # (N, 4, h, w) in the UNet's dtype
