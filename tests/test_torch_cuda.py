@@ -428,6 +428,7 @@ def test_shared_pool_order_and_bookkeeping_with_stand_in_graphs(run_bundle, fast
     class Pool:
         def __init__(self, device):
             self.id = (0, 100 + len(pools))
+            self.captures = 0
             pools.append(self)
 
         def routing(self):
@@ -448,10 +449,11 @@ def test_shared_pool_order_and_bookkeeping_with_stand_in_graphs(run_bundle, fast
 
     def capture(fn, device, warm_up, pool=None):
         assert isinstance(pool, Pool), "every shared_pool capture goes to the shared pool"
-        with pool.routing():
+        with pool.routing() if pool.captures else contextlib.nullcontext():  # as capture_graph routes them
             for call in warm_up:
                 call()
         out = fn()
+        pool.captures += 1
         name = getattr(getattr(fn, "__self__", None), "name", None) or fn.__name__
         captures.append((name, pool))
         return Graph(fn, pool, out), out
@@ -485,6 +487,49 @@ def test_shared_pool_order_and_bookkeeping_with_stand_in_graphs(run_bundle, fast
     assert [n for n, _ in captures][-2:] == ["_step", "drop"]
     assert backend._graphed[0].graph is None or backend._graphed[0].key[1] is pools[1]  # nothing left in the old pool
     np.testing.assert_array_equal(shared.generate(PROMPT, **kw).images, a)
+
+
+def test_capture_graph_routes_warm_ups_into_a_used_shared_pool(monkeypatch):
+    """step_graph.capture_graph with a GraphPool, torch.cuda's stream/graph calls stood in for:
+    cuBLAS's workspace is made before any routing; the first capture's warm-ups run outside the
+    pool (their cached blocks go back before the capture), later ones inside it; every capture
+    takes the pool's id."""
+    import contextlib
+    import types
+
+    from pm_runtime.modeling import step_graph as sg
+
+    log = []
+
+    class FakePool(sg.GraphPool):
+        def __init__(self):
+            self.id, self.captures, self.mem_pool = (0, 7), 0, None
+
+        @contextlib.contextmanager
+        def routing(self):
+            log.append("route in")
+            yield
+            log.append("route out")
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None):
+        log.append(("capture", pool))
+        yield
+
+    fake_cuda = types.SimpleNamespace(stream=lambda s: contextlib.nullcontext(), current_stream=lambda d: side,
+                                      CUDAGraph=object, graph=graph, empty_cache=lambda: log.append("empty"))
+    side = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(sg, "_side_stream", lambda device: side)
+    monkeypatch.setattr(sg, "_blas_outside_pools", lambda stream, device: log.append("blas"))
+    monkeypatch.setattr(sg.torch, "cuda", fake_cuda)
+    pool = FakePool()
+    for _ in range(2):
+        g, out = sg.capture_graph(lambda: log.append("fn") or 5, "cuda", warm_up=[lambda: log.append("warm")],
+                                  pool=pool)
+        assert out == 5
+    assert log == ["blas", "warm", ("capture", (0, 7)), "fn", "empty",
+                   "blas", "route in", "warm", "route out", ("capture", (0, 7)), "fn", "empty"]
+    assert pool.captures == 2
 
 
 def test_contexts_stay_on_the_device(fast_pipe, monkeypatch):

@@ -86,6 +86,7 @@ class GraphPool:
 
         self.device = torch.device(device)
         self._nothing = contextlib.nullcontext
+        self.captures = 0  # graphs captured into it so far
         self.mem_pool = None
         if hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
             with torch.cuda.device(self.device):
@@ -106,7 +107,10 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     stream (Triton compiles, cuDNN picks its algorithms: outside the capture), as torch.cuda.graphs
     documents, and the capture runs on that same stream (one cuBLAS workspace for both, not a
     second one for torch.cuda.graph's own capture stream); it goes to memory pool `pool` (None: a
-    pool of its own; a GraphPool: its pool, the warm-ups allocating from it too; else a pool id).
+    pool of its own; a GraphPool: its pool, the warm-ups allocating from it too once an earlier
+    capture left memory in it to reuse (the first capture's warm-ups run in the general pool,
+    whose cached blocks go back to the GPU before the capture: cuDNN's algorithm searches then
+    leave nothing behind in the pool); else a pool id).
     torch.cuda.graph empties the allocator's cache before capturing (the warm-up's activations in
     the general pool go back to the GPU); what the capture left in the general pool goes after it, so
     that between replays the GPU holds the weights and the graph's pool."""
@@ -117,7 +121,7 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     side.wait_stream(torch.cuda.current_stream(device))
     if shared is not None:
         _blas_outside_pools(side, device)
-    routing = shared.routing() if shared is not None else contextlib.nullcontext()
+    routing = shared.routing() if shared is not None and shared.captures else contextlib.nullcontext()
     with torch.cuda.stream(side), torch.inference_mode(), routing:
         for call in warm_up:
             call()
@@ -125,6 +129,8 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(graph, pool=shared.id if shared is not None else pool, stream=side):
         out = fn()
+    if shared is not None:
+        shared.captures += 1
     torch.cuda.empty_cache()
     return graph, out
 
