@@ -24,10 +24,12 @@ STEP_MS, COMPILE_RATIO, IMAGE_S, PSNR_DB, START_S = 6.0, 1.4, 0.35, 30.0, 10.0
 PEAK_GB, LOW_GB, LOW_INT8_GB = 2.5, 2.0, 1.2
 PIPELINE = ("torch-cuda", "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands", "torch-cuda-lean",
             "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv", "torch-cuda-int8", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
-            "torch-cuda-cudnn-heuristics", "torch-cuda-shared-pool", "torch-cuda-shared-pool-offload-te")
+            "torch-cuda-cudnn-heuristics", "torch-cuda-shared-pool", "torch-cuda-shared-pool-offload-te",
+            "torch-cuda-shared-pool-one-stream")
 LOW = ("torch-cuda-low-memory", "torch-cuda-low-memory-batched", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled",
-       "torch-cuda-low-memory-1024-bands", "torch-cuda-low-memory-1024-cudnn-heuristics")
+       "torch-cuda-low-memory-1024-bands", "torch-cuda-low-memory-1024-cudnn-heuristics",
+       "torch-cuda-low-memory-1024-one-stream")
 LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
 COMPILE = "torch-compile-reduce-overhead"
 # other ways of computing the same step (the ablations of the default too: where one is faster, the

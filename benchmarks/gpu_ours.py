@@ -25,6 +25,8 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              VAE decode captured first, the K/V tables left to the decode (shared_pool:
                              the candidate for the 2.5 GB goal with every weight on the GPU; PSNR against
                              torch-cuda's image); -offload-te: with offload_text_encoder as well;
+                             -one-stream: with one_stream (every stage on the graphs' stream: one
+                             cuBLAS workspace, not two; also torch-cuda-low-memory-1024-one-stream);
                              -phases: its per-stage memory (below)
   torch-cuda-gn-grouped      the same with pm_kernels' "grouped" GroupNorm (one or two kernel launches
                              per GroupNorm instead of three: gn_impl="grouped"); -gn-auto: grouped
@@ -396,7 +398,8 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-low-memory-int8",
        "torch-cuda-low-memory-int8-1024", "torch-cuda-cudnn-heuristics", "torch-cuda-low-memory-cudnn-heuristics",
        "torch-cuda-low-memory-1024-cudnn-heuristics",
-       "torch-cuda-shared-pool", "torch-cuda-shared-pool-offload-te",
+       "torch-cuda-shared-pool", "torch-cuda-shared-pool-one-stream", "torch-cuda-low-memory-1024-one-stream",
+       "torch-cuda-shared-pool-offload-te",
        "torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-shared-pool-phases",
        "torch-cuda-warm-start", "profile", "profile-gn-auto")
 
@@ -523,6 +526,11 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             "torch-cuda-low-memory-1024-cudnn-heuristics", bundle, low_memory=True, cudnn_benchmark=False, **big),
         "torch-cuda-shared-pool": lambda: measure_variant("torch-cuda-shared-pool", bundle, shared_pool=True,
                                                           compare=only("torch-cuda"), **common),
+        "torch-cuda-shared-pool-one-stream": lambda: measure_variant(
+            "torch-cuda-shared-pool-one-stream", bundle, shared_pool=True, one_stream=True,
+            compare=only("torch-cuda"), **common),
+        "torch-cuda-low-memory-1024-one-stream": lambda: measure_variant(
+            "torch-cuda-low-memory-1024-one-stream", bundle, low_memory=True, one_stream=True, **big),
         "torch-cuda-shared-pool-offload-te": lambda: measure_variant(
             "torch-cuda-shared-pool-offload-te", bundle, shared_pool=True, offload_text_encoder=True,
             compare=only("torch-cuda"), **common),

@@ -489,6 +489,21 @@ def test_shared_pool_order_and_bookkeeping_with_stand_in_graphs(run_bundle, fast
     np.testing.assert_array_equal(shared.generate(PROMPT, **kw).images, a)
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_one_stream_same_images_nothing_on_the_default_stream(cuda_bundle):
+    """one_stream: each stage's work on the graphs' stream; the images of the default path (same
+    kernels; the stream only orders them), in default and low-memory mode, and the contexts' NaN
+    check between stages sees finished values (the default stream waits on leaving a stage)."""
+    kw = dict(seed=4, steps=6, height=256, width=256)
+    for options in ({}, {"low_memory": True}, {"shared_pool": True}):
+        plain = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", **options)
+        one = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", one_stream=True, **options)
+        a, b = plain.generate(PROMPT, **kw).images, one.generate(PROMPT, **kw).images
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, options
+        np.testing.assert_array_equal(b, one.generate(PROMPT, **kw).images)
+
+
 def test_capture_graph_routes_warm_ups_into_a_used_shared_pool(monkeypatch):
     """step_graph.capture_graph with a GraphPool, torch.cuda's stream/graph calls stood in for:
     cuBLAS's workspace is made before any routing; the first capture's warm-ups run outside the

@@ -90,6 +90,10 @@
   GPU, the whole-pipeline floor is then the weights + ~256 MiB; what the allocator really reserves
   (block rounding, cuDNN's workspaces, the warm-ups' algorithm searches) is for the GPU check
   (variants torch-cuda-shared-pool, -shared-pool-offload-te).
+- one_stream (opt-in; NOT MEASURED on a GPU yet): every network stage's CUDA work on the stream the
+  graphs are warmed up and captured on, not the default stream: PyTorch keeps a cuBLAS workspace
+  (32 MiB on Hopper) for each stream cuBLAS ever ran on, and the eager work (the K/V and time
+  tables, a parked text encoder) put one on the default stream besides the capture stream's.
 - offload_text_encoder (opt-in): the text encoder's weights rest in pinned host memory and are
   copied to the GPU for the one encoding call per image, then dropped (~0.25 GB of fp16 SD-1.5
   weights fewer on the GPU while the UNet and VAE run; H200: first-image peak 2.91 -> 2.66 GB
@@ -102,6 +106,7 @@ Module import needs no torch (the runtime's torch line): torch is imported when 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +145,7 @@ class TorchCudaBackend(Backend):
                  offload_safety_checker: bool = True, vae_tiling: bool | None = None, vae_bands: int | None = None,
                  ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool = True,
                  time_tables: bool = True, step_kernels: bool = True, te_graph: bool = True,
-                 shared_pool: bool = False, **_):
+                 shared_pool: bool = False, one_stream: bool = False, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -197,6 +202,8 @@ class TorchCudaBackend(Backend):
         # one memory pool for every CUDA graph of the backend, warm-ups included (see the docstring)
         self.shared_pool = bool(shared_pool) and self.cuda_graph and not self.low_memory
         self._pool = None  # the current GraphPool (shared_pool), made with the step graph
+        # every CUDA call of a network stage on the graphs' warm-up/capture stream (see network())
+        self.one_stream = bool(one_stream) and self.torch_device.type == "cuda"
         self._graphed: list = []  # the _GraphedNetworks of the loaded networks
         self.hf_modules = bool(hf_modules)  # False: pm_runtime.modeling.standalone's networks where they fit
         # networks whose weights rest in host memory (parked below): loaded there directly
@@ -341,6 +348,30 @@ class TorchCudaBackend(Backend):
 
     def provides(self, network: str) -> bool:
         return network in self.modules
+
+    @contextlib.contextmanager
+    def network(self, name: str):
+        """Backend.network; with one_stream, the stage's CUDA work (uploads, eager calls, graph
+        replays, copies back) runs on step_graph.work_stream, where the graphs are warmed up and
+        captured, instead of the default stream: cuBLAS keeps a workspace (32 MiB on Hopper) per
+        stream it ever ran on, so one stream holds one. On leaving, the default stream waits for
+        it (what the pipeline reads between stages, the contexts' NaN check, runs there)."""
+        if not self.one_stream:
+            with super().network(name) as net:
+                yield net
+            return
+        import torch
+
+        from ..modeling.step_graph import work_stream
+
+        stream = work_stream(self.torch_device)
+        default = torch.cuda.current_stream(self.torch_device)
+        stream.wait_stream(default)
+        try:
+            with torch.cuda.stream(stream), super().network(name) as net:
+                yield net
+        finally:
+            default.wait_stream(stream)
 
     def _step_pool(self):
         """The memory pool of the current captured step graph (an id that is never reused), or None."""

@@ -102,6 +102,12 @@ class GraphPool:
         return torch.cuda.use_mem_pool(self.mem_pool, self.device)
 
 
+def work_stream(device) -> torch.cuda.Stream:
+    """The process's one non-default stream for `device`: where every CUDA graph is warmed up and
+    captured (and, with torch-cuda's one_stream, where the backend runs everything)."""
+    return _side_stream(device)
+
+
 def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     """(CUDA graph of one call of `fn`, that call's output): the `warm_up` calls run first on a side
     stream (Triton compiles, cuDNN picks its algorithms: outside the capture), as torch.cuda.graphs
