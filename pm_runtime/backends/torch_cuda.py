@@ -631,10 +631,15 @@ class _GraphedNetwork:
         with torch.inference_mode():
             args = self.net.device_inputs(inputs)
             pool = self.pool_of()
-            key = (tuple((tuple(a.shape), a.dtype) for a in args), pool)
+            key = self._key(args, pool)
             if key != self.key and not (self.needs_pool and pool is None):
                 self._capture(args, pool)
                 self.key = key
+
+    @staticmethod
+    def _key(args, pool) -> tuple:
+        """What a captured graph is valid for: its inputs' shapes and dtypes, and its memory pool."""
+        return tuple((tuple(a.shape), a.dtype) for a in args), pool
 
     def _call(self):
         return self.net.call(self.static_in)
@@ -656,7 +661,7 @@ class _GraphedNetwork:
             pool = self.pool_of()
             if self.needs_pool and pool is None:  # no pool yet (shared_pool's first image): eagerly
                 return self.net.outputs(self.net.call(args))
-            key = (tuple((tuple(a.shape), a.dtype) for a in args), pool)
+            key = self._key(args, pool)
             if key != self.key:
                 self._capture(args, pool)
                 self.key = key

@@ -23,6 +23,7 @@ eagerly, which is how it is tested against the host loop.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -82,10 +83,7 @@ class GraphPool:
     held alive) before another replays: see TorchCudaBackend.shared_pool."""
 
     def __init__(self, device):
-        import contextlib
-
         self.device = torch.device(device)
-        self._nothing = contextlib.nullcontext
         self.captures = 0  # graphs captured into it so far
         self.mem_pool = None
         if hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
@@ -98,7 +96,7 @@ class GraphPool:
     def routing(self):
         """A context in which this thread's allocations come from the pool (where it can)."""
         if self.mem_pool is None:
-            return self._nothing()
+            return contextlib.nullcontext()
         return torch.cuda.use_mem_pool(self.mem_pool, self.device)
 
 
@@ -120,8 +118,6 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     torch.cuda.graph empties the allocator's cache before capturing (the warm-up's activations in
     the general pool go back to the GPU); what the capture left in the general pool goes after it, so
     that between replays the GPU holds the weights and the graph's pool."""
-    import contextlib
-
     shared = pool if isinstance(pool, GraphPool) else None
     side = _side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
