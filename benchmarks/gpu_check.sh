@@ -58,7 +58,7 @@ echo "== pipeline: peers and torch-cuda"
 # standalone modules, cuDNN attention, the step's profile) and the per-stage memory; the memory
 # variants proper (low memory, int8) run in the new-process stage below. Left out: the ablations
 # already recorded in benchmarks/results (no-kv-tables, the untiled 1024 decode), profile-gn-auto.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-shared-pool,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-shared-pool,torch-cuda-vae-nchw,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
 timeout "$T" python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi

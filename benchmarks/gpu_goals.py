@@ -36,7 +36,7 @@ COMPILE = "torch-compile-reduce-overhead"
 # default's change it undoes did not pay)
 STEP_VARIANTS = ("torch-cuda-gn-auto", "torch-cuda-gn-grouped", "torch-cuda-cudnn-attention", "torch-cuda-pre-fusion",
                  "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables", "torch-cuda-no-step-kernels",
-                 "torch-cuda-no-te-graph", "torch-cuda-shared-pool")
+                 "torch-cuda-no-te-graph", "torch-cuda-shared-pool", "torch-cuda-vae-nchw")
 
 
 def load(folder: pathlib.Path) -> dict[str, list[dict]]:

@@ -15,6 +15,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              GPU only for its call (offload_text_encoder: peak memory vs image time)
   torch-cuda-vae-graph       the same with the VAE decode captured as a CUDA graph in the step graph's
                              memory pool (vae_graph: the decode reuses the step's activation memory)
+  torch-cuda-vae-nchw        the same with the VAE decoder in the NCHW layout (vae_channels_last=False:
+                             what ran before channels-last became its default; decode time in
+                             timings_last_image, image PSNR against torch-cuda's)
   torch-cuda-vae-bands       the same with the VAE decoder's full-resolution end in 32-row bands
                              (vae_bands: exact, less decode memory; PSNR against torch-cuda's image)
   torch-cuda-lean            offload-te + vae-graph together (the candidate for the 2.5 GB goal)
@@ -387,7 +390,7 @@ def profile_step(bundle: Path, size: int, log=print, gn_impl: str | None = None)
 
 ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables",
        "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph",
-       "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-bands",
+       "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-nchw", "torch-cuda-vae-bands",
        "torch-cuda-lean", "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv",
        "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
        "torch-cuda-cudnn-attention", "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory",
@@ -478,6 +481,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-offload-te": lambda: measure_variant("torch-cuda-offload-te", bundle, offload_text_encoder=True,
                                                          **common),
         "torch-cuda-vae-graph": lambda: measure_variant("torch-cuda-vae-graph", bundle, vae_graph=True, **common),
+        "torch-cuda-vae-nchw": lambda: measure_variant("torch-cuda-vae-nchw", bundle, vae_channels_last=False,
+                                                       compare=only("torch-cuda"), **common),
         "torch-cuda-vae-bands": lambda: measure_variant("torch-cuda-vae-bands", bundle, vae_bands=32,
                                                         compare=only("torch-cuda"), **common),
         "torch-cuda-lean": lambda: measure_variant("torch-cuda-lean", bundle, vae_graph=True,

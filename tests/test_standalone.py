@@ -157,6 +157,32 @@ def test_vae_decoder_consuming_blocks_same_values_less_memory():
     assert peak_held >= 320 * 2**20
 
 
+def test_vae_decoder_channels_last_same_image():
+    """torch-cuda's default VAE layout (vae_channels_last): the decoder's weights channels-last, its
+    activations following, under the Triton interpreter (the GroupNorm's channels-last path, in
+    place included), whole and in row bands: the NCHW decoder's image."""
+    import copy
+
+    import pm_kernels
+
+    torch.manual_seed(1)
+    hf = diffusers.AutoencoderKL(**VAE_CONFIG).eval()
+    vae = standalone.build(VAE_DECODER, _state(hf, keep=("decoder.", "post_quant_conv.")), _hf_config(hf))
+    nhwc = copy.deepcopy(vae).to(memory_format=torch.channels_last)
+    assert nhwc.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    z = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(2))
+    pm_kernels.set_enabled(True)
+    try:
+        with torch.no_grad():
+            for bands in (None, 16):
+                vae.band_rows = nhwc.band_rows = bands
+                ref, out = vae(z), nhwc(z)
+                assert out.is_contiguous(memory_format=torch.channels_last) or bands
+                _close(out, ref)
+    finally:
+        pm_kernels.set_enabled(torch.cuda.is_available())
+
+
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_text_encoder_contexts_and_attention_as_transformers(act):
     torch.manual_seed(2)

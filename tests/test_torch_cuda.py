@@ -372,6 +372,11 @@ def test_gpu_vae_graph_and_offloaded_text_encoder_give_the_same_image(cuda_bundl
     assert np.abs(a.astype(int) - eager_te.generate(PROMPT, **kw).images.astype(int)).max() <= 1
     other = "a photo of <persona> reading a book, by a window"
     np.testing.assert_array_equal(plain.generate(other, **kw).images, plain.generate(other, **kw).images)
+    # the VAE decoder channels-last (vae_channels_last, default on) against NCHW, and parked in
+    # low-memory mode (its weights rest channels-last in host memory)
+    nchw = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", vae_channels_last=False)
+    assert plain.backend.modules["vae_decoder"].vae.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.abs(a.astype(int) - nchw.generate(PROMPT, **kw).images.astype(int)).max() <= 1
 
 
 @pytest.mark.gpu

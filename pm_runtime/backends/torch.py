@@ -95,7 +95,7 @@ class TorchNetwork:
         call overwrites) or a float32 numpy array."""
         if self.device_outputs:
             return {n: DeviceArray(o.clone() if copy else o) for n, o in zip(self.output_names, outs)}
-        return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
+        return {n: o.float().contiguous().cpu().numpy() for n, o in zip(self.output_names, outs)}  # any layout
 
     def run(self, inputs):
         import torch
