@@ -398,7 +398,8 @@ def test_gpu_shared_pool_same_images_one_pool(cuda_bundle):
     pools = backend.graph_pools()
     assert len(pools) == 1 and set(next(iter(pools.values())).split("+")) == {"step", "vae_decoder", "text_encoder"}
     assert np.abs(a.astype(int) - first.astype(int)).max() <= 1
-    np.testing.assert_array_equal(first, second)
+    assert np.abs(first.astype(int) - second.astype(int)).max() <= 1  # the text encoder eager, then graphed
+    np.testing.assert_array_equal(second, shared.generate(PROMPT, **kw).images)  # replays: the same bytes
     other = "a photo of <persona> reading a book, by a window"
     assert np.abs(plain.generate(other, **kw).images.astype(int)
                   - shared.generate(other, **kw).images.astype(int)).max() <= 1
