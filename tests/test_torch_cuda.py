@@ -407,6 +407,11 @@ def test_gpu_shared_pool_same_images_one_pool(cuda_bundle):
     c = shared.generate(PROMPT, **{**kw, "height": 320})
     assert c.images.shape[1] == 320 and backend._pool is not old_pool
     np.testing.assert_array_equal(second, shared.generate(PROMPT, **kw).images)
+    # the text encoder parked in host memory, its weights borrowing the pool's memory from the second image
+    lean = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", shared_pool=True,
+                         offload_text_encoder=True)
+    for _ in range(2):
+        assert np.abs(a.astype(int) - lean.generate(PROMPT, **kw).images.astype(int)).max() <= 1
     loop = next(iter(backend._loops.values()))
     x = loop.x.clone()
     loop.refill()
@@ -493,6 +498,24 @@ def test_shared_pool_order_and_bookkeeping_with_stand_in_graphs(run_bundle, fast
     assert [n for n, _ in captures][-2:] == ["_step", "drop"]
     assert backend._graphed[0].graph is None or backend._graphed[0].key[1] is pools[1]  # nothing left in the old pool
     np.testing.assert_array_equal(shared.generate(PROMPT, **kw).images, a)
+    # a text encoder parked in host memory (offload_text_encoder): its weights copied into the pool for
+    # its stage once the pool exists (not in the first image's, before the step graph made it)
+    borrowed = []
+
+    @contextlib.contextmanager
+    def allocating_in(pool, device):
+        borrowed.append(pool)
+        yield
+
+    monkeypatch.setattr(sg, "allocating_in", allocating_in)
+    lean = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", shared_pool=True,
+                         offload_text_encoder=True)
+    first = lean.generate(PROMPT, **kw).images
+    assert borrowed == [] and len(lean.backend._graphed) == 1  # the decode's graph; the parked encoder is eager
+    second = lean.generate(PROMPT, **kw).images
+    assert borrowed == [lean.backend._pool]
+    np.testing.assert_array_equal(first, second)
+    assert psnr(first, ref) > 60
 
 
 @pytest.mark.gpu

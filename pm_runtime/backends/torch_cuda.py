@@ -85,6 +85,10 @@
   flat buffer) and let go once the step is captured, so the decode reuses their memory too (the
   tables are dead after the last step and rewritten by the fill before the next image's first);
   the text encoder runs eagerly in the first image and is captured into the pool from the second.
+  Networks parked in host memory (offload_text_encoder, the safety checker) copy their weights into
+  the pool's memory for their stage once it exists (nothing in it is alive between replays but the
+  graphs' static outputs): with offload_text_encoder the text encoder's 0.25 GB then borrow the
+  decode's memory instead of adding to the peak (by count: UNet + VAE weights + ~0.26 GiB).
   Safe because these graphs replay one at a time in a fixed order and each one's outputs are copied
   out (or were held alive through the captures after it) before another replays. Counted without a
   GPU, the whole-pipeline floor is then the weights + ~256 MiB; what the allocator really reserves
@@ -326,7 +330,7 @@ class TorchCudaBackend(Backend):
         spec = self.specs[network]
         module = self.modules[network]
         if network in self._parked:
-            self._parked[network].attach()
+            self._attach(network)
         if network == UNET:
             module = self._fast_unet(module)
         elif network == VAE_DECODER:
@@ -441,12 +445,29 @@ class TorchCudaBackend(Backend):
         fast.fused_epilogues = self.fused_epilogues
         return fast
 
+    def _attach(self, network: str) -> None:
+        """Copy a parked network's weights to the device for its stage. With shared_pool, once the
+        pool exists, into the pool's memory: between the graphs' replays it holds nothing alive but
+        their static outputs (every graph's work memory is dead then: the decode's, the step's, the
+        K/V tables', refilled before the next step), so a parked text encoder (offload_text_encoder)
+        or safety checker borrows it instead of adding its weights to the GPU's peak."""
+        pool = self._pool if self.shared_pool else None
+        if pool is None:
+            self._parked[network].attach()
+            return
+        from ..modeling.step_graph import allocating_in
+
+        with allocating_in(pool, self.torch_device):
+            self._parked[network].attach()
+
     def _free(self, net) -> None:
         import torch
 
         if net.spec.name in self._parked:
             if net.spec.name == UNET:
                 self._loops.clear()  # captured graphs point at the weights that leave the device
+            if self._pool is not None and self.torch_device.type == "cuda":
+                torch.cuda.synchronize(self.torch_device)  # nothing in flight reads them when the pool reuses them
             self._parked[net.spec.name].detach()  # the device copies go; the pinned host weights stay
         net.engine = None
         if self.torch_device.type == "cuda":

@@ -106,6 +106,19 @@ def work_stream(device) -> torch.cuda.Stream:
     return _side_stream(device)
 
 
+@contextlib.contextmanager
+def allocating_in(pool: GraphPool, device):
+    """Allocations of the block come from `pool`, on work_stream (the stream its blocks belong to:
+    the caching allocator reuses a free block only on the stream that freed it); the block's work
+    runs there, ordered after the current stream's and before what the current stream does next."""
+    side = work_stream(device)
+    current = torch.cuda.current_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side), pool.routing():
+        yield
+    current.wait_stream(side)
+
+
 def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     """(CUDA graph of one call of `fn`, that call's output): the `warm_up` calls run first on a side
     stream (Triton compiles, cuDNN picks its algorithms: outside the capture), as torch.cuda.graphs
