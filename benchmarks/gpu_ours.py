@@ -27,7 +27,8 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-shared-pool     the same with one memory pool for every CUDA graph and its warm-ups, the
                              VAE decode captured first, the K/V tables left to the decode (shared_pool:
                              the candidate for the 2.5 GB goal with every weight on the GPU; PSNR against
-                             torch-cuda's image); -offload-te: with offload_text_encoder as well;
+                             torch-cuda's image); -offload-te: with offload_text_encoder as well (its
+                             weights then borrow the pool's memory for their stage);
                              -one-stream: with one_stream (every stage on the graphs' stream: one
                              cuBLAS workspace, not two; also torch-cuda-low-memory-1024-one-stream);
                              -phases: its per-stage memory (below)
