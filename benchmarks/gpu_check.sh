@@ -40,11 +40,11 @@ limit() { local l; l=$(left); [ "$l" -lt "${2:-$MIN}" ] && { echo 0; return; }; 
 skipped() { echo "== skipped for time ($(left) s left of ${BUDGET} s): $*"; }
 # go NAME CAP [MIN]: whether stage NAME runs now, with time limit T; says so where time is short
 go() { stage "$1" || return 1; T=$(limit "$2" "${3:-$MIN}"); [ "$T" -gt 0 ] && return 0; skipped "stage $1"; return 1; }
-if go tests ${PM_TESTS_TIMEOUT:-120}; then
+if go tests ${PM_TESTS_TIMEOUT:-150}; then
     echo "== gpu tests"
     timeout "$T" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_torch_cuda.py \
         tests/test_int8_weights.py tests/test_vae_bands.py 2>&1 \
-        | tail -8
+        | tee "$OUT/gpu_tests.log" | tail -8  # the whole output (failures' tracebacks) in gpu_tests.log
 fi
 if go kernels 60 $(( MIN / 2 )); then
 echo "== kernels"
