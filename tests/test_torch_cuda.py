@@ -533,6 +533,41 @@ def test_gpu_one_stream_same_images_nothing_on_the_default_stream(cuda_bundle):
         np.testing.assert_array_equal(b, one.generate(PROMPT, **kw).images)
 
 
+def test_graph_pool_routes_with_a_device_index(monkeypatch):
+    """torch.cuda.use_mem_pool refuses a "cuda" device without an index (ValueError from
+    _get_device_index, which it calls on its device argument): GraphPool("cuda") gives it one. The
+    MemPool and use_mem_pool stood in for, the latter making the same device check."""
+    import contextlib
+
+    from torch.cuda._utils import _get_device_index
+
+    from pm_runtime.modeling import step_graph as sg
+
+    class MemPool:
+        id = (0, 3)
+
+    checked = []
+
+    def use_mem_pool(pool, device=None):
+        checked.append(_get_device_index(device))  # what use_mem_pool does with a device it is given
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    class Device(contextlib.nullcontext):  # torch.cuda.device (a class: _get_device_index tests against it)
+        pass
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "MemPool", MemPool, raising=False)
+    monkeypatch.setattr(torch.cuda, "use_mem_pool", use_mem_pool, raising=False)
+    with pytest.raises(ValueError, match="index"):
+        use_mem_pool(MemPool(), torch.device("cuda"))  # the stand-in refuses what the real one refuses
+    pool = sg.GraphPool("cuda")
+    assert pool.id == (0, 3) and pool.device == torch.device("cuda", 0)
+    with pool.routing():
+        pass
+    assert checked == [0]
+
+
 def test_capture_graph_routes_warm_ups_into_a_used_shared_pool(monkeypatch):
     """step_graph.capture_graph with a GraphPool, torch.cuda's stream/graph calls stood in for:
     cuBLAS's workspace is made before any routing; the first capture's warm-ups run outside the

@@ -83,7 +83,9 @@ class GraphPool:
     held alive) before another replays: see TorchCudaBackend.shared_pool."""
 
     def __init__(self, device):
-        self.device = torch.device(device)
+        device = torch.device(device)
+        # with its index: torch.cuda.use_mem_pool refuses a "cuda" device without one
+        self.device = torch.device(device.type, torch.cuda.current_device() if device.index is None else device.index)
         self.captures = 0  # graphs captured into it so far
         self.mem_pool = None
         if hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
