@@ -49,21 +49,16 @@ def _side_stream(device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[key]
 
 
-_BLAS_READY: set = set()  # the side streams whose cuBLAS workspace exists (see _blas_outside_pools)
-
-
 def _blas_outside_pools(stream, device) -> None:
-    """cuBLAS keeps a workspace per (handle, stream) for the life of the process, made by its first
-    call there through PyTorch's allocator: made inside a GraphPool's routing it would sit in (and
-    pin) one of the pool's segments after the pool is let go. One small matmul (and addmm: the
-    cuBLASLt path) on `stream` first, outside any routing, makes it in the general pool."""
-    key = (torch.device(device), id(stream))
-    if key in _BLAS_READY:
-        return
+    """cuBLAS keeps a workspace per (handle, stream) for the life of the process (or until PyTorch's
+    workspaces are cleared, as the GPU benchmark does between variants), made by its first call
+    there through PyTorch's allocator: made inside a GraphPool's routing it would sit in (and pin)
+    one of the pool's segments after the pool is let go. One small matmul (and addmm: the cuBLASLt
+    path) on `stream` before any routing makes it in the general pool (a few microseconds where it
+    exists already: done before every routed warm-up, captures being rare)."""
     with torch.cuda.stream(stream), torch.inference_mode():
         a = torch.zeros((16, 16), dtype=torch.float16, device=device)
         torch.addmm(a[0], a, torch.mm(a, a))
-    _BLAS_READY.add(key)
 
 
 def graphs_available(device) -> bool:
