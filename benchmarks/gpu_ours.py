@@ -61,7 +61,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              memory of each network's stage recorded apart (allocated before, peak
                              while loading, peak while running, allocated after; and after each stage
                              the allocator's segments by memory pool: the general pool and each graph's,
-                             reserved / allocated / largest free block): where the peak is
+                             reserved / allocated / largest free block): where the peak is (with
+                             shared_pool the decode's capture, made when the step graph is, shows
+                             as a vae_decoder stage inside the unet one; maxima are merged)
   profile                    one step's kernels alone (torch.profiler, eager: a 4-step image less a
                              2-step one), by kernel and by class (convolution, GEMM, attention,
                              GroupNorm, ...); gpu_goals sets them beside the graphed step's p50
