@@ -285,13 +285,12 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
         return y if out is None else out.copy_(y)
     n, c, h, w = x.shape
     x, fmt = dense(x)
-    if out is None or out.data_ptr() == x.data_ptr() and out.stride() == x.stride():
-        y = x if out is not None else torch.empty_like(x, memory_format=fmt)
-    else:  # a separate tensor: written through its own strides when dense, else via a copy
+    if out is None:
+        y = torch.empty_like(x, memory_format=fmt)
+    else:  # written through its own strides where dense in either layout (x itself included)
         y, _ = dense(out)
-        if y.data_ptr() != out.data_ptr():  # not dense: computed apart, copied in
-            out.copy_(group_norm_silu(x, weight, bias, num_groups, eps, temb=temb, silu=silu))
-            return out
+        if y is not out:  # not dense: computed apart, copied in
+            return out.copy_(group_norm_silu(x, weight, bias, num_groups, eps, temb=temb, silu=silu))
     hw, cpg = h * w, c // num_groups
     s_n, s_c, s_p = x.stride(0), x.stride(1), x.stride(3)  # pixel p = h*W + w: stride(2) == W*stride(3)
     o_n, o_c, o_p = y.stride(0), y.stride(1), y.stride(3)
@@ -303,7 +302,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     t_n = t.stride(0) if temb is not None else 0
     if _takes_grouped(cpg * hw, _IMPL):
         _grouped(x, t, t_n, weight, bias, y, num_groups, eps, temb is not None, silu, (s_n, s_c, s_p), (o_n, o_c, o_p))
-        return y if out is None else out
+        return y
     nhwc = s_c == 1 and c > 1
 
     # pass 1: enough programs (~512) to fill a big GPU, each looping over whole tiles of its pixel range
@@ -325,7 +324,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     block_p, block_c = _tile(hw, c, nhwc, 4096)
     _gn_apply[(n, _ceil(hw, block_p), _ceil(c, block_c))](x, ss, y, c, hw, s_n, s_c, s_p, o_n, o_c, o_p,
                                                          SILU=bool(silu), BLOCK_P=block_p, BLOCK_C=block_c)
-    return y if out is None else out
+    return y
 
 
 def _grouped_plan(shape, num_groups: int) -> tuple[int, int, int, int]:

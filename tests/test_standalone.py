@@ -50,6 +50,13 @@ def _state(module, keep=None) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items() if keep is None or k.startswith(keep)}
 
 
+def _tiny_decoders() -> tuple:
+    """(the tiny model's diffusers AutoencoderKL, the standalone VAE decoder built from its weights)."""
+    torch.manual_seed(1)
+    hf = diffusers.AutoencoderKL(**VAE_CONFIG).eval()
+    return hf, standalone.build(VAE_DECODER, _state(hf, keep=("decoder.", "post_quant_conv.")), _hf_config(hf))
+
+
 def _close(a, b, rel=1e-5):
     err = float((a - b).abs().max())
     assert err <= rel * max(float(b.abs().max()), 1.0), err
@@ -85,9 +92,7 @@ def test_unet_tree_computes_diffusers_unet(config):
 
 
 def test_vae_decoder_decodes_as_diffusers():
-    torch.manual_seed(1)
-    hf = diffusers.AutoencoderKL(**VAE_CONFIG).eval()
-    vae = standalone.build(VAE_DECODER, _state(hf, keep=("decoder.", "post_quant_conv.")), _hf_config(hf))
+    hf, vae = _tiny_decoders()
     z = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = VaeDecoderGraph(hf)(z)
@@ -128,9 +133,7 @@ def test_vae_decoder_consuming_blocks_same_values_less_memory():
     from pm_bench.live_memory import peak_of
     from pm_bench.random_models import SD15_VAE_CONFIG
 
-    torch.manual_seed(1)
-    hf = diffusers.AutoencoderKL(**VAE_CONFIG).eval()
-    vae = standalone.build(VAE_DECODER, _state(hf, keep=("decoder.", "post_quant_conv.")), _hf_config(hf))
+    _, vae = _tiny_decoders()
     z = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(2))
     pm_kernels.set_enabled(True)
     try:
@@ -165,9 +168,7 @@ def test_vae_decoder_channels_last_same_image():
 
     import pm_kernels
 
-    torch.manual_seed(1)
-    hf = diffusers.AutoencoderKL(**VAE_CONFIG).eval()
-    vae = standalone.build(VAE_DECODER, _state(hf, keep=("decoder.", "post_quant_conv.")), _hf_config(hf))
+    _, vae = _tiny_decoders()
     nhwc = copy.deepcopy(vae).to(memory_format=torch.channels_last)
     assert nhwc.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     z = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(2))

@@ -397,14 +397,13 @@ class TorchCudaBackend(Backend):
         return self._pool
 
     def _new_shared_pool(self, latent_shape) -> None:
-        """shared_pool, before a step graph is captured: every graph of the backend lets go of the
-        old pool (the text encoder's and the decode's re-capture into the new one when next called),
+        """shared_pool, before a step graph is captured (the old one already dropped): every other
+        graph of the backend lets go of the old pool (the text encoder's and the decode's re-capture into the new one when next called),
         and the VAE decode of one latent of `latent_shape` (C, h, w) is captured first: the largest
         activations of the three networks' graphs come first into the pool, so the later captures
         carve their blocks out of its memory instead of adding segments."""
         from ..modeling.step_graph import GraphPool
 
-        self._loops.clear()
         for g in self._graphed:
             g.release()
         self._pool = GraphPool(self.torch_device)
@@ -451,13 +450,12 @@ class TorchCudaBackend(Backend):
         their static outputs (every graph's work memory is dead then: the decode's, the step's, the
         K/V tables', refilled before the next step), so a parked text encoder (offload_text_encoder)
         or safety checker borrows it instead of adding its weights to the GPU's peak."""
-        pool = self._pool if self.shared_pool else None
-        if pool is None:
+        if self._pool is None:  # (made by shared_pool's step graphs only)
             self._parked[network].attach()
             return
         from ..modeling.step_graph import allocating_in
 
-        with allocating_in(pool, self.torch_device):
+        with allocating_in(self._pool, self.torch_device):
             self._parked[network].attach()
 
     def _free(self, net) -> None:
@@ -634,7 +632,8 @@ class _Parked:
 
 class _GraphedNetwork:
     """A TorchNetwork run as one CUDA graph per input signature (shapes and dtypes; and memory pool:
-    `pool_of()` -> a pool id or None for a pool of its own): the inputs are uploaded as the network
+    `pool_of()` -> a pool id, a GraphPool, or None for a pool of its own; with needs_pool=True, None
+    means no graph yet: called eagerly): the inputs are uploaded as the network
     would upload them, copied into the graph's static inputs, the graph replays, and the outputs are
     copied out of its static outputs (to the host, or on the device as DeviceArrays) before any
     later replay can overwrite them. Re-captured when the signature or the pool changes (one graph
@@ -662,15 +661,18 @@ class _GraphedNetwork:
         with torch.inference_mode():
             args = self.net.device_inputs(inputs)
             pool = self.pool_of()
-            key = self._key(args, pool)
-            if key != self.key and not (self.needs_pool and pool is None):
-                self._capture(args, pool)
-                self.key = key
+            if not (self.needs_pool and pool is None):
+                self._ready(args, pool)
 
-    @staticmethod
-    def _key(args, pool) -> tuple:
-        """What a captured graph is valid for: its inputs' shapes and dtypes, and its memory pool."""
-        return tuple((tuple(a.shape), a.dtype) for a in args), pool
+    def _ready(self, args, pool) -> bool:
+        """Capture for the signature of `args` (shapes and dtypes) in `pool` unless the graph held is
+        that one; whether it captured now."""
+        key = (tuple((tuple(a.shape), a.dtype) for a in args), pool)
+        if key == self.key:
+            return False
+        self._capture(args, pool)
+        self.key = key
+        return True
 
     def _call(self):
         return self.net.call(self.static_in)
@@ -692,11 +694,7 @@ class _GraphedNetwork:
             pool = self.pool_of()
             if self.needs_pool and pool is None:  # no pool yet (shared_pool's first image): eagerly
                 return self.net.outputs(self.net.call(args))
-            key = self._key(args, pool)
-            if key != self.key:
-                self._capture(args, pool)
-                self.key = key
-            else:
+            if not self._ready(args, pool):  # (a capture takes its static inputs from args)
                 for static, a in zip(self.static_in, args):
                     static.copy_(a)
             if self.graph is not None:

@@ -297,13 +297,13 @@ class FastUNet(nn.Module):
         """x: the block's input; or a list holding it that the block pops (the caller keeps no other
         reference: with the fused epilogues and no autograd the input is overwritten or freed early,
         fused_resnet_consuming)."""
-        if isinstance(x, list):
-            if self.fused_epilogues and not torch.is_grad_enabled():
-                return fused_resnet_consuming(r, x, temb, r.pm_out_bias_t if id(r) in self.before_transformer
-                                              else r.pm_out_bias)
-            x = x.pop()
         if self.fused_epilogues:  # (+ the next transformer's proj_out bias, see __init__)
-            return fused_resnet(r, x, temb, r.pm_out_bias_t if id(r) in self.before_transformer else r.pm_out_bias)
+            bias = r.pm_out_bias_t if id(r) in self.before_transformer else r.pm_out_bias
+            if isinstance(x, list) and not torch.is_grad_enabled():
+                return fused_resnet_consuming(r, x, temb, bias)
+            return fused_resnet(r, x.pop() if isinstance(x, list) else x, temb, bias)
+        if isinstance(x, list):
+            x = x.pop()
         h = r.conv1(gn_silu(r.norm1, x))
         h = r.conv2(gn_silu(r.norm2, h, temb=temb))  # norm2(h + temb) + SiLU, fused
         if r.conv_shortcut is not None:
@@ -323,6 +323,7 @@ class FastUNet(nn.Module):
                    else F.linear(x, attn.pm_qkv, attn.pm_qkv_bias))  # (N, S, 3 inner)
             inner = qkv.shape[-1] // 3
             q, k, v = qkv[..., :inner], qkv[..., inner:2 * inner], qkv[..., 2 * inner:]
+            del qkv  # its memory lives on in the views q, k, v
         elif isinstance(ctx, tuple):
             q, k, v = attn.to_q(x), attn.to_k(ctx[0]), attn.to_v(ctx[1])  # (N, S, inner), (N, L, inner) x 2
         else:
@@ -331,7 +332,6 @@ class FastUNet(nn.Module):
         del x
         out = self.k.attention(q, k, v, attn.heads, attn.scale, kv_index=index)  # (N, S, inner)
         del q, k, v  # (and a self-attention's fused Q/K/V with them)
-        qkv = None
         return attn.to_out[0](out)
 
     def _add_norm(self, a, h, norm, s_bias=None):
