@@ -97,7 +97,7 @@
 - vae_channels_last (default on; NOT MEASURED on a GPU yet): the VAE decoder's convolution weights in
   the channels-last layout on CUDA, as the UNet's (its activations follow: cuDNN's NHWC
   convolutions, pm_kernels' coalesced channels-last GroupNorm path); before, the decoder ran NCHW
-  (H200: 15.8 ms per 512 px decode, ~2 TFLOP of convolutions). Variant torch-cuda-vae-nchw.
+  (H200: 15.8 ms per 512 px decode). Variant torch-cuda-vae-nchw.
 - one_stream (opt-in; NOT MEASURED on a GPU yet): every network stage's CUDA work on the stream the
   graphs are warmed up and captured on, not the default stream: PyTorch keeps a cuBLAS workspace
   (32 MiB on Hopper) for each stream cuBLAS ever ran on, and the eager work (the K/V and time
