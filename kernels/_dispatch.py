@@ -70,6 +70,27 @@ def kernel_path(name_or_tensor, tensor=None) -> str:
     return "triton" if interpreting() and tensor.device.type == "cpu" else "reference"
 
 
+# Integer arguments (sizes): Triton specialises each on being 1 and on divisibility by 16, and
+# vectorises a masked load or store along a contiguous axis (16-byte accesses: eight fp16 values)
+# only where the mask's bound is known to be a multiple of the vector: `cols < C` with C
+# unspecialised compiles to one 2-byte access per element. The channel counts and pixel counts of
+# SD's layers (320 ... 2560 channels, 64 ... 16384 pixels at 512-1024 px) all divide by 16, so a
+# few compiled variants (a program count of 1, say) serve every layer. Until this rule the
+# GroupNorm, residual, LayerNorm and step kernels kept their sizes unspecialised ("one compiled
+# kernel for every size"), and Triton compiled all their fp16 accesses to 2-byte loads and stores
+# (benchmarks/compile_check.py reports each kernel's access widths). PM_KERNELS_GENERIC_SIZES=1 in
+# the environment (read at import) brings that back: the benchmark's A/B of this rule.
+GENERIC_SIZES = os.environ.get("PM_KERNELS_GENERIC_SIZES", "0") == "1"
+
+
+def jit(*sizes: str):
+    """triton.jit for a kernel whose integer arguments `sizes` are tensor sizes: specialised as
+    Triton does by default (see above), or not with PM_KERNELS_GENERIC_SIZES=1."""
+    import triton
+
+    return triton.jit(do_not_specialize=list(sizes) if GENERIC_SIZES else [])
+
+
 def layout(t):
     """torch.channels_last for a 4-D tensor dense in that layout (and not also plain contiguous), else
     torch.contiguous_format: the memory format a kernel's output keeps."""

@@ -41,7 +41,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import dense, kernel_path, layout, next_pow2
+from ._dispatch import dense, jit as _jit, kernel_path, layout, next_pow2
 
 try:
     import triton
@@ -105,9 +105,10 @@ def _takes_grouped(group_elements: int, impl: str) -> bool:
 
 
 if triton is not None:
-    # Sizes are not specialised on (one compiled kernel serves every layer of a UNet); strides are
-    # (a unit stride tells Triton which tile axis is contiguous; divisibility by 16 lets it vectorise).
-    @triton.jit(do_not_specialize=["C", "HW", "SPLIT", "CHUNK"])
+    # Sizes and strides are specialised (_dispatch.jit): a unit stride tells Triton which tile axis is
+    # contiguous, and sizes and strides divisible by 16 let it vectorise the masked loads and stores
+    # along it; SD's sizes all divide by 16, so one compiled kernel still serves every layer of a UNet.
+    @_jit("C", "HW", "SPLIT", "CHUNK")
     def _gn_partial(x_ptr, part_ptr, C, HW, SPLIT, CHUNK, s_n, s_c, s_p,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         n, sp, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -130,7 +131,7 @@ if triton is not None:
         tl.store(out, tl.sum(acc, 0), mask=cmask)
         tl.store(out + C, tl.sum(acc2, 0), mask=cmask)
 
-    @triton.jit(do_not_specialize=["C", "HW", "G", "CPG", "SPLIT", "eps"])
+    @_jit("C", "HW", "G", "CPG", "SPLIT")
     def _gn_finalize(x_ptr, t_ptr, w_ptr, b_ptr, part_ptr, ss_ptr, C, HW, G, CPG, SPLIT, eps, s_n, s_c, t_n,
                      HAS_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
         ng = tl.program_id(0)
@@ -163,7 +164,7 @@ if triton is not None:
         tl.store(ss_ptr + n * 2 * C + cs, scale, mask=jmask)  # ss (N, 2, C)
         tl.store(ss_ptr + n * 2 * C + C + cs, shift, mask=jmask)
 
-    @triton.jit(do_not_specialize=["C", "HW"])
+    @_jit("C", "HW")
     def _gn_apply(x_ptr, ss_ptr, y_ptr, C, HW, s_n, s_c, s_p, o_n, o_c, o_p, SILU: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         n, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -208,7 +209,7 @@ if triton is not None:
         dev = tl.where(cmask, mean_c - mean, 0.0)
         return mean, tl.sum(tl.where(cmask, m2_c, 0.0), 0) + npix * tl.sum(dev * dev, 0)
 
-    @triton.jit(do_not_specialize=["HW", "G", "CPG", "SPLIT", "CHUNK"])
+    @_jit("HW", "G", "CPG", "SPLIT", "CHUNK")
     def _gn_grp_stats(x_ptr, t_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, s_n, s_c, s_p, t_n, HAS_T: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         ng, sp = tl.program_id(0), tl.program_id(1)
@@ -218,7 +219,7 @@ if triton is not None:
         tl.store(part_ptr + (ng * SPLIT + sp) * 2, mean)
         tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, m2)
 
-    @triton.jit(do_not_specialize=["HW", "G", "CPG", "SPLIT", "CHUNK", "eps"])
+    @_jit("HW", "G", "CPG", "SPLIT", "CHUNK")
     def _gn_grp_apply(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, eps, s_n, s_c, s_p,
                       t_n, o_n, o_c, o_p, HAS_T: tl.constexpr, SILU: tl.constexpr, FUSED: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):

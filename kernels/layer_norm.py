@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import kernel_path, next_pow2
+from ._dispatch import jit as _jit, kernel_path, next_pow2
 
 try:
     import triton
@@ -37,7 +37,7 @@ def add_layer_norm_reference(a, r, weight, bias, eps: float, s_bias=None):
 
 
 if triton is not None:
-    @triton.jit(do_not_specialize=["M", "C", "eps"])
+    @_jit("M", "C")
     def _add_layer_norm(a_ptr, r_ptr, w_ptr, b_ptr, sb_ptr, s_ptr, y_ptr, M, C, eps, HAS_W: tl.constexpr,
                         HAS_B: tl.constexpr, HAS_SB: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)

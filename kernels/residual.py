@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import dense, kernel_path, layout
+from ._dispatch import dense, jit as _jit, kernel_path, layout
 
 try:
     import triton
@@ -27,7 +27,7 @@ def add_bias_residual_reference(h, x, bias=None, out=None):
 
 
 if triton is not None:
-    @triton.jit(do_not_specialize=["total", "C", "HW"])
+    @_jit("total", "C", "HW")
     def _add_bias_residual(h_ptr, x_ptr, b_ptr, y_ptr, total, C, HW, HAS_B: tl.constexpr, NHWC: tl.constexpr,
                            BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import kernel_path
+from ._dispatch import jit as _jit, kernel_path
 
 try:
     import triton
@@ -52,7 +52,7 @@ def guided_update_reference(uncond, cond, x, x0_prev, noise, coef, step, guidanc
 
 
 if triton is not None:
-    @triton.jit(do_not_specialize=["total", "C", "HW"])
+    @_jit("total", "C", "HW")
     def _scaled_copies(x_ptr, s_ptr, step_ptr, y_ptr, total, C, HW, COPIES: tl.constexpr, NHWC: tl.constexpr,
                        BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # x's (NCHW) element index
@@ -68,7 +68,7 @@ if triton is not None:
         for k in tl.static_range(COPIES):  # copy k is the k-th block of n samples
             tl.store(y_ptr + k * total + out, v, mask=m)
 
-    @triton.jit(do_not_specialize=["total", "C", "HW"])
+    @_jit("total", "C", "HW")
     def _guided_update(u_ptr, c_ptr, x_ptr, x0p_ptr, nz_ptr, coef_ptr, step_ptr, g_ptr, clip_ptr, total, C, HW,
                        o_n, o_c, o_p, NCOL: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
