@@ -10,7 +10,11 @@ bands. Each launch is compiled by Triton for the target architecture instead of 
 and each distinct kernel is checked against that architecture's per-block limits the way Triton
 checks them when it loads a kernel (CompiledKernel._init_handles): shared memory, and threads per
 block against the registers each thread uses (read from the cubin with the cuobjdump Triton
-ships). Local memory (register spills) is reported, not failed.
+ships). Local memory (register spills) is reported, not failed. So is each kernel's global memory
+access width (its PTX's ld.global / st.global instructions by bytes per access: 16 is a vectorised
+access of eight fp16 values, 2 one fp16 value): a memory-bound kernel compiled to 2-byte accesses
+issues eight times the instructions for its bytes, which is how the GroupNorm, residual and
+LayerNorm kernels compiled until their sizes were specialised (kernels/_dispatch.py, jit).
 
 What this shows: every kernel the backend launches at those shapes compiles for that GPU with
 this Triton and fits the GPU's limits. What it does not: that it computes the right values
@@ -37,11 +41,11 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:
-    from .live_memory import fast_unet_call, sd15_fast_unet, sd15_networks, sd15_step_graph
+    from .live_memory import cuda_conv_layout, fast_unet_call, sd15_fast_unet, sd15_networks, sd15_step_graph
     from .records import environment, save_records
 else:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
-    from live_memory import fast_unet_call, sd15_fast_unet, sd15_networks, sd15_step_graph
+    from live_memory import cuda_conv_layout, fast_unet_call, sd15_fast_unet, sd15_networks, sd15_step_graph
     from records import environment, save_records
 
 SCHEMA = "pm-compile-check/1"
@@ -80,6 +84,26 @@ def resource_usage(cubin: bytes) -> dict:
     if not m:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
     return {"regs": int(m.group(1)), "shared_static": int(m.group(2)), "local": int(m.group(3))}
+
+
+_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)")
+
+
+def global_accesses(ptx: str) -> dict:
+    """{"loads": {bytes per access: count}, "stores": {...}} of the ld.global / st.global
+    instructions in `ptx` (each instruction once, whatever its predicate or cache hints; bytes =
+    vector length x element width, e.g. ld.global.v4.b32: 16)."""
+    out: dict = {"loads": {}, "stores": {}}
+    for m in _ACCESS.finditer(ptx):
+        parts = m.group(2).split(".")[1:]
+        vec = next((int(q[1:]) for q in parts if q in ("v2", "v4", "v8")), 1)
+        bits = next((int(q[1:]) for q in reversed(parts) if re.fullmatch(r"[bfsu](8|16|32|64)", q)), None)
+        if bits is None:
+            continue
+        d = out["loads" if m.group(1) == "ld" else "stores"]
+        key = str(vec * bits // 8)
+        d[key] = d.get(key, 0) + 1
+    return {k: dict(sorted(v.items(), key=lambda kv: -int(kv[0]))) for k, v in out.items()}
 
 
 class _TargetDriver:
@@ -275,7 +299,7 @@ def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=pri
             for label, fn in workloads(dtype_name, quick):
                 before = set(seen)
                 try:
-                    with compile_only(arch, seen), torch.inference_mode():
+                    with compile_only(arch, seen), cuda_conv_layout(), torch.inference_mode():
                         fn()
                 except Exception as e:  # the finding: record it, go on
                     errors.append({"workload": label, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
@@ -288,7 +312,8 @@ def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=pri
                 recs.append({"arch": f"sm_{arch}", "dtype": dtype_name, "kernel": key[1], "first_seen": where[key],
                              "constexprs": constexprs(kernel), "num_warps": md.num_warps, "num_stages": md.num_stages,
                              "shared_bytes": md.shared, "max_shared_bytes": MAX_SHARED[arch], **use,
-                             "max_threads_for_regs": max_threads(use["regs"]), "fits": not problems,
+                             "max_threads_for_regs": max_threads(use["regs"]),
+                             "global_access_bytes": global_accesses(kernel.asm["ptx"]), "fits": not problems,
                              "ok": not problems or where[key] not in failed, "problems": problems})
             for e in errors:
                 recs.append({"arch": f"sm_{arch}", "dtype": dtype_name, "kernel": None, "first_seen": e["workload"],
@@ -321,6 +346,10 @@ def summarize(recs: list[dict]) -> list[dict]:
                     "max_regs": max((r["regs"] for r in fits), default=None),
                     "max_shared_bytes": max((r["shared_bytes"] for r in fits), default=None),
                     "with_spills": sum(1 for r in kernels if r["local"] > 0),
+                    # kernels with 2-byte global stores (fp16 values written one by one): by design only
+                    # the step's scatter between the latent's layouts
+                    "two_byte_stores": sorted({r["kernel"] for r in kernels
+                                               if r["global_access_bytes"]["stores"].get("2")}),
                     "ok": all(r["ok"] for r in mine)})
     return out
 

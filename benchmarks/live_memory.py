@@ -69,6 +69,38 @@ def live_bytes_mode():
 
 
 @contextlib.contextmanager
+def cuda_conv_layout():
+    """Convolutions on the meta device return the memory format cuDNN's do on CUDA. PyTorch's meta
+    convolution returns a plain contiguous (NCHW) tensor whatever its inputs; on CUDA, cuDNN's
+    returns channels-last where the input or the weight suggests it (aten's
+    cudnn_conv_suggest_memory_format). Without this every layer after a UNet's first convolution
+    ran NCHW on the meta device, so its pm_kernels calls took (and compile_check compiled) their
+    NCHW variants, not the channels-last ones the GPU runs."""
+    import torch
+    import torch.nn.functional as F
+
+    from pm_kernels._dispatch import layout
+
+    conv2d = F.conv2d
+    cl = torch.channels_last
+
+    def conv(x, weight, *args, **kwargs):
+        y = conv2d(x, weight, *args, **kwargs)
+        if y.device.type == "meta" and y.dim() == 4 and cl in (layout(x), layout(weight)):
+            # the same storage seen with channels-last strides (a view: meta has no data to move, and
+            # the counting modes see no new op or allocation, as on CUDA)
+            n, c, h, w = y.shape
+            y = y.as_strided(y.shape, (h * w * c, 1, w * c, c))
+        return y
+
+    F.conv2d = conv
+    try:
+        yield
+    finally:
+        F.conv2d = conv2d
+
+
+@contextlib.contextmanager
 def gpu_footprints():
     """pm_kernels' fused kernels and PyTorch's SDPA replaced, for counting, by what their GPU paths
     allocate: one output tensor (see the module docstring)."""
@@ -101,7 +133,8 @@ def gpu_footprints():
             setattr(pm_kernels, name, fn)
         F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: torch.empty(
             (*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
-        yield
+        with cuda_conv_layout():  # the layouts the GPU's kernels see
+            yield
     finally:
         for name, fn in saved.items():
             setattr(pm_kernels, name, fn)

@@ -287,6 +287,42 @@ def test_live_memory_counts_created_tensors_not_views():
     assert peak == q.numel() * 2  # the output only: no (4096 x 4096) score matrix
 
 
+def test_meta_convolutions_keep_the_cuda_layout(monkeypatch):
+    """live_memory.cuda_conv_layout: on the meta device a convolution returns channels-last where its
+    input or weight is, as cuDNN's does on CUDA (PyTorch's meta convolution returns NCHW), so a
+    FastUNet call on meta hands every GroupNorm the layout the GPU's does (compile_check compiles
+    the kernel variants the GPU runs; before this, all but the first took the NCHW ones)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    import live_memory
+
+    import pm_kernels
+
+    cl = torch.channels_last
+    before = F.conv2d
+    x = torch.empty(2, 32, 16, 16, device="meta", dtype=torch.float16)
+    w = torch.empty(64, 32, 3, 3, device="meta", dtype=torch.float16)
+    with live_memory.cuda_conv_layout():
+        assert F.conv2d(x.contiguous(memory_format=cl), w, None, 1, 1).is_contiguous(memory_format=cl)
+        assert F.conv2d(x, w.contiguous(memory_format=cl), None, 2, 1).is_contiguous(memory_format=cl)
+        plain = F.conv2d(x, w, None, 1, 1)
+        assert plain.is_contiguous() and not plain.is_contiguous(memory_format=cl)
+        assert torch.nn.Conv2d(32, 64, 3, device="meta", dtype=torch.float16).to(memory_format=cl)(x).is_contiguous(
+            memory_format=cl)
+    assert F.conv2d is before  # restored
+
+    unet, _, _ = live_memory.sd15_networks(torch.float16)
+    unet.to(memory_format=cl)
+    fast = live_memory.sd15_fast_unet(unet)
+    seen = []
+    real = pm_kernels.group_norm_silu
+    monkeypatch.setattr(pm_kernels, "group_norm_silu",
+                        lambda x, *a, **k: seen.append(x.is_contiguous(memory_format=cl)) or real(x, *a, **k))
+    with torch.inference_mode(), live_memory.cuda_conv_layout():
+        live_memory.fast_unet_call(fast, 256, 2, torch.float16)()
+    assert len(seen) == 61 and all(seen)
+
+
 def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path, monkeypatch):
     """gpu_check's variants (gpu_ours.run_ours) wired end to end on the tiny bundle, on the CPU: the
     memory helpers (torch.cuda) are stubbed out, so only the plumbing is checked here (options,

@@ -49,6 +49,17 @@ def test_kernels_compile_for_hopper_and_consumer_ampere(tmp_path):
     assert {"_gn_partial", "_gn_finalize", "_gn_apply", "_attn", "_geglu", "_add_layer_norm", "_add_bias_residual",
             "_scaled_copies", "_guided_update"} <= names
     assert all(r["fits"] and r["shared_bytes"] <= r["max_shared_bytes"] and r["regs"] > 0 for r in by_arch["sm_90"])
+    # the memory-bound kernels read and write fp16 in 16-byte vectors (eight values per access), in
+    # the channels-last variants the GPU runs (GroupNorm's channel stride 1): with their sizes left
+    # unspecialised Triton compiled every access to 2 bytes (PM_KERNELS_GENERIC_SIZES=1 still does)
+    for r in by_arch["sm_90"]:
+        acc = r["global_access_bytes"]
+        if r["kernel"] in ("_gn_partial", "_gn_apply", "_add_bias_residual", "_add_layer_norm", "_geglu"):
+            assert acc["loads"].get("16", 0) >= 2 and acc["loads"].get("2", 0) <= 1, (r["kernel"], acc)  # 1: a pivot
+            assert "2" not in acc["stores"], (r["kernel"], acc)
+        if r["kernel"] in ("_gn_partial", "_gn_apply"):
+            assert r["constexprs"].get("s_c") == 1, r["constexprs"]  # channels-last
+    assert summary["sm_90"]["two_byte_stores"] == ["_scaled_copies"]  # its NCHW -> NHWC scatter of the latent
 
     def attn(arch, stages):
         return [r for r in by_arch[arch] if r["kernel"] == "_attn" and r["constexprs"]["BLOCK_D"] == 256
@@ -59,6 +70,23 @@ def test_kernels_compile_for_hopper_and_consumer_ampere(tmp_path):
     assert attn("sm_86", 3) and not any(r["fits"] for r in attn("sm_86", 3))
     assert attn("sm_86", 2) and all(r["fits"] for r in attn("sm_86", 2))
     assert all(r["shared_bytes"] > r["max_shared_bytes"] for r in attn("sm_86", 3))
+
+
+@needs_tools
+def test_generic_sizes_switch_compiles_two_byte_accesses(tmp_path):
+    """PM_KERNELS_GENERIC_SIZES=1 (the GPU check's A/B of the size rule) compiles the kernels as they
+    were: sizes unspecialised, the GroupNorm, residual and LayerNorm kernels' fp16 accesses 2 bytes
+    wide, which the summary names; the record says the switch was on."""
+    out = tmp_path / "generic.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PM_KERNELS_GENERIC_SIZES"] = "1"
+    r = subprocess.run([sys.executable, "benchmarks/compile_check.py", "--arch", "90", "--quick", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (summary,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["kernels_generic_sizes"] == "1"
+    assert {"_gn_apply", "_add_bias_residual", "_add_layer_norm", "_scaled_copies"} <= set(summary["two_byte_stores"])
+    assert "_geglu" not in summary["two_byte_stores"]  # never had size arguments
 
 
 def test_register_and_thread_limits():
