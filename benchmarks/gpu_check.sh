@@ -5,7 +5,8 @@
 # 50 steps; torch.compile last), start-up in new processes (warm, and cold: an empty Triton cache),
 # the memory variants once more each in a NEW process ("fresh": nothing an earlier variant left in
 # the process counts in its peak; "expandable:" entries with the allocator's expandable segments,
-# which pm-run --low-memory sets; the unmet goals first), two short runs under other allocator /
+# which pm-run --low-memory sets; "generic:" entries with PM_KERNELS_GENERIC_SIZES=1, pm_kernels
+# compiled without size specialisation, the A/B of that rule; the unmet goals first), two short runs under other allocator /
 # cuDNN workspace settings (stage "extra", off by default), and the goals table (gpu_goals.py ->
 # OUT/goals.md). Records land in OUT as each variant ends.
 # PM_STAGES picks stages (default tests,kernels,bench,start,fresh; they run in this order).
@@ -56,6 +57,12 @@ if go kernels 60 $(( MIN / 2 )); then
 echo "== kernels"
 timeout "$T" python3 benchmarks/bench_kernels.py --reps 30 --out "$OUT/kernels-gpu.jsonl" 2>&1 | grep -v -i warn \
     | tee "$OUT/bench_kernels.log"
+# the same memory-bound kernels compiled without size specialisation (their 2-byte accesses before
+# kernels/_dispatch.py's rule): the A/B of that rule, kernel by kernel
+T=$(limit 40 $(( MIN / 2 )))
+[ "$T" -gt 0 ] && PM_KERNELS_GENERIC_SIZES=1 timeout "$T" python3 benchmarks/bench_kernels.py --reps 30 \
+    --only group_norm_silu,group_norm_temb_silu,group_norm_silu_nchw,add_layer_norm,add_bias_residual,step_update \
+    --out "$OUT/kernels-gpu-generic-sizes.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/bench_kernels_generic_sizes.log"
 fi
 if go bench ${PM_BENCH_TIMEOUT:-300}; then
 echo "== pipeline: peers and torch-cuda"
@@ -85,18 +92,22 @@ echo "== memory variants, each in a new process (expandable: with PYTORCH_CUDA_A
 # the candidates for them (shared_pool) and where their memory goes (-phases: per stage, by pool, in
 # a new process: the first image's searches included), their A/B variants, then the goals already
 # met (a check for regressions)
-FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
+FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,generic:torch-cuda,torch-cuda-shared-pool,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
 entries=(${FRESH//,/ })
 for i in "${!entries[@]}"; do
-    e=${entries[$i]}; v=${e#expandable:}
+    e=${entries[$i]}; v=${e#*:}
     T=$(limit ${PM_FRESH_TIMEOUT:-60} "$FRESH_MIN")
     if [ "$T" -eq 0 ]; then skipped "${entries[*]:$i}"; break; fi
-    if [ "$v" != "$e" ]; then export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; conf=expandable; out=gpu-fresh-expandable
-    else unset PYTORCH_CUDA_ALLOC_CONF; conf=default; out=gpu-fresh; fi
+    unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES
+    case "$e" in
+        expandable:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; conf=expandable; out=gpu-fresh-expandable;;
+        generic:*) export PM_KERNELS_GENERIC_SIZES=1; conf=generic-sizes; out=gpu-fresh-generic-sizes;;
+        *) conf=default; out=gpu-fresh;;
+    esac
     timeout "$T" python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/$out.jsonl" \
         --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
 done
-unset PYTORCH_CUDA_ALLOC_CONF
+unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES
 fi
 if stage extra; then  # last: what matters less if the time runs out
 echo "== our memory variants again with the allocator's expandable segments (reserved vs allocated)"

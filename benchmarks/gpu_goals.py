@@ -78,6 +78,8 @@ def memory_row(label: str, r: dict, goal_gb: float) -> tuple:
         extra.append(f"PYTORCH_CUDA_ALLOC_CONF={r['cuda_alloc_conf']}")
     if r.get("cudnn_conv_wscap_dbg"):
         extra.append(f"CUDNN_CONV_WSCAP_DBG={r['cudnn_conv_wscap_dbg']}")
+    if r.get("kernels_generic_sizes"):
+        extra.append(f"PM_KERNELS_GENERIC_SIZES={r['kernels_generic_sizes']}")
     later = "no later image" if steady[0] is None else f"later images {gb(steady[0])} / {gb(steady[1])} GB"
     figure = f"first image {gb(first[0])} / {gb(first[1])} GB, {later} (allocated / reserved)"
     v = verdict(strict, goal_gb)
@@ -115,6 +117,16 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
             if "image_ms" in r:
                 im = r["image_ms"]["p50"] / 1000
                 out.append((f"50-step image p50, {name}", f"{im:.3f} s", f"<= {IMAGE_S} s", verdict(im, IMAGE_S)))
+    # the size-specialisation A/B: the default step in a new process with PM_KERNELS_GENERIC_SIZES=1
+    # (pm_kernels' 2-byte accesses, as before the rule) against the default's new-process record
+    generic = {r.get("variant"): r for r in records.get("gpu-fresh-generic-sizes", [])}.get("torch-cuda")
+    fresh = {r.get("variant"): r for r in records.get("gpu-fresh", [])}.get("torch-cuda")
+    if _ok(generic) and "unet_step_ms" in generic:
+        v = generic["unet_step_ms"]["p50"]
+        peer = fresh if _ok(fresh) and "unet_step_ms" in fresh else None
+        than = f" (default, new process: {peer['unet_step_ms']['p50']:.2f} ms)" if peer else ""
+        out.append(("UNet step p50, torch-cuda with PM_KERNELS_GENERIC_SIZES=1 (new process)", f"{v:.2f} ms{than}",
+                    f"<= {STEP_MS} ms", verdict(v, STEP_MS)))
     psnr = ours.get("psnr_vs_reference_db") if _ok(ours) else None
     out.append(("image PSNR vs the fp32 reference", "not measured" if psnr is None else f"{psnr} dB",
                 f">= {PSNR_DB} dB", verdict(psnr, PSNR_DB, lower_is_better=False)))

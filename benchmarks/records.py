@@ -82,7 +82,9 @@ def environment(device: str, commit_override: str | None = None, dirty: bool | N
     commit, dirty = git_state(commit_override, dirty)
     env = {"commit": commit, "dirty": dirty,
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "host_cpu": host_cpu(), "os": platform.platform(), "python": platform.python_version(), **versions()}
+           "host_cpu": host_cpu(), "os": platform.platform(), "python": platform.python_version(), **versions(),
+           # pm_kernels' A/B switch (kernels/_dispatch.py): "1" compiles the kernels without size specialisation
+           "kernels_generic_sizes": os.environ.get("PM_KERNELS_GENERIC_SIZES")}
     try:
         import torch
     except ImportError:

@@ -37,7 +37,7 @@ def test_every_variant_the_script_names_exists():
 
 
 STUB_PYTHON = """#!/usr/bin/env bash
-echo "python3 $*" >> "$STUB_LOG"
+echo "python3 $* [alloc=${PYTORCH_CUDA_ALLOC_CONF:-}] [generic=${PM_KERNELS_GENERIC_SIZES:-}]" >> "$STUB_LOG"
 case "$*" in
   *bench_gpu.py*--compile*) sleep "$STUB_BENCH_S";;
   *bench_gpu.py*) sleep "$STUB_FRESH_S";;
@@ -47,7 +47,7 @@ exit 0
 """
 
 
-def _run(tmp_path, budget: int, bench_s: int, fresh_s: int, stages="tests,kernels,bench,start,fresh"):
+def _run(tmp_path, budget: int, bench_s: int, fresh_s: int, stages="tests,kernels,bench,start,fresh", **extra):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python3").write_text(STUB_PYTHON)
@@ -60,7 +60,8 @@ def _run(tmp_path, budget: int, bench_s: int, fresh_s: int, stages="tests,kernel
     shutil.copy(SCRIPT, work / "benchmarks")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
            "STUB_BENCH_S": str(bench_s), "STUB_FRESH_S": str(fresh_s), "PM_BUDGET_S": str(budget),
-           "PM_SITE": str(tmp_path / "site"), "PM_RESERVE_S": "1", "PM_MIN_S": "2", "PM_FRESH_MIN_S": "2", "PM_STAGES": stages}
+           "PM_SITE": str(tmp_path / "site"), "PM_RESERVE_S": "1", "PM_MIN_S": "2", "PM_FRESH_MIN_S": "2", "PM_STAGES": stages,
+           **extra}
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), "abc123"], cwd=work, env=env,
                        capture_output=True, text=True, timeout=120)
     calls = log.read_text().splitlines() if log.exists() else []
@@ -71,7 +72,10 @@ def test_the_check_keeps_to_its_time_budget(tmp_path):
     r, calls = _run(tmp_path, budget=9, bench_s=2, fresh_s=2)
     assert r.returncode == 0, r.stderr
     order = [c for c in calls if "import" not in c]
-    assert "pytest" in order[0] and "bench_kernels.py" in order[1] and "--compile" in order[2]
+    assert "pytest" in order[0] and "bench_kernels.py" in order[1] and "--compile" in order[3]
+    # the kernel benchmark again with the kernels compiled without size specialisation (the A/B)
+    assert "bench_kernels.py" in order[2] and "--only group_norm_silu," in order[2] and "[generic=1]" in order[2]
+    assert "[generic=]" in order[1] and "[generic=]" in order[3]
     assert "bench_start.py" not in "".join(order)  # no bundle was made: the stage has nothing to run
     fresh = [c for c in order if "bench_gpu.py" in c and "--compile" not in c]
     # 9 s budget, 1 s reserve, ~1 + 2 s spent before: two or three 2-second processes, then the stop
@@ -79,6 +83,23 @@ def test_the_check_keeps_to_its_time_budget(tmp_path):
     assert "--ours torch-cuda-low-memory-1024 " in fresh[0] + " "  # the list's first entry first
     assert "skipped for time" in r.stdout and "torch-cuda-lean-bands" in r.stdout.split("skipped for time")[1]
     assert "gpu_goals.py" in order[-1]  # the goals table always comes last
+
+
+def test_fresh_entries_set_their_environment_one_process_each(tmp_path):
+    """A new-process entry's prefix sets its environment for that process only: "expandable:" the
+    allocator's expandable segments, "generic:" PM_KERNELS_GENERIC_SIZES=1, each into its own file."""
+    r, calls = _run(tmp_path, budget=60, bench_s=0, fresh_s=0, stages="fresh",
+                    PM_FRESH="expandable:torch-cuda-low-memory-1024,generic:torch-cuda,torch-cuda-shared-pool",
+                    PM_KERNELS_GENERIC_SIZES="", PYTORCH_CUDA_ALLOC_CONF="")
+    assert r.returncode == 0, r.stderr
+    fresh = [c for c in calls if "bench_gpu.py" in c]
+    assert len(fresh) == 3, calls
+    assert "--ours torch-cuda-low-memory-1024 " in fresh[0] and "gpu-fresh-expandable.jsonl" in fresh[0]
+    assert "[alloc=expandable_segments:True] [generic=]" in fresh[0]
+    assert "--ours torch-cuda " in fresh[1] and "gpu-fresh-generic-sizes.jsonl" in fresh[1]
+    assert "[alloc=] [generic=1]" in fresh[1]
+    assert "--ours torch-cuda-shared-pool " in fresh[2] and "gpu-fresh.jsonl" in fresh[2]
+    assert "[alloc=] [generic=]" in fresh[2]
 
 
 def test_a_stage_with_no_time_left_is_skipped_and_said(tmp_path):
