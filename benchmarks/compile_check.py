@@ -203,6 +203,57 @@ def compile_only(arch: int, seen: dict):
         attention._STAGES = saved_stages
 
 
+def edge_workloads(dtype_name: str):
+    """(label, callable) pairs: each pm_kernels kernel called with sizes of 1 and odd sizes on the
+    meta device. Triton turns an integer argument equal to 1 into a constant (its specialisation),
+    and a kernel that uses such an argument as a tensor (`HW.to(tl.float32)`) then fails to compile:
+    every kernel must compile with any of its sizes at 1."""
+    import torch
+
+    import pm_kernels
+
+    dtype = getattr(torch, dtype_name)
+    cl = torch.channels_last
+
+    def t(*shape, fmt=None):
+        x = torch.empty(*shape, device="meta", dtype=dtype)
+        return x if fmt is None else x.contiguous(memory_format=fmt)
+
+    def gn(shape, groups, fmt=None, impl="tiled", temb=False):
+        def run():
+            with pm_kernels.group_norm_impl_kept(impl):
+                c = shape[1]
+                pm_kernels.group_norm_silu(t(*shape, fmt=fmt), t(c), t(c), groups, 1e-5,
+                                           temb=t(shape[0], c) if temb else None)
+        return run
+
+    for impl in ("tiled", "grouped"):
+        yield f"GroupNorm {impl}, 1 x 1 pixels", gn((2, 64, 1, 1), 32, impl=impl)
+        yield f"GroupNorm {impl}, one channel per group, channels-last", gn((2, 32, 8, 8), 32, cl, impl, temb=True)
+        yield f"GroupNorm {impl}, one sample, one channel, 5 x 7", gn((1, 1, 5, 7), 1, impl=impl)
+        yield f"GroupNorm {impl}, one odd-sized group of 3 x 129 x 129", gn((1, 3, 129, 129), 1, impl=impl)  # grouped: 2 launches
+    yield "add + LayerNorm, one channel", lambda: pm_kernels.add_layer_norm(t(1, 1, 1), t(1, 1, 1), t(1), t(1), 1e-5)
+    yield "add + LayerNorm, one row", lambda: pm_kernels.add_layer_norm(t(1, 1, 320), t(1, 1, 320), t(320), t(320), 1e-5)
+    yield "bias + residual, one element", lambda: pm_kernels.add_bias_residual(t(1, 1, 1, 1), t(1, 1, 1, 1), t(1))
+    yield "bias + residual, one channel, channels-last", lambda: pm_kernels.add_bias_residual(
+        t(1, 1, 4, 4, fmt=cl), t(1, 1, 4, 4, fmt=cl), t(1))
+    yield "attention, one head, one key", lambda: pm_kernels.attention(t(1, 5, 40), t(1, 1, 40), t(1, 1, 40), 1)
+    yield "attention, one query", lambda: pm_kernels.attention(t(1, 1, 80), t(1, 77, 80), t(1, 77, 80), 1)
+    yield "GEGLU, one feature", lambda: pm_kernels.geglu(t(1, 3, 2))
+    yield "int8 dequantize, one weight", lambda: pm_kernels.dequant_int8(
+        torch.empty(1, 1, device="meta", dtype=torch.int8), torch.empty(1, device="meta", dtype=torch.float32), dtype)
+
+    def step_kernels():
+        f32 = dict(device="meta", dtype=torch.float32)
+        x = torch.empty(1, 1, 1, 1, **f32)
+        step = torch.zeros((), device="meta", dtype=torch.int64)
+        pm_kernels.scaled_copies(x, torch.empty(4, **f32), step, 2, dtype, cl)
+        out = t(2, 1, 1, 1, fmt=cl)
+        pm_kernels.guided_update(out[:1], out[1:], x, torch.empty_like(x), torch.empty_like(x),
+                                 torch.empty(4, 10, **f32), step, torch.empty((), **f32), torch.empty((), **f32))
+    yield "step kernels, one latent element", step_kernels
+
+
 def workloads(dtype_name: str, quick: bool = False):
     """(label, callable) pairs: the backend's calls of pm_kernels at SD-1.5 shapes on the meta device
     (quick: the 512 px UNet call and step only)."""
@@ -279,7 +330,7 @@ def constexprs(kernel) -> dict:
     return out
 
 
-def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=print) -> list[dict]:
+def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=print, edge: bool = False) -> list[dict]:
     """One record per (arch, dtype, distinct compiled kernel): launch options, resources, `fits`
     (Triton would load it there) with the reasons where not; and one record per workload that
     raised (`ok` False: a compile error, or a kernel that does not fit and that the dispatch had no
@@ -296,7 +347,7 @@ def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=pri
             where: dict = {}
             errors = []
             t0 = time.perf_counter()
-            for label, fn in workloads(dtype_name, quick):
+            for label, fn in (edge_workloads(dtype_name) if edge else workloads(dtype_name, quick)):
                 before = set(seen)
                 try:
                     with compile_only(arch, seen), cuda_conv_layout(), torch.inference_mode():
@@ -360,6 +411,8 @@ def main(argv=None) -> int:
                     help="compute capabilities as numbers: 90 (H100/H200), 89, 87 (Jetson Orin), 86, 80, 75")
     ap.add_argument("--dtypes", default="float16", help="run dtypes of the networks (float16, bfloat16, float32)")
     ap.add_argument("--quick", action="store_true", help="the 512 px UNet call and step only")
+    ap.add_argument("--edge-sizes", action="store_true",
+                    help="instead of the SD workloads: every kernel at sizes of 1 and odd sizes (compiles at all?)")
     ap.add_argument("--details", action="store_true",
                     help="also one record per compiled kernel (default: one summary per architecture and dtype)")
     ap.add_argument("--commit", default=None)
@@ -372,7 +425,7 @@ def main(argv=None) -> int:
 
     # the tree's state as the run starts (the kernels compiled are the ones read now)
     env = {**environment("cpu", a.commit), "triton_compiler": triton.__version__}  # the Triton that compiles
-    recs = check(tuple(int(x) for x in a.arch.split(",")), tuple(a.dtypes.split(",")), a.quick)
+    recs = check(tuple(int(x) for x in a.arch.split(",")), tuple(a.dtypes.split(",")), a.quick, edge=a.edge_sizes)
     for r in recs:
         if not r.get("fits", r["ok"]):
             what = "NOT OK" if not r["ok"] else "over the limits, replaced by the dispatch"

@@ -144,16 +144,16 @@ if triton is not None:
         p = part_ptr + (n * SPLIT + ss[:, None]) * 2 * C + cs[None, :]  # (BLOCK_S, BLOCK_G)
         s1 = tl.sum(tl.load(p, mask=pm, other=0.0), 0)  # (BLOCK_G,) sum (x - pivot)
         s2 = tl.sum(tl.load(p + C, mask=pm, other=0.0), 0)  # sum (x - pivot)^2
-        hw = HW.to(tl.float32)
+        hw = tl.cast(HW, tl.float32)
         pivot = tl.load(x_ptr + n * s_n + cs * s_c, mask=jmask, other=0.0).to(tl.float32)
         if HAS_T:
             tv = tl.load(t_ptr + n * t_n + cs, mask=jmask, other=0.0).to(tl.float32)
             pivot += tv
         mean_c = pivot + s1 / hw
         m2_c = tl.maximum(s2 - s1 * (s1 / hw), 0.0)
-        mean = tl.sum(tl.where(jmask, mean_c, 0.0), 0) / CPG.to(tl.float32)
+        mean = tl.sum(tl.where(jmask, mean_c, 0.0), 0) / tl.cast(CPG, tl.float32)
         dev = tl.where(jmask, mean_c - mean, 0.0)
-        var = (tl.sum(tl.where(jmask, m2_c, 0.0), 0) + hw * tl.sum(dev * dev, 0)) / (hw * CPG.to(tl.float32))
+        var = (tl.sum(tl.where(jmask, m2_c, 0.0), 0) + hw * tl.sum(dev * dev, 0)) / (hw * tl.cast(CPG, tl.float32))
         rstd = 1.0 / tl.sqrt(var + eps)
         w = tl.load(w_ptr + cs, mask=jmask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cs, mask=jmask, other=0.0).to(tl.float32)
@@ -200,12 +200,12 @@ if triton is not None:
             acc2 += d * d
         s1 = tl.sum(acc, 0)  # (BLOCK_C,)
         s2 = tl.sum(acc2, 0)
-        npix = (end - start).to(tl.float32)
+        npix = tl.cast(end - start, tl.float32)
         mean_c = tl.sum(pivot, 0) + s1 / npix
         if HAS_T:
             mean_c += tl.load(t_ptr + n * t_n + chan, mask=cmask, other=0.0).to(tl.float32)
         m2_c = tl.maximum(s2 - s1 * (s1 / npix), 0.0)
-        mean = tl.sum(tl.where(cmask, mean_c, 0.0), 0) / CPG.to(tl.float32)
+        mean = tl.sum(tl.where(cmask, mean_c, 0.0), 0) / tl.cast(CPG, tl.float32)
         dev = tl.where(cmask, mean_c - mean, 0.0)
         return mean, tl.sum(tl.where(cmask, m2_c, 0.0), 0) + npix * tl.sum(dev * dev, 0)
 
@@ -225,7 +225,7 @@ if triton is not None:
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         ng, sp = tl.program_id(0), tl.program_id(1)
         n, g = ng // G, ng % G
-        hw = HW.to(tl.float32)
+        hw = tl.cast(HW, tl.float32)
         if FUSED:  # the whole group in this program: its statistics first (SPLIT == 1)
             mean, m2 = _grp_range_stats(x_ptr, t_ptr, n, g, G, CPG, 0, HW, s_n, s_c, s_p, t_n, HAS_T, BLOCK_P,
                                         BLOCK_C)
@@ -237,8 +237,8 @@ if triton is not None:
             cnt = tl.where(smask, tl.minimum(CHUNK, HW - ss * CHUNK), 0).to(tl.float32)
             mean = tl.sum(cnt * means, 0) / hw
             dm = tl.where(smask, means - mean, 0.0)
-            m2 = tl.sum(m2s, 0) + CPG.to(tl.float32) * tl.sum(cnt * dm * dm, 0)
-        rstd = 1.0 / tl.sqrt(m2 / (hw * CPG.to(tl.float32)) + eps)
+            m2 = tl.sum(m2s, 0) + tl.cast(CPG, tl.float32) * tl.sum(cnt * dm * dm, 0)
+        rstd = 1.0 / tl.sqrt(m2 / (hw * tl.cast(CPG, tl.float32)) + eps)
         cs = tl.arange(0, BLOCK_C)
         cmask = cs < CPG
         chan = g * CPG + cs

@@ -53,7 +53,7 @@ if triton is not None:
             tl.store(s_ptr + off, (s + sb[None, :]).to(s_ptr.dtype.element_ty), mask=m)
         else:
             tl.store(s_ptr + off, s.to(s_ptr.dtype.element_ty), mask=m)
-        width = C.to(tl.float32)
+        width = tl.cast(C, tl.float32)
         mean = tl.sum(s, 1) / width
         d = tl.where(m, s - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / width + eps)

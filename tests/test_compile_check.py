@@ -89,6 +89,23 @@ def test_generic_sizes_switch_compiles_two_byte_accesses(tmp_path):
     assert "_geglu" not in summary["two_byte_stores"]  # never had size arguments
 
 
+@needs_tools
+def test_every_kernel_compiles_with_sizes_of_one(tmp_path):
+    """Triton makes an integer argument equal to 1 a constant: GroupNorm and LayerNorm used theirs as
+    tensors (HW.to(tl.float32)) and failed to compile at 1 x 1 pixels, one channel per group or one
+    channel (found by this check once the sizes were specialised)."""
+    out = tmp_path / "edge.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "benchmarks/compile_check.py", "--arch", "90", "--edge-sizes", "--details",
+                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert recs and all(rec["ok"] for rec in recs)
+    names = {rec["kernel"] for rec in recs if rec["record"] == "kernel"}
+    assert {"_gn_partial", "_gn_finalize", "_gn_apply", "_gn_grp_stats", "_gn_grp_apply", "_add_layer_norm",
+            "_add_bias_residual", "_attn", "_geglu", "_dequant", "_scaled_copies", "_guided_update"} <= names
+
+
 def test_register_and_thread_limits():
     cc = compile_check
     assert cc.max_threads(32) == 1024 and cc.max_threads(64) == 1024
