@@ -14,7 +14,7 @@
 # each stage's time limit is cut to what is left (minus PM_RESERVE_S, 15, for the goals table), a
 # stage with under PM_MIN_S (60) seconds left is skipped, and the fresh processes stop when under
 # PM_FRESH_MIN_S (40) are left; what was skipped is printed ("skipped for time"). Timed on an H200 (2026-11-26/27, other
-# lists): tests 35-57 s, kernels 8 s, bench_gpu 162 s with 14 of our variants + peers + compile,
+# lists): tests 35-57 s, kernels 8 s (+ its generic-sizes A/B on 6 ops, not yet timed), bench_gpu 162 s with 14 of our variants + peers + compile,
 # ~18-25 s per new process, start-up ~40 s for three warm variants.
 #   bash benchmarks/gpu_check.sh OUTDIR COMMIT
 # On a machine without diffusers, put its wheels in .whl/ (they are installed to PM_SITE, /tmp/site).

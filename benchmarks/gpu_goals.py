@@ -119,12 +119,14 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
                 out.append((f"50-step image p50, {name}", f"{im:.3f} s", f"<= {IMAGE_S} s", verdict(im, IMAGE_S)))
     # the size-specialisation A/B: the default step in a new process with PM_KERNELS_GENERIC_SIZES=1
     # (pm_kernels' 2-byte accesses, as before the rule) against the default's new-process record
+    # (or, where that process did not run, the shared run's)
     generic = {r.get("variant"): r for r in records.get("gpu-fresh-generic-sizes", [])}.get("torch-cuda")
     fresh = {r.get("variant"): r for r in records.get("gpu-fresh", [])}.get("torch-cuda")
     if _ok(generic) and "unet_step_ms" in generic:
         v = generic["unet_step_ms"]["p50"]
-        peer = fresh if _ok(fresh) and "unet_step_ms" in fresh else None
-        than = f" (default, new process: {peer['unet_step_ms']['p50']:.2f} ms)" if peer else ""
+        peer, where = (fresh, "new process") if _ok(fresh) and "unet_step_ms" in fresh else (ours, "shared run")
+        than = f" (default, {where}: {peer['unet_step_ms']['p50']:.2f} ms)" if _ok(peer) and "unet_step_ms" in peer \
+            else ""
         out.append(("UNet step p50, torch-cuda with PM_KERNELS_GENERIC_SIZES=1 (new process)", f"{v:.2f} ms{than}",
                     f"<= {STEP_MS} ms", verdict(v, STEP_MS)))
     psnr = ours.get("psnr_vs_reference_db") if _ok(ours) else None
@@ -164,6 +166,30 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
     return out
 
 
+def kernel_ab_lines(records: dict[str, list[dict]]) -> list[str]:
+    """The kernels' size-specialisation A/B, op by op: each memory-bound kernel's p50 (in a CUDA graph
+    where the record has it) as compiled by default (16-byte accesses) and with
+    PM_KERNELS_GENERIC_SIZES=1 (2-byte), from the same check's kernel stage. Empty without both files."""
+    def times(stem):
+        out = {}
+        for r in records.get(stem, []):
+            if _ok(r) and "op" in r:
+                ms = (r.get("ours_graph_ms") or r.get("ours_ms") or {}).get("p50")
+                if ms:
+                    out[(r["op"], tuple(r.get("shape", ())))] = ms
+        return out
+
+    default, generic = times("kernels-gpu"), times("kernels-gpu-generic-sizes")
+    both = [k for k in generic if k in default]
+    if not both:
+        return []
+    out = ["", "Kernels, sizes specialised (default: 16-byte accesses) vs PM_KERNELS_GENERIC_SIZES=1 (2-byte), p50 ms",
+           "", "| op | shape | default | generic sizes | generic / default |", "|---|---|---|---|---|"]
+    out += [f"| {op} | {list(shape)} | {default[(op, shape)]:.4f} | {generic[(op, shape)]:.4f} | "
+            f"{generic[(op, shape)] / default[(op, shape)]:.2f}x |" for op, shape in both]
+    return out
+
+
 def profile_lines(records: dict[str, list[dict]]) -> list[str]:
     """Where one step's GPU time goes (gpu_ours.profile_step's record: one eager step's kernels by
     class), beside the graphed step's p50: the difference is what launching and the gaps between
@@ -188,6 +214,7 @@ def table(records: dict[str, list[dict]]) -> str:
     lines = ["| goal, setting | measured | goal | verdict |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(records)]
     lines += profile_lines(records)
+    lines += kernel_ab_lines(records)
     device = next((r.get("device_name") for recs in records.values() for r in recs if r.get("device_name")), "?")
     commits: dict = {}  # commit -> the files measured at it
     for stem, recs in records.items():

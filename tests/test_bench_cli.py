@@ -433,6 +433,20 @@ def test_gpu_goals_report(tmp_path):
     report = gpu_goals.table(gpu_goals.load(tmp_path))
     assert "| convolution (cuDNN) | 2.000 | 50.0% |" in report and "4.000 ms of GPU time in 525 launches" in report
     assert "launches and gaps | 1.500 | 27.3% of 5.50 ms |" in report  # the graphed step (5.5 ms) less 4.0 ms
+    # the size-specialisation A/B: the step with generic sizes in a new process, against the shared run's
+    # torch-cuda where no new-process torch-cuda ran; the kernels op by op (CUDA-graph p50 where recorded)
+    assert "Kernels, sizes specialised" not in report
+    (tmp_path / "gpu-fresh-generic-sizes.jsonl").write_text(
+        rec("torch-cuda", run="g1", kernels_generic_sizes="1", unet_step_ms={"p50": 6.6}) + "\n")
+    k = lambda ms, **kw: json.dumps({"op": "group_norm_silu", "shape": [2, 320, 64, 64], "status": "ok",  # noqa: E731
+                                     "commit": "abc", "ours_ms": {"p50": 0.1}, "ours_graph_ms": {"p50": ms}, **kw})
+    (tmp_path / "kernels-gpu.jsonl").write_text(k(0.010) + "\n")
+    (tmp_path / "kernels-gpu-generic-sizes.jsonl").write_text(k(0.024, kernels_generic_sizes="1") + "\n")
+    got = {r[0]: r for r in gpu_goals.rows(gpu_goals.load(tmp_path))}
+    ab = got["UNet step p50, torch-cuda with PM_KERNELS_GENERIC_SIZES=1 (new process)"]
+    assert ab[1:] == ("6.60 ms (default, shared run: 5.50 ms)", "<= 6.0 ms", "not met")
+    report = gpu_goals.table(gpu_goals.load(tmp_path))
+    assert "| group_norm_silu | [2, 320, 64, 64] | 0.0100 | 0.0240 | 2.40x |" in report
 
 
 
