@@ -107,7 +107,7 @@ def _takes_grouped(group_elements: int, impl: str) -> bool:
 if triton is not None:
     # Sizes and strides are specialised (_dispatch.jit): a unit stride tells Triton which tile axis is
     # contiguous, and sizes and strides divisible by 16 let it vectorise the masked loads and stores
-    # along it; SD's sizes all divide by 16, so one compiled kernel still serves every layer of a UNet.
+    # along it; SD's sizes all divide by 16, so a few compiled variants serve every layer of a UNet.
     @_jit("C", "HW", "SPLIT", "CHUNK")
     def _gn_partial(x_ptr, part_ptr, C, HW, SPLIT, CHUNK, s_n, s_c, s_p,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
