@@ -31,11 +31,15 @@ Triton imports and the GPU is one it compiles for (compute capability 7.0+), and
 under TRITON_INTERPRET=1 (how the tests run them without a GPU); elsewhere the PyTorch reference
 (`*_reference`; SDPA for attention) runs. set_enabled(False) or PM_KERNELS=0 forces the references;
 kernel_path(name, tensor) -> "triton" | "reference" says which path a call takes. A kernel that can
-run but fails raises: no silent fallback after an error. Tests: tests/test_kernels.py; benchmark:
-benchmarks/bench_kernels.py (GB/s and TFLOP/s beside PyTorch's).
+run but fails raises: no silent fallback after an error. set_generic_sizes(True) (or
+PM_KERNELS_GENERIC_SIZES=1) launches the size-taking kernels compiled without size
+specialisation, their 2-byte-access form before it: an A/B switch for the GPU benchmark.
+Tests: tests/test_kernels.py; benchmark: benchmarks/bench_kernels.py (GB/s and TFLOP/s beside
+PyTorch's).
 """
 
-from ._dispatch import KERNELS, enabled, kernel_path, set_enabled, triton_available
+from ._dispatch import (KERNELS, enabled, generic_sizes, generic_sizes_kept, kernel_path, set_enabled,
+                        set_generic_sizes, triton_available)
 from .attention import attention, attention_reference, attention_sdpa
 from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
 from .geglu import geglu, geglu_reference
@@ -47,8 +51,7 @@ from .group_norm import (group_norm_impl, group_norm_impl_kept, group_norm_silu,
 
 __all__ = ["KERNELS", "add_bias_residual", "add_bias_residual_reference", "add_layer_norm",
            "add_layer_norm_reference", "attention", "attention_reference", "attention_sdpa", "dequant_int8",
-           "dequant_int8_reference",
-           "enabled", "geglu", "geglu_reference", "guided_update", "guided_update_reference", "scaled_copies",
-           "scaled_copies_reference", "quantize_int8", "group_norm_impl", "group_norm_impl_kept",
-           "group_norm_silu", "group_norm_silu_reference", "kernel_path", "set_enabled", "set_group_norm_impl",
-           "triton_available"]
+           "dequant_int8_reference", "enabled", "generic_sizes", "generic_sizes_kept", "geglu", "geglu_reference",
+           "guided_update", "guided_update_reference", "scaled_copies", "scaled_copies_reference", "quantize_int8",
+           "group_norm_impl", "group_norm_impl_kept", "group_norm_silu", "group_norm_silu_reference", "kernel_path",
+           "set_enabled", "set_generic_sizes", "set_group_norm_impl", "triton_available"]

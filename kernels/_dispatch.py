@@ -8,6 +8,7 @@ kernel that CAN run but fails raises: the fallback is for "cannot run here", nev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -78,17 +79,58 @@ def kernel_path(name_or_tensor, tensor=None) -> str:
 # few compiled variants (a program count of 1, say) serve every layer. Until this rule the
 # GroupNorm, residual, LayerNorm and step kernels kept their sizes unspecialised ("one compiled
 # kernel for every size"), and Triton compiled all their fp16 accesses to 2-byte loads and stores
-# (benchmarks/compile_check.py reports each kernel's access widths). PM_KERNELS_GENERIC_SIZES=1 in
-# the environment (read at import) brings that back: the benchmark's A/B of this rule.
-GENERIC_SIZES = os.environ.get("PM_KERNELS_GENERIC_SIZES", "0") == "1"
+# (benchmarks/compile_check.py reports each kernel's access widths). set_generic_sizes(True), or
+# PM_KERNELS_GENERIC_SIZES=1 in the environment, launches them compiled that way again: the
+# benchmark's A/B of this rule (the torch-cuda-generic-sizes variant, the kernel benchmark's rerun).
+_GENERIC_SIZES = os.environ.get("PM_KERNELS_GENERIC_SIZES", "0") == "1"
+
+
+def set_generic_sizes(flag: bool) -> None:
+    """Launch the size-taking kernels without size specialisation from now on (True), or with it
+    (False, the default). A CUDA graph keeps the kernels it captured: set this before capturing."""
+    global _GENERIC_SIZES
+    _GENERIC_SIZES = bool(flag)
+
+
+def generic_sizes() -> bool:
+    return _GENERIC_SIZES
+
+
+@contextlib.contextmanager
+def generic_sizes_kept(flag: bool | None = None):
+    """A block run with set_generic_sizes(flag) (None: unchanged); the setting before it afterwards."""
+    old = _GENERIC_SIZES
+    try:
+        if flag is not None:
+            set_generic_sizes(flag)
+        yield
+    finally:
+        set_generic_sizes(old)
+
+
+class SizedKernel:
+    """One Triton kernel compiled two ways, launched as `kernel[grid](...)` like a JITFunction: with
+    its integer sizes specialised (Triton's default) or, under set_generic_sizes(True), without
+    (`do_not_specialize=sizes`). Each way is a JITFunction of its own, with its own compiled cache."""
+
+    def __init__(self, fn, sizes):
+        import triton
+
+        self.specialised = triton.jit(fn)
+        self.generic = triton.jit(do_not_specialize=list(sizes))(fn)
+        self.__name__ = getattr(fn, "__name__", "kernel")
+
+    def current(self):
+        """The JITFunction a launch takes now."""
+        return self.generic if _GENERIC_SIZES else self.specialised
+
+    def __getitem__(self, grid):
+        return self.current()[grid]
 
 
 def jit(*sizes: str):
-    """triton.jit for a kernel whose integer arguments `sizes` are tensor sizes: specialised as
-    Triton does by default (see above), or not with PM_KERNELS_GENERIC_SIZES=1."""
-    import triton
-
-    return triton.jit(do_not_specialize=list(sizes) if GENERIC_SIZES else [])
+    """Decorator: a SizedKernel for a Triton kernel whose integer arguments `sizes` are tensor sizes."""
+    return lambda fn: SizedKernel(fn, sizes)
 
 
 def layout(t):

@@ -136,6 +136,27 @@ def test_group_norm_implementation_setting():
     assert K.group_norm_impl() == before
 
 
+def test_generic_sizes_switch_launches_the_unspecialised_kernels(monkeypatch):
+    """set_generic_sizes(True) (the GPU benchmark's A/B of the size rule) launches each size-taking
+    kernel's unspecialised compile (its own JITFunction), with the same values; the block puts the
+    setting back."""
+    gn = importlib.import_module("pm_kernels.group_norm")
+    res = importlib.import_module("pm_kernels.residual")
+    launched = {"specialised": [], "generic": []}
+    for kernel in (gn._gn_apply, res._add_bias_residual):
+        for way in launched:
+            monkeypatch.setattr(kernel, way, _Launch(None, getattr(kernel, way), launched[way]))
+    x = torch.randn(2, 40, 5, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)
+    ref = K.add_bias_residual(K.group_norm_silu(x, w, b, 8, 1e-5), x, b)
+    assert not K.generic_sizes() and len(launched["specialised"]) == 2 and not launched["generic"]
+    with K.generic_sizes_kept(True):
+        assert K.generic_sizes()
+        out = K.add_bias_residual(K.group_norm_silu(x, w, b, 8, 1e-5), x, b)
+    assert not K.generic_sizes() and len(launched["generic"]) == 2 and len(launched["specialised"]) == 2
+    assert torch.equal(out, ref)
+
+
 def test_group_norm_auto_takes_grouped_where_one_launch_covers_a_group(monkeypatch):
     gn = importlib.import_module("pm_kernels.group_norm")
     grouped = []
