@@ -66,15 +66,16 @@ T=$(limit 40 $(( MIN / 2 )))
 fi
 if go bench ${PM_BENCH_TIMEOUT:-300}; then
 echo "== pipeline: peers and torch-cuda"
-# PM_OURS: which of our variants (gpu_ours.ALL); the default: the step-time questions (this session's
-# fusions against the default before them and one by one, the GroupNorm implementations, the
+# PM_OURS: which of our variants (gpu_ours.ALL); the default: the step-time questions (the kernels'
+# size rule against their unspecialised compile (torch-cuda-generic-sizes), the fusions against the
+# default before them and one by one, the GroupNorm implementations, the
 # standalone modules, cuDNN attention, the step's profile) and the per-stage memory; the memory
 # variants proper (low memory, int8) run in the new-process stage below. Left out: the ablations
 # already recorded in benchmarks/results (no-kv-tables, the untiled 1024 decode), profile-gn-auto;
 # and the shared-pool / one-stream variants, whose first real run is this one: only in new processes
 # (below), where a fault in them (an illegal address poisons a CUDA context) cannot take the shared
 # run's later variants and torch.compile with it; their records carry step and image times too.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-vae-nchw,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-generic-sizes,torch-cuda-vae-nchw,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
 timeout "$T" python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi
@@ -92,7 +93,7 @@ echo "== memory variants, each in a new process (expandable: with PYTORCH_CUDA_A
 # the candidates for them (shared_pool) and where their memory goes (-phases: per stage, by pool, in
 # a new process: the first image's searches included), their A/B variants, then the goals already
 # met (a check for regressions)
-FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,generic:torch-cuda,torch-cuda-shared-pool,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
+FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
 entries=(${FRESH//,/ })
 for i in "${!entries[@]}"; do
     e=${entries[$i]}; v=${e#*:}

@@ -35,6 +35,10 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-gn-grouped      the same with pm_kernels' "grouped" GroupNorm (one or two kernel launches
                              per GroupNorm instead of three: gn_impl="grouped"); -gn-auto: grouped
                              where one launch covers a group, the default's elsewhere
+  torch-cuda-generic-sizes   the same with pm_kernels' size-taking kernels (GroupNorm, residual,
+                             add + LayerNorm, the step's two) compiled without size specialisation,
+                             as before the rule in kernels/_dispatch.py: their 2-byte accesses
+                             (pm_kernels.set_generic_sizes, around the whole variant)
   torch-cuda-hf-modules      the same with diffusers' / transformers' modules under FastUNet instead of
                              the standalone ones (hf_modules: the step went 6.80 -> 7.09 ms between
                              commits 8c3ff4a and 76e8a1a; this isolates one of the changes)
@@ -395,7 +399,8 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph",
        "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-nchw", "torch-cuda-vae-bands",
        "torch-cuda-lean", "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv",
-       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-hf-modules", "torch-cuda-no-kv-tables",
+       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-generic-sizes", "torch-cuda-hf-modules",
+       "torch-cuda-no-kv-tables",
        "torch-cuda-cudnn-attention", "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory",
        "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled",
        "torch-cuda-low-memory-1024-bands",
@@ -408,6 +413,16 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-shared-pool-offload-te",
        "torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-shared-pool-phases",
        "torch-cuda-warm-start", "profile", "profile-gn-auto")
+
+
+def _generic_sizes(fn):
+    """fn() with pm_kernels' size-taking kernels launched unspecialised (their 2-byte accesses: the
+    A/B of kernels/_dispatch.py's size rule); the setting before it again afterwards (the backend
+    captures its graphs inside fn, so they keep those kernels)."""
+    import pm_kernels
+
+    with pm_kernels.generic_sizes_kept(True):
+        return fn()
 
 
 def _gn_restored(fn):
@@ -500,6 +515,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             "torch-cuda-gn-grouped", bundle, gn_impl="grouped", compare=only("torch-cuda"), **common)),
         "torch-cuda-gn-auto": lambda: _gn_restored(lambda: measure_variant(
             "torch-cuda-gn-auto", bundle, gn_impl="auto", compare=only("torch-cuda"), **common)),
+        "torch-cuda-generic-sizes": lambda: _generic_sizes(lambda: measure_variant(
+            "torch-cuda-generic-sizes", bundle, compare=only("torch-cuda"), **common)),
         "torch-cuda-hf-modules": lambda: measure_variant("torch-cuda-hf-modules", bundle, hf_modules=True,
                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),
