@@ -118,7 +118,6 @@ class SizedKernel:
 
         self.specialised = triton.jit(fn)
         self.generic = triton.jit(do_not_specialize=list(sizes))(fn)
-        self.__name__ = getattr(fn, "__name__", "kernel")
 
     def current(self):
         """The JITFunction a launch takes now."""
