@@ -422,7 +422,9 @@ def _generic_sizes(fn):
     import pm_kernels
 
     with pm_kernels.generic_sizes_kept(True):
-        return fn()
+        rec = fn()
+    # the switch was set in this process, not by PM_KERNELS_GENERIC_SIZES: the record says so itself
+    return {**rec, "kernels_generic_sizes": "1"}
 
 
 def _gn_restored(fn):

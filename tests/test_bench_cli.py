@@ -369,6 +369,9 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     assert by["torch-cuda-low-memory-1024"]["timings_last_image"]["vae_calls"] == 1  # 320 px: no tiles either
     assert "psnr_vs_torch-cuda-low-memory-1024_db" in by["torch-cuda-low-memory-1024-untiled"]
     assert "psnr_vs_torch-cuda_db" in by["torch-cuda-low-memory-int8"]
+    # the size-rule A/B ran with the switch set in the process: its record says so, the others' do not
+    assert by["torch-cuda-generic-sizes"]["kernels_generic_sizes"] == "1"
+    assert not by["torch-cuda"].get("kernels_generic_sizes")
     for name in ("torch-cuda-phases", "torch-cuda-low-memory-phases"):
         assert {"text_encoder", "unet", "vae_decoder"} <= set(by[name]["second_image"])
     assert by["torch-cuda-low-memory-phases"]["second_image"]["unet"]["load_peak_alloc_gib"] == 0.0
