@@ -256,8 +256,10 @@ def edge_workloads(dtype_name: str):
 
 def workloads(dtype_name: str, quick: bool = False):
     """(label, callable) pairs: the backend's calls of pm_kernels at SD-1.5 shapes on the meta device
-    (quick: the 512 px UNet call and step only)."""
+    (quick: the 512 px UNet call and step, and the kernel benchmark's GroupNorm and attention
+    variants beside them)."""
     import copy
+    import importlib
 
     import torch
 
@@ -302,8 +304,30 @@ def workloads(dtype_name: str, quick: bool = False):
                 fn()
         return run
 
+    def grouped_norms():  # one (sample, group) per program: 10 ... 80 channels per group
+        for c, px in ((320, 64), (640, 32), (960, 32), (1280, 16), (1920, 16), (2560, 8)):
+            x = torch.empty(2, c, px, px, device="meta", dtype=dtype).contiguous(memory_format=cl)
+            w = torch.empty(c, device="meta", dtype=dtype)
+            with pm_kernels.group_norm_impl_kept("grouped"):
+                pm_kernels.group_norm_silu(x, w, w, 32, 1e-5, temb=torch.empty(2, c, device="meta", dtype=dtype))
+
+    def attention_head_dim_40():  # SDPA's in the UNet (attention.SDPA_MAX_HEAD_DIM); the Triton kernel here
+        attention = importlib.import_module("pm_kernels.attention")
+        q = torch.empty(2, 4096, 320, device="meta", dtype=dtype)
+        old, attention.ALWAYS_TRITON = attention.ALWAYS_TRITON, True
+        try:
+            kv = torch.empty(2, 77, 320, device="meta", dtype=dtype)
+            pm_kernels.attention(q, kv, kv, 8)
+            pm_kernels.attention(q, q, q, 8)
+        finally:
+            attention.ALWAYS_TRITON = old
+
     yield "unet 512 px batch 2", unet_call(512, 2)
     yield "step 512 px, guidance batched", step(512, False)
+    # what bench_kernels.py measures beside the UNet's choices: the grouped GroupNorm at each group
+    # size of SD's layers, the Triton attention at head dim 40 (cross- and self-attention)
+    yield "GroupNorm grouped at SD 1.5's group sizes", grouped_norms
+    yield "attention in Triton at head dim 40", attention_head_dim_40
     if quick:
         return
     yield "unet 512 px batch 2, epilogues unfused", unet_call(512, 2, fused=False)
@@ -410,7 +434,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)),
                     help="compute capabilities as numbers: 90 (H100/H200), 89, 87 (Jetson Orin), 86, 80, 75")
     ap.add_argument("--dtypes", default="float16", help="run dtypes of the networks (float16, bfloat16, float32)")
-    ap.add_argument("--quick", action="store_true", help="the 512 px UNet call and step only")
+    ap.add_argument("--quick", action="store_true", help="the 512 px UNet call and step, the kernel benchmark's grouped GroupNorm and head-dim-40 attention")
     ap.add_argument("--edge-sizes", action="store_true",
                     help="instead of the SD workloads: every kernel at sizes of 1 and odd sizes (compiles at all?)")
     ap.add_argument("--details", action="store_true",

@@ -11,6 +11,8 @@ ALWAYS_TRITON is set (tests and benchmarks/bench_kernels.py use it to run the ke
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +30,17 @@ ALWAYS_TRITON = False
 # (bench_kernels.py graph timings + a sweep of BLOCK_M/BLOCK_N/warps), Nk 77, batch 2, 8 heads, fp16:
 #   d 40, Nq 4096: best Triton config 19.8 us, SDPA 13.7 us  -> SDPA
 #   d 80, Nq 1024: Triton 6.6 us, SDPA 8.4 us; d 160, Nq 256 / 64: 6.9 / 6.9 us vs 9.0 / 8.4 us -> Triton
+# The d 40 figure is of a kernel whose head dim was a runtime integer: 40 is not a multiple of 16,
+# so Triton could not prove a head's row (80 bytes) aligned and compiled every q/k/v load and output
+# store to 2 bytes, with no asynchronous copies (cp.async) into shared memory (its sm_90 PTX).
+# The head dim is a constexpr now (one compile per head dim, as BLOCK_D already was): 16-byte
+# accesses and cp.async at every head dim. Not measured on a GPU yet; this rule stands until the
+# kernel benchmark (cross_attention_77 at d 40 against SDPA) says otherwise.
 SDPA_MAX_HEAD_DIM = 64
+# The head dim as two column tiles where that saves padding (head_dim_tiles: 40 -> 32 + 16 instead of
+# 64, 80 -> 64 + 16, 160 -> 128 + 32): fewer multiply-adds, two smaller dots. Off until the GPU sweep
+# (benchmarks/sweep_attention.py) measures it; PM_ATTN_SPLIT_D=1 turns it on.
+SPLIT_HEAD_DIM = os.environ.get("PM_ATTN_SPLIT_D", "0") == "1"
 
 
 def _heads_view(t, heads: int):
@@ -60,20 +72,32 @@ def attention_sdpa(q, k, v, heads: int, scale: float | None = None, kv_index=Non
 
 if triton is not None:
     @triton.jit
-    def _attn(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, NQ, NK, H, D, qk_scale, sq_b, sq_n, sk_b, sk_n, sv_b, sv_n,
-              so_b, so_n, HAS_IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr):
-        # grid (Nq / BLOCK_M, B * H): a block of queries of one (batch, head) against all its keys
+    def _attn(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, NQ, NK, H, D: tl.constexpr, qk_scale, sq_b, sq_n, sk_b, sk_n,
+              sv_b, sv_n, so_b, so_n, HAS_IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, D_B: tl.constexpr, F32_DOT: tl.constexpr):
+        # grid (Nq / BLOCK_M, B * H): a block of queries of one (batch, head) against all its keys.
+        # The head dim as one tile of BLOCK_D columns (D padded to a power of 2: 40 -> 64), or, with
+        # D_B > 0, as two: BLOCK_D real columns (a power of 2 <= D) and D_B more (the rest, padded):
+        # 40 = 32 + 16, 80 = 64 + 16, 160 = 128 + 32: two dots each, 25-37% fewer multiply-adds.
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         kb = tl.load(idx_ptr + b) if HAS_IDX else b  # the K/V row: kv_index[b], or b itself
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ds = tl.arange(0, BLOCK_D)  # head dim padded to a power of 2 (40 -> 64, 80 -> 128, 160 -> 256)
+        rmask = rows < NQ
+        ds = tl.arange(0, BLOCK_D)
         dmask = ds < D
         q = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_n + h * D + ds[None, :],
-                    mask=(rows[:, None] < NQ) & dmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
         if F32_DOT:
             q = q.to(tl.float32)
+        if D_B > 0:  # the second tile of head-dim columns
+            db = BLOCK_D + tl.arange(0, D_B)
+            dbmask = db < D
+            q2 = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_n + h * D + db[None, :],
+                         mask=rmask[:, None] & dbmask[None, :], other=0.0)  # (BLOCK_M, D_B)
+            if F32_DOT:
+                q2 = q2.to(tl.float32)
+            acc2 = tl.zeros([BLOCK_M, D_B], tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units)
         l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -87,6 +111,14 @@ if triton is not None:
                 s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
             else:
                 s = tl.dot(q, tl.trans(k))
+            if D_B > 0:
+                kv_mask2 = kmask[:, None] & dbmask[None, :]
+                k2 = tl.load(k_ptr + kb * sk_b + cols[:, None] * sk_n + h * D + db[None, :], mask=kv_mask2, other=0.0)
+                v2 = tl.load(v_ptr + kb * sv_b + cols[:, None] * sv_n + h * D + db[None, :], mask=kv_mask2, other=0.0)
+                if F32_DOT:
+                    s += tl.dot(q2, tl.trans(k2.to(tl.float32)), input_precision="ieee")
+                else:
+                    s += tl.dot(q2, tl.trans(k2))
             s = tl.where(kmask[None, :], s * qk_scale, float("-inf"))  # qk_scale = scale * log2(e)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -96,16 +128,38 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if D_B > 0:
+                if F32_DOT:
+                    acc2 = acc2 * alpha[:, None] + tl.dot(p, v2.to(tl.float32), input_precision="ieee")
+                else:
+                    acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
             m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(o_ptr + b * so_b + rows[:, None] * so_n + h * D + ds[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < NQ) & dmask[None, :])
+        o = o_ptr + b * so_b + rows[:, None] * so_n + h * D
+        tl.store(o + ds[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        if D_B > 0:
+            tl.store(o + db[None, :], (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & dbmask[None, :])
 
 
-def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
-    """q (B, Nq, H*d), k, v (B, Nk, H*d), last axes contiguous (other strides free: slices of a
-    fused QKV projection are fine) -> (B, Nq, H*d) contiguous. With kv_index (B,) int, k and v are
-    tables (R, Nk, H*d) and query row b attends to table row kv_index[b] (read in place, no gather)."""
+def head_dim_tiles(d: int, split: bool) -> tuple[int, int]:
+    """(BLOCK_D, D_B): the head dim as one power-of-2 tile (D_B 0), or with split=True, where it
+    saves columns, as a power-of-2 tile of real columns and a second of at least 16 (tl.dot's least)."""
+    whole = max(16, next_pow2(d))
+    first = 1 << (max(16, d).bit_length() - 1)  # the largest power of 2 <= d (16 at least)
+    second = max(16, next_pow2(d - first)) if d > first else 0
+    return (first, second) if split and second and first + second < whole else (whole, 0)
+
+
+def default_config(d: int, nk: int) -> dict:
+    """attention()'s launch configuration for head dim d and nk keys: BLOCK_M, BLOCK_N, SPLIT_D."""
+    block_d, d_b = head_dim_tiles(d, SPLIT_HEAD_DIM)
+    width = block_d + d_b
+    return {"block_m": 128 if width <= 64 else 64 if width <= 128 else 32,
+            "block_n": min(64, max(16, next_pow2(nk))),  # 77 keys: two blocks of 64 beat one of 128 (H200 sweep)
+            "split_d": SPLIT_HEAD_DIM}
+
+
+def _check(q, k, v, heads: int, kv_index) -> None:
     b, nq, inner = q.shape
     rows, nk = k.shape[:2]
     if kv_index is not None and tuple(kv_index.shape) != (b,):
@@ -113,28 +167,47 @@ def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
     if kv_index is None and rows != b or k.shape != (rows, nk, inner) or v.shape != k.shape or inner % heads \
             or nk < 1:
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {heads} heads")
+
+
+def launch(q, k, v, heads: int, scale: float | None = None, kv_index=None, *, block_m: int, block_n: int,
+           split_d: bool = False, num_warps: int | None = None, num_stages: int | None = None):
+    """The Triton kernel with this configuration (what attention() launches with default_config and
+    benchmarks/sweep_attention.py with each of its candidates) -> (B, Nq, H*d). Raises Triton's
+    OutOfResources where the GPU cannot load it (before anything runs)."""
+    _check(q, k, v, heads, kv_index)
+    b, nq, inner = q.shape
     d = inner // heads
+    scale = d ** -0.5 if scale is None else float(scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty((b, nq, inner), dtype=q.dtype, device=q.device)
+    block_d, d_b = head_dim_tiles(d, split_d)
+    # fp32 inputs: exact fp32 products (no TF32). bf16 under the interpreter (CPU tensors): its tl.dot
+    # multiplies bf16 bit patterns as integers (triton-lang/triton#11584), so upcast there.
+    f32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+    idx = kv_index.contiguous() if kv_index is not None else out  # a dummy pointer when absent
+    options = {k_: v_ for k_, v_ in (("num_warps", num_warps), ("num_stages", num_stages)) if v_ is not None}
+    _attn[(triton.cdiv(nq, block_m), b * heads)](
+        q, k, v, out, idx, nq, k.shape[1], heads, d, scale * 1.4426950408889634, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), HAS_IDX=kv_index is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_B=d_b, F32_DOT=f32_dot, **options)
+    return out
+
+
+def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
+    """q (B, Nq, H*d), k, v (B, Nk, H*d), last axes contiguous (other strides free: slices of a
+    fused QKV projection are fine) -> (B, Nq, H*d) contiguous. With kv_index (B,) int, k and v are
+    tables (R, Nk, H*d) and query row b attends to table row kv_index[b] (read in place, no gather)."""
+    _check(q, k, v, heads, kv_index)
+    nk, d = k.shape[1], q.shape[2] // heads
     scale = d ** -0.5 if scale is None else float(scale)
     sdpa_wins = nk > SHORT_KEYS or d <= SDPA_MAX_HEAD_DIM
     if kernel_path("attention", q) == "reference" or (sdpa_wins and not ALWAYS_TRITON):
         return attention_sdpa(q, k, v, heads, scale, kv_index)  # PyTorch's own fused attention on views
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty((b, nq, inner), dtype=q.dtype, device=q.device)
-    block_d = max(16, next_pow2(d))
-    block_n = min(64, max(16, next_pow2(nk)))  # 77 keys: two blocks of 64 beat one of 128 (H200 sweep)
-    block_m = 128 if block_d <= 64 else 64 if block_d <= 128 else 32
-    # fp32 inputs: exact fp32 products (no TF32). bf16 under the interpreter (CPU tensors): its tl.dot
-    # multiplies bf16 bit patterns as integers (triton-lang/triton#11584), so upcast there.
-    f32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
-    grid = (triton.cdiv(nq, block_m), b * heads)
-    idx = kv_index.contiguous() if kv_index is not None else out  # a dummy pointer when absent
-    args = (q, k, v, out, idx, nq, nk, heads, d, scale * 1.4426950408889634, q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1))
-    config = dict(HAS_IDX=kv_index is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, F32_DOT=f32_dot)
-    key = (q.device, q.dtype, block_m, block_n, block_d, f32_dot)
+    config = default_config(d, nk)
+    key = (q.device, q.dtype, d, config["block_m"], config["block_n"], config["split_d"])
     for stages in _STAGES.get(key, STAGES):
         try:
-            _attn[grid](*args, **config, num_stages=stages)
+            out = launch(q, k, v, heads, scale, kv_index, **config, num_stages=stages)
         except OutOfResources:  # raised as Triton loads the kernel, before anything runs: one stage less
             continue
         _STAGES[key] = (stages,)
@@ -151,7 +224,7 @@ def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
 # block (99 KB; 2 stages fit), and 96 KB at any depth on Turing (64 KB: SDPA there). Found without a
 # GPU by benchmarks/compile_check.py, which compiles every kernel for those architectures.
 STAGES = (3, 2, 1)
-_STAGES: dict = {}  # (device, dtype, BLOCK_M, BLOCK_N, BLOCK_D, F32_DOT) -> (the depth that loaded,) or ()
+_STAGES: dict = {}  # (device, dtype, head dim, BLOCK_M, BLOCK_N, split) -> (the depth that loaded,) or ()
 try:
     from triton.runtime.errors import OutOfResources
 except ImportError:  # no Triton: the kernel never runs

@@ -22,7 +22,9 @@ a CUDA-graph-captured UNet step a GroupNorm at SD 1.5's sizes costs more in laun
 two commits, and this three-pass version replacing a two-launch one is among the changes between
 them (a suspect, not a finding). Its programs work on one (sample, group) and a
 range of its pixels, the group's channels contiguous in channels-last (shorter rows than the tiles
-above: less coalesced), with the same pivoted, Chan-combined fp32 statistics:
+above: less coalesced; channels per group is a constexpr, so a row is read in accesses as wide as
+its alignment allows: 16 bytes at 40 or 80 fp16 channels, 8 at 20 or 60, 4 at 10 or 30), with the
+same pivoted, Chan-combined fp32 statistics:
   small groups (CPG * HW <= FUSE_MAX)  _gn_grp_apply, FUSED: ONE launch, grid (N*G,): the program
           takes its group's statistics, then normalises it (a second read, from cache)
   larger  _gn_grp_stats grid (N*G, SPLIT): (mean, M2) of each pixel range -> part (N*G, SPLIT, 2);
@@ -181,7 +183,7 @@ if triton is not None:
         tl.store(y_ptr + n * o_n + cs[None, :] * o_c + ps[:, None] * o_p, y.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _grp_range_stats(x_ptr, t_ptr, n, g, G, CPG, start, end, s_n, s_c, s_p, t_n, HAS_T: tl.constexpr,
+    def _grp_range_stats(x_ptr, t_ptr, n, g, G, CPG: tl.constexpr, start, end, s_n, s_c, s_p, t_n, HAS_T: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """(mean, M2) of x + temb over one group's channels and pixels [start, end): per-channel sums
         about the channel's first pixel, channels combined Chan-style."""
@@ -209,8 +211,8 @@ if triton is not None:
         dev = tl.where(cmask, mean_c - mean, 0.0)
         return mean, tl.sum(tl.where(cmask, m2_c, 0.0), 0) + npix * tl.sum(dev * dev, 0)
 
-    @_jit("HW", "G", "CPG", "SPLIT", "CHUNK")
-    def _gn_grp_stats(x_ptr, t_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, s_n, s_c, s_p, t_n, HAS_T: tl.constexpr,
+    @_jit("HW", "G", "SPLIT", "CHUNK")
+    def _gn_grp_stats(x_ptr, t_ptr, part_ptr, HW, G, CPG: tl.constexpr, SPLIT, CHUNK, s_n, s_c, s_p, t_n, HAS_T: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         ng, sp = tl.program_id(0), tl.program_id(1)
         start = sp * CHUNK
@@ -219,8 +221,8 @@ if triton is not None:
         tl.store(part_ptr + (ng * SPLIT + sp) * 2, mean)
         tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, m2)
 
-    @_jit("HW", "G", "CPG", "SPLIT", "CHUNK")
-    def _gn_grp_apply(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, part_ptr, HW, G, CPG, SPLIT, CHUNK, eps, s_n, s_c, s_p,
+    @_jit("HW", "G", "SPLIT", "CHUNK")
+    def _gn_grp_apply(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, part_ptr, HW, G, CPG: tl.constexpr, SPLIT, CHUNK, eps, s_n, s_c, s_p,
                       t_n, o_n, o_c, o_p, HAS_T: tl.constexpr, SILU: tl.constexpr, FUSED: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         ng, sp = tl.program_id(0), tl.program_id(1)

@@ -60,6 +60,20 @@ def test_kernels_compile_for_hopper_and_consumer_ampere(tmp_path):
         if r["kernel"] in ("_gn_partial", "_gn_apply"):
             assert r["constexprs"].get("s_c") == 1, r["constexprs"]  # channels-last
     assert summary["sm_90"]["two_byte_stores"] == ["_scaled_copies"]  # its NCHW -> NHWC scatter of the latent
+    # the kernel benchmark's variants: the grouped GroupNorm's rows are one group's CPG channels (a
+    # constexpr), its accesses as wide as 2 * CPG bytes are aligned (CPG 40, 80: 16 bytes; 20, 60: 8;
+    # 10, 30: 4); the attention at head dim 40 (a constexpr: 80-byte head rows) reads 16 bytes at a time
+    grouped = [r for r in by_arch["sm_90"] if r["kernel"] in ("_gn_grp_apply", "_gn_grp_stats")]
+    assert {r["constexprs"]["CPG"] for r in grouped} == {10, 20, 30, 40, 60, 80}
+    for r in grouped:
+        cpg, acc = r["constexprs"]["CPG"], r["global_access_bytes"]
+        width = str(min(16, (2 * cpg) & -(2 * cpg)))
+        assert acc["loads"].get(width, 0) >= 2, (cpg, acc)
+        if r["kernel"] == "_gn_grp_apply":
+            assert list(acc["stores"]) == [width], (cpg, acc)
+    d40 = [r for r in by_arch["sm_90"] if r["kernel"] == "_attn" and r["constexprs"]["D"] == 40]
+    assert len(d40) == 2  # 77 keys, 4096 keys (a size divisible by 16: specialised)
+    assert all(r["global_access_bytes"] == {"loads": {"16": 8}, "stores": {"16": 8}} for r in d40), d40
 
     def attn(arch, stages):
         return [r for r in by_arch[arch] if r["kernel"] == "_attn" and r["constexprs"]["BLOCK_D"] == 256

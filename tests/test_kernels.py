@@ -215,11 +215,16 @@ def test_geglu_reference_is_diffusers_geglu():
         assert torch.allclose(K.geglu_reference(layer.proj(x)), layer(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["head-dim-one-tile", "head-dim-two-tiles"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b, nq, nk, heads, d", [(2, 37, 77, 3, 40), (1, 20, 5, 1, 24), (2, 16, 200, 2, 8)])
-def test_attention_split_kv_in_place(b, nq, nk, heads, d, dtype, monkeypatch):
-    """q a slice of a fused QKV output, k and v from two different contexts (strided views)."""
+@pytest.mark.parametrize("b, nq, nk, heads, d", [(2, 37, 77, 3, 40), (1, 20, 5, 1, 24), (2, 16, 200, 2, 8),
+                                                 (1, 9, 77, 2, 80)])
+def test_attention_split_kv_in_place(b, nq, nk, heads, d, dtype, split, monkeypatch):
+    """q a slice of a fused QKV output, k and v from two different contexts (strided views); the
+    head dim as one padded tile or (SPLIT_HEAD_DIM) as two: 40 = 32 + 16 (8 padded), 80 = 64 + 16."""
     monkeypatch.setattr(KA, "ALWAYS_TRITON", True)  # d <= 64 and nk 200 (online softmax) too
+    monkeypatch.setattr(KA, "SPLIT_HEAD_DIM", split)
+    assert KA.default_config(d, nk)["split_d"] == split
     g = torch.Generator().manual_seed(nq + nk)
     q = torch.randn(b, nq, 3 * heads * d, generator=g).to(DEVICE, dtype)[..., heads * d:2 * heads * d]
     kv = torch.randn(b, nk, 2 * heads * d, generator=g).to(DEVICE, dtype)
@@ -244,6 +249,26 @@ def test_attention_reads_kv_tables_by_row(dtype, monkeypatch):
     assert K.kernel_path(q) == "triton" and rel_err(out, ref) <= TOL[dtype]
     with pytest.raises(ValueError, match="kv_index"):
         K.attention(q, k, v, 2, kv_index=idx[:2])
+
+
+def test_head_dim_tiles():
+    """The head dim's column tiles: one power of 2 covering it, or a power of 2 of real columns and a
+    second tile (>= 16, tl.dot's least) where the two are narrower than the one."""
+    assert [KA.head_dim_tiles(d, False) for d in (8, 24, 40, 64, 80, 160)] == \
+        [(16, 0), (32, 0), (64, 0), (64, 0), (128, 0), (256, 0)]
+    assert [KA.head_dim_tiles(d, True) for d in (8, 24, 40, 64, 80, 100, 160)] == \
+        [(16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (128, 0), (128, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_launch_takes_any_configuration(dtype):
+    """launch(): the kernel with a given configuration (the GPU sweep's candidates) computes the same."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(3, 2, 45, 80, generator=g).to(DEVICE, dtype)
+    ref = K.attention_reference(q, k, v, 2)
+    for block_m, block_n, split in [(16, 16, True), (32, 64, False), (64, 32, True)]:
+        out = KA.launch(q, k, v, 2, block_m=block_m, block_n=block_n, split_d=split)
+        assert rel_err(out, ref) <= TOL[dtype], (block_m, block_n, split)
 
 
 def test_attention_routes_small_head_dims_and_long_keys_to_sdpa(monkeypatch):
@@ -532,6 +557,27 @@ def test_benchmark_runs_end_to_end(tmp_path):
         assert set(r["ours_ms"]) == {"p20", "p50", "p80"} and r["ref_ms"] and r["commit"] and r["triton"]
 
 
+def test_attention_sweep_runs_end_to_end(tmp_path):
+    """benchmarks/sweep_attention.py's code path (its --device cpu dry run on the CPU): SDPA and each
+    candidate configuration per case, the head dim 40 as one tile and as two, every output checked
+    against the reference; the summary names the best candidate per case."""
+    sweep = importlib.import_module("pm_bench.sweep_attention")
+    out = tmp_path / "s.jsonl"
+    assert sweep.main(["--device", DEVICE, "--reps", "1", "--out", str(out)]) == 0
+    import json
+
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["schema"] == "pm-sweep-attention/1" and r["status"] == "ok" and r["commit"] for r in recs)
+    assert all(r["rel_err"] <= TOL[torch.float32 if DEVICE == "cpu" else torch.float16] for r in recs)
+    for op in ("self_attention", "cross_attention_77"):
+        case = [r for r in recs if r["op"] == op]
+        assert [r["candidate"] for r in case].count("sdpa") == 1
+        triton_recs = [r for r in case if r["candidate"] == "triton"]
+        assert {tuple(r["tiles"]) for r in triton_recs} == {(64, 0), (32, 16)} and sum(r["default"] for r in triton_recs) == 1
+    lines = sweep.summary_lines(recs)
+    assert len(lines) == 2 + 2 and all("x |" in line for line in lines[2:])
+
+
 SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 32), (2560, 8)]  # (channels, latent side), 512 px
 
 
@@ -541,7 +587,7 @@ SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 32), (2560, 8)]  # (c
 def test_sd15_shapes_on_gpu(c, side, monkeypatch):
     """Compiled kernels at SD 1.5's shapes (batch 2, fp16): GroupNorm in both layouts, GEGLU at the
     feed-forward width, the bias + residual and add + LayerNorm kernels, cross-attention with 77 keys
-    at the attention widths (d = 40, 80, 160)."""
+    at the attention widths (d = 40, 80, 160; the head dim as one tile and as two), self-attention."""
     g = torch.Generator(device="cuda").manual_seed(c)
     x = (3 + torch.randn(2, c, side, side, device="cuda", generator=g)).half()
     w, b = torch.randn(2, c, device="cuda", generator=g)
@@ -568,4 +614,9 @@ def test_sd15_shapes_on_gpu(c, side, monkeypatch):
     q = torch.randn(2, side * side, c, device="cuda", generator=g).half()
     k, v = torch.randn(2, 2, 77, c, device="cuda", generator=g).half()
     monkeypatch.setattr(KA, "ALWAYS_TRITON", True)  # d 40 would go to SDPA
-    assert rel_err(K.attention(q, k, v, 8), K.attention_reference(q, k, v, 8)) <= 1e-2
+    ref = K.attention_reference(q, k, v, 8)
+    assert rel_err(K.attention(q, k, v, 8), ref) <= 1e-2
+    assert rel_err(KA.launch(q, k, v, 8, **{**KA.default_config(c // 8, 77), "split_d": True}), ref) <= 1e-2
+    ref = K.attention_reference(q, q, q, 8)  # self-attention (64 x 64: the reference's fp32 scores take 1 GiB)
+    assert rel_err(K.attention(q, q, q, 8), ref) <= 1e-2
+    assert rel_err(KA.launch(q, q, q, 8, block_m=64, block_n=64, split_d=True), ref) <= 1e-2
