@@ -191,6 +191,21 @@ def kernel_ab_lines(records: dict[str, list[dict]]) -> list[str]:
     return out
 
 
+def attention_sweep_lines(records: dict[str, list[dict]]) -> list[str]:
+    """sweep_attention.py's table (attention-sweep-gpu.jsonl): per attention shape, SDPA, the Triton
+    kernel's current configuration and its best candidate. Empty without the file."""
+    recs = records.get("attention-sweep-gpu", [])
+    if not recs:
+        return []
+    here = str(pathlib.Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from sweep_attention import summary_lines
+
+    return ["", "Attention: the Triton kernel's launch configurations against SDPA, p50 ms in a CUDA graph "
+                "(sweep_attention.py; default = attention()'s configuration now)", ""] + summary_lines(recs)
+
+
 def profile_lines(records: dict[str, list[dict]]) -> list[str]:
     """Where one step's GPU time goes (gpu_ours.profile_step's record: one eager step's kernels by
     class), beside the graphed step's p50: the difference is what launching and the gaps between
@@ -216,6 +231,7 @@ def table(records: dict[str, list[dict]]) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(records)]
     lines += profile_lines(records)
     lines += kernel_ab_lines(records)
+    lines += attention_sweep_lines(records)
     device = next((r.get("device_name") for recs in records.values() for r in recs if r.get("device_name")), "?")
     commits: dict = {}  # commit -> the files measured at it
     for stem, recs in records.items():

@@ -450,6 +450,19 @@ def test_gpu_goals_report(tmp_path):
     assert ab[1:] == ("6.60 ms (default, shared run: 5.50 ms)", "<= 6.0 ms", "not met")
     report = gpu_goals.table(gpu_goals.load(tmp_path))
     assert "| group_norm_silu | [2, 320, 64, 64] | 0.0100 | 0.0240 | 2.40x |" in report
+    # the attention sweep: per shape, SDPA, the default configuration and the best candidate
+    assert "Attention: the Triton kernel's" not in report
+    s = lambda cand, ms, **kw: json.dumps({"op": "self_attention", "shape": [2, 4096, 320, 8], "head_dim": 40,  # noqa: E731
+                                           "candidate": cand, "status": "ok", "commit": "abc", "ms": {"p50": ms},
+                                           "rel_err": 1e-3, **kw})
+    cfg = dict(block_m=128, block_n=64, num_warps=4)
+    (tmp_path / "attention-sweep-gpu.jsonl").write_text("\n".join([
+        s("sdpa", 0.15), s("triton", 0.2, **cfg, tiles=[64, 0], default=True),
+        s("triton", 0.12, **cfg, tiles=[32, 16], default=False),
+        s("triton", 0.01, **cfg, tiles=[32, 16], default=False, **{"rel_err": 0.5})]) + "\n")  # wrong: not a candidate
+    report = gpu_goals.table(gpu_goals.load(tmp_path))
+    assert "| self_attention [2, 4096, 320, 8] | 40 | 0.1500 | 0.2000 | 0.1200 | 128x64, 4 warps, tiles [32, 16] | " \
+           "1.25x |" in report
 
 
 
