@@ -5,7 +5,9 @@
 # 50 steps; torch.compile last), start-up in new processes (warm, and cold: an empty Triton cache),
 # the memory variants once more each in a NEW process ("fresh": nothing an earlier variant left in
 # the process counts in its peak; "expandable:" entries with the allocator's expandable segments,
-# which pm-run --low-memory sets; "generic:" entries with PM_KERNELS_GENERIC_SIZES=1, pm_kernels
+# which pm-run --low-memory sets; "smallws:" entries with them and cuBLAS's workspace cut from 32 MiB
+# per (handle, stream) to 4 MiB (CUBLAS_WORKSPACE_CONFIG=:4096:1, CUBLASLT_WORKSPACE_SIZE=4096 KiB: what
+# --low-memory could set too); "generic:" entries with PM_KERNELS_GENERIC_SIZES=1, pm_kernels
 # compiled without size specialisation, the A/B of that rule; the unmet goals first), two short runs under other allocator /
 # cuDNN workspace settings (stage "extra", off by default), and the goals table (gpu_goals.py ->
 # OUT/goals.md). Records land in OUT as each variant ends.
@@ -99,22 +101,24 @@ echo "== memory variants, each in a new process (expandable: with PYTORCH_CUDA_A
 # the candidates for them (shared_pool) and where their memory goes (-phases: per stage, by pool, in
 # a new process: the first image's searches included), their A/B variants, then the goals already
 # met (a check for regressions)
-FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
+FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,smallws:torch-cuda-low-memory-1024,torch-cuda-shared-pool,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
 entries=(${FRESH//,/ })
 for i in "${!entries[@]}"; do
     e=${entries[$i]}; v=${e#*:}
     T=$(limit ${PM_FRESH_TIMEOUT:-60} "$FRESH_MIN")
     if [ "$T" -eq 0 ]; then skipped "${entries[*]:$i}"; break; fi
-    unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES
+    unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE
     case "$e" in
         expandable:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; conf=expandable; out=gpu-fresh-expandable;;
+        smallws:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUBLAS_WORKSPACE_CONFIG=:4096:1 \
+                   CUBLASLT_WORKSPACE_SIZE=4096; conf=expandable-smallws; out=gpu-fresh-smallws;;
         generic:*) export PM_KERNELS_GENERIC_SIZES=1; conf=generic-sizes; out=gpu-fresh-generic-sizes;;
         *) conf=default; out=gpu-fresh;;
     esac
     timeout "$T" python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/$out.jsonl" \
         --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
 done
-unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES
+unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE
 fi
 if stage extra; then  # last: what matters less if the time runs out
 echo "== our memory variants again with the allocator's expandable segments (reserved vs allocated)"

@@ -79,6 +79,10 @@ def memory_row(label: str, r: dict, goal_gb: float) -> tuple:
         extra.append(f"PYTORCH_CUDA_ALLOC_CONF={r['cuda_alloc_conf']}")
     if r.get("cudnn_conv_wscap_dbg"):
         extra.append(f"CUDNN_CONV_WSCAP_DBG={r['cudnn_conv_wscap_dbg']}")
+    if r.get("cublas_workspace_config"):
+        extra.append(f"CUBLAS_WORKSPACE_CONFIG={r['cublas_workspace_config']}")
+    if r.get("cublaslt_workspace_size"):
+        extra.append(f"CUBLASLT_WORKSPACE_SIZE={r['cublaslt_workspace_size']}")
     if r.get("kernels_generic_sizes"):
         extra.append(f"PM_KERNELS_GENERIC_SIZES={r['kernels_generic_sizes']}")
     later = "no later image" if steady[0] is None else f"later images {gb(steady[0])} / {gb(steady[1])} GB"

@@ -104,6 +104,9 @@ def environment(device: str, commit_override: str | None = None, dirty: bool | N
             # allocator and cuDNN workspace settings change peaks
             "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
             "cudnn_conv_wscap_dbg": os.environ.get("CUDNN_CONV_WSCAP_DBG"),
+            # cuBLAS's workspace per (handle, stream), from the caching allocator (32 MiB by default on Hopper)
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            "cublaslt_workspace_size": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
         })
     else:
         env.update({"device_name": "cpu: " + env["host_cpu"], "driver": None})

@@ -410,7 +410,13 @@ def test_gpu_goals_report(tmp_path):
         rec("torch-cuda-low-memory", run="p2", peak_alloc_gib=gib(1.7), peak_reserved_gib=gib(1.9)),  # re-run
         rec("torch-cuda-low-memory-int8", run="p3", peak_alloc_gib=gib(1.0), peak_reserved_gib=gib(1.1)),
     ]) + "\n")
+    (tmp_path / "gpu-fresh-smallws.jsonl").write_text(rec(  # the allocator / cuBLAS settings it ran with
+        "torch-cuda-low-memory", run="p4", size=1024, peak_alloc_gib=gib(1.85), peak_reserved_gib=gib(1.95),
+        cuda_alloc_conf="expandable_segments:True", cublas_workspace_config=":4096:1",
+        cublaslt_workspace_size="4096") + "\n")
     got = {r[0]: r for r in gpu_goals.rows(gpu_goals.load(tmp_path))}
+    assert got["low-memory peak, torch-cuda-low-memory (1024 px, new process) [PYTORCH_CUDA_ALLOC_CONF="
+               "expandable_segments:True, CUBLAS_WORKSPACE_CONFIG=:4096:1, CUBLASLT_WORKSPACE_SIZE=4096]"][3] == "**met**"
     assert got["low-memory peak, torch-cuda-low-memory (512 px, new process)"][3] == "**met**"  # the later record
     assert got["low-memory int8 peak, torch-cuda-low-memory-int8 (512 px, new process)"][3] == "**met**"
     assert got["UNet step p50, torch-cuda"][1:] == ("5.50 ms", "<= 6.0 ms", "**met**")
