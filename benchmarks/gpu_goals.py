@@ -195,6 +195,27 @@ def kernel_ab_lines(records: dict[str, list[dict]]) -> list[str]:
     return out
 
 
+def phases_lines(records: dict[str, list[dict]]) -> list[str]:
+    """Each -phases record (gpu_ours.measure_phases): per network stage of its first image, the peaks
+    while loading and while running and what stays allocated after, in GB: where a variant's peak is."""
+    gb = lambda v: "-" if v is None else f"{v * GIB:.2f}"  # noqa: E731
+    out = []
+    for stem, recs in records.items():
+        for r in recs:
+            if not (stem.startswith("gpu") and str(r.get("variant", "")).endswith("-phases") and _ok(r)):
+                continue
+            where = ", new process" if "fresh" in stem else ""
+            conf = f" [PYTORCH_CUDA_ALLOC_CONF={r['cuda_alloc_conf']}]" if r.get("cuda_alloc_conf") else ""
+            out += ["", f"Memory by stage, first image: {r['variant']} ({r.get('size', '?')} px{where}){conf}, GB "
+                        "(allocated / reserved)", "",
+                    "| stage | load peak | run peak | after |", "|---|---|---|---|"]
+            for name, st in (r.get("first_image") or {}).items():
+                out.append(f"| {name} | {gb(st.get('load_peak_alloc_gib'))} / {gb(st.get('load_peak_reserved_gib'))} | "
+                           f"{gb(st.get('run_peak_alloc_gib'))} / {gb(st.get('run_peak_reserved_gib'))} | "
+                           f"{gb(st.get('after_alloc_gib'))} / {gb(st.get('after_reserved_gib'))} |")
+    return out
+
+
 def attention_sweep_lines(records: dict[str, list[dict]]) -> list[str]:
     """sweep_attention.py's table (attention-sweep-gpu.jsonl): per attention shape, SDPA, the Triton
     kernel's current configuration and its best candidate. Empty without the file."""
@@ -236,6 +257,7 @@ def table(records: dict[str, list[dict]]) -> str:
     lines += profile_lines(records)
     lines += kernel_ab_lines(records)
     lines += attention_sweep_lines(records)
+    lines += phases_lines(records)
     device = next((r.get("device_name") for recs in records.values() for r in recs if r.get("device_name")), "?")
     commits: dict = {}  # commit -> the files measured at it
     for stem, recs in records.items():

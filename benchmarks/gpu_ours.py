@@ -61,7 +61,8 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              peak (timing runs try algorithms with large workspaces); and
                              torch-cuda-low-memory-cudnn-heuristics (-1024: at 1024 px, where the
                              low-memory goal is missed by 0.03-0.13 GB)
-  torch-cuda-phases, torch-cuda-low-memory-phases   one image after a first one, with the GPU
+  torch-cuda-phases, torch-cuda-low-memory-phases (-1024-phases: at 1024 px, the unmet goal's
+                             setting)   one image after a first one, with the GPU
                              memory of each network's stage recorded apart (allocated before, peak
                              while loading, peak while running, allocated after; and after each stage
                              the allocator's segments by memory pool: the general pool and each graph's,
@@ -411,7 +412,8 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-low-memory-1024-cudnn-heuristics",
        "torch-cuda-shared-pool", "torch-cuda-shared-pool-one-stream", "torch-cuda-low-memory-1024-one-stream",
        "torch-cuda-shared-pool-offload-te",
-       "torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-shared-pool-phases",
+       "torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-low-memory-1024-phases",
+       "torch-cuda-shared-pool-phases",
        "torch-cuda-warm-start", "profile", "profile-gn-auto")
 
 
@@ -564,6 +566,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-phases": lambda: measure_phases("torch-cuda-phases", bundle, steps=steps, size=size),
         "torch-cuda-low-memory-phases": lambda: measure_phases("torch-cuda-low-memory-phases", bundle, steps=steps,
                                                                size=size, low_memory=True),
+        "torch-cuda-low-memory-1024-phases": lambda: measure_phases(
+            "torch-cuda-low-memory-1024-phases", bundle, steps=steps, size=BIG_SIZE, low_memory=True),
         "torch-cuda-shared-pool-phases": lambda: measure_phases("torch-cuda-shared-pool-phases", bundle, steps=steps,
                                                                 size=size, shared_pool=True),
         "torch-cuda-warm-start": lambda: warm_start_s(bundle, steps, size),

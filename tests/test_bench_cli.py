@@ -372,8 +372,9 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     # the size-rule A/B ran with the switch set in the process: its record says so, the others' do not
     assert by["torch-cuda-generic-sizes"]["kernels_generic_sizes"] == "1"
     assert not by["torch-cuda"].get("kernels_generic_sizes")
-    for name in ("torch-cuda-phases", "torch-cuda-low-memory-phases"):
+    for name in ("torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-low-memory-1024-phases"):
         assert {"text_encoder", "unet", "vae_decoder"} <= set(by[name]["second_image"])
+    assert by["torch-cuda-low-memory-1024-phases"]["size"] == 320  # BIG_SIZE
     assert by["torch-cuda-low-memory-phases"]["second_image"]["unet"]["load_peak_alloc_gib"] == 0.0
     assert "unet" not in by["torch-cuda-phases"]["second_image"] or \
         "load_peak_alloc_gib" not in by["torch-cuda-phases"]["second_image"]["unet"]  # resident: loaded once
@@ -456,6 +457,17 @@ def test_gpu_goals_report(tmp_path):
     assert ab[1:] == ("6.60 ms (default, shared run: 5.50 ms)", "<= 6.0 ms", "not met")
     report = gpu_goals.table(gpu_goals.load(tmp_path))
     assert "| group_norm_silu | [2, 320, 64, 64] | 0.0100 | 0.0240 | 2.40x |" in report
+    # a -phases record: its first image's stages, GiB shown as GB
+    assert "Memory by stage" not in report
+    (tmp_path / "gpu-fresh-expandable.jsonl").write_text(rec(
+        "torch-cuda-low-memory-1024-phases", size=1024, cuda_alloc_conf="expandable_segments:True",
+        first_image={"unet": {"load_peak_alloc_gib": gib(1.8), "load_peak_reserved_gib": gib(1.85),
+                              "run_peak_alloc_gib": gib(1.95), "run_peak_reserved_gib": gib(2.05),
+                              "after_alloc_gib": gib(0.01), "after_reserved_gib": gib(0.02)}}) + "\n")
+    report = gpu_goals.table(gpu_goals.load(tmp_path))
+    assert "Memory by stage, first image: torch-cuda-low-memory-1024-phases (1024 px, new process) " \
+           "[PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True]" in report
+    assert "| unet | 1.80 / 1.85 | 1.95 / 2.05 | 0.01 / 0.02 |" in report
     # the attention sweep: per shape, SDPA, the default configuration and the best candidate
     assert "Attention: the Triton kernel's" not in report
     s = lambda cand, ms, **kw: json.dumps({"op": "self_attention", "shape": [2, 4096, 320, 8], "head_dim": 40,  # noqa: E731
