@@ -16,7 +16,7 @@
 # each stage's time limit is cut to what is left (minus PM_RESERVE_S, 15, for the goals table), a
 # stage with under PM_MIN_S (60) seconds left is skipped, and the fresh processes stop when under
 # PM_FRESH_MIN_S (40) are left; what was skipped is printed ("skipped for time"). Timed on an H200 (2026-11-26/27, other
-# lists): tests 35-57 s, kernels 8 s (+ its generic-sizes A/B on 6 ops and the attention sweep, <= 45 s:
+# lists): tests 35-57 s, kernels 8 s (+ its generic-sizes A/B on 6 ops and the attention sweep, <= 35 s:
 # not yet timed), bench_gpu 162 s with 14 of our variants + peers + compile,
 # ~18-25 s per new process, start-up ~40 s for three warm variants.
 #   bash benchmarks/gpu_check.sh OUTDIR COMMIT
@@ -68,7 +68,7 @@ T=$(limit 40 $(( MIN / 2 )))
     --out "$OUT/kernels-gpu-generic-sizes.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/bench_kernels_generic_sizes.log"
 # the Triton attention's launch configurations against SDPA (head dim 40 now 16-byte; the head dim as
 # one tile or two): what attention()'s routing and block-size rules should be
-T=$(limit 45 $(( MIN / 2 )))
+T=$(limit 35 $(( MIN / 2 )))
 [ "$T" -gt 0 ] && timeout "$T" python3 benchmarks/sweep_attention.py --max-seconds $(( T > 12 ? T - 10 : 2 )) \
     --out "$OUT/attention-sweep-gpu.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/sweep_attention.log"
 fi
@@ -101,7 +101,7 @@ echo "== memory variants, each in a new process (expandable: with PYTORCH_CUDA_A
 # the candidates for them (shared_pool) and where their memory goes (-phases: per stage, by pool, in
 # a new process: the first image's searches included), their A/B variants, then the goals already
 # met (a check for regressions)
-FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,smallws:torch-cuda-low-memory-1024,expandable:torch-cuda-low-memory-1024-phases,torch-cuda-shared-pool,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
+FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,smallws:torch-cuda-low-memory-1024,expandable:torch-cuda-low-memory-1024-phases,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
 entries=(${FRESH//,/ })
 for i in "${!entries[@]}"; do
     e=${entries[$i]}; v=${e#*:}
