@@ -56,6 +56,23 @@ def environment(device: str) -> dict:
                 "device_name": torch.cuda.get_device_name(0) if cuda else "cpu", "env_note": f"partial: {e}"}
 
 
+def device_unready(device: str, script: str, hint: str = "") -> bool:
+    """Whether `script` cannot run on `device` (said on stderr). --device cpu is a dry run under
+    Triton's interpreter: it sets TRITON_INTERPRET=1 here, before pm_kernels defines its kernels."""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        if os.environ["TRITON_INTERPRET"] != "1":
+            print(f"{script}: --device cpu needs TRITON_INTERPRET=1", file=sys.stderr)
+            return True
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"{script}: needs a CUDA GPU ({hint}--device cpu is a dry run of this script)", file=sys.stderr)
+        return True
+    return False
+
+
 # ------------------------------------------------------------------ timing
 def _quantiles(times: list[float]) -> dict:
     times = sorted(times)
@@ -303,17 +320,10 @@ def main(argv=None) -> int:
                     help="cpu: a dry run of the same code under the Triton interpreter at tiny shapes")
     ap.add_argument("--only", default="", help="comma-separated op names to run (default: all)")
     args = ap.parse_args(argv)
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before pm_kernels defines its kernels
-        if os.environ["TRITON_INTERPRET"] != "1":
-            print("bench_kernels: --device cpu needs TRITON_INTERPRET=1", file=sys.stderr)
-            return 2
+    if device_unready(args.device, "bench_kernels", "the kernels' CPU checks are tests/test_kernels.py; "):
+        return 2
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_kernels: needs a CUDA GPU (the kernels' CPU checks are tests/test_kernels.py; "
-              "--device cpu is a dry run of this script)", file=sys.stderr)
-        return 2
     import importlib
 
     import pm_kernels as K

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -135,18 +134,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: a dry run of the same code under the Triton interpreter at tiny shapes")
     args = ap.parse_args(argv)
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before pm_kernels defines its kernels
-        if os.environ["TRITON_INTERPRET"] != "1":
-            print("sweep_attention: --device cpu needs TRITON_INTERPRET=1", file=sys.stderr)
-            return 2
+    from bench_kernels import device_unready, environment
+
+    if device_unready(args.device, "sweep_attention"):
+        return 2
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("sweep_attention: needs a CUDA GPU (--device cpu is a dry run of this script)", file=sys.stderr)
-        return 2
     import pm_kernels as K
-    from bench_kernels import environment
 
     if K.kernel_path("attention", torch.zeros(1, device=args.device)) != "triton":
         print("sweep_attention: the Triton kernel cannot run here (pm_kernels imported before TRITON_INTERPRET=1?)",
