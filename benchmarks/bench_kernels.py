@@ -7,7 +7,7 @@ of --reps: "eager" (one Python call per rep: includes launch overhead, which dom
 few microseconds) and "graph" (--graph-calls calls captured in one CUDA graph, replayed: the GPU
 time, which is what the torch-cuda backend's step graph pays). Cases: GroupNorm+SiLU (channels-
 last; PyTorch on the same channels-last tensor and on NCHW), GroupNorm with the time-embedding
-add, ours on NCHW, GEGLU, residual add + LayerNorm, a ResNet's conv bias + residual add, the step's
+add, ours on NCHW, GEGLU, GEGLU inside its projection's GEMM (vs cuBLAS + the GEGLU kernel), residual add + LayerNorm, a ResNet's conv bias + residual add, the step's
 arithmetic around the UNet (scaled_copies + guided_update vs the PyTorch ops), cross-attention with 77 keys (split K/V), self-attention (the Triton
 kernel, forced even where attention() dispatches to SDPA, vs PyTorch's SDPA), the int8 weight
 dequantize (vs its three-pass PyTorch reference), and fp8 e4m3 GEMMs (activation quantised per call, weights once) vs fp16 where
@@ -174,6 +174,15 @@ def cases(torch, K, KA, dev: str, tiny: bool):
                "ours": lambda hh=hh: K.geglu(hh),
                "refs": {"torch": lambda hh=hh: (lambda a, gt: a * F.gelu(gt))(*hh.chunk(2, -1))},
                "check": lambda hh=hh: (K.geglu(hh), K.geglu_reference(hh))}
+    for tokens, inner in widths:  # the feed-forward's GEGLU projection: one GEMM with the GEGLU in its epilogue
+        x = rnd(2, tokens, inner)
+        w = rnd(8 * inner, inner) * inner ** -0.5
+        b = rnd(8 * inner)
+        yield {"op": "geglu_linear", "shape": [2 * tokens, inner, 8 * inner], "flops": 2 * 2 * tokens * inner * 8 * inner,
+               "ours": lambda x=x, w=w, b=b: K.geglu_linear(x, w, b),
+               "refs": {"cublas_then_geglu": lambda x=x, w=w, b=b: K.geglu(F.linear(x, w, b)),  # what FastUNet runs
+                        "torch": lambda x=x, w=w, b=b: (lambda a, gt: a * F.gelu(gt))(*F.linear(x, w, b).chunk(2, -1))},
+               "check": lambda x=x, w=w, b=b: (K.geglu_linear(x, w, b), K.geglu_linear_reference(x, w, b))}
     for tokens, inner in widths:  # a transformer block's residual add + the LayerNorm after it
         a, r = rnd(2, tokens, inner), rnd(2, tokens, inner)
         lw, lb = rnd(2, inner)

@@ -106,6 +106,12 @@ def global_accesses(ptx: str) -> dict:
     return {k: dict(sorted(v.items(), key=lambda kv: -int(kv[0]))) for k, v in out.items()}
 
 
+def mma_kind(ptx: str) -> str | None:
+    """The tensor-core instructions in `ptx`: "wgmma" (Hopper's warpgroup MMA), "mma" (mma.sync,
+    Ampere-style), or None (no tl.dot compiled to tensor cores)."""
+    return "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else None
+
+
 class _TargetDriver:
     """Triton's active driver, answering as one GPU of architecture `arch` would (nothing is launched).
     Its device id is the architecture: Triton caches a kernel's binder (target included) per device."""
@@ -256,8 +262,8 @@ def edge_workloads(dtype_name: str):
 
 def workloads(dtype_name: str, quick: bool = False):
     """(label, callable) pairs: the backend's calls of pm_kernels at SD-1.5 shapes on the meta device
-    (quick: the 512 px UNet call and step, and the kernel benchmark's GroupNorm and attention
-    variants beside them)."""
+    (quick: the 512 px UNet call and step, and beside them the kernel benchmark's GroupNorm and
+    attention variants and the UNet call with the GEGLU in its GEMM)."""
     import copy
     import importlib
 
@@ -273,10 +279,13 @@ def workloads(dtype_name: str, quick: bool = False):
     fast = sd15_fast_unet(unet)
     fast.sample_format = lambda device: cl  # the layout it computes in on CUDA
 
-    def unet_call(size, batch, fused=True, ff_chunk=None, net=fast):
+    def unet_call(size, batch, fused=True, ff_chunk=None, net=fast, geglu_gemm=False):
         def run():
-            net.fused_epilogues, net.ff_chunk = fused, ff_chunk
-            fast_unet_call(net, size, batch, dtype)()
+            net.fused_epilogues, net.ff_chunk, net.geglu_gemm = fused, ff_chunk, geglu_gemm
+            try:
+                fast_unet_call(net, size, batch, dtype)()
+            finally:
+                net.geglu_gemm = False
         return run
 
     def step(size, sequential):
@@ -328,8 +337,11 @@ def workloads(dtype_name: str, quick: bool = False):
     # size of SD's layers, the Triton attention at head dim 40 (cross- and self-attention)
     yield "GroupNorm grouped at SD 1.5's group sizes", grouped_norms
     yield "attention in Triton at head dim 40", attention_head_dim_40
+    yield "unet 512 px batch 2, GEGLU in its GEMM (geglu_gemm)", unet_call(512, 2, geglu_gemm=True)
     if quick:
         return
+    yield "unet 1024 px batch 1, GEGLU in its GEMM, ff chunks of 2048", unet_call(1024, 1, ff_chunk=2048,
+                                                                                 geglu_gemm=True)
     yield "unet 512 px batch 2, epilogues unfused", unet_call(512, 2, fused=False)
     yield "unet 1024 px batch 2", unet_call(1024, 2)
     yield "step 512 px, guidance sequential (low memory)", step(512, True)
@@ -388,7 +400,8 @@ def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=pri
                              "constexprs": constexprs(kernel), "num_warps": md.num_warps, "num_stages": md.num_stages,
                              "shared_bytes": md.shared, "max_shared_bytes": MAX_SHARED[arch], **use,
                              "max_threads_for_regs": max_threads(use["regs"]),
-                             "global_access_bytes": global_accesses(kernel.asm["ptx"]), "fits": not problems,
+                             "global_access_bytes": global_accesses(kernel.asm["ptx"]),
+                             "mma": mma_kind(kernel.asm["ptx"]), "fits": not problems,
                              "ok": not problems or where[key] not in failed, "problems": problems})
             for e in errors:
                 recs.append({"arch": f"sm_{arch}", "dtype": dtype_name, "kernel": None, "first_seen": e["workload"],
@@ -434,7 +447,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)),
                     help="compute capabilities as numbers: 90 (H100/H200), 89, 87 (Jetson Orin), 86, 80, 75")
     ap.add_argument("--dtypes", default="float16", help="run dtypes of the networks (float16, bfloat16, float32)")
-    ap.add_argument("--quick", action="store_true", help="the 512 px UNet call and step, the kernel benchmark's grouped GroupNorm and head-dim-40 attention")
+    ap.add_argument("--quick", action="store_true",
+                    help="the 512 px UNet call and step, the kernel benchmark's grouped GroupNorm and head-dim-40 "
+                         "attention, the UNet call with the GEGLU in its GEMM")
     ap.add_argument("--edge-sizes", action="store_true",
                     help="instead of the SD workloads: every kernel at sizes of 1 and odd sizes (compiles at all?)")
     ap.add_argument("--details", action="store_true",

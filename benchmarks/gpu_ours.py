@@ -39,6 +39,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              add + LayerNorm, the step's two) compiled without size specialisation,
                              as before the rule in kernels/_dispatch.py: their 2-byte accesses
                              (pm_kernels.set_generic_sizes, around the whole variant)
+  torch-cuda-geglu-gemm      the same with the feed-forward's GEGLU in its projection's GEMM
+                             (geglu_gemm: pm_kernels.geglu_linear, a Triton GEMM, instead of cuBLAS + the
+                             GEGLU kernel; PSNR against torch-cuda's image)
   torch-cuda-hf-modules      the same with diffusers' / transformers' modules under FastUNet instead of
                              the standalone ones (hf_modules: the step went 6.80 -> 7.09 ms between
                              commits 8c3ff4a and 76e8a1a; this isolates one of the changes)
@@ -400,7 +403,8 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph",
        "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-nchw", "torch-cuda-vae-bands",
        "torch-cuda-lean", "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv",
-       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-generic-sizes", "torch-cuda-hf-modules",
+       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-generic-sizes", "torch-cuda-geglu-gemm",
+       "torch-cuda-hf-modules",
        "torch-cuda-no-kv-tables",
        "torch-cuda-cudnn-attention", "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory",
        "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled",
@@ -521,6 +525,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             "torch-cuda-gn-auto", bundle, gn_impl="auto", compare=only("torch-cuda"), **common)),
         "torch-cuda-generic-sizes": lambda: _generic_sizes(lambda: measure_variant(
             "torch-cuda-generic-sizes", bundle, compare=only("torch-cuda"), **common)),
+        "torch-cuda-geglu-gemm": lambda: measure_variant("torch-cuda-geglu-gemm", bundle, geglu_gemm=True,
+                                                         compare=only("torch-cuda"), **common),
         "torch-cuda-hf-modules": lambda: measure_variant("torch-cuda-hf-modules", bundle, hf_modules=True,
                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),

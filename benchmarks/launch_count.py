@@ -73,7 +73,8 @@ def count(sizes=(512, 1024)) -> list[dict]:
         call = fast_unet_call(fast, size, 2, torch.float16)
         fused, norms = collections.Counter(), []
         with torch.inference_mode(), gpu_footprints():
-            stand_ins = {name: getattr(pm_kernels, name) for name in ("group_norm_silu", "geglu", "attention",
+            stand_ins = {name: getattr(pm_kernels, name) for name in ("group_norm_silu", "geglu", "geglu_linear",
+                                                                       "attention",
                                                                        "add_bias_residual", "add_layer_norm",
                                                                        "scaled_copies", "guided_update")}
 

@@ -115,6 +115,8 @@ def gpu_footprints():
     fakes = {
         "group_norm_silu": lambda x, *a, out=None, **k: torch.empty_like(x) if out is None else out,
         "geglu": lambda h: torch.empty((*h.shape[:-1], h.shape[-1] // 2), dtype=h.dtype, device=h.device),
+        "geglu_linear": lambda x, w, b=None, **kw: torch.empty((*x.shape[:-1], w.shape[0] // 2), dtype=x.dtype,
+                                                               device=x.device),
         "attention": attention,
         "dequant_int8": lambda q, scale, dtype=torch.float16: torch.empty_like(q, dtype=dtype),
         # the residual kernel writes into `out` when given (FastUNet: conv2's output), else a new tensor
@@ -262,7 +264,13 @@ def measure(sizes=(512, 1024), dtype_name: str = "float16") -> list[dict]:
                 fast.ff_chunk = FF_CHUNK
                 rec("unet-call", f"FastUNet, contexts, batch 1, feed-forward in {FF_CHUNK}-token chunks", size,
                     lambda: fast(x, t, c, c), note=how)
-                fast.ff_chunk = None
+                fast.ff_chunk, fast.geglu_gemm = None, True  # the GEGLU in its GEMM: no 8x-wide projection
+                rec("unet-call", "FastUNet, contexts, batch 1, GEGLU in the GEMM (geglu_gemm)", size,
+                    lambda: fast(x, t, c, c), note=how)
+                fast.ff_chunk = FF_CHUNK
+                rec("unet-call", f"FastUNet, contexts, batch 1, GEGLU in the GEMM, {FF_CHUNK}-token chunks", size,
+                    lambda: fast(x, t, c, c), note=how)
+                fast.ff_chunk, fast.geglu_gemm = None, False
     return recs
 
 

@@ -6,6 +6,9 @@
         two Triton implementations, set_group_norm_impl("tiled" | "grouped" | "auto") (PM_GN_IMPL)
     geglu(h)                                                                     kernels/geglu.py
         h (..., 2F) -> h[..., :F] * gelu(h[..., F:]) (exact erf GELU, as diffusers' GEGLU), one pass
+    geglu_linear(x, weight, bias)                                                kernels/geglu.py
+        geglu(F.linear(x, weight, bias)) as one Triton GEMM whose epilogue applies the GEGLU: the
+        (..., 2F) projection is never written (FastUNet.geglu_gemm; off until the GPU measures it)
     attention(q, k, v, heads, scale=None, kv_index=None)                         kernels/attention.py
         q (B, Nq, H*d), k, v (B, Nk, H*d) read in place (strided slices are fine; K and V may come
         from different contexts) -> (B, Nq, H*d); kv_index (B,): k, v are (R, Nk, H*d) tables read
@@ -42,7 +45,7 @@ from ._dispatch import (KERNELS, enabled, generic_sizes, generic_sizes_kept, ker
                         set_generic_sizes, triton_available)
 from .attention import attention, attention_reference, attention_sdpa
 from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
-from .geglu import geglu, geglu_reference
+from .geglu import geglu, geglu_linear, geglu_linear_reference, geglu_reference
 from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .residual import add_bias_residual, add_bias_residual_reference
 from .step_update import guided_update, guided_update_reference, scaled_copies, scaled_copies_reference
@@ -51,7 +54,8 @@ from .group_norm import (group_norm_impl, group_norm_impl_kept, group_norm_silu,
 
 __all__ = ["KERNELS", "add_bias_residual", "add_bias_residual_reference", "add_layer_norm",
            "add_layer_norm_reference", "attention", "attention_reference", "attention_sdpa", "dequant_int8",
-           "dequant_int8_reference", "enabled", "generic_sizes", "generic_sizes_kept", "geglu", "geglu_reference",
+           "dequant_int8_reference", "enabled", "generic_sizes", "generic_sizes_kept", "geglu", "geglu_linear",
+           "geglu_linear_reference", "geglu_reference",
            "guided_update", "guided_update_reference", "scaled_copies", "scaled_copies_reference", "quantize_int8",
            "group_norm_impl", "group_norm_impl_kept", "group_norm_silu", "group_norm_silu_reference", "kernel_path",
            "set_enabled", "set_generic_sizes", "set_group_norm_impl", "triton_available"]

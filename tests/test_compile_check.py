@@ -47,7 +47,7 @@ def test_kernels_compile_for_hopper_and_consumer_ampere(tmp_path):
     # what one step launches: GroupNorm (tiled, three passes), attention, GEGLU, the fused epilogues
     # and the step's own two kernels
     assert {"_gn_partial", "_gn_finalize", "_gn_apply", "_attn", "_geglu", "_add_layer_norm", "_add_bias_residual",
-            "_scaled_copies", "_guided_update"} <= names
+            "_scaled_copies", "_guided_update", "_geglu_mm"} <= names
     assert all(r["fits"] and r["shared_bytes"] <= r["max_shared_bytes"] and r["regs"] > 0 for r in by_arch["sm_90"])
     # the memory-bound kernels read and write fp16 in 16-byte vectors (eight values per access), in
     # the channels-last variants the GPU runs (GroupNorm's channel stride 1): with their sizes left
@@ -71,6 +71,12 @@ def test_kernels_compile_for_hopper_and_consumer_ampere(tmp_path):
         assert acc["loads"].get(width, 0) >= 2, (cpg, acc)
         if r["kernel"] == "_gn_grp_apply":
             assert list(acc["stores"]) == [width], (cpg, acc)
+    # the GEGLU-in-the-GEMM kernel: Hopper's tensor-core instructions (wgmma: in its PTX), whole tiles
+    # staged through shared memory, 16-byte stores of its output
+    gemm = [r for r in by_arch["sm_90"] if r["kernel"] == "_geglu_mm"]
+    assert gemm and all(r["fits"] and r["mma"] == "wgmma" and list(r["global_access_bytes"]["stores"]) == ["16"]
+                        for r in gemm), gemm
+    assert all(r["mma"] == "mma" for r in by_arch["sm_86"] if r["kernel"] == "_geglu_mm")  # Ampere: mma.sync
     d40 = [r for r in by_arch["sm_90"] if r["kernel"] == "_attn" and r["constexprs"]["D"] == 40]
     assert len(d40) == 2  # 77 keys, 4096 keys (a size divisible by 16: specialised)
     assert all(r["global_access_bytes"] == {"loads": {"16": 8}, "stores": {"16": 8}} for r in d40), d40

@@ -206,6 +206,38 @@ def test_geglu(feat, dtype):
     assert out.shape == (3, 5, feat) and rel_err(out, K.geglu_reference(h)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_geglu_linear(dtype, bias):
+    """The GEMM with the GEGLU in its epilogue against geglu(linear(x)) in fp32: odd row, input and
+    feature counts, a strided x (a slice of a wider tensor), several tile shapes."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 13, 50, generator=g).to(DEVICE, dtype)[..., 5:45]  # (3, 13, 40), row stride 50
+    w = (torch.randn(2 * 24, 40, generator=g) * 0.2).to(DEVICE, dtype)
+    b = torch.randn(2 * 24, generator=g).to(DEVICE, dtype) if bias else None
+    ref = K.geglu_linear_reference(x, w, b)
+    assert K.kernel_path("geglu", x) == "triton"
+    out = K.geglu_linear(x, w, b)
+    assert out.shape == (3, 13, 24) and out.dtype == dtype and rel_err(out, ref) <= TOL[dtype]
+    for block_m, block_n, block_k in [(16, 16, 16), (32, 64, 32)]:  # K 40: a partial last K tile
+        out = K.geglu_linear(x, w, b, block_m=block_m, block_n=block_n, block_k=block_k)
+        assert rel_err(out, ref) <= TOL[dtype], (block_m, block_n, block_k)
+    with pytest.raises(ValueError, match="geglu_linear"):
+        K.geglu_linear(x, w[:, :30], b)
+    with pytest.raises(ValueError, match="geglu_linear"):
+        K.geglu_linear(x, w[:47], None)  # an odd projection width
+
+
+def test_geglu_linear_reference_is_the_split_path():
+    """geglu_linear_reference: diffusers' GEGLU (its Linear, then chunk, gelu, multiply) in fp32."""
+    from diffusers.models.activations import GEGLU
+
+    layer = GEGLU(8, 6)
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        assert torch.allclose(K.geglu_linear_reference(x, layer.proj.weight, layer.proj.bias), layer(x), atol=1e-6)
+
+
 def test_geglu_reference_is_diffusers_geglu():
     from diffusers.models.activations import GEGLU
 
@@ -545,7 +577,7 @@ def test_benchmark_runs_end_to_end(tmp_path):
     bench = importlib.import_module("pm_bench.bench_kernels")
     out = tmp_path / "k.jsonl"
     ops = ("group_norm_temb_silu,add_layer_norm,add_bias_residual,step_update,cross_attention_77,self_attention,"
-           "dequant_int8,gemm_fp8_e4m3")
+           "dequant_int8,gemm_fp8_e4m3,geglu_linear")
     assert bench.main(["--device", DEVICE, "--reps", "2", "--only", ops, "--out", str(out)]) == 0
     import json
 
@@ -611,6 +643,10 @@ def test_sd15_shapes_on_gpu(c, side, monkeypatch):
     assert rel_err(s_k, s_r) <= 1e-2 and rel_err(y_k, y_r) <= 1e-2
     if c not in (320, 640, 1280):  # SD 1.5's attention widths
         return
+    xf = torch.randn(2, side * side, c, device="cuda", generator=g).half()  # the feed-forward's GEGLU projection
+    wf = (torch.randn(8 * c, c, device="cuda", generator=g) * c ** -0.5).half()
+    bf = torch.randn(8 * c, device="cuda", generator=g).half()
+    assert rel_err(K.geglu_linear(xf, wf, bf), K.geglu_linear_reference(xf, wf, bf)) <= 1e-2
     q = torch.randn(2, side * side, c, device="cuda", generator=g).half()
     k, v = torch.randn(2, 2, 77, c, device="cuda", generator=g).half()
     monkeypatch.setattr(KA, "ALWAYS_TRITON", True)  # d 40 would go to SDPA

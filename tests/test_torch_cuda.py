@@ -70,7 +70,8 @@ def test_fast_unet_matches_the_plain_unet(unet_graph, n, h, w, kernels):
 @pytest.mark.parametrize("kernels", ["triton", "reference"])
 def test_fast_unet_epilogues_and_time_tables(unet_graph, kernels):
     """The fused epilogues (conv biases folded into the time vector and the residual kernel, add +
-    LayerNorm) against FastUNet without them and the plain UNet; the time tables (every step's time
+    LayerNorm) against FastUNet without them and the plain UNet, and the GEGLU inside its GEMM
+    (geglu_gemm, whole and in feed-forward chunks); the time tables (every step's time
     vectors computed once, the call reads row t_index) against computing them in the call."""
     from pm_runtime.modeling.fast_unet import FastUNet
 
@@ -86,13 +87,18 @@ def test_fast_unet_epilogues_and_time_tables(unet_graph, kernels):
         fast.fused_epilogues = False
         unfused = fast(x, steps[1].expand(2), c_k, c_v)
         fast.fused_epilogues = True
+        fast.geglu_gemm = True  # the GEGLU in its projection's GEMM (pm_kernels.geglu_linear), whole and chunked
+        in_gemm = fast(x, steps[1].expand(2), c_k, c_v)
+        fast.ff_chunk = 37
+        in_gemm_chunked = fast(x, steps[1].expand(2), c_k, c_v)
+        fast.geglu_gemm, fast.ff_chunk = False, None
         fast.allocate_time_tables(8)
         assert fast.time_table.shape == (8, sum(r.norm2.weight.shape[0] for r in fast.resnets))
         fast.set_timesteps(steps)
         rows = [fast(x, steps[0], c_k, c_v, t_index=torch.tensor([i])) for i in range(3)]
         direct = [fast(x, t.expand(2), c_k, c_v) for t in steps]
     scale = float(ref.abs().max())
-    for out in (fused, unfused):
+    for out in (fused, unfused, in_gemm, in_gemm_chunked):
         assert float((out - ref).abs().max()) <= 1e-4 * scale
     for row, want in zip(rows, direct):  # row i is timestep i's, whatever `timestep` says
         assert float((row - want).abs().max()) <= 1e-5 * scale
@@ -234,7 +240,10 @@ def test_low_memory_mode_runs_and_frees(run_bundle, fast_pipe):
     from pm_runtime.backends.torch_cuda import FF_CHUNK
 
     assert low.backend._load("unet").module.ff_chunk == FF_CHUNK and fast_pipe.backend.ff_chunk is None
+    assert not low.backend._load("unet").module.geglu_gemm  # off by default; the option reaches FastUNet:
     low.backend._parked["unet"].detach()
+    opted = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", geglu_gemm=True).backend
+    assert opted._load("unet").module.geglu_gemm
     with pytest.raises(UserError, match="gn_impl"):
         Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", gn_impl="fast")
     with pytest.raises(UserError, match="ff_chunk"):

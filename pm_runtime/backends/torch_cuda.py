@@ -94,6 +94,10 @@
   GPU, the whole-pipeline floor is then the weights + ~256 MiB; what the allocator really reserves
   (block rounding, cuDNN's workspaces, the warm-ups' algorithm searches) is for the GPU check
   (variants torch-cuda-shared-pool, -shared-pool-offload-te).
+- geglu_gemm (opt-in; NOT MEASURED on a GPU yet): the feed-forward's GEGLU computed in the
+  epilogue of its projection's GEMM (pm_kernels.geglu_linear, a Triton GEMM) instead of cuBLAS's
+  projection then the GEGLU kernel: the (tokens, 8 x width) projection is never written (42 MB per
+  64x64 layer at 512 px, batch 2). Variant torch-cuda-geglu-gemm; kernel benchmark op geglu_linear.
 - vae_channels_last (default on; NOT MEASURED on a GPU yet): the VAE decoder's convolution weights in
   the channels-last layout on CUDA, as the UNet's (its activations follow: cuDNN's NHWC
   convolutions, pm_kernels' coalesced channels-last GroupNorm path); before, the decoder ran NCHW
@@ -153,7 +157,8 @@ class TorchCudaBackend(Backend):
                  offload_safety_checker: bool = True, vae_tiling: bool | None = None, vae_bands: int | None = None,
                  ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool = True,
                  time_tables: bool = True, step_kernels: bool = True, te_graph: bool = True,
-                 shared_pool: bool = False, one_stream: bool = False, vae_channels_last: bool = True, **_):
+                 shared_pool: bool = False, one_stream: bool = False, vae_channels_last: bool = True,
+                 geglu_gemm: bool = False, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -190,6 +195,7 @@ class TorchCudaBackend(Backend):
             raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
         self.fused_epilogues = bool(fused_epilogues)  # FastUNet.fused_epilogues
+        self.geglu_gemm = bool(geglu_gemm)  # FastUNet.geglu_gemm
         self.time_tables = bool(time_tables)  # per-image time-embedding tables (StepGraph / FastUNet)
         self.step_kernels = bool(step_kernels)  # the step's arithmetic around the UNet in two kernels (StepGraph)
         if gn_impl is not None:  # which Triton GroupNorm the UNet's graph captures (a process-wide setting)
@@ -442,6 +448,7 @@ class TorchCudaBackend(Backend):
         fast = FastUNet(unet)  # a fresh wrapper per load: the K/V tables it gets belong to this load's step graph
         fast.ff_chunk = self.ff_chunk
         fast.fused_epilogues = self.fused_epilogues
+        fast.geglu_gemm = self.geglu_gemm
         return fast
 
     def _attach(self, network: str) -> None:

@@ -27,7 +27,9 @@ cross-attention, DESIGN §1); what changes is how it is computed:
   are known before the first step, so every cross-attention layer's K and V of every context
   are computed ONCE per image into tables (set_contexts) and the kernel reads the rows a step
   needs by index (forward(..., kv_index=...)): no K/V projection inside the step at all;
-- GEGLU in one kernel (pm_kernels.geglu).
+- GEGLU in one kernel (pm_kernels.geglu); with `geglu_gemm` (off by default, not measured on a
+  GPU) inside its projection's GEMM (pm_kernels.geglu_linear): the 8x-wide projection is never
+  written.
 Only SD 1.x/2.x-style UNets are accepted (`unsupported` says why not); anything else runs on
 the plain module. Where a kernel cannot run (no CUDA, no Triton), pm_kernels falls back to its
 PyTorch reference, so this module also runs on the CPU (that is how it is tested).
@@ -232,6 +234,9 @@ class FastUNet(nn.Module):
         # feed-forward in chunks of this many tokens where a block has more (None: in one piece):
         # less activation memory at large images, same values (torch-cuda sets it in low-memory mode)
         self.ff_chunk: int | None = None
+        # the feed-forward's GEGLU inside its projection's GEMM (pm_kernels.geglu_linear, a Triton GEMM)
+        # instead of cuBLAS's projection + the GEGLU kernel: off until the GPU's kernel benchmark says
+        self.geglu_gemm = False
 
     # ------------------------------------------------------------------ per-image K/V tables
     def allocate_context_tables(self, rows: int, length: int, empty: bool = False) -> None:
@@ -353,9 +358,9 @@ class FastUNet(nn.Module):
         h, x = self._add_norm(self._attention(b.attn2, box, ctx), h, b.norm3, s_bias=ff[2].bias)
         chunk = self.ff_chunk
         if not chunk or h.shape[1] <= chunk:  # each temporary dropped as soon as it is read
-            a = ff[0].proj(x)
+            box = [x]
             del x
-            a = self.k.geglu(a)
+            a = self._geglu(ff[0].proj, box)
             if fused:  # h + a @ W^T (+ the bias h carries): one GEMM into h
                 return h.view(-1, h.shape[-1]).addmm_(a.view(-1, a.shape[-1]), weight_of(ff[2]).t()).view(h.shape)
             return ff[2](a).add_(h)
@@ -364,12 +369,20 @@ class FastUNet(nn.Module):
         if fused:  # into h, which carries ff[2]'s bias
             w = weight_of(ff[2])
             for s in range(0, x.shape[1], chunk):
-                h[:, s:s + chunk] += F.linear(self.k.geglu(ff[0].proj(x[:, s:s + chunk])), w)
+                h[:, s:s + chunk] += F.linear(self._geglu(ff[0].proj, [x[:, s:s + chunk]]), w)
             return h
         out = torch.empty_like(h)
         for s in range(0, x.shape[1], chunk):
-            out[:, s:s + chunk] = ff[2](self.k.geglu(ff[0].proj(x[:, s:s + chunk])))
+            out[:, s:s + chunk] = ff[2](self._geglu(ff[0].proj, [x[:, s:s + chunk]]))
         return out.add_(h)
+
+    def _geglu(self, proj, box: list):
+        """GEGLU(proj(x)), x popped from `box` (freed once projected, as _attention's inputs): the
+        projection then pm_kernels.geglu, or with geglu_gemm one GEMM with the GEGLU in its epilogue
+        (pm_kernels.geglu_linear: the 8x-wide projection never in memory)."""
+        if self.geglu_gemm:
+            return self.k.geglu_linear(box.pop(), _matrix(proj), proj.bias)
+        return self.k.geglu(proj(box.pop()))
 
     def _transformer(self, t, x, ctx):
         n, c, height, width = x.shape
