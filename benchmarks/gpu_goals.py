@@ -216,19 +216,19 @@ def phases_lines(records: dict[str, list[dict]]) -> list[str]:
     return out
 
 
-def attention_sweep_lines(records: dict[str, list[dict]]) -> list[str]:
-    """sweep_attention.py's table (attention-sweep-gpu.jsonl): per attention shape, SDPA, the Triton
-    kernel's current configuration and its best candidate. Empty without the file."""
-    recs = records.get("attention-sweep-gpu", [])
+def sweep_lines(records: dict[str, list[dict]]) -> list[str]:
+    """sweep_kernels.py's table (kernel-sweep-gpu.jsonl): per attention / geglu_linear shape, the
+    PyTorch peer, the Triton kernel's current configuration and its best candidate. Empty without it."""
+    recs = records.get("kernel-sweep-gpu", [])
     if not recs:
         return []
     here = str(pathlib.Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    from sweep_attention import summary_lines
+    from sweep_kernels import summary_lines
 
-    return ["", "Attention: the Triton kernel's launch configurations against SDPA, p50 ms in a CUDA graph "
-                "(sweep_attention.py; default = attention()'s configuration now)", ""] + summary_lines(recs)
+    return ["", "Triton attention and geglu_linear: launch configurations against their PyTorch peer, p50 ms in a "
+                "CUDA graph (sweep_kernels.py; current = the configuration the code takes now)", ""] + summary_lines(recs)
 
 
 def profile_lines(records: dict[str, list[dict]]) -> list[str]:
@@ -256,7 +256,7 @@ def table(records: dict[str, list[dict]]) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(records)]
     lines += profile_lines(records)
     lines += kernel_ab_lines(records)
-    lines += attention_sweep_lines(records)
+    lines += sweep_lines(records)
     lines += phases_lines(records)
     device = next((r.get("device_name") for recs in records.values() for r in recs if r.get("device_name")), "?")
     commits: dict = {}  # commit -> the files measured at it

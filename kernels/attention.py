@@ -39,7 +39,7 @@ ALWAYS_TRITON = False
 SDPA_MAX_HEAD_DIM = 64
 # The head dim as two column tiles where that saves padding (head_dim_tiles: 40 -> 32 + 16 instead of
 # 64, 80 -> 64 + 16, 160 -> 128 + 32): fewer multiply-adds, two smaller dots. Off until the GPU sweep
-# (benchmarks/sweep_attention.py) measures it; PM_ATTN_SPLIT_D=1 turns it on.
+# (benchmarks/sweep_kernels.py) measures it; PM_ATTN_SPLIT_D=1 turns it on.
 SPLIT_HEAD_DIM = os.environ.get("PM_ATTN_SPLIT_D", "0") == "1"
 
 
@@ -172,7 +172,7 @@ def _check(q, k, v, heads: int, kv_index) -> None:
 def launch(q, k, v, heads: int, scale: float | None = None, kv_index=None, *, block_m: int, block_n: int,
            split_d: bool = False, num_warps: int | None = None, num_stages: int | None = None):
     """The Triton kernel with this configuration (what attention() launches with default_config and
-    benchmarks/sweep_attention.py with each of its candidates) -> (B, Nq, H*d). Raises Triton's
+    benchmarks/sweep_kernels.py with each of its candidates) -> (B, Nq, H*d). Raises Triton's
     OutOfResources where the GPU cannot load it (before anything runs)."""
     _check(q, k, v, heads, kv_index)
     b, nq, inner = q.shape

@@ -468,19 +468,23 @@ def test_gpu_goals_report(tmp_path):
     assert "Memory by stage, first image: torch-cuda-low-memory-1024-phases (1024 px, new process) " \
            "[PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True]" in report
     assert "| unet | 1.80 / 1.85 | 1.95 / 2.05 | 0.01 / 0.02 |" in report
-    # the attention sweep: per shape, SDPA, the default configuration and the best candidate
-    assert "Attention: the Triton kernel's" not in report
-    s = lambda cand, ms, **kw: json.dumps({"op": "self_attention", "shape": [2, 4096, 320, 8], "head_dim": 40,  # noqa: E731
-                                           "candidate": cand, "status": "ok", "commit": "abc", "ms": {"p50": ms},
-                                           "rel_err": 1e-3, **kw})
+    # the kernel sweep: per shape, the peer, the current configuration and the best candidate
+    assert "Triton attention and geglu_linear" not in report
+    s = lambda op, cand, ms, **kw: json.dumps({"op": op, "shape": [2, 4096, 320, 8], "candidate": cand,  # noqa: E731
+                                               "peer": cand != "triton", "status": "ok", "commit": "abc",
+                                               "ms": {"p50": ms}, "rel_err": 1e-3, **kw})
     cfg = dict(block_m=128, block_n=64, num_warps=4)
-    (tmp_path / "attention-sweep-gpu.jsonl").write_text("\n".join([
-        s("sdpa", 0.15), s("triton", 0.2, **cfg, tiles=[64, 0], default=True),
-        s("triton", 0.12, **cfg, tiles=[32, 16], default=False),
-        s("triton", 0.01, **cfg, tiles=[32, 16], default=False, **{"rel_err": 0.5})]) + "\n")  # wrong: not a candidate
+    gemm = dict(block_m=128, block_n=64, block_k=64, num_warps=8)
+    (tmp_path / "kernel-sweep-gpu.jsonl").write_text("\n".join([
+        s("self_attention", "sdpa", 0.15), s("self_attention", "triton", 0.2, **cfg, tiles=[64, 0], default=True),
+        s("self_attention", "triton", 0.12, **cfg, tiles=[32, 16], default=False),
+        s("self_attention", "triton", 0.01, **cfg, tiles=[32, 16], default=False, **{"rel_err": 0.5}),  # wrong values
+        s("geglu_linear", "cublas_then_geglu", 0.056), s("geglu_linear", "triton", 0.07, **gemm, default=True)]) + "\n")
     report = gpu_goals.table(gpu_goals.load(tmp_path))
-    assert "| self_attention [2, 4096, 320, 8] | 40 | 0.1500 | 0.2000 | 0.1200 | 128x64, 4 warps, tiles [32, 16] | " \
+    assert "| self_attention [2, 4096, 320, 8] | sdpa | 0.1500 | 0.2000 | 0.1200 | 128x64, 4 warps, tiles [32, 16] | " \
            "1.25x |" in report
+    assert "| geglu_linear [2, 4096, 320, 8] | cublas_then_geglu | 0.0560 | 0.0700 | 0.0700 | 128x64x64, 8 warps | " \
+           "0.80x |" in report
 
 
 

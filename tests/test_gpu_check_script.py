@@ -75,7 +75,7 @@ def test_the_check_keeps_to_its_time_budget(tmp_path):
     assert "pytest" in order[0] and "bench_kernels.py" in order[1] and "--compile" in order[4]
     # the kernel benchmark again with the kernels compiled without size specialisation (the A/B)
     assert "bench_kernels.py" in order[2] and "--only group_norm_silu," in order[2] and "[generic=1]" in order[2]
-    assert "sweep_attention.py --max-seconds" in order[3] and "[generic=]" in order[3]  # then the attention sweep
+    assert "sweep_kernels.py --max-seconds" in order[3] and "[generic=]" in order[3]  # then the kernel sweep
     assert "[generic=]" in order[1] and "[generic=]" in order[4]
     assert "bench_start.py" not in "".join(order)  # no bundle was made: the stage has nothing to run
     fresh = [c for c in order if "bench_gpu.py" in c and "--compile" not in c]

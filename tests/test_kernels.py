@@ -589,25 +589,27 @@ def test_benchmark_runs_end_to_end(tmp_path):
         assert set(r["ours_ms"]) == {"p20", "p50", "p80"} and r["ref_ms"] and r["commit"] and r["triton"]
 
 
-def test_attention_sweep_runs_end_to_end(tmp_path):
-    """benchmarks/sweep_attention.py's code path (its --device cpu dry run on the CPU): SDPA and each
-    candidate configuration per case, the head dim 40 as one tile and as two, every output checked
-    against the reference; the summary names the best candidate per case."""
-    sweep = importlib.import_module("pm_bench.sweep_attention")
+def test_kernel_sweep_runs_end_to_end(tmp_path):
+    """benchmarks/sweep_kernels.py's code path (its --device cpu dry run on the CPU): the peer and each
+    candidate configuration per case (attention: head dim 40 as one tile and as two; geglu_linear),
+    every output checked against the reference; the summary names the best candidate per case."""
+    sweep = importlib.import_module("pm_bench.sweep_kernels")
     out = tmp_path / "s.jsonl"
     assert sweep.main(["--device", DEVICE, "--reps", "1", "--out", str(out)]) == 0
     import json
 
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert all(r["schema"] == "pm-sweep-attention/1" and r["status"] == "ok" and r["commit"] for r in recs)
+    assert all(r["schema"] == "pm-sweep/1" and r["status"] == "ok" and r["commit"] for r in recs)
     assert all(r["rel_err"] <= TOL[torch.float32 if DEVICE == "cpu" else torch.float16] for r in recs)
-    for op in ("self_attention", "cross_attention_77"):
+    for op, peer in (("self_attention", "sdpa"), ("cross_attention_77", "sdpa"), ("geglu_linear", "cublas_then_geglu")):
         case = [r for r in recs if r["op"] == op]
-        assert [r["candidate"] for r in case].count("sdpa") == 1
-        triton_recs = [r for r in case if r["candidate"] == "triton"]
-        assert {tuple(r["tiles"]) for r in triton_recs} == {(64, 0), (32, 16)} and sum(r["default"] for r in triton_recs) == 1
+        assert [r["candidate"] for r in case if r["peer"]] == [peer]
+        triton_recs = [r for r in case if not r["peer"]]
+        assert len(triton_recs) >= 2 and sum(r["default"] for r in triton_recs) == 1
+        if op != "geglu_linear":
+            assert {tuple(r["tiles"]) for r in triton_recs} == {(64, 0), (32, 16)}
     lines = sweep.summary_lines(recs)
-    assert len(lines) == 2 + 2 and all("x |" in line for line in lines[2:])
+    assert len(lines) == 2 + 3 and all("x |" in line for line in lines[2:])
 
 
 SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 32), (2560, 8)]  # (channels, latent side), 512 px
