@@ -33,20 +33,23 @@ SCHEMA = "pm-sweep/1"
 HEADS = 8
 
 # (op, query tokens, inner dim, keys: 77 for cross-attention, None for self-attention / the GEMM's
-# input width, candidates). Attention candidates: (BLOCK_M, BLOCK_N, num_warps), each with the head
-# dim as one tile and as two; geglu_linear: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), weight (8 x inner, inner)
+# input width, candidates). Attention candidates: (BLOCK_M, BLOCK_N, num_warps[, num_stages]), each
+# with the head dim as one tile and as two; geglu_linear: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps[,
+# num_stages]), weight (8 x inner, inner). Without a depth: the one the code takes (3, or less where
+# it does not load)
 CASES = [
-    ("self_attention", 4096, 320, None, [(128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 64, 4)]),
+    ("self_attention", 4096, 320, None, [(128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 64, 4, 2),
+                                         (128, 64, 4, 4)]),
     ("geglu_linear", 4096, 320, None, [(128, 64, 64, 8), (128, 128, 64, 8), (128, 64, 32, 4), (64, 64, 64, 4),
-                                       (256, 64, 64, 8)]),
+                                       (256, 64, 64, 8), (128, 64, 64, 8, 4)]),
     ("cross_attention_77", 4096, 320, 77, [(128, 64, 4), (64, 64, 4), (128, 128, 4)]),
     ("self_attention", 1024, 640, None, [(64, 64, 4), (128, 64, 8), (64, 128, 4)]),
     ("geglu_linear", 1024, 640, None, [(128, 64, 64, 8), (64, 64, 64, 4), (64, 128, 64, 8)]),
     ("cross_attention_77", 1024, 640, 77, [(64, 64, 4), (128, 64, 8)]),
     ("cross_attention_77", 256, 1280, 77, [(32, 64, 4), (64, 64, 4)]),
 ]
-TINY = [("self_attention", 24, 320, None, [(16, 16, 4)]),  # head dim 40: one tile of 64 or 32 + 16
-        ("geglu_linear", 24, 48, None, [(16, 32, 16, 4)]),
+TINY = [("self_attention", 24, 320, None, [(16, 16, 4, 2)]),  # head dim 40: one tile of 64 or 32 + 16
+        ("geglu_linear", 24, 48, None, [(16, 32, 16, 4, 2)]),
         ("cross_attention_77", 16, 320, 77, [(16, 32, 4)])]
 
 
@@ -59,15 +62,17 @@ def _attention_case(torch, KA, op, tokens, inner, keys, candidates, rnd, dtype):
         q, k, v = rnd(2, tokens, inner), rnd(2, keys, inner), rnd(2, keys, inner)
     d, nk = inner // HEADS, keys or tokens
     default = KA.default_config(d, nk)
-    configs = [(default["block_m"], default["block_n"], 4, default["split_d"])]  # Triton's default: 4 warps
-    for bm, bn, w in candidates:
+    configs = [(default["block_m"], default["block_n"], 4, None, default["split_d"])]  # Triton's default: 4 warps
+    for bm, bn, w, *stages in candidates:
+        st = stages[0] if stages else None
         for split in (False, True):  # (two tiles only where they differ from one: head_dim_tiles)
-            if (bm, bn, w, split) not in configs and (not split or KA.head_dim_tiles(d, True)[1]):
-                configs.append((bm, bn, w, split))
-    runs = [({"block_m": bm, "block_n": bn, "num_warps": w, "split_d": split, "tiles": list(KA.head_dim_tiles(d, split))},
-             lambda bm=bm, bn=bn, w=w, split=split: KA.launch(q, k, v, HEADS, block_m=bm, block_n=bn, split_d=split,
-                                                              num_warps=w), i == 0)
-            for i, (bm, bn, w, split) in enumerate(configs)]
+            if (bm, bn, w, st, split) not in configs and (not split or KA.head_dim_tiles(d, True)[1]):
+                configs.append((bm, bn, w, st, split))
+    runs = [({"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st, "split_d": split,
+              "tiles": list(KA.head_dim_tiles(d, split))},
+             lambda bm=bm, bn=bn, w=w, st=st, split=split: KA.launch(q, k, v, HEADS, block_m=bm, block_n=bn,
+                                                                     split_d=split, num_warps=w, num_stages=st), i == 0)
+            for i, (bm, bn, w, st, split) in enumerate(configs)]
     return ("sdpa", lambda: KA.attention_sdpa(q, k, v, HEADS), KA.attention_reference(q, k, v, HEADS).float(),
             4 * 2 * tokens * nk * inner, {"keys": nk, "head_dim": d}, runs)
 
@@ -77,12 +82,12 @@ def _geglu_case(torch, K, G, op, tokens, inner, keys, candidates, rnd, dtype):
     F = torch.nn.functional
     x, w, b = rnd(2, tokens, inner), rnd(8 * inner, inner) * inner ** -0.5, rnd(8 * inner)
     default = G.geglu_linear_config(2 * tokens)
-    configs = [(default["block_m"], default["block_n"], default["block_k"], default["num_warps"])]
-    configs += [c for c in candidates if c != configs[0]]
-    runs = [({"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": nw},
-             lambda bm=bm, bn=bn, bk=bk, nw=nw: K.geglu_linear(x, w, b, block_m=bm, block_n=bn, block_k=bk,
-                                                               num_warps=nw), i == 0)
-            for i, (bm, bn, bk, nw) in enumerate(configs)]
+    configs = [(default["block_m"], default["block_n"], default["block_k"], default["num_warps"], None)]
+    configs += [c for c in ((*c[:4], c[4] if len(c) > 4 else None) for c in candidates) if c != configs[0]]
+    runs = [({"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st},
+             lambda bm=bm, bn=bn, bk=bk, nw=nw, st=st: K.geglu_linear(x, w, b, block_m=bm, block_n=bn, block_k=bk,
+                                                                      num_warps=nw, num_stages=st), i == 0)
+            for i, (bm, bn, bk, nw, st) in enumerate(configs)]
     return ("cublas_then_geglu", lambda: K.geglu(F.linear(x, w, b)), K.geglu_linear_reference(x, w, b).float(),
             2 * 2 * tokens * inner * 8 * inner, {"k": inner, "features": 4 * inner}, runs)
 
@@ -147,9 +152,10 @@ def describe(rec: dict) -> str:
     """A candidate's configuration in a few characters."""
     if rec.get("peer"):
         return rec["candidate"]
+    stages = f", {rec['num_stages']} stages" if rec.get("num_stages") else ""
     if rec["op"] == "geglu_linear":
-        return f"{rec['block_m']}x{rec['block_n']}x{rec['block_k']}, {rec['num_warps']} warps"
-    return f"{rec['block_m']}x{rec['block_n']}, {rec['num_warps']} warps, tiles {rec['tiles']}"
+        return f"{rec['block_m']}x{rec['block_n']}x{rec['block_k']}, {rec['num_warps']} warps{stages}"
+    return f"{rec['block_m']}x{rec['block_n']}, {rec['num_warps']} warps{stages}, tiles {rec['tiles']}"
 
 
 def summary_lines(recs: list[dict]) -> list[str]:

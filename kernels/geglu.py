@@ -115,11 +115,13 @@ _GEMM_STAGES: dict = {}  # (device, dtype, block_m, block_n, block_k, num_warps)
 
 
 def geglu_linear(x, weight, bias=None, *, block_m: int | None = None, block_n: int | None = None,
-                 block_k: int | None = None, num_warps: int | None = None):
+                 block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
     """x (..., K) with a contiguous last axis, weight (2F, K), bias (2F,) or None -> (..., F) in x's
     dtype: geglu(F.linear(x, weight, bias)) without the (..., 2F) projection in memory (fp32
     accumulation and GELU; the split path rounds the projection to x's dtype first). Elsewhere than
-    the Triton path: that split path (PyTorch's linear, then geglu)."""
+    the Triton path: that split path (PyTorch's linear, then geglu). The keywords override the launch
+    configuration (geglu_linear_config; num_stages: that depth only, OutOfResources where it does
+    not load, instead of the deepest of GEMM_STAGES that does)."""
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] % 2 or \
             (bias is not None and tuple(bias.shape) != (weight.shape[0],)):
@@ -140,12 +142,19 @@ def geglu_linear(x, weight, bias=None, *, block_m: int | None = None, block_n: i
     f32_dot = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu")  # as attention's
     grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(feat, cfg["block_n"]),)
     key = (x.device, x.dtype, cfg["block_m"], cfg["block_n"], cfg["block_k"], cfg["num_warps"])
+
+    def launch(stages):
+        _geglu_mm[grid](x2, w, bias if bias is not None else w, y, m, feat, k, x2.stride(0), w.stride(0),
+                        y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+                        BLOCK_K=cfg["block_k"], GROUP_M=8, F32_DOT=f32_dot, num_warps=cfg["num_warps"],
+                        num_stages=stages)
+        return y.view(*x.shape[:-1], feat)
+
+    if num_stages is not None:
+        return launch(num_stages)
     for stages in _GEMM_STAGES.get(key, GEMM_STAGES):
         try:
-            _geglu_mm[grid](x2, w, bias if bias is not None else w, y, m, feat, k, x2.stride(0), w.stride(0),
-                            y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
-                            BLOCK_K=cfg["block_k"], GROUP_M=8, F32_DOT=f32_dot, num_warps=cfg["num_warps"],
-                            num_stages=stages)
+            launch(stages)
         except OutOfResources:  # raised as Triton loads the kernel, before it runs: one stage less
             continue
         _GEMM_STAGES[key] = (stages,)
