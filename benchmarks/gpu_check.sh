@@ -11,7 +11,9 @@
 # compiled without size specialisation, the A/B of that rule; the unmet goals first), two short runs under other allocator /
 # cuDNN workspace settings (stage "extra", off by default), and the goals table (gpu_goals.py ->
 # OUT/goals.md). Records land in OUT as each variant ends.
-# PM_STAGES picks stages (default tests,kernels,bench,start,fresh; they run in this order).
+# PM_STAGES picks stages (default tests,kernels,bench,start,fresh; they run in this order, except that
+# the first PM_FRESH_FIRST (3) new-process entries run before the start-up stage: the unmet memory
+# goals' processes first, the cold start's report before the rest).
 # Time: the whole run keeps within PM_BUDGET_S seconds (default 450, under the issue's 8 minutes):
 # each stage's time limit is cut to what is left (minus PM_RESERVE_S, 15, for the goals table), a
 # stage with under PM_MIN_S (60) seconds left is skipped, and the fresh processes stop when under
@@ -24,6 +26,7 @@
 set -u
 OUT=${1:?outdir}; export PM_COMMIT=${2:?commit}
 SITE=${PM_SITE:-/tmp/site}
+WORK=${PM_WORK:-/tmp/pm-gpu}  # bench_gpu's work folder: the SD-1.5-shaped model and bundle it makes
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$PWD
 mkdir -p "$SITE" "$OUT"
 if ! python3 -c "import diffusers" 2>/dev/null && [ -d .whl ]; then
@@ -85,51 +88,62 @@ echo "== pipeline: peers and torch-cuda"
 # (below), where a fault in them (an illegal address poisons a CUDA context) cannot take the shared
 # run's later variants and torch.compile with it; their records carry step and image times too.
 OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-generic-sizes,torch-cuda-geglu-gemm,torch-cuda-vae-nchw,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
-timeout "$T" python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/gpu.jsonl" --compile \
+timeout "$T" python3 benchmarks/bench_gpu.py --work "$WORK" --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi
-if go start ${PM_START_TIMEOUT:-90}; then
-echo "== start-up: new process to first image, warm caches and cold (an empty Triton cache)"
-if [ -f /tmp/pm-gpu/bundle-sd15-torch/bundle.json ]; then
-    timeout "$T" python3 benchmarks/bench_start.py --bundle /tmp/pm-gpu/bundle-sd15-torch \
-        --device cuda --size 512 --steps 50 --runs 1 --variants standalone,cold \
-        --out "$OUT/start-gpu.jsonl" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_start.log"
-fi
-fi
-if stage fresh; then
-echo "== memory variants, each in a new process (expandable: with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"
 # by priority: the unmet goals as the user runs them (pm-run --low-memory sets expandable segments),
 # the candidates for them (shared_pool) and where their memory goes (-phases: per stage, by pool, in
 # a new process: the first image's searches included), their A/B variants, then the goals already
 # met (a check for regressions)
 FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,smallws:torch-cuda-low-memory-1024,expandable:torch-cuda-low-memory-1024-phases,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
 entries=(${FRESH//,/ })
-for i in "${!entries[@]}"; do
-    e=${entries[$i]}; v=${e#*:}
-    T=$(limit ${PM_FRESH_TIMEOUT:-60} "$FRESH_MIN")
-    if [ "$T" -eq 0 ]; then skipped "${entries[*]:$i}"; break; fi
+FIRST=${PM_FRESH_FIRST:-3}  # this many entries run before the start-up stage, the rest after it
+# fresh_run FROM TO: entries FROM .. TO-1, each in a new process; when the time runs out, names what is
+# left of the whole list and sets FRESH_OUT
+fresh_run() {
+    local i e v
+    for (( i=$1; i<$2 && i<${#entries[@]}; i++ )); do
+        e=${entries[$i]}; v=${e#*:}
+        T=$(limit ${PM_FRESH_TIMEOUT:-60} "$FRESH_MIN")
+        if [ "$T" -eq 0 ]; then skipped "${entries[*]:$i}"; FRESH_OUT=1; return; fi
+        unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE
+        case "$e" in
+            expandable:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; conf=expandable; out=gpu-fresh-expandable;;
+            smallws:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUBLAS_WORKSPACE_CONFIG=:4096:1 \
+                       CUBLASLT_WORKSPACE_SIZE=4096; conf=expandable-smallws; out=gpu-fresh-smallws;;
+            generic:*) export PM_KERNELS_GENERIC_SIZES=1; conf=generic-sizes; out=gpu-fresh-generic-sizes;;
+            *) conf=default; out=gpu-fresh;;
+        esac
+        timeout "$T" python3 benchmarks/bench_gpu.py --work "$WORK" --out "$OUT/$out.jsonl" \
+            --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
+    done
     unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE
-    case "$e" in
-        expandable:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; conf=expandable; out=gpu-fresh-expandable;;
-        smallws:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUBLAS_WORKSPACE_CONFIG=:4096:1 \
-                   CUBLASLT_WORKSPACE_SIZE=4096; conf=expandable-smallws; out=gpu-fresh-smallws;;
-        generic:*) export PM_KERNELS_GENERIC_SIZES=1; conf=generic-sizes; out=gpu-fresh-generic-sizes;;
-        *) conf=default; out=gpu-fresh;;
-    esac
-    timeout "$T" python3 benchmarks/bench_gpu.py --work /tmp/pm-gpu --out "$OUT/$out.jsonl" \
-        --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
-done
-unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE
+}
+if stage fresh; then
+    echo "== memory variants, each in a new process (expandable: with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); the first $FIRST before the start-up stage"
+    fresh_run 0 "$FIRST"
+fi
+if go start ${PM_START_TIMEOUT:-90}; then
+echo "== start-up: new process to first image, warm caches and cold (an empty Triton cache)"
+if [ -f "$WORK/bundle-sd15-torch/bundle.json" ]; then
+    timeout "$T" python3 benchmarks/bench_start.py --bundle "$WORK/bundle-sd15-torch" \
+        --device cuda --size 512 --steps 50 --runs 1 --variants standalone,cold \
+        --out "$OUT/start-gpu.jsonl" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_start.log"
+fi
+fi
+if stage fresh && [ -z "${FRESH_OUT:-}" ] && [ "$FIRST" -lt "${#entries[@]}" ]; then
+    echo "== memory variants, each in a new process: the rest"
+    fresh_run "$FIRST" "${#entries[@]}"
 fi
 if stage extra; then  # last: what matters less if the time runs out
 echo "== our memory variants again with the allocator's expandable segments (reserved vs allocated)"
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${PM_ALLOC_TIMEOUT:-80} python3 benchmarks/bench_gpu.py \
-    --work /tmp/pm-gpu --out "$OUT/gpu-expandable.jsonl" --only ours \
+    --work "$WORK" --out "$OUT/gpu-expandable.jsonl" --only ours \
     --ours torch-cuda-lean,torch-cuda-low-memory,torch-cuda-low-memory-1024 2>&1 | grep -v -i "warn" \
     | tee "$OUT/bench_gpu_expandable.log"
 echo "== and with cuDNN's workspace capped at 256 MiB per allocation (first-image peak of cuDNN's algorithm timing)"
 CUDNN_CONV_WSCAP_DBG=256 timeout ${PM_WSCAP_TIMEOUT:-80} python3 benchmarks/bench_gpu.py \
-    --work /tmp/pm-gpu --out "$OUT/gpu-wscap256.jsonl" --only ours \
+    --work "$WORK" --out "$OUT/gpu-wscap256.jsonl" --only ours \
     --ours torch-cuda,torch-cuda-phases,torch-cuda-low-memory 2>&1 | grep -v -i "warn" \
     | tee "$OUT/bench_gpu_wscap256.log"
 fi

@@ -60,7 +60,7 @@ def _run(tmp_path, budget: int, bench_s: int, fresh_s: int, stages="tests,kernel
     shutil.copy(SCRIPT, work / "benchmarks")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
            "STUB_BENCH_S": str(bench_s), "STUB_FRESH_S": str(fresh_s), "PM_BUDGET_S": str(budget),
-           "PM_SITE": str(tmp_path / "site"), "PM_RESERVE_S": "1", "PM_MIN_S": "2", "PM_FRESH_MIN_S": "2", "PM_STAGES": stages,
+           "PM_SITE": str(tmp_path / "site"), "PM_WORK": str(tmp_path / "work"), "PM_RESERVE_S": "1", "PM_MIN_S": "2", "PM_FRESH_MIN_S": "2", "PM_STAGES": stages,
            **extra}
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), "abc123"], cwd=work, env=env,
                        capture_output=True, text=True, timeout=120)
@@ -105,6 +105,21 @@ def test_fresh_entries_set_their_environment_one_process_each(tmp_path):
     assert "[alloc=] [generic=1] [ws=,]" in fresh[2]
     assert "--ours torch-cuda-shared-pool " in fresh[3] and "gpu-fresh.jsonl" in fresh[3]
     assert "[alloc=] [generic=] [ws=,]" in fresh[3]
+
+
+def test_the_first_new_processes_run_before_the_start_up_stage(tmp_path):
+    """The first PM_FRESH_FIRST new-process entries (the unmet memory goals') run before the start-up
+    stage (the cold start's report), the rest after it, in list order."""
+    bundle = tmp_path / "work" / "bundle-sd15-torch"
+    bundle.mkdir(parents=True)
+    (bundle / "bundle.json").write_text("{}")  # what bench_gpu.py leaves in the work folder
+    r, calls = _run(tmp_path, budget=60, bench_s=0, fresh_s=0, stages="start,fresh", PM_FRESH_FIRST="2",
+                    PM_FRESH="torch-cuda-low-memory-1024,torch-cuda-shared-pool,torch-cuda,torch-cuda-int8")
+    assert r.returncode == 0, r.stderr
+    order = [c for c in calls if "bench_start.py" in c or "bench_gpu.py" in c]
+    assert ["bench_start.py" in c for c in order] == [False, False, True, False, False], order
+    assert "--ours torch-cuda-low-memory-1024 " in order[0] and "--ours torch-cuda-int8 " in order[4]
+    assert f"--bundle {bundle}" in order[2]
 
 
 def test_a_stage_with_no_time_left_is_skipped_and_said(tmp_path):
