@@ -369,6 +369,37 @@ def test_attention_goes_to_sdpa_where_no_depth_fits(monkeypatch):
     assert rel_err(K.attention(q, k, v, 2), ref) <= TOL[torch.float32] and tried == [3, 2, 1]
 
 
+def test_geglu_linear_takes_the_deepest_pipeline_that_loads(monkeypatch):
+    """geglu_linear: where the GPU cannot load the GEMM at depth 3, depth 2 (remembered); where no
+    depth loads, the split path (PyTorch's linear + the GEGLU kernel), not an error."""
+    from triton.runtime.errors import OutOfResources
+
+    G = importlib.import_module("pm_kernels.geglu")
+    tried, limit = [], [2]
+    real = G._geglu_mm
+
+    class ShortOfSharedMemory:
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kw):
+                tried.append(num_stages)
+                if num_stages > limit[0]:
+                    raise OutOfResources(131072, 101376, "shared memory")
+                return real[grid](*args, num_stages=num_stages, **kw)
+            return launch
+
+    monkeypatch.setattr(G, "_geglu_mm", ShortOfSharedMemory())
+    monkeypatch.setattr(G, "_GEMM_STAGES", {})
+    g = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(5, 24, generator=g), torch.randn(32, 24, generator=g), torch.randn(32, generator=g)
+    ref = K.geglu_linear_reference(x, w, b)
+    assert rel_err(K.geglu_linear(x, w, b), ref) <= TOL[torch.float32] and tried == [3, 2]
+    assert rel_err(K.geglu_linear(x, w, b), ref) <= TOL[torch.float32] and tried == [3, 2, 2]
+    limit[0] = 0  # nothing loads (another configuration: its own tries)
+    assert rel_err(K.geglu_linear(x, w, b, block_m=32), ref) <= TOL[torch.float32] and tried[3:] == [3, 2, 1]
+    with pytest.raises(OutOfResources):  # an explicit depth is that depth only
+        K.geglu_linear(x, w, b, num_stages=3)
+
+
 def test_attention_errors_other_than_resources_raise(monkeypatch):
     class Broken:
         def __getitem__(self, grid):
