@@ -159,12 +159,14 @@ def _usage(kernel) -> dict:
 
 
 @contextlib.contextmanager
-def compile_only(arch: int, seen: dict):
+def compile_only(arch: int, seen: dict, pdl: bool = False):
     """Every pm_kernels call takes its Triton path on any tensor and each launch `kernel[grid](...)`
     is compiled for `arch` instead of run (outputs stay uninitialised: run on the meta device); a
     kernel Triton would refuse to load there raises OutOfResources as Triton's loader does (the
     dispatch may then pick a smaller configuration). Every compiled kernel lands in `seen`:
-    (arch, kernel name, Triton's hash) -> (CompiledKernel, its load problems)."""
+    (arch, kernel name, Triton's hash) -> (CompiledKernel, its load problems). pdl: the kernels as
+    pm_kernels.set_pdl(True) launches them on a GPU of this architecture (programmatic dependent
+    launch from compute capability 9.0; below it they launch as without)."""
     import importlib
 
     import triton
@@ -176,7 +178,9 @@ def compile_only(arch: int, seen: dict):
 
     modules = [importlib.import_module(f"pm_kernels.{m}") for m in
                ("attention", "dequant", "geglu", "group_norm", "layer_norm", "residual", "step_update")]
-    saved_paths = {m: m.kernel_path for m in modules}
+    saved_paths = {m: (m.kernel_path, m.pdl_options) for m in modules}
+    on = pdl and arch >= 90
+    options = {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
     saved_getitem = jit.JITFunction.__getitem__
 
     def getitem(self, grid):
@@ -198,13 +202,14 @@ def compile_only(arch: int, seen: dict):
     jit.JITFunction.__getitem__ = getitem
     for m in modules:
         m.kernel_path = lambda *a, **k: "triton"
+        m.pdl_options = lambda *a, **k: dict(options)
     try:
         assert pm_kernels.triton_available() and triton is not None
         yield
     finally:
         jit.JITFunction.__getitem__ = saved_getitem
-        for m, fn in saved_paths.items():
-            m.kernel_path = fn
+        for m, (path, pdl_options) in saved_paths.items():
+            m.kernel_path, m.pdl_options = path, pdl_options
         driver._active = saved_driver
         attention._STAGES = saved_stages
 
@@ -366,7 +371,8 @@ def constexprs(kernel) -> dict:
     return out
 
 
-def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=print, edge: bool = False) -> list[dict]:
+def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=print, edge: bool = False,
+          pdl: bool = False) -> list[dict]:
     """One record per (arch, dtype, distinct compiled kernel): launch options, resources, `fits`
     (Triton would load it there) with the reasons where not; and one record per workload that
     raised (`ok` False: a compile error, or a kernel that does not fit and that the dispatch had no
@@ -386,7 +392,7 @@ def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=pri
             for label, fn in (edge_workloads(dtype_name) if edge else workloads(dtype_name, quick)):
                 before = set(seen)
                 try:
-                    with compile_only(arch, seen), cuda_conv_layout(), torch.inference_mode():
+                    with compile_only(arch, seen, pdl), cuda_conv_layout(), torch.inference_mode():
                         fn()
                 except Exception as e:  # the finding: record it, go on
                     errors.append({"workload": label, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
@@ -401,7 +407,8 @@ def check(archs=DEFAULT_ARCHS, dtypes=("float16",), quick: bool = False, log=pri
                              "shared_bytes": md.shared, "max_shared_bytes": MAX_SHARED[arch], **use,
                              "max_threads_for_regs": max_threads(use["regs"]),
                              "global_access_bytes": global_accesses(kernel.asm["ptx"]),
-                             "mma": mma_kind(kernel.asm["ptx"]), "fits": not problems,
+                             "mma": mma_kind(kernel.asm["ptx"]),
+                             "pdl": "griddepcontrol.wait" in kernel.asm["ptx"], "fits": not problems,
                              "ok": not problems or where[key] not in failed, "problems": problems})
             for e in errors:
                 recs.append({"arch": f"sm_{arch}", "dtype": dtype_name, "kernel": None, "first_seen": e["workload"],
@@ -438,6 +445,8 @@ def summarize(recs: list[dict]) -> list[dict]:
                     # the step's scatter between the latent's layouts
                     "two_byte_stores": sorted({r["kernel"] for r in kernels
                                                if r["global_access_bytes"]["stores"].get("2")}),
+                    # kernels compiled with programmatic dependent launch's wait (--pdl, sm_90+)
+                    "pdl_kernels": sum(1 for r in kernels if r.get("pdl")),
                     "ok": all(r["ok"] for r in mine)})
     return out
 
@@ -452,6 +461,8 @@ def main(argv=None) -> int:
                          "attention, the UNet call with the GEGLU in its GEMM")
     ap.add_argument("--edge-sizes", action="store_true",
                     help="instead of the SD workloads: every kernel at sizes of 1 and odd sizes (compiles at all?)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="the kernels as pm_kernels.set_pdl(True) launches them (programmatic dependent launch, sm_90+)")
     ap.add_argument("--details", action="store_true",
                     help="also one record per compiled kernel (default: one summary per architecture and dtype)")
     ap.add_argument("--commit", default=None)
@@ -464,7 +475,8 @@ def main(argv=None) -> int:
 
     # the tree's state as the run starts (the kernels compiled are the ones read now)
     env = {**environment("cpu", a.commit), "triton_compiler": triton.__version__}  # the Triton that compiles
-    recs = check(tuple(int(x) for x in a.arch.split(",")), tuple(a.dtypes.split(",")), a.quick, edge=a.edge_sizes)
+    recs = check(tuple(int(x) for x in a.arch.split(",")), tuple(a.dtypes.split(",")), a.quick, edge=a.edge_sizes,
+                 pdl=a.pdl)
     for r in recs:
         if not r.get("fits", r["ok"]):
             what = "NOT OK" if not r["ok"] else "over the limits, replaced by the dispatch"

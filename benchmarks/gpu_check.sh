@@ -79,7 +79,7 @@ if go bench ${PM_BENCH_TIMEOUT:-300}; then
 echo "== pipeline: peers and torch-cuda"
 # PM_OURS: which of our variants (gpu_ours.ALL); the default: the step-time questions (the kernels'
 # size rule against their unspecialised compile (torch-cuda-generic-sizes), the GEGLU in its GEMM
-# (torch-cuda-geglu-gemm), the fusions against the
+# (torch-cuda-geglu-gemm), programmatic dependent launch (torch-cuda-pdl), the fusions against the
 # default before them and one by one, the GroupNorm implementations, the
 # standalone modules, cuDNN attention, the step's profile) and the per-stage memory; the memory
 # variants proper (low memory, int8) run in the new-process stage below. Left out: the ablations
@@ -87,7 +87,7 @@ echo "== pipeline: peers and torch-cuda"
 # and the shared-pool / one-stream variants, whose first real run is this one: only in new processes
 # (below), where a fault in them (an illegal address poisons a CUDA context) cannot take the shared
 # run's later variants and torch.compile with it; their records carry step and image times too.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-generic-sizes,torch-cuda-geglu-gemm,torch-cuda-vae-nchw,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-generic-sizes,torch-cuda-geglu-gemm,torch-cuda-pdl,torch-cuda-vae-nchw,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
 timeout "$T" python3 benchmarks/bench_gpu.py --work "$WORK" --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi

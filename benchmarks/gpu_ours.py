@@ -42,6 +42,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
   torch-cuda-geglu-gemm      the same with the feed-forward's GEGLU in its projection's GEMM
                              (geglu_gemm: pm_kernels.geglu_linear, a Triton GEMM, instead of cuBLAS + the
                              GEGLU kernel; PSNR against torch-cuda's image)
+  torch-cuda-pdl             the same with pm_kernels' kernels launched with programmatic dependent
+                             launch (pm_kernels.set_pdl: sm_90+; each kernel's launch overlaps the end of
+                             the one before it; PSNR against torch-cuda's image)
   torch-cuda-hf-modules      the same with diffusers' / transformers' modules under FastUNet instead of
                              the standalone ones (hf_modules: the step went 6.80 -> 7.09 ms between
                              commits 8c3ff4a and 76e8a1a; this isolates one of the changes)
@@ -403,7 +406,7 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph",
        "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-nchw", "torch-cuda-vae-bands",
        "torch-cuda-lean", "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv",
-       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-generic-sizes", "torch-cuda-geglu-gemm",
+       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-generic-sizes", "torch-cuda-geglu-gemm", "torch-cuda-pdl",
        "torch-cuda-hf-modules",
        "torch-cuda-no-kv-tables",
        "torch-cuda-cudnn-attention", "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory",
@@ -431,6 +434,17 @@ def _generic_sizes(fn):
         rec = fn()
     # the switch was set in this process, not by PM_KERNELS_GENERIC_SIZES: the record says so itself
     return {**rec, "kernels_generic_sizes": "1"}
+
+
+def _pdl(fn):
+    """fn() with pm_kernels' kernels launched with programmatic dependent launch (sm_90+: each waits
+    for the kernel before it, then lets the next launch; the backend captures its graphs inside fn);
+    the setting before it again afterwards."""
+    import pm_kernels
+
+    with pm_kernels.pdl_kept(True):
+        rec = fn()
+    return {**rec, "kernels_pdl": "1"}  # set in this process, not by PM_KERNELS_PDL
 
 
 def _gn_restored(fn):
@@ -527,6 +541,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             "torch-cuda-generic-sizes", bundle, compare=only("torch-cuda"), **common)),
         "torch-cuda-geglu-gemm": lambda: measure_variant("torch-cuda-geglu-gemm", bundle, geglu_gemm=True,
                                                          compare=only("torch-cuda"), **common),
+        "torch-cuda-pdl": lambda: _pdl(lambda: measure_variant("torch-cuda-pdl", bundle, compare=only("torch-cuda"),
+                                                               **common)),
         "torch-cuda-hf-modules": lambda: measure_variant("torch-cuda-hf-modules", bundle, hf_modules=True,
                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),

@@ -84,7 +84,8 @@ def environment(device: str, commit_override: str | None = None, dirty: bool | N
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "host_cpu": host_cpu(), "os": platform.platform(), "python": platform.python_version(), **versions(),
            # pm_kernels' A/B switch (kernels/_dispatch.py): "1" compiles the kernels without size specialisation
-           "kernels_generic_sizes": os.environ.get("PM_KERNELS_GENERIC_SIZES")}
+           "kernels_generic_sizes": os.environ.get("PM_KERNELS_GENERIC_SIZES"),
+           "kernels_pdl": os.environ.get("PM_KERNELS_PDL")}
     try:
         import torch
     except ImportError:

@@ -37,12 +37,14 @@ kernel_path(name, tensor) -> "triton" | "reference" says which path a call takes
 run but fails raises: no silent fallback after an error. set_generic_sizes(True) (or
 PM_KERNELS_GENERIC_SIZES=1) launches the size-taking kernels compiled without size
 specialisation, their 2-byte-access form before it: an A/B switch for the GPU benchmark.
+set_pdl(True) (or PM_KERNELS_PDL=1) launches them with programmatic dependent launch on Hopper and
+newer (each waits for the kernel before it first, then lets the next launch): off until measured.
 Tests: tests/test_kernels.py; benchmark: benchmarks/bench_kernels.py (GB/s and TFLOP/s beside
 PyTorch's).
 """
 
-from ._dispatch import (KERNELS, enabled, generic_sizes, generic_sizes_kept, kernel_path, set_enabled,
-                        set_generic_sizes, triton_available)
+from ._dispatch import (KERNELS, enabled, generic_sizes, generic_sizes_kept, kernel_path, pdl, pdl_kept, set_enabled,
+                        set_generic_sizes, set_pdl, triton_available)
 from .attention import attention, attention_reference, attention_sdpa
 from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
 from .geglu import geglu, geglu_linear, geglu_linear_reference, geglu_reference
@@ -58,4 +60,4 @@ __all__ = ["KERNELS", "add_bias_residual", "add_bias_residual_reference", "add_l
            "geglu_linear_reference", "geglu_reference",
            "guided_update", "guided_update_reference", "scaled_copies", "scaled_copies_reference", "quantize_int8",
            "group_norm_impl", "group_norm_impl_kept", "group_norm_silu", "group_norm_silu_reference", "kernel_path",
-           "set_enabled", "set_generic_sizes", "set_group_norm_impl", "triton_available"]
+           "pdl", "pdl_kept", "set_enabled", "set_generic_sizes", "set_group_norm_impl", "set_pdl", "triton_available"]

@@ -132,6 +132,63 @@ def jit(*sizes: str):
     return lambda fn: SizedKernel(fn, sizes)
 
 
+# Programmatic dependent launch (PDL; Hopper, compute capability 9.0+): a kernel launched with it may
+# be scheduled while the kernel before it on the stream finishes, hiding its launch latency (a UNet
+# step graph replays ~525 kernels, ~270 of them pm_kernels'). Every pm_kernels kernel takes a PDL
+# constexpr: when set, its programs first wait for the kernel before it to complete and its writes to
+# be visible (griddepcontrol.wait, before any memory access: stream order holds as without PDL) and
+# then let the next kernel launch (griddepcontrol.launch_dependents). Off until the GPU check measures
+# it (variant torch-cuda-pdl): set_pdl(True) or PM_KERNELS_PDL=1. A CUDA graph keeps what it captured.
+_PDL = os.environ.get("PM_KERNELS_PDL", "0") == "1"
+PDL_MIN_CAPABILITY = (9, 0)
+
+
+def set_pdl(flag: bool) -> None:
+    """Launch pm_kernels' kernels with programmatic dependent launch from now on (on GPUs of compute
+    capability 9.0+; elsewhere it does nothing)."""
+    global _PDL
+    _PDL = bool(flag)
+
+
+def pdl() -> bool:
+    return _PDL
+
+
+@contextlib.contextmanager
+def pdl_kept(flag: bool | None = None):
+    """A block run with set_pdl(flag) (None: unchanged); the setting before it afterwards."""
+    old = _PDL
+    try:
+        if flag is not None:
+            set_pdl(flag)
+        yield
+    finally:
+        set_pdl(old)
+
+
+def pdl_options(tensor) -> dict:
+    """The launch keywords of a pm_kernels kernel working on `tensor`: its PDL constexpr, and Triton's
+    launch_pdl option where PDL is on and the GPU has it."""
+    on = _PDL and tensor.is_cuda and not interpreting() and capability(tensor.device.index) >= PDL_MIN_CAPABILITY
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def pdl_prologue(PDL: tl.constexpr):
+        """First thing in every pm_kernels kernel: with PDL, wait for the kernel before (all its
+        writes visible), then allow the next one to launch. Without PDL: nothing (no instruction)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+else:  # no Triton: no kernel calls it
+    pdl_prologue = None
+
+
 def layout(t):
     """torch.channels_last for a 4-D tensor dense in that layout (and not also plain contiguous), else
     torch.contiguous_format: the memory format a kernel's output keeps."""

@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import kernel_path, next_pow2
+from ._dispatch import kernel_path, next_pow2, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -74,7 +74,8 @@ if triton is not None:
     @triton.jit
     def _attn(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, NQ, NK, H, D: tl.constexpr, qk_scale, sq_b, sq_n, sk_b, sk_n,
               sv_b, sv_n, so_b, so_n, HAS_IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, D_B: tl.constexpr, F32_DOT: tl.constexpr):
+              BLOCK_D: tl.constexpr, D_B: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         # grid (Nq / BLOCK_M, B * H): a block of queries of one (batch, head) against all its keys.
         # The head dim as one tile of BLOCK_D columns (D padded to a power of 2: 40 -> 64), or, with
         # D_B > 0, as two: BLOCK_D real columns (a power of 2 <= D) and D_B more (the rest, padded):
@@ -189,7 +190,7 @@ def launch(q, k, v, heads: int, scale: float | None = None, kv_index=None, *, bl
     _attn[(triton.cdiv(nq, block_m), b * heads)](
         q, k, v, out, idx, nq, k.shape[1], heads, d, scale * 1.4426950408889634, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), HAS_IDX=kv_index is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_B=d_b, F32_DOT=f32_dot, **options)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_B=d_b, F32_DOT=f32_dot, **options, **pdl_options(q))
     return out
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import kernel_path
+from ._dispatch import kernel_path, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -65,7 +65,8 @@ def dequant_int8_reference(q, scale, dtype):
 
 if triton is not None:
     @triton.jit
-    def _dequant(q_ptr, s_ptr, out_ptr, TOTAL, PER, BLOCK: tl.constexpr):
+    def _dequant(q_ptr, s_ptr, out_ptr, TOTAL, PER, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < TOTAL
         q = tl.load(q_ptr + offs, mask=m, other=0).to(tl.float32)
@@ -83,5 +84,5 @@ def dequant_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torc
     total = q.numel()
     if total:
         block = 1024
-        _dequant[(triton.cdiv(total, block),)](q, scale.float().contiguous(), out, total, per, BLOCK=block)
+        _dequant[(triton.cdiv(total, block),)](q, scale.float().contiguous(), out, total, per, BLOCK=block, **pdl_options(q))
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import kernel_path
+from ._dispatch import kernel_path, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -23,7 +23,8 @@ def geglu_reference(h):
 
 if triton is not None:
     @triton.jit
-    def _geglu(h_ptr, y_ptr, FEAT, s_row, BLOCK: tl.constexpr):
+    def _geglu(h_ptr, y_ptr, FEAT, s_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         row, blk = tl.program_id(0), tl.program_id(1)
         cols = blk * BLOCK + tl.arange(0, BLOCK)
         m = cols < FEAT
@@ -45,7 +46,7 @@ def geglu(h):
         h2 = h2.contiguous()
     y = torch.empty(h2.shape[0], feat, dtype=h.dtype, device=h.device)
     block = 1024 if feat >= 1024 else max(16, 1 << (feat - 1).bit_length())
-    _geglu[(h2.shape[0], -(-feat // block))](h2, y, feat, h2.stride(0), BLOCK=block)
+    _geglu[(h2.shape[0], -(-feat // block))](h2, y, feat, h2.stride(0), BLOCK=block, **pdl_options(h2))
     return y.view(*h.shape[:-1], feat)
 
 
@@ -67,7 +68,8 @@ if triton is not None:
     @triton.jit
     def _geglu_mm(x_ptr, w_ptr, b_ptr, y_ptr, M, FEAT, K, s_xm, s_wn, s_ym, HAS_BIAS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                  F32_DOT: tl.constexpr):
+                  F32_DOT: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         # programs in groups of GROUP_M row blocks that walk the column blocks together: the weight
         # tiles they share stay in L2
         pid = tl.program_id(0)
@@ -147,7 +149,7 @@ def geglu_linear(x, weight, bias=None, *, block_m: int | None = None, block_n: i
         _geglu_mm[grid](x2, w, bias if bias is not None else w, y, m, feat, k, x2.stride(0), w.stride(0),
                         y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
                         BLOCK_K=cfg["block_k"], GROUP_M=8, F32_DOT=f32_dot, num_warps=cfg["num_warps"],
-                        num_stages=stages)
+                        num_stages=stages, **pdl_options(x2))
         return y.view(*x.shape[:-1], feat)
 
     if num_stages is not None:

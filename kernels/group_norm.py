@@ -43,7 +43,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import dense, jit as _jit, kernel_path, layout, next_pow2
+from ._dispatch import dense, jit as _jit, kernel_path, layout, next_pow2, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -112,7 +112,8 @@ if triton is not None:
     # along it; SD's sizes all divide by 16, so a few compiled variants serve every layer of a UNet.
     @_jit("C", "HW", "SPLIT", "CHUNK")
     def _gn_partial(x_ptr, part_ptr, C, HW, SPLIT, CHUNK, s_n, s_c, s_p,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         n, sp, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
         cmask = cs < C
@@ -135,7 +136,8 @@ if triton is not None:
 
     @_jit("C", "HW", "G", "CPG", "SPLIT")
     def _gn_finalize(x_ptr, t_ptr, w_ptr, b_ptr, part_ptr, ss_ptr, C, HW, G, CPG, SPLIT, eps, s_n, s_c, t_n,
-                     HAS_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+                     HAS_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         ng = tl.program_id(0)
         n, g = ng // G, ng % G
         js = tl.arange(0, BLOCK_G)
@@ -168,7 +170,8 @@ if triton is not None:
 
     @_jit("C", "HW")
     def _gn_apply(x_ptr, ss_ptr, y_ptr, C, HW, s_n, s_c, s_p, o_n, o_c, o_p, SILU: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         n, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
@@ -213,7 +216,8 @@ if triton is not None:
 
     @_jit("HW", "G", "SPLIT", "CHUNK")
     def _gn_grp_stats(x_ptr, t_ptr, part_ptr, HW, G, CPG: tl.constexpr, SPLIT, CHUNK, s_n, s_c, s_p, t_n, HAS_T: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         ng, sp = tl.program_id(0), tl.program_id(1)
         start = sp * CHUNK
         mean, m2 = _grp_range_stats(x_ptr, t_ptr, ng // G, ng % G, G, CPG, start, tl.minimum(start + CHUNK, HW),
@@ -224,7 +228,8 @@ if triton is not None:
     @_jit("HW", "G", "SPLIT", "CHUNK")
     def _gn_grp_apply(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, part_ptr, HW, G, CPG: tl.constexpr, SPLIT, CHUNK, eps, s_n, s_c, s_p,
                       t_n, o_n, o_c, o_p, HAS_T: tl.constexpr, SILU: tl.constexpr, FUSED: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         ng, sp = tl.program_id(0), tl.program_id(1)
         n, g = ng // G, ng % G
         hw = tl.cast(HW, tl.float32)
@@ -307,6 +312,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
         _grouped(x, t, t_n, weight, bias, y, num_groups, eps, temb is not None, silu, (s_n, s_c, s_p), (o_n, o_c, o_p))
         return y
     nhwc = s_c == 1 and c > 1
+    pdl = pdl_options(x)
 
     # pass 1: enough programs (~512) to fill a big GPU, each looping over whole tiles of its pixel range
     block_p, block_c = _tile(hw, c, nhwc, 2048)
@@ -315,18 +321,19 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     chunk = _ceil(_ceil(hw, split), block_p) * block_p  # ceil(hw / split), rounded up to whole tiles
     split = _ceil(hw, chunk)
     part = torch.empty((n, split, 2, c), dtype=torch.float32, device=x.device)
-    _gn_partial[(n, split, c_blocks)](x, part, c, hw, split, chunk, s_n, s_c, s_p, BLOCK_P=block_p, BLOCK_C=block_c)
+    _gn_partial[(n, split, c_blocks)](x, part, c, hw, split, chunk, s_n, s_c, s_p, BLOCK_P=block_p, BLOCK_C=block_c,
+                                      **pdl)
 
     # pass 2: one program per (sample, group)
     ss = torch.empty((n, 2, c), dtype=torch.float32, device=x.device)
     _gn_finalize[(n * num_groups,)](x, t, weight, bias, part, ss, c, hw, num_groups, cpg, split, float(eps), s_n,
                                     s_c, t_n, HAS_T=temb is not None, BLOCK_S=max(2, next_pow2(split)),
-                                    BLOCK_G=max(2, next_pow2(cpg)))
+                                    BLOCK_G=max(2, next_pow2(cpg)), **pdl)
 
     # pass 3: one tile per program
     block_p, block_c = _tile(hw, c, nhwc, 4096)
     _gn_apply[(n, _ceil(hw, block_p), _ceil(c, block_c))](x, ss, y, c, hw, s_n, s_c, s_p, o_n, o_c, o_p,
-                                                         SILU=bool(silu), BLOCK_P=block_p, BLOCK_C=block_c)
+                                                         SILU=bool(silu), BLOCK_P=block_p, BLOCK_C=block_c, **pdl)
     return y
 
 
@@ -359,7 +366,8 @@ def _grouped(x, t, t_n, weight, bias, y, num_groups: int, eps: float, has_t: boo
     if split > 1:
         part = torch.empty((n * num_groups, split, 2), dtype=torch.float32, device=x.device)
         _gn_grp_stats[(n * num_groups, split)](x, t, part, hw, num_groups, cpg, split, chunk, *xs, t_n, HAS_T=has_t,
-                                               BLOCK_P=block_p, BLOCK_C=block_c)
+                                               BLOCK_P=block_p, BLOCK_C=block_c, **pdl_options(x))
     _gn_grp_apply[(n * num_groups, split)](x, t, weight, bias, y, part, hw, num_groups, cpg, split, chunk, float(eps),
                                            *xs, t_n, *ys, HAS_T=has_t, SILU=bool(silu), FUSED=split == 1,
-                                           BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_S=max(2, next_pow2(split)))
+                                           BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_S=max(2, next_pow2(split)),
+                                           **pdl_options(x))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import jit as _jit, kernel_path, next_pow2
+from ._dispatch import jit as _jit, kernel_path, next_pow2, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -39,7 +39,8 @@ def add_layer_norm_reference(a, r, weight, bias, eps: float, s_bias=None):
 if triton is not None:
     @_jit("M", "C")
     def _add_layer_norm(a_ptr, r_ptr, w_ptr, b_ptr, sb_ptr, s_ptr, y_ptr, M, C, eps, HAS_W: tl.constexpr,
-                        HAS_B: tl.constexpr, HAS_SB: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_B: tl.constexpr, HAS_SB: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         cm = cols < C
@@ -86,5 +87,6 @@ def add_layer_norm(a, r, weight, bias, eps: float, s_bias=None):
     pick = lambda t: dummy if t is None else t  # noqa: E731
     _add_layer_norm[(triton.cdiv(rows, per),)](a, r, pick(weight), pick(bias), pick(s_bias), s, y, rows, width,
                                                float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
-                                               HAS_SB=s_bias is not None, ROWS=per, BLOCK=block)
+                                               HAS_SB=s_bias is not None, ROWS=per, BLOCK=block,
+                                               **pdl_options(a))
     return s, y

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import dense, jit as _jit, kernel_path, layout
+from ._dispatch import dense, jit as _jit, kernel_path, layout, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -29,7 +29,8 @@ def add_bias_residual_reference(h, x, bias=None, out=None):
 if triton is not None:
     @_jit("total", "C", "HW")
     def _add_bias_residual(h_ptr, x_ptr, b_ptr, y_ptr, total, C, HW, HAS_B: tl.constexpr, NHWC: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < total
         y = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32) + tl.load(x_ptr + offs, mask=m, other=0.0).to(
@@ -57,5 +58,6 @@ def add_bias_residual(h, x, bias=None, out=None):
     total, block = h.numel(), 1024
     _add_bias_residual[(triton.cdiv(total, block),)](h, x, h if bias is None else bias.contiguous(), y, total, c,
                                                       hh * w, HAS_B=bias is not None,
-                                                      NHWC=fmt == torch.channels_last and c > 1, BLOCK=block)
+                                                      NHWC=fmt == torch.channels_last and c > 1, BLOCK=block,
+                                                      **pdl_options(h))
     return y

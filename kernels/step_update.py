@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import jit as _jit, kernel_path
+from ._dispatch import jit as _jit, kernel_path, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -54,7 +54,8 @@ def guided_update_reference(uncond, cond, x, x0_prev, noise, coef, step, guidanc
 if triton is not None:
     @_jit("total", "C", "HW")
     def _scaled_copies(x_ptr, s_ptr, step_ptr, y_ptr, total, C, HW, COPIES: tl.constexpr, NHWC: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # x's (NCHW) element index
         m = offs < total
         scale = tl.load(s_ptr + tl.load(step_ptr))
@@ -70,7 +71,8 @@ if triton is not None:
 
     @_jit("total", "C", "HW")
     def _guided_update(u_ptr, c_ptr, x_ptr, x0p_ptr, nz_ptr, coef_ptr, step_ptr, g_ptr, clip_ptr, total, C, HW,
-                       o_n, o_c, o_p, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                       o_n, o_c, o_p, NCOL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < total
         chw = C * HW
@@ -108,7 +110,8 @@ def scaled_copies(x, scale, step, copies: int, dtype, memory_format=torch.contig
     y = torch.empty((copies * n, c, h, w), dtype=dtype, device=x.device, memory_format=memory_format)
     total, block = x.numel(), 1024
     _scaled_copies[(triton.cdiv(total, block),)](x, scale, step, y, total, c, h * w, COPIES=copies,
-                                                  NHWC=memory_format == torch.channels_last and c > 1, BLOCK=block)
+                                                  NHWC=memory_format == torch.channels_last and c > 1, BLOCK=block,
+                                                  **pdl_options(x))
     return y
 
 
@@ -126,4 +129,4 @@ def guided_update(uncond, cond, x, x0_prev, noise, coef, step, guidance, clip) -
     total, block = x.numel(), 1024
     _guided_update[(triton.cdiv(total, block),)](uncond, cond, x, x0_prev, noise, coef, step, guidance, clip, total,
                                                   c, h * w, uncond.stride(0), uncond.stride(1), uncond.stride(3),
-                                                  NCOL=NCOEF, BLOCK=block)
+                                                  NCOL=NCOEF, BLOCK=block, **pdl_options(x))

@@ -363,7 +363,7 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     assert by["torch-cuda-int8"]["psnr_vs_torch-cuda_db"] > 20 and "unet_step_ms" in by["torch-cuda"]
     assert by["torch-cuda-low-memory-int8-1024"]["size"] == 320
     for name in ("torch-cuda-pre-fusion", "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables",
-                 "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph", "torch-cuda-geglu-gemm"):
+                 "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph", "torch-cuda-geglu-gemm", "torch-cuda-pdl"):
         assert by[name]["psnr_vs_torch-cuda_db"] > 60, name  # the same image, the sums in another order (fp32)
     assert by["torch-cuda-low-memory-1024-untiled"]["timings_last_image"]["vae_calls"] == 1
     assert by["torch-cuda-low-memory-1024"]["timings_last_image"]["vae_calls"] == 1  # 320 px: no tiles either
@@ -372,6 +372,7 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     # the size-rule A/B ran with the switch set in the process: its record says so, the others' do not
     assert by["torch-cuda-generic-sizes"]["kernels_generic_sizes"] == "1"
     assert not by["torch-cuda"].get("kernels_generic_sizes")
+    assert by["torch-cuda-pdl"]["kernels_pdl"] == "1" and not by["torch-cuda"].get("kernels_pdl")
     for name in ("torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-low-memory-1024-phases"):
         assert {"text_encoder", "unet", "vae_decoder"} <= set(by[name]["second_image"])
     assert by["torch-cuda-low-memory-1024-phases"]["size"] == 320  # BIG_SIZE

@@ -110,6 +110,23 @@ def test_generic_sizes_switch_compiles_two_byte_accesses(tmp_path):
 
 
 @needs_tools
+def test_pdl_kernels_wait_for_the_kernel_before_on_hopper_only(tmp_path):
+    """--pdl: the kernels as pm_kernels.set_pdl(True) launches them. At sm_90 every kernel of the UNet
+    call and step starts with programmatic dependent launch's wait (griddepcontrol.wait, in its PTX);
+    at sm_86, which has no PDL, none does (the instruction would not assemble there)."""
+    out = tmp_path / "pdl.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "benchmarks/compile_check.py", "--arch", "90,86", "--quick", "--pdl", "--details",
+                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = {r["arch"]: r for r in recs if r["record"] == "summary"}
+    assert summary["sm_90"]["ok"] and summary["sm_86"]["ok"]
+    assert summary["sm_90"]["pdl_kernels"] == summary["sm_90"]["kernels"] > 30
+    assert summary["sm_86"]["pdl_kernels"] == 0
+
+
+@needs_tools
 def test_every_kernel_compiles_with_sizes_of_one(tmp_path):
     """Triton makes an integer argument equal to 1 a constant: GroupNorm and LayerNorm used theirs as
     tensors (HW.to(tl.float32)) and failed to compile at 1 x 1 pixels, one channel per group or one

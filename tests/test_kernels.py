@@ -643,6 +643,60 @@ def test_kernel_sweep_runs_end_to_end(tmp_path):
     assert len(lines) == 2 + 3 and all("x |" in line for line in lines[2:])
 
 
+def test_pdl_is_a_no_op_off_hopper():
+    """set_pdl(True) launches with programmatic dependent launch only on CUDA GPUs of compute
+    capability 9.0+: on CPU tensors (the interpreter) the kernels take PDL=False and no launch option,
+    and compute the same."""
+    from pm_kernels import _dispatch
+
+    x = torch.randn(2, 8, 4, 4)
+    w = torch.randn(8)
+    before = K.group_norm_silu(x, w, w, 4, 1e-5)
+    with K.pdl_kept(True):
+        assert K.pdl() and _dispatch.pdl_options(x) == {"PDL": False}
+        assert torch.equal(K.group_norm_silu(x, w, w, 4, 1e-5), before)
+    assert not K.pdl()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
+def test_pdl_launches_compute_the_same_on_gpu():
+    """The kernels launched with programmatic dependent launch (each waits for the one before, then
+    lets the next launch), eagerly and captured in a CUDA graph, give exactly what they give without:
+    a chain where each kernel reads the one before's output (GroupNorm's three passes, the residual,
+    add + LayerNorm, GEGLU, the GEGLU GEMM, cross-attention)."""
+    g = torch.Generator(device="cuda").manual_seed(9)
+    x = torch.randn(2, 320, 64, 64, device="cuda", generator=g).half().contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(2, 320, device="cuda", generator=g).half()
+    wf = (torch.randn(2560, 320, device="cuda", generator=g) * 0.05).half()
+    kv = torch.randn(2, 77, 320, device="cuda", generator=g).half()
+
+    def chain():
+        h = K.group_norm_silu(x, w, b, 32, 1e-5)
+        h = K.add_bias_residual(h, x, b)
+        t = h.permute(0, 2, 3, 1).reshape(2, 4096, 320)
+        s, y = K.add_layer_norm(t, t, w, b, 1e-5)
+        a = K.attention(y, kv, kv, 8)
+        f = K.geglu_linear(a + s, wf, None)
+        return K.geglu(torch.cat([f, f], -1))
+
+    ref = chain()
+    with K.pdl_kept(True):
+        assert torch.equal(chain(), ref)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+
+
 SD15 = [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 32), (2560, 8)]  # (channels, latent side), 512 px
 
 
