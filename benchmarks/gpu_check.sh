@@ -49,14 +49,15 @@ skipped() { echo "== skipped for time ($(left) s left of ${BUDGET} s): $*"; }
 go() { stage "$1" || return 1; T=$(limit "$2" "${3:-$MIN}"); [ "$T" -gt 0 ] && return 0; skipped "stage $1"; return 1; }
 if go tests ${PM_TESTS_TIMEOUT:-150}; then
     echo "== gpu tests"
-    # the shared-pool / one-stream tests (their code's first real run) in a process of their own
+    # the shared-pool / one-stream / PDL tests (their code's first real run) in a process of their own
     # afterwards: a fault there (an illegal address poisons the CUDA context) cannot fail the others
-    NEW="shared_pool or one_stream"
+    NEW="shared_pool or one_stream or pdl"
     timeout "$T" python3 -m pytest -q -m gpu -p no:cacheprovider -k "not ($NEW)" tests/test_kernels.py \
         tests/test_torch_cuda.py tests/test_int8_weights.py tests/test_vae_bands.py 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -8  # the whole output (failures' tracebacks) in gpu_tests.log
     T=$(limit 60 20)
     [ "$T" -gt 0 ] && timeout "$T" python3 -m pytest -q -m gpu -p no:cacheprovider -k "$NEW" tests/test_torch_cuda.py \
+        tests/test_kernels.py \
         2>&1 | tee "$OUT/gpu_tests_new.log" | tail -8
 fi
 if go kernels 60 $(( MIN / 2 )); then
@@ -78,24 +79,25 @@ fi
 if go bench ${PM_BENCH_TIMEOUT:-300}; then
 echo "== pipeline: peers and torch-cuda"
 # PM_OURS: which of our variants (gpu_ours.ALL); the default: the step-time questions (the kernels'
-# size rule against their unspecialised compile (torch-cuda-generic-sizes), the GEGLU in its GEMM
-# (torch-cuda-geglu-gemm), programmatic dependent launch (torch-cuda-pdl), the fusions against the
+# size rule against their unspecialised compile (torch-cuda-generic-sizes), the fusions against the
 # default before them and one by one, the GroupNorm implementations, the
 # standalone modules, cuDNN attention, the step's profile) and the per-stage memory; the memory
 # variants proper (low memory, int8) run in the new-process stage below. Left out: the ablations
 # already recorded in benchmarks/results (no-kv-tables, the untiled 1024 decode), profile-gn-auto;
-# and the shared-pool / one-stream variants, whose first real run is this one: only in new processes
-# (below), where a fault in them (an illegal address poisons a CUDA context) cannot take the shared
-# run's later variants and torch.compile with it; their records carry step and image times too.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-generic-sizes,torch-cuda-geglu-gemm,torch-cuda-pdl,torch-cuda-vae-nchw,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
+# and the shared-pool / one-stream / PDL / GEGLU-in-the-GEMM variants, whose first real run is this
+# one: only in new processes (below), where a fault in them (an illegal address poisons a CUDA
+# context) cannot take the shared run's later variants and torch.compile with it; their records carry
+# step and image times too.
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-generic-sizes,torch-cuda-vae-nchw,torch-cuda-pre-fusion,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,torch-cuda-hf-modules,torch-cuda-cudnn-attention,torch-cuda-phases,profile}
 timeout "$T" python3 benchmarks/bench_gpu.py --work "$WORK" --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi
 # by priority: the unmet goals as the user runs them (pm-run --low-memory sets expandable segments),
-# the candidates for them (shared_pool) and where their memory goes (-phases: per stage, by pool, in
-# a new process: the first image's searches included), their A/B variants, then the goals already
-# met (a check for regressions)
-FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,smallws:torch-cuda-low-memory-1024,expandable:torch-cuda-low-memory-1024-phases,torch-cuda-shared-pool-offload-te,torch-cuda,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
+# the candidates for them (shared_pool; for the step: PDL, the GEGLU in its GEMM, beside torch-cuda in
+# a new process of its own) and where their memory goes (-phases: per stage, by pool, in a new
+# process: the first image's searches included), their A/B variants, then the goals already met (a
+# check for regressions)
+FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,smallws:torch-cuda-low-memory-1024,torch-cuda-pdl,torch-cuda-geglu-gemm,torch-cuda,expandable:torch-cuda-low-memory-1024-phases,torch-cuda-shared-pool-offload-te,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
 entries=(${FRESH//,/ })
 FIRST=${PM_FRESH_FIRST:-3}  # this many entries run before the start-up stage, the rest after it
 # fresh_run FROM TO: entries FROM .. TO-1, each in a new process; when the time runs out, names what is
