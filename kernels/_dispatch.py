@@ -134,7 +134,7 @@ def jit(*sizes: str):
 
 # Programmatic dependent launch (PDL; Hopper, compute capability 9.0+): a kernel launched with it may
 # be scheduled while the kernel before it on the stream finishes, hiding its launch latency (a UNet
-# step graph replays ~525 kernels, ~270 of them pm_kernels'). Every pm_kernels kernel takes a PDL
+# step graph replays ~520 kernels, ~270 of them pm_kernels'). Every pm_kernels kernel takes a PDL
 # constexpr: when set, its programs first wait for the kernel before it to complete and its writes to
 # be visible (griddepcontrol.wait, before any memory access: stream order holds as without PDL) and
 # then let the next kernel launch (griddepcontrol.launch_dependents). Off until the GPU check measures

@@ -81,6 +81,10 @@ def test_fast_unet_epilogues_and_time_tables(unet_graph, kernels):
     steps = torch.tensor([981.0, 500.5, 1.0])
     fast = FastUNet(unet_graph.unet)
     assert all(r.pm_time_bias is not None and r.pm_out_bias is not None for r in fast.resnets)
+    # conv_in's and the resamplers' biases left to the ResNets after them (input_shifts): the first
+    # ResNet (identity residual) and up-path ResNets (concatenated skips, 1x1 shortcuts) carry shifts
+    shifted = [r for r in fast.resnets if r.pm_in_shift is not None]
+    assert fast.resnets[0] in shifted and any(r.conv_shortcut is not None for r in shifted)
     with torch.no_grad():
         ref = unet_graph(x, steps[1].expand(2), c_k, c_v)
         fused = fast(x, steps[1].expand(2), c_k, c_v)

@@ -54,6 +54,7 @@
   ViT-L/14 vision tower, ~0.6 GB in fp16, called once per image) rests in pinned host memory and is
   copied to the GPU for its call only, as offload_text_encoder does for the text encoder.
 - fused_epilogues (default on; NOT MEASURED on a GPU yet): FastUNet runs the ResNets' convolutions
+  (and conv_in's and the resamplers', whose biases the next ResNet adds: fast_unet.input_shifts)
   without their biases (PyTorch adds a cuDNN convolution's bias in a separate pass) and folds them
   into the time vector and one residual kernel; residual add + LayerNorm in one kernel; the
   standalone VAE decoder's ResNets the same way (their residual written into conv2's output). Counted:
@@ -325,7 +326,9 @@ class TorchCudaBackend(Backend):
                 raise UserError(f"int8 weights need the fast UNet, which does not support this UNet: {reason}")
             graph_module = FastUNet(graph_module.unet)
         self.int8_stats = quantize_unet_(graph_module, self.torch_device, self.home)
-        return graph_module.to(self.home)  # the rest (norms, conv_in/conv_out) joins the int8 layers
+        graph_module.to(self.home)  # the rest (norms, conv_in/conv_out) joins the int8 layers
+        graph_module.register_biases()  # from the int8 weights, all in one place now
+        return graph_module
 
     def resident(self, network: str) -> bool:
         return super().resident(network) and network not in self._parked

@@ -15,7 +15,9 @@ cross-attention, DESIGN §1); what changes is how it is computed:
   (pm_kernels.add_layer_norm), and the adds after the feed-forward and after proj_out are done by
   their GEMMs, accumulating in place into the residual stream (addmm_), whose biases it carries
   already: ff[2]'s added by add_layer_norm, proj_out's by the ResNet before the transformer (its
-  GroupNorm takes it off again through the time-vector input);
+  GroupNorm takes it off again through the time-vector input); conv_in's and the down- and
+  upsamplers' convolutions run without their biases too, left to the ResNets that read their
+  outputs (input_shifts: norm1 adds the missing vector, the residual kernel its share);
 - time tables: in the torch-cuda loop the timesteps of an image are known before its first step,
   so every ResNet's time-embedding vector of every step is computed ONCE per image into one table
   (set_timesteps) and a step reads its row by index (forward(..., t_index=...)): no sinusoid, time
@@ -121,21 +123,23 @@ def gn_silu(norm: nn.GroupNorm, x, silu: bool = True, temb=None, out=None):
                                       out=out)
 
 
-def fused_resnet(r, x, temb, out_bias):
+def fused_resnet(r, x, temb, out_bias, in_shift=None):
     """A ResNet block with the fused epilogues (FastUNet's and the standalone VAE decoder's): its
     convolutions run without their biases, conv1's being in `temb` (what norm2 adds to its output,
     (N, C)) and conv2's and the shortcut's in `out_bias`, which one kernel adds with the residual,
-    written into conv2's output."""
+    written into conv2's output. in_shift (N, C_in) or None: a per-channel bias the input still lacks
+    (its convolution ran without it: FastUNet's conv_in and resamplers), which norm1 adds before
+    normalising; `out_bias` then carries its residual share (input_shifts)."""
     import pm_kernels
 
-    h = conv(r.conv1, gn_silu(r.norm1, x), bias=False)
+    h = conv(r.conv1, gn_silu(r.norm1, x, temb=in_shift), bias=False)
     h = conv(r.conv2, gn_silu(r.norm2, h, temb=temb), bias=False)
     s = x if r.conv_shortcut is None else conv(r.conv_shortcut, x, bias=False)
     return pm_kernels.add_bias_residual(h, s, out_bias, out=h)
 
 
-def fused_resnet_consuming(r, box: list, temb, out_bias):
-    """fused_resnet(r, box.pop(), temb, out_bias) for a caller that keeps no other reference to the
+def fused_resnet_consuming(r, box: list, temb, out_bias, in_shift=None):
+    """fused_resnet(r, box.pop(), temb, out_bias, in_shift) for a caller that keeps no other reference to the
     input (inference only: it is overwritten): the same kernels and values, with fewer full-size
     tensors alive at once. With a shortcut convolution, the shortcut runs first and norm1 then
     writes into the input (alive at conv1: input, shortcut, conv1's output, where fused_resnet
@@ -147,10 +151,10 @@ def fused_resnet_consuming(r, box: list, temb, out_bias):
     x = box.pop()
     if r.conv_shortcut is not None:
         s = conv(r.conv_shortcut, x, bias=False)
-        h = conv(r.conv1, gn_silu(r.norm1, x, out=x), bias=False)
+        h = conv(r.conv1, gn_silu(r.norm1, x, temb=in_shift, out=x), bias=False)
     else:
         s = x  # the residual: read again at the end, so normalised into a new tensor
-        h = conv(r.conv1, gn_silu(r.norm1, x), bias=False)
+        h = conv(r.conv1, gn_silu(r.norm1, x, temb=in_shift), bias=False)
     del x
     h = conv(r.conv2, gn_silu(r.norm2, h, temb=temb, out=h), bias=False)
     return pm_kernels.add_bias_residual(h, s, out_bias, out=h)
@@ -170,6 +174,70 @@ def resnet_biases(r) -> tuple:
     proj = getattr(r, "time_emb_proj", None)
     return (_sum(r.conv1.bias, None if proj is None else proj.bias),
             _sum(r.conv2.bias, None if r.conv_shortcut is None else r.conv_shortcut.bias))
+
+
+def input_shifts(u) -> dict:
+    """{id(ResNet): the per-channel bias its input lacks, fp32 (C_in,), or None} when the UNet's
+    conv_in and its down- and upsamplers' convolutions run without their biases (FastUNet's fused
+    epilogues: PyTorch adds a cuDNN convolution's bias in a pass of its own). Their outputs only ever
+    reach ResNets: directly (the next block's first), or as skip connections concatenated in the up
+    path, where the missing vector is the concatenation's (zeros for a complete part). Follows the
+    forward's skip stack."""
+    def bias(layer):
+        return None if layer.bias is None else layer.bias.detach().float()
+
+    def width(layer):  # output channels of an nn.Conv2d or an int8 one
+        return layer.out_channels
+
+    shifts: dict = {}
+    missing, channels = bias(u.conv_in), width(u.conv_in)
+    skips = [(missing, channels)]
+    for block in u.down_blocks:
+        for r in block.resnets:
+            shifts[id(r)] = missing
+            missing, channels = None, width(r.conv2)  # a ResNet's (and its transformer's) output is complete
+            skips.append((missing, channels))
+        for d in block.downsamplers or ():
+            missing, channels = bias(d.conv), width(d.conv)
+            skips.append((missing, channels))
+    for r in u.mid_block.resnets:
+        shifts[id(r)] = missing
+        missing = None
+    for block in u.up_blocks:
+        for r in block.resnets:
+            skip, skip_channels = skips.pop()
+            if missing is None and skip is None:
+                shifts[id(r)] = None
+            else:
+                c_in = r.norm1.weight.shape[0]
+
+                def zeros(count, w=r.norm1.weight):  # a complete part of the concatenation
+                    return w.new_zeros(count, dtype=torch.float32)
+                shifts[id(r)] = torch.cat([missing if missing is not None else zeros(c_in - skip_channels),
+                                           skip if skip is not None else zeros(skip_channels)])
+            missing = None
+        for up in block.upsamplers or ():
+            missing = bias(up.conv)
+    return shifts
+
+
+def _fold_input_shift(r, shift) -> None:
+    """Register ResNet r's input shift (pm_in_shift, norm1's per-channel add; None where its input is
+    complete) and add its residual share to pm_out_bias: the shift itself through an identity
+    residual, the shortcut convolution's image of it (W_sc @ shift) through a 1x1 shortcut."""
+    if shift is None:
+        r.register_buffer("pm_in_shift", None, persistent=False)
+        return
+    ref = r.norm1.weight
+    shift = shift.to(ref.device)
+    if r.conv_shortcut is None:
+        share = shift
+    else:
+        w = weight_of(r.conv_shortcut).detach().float()
+        share = w.reshape(w.shape[0], w.shape[1]) @ shift
+    out = share if r.pm_out_bias is None else r.pm_out_bias.float() + share
+    r.register_buffer("pm_out_bias", out.to(ref.dtype), persistent=False)  # (the run dtype: norm1 is never int8)
+    r.register_buffer("pm_in_shift", shift.to(ref.dtype), persistent=False)
 
 
 def _fuse_qkv(attn) -> None:
@@ -211,21 +279,7 @@ class FastUNet(nn.Module):
         self.kv_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(attn2) -> (K, V) tables
         u = unet
         self.resnets = [r for b in (*u.down_blocks, u.mid_block, *u.up_blocks) for r in b.resnets]  # forward order
-        for r in self.resnets:  # the biases the fused epilogues add (module buffers: they move with the UNet)
-            time_bias, out_bias = resnet_biases(r)
-            r.register_buffer("pm_time_bias", time_bias, persistent=False)
-            r.register_buffer("pm_out_bias", out_bias, persistent=False)
-        # A transformer follows a ResNet in every SD block that has one. With the fused epilogues the
-        # ResNet's residual kernel also adds the transformer's proj_out bias (the transformer's input x
-        # carries it), the transformer's GroupNorm takes it off again (as its time-vector input) and
-        # proj_out accumulates into x in place: one GEMM for "x + proj_out(h)", no add kernel.
-        self.before_transformer: set[int] = set()  # ids of those ResNets
-        for block in (*u.down_blocks, u.mid_block, *u.up_blocks):
-            for r, t in zip(block.resnets, getattr(block, "attentions", None) or ()):
-                pb = t.proj_out.bias
-                r.register_buffer("pm_out_bias_t", _sum(r.pm_out_bias, pb), persistent=False)
-                t.register_buffer("pm_in_shift", None if pb is None else -pb.detach(), persistent=False)
-                self.before_transformer.add(id(r))
+        self.register_biases()
         # conv biases folded into the time vector / one residual kernel, add + LayerNorm fused, residual
         # adds after the feed-forward and proj_out accumulated by their GEMMs
         self.fused_epilogues = True
@@ -237,6 +291,29 @@ class FastUNet(nn.Module):
         # the feed-forward's GEGLU inside its projection's GEMM (pm_kernels.geglu_linear, a Triton GEMM)
         # instead of cuBLAS's projection + the GEGLU kernel: off until the GPU's kernel benchmark says
         self.geglu_gemm = False
+
+    def register_biases(self) -> None:
+        """The biases the fused epilogues add, as module buffers of the UNet's blocks (they move with
+        it), from the weights in use now (quantize_unet_ calls this again once the layers are int8:
+        a 1x1 shortcut's share of an input shift is its weight's image of it)."""
+        u = self.unet
+        shifts = input_shifts(u)  # conv_in's and the resamplers' biases, left to the ResNets that read them
+        for r in self.resnets:
+            time_bias, out_bias = resnet_biases(r)
+            r.register_buffer("pm_time_bias", time_bias, persistent=False)
+            r.register_buffer("pm_out_bias", out_bias, persistent=False)
+            _fold_input_shift(r, shifts[id(r)])
+        # A transformer follows a ResNet in every SD block that has one. With the fused epilogues the
+        # ResNet's residual kernel also adds the transformer's proj_out bias (the transformer's input x
+        # carries it), the transformer's GroupNorm takes it off again (as its time-vector input) and
+        # proj_out accumulates into x in place: one GEMM for "x + proj_out(h)", no add kernel.
+        self.before_transformer: set[int] = set()  # ids of those ResNets
+        for block in (*u.down_blocks, u.mid_block, *u.up_blocks):
+            for r, t in zip(block.resnets, getattr(block, "attentions", None) or ()):
+                pb = t.proj_out.bias
+                r.register_buffer("pm_out_bias_t", _sum(r.pm_out_bias, pb), persistent=False)
+                t.register_buffer("pm_in_shift", None if pb is None else -pb.detach(), persistent=False)
+                self.before_transformer.add(id(r))
 
     # ------------------------------------------------------------------ per-image K/V tables
     def allocate_context_tables(self, rows: int, length: int, empty: bool = False) -> None:
@@ -304,9 +381,12 @@ class FastUNet(nn.Module):
         fused_resnet_consuming)."""
         if self.fused_epilogues:  # (+ the next transformer's proj_out bias, see __init__)
             bias = r.pm_out_bias_t if id(r) in self.before_transformer else r.pm_out_bias
+            shift = r.pm_in_shift
+            if shift is not None:  # the input's convolution ran without its bias (input_shifts)
+                shift = shift.expand((x[0] if isinstance(x, list) else x).shape[0], -1)
             if isinstance(x, list) and not torch.is_grad_enabled():
-                return fused_resnet_consuming(r, x, temb, bias)
-            return fused_resnet(r, x.pop() if isinstance(x, list) else x, temb, bias)
+                return fused_resnet_consuming(r, x, temb, bias, shift)
+            return fused_resnet(r, x.pop() if isinstance(x, list) else x, temb, bias, shift)
         if isinstance(x, list):
             x = x.pop()
         h = r.conv1(gn_silu(r.norm1, x))
@@ -423,7 +503,8 @@ class FastUNet(nn.Module):
             tembs = self._time_vectors(timestep.reshape(-1).expand(n))
         temb = dict(zip(map(id, self.resnets), tembs))
         ctx = kv_index if kv_index is not None else (c_k.to(dtype), c_v.to(dtype))
-        h = u.conv_in(sample.to(dtype).contiguous(memory_format=fmt))
+        fused = self.fused_epilogues  # conv_in's and the resamplers' biases then left to the ResNets after them
+        h = conv(u.conv_in, sample.to(dtype).contiguous(memory_format=fmt), bias=not fused)
         skips = [h]
         for block in u.down_blocks:
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
@@ -433,7 +514,7 @@ class FastUNet(nn.Module):
                     h = self._transformer(a, h, ctx)
                 skips.append(h)
             for d in block.downsamplers or ():
-                h = d.conv(h)
+                h = conv(d.conv, h, bias=not fused)
                 skips.append(h)
         # from here on every block's input is read by that block only: handed over in a list it pops
         # (_resnet), the upsampler's input freed once upsampled; the down path's are also skips
@@ -453,6 +534,6 @@ class FastUNet(nn.Module):
                     h = self._transformer(a, h, ctx)
             for up in block.upsamplers or ():
                 h = F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest")
-                h = up.conv(h)
+                h = conv(up.conv, h, bias=not fused)
         h = u.conv_out(gn_silu(u.conv_norm_out, h, out=None if torch.is_grad_enabled() else h))
         return h  # (N, 4, h, w) in the UNet's dtype

@@ -117,6 +117,11 @@ def quantize_unet_(fast_unet, device, home) -> dict:
             make = ((lambda q, s, b: Int8Linear(q, s, b, dtype)) if isinstance(child, nn.Linear)
                     else (lambda q, s, b, c=child: Int8Conv2d(q, s, b, dtype, c)))
             setattr(parent, name, int8(child.weight, child.bias, make))
+    # the fused epilogues' biases from the int8 weights now in use (a shortcut's share of an input
+    # shift is its weight's image of it), where the UNet is on one device; else the caller does it
+    # once the rest of the UNet has joined the int8 layers (TorchCudaBackend._quantized_unet)
+    if len({t.device for t in (*unet.parameters(), *unet.buffers())}) == 1 and hasattr(fast_unet, "register_biases"):
+        fast_unet.register_biases()
     return stats
 
 
