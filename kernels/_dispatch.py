@@ -97,15 +97,20 @@ def generic_sizes() -> bool:
 
 
 @contextlib.contextmanager
-def generic_sizes_kept(flag: bool | None = None):
-    """A block run with set_generic_sizes(flag) (None: unchanged); the setting before it afterwards."""
-    old = _GENERIC_SIZES
+def _kept(get, put, value):
+    """A block run with put(value) (None: unchanged); get()'s value before it put back afterwards."""
+    old = get()
     try:
-        if flag is not None:
-            set_generic_sizes(flag)
+        if value is not None:
+            put(value)
         yield
     finally:
-        set_generic_sizes(old)
+        put(old)
+
+
+def generic_sizes_kept(flag: bool | None = None):
+    """A block run with set_generic_sizes(flag) (None: unchanged); the setting before it afterwards."""
+    return _kept(generic_sizes, set_generic_sizes, flag)
 
 
 class SizedKernel:
@@ -154,16 +159,9 @@ def pdl() -> bool:
     return _PDL
 
 
-@contextlib.contextmanager
 def pdl_kept(flag: bool | None = None):
     """A block run with set_pdl(flag) (None: unchanged); the setting before it afterwards."""
-    old = _PDL
-    try:
-        if flag is not None:
-            set_pdl(flag)
-        yield
-    finally:
-        set_pdl(old)
+    return _kept(pdl, set_pdl, flag)
 
 
 def pdl_options(tensor) -> dict:

@@ -37,13 +37,12 @@ default until it has.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import dense, jit as _jit, kernel_path, layout, next_pow2, pdl_options, pdl_prologue
+from ._dispatch import _kept, dense, jit as _jit, kernel_path, layout, next_pow2, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -85,17 +84,10 @@ def group_norm_impl() -> str:
     return _IMPL
 
 
-@contextlib.contextmanager
 def group_norm_impl_kept(name: str | None = None):
     """A block run with implementation `name` (None: whatever the block itself sets, e.g. a torch-cuda
     backend's gn_impl); the implementation in force before it is back afterwards."""
-    old = _IMPL
-    try:
-        if name is not None:
-            set_group_norm_impl(name)
-        yield
-    finally:
-        set_group_norm_impl(old)
+    return _kept(group_norm_impl, set_group_norm_impl, name)
 
 
 def _takes_grouped(group_elements: int, impl: str) -> bool:
