@@ -175,12 +175,12 @@ def compile_only(arch: int, seen: dict, pdl: bool = False):
     from triton.runtime.errors import OutOfResources
 
     import pm_kernels
+    from pm_kernels import _dispatch
 
     modules = [importlib.import_module(f"pm_kernels.{m}") for m in
                ("attention", "dequant", "geglu", "group_norm", "layer_norm", "residual", "step_update")]
     saved_paths = {m: (m.kernel_path, m.pdl_options) for m in modules}
-    on = pdl and arch >= 90
-    options = {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    options = _dispatch.pdl_keywords(pdl and divmod(arch, 10) >= _dispatch.PDL_MIN_CAPABILITY)
     saved_getitem = jit.JITFunction.__getitem__
 
     def getitem(self, grid):

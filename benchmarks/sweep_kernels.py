@@ -99,6 +99,7 @@ def sweep(torch, cases, *, reps: int, graph_calls: int, cuda: bool, max_seconds:
     from bench_kernels import graph_timed, timed
 
     import pm_kernels as K
+    from pm_kernels._dispatch import OutOfResources
 
     KA = importlib.import_module("pm_kernels.attention")
     G = importlib.import_module("pm_kernels.geglu")
@@ -138,7 +139,7 @@ def sweep(torch, cases, *, reps: int, graph_calls: int, cuda: bool, max_seconds:
             try:
                 e = err(run())
                 t = ms(run)
-            except (KA.OutOfResources, G.OutOfResources) as x:
+            except OutOfResources as x:
                 yield {**rec, "status": "out_of_resources", "error": str(x)[:200]}
                 continue
             except Exception as x:  # noqa: BLE001 - record and go on

@@ -164,11 +164,39 @@ def pdl_kept(flag: bool | None = None):
     return _kept(pdl, set_pdl, flag)
 
 
-def pdl_options(tensor) -> dict:
-    """The launch keywords of a pm_kernels kernel working on `tensor`: its PDL constexpr, and Triton's
-    launch_pdl option where PDL is on and the GPU has it."""
-    on = _PDL and tensor.is_cuda and not interpreting() and capability(tensor.device.index) >= PDL_MIN_CAPABILITY
+def pdl_keywords(on: bool) -> dict:
+    """The launch keywords of a pm_kernels kernel with PDL on or off: its PDL constexpr, and Triton's
+    launch_pdl option where on."""
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+def pdl_options(tensor) -> dict:
+    """pdl_keywords for a kernel working on `tensor`: on where set_pdl is and the GPU has PDL."""
+    return pdl_keywords(_PDL and tensor.is_cuda and not interpreting()
+                        and capability(tensor.device.index) >= PDL_MIN_CAPABILITY)
+
+
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # no Triton: no kernel is ever loaded
+    class OutOfResources(Exception):
+        pass
+
+
+def deepest_that_loads(cache: dict, key, depths, launch):
+    """launch(depth) for the first of `depths` (software-pipelining depths, deepest first) that the GPU
+    loads: Triton raises OutOfResources as it loads a kernel whose shared memory per block or threads
+    do not fit, before anything runs. The depth that loaded is remembered in cache[key] and tried alone
+    next time; where none loads, cache[key] = () and None is returned (the caller's PyTorch path)."""
+    for depth in cache.get(key, depths):
+        try:
+            out = launch(depth)
+        except OutOfResources:  # one stage less
+            continue
+        cache[key] = (depth,)
+        return out
+    cache[key] = ()
+    return None
 
 
 if triton_available():

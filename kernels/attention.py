@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import kernel_path, next_pow2, pdl_options, pdl_prologue
+from ._dispatch import deepest_that_loads, kernel_path, next_pow2, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -152,7 +152,8 @@ def head_dim_tiles(d: int, split: bool) -> tuple[int, int]:
 
 
 def default_config(d: int, nk: int) -> dict:
-    """attention()'s launch configuration for head dim d and nk keys: BLOCK_M, BLOCK_N, SPLIT_D."""
+    """attention()'s launch configuration for head dim d and nk keys: launch()'s block_m, block_n and
+    split_d keywords."""
     block_d, d_b = head_dim_tiles(d, SPLIT_HEAD_DIM)
     width = block_d + d_b
     return {"block_m": 128 if width <= 64 else 64 if width <= 128 else 32,
@@ -206,15 +207,10 @@ def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
         return attention_sdpa(q, k, v, heads, scale, kv_index)  # PyTorch's own fused attention on views
     config = default_config(d, nk)
     key = (q.device, q.dtype, d, config["block_m"], config["block_n"], config["split_d"])
-    for stages in _STAGES.get(key, STAGES):
-        try:
-            out = launch(q, k, v, heads, scale, kv_index, **config, num_stages=stages)
-        except OutOfResources:  # raised as Triton loads the kernel, before anything runs: one stage less
-            continue
-        _STAGES[key] = (stages,)
-        return out
-    _STAGES[key] = ()  # no depth fits this GPU: PyTorch's attention, as for the shapes routed there above
-    return attention_sdpa(q, k, v, heads, scale, kv_index)
+    out = deepest_that_loads(_STAGES, key, STAGES,
+                             lambda stages: launch(q, k, v, heads, scale, kv_index, **config, num_stages=stages))
+    # no depth fits this GPU: PyTorch's attention, as for the shapes routed there above
+    return out if out is not None else attention_sdpa(q, k, v, heads, scale, kv_index)
 
 
 # Software-pipelining depths of _attn, tried in this order until the GPU's shared memory per block
@@ -226,8 +222,3 @@ def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
 # GPU by benchmarks/compile_check.py, which compiles every kernel for those architectures.
 STAGES = (3, 2, 1)
 _STAGES: dict = {}  # (device, dtype, head dim, BLOCK_M, BLOCK_N, split) -> (the depth that loaded,) or ()
-try:
-    from triton.runtime.errors import OutOfResources
-except ImportError:  # no Triton: the kernel never runs
-    class OutOfResources(Exception):
-        pass

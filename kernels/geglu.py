@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import kernel_path, pdl_options, pdl_prologue
+from ._dispatch import deepest_that_loads, kernel_path, pdl_options, pdl_prologue
 
 try:
     import triton
@@ -154,19 +154,5 @@ def geglu_linear(x, weight, bias=None, *, block_m: int | None = None, block_n: i
 
     if num_stages is not None:
         return launch(num_stages)
-    for stages in _GEMM_STAGES.get(key, GEMM_STAGES):
-        try:
-            launch(stages)
-        except OutOfResources:  # raised as Triton loads the kernel, before it runs: one stage less
-            continue
-        _GEMM_STAGES[key] = (stages,)
-        return y.view(*x.shape[:-1], feat)
-    _GEMM_STAGES[key] = ()
-    return geglu(F.linear(x, weight, bias))  # no depth fits this GPU: the split path
-
-
-try:
-    from triton.runtime.errors import OutOfResources
-except ImportError:  # no Triton: the kernel never runs
-    class OutOfResources(Exception):
-        pass
+    out = deepest_that_loads(_GEMM_STAGES, key, GEMM_STAGES, launch)
+    return out if out is not None else geglu(F.linear(x, weight, bias))  # no depth fits this GPU: the split path

@@ -355,11 +355,11 @@ def _grouped(x, t, t_n, weight, bias, y, num_groups: int, eps: float, has_t: boo
     hw, cpg = h * w, c // num_groups
     block_c, block_p, split, chunk = _grouped_plan(x.shape, num_groups)
     part = y  # a dummy pointer for the one-launch case
+    pdl = pdl_options(x)
     if split > 1:
         part = torch.empty((n * num_groups, split, 2), dtype=torch.float32, device=x.device)
         _gn_grp_stats[(n * num_groups, split)](x, t, part, hw, num_groups, cpg, split, chunk, *xs, t_n, HAS_T=has_t,
-                                               BLOCK_P=block_p, BLOCK_C=block_c, **pdl_options(x))
+                                               BLOCK_P=block_p, BLOCK_C=block_c, **pdl)
     _gn_grp_apply[(n * num_groups, split)](x, t, weight, bias, y, part, hw, num_groups, cpg, split, chunk, float(eps),
                                            *xs, t_n, *ys, HAS_T=has_t, SILU=bool(silu), FUSED=split == 1,
-                                           BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_S=max(2, next_pow2(split)),
-                                           **pdl_options(x))
+                                           BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_S=max(2, next_pow2(split)), **pdl)
