@@ -325,9 +325,7 @@ class TorchCudaBackend(Backend):
             if reason:
                 raise UserError(f"int8 weights need the fast UNet, which does not support this UNet: {reason}")
             graph_module = FastUNet(graph_module.unet)
-        self.int8_stats = quantize_unet_(graph_module, self.torch_device, self.home)
-        graph_module.to(self.home)  # the rest (norms, conv_in/conv_out) joins the int8 layers
-        graph_module.register_biases()  # from the int8 weights, all in one place now
+        self.int8_stats = quantize_unet_(graph_module, self.torch_device, self.home)  # all of it at home then
         return graph_module
 
     def resident(self, network: str) -> bool:

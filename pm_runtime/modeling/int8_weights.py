@@ -85,8 +85,10 @@ def _quantize(w: torch.Tensor, device: torch.device, home: torch.device):
 
 def quantize_unet_(fast_unet, device, home) -> dict:
     """Replace, in place, the linear and convolution layers of FastUNet `fast_unet`'s UNet by
-    int8 ones (quantized on `device`, one layer at a time, kept at `home`); the run dtype is the
-    UNet's current one. Returns {"layers": n, "int8_bytes": ..., "replaced_bytes": ...}."""
+    int8 ones (quantized on `device`, one layer at a time, kept at `home`), then move the rest of it
+    to `home` too and recompute the biases its fused epilogues add (a 1x1 shortcut's share of an
+    input shift is its int8 weight's image of it); the run dtype is the UNet's current one. Returns
+    {"layers": n, "int8_bytes": ..., "replaced_bytes": ...}."""
     device, home = torch.device(device), torch.device(home)
     unet = fast_unet.unet
     dtype = unet.conv_in.weight.dtype
@@ -117,11 +119,8 @@ def quantize_unet_(fast_unet, device, home) -> dict:
             make = ((lambda q, s, b: Int8Linear(q, s, b, dtype)) if isinstance(child, nn.Linear)
                     else (lambda q, s, b, c=child: Int8Conv2d(q, s, b, dtype, c)))
             setattr(parent, name, int8(child.weight, child.bias, make))
-    # the fused epilogues' biases from the int8 weights now in use (a shortcut's share of an input
-    # shift is its weight's image of it), where the UNet is on one device; else the caller does it
-    # once the rest of the UNet has joined the int8 layers (TorchCudaBackend._quantized_unet)
-    if len({t.device for t in (*unet.parameters(), *unet.buffers())}) == 1 and hasattr(fast_unet, "register_biases"):
-        fast_unet.register_biases()
+    fast_unet.to(home)  # the rest (norms, conv_in / conv_out) joins the int8 layers
+    fast_unet.register_biases()  # the fused epilogues' biases from the int8 weights now in use
     return stats
 
 
