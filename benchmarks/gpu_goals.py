@@ -67,6 +67,19 @@ def verdict(value, goal, lower_is_better: bool = True) -> str:
     return "**met**" if met else "not met"
 
 
+# record field -> the environment variable a run set it from (allocator, cuDNN / cuBLAS workspaces,
+# pm_kernels' A/B switch): named beside a memory figure, since each changes peaks
+SETTINGS = (("cuda_alloc_conf", "PYTORCH_CUDA_ALLOC_CONF"), ("cudnn_conv_wscap_dbg", "CUDNN_CONV_WSCAP_DBG"),
+            ("cublas_workspace_config", "CUBLAS_WORKSPACE_CONFIG"),
+            ("cublaslt_workspace_size", "CUBLASLT_WORKSPACE_SIZE"), ("kernels_generic_sizes", "PM_KERNELS_GENERIC_SIZES"))
+
+
+def settings(r: dict) -> str:
+    """" [VAR=value, ...]" for the SETTINGS record `r` ran with ("" for none)."""
+    named = [f"{var}={r[field]}" for field, var in SETTINGS if r.get(field)]
+    return f" [{', '.join(named)}]" if named else ""
+
+
 def memory_row(label: str, r: dict, goal_gb: float) -> tuple:
     """(setting, figure text, goal text, verdict) for one variant's peaks."""
     first = (r.get("peak_alloc_gib"), r.get("peak_reserved_gib"))
@@ -74,23 +87,12 @@ def memory_row(label: str, r: dict, goal_gb: float) -> tuple:
     gb = lambda v: None if v is None else round(v * GIB, 2)  # noqa: E731
     strict = gb(first[1])
     lenient = gb(steady[0]) if steady[0] is not None else gb(first[0])
-    extra = []
-    if r.get("cuda_alloc_conf"):
-        extra.append(f"PYTORCH_CUDA_ALLOC_CONF={r['cuda_alloc_conf']}")
-    if r.get("cudnn_conv_wscap_dbg"):
-        extra.append(f"CUDNN_CONV_WSCAP_DBG={r['cudnn_conv_wscap_dbg']}")
-    if r.get("cublas_workspace_config"):
-        extra.append(f"CUBLAS_WORKSPACE_CONFIG={r['cublas_workspace_config']}")
-    if r.get("cublaslt_workspace_size"):
-        extra.append(f"CUBLASLT_WORKSPACE_SIZE={r['cublaslt_workspace_size']}")
-    if r.get("kernels_generic_sizes"):
-        extra.append(f"PM_KERNELS_GENERIC_SIZES={r['kernels_generic_sizes']}")
     later = "no later image" if steady[0] is None else f"later images {gb(steady[0])} / {gb(steady[1])} GB"
     figure = f"first image {gb(first[0])} / {gb(first[1])} GB, {later} (allocated / reserved)"
     v = verdict(strict, goal_gb)
     if v != "**met**" and lenient is not None and lenient <= goal_gb:
         v = "met only as steady allocated" if steady[0] is not None else "met only as allocated"
-    return (label + (f" [{', '.join(extra)}]" if extra else ""), figure, f"<= {goal_gb} GB", v)
+    return (label + settings(r), figure, f"<= {goal_gb} GB", v)
 
 
 def rows(records: dict[str, list[dict]]) -> list[tuple]:
@@ -214,8 +216,7 @@ def phases_lines(records: dict[str, list[dict]]) -> list[str]:
             if not (stem.startswith("gpu") and str(r.get("variant", "")).endswith("-phases") and _ok(r)):
                 continue
             where = ", new process" if "fresh" in stem else ""
-            conf = f" [PYTORCH_CUDA_ALLOC_CONF={r['cuda_alloc_conf']}]" if r.get("cuda_alloc_conf") else ""
-            out += ["", f"Memory by stage, first image: {r['variant']} ({r.get('size', '?')} px{where}){conf}, GB "
+            out += ["", f"Memory by stage, first image: {r['variant']} ({r.get('size', '?')} px{where}){settings(r)}, GB "
                         "(allocated / reserved)", "",
                     "| stage | load peak | run peak | after |", "|---|---|---|---|"]
             for name, st in (r.get("first_image") or {}).items():
