@@ -424,27 +424,17 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-warm-start", "profile", "profile-gn-auto")
 
 
-def _generic_sizes(fn):
-    """fn() with pm_kernels' size-taking kernels launched unspecialised (their 2-byte accesses: the
-    A/B of kernels/_dispatch.py's size rule); the setting before it again afterwards (the backend
-    captures its graphs inside fn, so they keep those kernels)."""
+def _switched_on(kept: str, field: str, fn):
+    """fn() with one of pm_kernels' A/B switches on (kept: the name of its context manager,
+    generic_sizes_kept: size-taking kernels unspecialised, their 2-byte accesses; pdl_kept:
+    programmatic dependent launch, sm_90+), the setting before it again afterwards (the backend
+    captures its graphs inside fn, so they keep those kernels). The switch was set in this process,
+    not by its environment variable: the record says so itself, field = "1"."""
     import pm_kernels
 
-    with pm_kernels.generic_sizes_kept(True):
+    with getattr(pm_kernels, kept)(True):
         rec = fn()
-    # the switch was set in this process, not by PM_KERNELS_GENERIC_SIZES: the record says so itself
-    return {**rec, "kernels_generic_sizes": "1"}
-
-
-def _pdl(fn):
-    """fn() with pm_kernels' kernels launched with programmatic dependent launch (sm_90+: each waits
-    for the kernel before it, then lets the next launch; the backend captures its graphs inside fn);
-    the setting before it again afterwards."""
-    import pm_kernels
-
-    with pm_kernels.pdl_kept(True):
-        rec = fn()
-    return {**rec, "kernels_pdl": "1"}  # set in this process, not by PM_KERNELS_PDL
+    return {**rec, field: "1"}
 
 
 def _gn_restored(fn):
@@ -537,12 +527,12 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             "torch-cuda-gn-grouped", bundle, gn_impl="grouped", compare=only("torch-cuda"), **common)),
         "torch-cuda-gn-auto": lambda: _gn_restored(lambda: measure_variant(
             "torch-cuda-gn-auto", bundle, gn_impl="auto", compare=only("torch-cuda"), **common)),
-        "torch-cuda-generic-sizes": lambda: _generic_sizes(lambda: measure_variant(
-            "torch-cuda-generic-sizes", bundle, compare=only("torch-cuda"), **common)),
+        "torch-cuda-generic-sizes": lambda: _switched_on("generic_sizes_kept", "kernels_generic_sizes", lambda: (
+            measure_variant("torch-cuda-generic-sizes", bundle, compare=only("torch-cuda"), **common))),
         "torch-cuda-geglu-gemm": lambda: measure_variant("torch-cuda-geglu-gemm", bundle, geglu_gemm=True,
                                                          compare=only("torch-cuda"), **common),
-        "torch-cuda-pdl": lambda: _pdl(lambda: measure_variant("torch-cuda-pdl", bundle, compare=only("torch-cuda"),
-                                                               **common)),
+        "torch-cuda-pdl": lambda: _switched_on("pdl_kept", "kernels_pdl", lambda: (
+            measure_variant("torch-cuda-pdl", bundle, compare=only("torch-cuda"), **common))),
         "torch-cuda-hf-modules": lambda: measure_variant("torch-cuda-hf-modules", bundle, hf_modules=True,
                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),
