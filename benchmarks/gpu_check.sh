@@ -109,9 +109,10 @@ fresh_run() {
     local i e v
     for (( i=$1; i<$2 && i<${#entries[@]}; i++ )); do
         e=${entries[$i]}; v=${e#*:}
+        # the previous entry's settings go first: a stage after an early return must not inherit them
+        unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE
         T=$(limit ${PM_FRESH_TIMEOUT:-60} "$FRESH_MIN")
         if [ "$T" -eq 0 ]; then skipped "${entries[*]:$i}"; FRESH_OUT=1; return; fi
-        unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE
         case "$e" in
             expandable:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; conf=expandable; out=gpu-fresh-expandable;;
             smallws:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUBLAS_WORKSPACE_CONFIG=:4096:1 \

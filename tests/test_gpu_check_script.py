@@ -122,6 +122,19 @@ def test_the_first_new_processes_run_before_the_start_up_stage(tmp_path):
     assert f"--bundle {bundle}" in order[2]
 
 
+def test_new_process_settings_do_not_outlive_their_entry(tmp_path):
+    """When the time runs out inside the new-process list, the last entry's settings (here a small
+    cuBLAS workspace) are not left in the environment of the stages after it."""
+    r, calls = _run(tmp_path, budget=5, bench_s=0, fresh_s=3, stages="fresh,extra",
+                    PM_FRESH="smallws:torch-cuda-low-memory-1024,torch-cuda", PYTORCH_CUDA_ALLOC_CONF="",
+                    CUBLAS_WORKSPACE_CONFIG="")
+    assert r.returncode == 0, r.stderr
+    fresh = [c for c in calls if "bench_gpu.py" in c and "gpu-fresh" in c]
+    assert len(fresh) == 1 and "[ws=:4096:1,4096]" in fresh[0]  # the second entry: skipped for time
+    after = [c for c in calls if "gpu-wscap256" in c]
+    assert after and all("[ws=,]" in c for c in after), after
+
+
 def test_a_stage_with_no_time_left_is_skipped_and_said(tmp_path):
     r, calls = _run(tmp_path, budget=6, bench_s=6, fresh_s=1, stages="bench,fresh")
     assert r.returncode == 0, r.stderr
