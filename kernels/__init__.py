@@ -3,18 +3,24 @@
     group_norm_silu(x, weight, bias, num_groups, eps, *, temb=None, silu=True)   kernels/group_norm.py
         silu(group_norm(x + temb[:, :, None, None])), x (N, C, H, W) in any memory format (read in
         place; fast for channels-last), output in x's format; fp32 statistics, safe for mean >> std;
-        two Triton implementations, set_group_norm_impl("tiled" | "grouped" | "auto") (PM_GN_IMPL)
+        two Triton implementations, set_group_norm_impl("tuned" (default: per shape as
+        pm_kernels.tuning chose) | "tiled" | "grouped" | "auto") (PM_GN_IMPL)
     geglu(h)                                                                     kernels/geglu.py
         h (..., 2F) -> h[..., :F] * gelu(h[..., F:]) (exact erf GELU, as diffusers' GEGLU), one pass
     geglu_linear(x, weight, bias)                                                kernels/geglu.py
         geglu(F.linear(x, weight, bias)) as one Triton GEMM whose epilogue applies the GEGLU: the
-        (..., 2F) projection is never written (FastUNet.geglu_gemm; off until the GPU measures it)
+        (..., 2F) projection is never written
+    geglu_projection(x, weight, bias, fused=None)                                kernels/geglu.py
+        geglu(F.linear(...)) as the split path (PyTorch's GEMM + geglu) or geglu_linear, per shape
+        as pm_kernels.tuning chose (FastUNet's feed-forward)
     attention(q, k, v, heads, scale=None, kv_index=None)                         kernels/attention.py
         q (B, Nq, H*d), k, v (B, Nk, H*d) read in place (strided slices are fine; K and V may come
         from different contexts) -> (B, Nq, H*d); kv_index (B,): k, v are (R, Nk, H*d) tables read
-        by row. Triton for Nk <= attention.SHORT_KEYS (cross-attention), PyTorch's SDPA on
-        (B, H, N, d) views for longer key axes (self-attention: flash attention is faster there);
-        fewer pipeline stages where a GPU's shared memory per block is short, SDPA where none fit
+        by row. Per shape as pm_kernels.tuning chose (SDPA, SDPA with cuDNN's attention first, the
+        Triton kernel in a few launch configurations); untuned: Triton for Nk <= attention.SHORT_KEYS
+        and head dims above attention.SDPA_MAX_HEAD_DIM (cross-attention), PyTorch's SDPA on
+        (B, H, N, d) views elsewhere (self-attention: flash attention is faster there); fewer
+        pipeline stages where a GPU's shared memory per block is short, SDPA where none fit
     quantize_int8(w) -> (q, scale); dequant_int8(q, scale, dtype)                 kernels/dequant.py
         per-output-channel symmetric int8 weights (the torch-cuda backend's int8_weights option),
         dequantized in one pass in q's memory format; bit-equal to its reference
@@ -39,7 +45,12 @@ PM_KERNELS_GENERIC_SIZES=1) launches the size-taking kernels compiled without si
 specialisation, their 2-byte-access form before it: an A/B switch for the GPU benchmark.
 set_pdl(True) (or PM_KERNELS_PDL=1) launches them with programmatic dependent launch on Hopper and
 newer (each waits for the kernel before it first, then lets the next launch): off until measured.
-Tests: tests/test_kernels.py; benchmark: benchmarks/bench_kernels.py (GB/s and TFLOP/s beside
+Tuning (kernels/tuning.py, pm_kernels.tuning): where a computation has several implementations,
+the one that runs for a shape is the fastest measured on this GPU in a tuning session (the
+torch-cuda backend opens one for one eager step before it first captures a shape), checked against
+the others' output first; the choices persist in a cache file per GPU and software. Without a choice,
+or with PM_KERNELS_TUNE=0, each call takes its untuned default (the rules in the code).
+Tests: tests/test_kernels.py, tests/test_tuning.py; benchmark: benchmarks/bench_kernels.py (GB/s and TFLOP/s beside
 PyTorch's).
 """
 
@@ -47,7 +58,8 @@ from ._dispatch import (KERNELS, enabled, generic_sizes, generic_sizes_kept, ker
                         set_generic_sizes, set_pdl, triton_available)
 from .attention import attention, attention_reference, attention_sdpa
 from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
-from .geglu import geglu, geglu_linear, geglu_linear_reference, geglu_reference
+from . import tuning
+from .geglu import geglu, geglu_linear, geglu_linear_reference, geglu_projection, geglu_reference
 from .layer_norm import add_layer_norm, add_layer_norm_reference
 from .residual import add_bias_residual, add_bias_residual_reference
 from .step_update import guided_update, guided_update_reference, scaled_copies, scaled_copies_reference
@@ -57,7 +69,7 @@ from .group_norm import (group_norm_impl, group_norm_impl_kept, group_norm_silu,
 __all__ = ["KERNELS", "add_bias_residual", "add_bias_residual_reference", "add_layer_norm",
            "add_layer_norm_reference", "attention", "attention_reference", "attention_sdpa", "dequant_int8",
            "dequant_int8_reference", "enabled", "generic_sizes", "generic_sizes_kept", "geglu", "geglu_linear",
-           "geglu_linear_reference", "geglu_reference",
+           "geglu_linear_reference", "geglu_projection", "geglu_reference",
            "guided_update", "guided_update_reference", "scaled_copies", "scaled_copies_reference", "quantize_int8",
            "group_norm_impl", "group_norm_impl_kept", "group_norm_silu", "group_norm_silu_reference", "kernel_path",
-           "pdl", "pdl_kept", "set_enabled", "set_generic_sizes", "set_group_norm_impl", "set_pdl", "triton_available"]
+           "pdl", "pdl_kept", "set_enabled", "set_generic_sizes", "set_group_norm_impl", "set_pdl", "triton_available", "tuning"]

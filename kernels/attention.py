@@ -16,6 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import tuning
 from ._dispatch import deepest_that_loads, kernel_path, next_pow2, pdl_options, pdl_prologue
 
 try:
@@ -198,19 +199,90 @@ def launch(q, k, v, heads: int, scale: float | None = None, kv_index=None, *, bl
 def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
     """q (B, Nq, H*d), k, v (B, Nk, H*d), last axes contiguous (other strides free: slices of a
     fused QKV projection are fine) -> (B, Nq, H*d) contiguous. With kv_index (B,) int, k and v are
-    tables (R, Nk, H*d) and query row b attends to table row kv_index[b] (read in place, no gather)."""
+    tables (R, Nk, H*d) and query row b attends to table row kv_index[b] (read in place, no gather).
+    Which implementation runs: pm_kernels.tuning's choice for this shape where one was made (SDPA,
+    SDPA with cuDNN's attention first, the Triton kernel in one of tuning_configs), else the rule
+    below (Triton for short key axes and head dims above SDPA_MAX_HEAD_DIM, SDPA elsewhere)."""
     _check(q, k, v, heads, kv_index)
     nk, d = k.shape[1], q.shape[2] // heads
     scale = d ** -0.5 if scale is None else float(scale)
-    sdpa_wins = nk > SHORT_KEYS or d <= SDPA_MAX_HEAD_DIM
-    if kernel_path("attention", q) == "reference" or (sdpa_wins and not ALWAYS_TRITON):
+    if kernel_path("attention", q) == "reference":
         return attention_sdpa(q, k, v, heads, scale, kv_index)  # PyTorch's own fused attention on views
-    config = default_config(d, nk)
-    key = (q.device, q.dtype, d, config["block_m"], config["block_n"], config["split_d"])
-    out = deepest_that_loads(_STAGES, key, STAGES,
-                             lambda stages: launch(q, k, v, heads, scale, kv_index, **config, num_stages=stages))
-    # no depth fits this GPU: PyTorch's attention, as for the shapes routed there above
+    if ALWAYS_TRITON:
+        return _triton_or_sdpa(q, k, v, heads, scale, kv_index, default_config(d, nk))
+    candidates = _candidates(q, k, v, heads, scale, kv_index)
+    key = (q.dtype, q.shape[0], q.shape[1], nk, heads, d, kv_index is not None)
+    return candidates[tuning.choose("attention", key, candidates, q.device)]()
+
+
+def _triton_or_sdpa(q, k, v, heads, scale, kv_index, config):
+    """The Triton kernel with `config` at the deepest pipelining depth this GPU loads; SDPA where none does."""
+    out = _triton(q, k, v, heads, scale, kv_index, config)
+    # no depth fits this GPU: PyTorch's attention, as for the shapes routed there
     return out if out is not None else attention_sdpa(q, k, v, heads, scale, kv_index)
+
+
+def _triton(q, k, v, heads, scale, kv_index, config):
+    """The Triton kernel with `config` at the deepest of STAGES this GPU loads, or None where none does."""
+    d = q.shape[2] // heads
+    key = (q.device, q.dtype, d, *sorted(config.items()))
+    return deepest_that_loads(_STAGES, key, STAGES,
+                              lambda stages: launch(q, k, v, heads, scale, kv_index, **config, num_stages=stages))
+
+
+def config_name(config: dict) -> str:
+    """A Triton candidate's name in tuning choices: triton-m<BLOCK_M>-n<BLOCK_N>[-split][-w<warps>]."""
+    return (f"triton-m{config['block_m']}-n{config['block_n']}" + ("-split" if config.get("split_d") else "")
+            + (f"-w{config['num_warps']}" if config.get("num_warps") else ""))
+
+
+def tuning_configs(d: int, nk: int) -> list:
+    """The Triton launch configurations pm_kernels.tuning measures for head dim d and nk keys: the
+    default's block sizes with the head dim as one tile and, where that saves columns, as two (each one
+    more compile in a cold start; benchmarks/sweep_kernels.py measures more block sizes and warps)."""
+    base = {**default_config(d, nk), "split_d": False}
+    configs = [base]
+    if head_dim_tiles(d, True) != head_dim_tiles(d, False):
+        configs.append({**base, "split_d": True})
+    return configs
+
+
+def _candidates(q, k, v, heads, scale, kv_index) -> dict:
+    """{name: call} for pm_kernels.tuning, the untuned rule's choice first."""
+    nk, d = k.shape[1], q.shape[2] // heads
+    sdpa = {"sdpa": lambda: attention_sdpa(q, k, v, heads, scale, kv_index)}
+    default = default_config(d, nk)
+    triton_default = {config_name(default): lambda: _triton_or_sdpa(q, k, v, heads, scale, kv_index, default)}
+    out = {**sdpa, **triton_default} if nk > SHORT_KEYS or d <= SDPA_MAX_HEAD_DIM else {**triton_default, **sdpa}
+    if not tuning.enabled():
+        return out
+    if _cudnn_attention() is not None and q.is_cuda:
+        out["sdpa-cudnn"] = lambda: _sdpa_cudnn_first(q, k, v, heads, scale, kv_index)
+    for config in tuning_configs(d, nk):
+        name = config_name(config)
+        if name not in out:
+            out[name] = lambda config=config: _triton(q, k, v, heads, scale, kv_index, config)
+    return out
+
+
+def _cudnn_attention():
+    """SDPBackend.CUDNN_ATTENTION where this PyTorch has it (and its cuDNN attention is enabled), else None."""
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:
+        return None
+    backend = getattr(SDPBackend, "CUDNN_ATTENTION", None)
+    return backend if backend is not None and torch.backends.cuda.cudnn_sdp_enabled() else None
+
+
+def _sdpa_cudnn_first(q, k, v, heads, scale, kv_index):
+    """SDPA with cuDNN's attention first (then flash, memory-efficient, math: where cuDNN does not
+    take the shape, what SDPA would pick anyway)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return attention_sdpa(q, k, v, heads, scale, kv_index)
 
 
 # Software-pipelining depths of _attn, tried in this order until the GPU's shared memory per block
@@ -221,4 +293,4 @@ def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
 # block (99 KB; 2 stages fit), and 96 KB at any depth on Turing (64 KB: SDPA there). Found without a
 # GPU by benchmarks/compile_check.py, which compiles every kernel for those architectures.
 STAGES = (3, 2, 1)
-_STAGES: dict = {}  # (device, dtype, head dim, BLOCK_M, BLOCK_N, split) -> (the depth that loaded,) or ()
+_STAGES: dict = {}  # (device, dtype, head dim, the launch configuration) -> (the depth that loaded,) or ()

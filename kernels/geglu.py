@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import tuning
 from ._dispatch import deepest_that_loads, kernel_path, pdl_options, pdl_prologue
 
 try:
@@ -156,3 +157,30 @@ def geglu_linear(x, weight, bias=None, *, block_m: int | None = None, block_n: i
         return launch(num_stages)
     out = deepest_that_loads(_GEMM_STAGES, key, GEMM_STAGES, launch)
     return out if out is not None else geglu(F.linear(x, weight, bias))  # no depth fits this GPU: the split path
+
+
+def geglu_projection(x, weight, bias=None, *, fused: bool | None = None):
+    """geglu(F.linear(x, weight, bias)), the feed-forward's first half: the split path (PyTorch's
+    GEMM, cuBLAS on a GPU, then the GEGLU kernel) or geglu_linear (fused=True; fused=False: the split
+    path). fused=None: pm_kernels.tuning's choice for this shape where one was made (the split path,
+    geglu_linear with its default tiles or with 128-column ones), else the split path. A caller that
+    holds no other reference to x has it freed once projected (the split path's peak: the
+    projection and the output, not x besides)."""
+    if fused is False or kernel_path("geglu", x) == "reference":
+        choice = "split"
+    else:
+        choice = "geglu-gemm" if fused else _projection_choice(x, weight, bias)
+    if choice == "split":
+        h = F.linear(x, weight, bias)
+        del x
+        return geglu(h)
+    return geglu_linear(x, weight, bias, **({"block_n": 128} if choice == "geglu-gemm-n128" else {}))
+
+
+def _projection_choice(x, weight, bias) -> str:
+    m = x.numel() // x.shape[-1]
+    candidates = {"split": lambda: geglu(F.linear(x, weight, bias)), "geglu-gemm": lambda: geglu_linear(x, weight, bias)}
+    if m >= 1024:
+        candidates["geglu-gemm-n128"] = lambda: geglu_linear(x, weight, bias, block_n=128)
+    key = (x.dtype, m, x.shape[-1], weight.shape[0], bias is not None)
+    return tuning.choose("geglu_projection", key, candidates, x.device)

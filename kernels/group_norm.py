@@ -42,6 +42,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import tuning
 from ._dispatch import _kept, dense, jit as _jit, kernel_path, layout, next_pow2, pdl_options, pdl_prologue
 
 try:
@@ -61,8 +62,10 @@ def group_norm_silu_reference(x, weight, bias, num_groups: int, eps: float, *, t
     return y.to(x.dtype).contiguous(memory_format=layout(x))
 
 
-IMPLS = ("tiled", "grouped", "auto")  # auto: grouped where one launch does (CPG * HW <= FUSE_MAX), else tiled
-_IMPL = os.environ.get("PM_GN_IMPL", "tiled")
+# auto: grouped where one launch does (CPG * HW <= FUSE_MAX), else tiled; tuned: per shape, tiled or grouped
+# as pm_kernels.tuning measured them on this GPU, tiled where it has not
+IMPLS = ("tiled", "grouped", "auto", "tuned")
+_IMPL = os.environ.get("PM_GN_IMPL", "tuned")
 FUSE_MAX = 32768  # grouped: a (sample, group) of at most this many elements is normalised in one launch
 # (counted at SD 1.5's shapes: 43 of the UNet's 61 GroupNorms at 512 px, 16 at 1024 px; the largest group
 # then is 64 KB in fp16, read twice by one program)
@@ -71,9 +74,10 @@ GROUPED_TILE = 2048  # grouped: elements per [pixels, group channels] tile
 
 def set_group_norm_impl(name: str) -> None:
     """Which Triton implementation group_norm_silu launches from now on: "tiled" (three passes over
-    all-channel tiles), "grouped" (one or two launches per call) or "auto" (grouped where its one
-    launch covers the group, tiled elsewhere). A CUDA graph keeps the kernels it captured: set this
-    before capturing."""
+    all-channel tiles), "grouped" (one or two launches per call), "auto" (grouped where its one
+    launch covers the group, tiled elsewhere) or "tuned" (the default: per shape, the faster of tiled
+    and grouped as pm_kernels.tuning measured them on this GPU; tiled where it has not). A CUDA graph
+    keeps the kernels it captured: set this before capturing."""
     global _IMPL
     if name not in IMPLS:
         raise ValueError(f"group norm implementation {name!r}: one of {', '.join(IMPLS)}")
@@ -95,7 +99,7 @@ def _takes_grouped(group_elements: int, impl: str) -> bool:
     grouped kernels (else the tiled passes)."""
     if impl not in IMPLS:
         raise ValueError(f"group norm implementation {impl!r} (PM_GN_IMPL): one of {', '.join(IMPLS)}")
-    return impl == "grouped" or (impl == "auto" and group_elements <= FUSE_MAX)
+    return impl == "grouped" or (impl == "auto" and group_elements <= FUSE_MAX)  # (tuned: resolved by the caller)
 
 
 if triton is not None:
@@ -283,6 +287,23 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     if kernel_path("group_norm_silu", x) == "reference":
         y = group_norm_silu_reference(x, weight, bias, num_groups, eps, temb=temb, silu=silu)
         return y if out is None else out.copy_(y)
+    impl = _IMPL
+    if impl == "tuned":
+        impl = _tuned(x, weight, bias, num_groups, eps, temb, silu)
+    return _launch(x, weight, bias, num_groups, eps, temb, silu, out, impl)
+
+
+def _tuned(x, weight, bias, num_groups, eps, temb, silu) -> str:
+    """"tiled" or "grouped" for this call's shape: pm_kernels.tuning's choice (its candidates write
+    fresh outputs, never `out`), "tiled" where it has made none."""
+    candidates = {impl: lambda impl=impl: _launch(x, weight, bias, num_groups, eps, temb, silu, None, impl)
+                  for impl in ("tiled", "grouped")}
+    key = (x.dtype, *x.shape, num_groups, temb is not None, bool(silu), layout(x) == torch.channels_last)
+    return tuning.choose("group_norm_silu", key, candidates, x.device)
+
+
+def _launch(x, weight, bias, num_groups: int, eps: float, temb, silu: bool, out, impl: str):
+    """group_norm_silu's Triton path with implementation `impl` (tiled, grouped or auto)."""
     n, c, h, w = x.shape
     x, fmt = dense(x)
     if out is None:
@@ -290,7 +311,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
     else:  # written through its own strides where dense in either layout (x itself included)
         y, _ = dense(out)
         if y is not out:  # not dense: computed apart, copied in
-            return out.copy_(group_norm_silu(x, weight, bias, num_groups, eps, temb=temb, silu=silu))
+            return out.copy_(_launch(x, weight, bias, num_groups, eps, temb, silu, None, impl))
     hw, cpg = h * w, c // num_groups
     s_n, s_c, s_p = x.stride(0), x.stride(1), x.stride(3)  # pixel p = h*W + w: stride(2) == W*stride(3)
     o_n, o_c, o_p = y.stride(0), y.stride(1), y.stride(3)
@@ -300,7 +321,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, *, temb=None, 
             raise ValueError(f"group_norm_silu: temb {tuple(temb.shape)} for x {tuple(x.shape)}")
         t = temb if temb.stride(1) == 1 else temb.contiguous()
     t_n = t.stride(0) if temb is not None else 0
-    if _takes_grouped(cpg * hw, _IMPL):
+    if _takes_grouped(cpg * hw, impl):
         _grouped(x, t, t_n, weight, bias, y, num_groups, eps, temb is not None, silu, (s_n, s_c, s_p), (o_n, o_c, o_p))
         return y
     nhwc = s_c == 1 and c > 1
@@ -342,7 +363,8 @@ def _grouped_plan(shape, num_groups: int) -> tuple[int, int, int, int]:
 
 def launches(shape, num_groups: int, impl: str | None = None) -> int:
     """Kernel launches of one group_norm_silu call on x of `shape` with implementation `impl`
-    (default: the current one) on the Triton path: what a CUDA graph of a UNet step multiplies."""
+    (default: the current one) on the Triton path: what a CUDA graph of a UNet step multiplies. "tuned"
+    counts as "tiled", what it takes without a choice made on a GPU."""
     n, c, h, w = shape
     if not _takes_grouped(c // num_groups * h * w, impl or _IMPL):
         return 3

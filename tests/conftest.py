@@ -17,6 +17,8 @@ from PIL import Image
 # the record of already-hashed bundle files (pm_runtime/bundle.py) lives in a folder of this session,
 # not in the user's ~/.cache
 os.environ.setdefault("PM_VERIFIED_CACHE", os.path.join(tempfile.mkdtemp(prefix="pm-verified-"), "verified.json"))
+# and so do pm_kernels' tuning choices (kernels/tuning.py): none read from, or written to, ~/.cache
+os.environ.setdefault("PM_KERNELS_TUNE_DIR", tempfile.mkdtemp(prefix="pm-tuning-"))
 
 try:
     import torch
