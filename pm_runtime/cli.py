@@ -30,7 +30,9 @@ bundle folder or a .onnx / .plan file inside it (then that format is preferred b
 installed, a GPU is visible), torch-cuda (a CUDA GPU, PyTorch, and torch weights in the bundle:
 pm-export --target onnx,torch; the fused-kernel UNet, one CUDA graph per step), onnxruntime (the
 bundle has ONNX graphs and onnxruntime is installed), torch (--model given and PyTorch
-installed); it says what it picked and why.
+installed); it says what it picked and why. torch-cuda times its kernels' alternatives on the GPU
+the first time it runs an image size there (seconds to a minute, once: the choices are kept in
+~/.cache/pm_kernels/tuning, or PM_KERNELS_TUNE_DIR); PM_KERNELS_TUNE=0 skips that.
 
 Initial latents come from the project's own noise generator: the same seed gives the same image
 on every backend (and, on one machine and backend, the same PNG bytes). PNGs carry their settings

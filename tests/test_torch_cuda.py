@@ -394,6 +394,37 @@ def test_gpu_vae_graph_and_offloaded_text_encoder_give_the_same_image(cuda_bundl
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_tuned_kernels_give_the_untuned_image_and_tune_once(cuda_bundle):
+    """tune (default on): before the first capture of a shape, one eager step in a pm_kernels.tuning
+    session chooses each tunable call's implementation on this GPU; the image stays the untuned
+    one's (other kernels, the same function: within fp16 rounding), the choices land in the cache
+    file with the step's signature, and a second load of the same shape tunes nothing again."""
+    import json
+
+    import pm_kernels
+
+    T = pm_kernels.tuning
+    T.forget()
+    kw = dict(seed=4, steps=6, height=256, width=256)
+    untuned = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", tune=False).generate(PROMPT, **kw)
+    tuned_pipe = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice")
+    tuned = tuned_pipe.generate(PROMPT, **kw)
+    assert psnr(tuned.images, untuned.images) >= 35
+    loop = next(iter(tuned_pipe.backend._loops.values()))
+    data = json.loads(T.cache_file("cuda").read_text())
+    assert loop.signature() in data["sessions"]
+    ops = {k.split("|")[0] for k in data["choices"]}
+    assert {"attention", "group_norm_silu", "geglu_projection"} <= ops, ops
+    for key, entry in data["choices"].items():
+        assert entry["choice"] in entry["us"] and "rejected" not in entry, (key, entry)
+    T.forget()  # a new process: the file only
+    again = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice").generate(PROMPT, **kw)
+    np.testing.assert_array_equal(again.images, tuned.images)
+    assert json.loads(T.cache_file("cuda").read_text()) == data  # nothing measured or added
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_shared_pool_same_images_one_pool(cuda_bundle):
     """shared_pool: the VAE decode, the K/V fill, the step and (from the second image) the text
     encoder captured into ONE pool, their warm-ups allocating from it, the K/V tables left for the

@@ -71,9 +71,10 @@
 - step_kernels (default on; NOT MEASURED on a GPU yet): the step's arithmetic around the UNet
   (input scale/cast/copies; guidance + the scheduler update) as two pm_kernels kernels instead of
   ~30 PyTorch ops (False: those ops, their references).
-- gn_impl ("tiled" default | "grouped" | "auto", NOT MEASURED on a GPU yet): which of pm_kernels'
-  Triton GroupNorms the UNet runs (fewer kernel launches per GroupNorm with "grouped"; "auto" uses
-  it where one launch covers a group); process-wide.
+- gn_impl ("tuned" default | "tiled" | "grouped" | "auto", NOT MEASURED on a GPU yet): which of
+  pm_kernels' Triton GroupNorms the UNet runs (fewer kernel launches per GroupNorm with "grouped";
+  "auto" uses it where one launch covers a group; "tuned": per shape as measured, tune above, else
+  "tiled"); process-wide.
 - shared_pool (opt-in; NOT MEASURED on a GPU yet): ONE memory pool (modeling.step_graph.GraphPool:
   a torch.cuda.MemPool) for every CUDA graph of the backend, the eager warm-ups after the first
   capture allocating from it too (torch.cuda.use_mem_pool; the first capture's warm-up runs in the
@@ -95,10 +96,22 @@
   GPU, the whole-pipeline floor is then the weights + ~256 MiB; what the allocator really reserves
   (block rounding, cuDNN's workspaces, the warm-ups' algorithm searches) is for the GPU check
   (variants torch-cuda-shared-pool, -shared-pool-offload-te).
-- geglu_gemm (opt-in; NOT MEASURED on a GPU yet): the feed-forward's GEGLU computed in the
-  epilogue of its projection's GEMM (pm_kernels.geglu_linear, a Triton GEMM) instead of cuBLAS's
-  projection then the GEGLU kernel: the (tokens, 8 x width) projection is never written (42 MB per
-  64x64 layer at 512 px, batch 2). Variant torch-cuda-geglu-gemm; kernel benchmark op geglu_linear.
+- tune (default on; NOT MEASURED on a GPU yet): where a kernel call has several implementations
+  (attention: SDPA, SDPA with cuDNN's attention first, the Triton kernel in a few launch
+  configurations; the feed-forward's GEGLU projection: cuBLAS + the GEGLU kernel, or the GEGLU in a
+  Triton GEMM; GroupNorm: tiled or grouped), the one that runs for a shape is the fastest measured on
+  this GPU (pm_kernels.tuning): before a step graph's first capture of a shape, one eager step in a
+  tuning session times each candidate of each call not yet measured as a CUDA graph of a few calls
+  (after checking its output against the untuned default's) and keeps the fastest; the choices
+  persist in a cache file per GPU and software (PM_KERNELS_TUNE_DIR; default
+  ~/.cache/pm_kernels/tuning), so only a new process on a new GPU, software version or shape pays
+  for it (the cold start; the warm start reads the file). False, or PM_KERNELS_TUNE=0: every call's
+  untuned default (the routing rules in pm_kernels). Variant torch-cuda-untuned.
+- geglu_gemm (None: tuned; True / False force one; True NOT MEASURED on a GPU yet): the
+  feed-forward's GEGLU computed in the epilogue of its projection's GEMM (pm_kernels.geglu_linear, a
+  Triton GEMM) instead of cuBLAS's projection then the GEGLU kernel: the (tokens, 8 x width)
+  projection is never written (42 MB per 64x64 layer at 512 px, batch 2). Variant
+  torch-cuda-geglu-gemm; kernel benchmark op geglu_linear.
 - vae_channels_last (default on; NOT MEASURED on a GPU yet): the VAE decoder's convolution weights in
   the channels-last layout on CUDA, as the UNet's (its activations follow: cuDNN's NHWC
   convolutions, pm_kernels' coalesced channels-last GroupNorm path); before, the decoder ran NCHW
@@ -159,7 +172,7 @@ class TorchCudaBackend(Backend):
                  ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool = True,
                  time_tables: bool = True, step_kernels: bool = True, te_graph: bool = True,
                  shared_pool: bool = False, one_stream: bool = False, vae_channels_last: bool = True,
-                 geglu_gemm: bool = False, **_):
+                 geglu_gemm: bool | None = None, tune: bool = True, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -196,7 +209,13 @@ class TorchCudaBackend(Backend):
             raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
         self.fused_epilogues = bool(fused_epilogues)  # FastUNet.fused_epilogues
-        self.geglu_gemm = bool(geglu_gemm)  # FastUNet.geglu_gemm
+        self.geglu_gemm = None if geglu_gemm is None else bool(geglu_gemm)  # FastUNet.geglu_gemm (None: tuned)
+        # pm_kernels.tuning: per shape, the fastest of a computation's implementations as measured on this GPU
+        # (one eager step in a tuning session before a shape's first capture, once per GPU and software:
+        # the choices persist in a cache file); False: every kernel call's untuned default
+        import pm_kernels
+
+        self.tune = bool(tune) and pm_kernels.tuning.enabled()
         self.time_tables = bool(time_tables)  # per-image time-embedding tables (StepGraph / FastUNet)
         self.step_kernels = bool(step_kernels)  # the step's arithmetic around the UNet in two kernels (StepGraph)
         if gn_impl is not None:  # which Triton GroupNorm the UNet's graph captures (a process-wide setting)
@@ -507,6 +526,13 @@ class TorchCudaBackend(Backend):
                            if b != first]
         return sdpa_kernel(order, set_priority=True)
 
+    def _tuning(self):
+        """tune=False: pm_kernels.tuning off for the block (the kernels' untuned defaults, no stored
+        choices); else unchanged."""
+        import pm_kernels
+
+        return pm_kernels.tuning.enabled_kept(None if self.tune else False)
+
     # ------------------------------------------------------------------ the loop on the device
     def denoise(self, unet, job: DenoiseJob) -> np.ndarray:
         import torch
@@ -528,17 +554,17 @@ class TorchCudaBackend(Backend):
             self._loops.clear()  # one captured graph at a time: its memory pool is freed with it
             if self.shared_pool:
                 self._new_shared_pool((C, h, w))
-            with self._sdpa_choice():  # the attention kernels are chosen at capture
+            with self._sdpa_choice(), self._tuning():  # the attention kernels are chosen at capture
                 loop = StepGraph(engine.module, n=n, latent_shape=(C, h, w), context_shape=(L, D), rows=capacity,
                                  dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph,
                                  kv_tables=self.kv_tables, sequential=self.sequential_guidance, max_steps=max_steps,
                                  time_tables=self.time_tables, step_kernels=self.step_kernels,
-                                 pool=self._pool, kv_graph=self.shared_pool)
+                                 pool=self._pool, kv_graph=self.shared_pool, tune=self.tune)
             self._loops[key] = loop
         noise = None
         if lin.needs_noise:
             noise = np.stack([job.noise(i) for i in range(lin.num_steps)])  # (steps, n, C, h, w)
-        with torch.inference_mode(), self._sdpa_choice():
+        with torch.inference_mode(), self._sdpa_choice(), self._tuning():
             x = loop.run(job.latents, job.c_k, job.c_v, job.rows, lin, job.guidance, noise,
                          job.before_step, job.after_step)
         return x

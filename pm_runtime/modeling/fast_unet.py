@@ -29,9 +29,9 @@ cross-attention, DESIGN §1); what changes is how it is computed:
   are known before the first step, so every cross-attention layer's K and V of every context
   are computed ONCE per image into tables (set_contexts) and the kernel reads the rows a step
   needs by index (forward(..., kv_index=...)): no K/V projection inside the step at all;
-- GEGLU in one kernel (pm_kernels.geglu); with `geglu_gemm` (off by default, not measured on a
-  GPU) inside its projection's GEMM (pm_kernels.geglu_linear): the 8x-wide projection is never
-  written.
+- GEGLU in one kernel (pm_kernels.geglu); or inside its projection's GEMM (pm_kernels.geglu_linear:
+  the 8x-wide projection is never written), per shape as pm_kernels.tuning measured the two on the
+  GPU (`geglu_gemm` None, the default; True / False force one).
 Only SD 1.x/2.x-style UNets are accepted (`unsupported` says why not); anything else runs on
 the plain module. Where a kernel cannot run (no CUDA, no Triton), pm_kernels falls back to its
 PyTorch reference, so this module also runs on the CPU (that is how it is tested).
@@ -288,9 +288,10 @@ class FastUNet(nn.Module):
         # feed-forward in chunks of this many tokens where a block has more (None: in one piece):
         # less activation memory at large images, same values (torch-cuda sets it in low-memory mode)
         self.ff_chunk: int | None = None
-        # the feed-forward's GEGLU inside its projection's GEMM (pm_kernels.geglu_linear, a Triton GEMM)
-        # instead of cuBLAS's projection + the GEGLU kernel: off until the GPU's kernel benchmark says
-        self.geglu_gemm = False
+        # the feed-forward's GEGLU inside its projection's GEMM (pm_kernels.geglu_linear, a Triton GEMM:
+        # True) or cuBLAS's projection + the GEGLU kernel (False); None: per shape, pm_kernels.tuning's
+        # choice where it made one on this GPU (pm_kernels.geglu_projection), else the latter
+        self.geglu_gemm: bool | None = None
 
     def register_biases(self) -> None:
         """The biases the fused epilogues add, as module buffers of the UNet's blocks (they move with
@@ -459,9 +460,12 @@ class FastUNet(nn.Module):
     def _geglu(self, proj, box: list):
         """GEGLU(proj(x)), x popped from `box` (freed once projected, as _attention's inputs): the
         projection then pm_kernels.geglu, or with geglu_gemm one GEMM with the GEGLU in its epilogue
-        (pm_kernels.geglu_linear: the 8x-wide projection never in memory)."""
+        (pm_kernels.geglu_linear: the 8x-wide projection never in memory); geglu_gemm None on the
+        kernels' Triton path: whichever of the two pm_kernels.tuning chose for the shape."""
         if self.geglu_gemm:
             return self.k.geglu_linear(box.pop(), _matrix(proj), proj.bias)
+        if self.geglu_gemm is None and self.k.kernel_path("geglu", box[0]) == "triton":
+            return self.k.geglu_projection(box.pop(), _matrix(proj), proj.bias)
         return self.k.geglu(proj(box.pop()))
 
     def _transformer(self, t, x, ctx):

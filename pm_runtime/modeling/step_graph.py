@@ -151,8 +151,12 @@ class StepGraph:
     def __init__(self, unet: Callable, *, n: int, latent_shape: tuple[int, int, int], context_shape: tuple[int, int],
                  rows: int, dtype: torch.dtype, device: torch.device, cuda_graph: bool = True, max_steps: int = 1000,
                  kv_tables: bool = True, sequential: bool = False, time_tables: bool = True,
-                 step_kernels: bool = True, pool=None, kv_graph: bool = False):
+                 step_kernels: bool = True, pool=None, kv_graph: bool = False, tune: bool = False):
         self.unet, self.n, self.dtype, self.device = unet, n, dtype, torch.device(device)
+        # tune (with a CUDA graph): before the capture, one eager step in a pm_kernels.tuning session,
+        # where every tunable kernel call of a shape not yet measured on this GPU picks its fastest
+        # implementation (once per GPU, software and shape: the choices are kept in a cache file)
+        self.tune = bool(tune)
         self.sequential = bool(sequential)
         # the arithmetic around the UNet: pm_kernels' two kernels, or (False) their PyTorch references
         self._copies, self._update = ((pm_kernels.scaled_copies, pm_kernels.guided_update) if step_kernels else
@@ -230,9 +234,32 @@ class StepGraph:
             self.kv_fill, _ = capture_graph(fill, self.device, warm_up=[fill, self.unet.drop_context_tables],
                                             pool=self.pool)
             self.kv_fill.replay()  # defined values for the step's warm-up (the contexts are zeros here)
+        if self.tune and self.device.type == "cuda":
+            self._tune(warm_up)
         self.graph, _ = capture_graph(self._step, self.device, warm_up=[warm_up] * WARMUP, pool=self.pool)
         if self._kv_in_graph:
             self.unet.drop_context_tables()  # the two graphs keep the addresses; the pool may reuse the memory
+
+    def signature(self) -> str:
+        """What the step's kernel calls depend on (their shapes, dtype, the UNet's options): the name
+        of its pm_kernels.tuning session."""
+        u = self.unet
+        options = {k: getattr(u, k) for k in ("ff_chunk", "fused_epilogues", "geglu_gemm") if hasattr(u, k)}
+        return (f"step {type(u).__name__} n={self.n} latent={tuple(self.x.shape[1:])} context={tuple(self.c_k.shape)} "
+                f"{str(self.dtype).replace('torch.', '')} sequential={self.sequential} kv_tables={self.indexed} "
+                f"time_tables={self.timed} {' '.join(f'{k}={v}' for k, v in sorted(options.items()))}")
+
+    def _tune(self, step) -> None:
+        """One eager `step` in a tuning session on the warm-up stream (outside any memory pool's routing:
+        the candidates' own timing graphs take pools of their own), unless this GPU's cache file has the
+        step's signature as done already."""
+        side = _side_stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode(), \
+                pm_kernels.tuning.session(self.signature(), self.device) as active:
+            if active:
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
 
     def refill(self) -> None:
         """Fill the K/V tables again from the contexts in place (after other graphs in a shared pool
