@@ -15,8 +15,10 @@ Variants (each run in a fresh interpreter, interleaved run by run):
   standalone-cudnn-heuristics  the default with cudnn_benchmark=False (cuDNN's heuristics instead of
                    timing every convolution algorithm in the new process's first image)
   cold             the default's first start on a new machine: an EMPTY Triton kernel cache (a new
-                   TRITON_CACHE_DIR per run: every pm_kernels kernel compiled in the process) and no
-                   hash record (every weight file hashed while it loads). The OS's file cache is
+                   TRITON_CACHE_DIR per run: every pm_kernels kernel compiled in the process), no
+                   kernel tuning choices (a new PM_KERNELS_TUNE_DIR: the tuning session's step runs,
+                   every candidate compiled and timed) and no hash record (every weight file hashed
+                   while it loads). The OS's file cache is
                    not emptied (that would need root and touches the whole machine): the weight
                    files' reads may still come from memory.
 Phases (child's perf_counter, from its first line): import_s (pm_runtime.pipeline + torch +
@@ -89,6 +91,7 @@ def run_child(variant: str, bundle: str, device: str, steps: int, size: int, rec
     with tempfile.TemporaryDirectory(prefix="pm-cold-triton-") as cache:
         if variant == "cold":
             env["TRITON_CACHE_DIR"] = cache  # empty: every Triton kernel compiles in this process
+            env["PM_KERNELS_TUNE_DIR"] = os.path.join(cache, "tuning")  # and every tunable call is timed
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-c", CHILD, json.dumps([variant, bundle, device, steps, size])],
                            capture_output=True, text=True, timeout=timeout, env=env)

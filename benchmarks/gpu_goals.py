@@ -34,7 +34,7 @@ LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
 COMPILE = "torch-compile-reduce-overhead"
 # other ways of computing the same step (the ablations of the default too: where one is faster, the
 # default's change it undoes did not pay)
-STEP_VARIANTS = ("torch-cuda-generic-sizes", "torch-cuda-geglu-gemm", "torch-cuda-pdl", "torch-cuda-gn-auto", "torch-cuda-gn-grouped", "torch-cuda-cudnn-attention",
+STEP_VARIANTS = ("torch-cuda-untuned", "torch-cuda-generic-sizes", "torch-cuda-geglu-gemm", "torch-cuda-pdl", "torch-cuda-gn-auto", "torch-cuda-gn-grouped", "torch-cuda-cudnn-attention",
                  "torch-cuda-pre-fusion",
                  "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables", "torch-cuda-no-step-kernels",
                  "torch-cuda-no-te-graph", "torch-cuda-shared-pool", "torch-cuda-vae-nchw")
@@ -241,6 +241,32 @@ def sweep_lines(records: dict[str, list[dict]]) -> list[str]:
                 "CUDA graph (sweep_kernels.py; current = the configuration the code takes now)", ""] + summary_lines(recs)
 
 
+def tuning_lines(records: dict[str, list[dict]]) -> list[str]:
+    """torch-cuda's kernel choices (pm_kernels.tuning, gpu_ours' kernel_choices): per tuned call, the
+    untuned default's and the chosen candidate's microseconds per call (a CUDA graph's) and the
+    runner-up; then what the measuring cost the first process. Empty without them."""
+    ours = next((r for r in records.get("gpu", []) if r.get("variant") == "torch-cuda" and _ok(r)), None)
+    found = (ours or {}).get("kernel_choices")
+    if not found:
+        return []
+    out = ["", f"Kernel choices of torch-cuda (pm_kernels.tuning, measured on this GPU: {len(found)} calls; "
+               f"{ours.get('tuning_s', 0)} s spent measuring in this process), us per call in a CUDA graph", "",
+           "| call | default | chosen | runner-up | default / chosen |", "|---|---|---|---|---|"]
+    saved = 0.0
+    for key, e in sorted(found.items()):
+        us, choice, default = e.get("us", {}), e.get("choice"), e.get("default")
+        if choice not in us:
+            continue
+        rest = sorted((t, n) for n, t in us.items() if n != choice)
+        base = us.get(default)
+        saved += (base - us[choice]) if base is not None else 0.0
+        out.append(f"| {key} | {default} {base if base is not None else '-'} | {choice} {us[choice]} | "
+                   f"{f'{rest[0][1]} {rest[0][0]}' if rest else '-'} | "
+                   f"{f'{base / us[choice]:.2f}x' if base else '-'} |")
+    out.append(f"| sum over the calls (each once; a step makes several of some) | | | | {saved:.1f} us saved |")
+    return out
+
+
 def profile_lines(records: dict[str, list[dict]]) -> list[str]:
     """Where one step's GPU time goes (gpu_ours.profile_step's record: one eager step's kernels by
     class), beside the graphed step's p50: the difference is what launching and the gaps between
@@ -265,6 +291,7 @@ def table(records: dict[str, list[dict]]) -> str:
     lines = ["| goal, setting | measured | goal | verdict |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(records)]
     lines += profile_lines(records)
+    lines += tuning_lines(records)
     lines += kernel_ab_lines(records)
     lines += sweep_lines(records)
     lines += phases_lines(records)

@@ -39,6 +39,10 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              add + LayerNorm, the step's two) compiled without size specialisation,
                              as before the rule in kernels/_dispatch.py: their 2-byte accesses
                              (pm_kernels.set_generic_sizes, around the whole variant)
+  torch-cuda-untuned         the same with pm_kernels.tuning off (tune=False): every kernel call's untuned
+                             default (the routing rules in pm_kernels), the A/B of the on-device choice
+                             between implementations (torch-cuda's record lists its choices; PSNR
+                             against torch-cuda's image)
   torch-cuda-geglu-gemm      the same with the feed-forward's GEGLU in its projection's GEMM
                              (geglu_gemm: pm_kernels.geglu_linear, a Triton GEMM, instead of cuBLAS + the
                              GEGLU kernel; PSNR against torch-cuda's image)
@@ -236,8 +240,11 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
 
     from pm_runtime.pipeline import Pipeline
 
+    import pm_kernels
+
     _reset(torch)
     before = _allocated_gib(torch)  # what earlier work in this process still holds (counted in the peaks)
+    tuning_before = pm_kernels.tuning.spent()
     t0 = time.perf_counter()
     pipe = Pipeline.load(bundle, backend="torch-cuda", device=DEVICE, **options)
     load_s = time.perf_counter() - t0
@@ -267,10 +274,27 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
     if keep is not None:
         keep[name] = g.images
     rec["deterministic"] = bool(np.array_equal(first.images, g.images))
+    rec.update(_tuning_fields(pipe.backend, tuning_before))
     pipe.close()
     del pipe
     _reset(torch)
     return rec
+
+
+def _tuning_fields(backend, spent_before) -> dict:
+    """A torch-cuda record's kernel tuning: on or off; the seconds this variant spent measuring
+    candidates (its first image's; 0 where the choices came from this process or the cache file) and
+    for how many calls; the choices it ran with ({op|dtype|sizes: the chosen candidate and every
+    candidate's microseconds per call, a CUDA graph's})."""
+    import pm_kernels
+
+    T = pm_kernels.tuning
+    if not getattr(backend, "tune", False):
+        return {"kernel_tuning": "off"}
+    seconds, calls = T.spent()
+    return {"kernel_tuning": "on", "tuning_s": round(seconds - spent_before[0], 3), "tuned_calls": calls - spent_before[1],
+            "kernel_choices": {k: {n: e[n] for n in ("choice", "default", "us") if n in e}
+                               for k, e in T.choices(DEVICE).items()}}
 
 
 def reference_image(bundle: Path, model: Path, *, steps: int, size: int, dtype: str = "float32"):
@@ -406,7 +430,8 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph",
        "torch-cuda-offload-te", "torch-cuda-vae-graph", "torch-cuda-vae-nchw", "torch-cuda-vae-bands",
        "torch-cuda-lean", "torch-cuda-lean-bands", "torch-cuda-lean-bands-no-kv",
-       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-generic-sizes", "torch-cuda-geglu-gemm", "torch-cuda-pdl",
+       "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-generic-sizes", "torch-cuda-untuned", "torch-cuda-geglu-gemm",
+       "torch-cuda-pdl",
        "torch-cuda-hf-modules",
        "torch-cuda-no-kv-tables",
        "torch-cuda-cudnn-attention", "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory",
@@ -529,6 +554,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             "torch-cuda-gn-auto", bundle, gn_impl="auto", compare=only("torch-cuda"), **common)),
         "torch-cuda-generic-sizes": lambda: _switched_on("generic_sizes_kept", "kernels_generic_sizes", lambda: (
             measure_variant("torch-cuda-generic-sizes", bundle, compare=only("torch-cuda"), **common))),
+        "torch-cuda-untuned": lambda: measure_variant("torch-cuda-untuned", bundle, tune=False,
+                                                      compare=only("torch-cuda"), **common),
         "torch-cuda-geglu-gemm": lambda: measure_variant("torch-cuda-geglu-gemm", bundle, geglu_gemm=True,
                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-pdl": lambda: _switched_on("pdl_kept", "kernels_pdl", lambda: (

@@ -363,7 +363,8 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     assert by["torch-cuda-int8"]["psnr_vs_torch-cuda_db"] > 20 and "unet_step_ms" in by["torch-cuda"]
     assert by["torch-cuda-low-memory-int8-1024"]["size"] == 320
     for name in ("torch-cuda-pre-fusion", "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables",
-                 "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph", "torch-cuda-geglu-gemm", "torch-cuda-pdl"):
+                 "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph", "torch-cuda-geglu-gemm", "torch-cuda-pdl",
+                 "torch-cuda-untuned"):
         assert by[name]["psnr_vs_torch-cuda_db"] > 60, name  # the same image, the sums in another order (fp32)
     assert by["torch-cuda-low-memory-1024-untiled"]["timings_last_image"]["vae_calls"] == 1
     assert by["torch-cuda-low-memory-1024"]["timings_last_image"]["vae_calls"] == 1  # 320 px: no tiles either
@@ -373,6 +374,9 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     assert by["torch-cuda-generic-sizes"]["kernels_generic_sizes"] == "1"
     assert not by["torch-cuda"].get("kernels_generic_sizes")
     assert by["torch-cuda-pdl"]["kernels_pdl"] == "1" and not by["torch-cuda"].get("kernels_pdl")
+    # kernel tuning: on by default (no session on the CPU: nothing measured), off in its A/B
+    assert by["torch-cuda"]["kernel_tuning"] == "on" and by["torch-cuda"]["tuning_s"] == 0
+    assert by["torch-cuda-untuned"]["kernel_tuning"] == "off"
     for name in ("torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-low-memory-1024-phases"):
         assert {"text_encoder", "unet", "vae_decoder"} <= set(by[name]["second_image"])
     assert by["torch-cuda-low-memory-1024-phases"]["size"] == 320  # BIG_SIZE
@@ -523,3 +527,26 @@ def test_the_step_profile_isolates_one_step_and_names_its_kernels():
     assert step["ms"] == pytest.approx(0.51) and step["launches"] == 21
     assert step["ms_by_class"] == pytest.approx({"GroupNorm (Triton)": 0.5, "step update (Triton)": 0.01})
     assert [n for _, _, n in step["top"]] == ["_gn_apply", "_guided_update"]
+
+
+def test_gpu_goals_tables_the_kernel_choices(tmp_path):
+    """torch-cuda's kernel_choices (pm_kernels.tuning, gpu_ours._tuning_fields) as a table: the
+    default's time, the chosen candidate's, the runner-up, and the sum saved per call."""
+    import gpu_goals
+
+    choices = {"attention|torch.float16|2|4096|4096|8|40|False": {
+                   "choice": "sdpa-cudnn", "default": "sdpa", "us": {"sdpa": 150.0, "sdpa-cudnn": 100.0,
+                                                                     "triton-m128-n64": 180.0}},
+               "group_norm_silu|torch.float16|2|320|64|64|32|False|True|True": {
+                   "choice": "tiled", "default": "tiled", "us": {"tiled": 24.0, "grouped": 30.0}}}
+    (tmp_path / "gpu.jsonl").write_text(json.dumps({
+        "variant": "torch-cuda", "status": "ok", "commit": "abc", "unet_step_ms": {"p50": 6.5},
+        "kernel_tuning": "on", "tuning_s": 41.5, "kernel_choices": choices}) + "\n")
+    lines = gpu_goals.tuning_lines(gpu_goals.load(tmp_path))
+    text = "\n".join(lines)
+    assert "2 calls; 41.5 s spent measuring" in text
+    assert "| attention|torch.float16|2|4096|4096|8|40|False | sdpa 150.0 | sdpa-cudnn 100.0 | sdpa 150.0 | 1.50x |" in text
+    assert "| group_norm_silu|torch.float16|2|320|64|64|32|False|True|True | tiled 24.0 | tiled 24.0 | grouped 30.0 | 1.00x |" \
+        in text
+    assert "50.0 us saved" in text
+    assert gpu_goals.tuning_lines({"gpu": [{"variant": "torch-cuda", "status": "ok"}]}) == []
