@@ -19,7 +19,7 @@
 # each stage's time limit is cut to what is left (minus PM_RESERVE_S, 15, for the goals table), a
 # stage with under PM_MIN_S (60) seconds left is skipped, and the fresh processes stop when under
 # PM_FRESH_MIN_S (40) are left; what was skipped is printed ("skipped for time"). Timed on an H200 (2026-11-26/27, other
-# lists): tests 35-57 s, kernels 8 s (+ its generic-sizes A/B on 6 ops and the kernel sweep, <= 40 s:
+# lists): tests 35-57 s, kernels 8 s (+ its generic-sizes A/B on 6 ops, <= 40 s, and the kernel sweep, <= 25 s:
 # not yet timed), bench_gpu 162 s with 14 of our variants + peers + compile,
 # ~18-25 s per new process, start-up ~40 s for three warm variants.
 #   bash benchmarks/gpu_check.sh OUTDIR COMMIT
@@ -72,8 +72,10 @@ T=$(limit 40 $(( MIN / 2 )))
     --only group_norm_silu,group_norm_temb_silu,group_norm_silu_nchw,add_layer_norm,add_bias_residual,step_update \
     --out "$OUT/kernels-gpu-generic-sizes.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/bench_kernels_generic_sizes.log"
 # the Triton attention's and geglu_linear's launch configurations against SDPA / cuBLAS + GEGLU (head
-# dim 40 now 16-byte; the head dim as one tile or two): what their routing and block-size rules should be
-T=$(limit 40 $(( MIN / 2 )))
+# dim 40 now 16-byte; the head dim as one tile or two): what their block-size rules should be (which
+# implementation runs per shape is pm_kernels.tuning's on-device choice now, measured in the bench
+# stage: this is the wider sweep behind its candidate list, cut to 25 s to leave that stage the time)
+T=$(limit 25 $(( MIN / 2 )))
 [ "$T" -gt 0 ] && timeout "$T" python3 benchmarks/sweep_kernels.py --max-seconds $(( T > 12 ? T - 10 : 2 )) \
     --out "$OUT/kernel-sweep-gpu.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/sweep_kernels.log"
 fi
