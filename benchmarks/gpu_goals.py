@@ -89,6 +89,8 @@ def memory_row(label: str, r: dict, goal_gb: float) -> tuple:
     lenient = gb(steady[0]) if steady[0] is not None else gb(first[0])
     later = "no later image" if steady[0] is None else f"later images {gb(steady[0])} / {gb(steady[1])} GB"
     figure = f"first image {gb(first[0])} / {gb(first[1])} GB, {later} (allocated / reserved)"
+    if r.get("tuning_s"):  # its candidates' outputs and timing graphs were in this first image's peak
+        figure += f"; the first image tuned kernels in this process ({r['tuning_s']} s)"
     v = verdict(strict, goal_gb)
     if v != "**met**" and lenient is not None and lenient <= goal_gb:
         v = "met only as steady allocated" if steady[0] is not None else "met only as allocated"

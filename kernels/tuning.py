@@ -255,9 +255,9 @@ def _measure(candidates: dict, device, tol: float) -> dict:
             failed[name] = f"{type(e).__name__}: {e}"[:300]
             warnings.warn(f"pm_kernels tuning: candidate {name} failed ({failed[name]}); left out")
             continue
-        if ref is None:
-            ref = out.float()
-        err = float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+        if ref is None:  # (kept in its dtype, compared without fp32 copies: the session runs inside a
+            ref = out     # step whose activations are alive, on GPUs where memory is the limit)
+        err = float((out - ref).abs().max().float() / ref.abs().max().float().clamp_min(1e-6))
         if not (bool(torch.isfinite(out).all()) and err <= tol):
             rejected[name] = err
             continue

@@ -550,3 +550,12 @@ def test_gpu_goals_tables_the_kernel_choices(tmp_path):
         in text
     assert "50.0 us saved" in text
     assert gpu_goals.tuning_lines({"gpu": [{"variant": "torch-cuda", "status": "ok"}]}) == []
+
+
+def test_gpu_goals_memory_row_says_when_the_first_image_tuned():
+    import gpu_goals
+
+    r = {"peak_alloc_gib": 1.8, "peak_reserved_gib": 1.85}
+    assert "tuned" not in gpu_goals.memory_row("x", r, 2.0)[1]
+    assert "the first image tuned kernels in this process (12.5 s)" in \
+        gpu_goals.memory_row("x", {**r, "tuning_s": 12.5}, 2.0)[1]
