@@ -81,7 +81,7 @@ def test_the_check_keeps_to_its_time_budget(tmp_path):
     fresh = [c for c in order if "bench_gpu.py" in c and "--compile" not in c]
     # 9 s budget, 1 s reserve, ~1 + 2 s spent before: two or three 2-second processes, then the stop
     assert 1 <= len(fresh) <= 3, order
-    assert "--ours torch-cuda-low-memory-1024 " in fresh[0] + " "  # the list's first entry first
+    assert "--ours torch-cuda-low-memory-1024-phases " in fresh[0] + " "  # the list's first entry first
     assert "skipped for time" in r.stdout and "torch-cuda-lean-bands" in r.stdout.split("skipped for time")[1]
     assert "gpu_goals.py" in order[-1]  # the goals table always comes last
 
