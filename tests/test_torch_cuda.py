@@ -109,6 +109,43 @@ def test_fast_unet_epilogues_and_time_tables(unet_graph, kernels):
     assert float((rows[0] - rows[2]).abs().max()) > 1e-2 * scale  # the rows really differ
 
 
+def test_fast_unet_two_row_step_contexts(unet_graph):
+    """allocate_step_contexts / set_step_contexts (the torch-cuda step's kv_step): every cross-attention's
+    to_k / to_v weights become views of ONE concatenated matrix each (no copy), a row of all layers'
+    K and V comes from one GEMM each, and the UNet reading rows [0, 1] of the two-row buffers equals
+    it reading the per-image tables' rows [0, r] and the contexts themselves."""
+    import copy
+
+    from pm_runtime.modeling.fast_unet import FastUNet
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    c_k, c_v = torch.randn(2, 5, 77, 32, generator=g)  # 5 context rows: 0 the negative prompt's
+    fast = FastUNet(copy.deepcopy(unet_graph.unet))
+    assert fast.step_contexts_supported()
+    with torch.no_grad():
+        direct = fast(x, t, c_k[[0, 3]], c_v[[0, 3]])
+        fast.allocate_context_tables(8, 77)
+        fast.set_contexts(c_k, c_v)
+        tables = fast(x, t, kv_index=torch.tensor([0, 3]))
+        fast.allocate_step_contexts(77)
+        fast.set_step_contexts(c_k[:1], c_v[:1], 0)
+        fast.set_step_contexts(c_k[3:4], c_v[3:4], 1)
+        two_rows = fast(x, t, kv_index=torch.tensor([0, 1]))
+    scale = float(direct.abs().max())
+    assert float((tables - direct).abs().max()) <= 1e-5 * scale
+    assert float((two_rows - direct).abs().max()) <= 1e-5 * scale
+    k_all = fast.pm_to_k_all
+    assert k_all.shape[0] == sum(a.to_k.weight.shape[0] for a in fast.cross)
+    assert all(a.to_k.weight.untyped_storage().data_ptr() == k_all.untyped_storage().data_ptr() for a in fast.cross)
+    assert all(a.to_v.weight.untyped_storage().data_ptr() == fast.pm_to_v_all.untyped_storage().data_ptr()
+               for a in fast.cross)
+    fast.allocate_step_contexts(77)  # again: nothing fused twice
+    assert fast.pm_to_k_all.data_ptr() == k_all.data_ptr()
+    assert fast.kv_step[0].shape == (2, 77, k_all.shape[0])
+
+
 def test_fast_unet_channels_last_in_place(unet_graph, monkeypatch):
     """The layout the GPU runs (channels-last activations), here on the CPU: there the residual GEMMs
     accumulate in place into views of the transformers' inputs, which NCHW tensors never exercise
@@ -155,11 +192,12 @@ def test_unsupported_unets_are_named(unet_graph):
 
 
 @pytest.mark.parametrize("unet_kind", ["plain", "fast-kv-tables", "plain-sequential", "fast-kv-tables-sequential"]
-                         + ["plain-triton", "plain-triton-sequential"])
+                         + ["fast-kv-step", "fast-kv-step-sequential", "plain-triton", "plain-triton-sequential"])
 @pytest.mark.parametrize("name", schedulers.SCHEDULERS)
 def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
     """StepGraph (eager here) against denoise_on_host with the plain UNet, same contexts and noise;
-    with FastUNet the step reads per-image K/V and time tables by row index; `sequential` runs the
+    with FastUNet the step reads per-image K/V and time tables by row index (kv-step: two-row K/V
+    buffers, the step's own row computed in the step: kv_step); `sequential` runs the
     unconditional and conditional halves as two UNet calls (low-memory mode's default); "triton":
     the step's own arithmetic (pm_kernels.scaled_copies, guided_update) in Triton (interpreter) around
     the plain UNet (FastUNet under the interpreter is test_fast_unet_*'s), else their references."""
@@ -189,8 +227,8 @@ def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
     fast = unet_kind.startswith("fast")
     loop = StepGraph(FastUNet(unet_graph.unet) if fast else unet_graph, n=n, latent_shape=(4, 8, 8),
                      context_shape=(77, 32), rows=8, dtype=torch.float32, device="cpu",
-                     sequential=unet_kind.endswith("sequential"))
-    assert loop.indexed == loop.timed == fast
+                     sequential=unet_kind.endswith("sequential"), kv_step="kv-step" in unet_kind)
+    assert loop.indexed == loop.timed == fast and loop.step_kv == ("kv-step" in unet_kind)
     with torch.inference_mode():
         dev = loop.run(latents, c_k, c_v, step_rows, linear_steps(tables), 7.5, noise, lambda i: None, seen.append)
     assert seen == list(range(9)) * 2
@@ -222,6 +260,18 @@ def test_backend_matches_onnxruntime(fast_pipe, ort_pipe_here, scheduler):
     assert fast.uses_concept and fast.timings["unet_steps"] == 8
     assert fast.timings["vae_calls"] == 2 and ref.timings["vae_calls"] == 1  # torch-cuda decodes image by image
     assert psnr(fast.images, ref.images) >= 40.0
+
+
+def test_kv_step_and_per_context_tables_give_the_same_image(run_bundle, fast_pipe):
+    """kv_step (default): two-row K/V buffers, the step's own row computed in the step; kv_step=False:
+    a table row per context, filled once per image. Same numbers (fp32 on the CPU)."""
+    kw = dict(seed=9, steps=5, height=256, width=256)
+    tables = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", kv_step=False)
+    a, b = fast_pipe.generate(PROMPT, **kw), tables.generate(PROMPT, **kw)
+    step, table = (next(iter(p.backend._loops.values())) for p in (fast_pipe, tables))
+    assert step.step_kv and not table.step_kv and table.indexed
+    assert step.unet.kv_step[0].shape[0] == 2 and next(iter(table.unet.kv_tables.values()))[0].shape[0] >= 32
+    assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1
 
 
 def test_switching_concepts_reloads_nothing(fast_pipe):
@@ -261,7 +311,7 @@ def test_low_memory_mode_runs_and_frees(run_bundle, fast_pipe):
     assert len(unet.bases) < len(unet.views)
     fused = [m for m in low.backend.modules["unet"].modules() if hasattr(m, "pm_qkv")]
     assert fused and all(a.to_q.weight.data_ptr() == a.pm_qkv.data_ptr() for a in fused)
-    assert not fast_pipe.backend.sequential_guidance and fast_pipe.backend.kv_tables
+    assert not fast_pipe.backend.sequential_guidance and fast_pipe.backend.kv_tables and fast_pipe.backend.kv_step
     assert psnr(a.images, b.images) >= 30.0  # tiled VAE decode blends tile seams (no tiles at 256 px: equal)
 
 
@@ -425,8 +475,10 @@ def test_gpu_tuned_kernels_give_the_untuned_image_and_tune_once(cuda_bundle):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_shared_pool_same_images_one_pool(cuda_bundle):
-    """shared_pool: the VAE decode, the K/V fill, the step and (from the second image) the text
+@pytest.mark.parametrize("kv_step", [False, True])
+def test_gpu_shared_pool_same_images_one_pool(cuda_bundle, kv_step):
+    """shared_pool: the VAE decode, the K/V fill (kv_step=False; kv_step's two-row buffers sit
+    outside the pool), the step and (from the second image) the text
     encoder captured into ONE pool, their warm-ups allocating from it, the K/V tables left for the
     decode to reuse: the default's images (the K/V GEMMs run over every row of the buffers here, so
     within one level), images that stay the same over repeated calls, a prompt with other contexts,
@@ -434,9 +486,10 @@ def test_gpu_shared_pool_same_images_one_pool(cuda_bundle):
     decode once refilled."""
     kw = dict(seed=4, steps=6, height=256, width=256)
     plain = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice")
-    shared = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", shared_pool=True)
+    shared = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", shared_pool=True, kv_step=kv_step)
     a = plain.generate(PROMPT, **kw).images
     first = shared.generate(PROMPT, **kw).images  # the text encoder eagerly: no pool before the step graph
+    assert (next(iter(shared.backend._loops.values())).kv_fill is None) == kv_step
     second = shared.generate(PROMPT, **kw).images  # the text encoder captured into the pool now
     backend = shared.backend
     pools = backend.graph_pools()
@@ -453,7 +506,7 @@ def test_gpu_shared_pool_same_images_one_pool(cuda_bundle):
     np.testing.assert_array_equal(second, shared.generate(PROMPT, **kw).images)
     # the text encoder parked in host memory, its weights borrowing the pool's memory from the second image
     lean = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", shared_pool=True,
-                         offload_text_encoder=True)
+                         offload_text_encoder=True, kv_step=kv_step)
     for _ in range(2):
         assert np.abs(a.astype(int) - lean.generate(PROMPT, **kw).images.astype(int)).max() <= 1
     loop = next(iter(backend._loops.values()))
@@ -520,7 +573,10 @@ def test_shared_pool_order_and_bookkeeping_with_stand_in_graphs(run_bundle, fast
     monkeypatch.setattr(sg, "graphs_available", lambda device: True)
     monkeypatch.setattr(sg, "GraphPool", Pool)
     monkeypatch.setattr(sg, "capture_graph", capture)
-    shared = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", shared_pool=True)
+    # the per-context K/V tables (kv_step=False): their fill graph and its hand-over to the pool are what
+    # is followed here (kv_step's two-row buffers are allocated outside the graphs, as the time tables)
+    shared = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", shared_pool=True,
+                           kv_step=False)
     backend = shared.backend
     assert backend.shared_pool and backend.cuda_graph
     kw = dict(seed=5, steps=3, height=256, width=256)
@@ -778,9 +834,11 @@ def test_the_captured_work_never_touches_host_memory():
     unet, _, vae = sd15_networks(torch.float16)
     fast = FastUNet(unet)
     for sequential in (False, True):
-        for time_tables, step_kernels, kv_tables in ((True, True, True), (False, False, False)):
+        for time_tables, step_kernels, kv_tables, kv_step in ((True, True, True, True), (True, True, True, False),
+                                                              (False, False, False, False)):
             loop = sd15_step_graph(fast, 512, torch.float16, sequential=sequential, time_tables=time_tables,
-                                   step_kernels=step_kernels, kv_tables=kv_tables)
+                                   step_kernels=step_kernels, kv_tables=kv_tables, kv_step=kv_step)
+            assert loop.step_kv == kv_step
             mode = HostTouches()
             with torch.inference_mode(), mode:
                 loop._step()

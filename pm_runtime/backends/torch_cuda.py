@@ -33,8 +33,14 @@
   memory (H200: first-image peak 2.91 -> 2.05 GB allocated), step 7.09 -> 8.00 ms, image 55.7 dB
   against the fp16 one (random weights).
 - kv_tables: on by default (H200: 7.09 ms per step against 7.20 without), off by default in
-  low-memory mode (the tables grow with the contexts: >= 123 MB in fp16 at SD 1.5 widths, 32-row
-  capacity).
+  low-memory mode. With kv_step (default on; NOT MEASURED on a GPU yet) they are two rows per
+  layer: the negative prompt's K/V computed once per image, the step's own context's inside the
+  step by ONE GEMM for K and one for V over every cross-attention layer's concatenated weights
+  (FastUNet.allocate_step_contexts; the layers' weights become views of them, no copy), 7.7 MB in
+  fp16 at SD 1.5 widths; kv_step=False: a row per context, filled once per image (>= 32 rows of
+  3.84 MB: 123 MB, 246 MB for the 50-odd contexts of a 50-step image, which the H200 measured as
+  0.23 GB of the first image's peak), no GEMM in the step. Variant torch-cuda-kv-tables. int8
+  weights keep the per-context tables.
 - vae_tiling: decode above 512 px in blended 512 px tiles (default: in low-memory mode, as every
   backend). False decodes in one piece (exact): with the standalone decoder's fused GroupNorm+SiLU
   a 1024 px decode's activations are ~1.0 GiB in fp16 (benchmarks/live_memory.py), below the
@@ -83,8 +89,9 @@
   (the VAE decode's, 256 MiB at 512 px in fp16) instead of each graph's pool and the warm-ups'
   cached blocks side by side. The largest come first: with each new step graph the VAE decode of
   one latent is captured before it (the allocator carves later, smaller blocks out of the free big
-  ones, never the reverse); then the K/V tables, allocated by a graph of their own (the fill, one
-  flat buffer) and let go once the step is captured, so the decode reuses their memory too (the
+  ones, never the reverse); then (with kv_step=False; kv_step's two-row buffers are 7.7 MB) the K/V
+  tables, allocated by a graph of their own (the fill, one flat buffer) and let go once the step is
+  captured, so the decode reuses their memory too (the
   tables are dead after the last step and rewritten by the fill before the next image's first);
   the text encoder runs eagerly in the first image and is captured into the pool from the second.
   Networks parked in host memory (offload_text_encoder, the safety checker) copy their weights into
@@ -172,7 +179,7 @@ class TorchCudaBackend(Backend):
                  ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool = True,
                  time_tables: bool = True, step_kernels: bool = True, te_graph: bool = True,
                  shared_pool: bool = False, one_stream: bool = False, vae_channels_last: bool = True,
-                 geglu_gemm: bool | None = None, tune: bool = True, **_):
+                 geglu_gemm: bool | None = None, tune: bool = True, kv_step: bool = True, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -197,6 +204,9 @@ class TorchCudaBackend(Backend):
         # per-image cross-attention K/V tables (FastUNet only): rows x 16 layers x 2 x L x inner
         # values (>= 123 MB in fp16 at SD 1.5 widths): off by default in low-memory mode
         self.kv_tables = (not self.low_memory) if kv_tables is None else bool(kv_tables)
+        # with kv_tables: two-row K/V buffers (the negative prompt's, the step's own context's, computed
+        # in the step by one GEMM for K and one for V over every layer) instead of a row per context
+        self.kv_step = bool(kv_step)
         # the unconditional and conditional UNet halves one after the other (half the activations;
         # the default in low-memory mode, where memory matters more than the step time)
         self.sequential_guidance = self.low_memory if sequential_guidance is None else bool(sequential_guidance)
@@ -559,7 +569,7 @@ class TorchCudaBackend(Backend):
                                  dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph,
                                  kv_tables=self.kv_tables, sequential=self.sequential_guidance, max_steps=max_steps,
                                  time_tables=self.time_tables, step_kernels=self.step_kernels,
-                                 pool=self._pool, kv_graph=self.shared_pool, tune=self.tune)
+                                 pool=self._pool, kv_graph=self.shared_pool, tune=self.tune, kv_step=self.kv_step)
             self._loops[key] = loop
         noise = None
         if lin.needs_noise:

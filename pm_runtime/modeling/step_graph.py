@@ -14,7 +14,8 @@ the update, is two pm_kernels calls: scaled_copies, guided_update), so replaying
 the whole loop: no host work, no host<->device copy between steps (euler-a's per-step noise is
 the one exception: a device-to-device copy before each replay). With a UNet that keeps per-image
 K/V tables (FastUNet.set_contexts), the contexts' cross-attention K and V are computed once per
-image in `load` and the step passes only row indices; with one that keeps time tables
+image in `load` and the step passes only row indices (with kv_step, two-row buffers instead: the
+negative prompt's K/V once per image, the step's own context's by two GEMMs inside the step); with one that keeps time tables
 (FastUNet.set_timesteps), so are the ResNets' time-embedding vectors of every step (the step passes
 the counter). The latent state stays float32;
 the UNet runs in the model dtype. Without CUDA (or cuda_graph=False) the same step function runs
@@ -151,7 +152,8 @@ class StepGraph:
     def __init__(self, unet: Callable, *, n: int, latent_shape: tuple[int, int, int], context_shape: tuple[int, int],
                  rows: int, dtype: torch.dtype, device: torch.device, cuda_graph: bool = True, max_steps: int = 1000,
                  kv_tables: bool = True, sequential: bool = False, time_tables: bool = True,
-                 step_kernels: bool = True, pool=None, kv_graph: bool = False, tune: bool = False):
+                 step_kernels: bool = True, pool=None, kv_graph: bool = False, tune: bool = False,
+                 kv_step: bool = False):
         self.unet, self.n, self.dtype, self.device = unet, n, dtype, torch.device(device)
         # tune (with a CUDA graph): before the capture, one eager step in a pm_kernels.tuning session,
         # where every tunable kernel call of a shape not yet measured on this GPU picks its fastest
@@ -162,14 +164,21 @@ class StepGraph:
         self._copies, self._update = ((pm_kernels.scaled_copies, pm_kernels.guided_update) if step_kernels else
                                       (pm_kernels.scaled_copies_reference, pm_kernels.guided_update_reference))
         self.indexed = bool(kv_tables) and hasattr(unet, "allocate_context_tables")
+        # kv_step (with kv_tables, where the UNet can): two-row K/V buffers instead of a table row per
+        # context: row 0 the negative prompt's (once per image, in load), row 1 the step's own context,
+        # computed inside the step by one GEMM for K and one for V over every layer
+        # (FastUNet.allocate_step_contexts); the UNet reads row 0 for the unconditional half, 1 for the other
+        self.step_kv = self.indexed and bool(kv_step) and getattr(unet, "step_contexts_supported", lambda: False)()
         graphed = cuda_graph and graphs_available(self.device)
         # kv_graph (with a CUDA graph): the K/V tables are filled by a graph of their own, captured in
         # the step graph's pool, which also allocates them there; once the step is captured nothing
         # here holds them, so later captures in the pool (the VAE decode's) may reuse their memory
         # (dead after the last step; the fill graph rewrites them before the next image's first)
         self.kv_fill = None
-        self._kv_in_graph = self.indexed and bool(kv_graph) and graphed
-        if self.indexed and not self._kv_in_graph:
+        self._kv_in_graph = self.indexed and not self.step_kv and bool(kv_graph) and graphed
+        if self.step_kv:
+            unet.allocate_step_contexts(context_shape[0])
+        elif self.indexed and not self._kv_in_graph:
             unet.allocate_context_tables(rows, context_shape[0])
         self.timed = bool(time_tables) and hasattr(unet, "allocate_time_tables")
         if self.timed:  # one row per step: (max_steps, sum of the ResNets' widths) in the UNet's dtype
@@ -185,6 +194,7 @@ class StepGraph:
         self.input_scale = torch.zeros(max_steps, **f32)
         # the UNet batch's context rows per step: n x row 0 (negative prompt), then n x rows[i]
         self.kv_rows = torch.zeros((max_steps, 2 * n), dtype=torch.int64, device=self.device)
+        self.cond_rows = torch.zeros(max_steps, dtype=torch.int64, device=self.device)  # kv_step: each step's context row
         self.c_k = torch.zeros((rows, *context_shape), dtype=dtype, device=self.device)  # row 0: negative prompt
         self.c_v = torch.zeros_like(self.c_k)
         self.guidance = torch.zeros((), **f32)
@@ -209,6 +219,9 @@ class StepGraph:
         r = self.kv_rows.index_select(0, i)[0]  # (2n,)
         fmt = self.unet.sample_format(self.device) if hasattr(self.unet, "sample_format") else torch.contiguous_format
         copies = 1 if self.sequential else 2
+        if self.step_kv:  # this step's context -> row 1 of the two-row K/V buffers
+            cr = self.cond_rows.index_select(0, i)
+            self.unet.set_step_contexts(self.c_k.index_select(0, cr), self.c_v.index_select(0, cr), 1)
         xin = self._copies(self.x, self.input_scale, self.step, copies, self.dtype, fmt)
         if self.sequential:  # one half after the other: activations of a batch of n at a time
             uncond = self._unet(xin, t.expand(n), r[:n])
@@ -247,7 +260,8 @@ class StepGraph:
         options = {k: getattr(u, k) for k in ("ff_chunk", "fused_epilogues", "geglu_gemm") if hasattr(u, k)}
         return (f"step {type(u).__name__} n={self.n} latent={tuple(self.x.shape[1:])} context={tuple(self.c_k.shape)} "
                 f"{str(self.dtype).replace('torch.', '')} sequential={self.sequential} kv_tables={self.indexed} "
-                f"time_tables={self.timed} {' '.join(f'{k}={v}' for k, v in sorted(options.items()))}")
+                f"time_tables={self.timed} kv_step={self.step_kv} "
+                f"{' '.join(f'{k}={v}' for k, v in sorted(options.items()))}")
 
     def _tune(self, step) -> None:
         """One eager `step` in a tuning session on the warm-up stream (outside any memory pool's routing:
@@ -290,10 +304,15 @@ class StepGraph:
         put(self.timesteps, lin.timesteps)
         put(self.input_scale, lin.input_scale)
         rows = np.asarray(rows, np.int64)[:, None]
+        if self.step_kv:  # the UNet reads row 0 (negative prompt) for the first n samples, row 1 (the step's) for the rest
+            put(self.cond_rows, rows[:, 0])
+            rows = np.ones_like(rows)
         put(self.kv_rows, np.concatenate([np.zeros((len(rows), self.n), np.int64), np.repeat(rows, self.n, 1)], 1))
         put(self.c_k, c_k)
         put(self.c_v, c_v)
-        if self.kv_fill is not None:  # K/V of every row of the buffers, once (its own graph)
+        if self.step_kv:  # the negative prompt's K/V, once (each step computes its own context's)
+            self.unet.set_step_contexts(self.c_k[:1], self.c_v[:1], 0)
+        elif self.kv_fill is not None:  # K/V of every row of the buffers, once (its own graph)
             self.kv_fill.replay()
         elif self.indexed:
             self.unet.set_contexts(self.c_k[:len(c_k)], self.c_v[:len(c_v)])  # K/V of every context, once
