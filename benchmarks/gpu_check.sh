@@ -83,7 +83,8 @@ if go bench ${PM_BENCH_TIMEOUT:-300}; then
 echo "== pipeline: peers and torch-cuda"
 # PM_OURS: which of our variants (gpu_ours.ALL); the default: the step-time questions (torch-cuda
 # tunes its kernels in its first image here, the first process on this machine: its record has the
-# choices and the seconds it took; torch-cuda-untuned is the A/B of that choice; the kernels'
+# choices and the seconds it took; torch-cuda-untuned is the A/B of that choice; torch-cuda-kv-tables
+# of the two-row K/V buffers (kv_step, new default: the step's own K/V in the step); the kernels'
 # size rule against their unspecialised compile (torch-cuda-generic-sizes), the fusions against the
 # default before them and one by one, the GroupNorm implementations forced, the step's profile;
 # cuDNN attention is one of the tuner's candidates now) and the per-stage memory; the memory
@@ -95,7 +96,7 @@ echo "== pipeline: peers and torch-cuda"
 # one: only in new processes (below), where a fault in them (an illegal address poisons a CUDA
 # context) cannot take the shared run's later variants and torch.compile with it; their records carry
 # step and image times too.
-OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-untuned,torch-cuda-generic-sizes,torch-cuda-vae-nchw,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,profile}
+OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-untuned,torch-cuda-kv-tables,torch-cuda-generic-sizes,torch-cuda-vae-nchw,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,profile}
 timeout "$T" python3 benchmarks/bench_gpu.py --work "$WORK" --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi

@@ -34,7 +34,7 @@ LOW_INT8 = ("torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024")
 COMPILE = "torch-compile-reduce-overhead"
 # other ways of computing the same step (the ablations of the default too: where one is faster, the
 # default's change it undoes did not pay)
-STEP_VARIANTS = ("torch-cuda-untuned", "torch-cuda-generic-sizes", "torch-cuda-geglu-gemm", "torch-cuda-pdl", "torch-cuda-gn-auto", "torch-cuda-gn-grouped", "torch-cuda-cudnn-attention",
+STEP_VARIANTS = ("torch-cuda-untuned", "torch-cuda-kv-tables", "torch-cuda-generic-sizes", "torch-cuda-geglu-gemm", "torch-cuda-pdl", "torch-cuda-gn-auto", "torch-cuda-gn-grouped", "torch-cuda-cudnn-attention",
                  "torch-cuda-pre-fusion",
                  "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables", "torch-cuda-no-step-kernels",
                  "torch-cuda-no-te-graph", "torch-cuda-shared-pool", "torch-cuda-vae-nchw")

@@ -53,6 +53,9 @@ Variants (each one a Pipeline on the same bundle; fp16, 512x512, batch 1 with gu
                              the standalone ones (hf_modules: the step went 6.80 -> 7.09 ms between
                              commits 8c3ff4a and 76e8a1a; this isolates one of the changes)
   torch-cuda-no-kv-tables    the same with K = to_k(C_k), V = to_v(C_v) computed inside every step
+  torch-cuda-kv-tables       the same with a K/V table row per context, filled once per image (kv_step=False:
+                             the default before; the default now keeps two rows and computes the step's
+                             own row in the step, two GEMMs over all layers: ~0.24 GB less at 50 steps)
   torch-cuda-cudnn-attention the same with PyTorch's cuDNN attention preferred for self-attention
   torch-cuda-no-kernels      the plain diffusers UNet (split K/V, SDPA) in the same step graph
   torch-cuda-eager           FastUNet without the CUDA graph
@@ -433,7 +436,7 @@ ALL = ("reference", "torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-e
        "torch-cuda-gn-grouped", "torch-cuda-gn-auto", "torch-cuda-generic-sizes", "torch-cuda-untuned", "torch-cuda-geglu-gemm",
        "torch-cuda-pdl",
        "torch-cuda-hf-modules",
-       "torch-cuda-no-kv-tables",
+       "torch-cuda-no-kv-tables", "torch-cuda-kv-tables",
        "torch-cuda-cudnn-attention", "torch-cuda-no-kernels", "torch-cuda-eager", "torch-cuda-low-memory",
        "torch-cuda-low-memory-1024", "torch-cuda-low-memory-1024-no-ff-chunk", "torch-cuda-low-memory-1024-untiled",
        "torch-cuda-low-memory-1024-bands",
@@ -563,6 +566,8 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         "torch-cuda-hf-modules": lambda: measure_variant("torch-cuda-hf-modules", bundle, hf_modules=True,
                                                          compare=only("torch-cuda"), **common),
         "torch-cuda-no-kv-tables": lambda: measure_variant("torch-cuda-no-kv-tables", bundle, kv_tables=False, **one),
+        "torch-cuda-kv-tables": lambda: measure_variant("torch-cuda-kv-tables", bundle, kv_step=False,
+                                                        compare=only("torch-cuda"), **common),
         "torch-cuda-cudnn-attention": lambda: measure_variant("torch-cuda-cudnn-attention", bundle, sdpa="cudnn", **one),
         "torch-cuda-no-kernels": lambda: measure_variant("torch-cuda-no-kernels", bundle, kernels=False, **common),
         "torch-cuda-eager": lambda: measure_variant("torch-cuda-eager", bundle, cuda_graph=False, **one),

@@ -364,7 +364,7 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     assert by["torch-cuda-low-memory-int8-1024"]["size"] == 320
     for name in ("torch-cuda-pre-fusion", "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables",
                  "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph", "torch-cuda-geglu-gemm", "torch-cuda-pdl",
-                 "torch-cuda-untuned"):
+                 "torch-cuda-untuned", "torch-cuda-kv-tables"):
         assert by[name]["psnr_vs_torch-cuda_db"] > 60, name  # the same image, the sums in another order (fp32)
     assert by["torch-cuda-low-memory-1024-untiled"]["timings_last_image"]["vae_calls"] == 1
     assert by["torch-cuda-low-memory-1024"]["timings_last_image"]["vae_calls"] == 1  # 320 px: no tiles either
