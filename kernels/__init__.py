@@ -16,7 +16,7 @@
     attention(q, k, v, heads, scale=None, kv_index=None)                         kernels/attention.py
         q (B, Nq, H*d), k, v (B, Nk, H*d) read in place (strided slices are fine; K and V may come
         from different contexts) -> (B, Nq, H*d); kv_index (B,): k, v are (R, Nk, H*d) tables read
-        by row. Per shape as pm_kernels.tuning chose (SDPA, SDPA with cuDNN's attention first, the
+        by row. Per shape as pm_kernels.tuning chose (SDPA, SDPA with cuDNN's or the memory-efficient attention first, the
         Triton kernel in a few launch configurations); untuned: Triton for Nk <= attention.SHORT_KEYS
         and head dims above attention.SDPA_MAX_HEAD_DIM (cross-attention), PyTorch's SDPA on
         (B, H, N, d) views elsewhere (self-attention: flash attention is faster there); fewer

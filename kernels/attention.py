@@ -201,7 +201,8 @@ def attention(q, k, v, heads: int, scale: float | None = None, kv_index=None):
     fused QKV projection are fine) -> (B, Nq, H*d) contiguous. With kv_index (B,) int, k and v are
     tables (R, Nk, H*d) and query row b attends to table row kv_index[b] (read in place, no gather).
     Which implementation runs: pm_kernels.tuning's choice for this shape where one was made (SDPA,
-    SDPA with cuDNN's attention first, the Triton kernel in one of tuning_configs), else the rule
+    SDPA with cuDNN's or the memory-efficient attention first, the Triton kernel in one of
+    tuning_configs), else the rule
     below (Triton for short key axes and head dims above SDPA_MAX_HEAD_DIM, SDPA elsewhere)."""
     _check(q, k, v, heads, kv_index)
     nk, d = k.shape[1], q.shape[2] // heads
@@ -256,8 +257,9 @@ def _candidates(q, k, v, heads, scale, kv_index) -> dict:
     out = {**sdpa, **triton_default} if nk > SHORT_KEYS or d <= SDPA_MAX_HEAD_DIM else {**triton_default, **sdpa}
     if not tuning.enabled():
         return out
-    if _cudnn_attention() is not None and q.is_cuda:
-        out["sdpa-cudnn"] = lambda: _sdpa_cudnn_first(q, k, v, heads, scale, kv_index)
+    if q.is_cuda:  # SDPA with one of its backends first (where this PyTorch has it and it is enabled)
+        for name in _sdpa_backends():
+            out[f"sdpa-{name}"] = lambda name=name: _sdpa_first(name, q, k, v, heads, scale, kv_index)
     for config in tuning_configs(d, nk):
         name = config_name(config)
         if name not in out:
@@ -265,22 +267,30 @@ def _candidates(q, k, v, heads, scale, kv_index) -> dict:
     return out
 
 
-def _cudnn_attention():
-    """SDPBackend.CUDNN_ATTENTION where this PyTorch has it (and its cuDNN attention is enabled), else None."""
+def _sdpa_backends() -> list:
+    """The SDPA backends tried first as tuning candidates ("cudnn": cuDNN's attention, "efficient":
+    the memory-efficient kernel; "sdpa" itself is PyTorch's own order, flash first): those this
+    PyTorch has and has enabled."""
     try:
-        from torch.nn.attention import SDPBackend
+        from torch.nn.attention import SDPBackend  # noqa: F401
     except ImportError:
-        return None
-    backend = getattr(SDPBackend, "CUDNN_ATTENTION", None)
-    return backend if backend is not None and torch.backends.cuda.cudnn_sdp_enabled() else None
+        return []
+    found = []
+    if hasattr(SDPBackend, "CUDNN_ATTENTION") and torch.backends.cuda.cudnn_sdp_enabled():
+        found.append("cudnn")
+    if torch.backends.cuda.mem_efficient_sdp_enabled():
+        found.append("efficient")
+    return found
 
 
-def _sdpa_cudnn_first(q, k, v, heads, scale, kv_index):
-    """SDPA with cuDNN's attention first (then flash, memory-efficient, math: where cuDNN does not
-    take the shape, what SDPA would pick anyway)."""
+def _sdpa_first(name: str, q, k, v, heads, scale, kv_index):
+    """SDPA with backend `name` (_sdpa_backends) first, then flash, memory-efficient, math: where it does
+    not take the shape, what SDPA would pick anyway."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+                       if b != first]
     with sdpa_kernel(order, set_priority=True):
         return attention_sdpa(q, k, v, heads, scale, kv_index)
 

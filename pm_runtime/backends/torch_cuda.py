@@ -104,7 +104,7 @@
   (block rounding, cuDNN's workspaces, the warm-ups' algorithm searches) is for the GPU check
   (variants torch-cuda-shared-pool, -shared-pool-offload-te).
 - tune (default on; NOT MEASURED on a GPU yet): where a kernel call has several implementations
-  (attention: SDPA, SDPA with cuDNN's attention first, the Triton kernel in a few launch
+  (attention: SDPA, SDPA with cuDNN's or the memory-efficient attention first, the Triton kernel in a few launch
   configurations; the feed-forward's GEGLU projection: cuBLAS + the GEGLU kernel, or the GEGLU in a
   Triton GEMM; GroupNorm: tiled or grouped), the one that runs for a shape is the fastest measured on
   this GPU (pm_kernels.tuning): before a step graph's first capture of a shape, one eager step in a
