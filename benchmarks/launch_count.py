@@ -91,7 +91,7 @@ def count(sizes=(512, 1024)) -> list[dict]:
             try:
                 loop = None
                 if step:  # a whole step: n = 1 image, the UNet on [uncond; cond] or on each half
-                    loop = sd15_step_graph(fast, size, torch.float16, sequential=step == "sequential")
+                    loop = sd15_step_graph(fast, size, torch.float16, sequential=step == "sequential", kv_step=True)
                 mode = _ops_mode()
                 with mode:
                     if loop is not None:
@@ -103,11 +103,12 @@ def count(sizes=(512, 1024)) -> list[dict]:
                     setattr(pm_kernels, name, fn)
         aten = sum(mode.ops.values())
         other_fused = sum(n for name, n in fused.items() if name != "group_norm_silu")
-        by_impl = {impl: sum(gn.launches(shape, groups, impl) for shape, groups in norms) for impl in gn.IMPLS}
+        by_impl = {impl: sum(gn.launches(shape, groups, impl) for shape, groups in norms)
+                   for impl in gn.IMPLS if impl != "tuned"}  # (tuned: tiled's or grouped's per shape, on a GPU)
         variant = ("FastUNet, K/V tables, time tables, fused epilogues, batch 2" if epilogues
                    else "FastUNet, K/V tables, batch 2 (no time tables, epilogues unfused)")
         if step:
-            variant = f"one step graph step, guidance {step} (FastUNet as above)"
+            variant = f"one step graph step, guidance {step} (FastUNet as above; two-row K/V, the step's own by 2 GEMMs: kv_step)"
         rec = {"network": "step" if step else "unet-call", "variant": variant, "size": size, "dtype": "float16",
                "aten_kernels": aten, "aten_by_op": dict(mode.ops.most_common()), "fused_calls": dict(fused),
                "group_norm_launches": by_impl, "fuse_max": gn.FUSE_MAX,

@@ -402,7 +402,9 @@ class FastUNet(nn.Module):
         """Row `row` of the two-row K/V buffers from one context each (1, L, D): K = to_k(C_k) and
         V = to_v(C_v) of every layer at once, one GEMM each, written in place."""
         for buf, (w, b), c in zip(self.kv_step, self.kv_weights, (c_k, c_v)):
-            c2 = c.reshape(-1, c.shape[-1]).to(buf.dtype)
+            c2 = c.reshape(-1, c.shape[-1])
+            if c2.dtype != buf.dtype:  # (the step's context buffers are in the run dtype already)
+                c2 = c2.to(buf.dtype)
             if b is None:
                 torch.mm(c2, w.t(), out=buf[row])
             else:
