@@ -93,8 +93,12 @@ def run_child(variant: str, bundle: str, device: str, steps: int, size: int, rec
             env["TRITON_CACHE_DIR"] = cache  # empty: every Triton kernel compiles in this process
             env["PM_KERNELS_TUNE_DIR"] = os.path.join(cache, "tuning")  # and every tunable call is timed
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", CHILD, json.dumps([variant, bundle, device, steps, size])],
-                           capture_output=True, text=True, timeout=timeout, env=env)
+        try:
+            r = subprocess.run([sys.executable, "-c", CHILD, json.dumps([variant, bundle, device, steps, size])],
+                               capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:  # what it says is a figure too: the start takes longer than this
+            return {"status": "error", "error": f"timed out: no first image within {timeout:.0f} s",
+                    "timed_out_s": round(timeout, 1)}
         wall = time.perf_counter() - t0
     lines = [ln[len(TAG):] for ln in r.stdout.splitlines() if ln.startswith(TAG)]
     if r.returncode or not lines:
@@ -114,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--child-timeout", type=float, default=600.0,
+                    help="seconds a child process may take to its first image; a slower one is recorded as timed "
+                         "out (the other variants' records are kept)")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", type=pathlib.Path, default=None, help="append the records to this JSON-lines file")
     a = ap.parse_args(argv)
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
     open_bundle(pathlib.Path(a.bundle)).verify_all()  # the warm machine's record for "standalone"
     for i in range(a.runs):
         for v in variants:  # interleaved: drift in the machine's state hits every variant alike
-            r = run_child(v, str(a.bundle), a.device, a.steps, a.size, record)
+            r = run_child(v, str(a.bundle), a.device, a.steps, a.size, record, timeout=a.child_timeout)
             runs[v].append(r)
             print(f"run {i + 1} {v}: " + (f"process {r['process_wall_s']:.2f} s = import {r['import_s']:.2f} + load "
                                           f"{r['load_s']:.2f} + first image {r['first_image_s']:.2f} (+ interpreter); "

@@ -559,3 +559,18 @@ def test_gpu_goals_memory_row_says_when_the_first_image_tuned():
     assert "tuned" not in gpu_goals.memory_row("x", r, 2.0)[1]
     assert "the first image tuned kernels in this process (12.5 s)" in \
         gpu_goals.memory_row("x", {**r, "tuning_s": 12.5}, 2.0)[1]
+
+
+def test_bench_start_records_a_child_that_times_out(monkeypatch):
+    """A new process slower than --child-timeout (a cold start on a slow machine) is recorded as timed
+    out with the limit, instead of the whole benchmark being killed with every record lost."""
+    import subprocess
+
+    import bench_start
+
+    def slow(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    monkeypatch.setattr(bench_start.subprocess, "run", slow)
+    r = bench_start.run_child("cold", "bundle", "cuda", 50, 512, "record", timeout=70)
+    assert r == {"status": "error", "error": "timed out: no first image within 70 s", "timed_out_s": 70.0}
