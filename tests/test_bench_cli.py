@@ -574,3 +574,14 @@ def test_bench_start_records_a_child_that_times_out(monkeypatch):
     monkeypatch.setattr(bench_start.subprocess, "run", slow)
     r = bench_start.run_child("cold", "bundle", "cuda", 50, 512, "record", timeout=70)
     assert r == {"status": "error", "error": "timed out: no first image within 70 s", "timed_out_s": 70.0}
+
+
+def test_gpu_goals_reports_a_timed_out_cold_start(tmp_path):
+    import gpu_goals
+
+    (tmp_path / "start-gpu.jsonl").write_text(json.dumps({
+        "variant": "cold", "runs": 1, "ok_runs": 0, "load_s_p50": None, "first_image_s_p50": None,
+        "per_run": [{"status": "error", "error": "timed out", "timed_out_s": 70.0}]}) + "\n")
+    rows = {r[0]: r for r in gpu_goals.rows(gpu_goals.load(tmp_path))}
+    cold = [r for k, r in rows.items() if k.startswith("cold first start")]
+    assert cold and cold[0][1].startswith("over 70 s") and cold[0][3] == "reported"
