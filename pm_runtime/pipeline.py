@@ -185,6 +185,7 @@ class Pipeline:
         if log:
             log(why)
         be = cls_(b, device=device, low_memory=low_memory, **backend_options)
+        be.log = log
         return cls(b, be, concept, safety_checker)
 
     # ------------------------------------------------------------------ concepts

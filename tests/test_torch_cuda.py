@@ -274,6 +274,19 @@ def test_kv_step_and_per_context_tables_give_the_same_image(run_bundle, fast_pip
     assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1
 
 
+def test_the_tuning_note_reaches_the_pipeline_log(run_bundle):
+    """Pipeline.load(log=...) gives the backend the log; the step graph calls the backend's note as a
+    tuning session starts measuring (on a GPU: the gpu test above sees it in a real first image)."""
+    notes = []
+    pipe = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", log=notes.append)
+    assert pipe.backend.log is not None
+    pipe.backend._tuning_note(32, 40)
+    import pm_kernels
+
+    assert notes[-1].startswith("tuning kernels for this GPU at 256x320 px")
+    assert str(pm_kernels.tuning.cache_file("cpu")) in notes[-1]
+
+
 def test_switching_concepts_reloads_nothing(fast_pipe):
     a = fast_pipe.generate(PROMPT, seed=1, steps=4, height=256, width=256)
     loads = dict(fast_pipe.backend.loads)
@@ -444,7 +457,7 @@ def test_gpu_vae_graph_and_offloaded_text_encoder_give_the_same_image(cuda_bundl
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_tuned_kernels_give_the_untuned_image_and_tune_once(cuda_bundle):
+def test_gpu_tuned_kernels_give_the_untuned_image_and_tune_once(cuda_bundle, tmp_path, monkeypatch):
     """tune (default on): before the first capture of a shape, one eager step in a pm_kernels.tuning
     session chooses each tunable call's implementation on this GPU; the image stays the untuned
     one's (other kernels, the same function: within fp16 rounding), the choices land in the cache
@@ -454,11 +467,15 @@ def test_gpu_tuned_kernels_give_the_untuned_image_and_tune_once(cuda_bundle):
     import pm_kernels
 
     T = pm_kernels.tuning
+    monkeypatch.setenv("PM_KERNELS_TUNE_DIR", str(tmp_path / "tuning"))  # nothing tuned yet
     T.forget()
     kw = dict(seed=4, steps=6, height=256, width=256)
     untuned = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", tune=False).generate(PROMPT, **kw)
-    tuned_pipe = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice")
+    assert not (tmp_path / "tuning").exists()
+    notes = []
+    tuned_pipe = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", log=notes.append)
     tuned = tuned_pipe.generate(PROMPT, **kw)
+    assert [n for n in notes if n.startswith("tuning kernels for this GPU at 256x256 px")], notes
     assert psnr(tuned.images, untuned.images) >= 35
     loop = next(iter(tuned_pipe.backend._loops.values()))
     data = json.loads(T.cache_file("cuda").read_text())
@@ -468,9 +485,12 @@ def test_gpu_tuned_kernels_give_the_untuned_image_and_tune_once(cuda_bundle):
     for key, entry in data["choices"].items():
         assert entry["choice"] in entry["us"] and "rejected" not in entry, (key, entry)
     T.forget()  # a new process: the file only
-    again = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice").generate(PROMPT, **kw)
+    notes.clear()
+    again = Pipeline.load(cuda_bundle, backend="torch-cuda", concept="alice", log=notes.append).generate(PROMPT, **kw)
+    assert not [n for n in notes if n.startswith("tuning kernels")], notes
     np.testing.assert_array_equal(again.images, tuned.images)
     assert json.loads(T.cache_file("cuda").read_text()) == data  # nothing measured or added
+    T.forget()  # (the next tests' tables come from their own folder again)
 
 
 @pytest.mark.gpu

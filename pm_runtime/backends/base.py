@@ -123,6 +123,7 @@ class Backend(abc.ABC):
         self.device = device
         self.low_memory = bool(low_memory)
         self.vae_tiling = self.low_memory  # decode above 512 px in tiles (bounded memory, blended seams)
+        self.log = None  # a callable(str) for notes the user should see (Pipeline.load(log=...) sets it)
         self.specs = network_specs(bundle.dims)
         self.loads: collections.Counter[str] = collections.Counter()  # network -> creations
         self._cache: dict[str, CheckedNetwork] = {}

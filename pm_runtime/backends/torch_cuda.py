@@ -536,6 +536,14 @@ class TorchCudaBackend(Backend):
                            if b != first]
         return sdpa_kernel(order, set_priority=True)
 
+    def _tuning_note(self, h: int, w: int) -> None:
+        """Tell the user why this first image takes longer (a cold machine: seconds to a minute)."""
+        if self.log is not None:
+            import pm_kernels
+
+            self.log(f"tuning kernels for this GPU at {8 * h}x{8 * w} px (once per GPU, software and image size; the "
+                     f"choices are kept in {pm_kernels.tuning.cache_file(self.torch_device)})")
+
     def _tuning(self):
         """tune=False: pm_kernels.tuning off for the block (the kernels' untuned defaults, no stored
         choices); else unchanged."""
@@ -569,7 +577,8 @@ class TorchCudaBackend(Backend):
                                  dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph,
                                  kv_tables=self.kv_tables, sequential=self.sequential_guidance, max_steps=max_steps,
                                  time_tables=self.time_tables, step_kernels=self.step_kernels,
-                                 pool=self._pool, kv_graph=self.shared_pool, tune=self.tune, kv_step=self.kv_step)
+                                 pool=self._pool, kv_graph=self.shared_pool, tune=self.tune, kv_step=self.kv_step,
+                                 on_tune=lambda: self._tuning_note(h, w))
             self._loops[key] = loop
         noise = None
         if lin.needs_noise:

@@ -153,12 +153,13 @@ class StepGraph:
                  rows: int, dtype: torch.dtype, device: torch.device, cuda_graph: bool = True, max_steps: int = 1000,
                  kv_tables: bool = True, sequential: bool = False, time_tables: bool = True,
                  step_kernels: bool = True, pool=None, kv_graph: bool = False, tune: bool = False,
-                 kv_step: bool = False):
+                 kv_step: bool = False, on_tune: Callable[[], None] | None = None):
         self.unet, self.n, self.dtype, self.device = unet, n, dtype, torch.device(device)
         # tune (with a CUDA graph): before the capture, one eager step in a pm_kernels.tuning session,
         # where every tunable kernel call of a shape not yet measured on this GPU picks its fastest
         # implementation (once per GPU, software and shape: the choices are kept in a cache file)
         self.tune = bool(tune)
+        self.on_tune = on_tune  # called as a tuning session starts measuring (the backend tells the user)
         self.sequential = bool(sequential)
         # the arithmetic around the UNet: pm_kernels' two kernels, or (False) their PyTorch references
         self._copies, self._update = ((pm_kernels.scaled_copies, pm_kernels.guided_update) if step_kernels else
@@ -272,6 +273,8 @@ class StepGraph:
         with torch.cuda.stream(side), torch.inference_mode(), \
                 pm_kernels.tuning.session(self.signature(), self.device) as active:
             if active:
+                if self.on_tune is not None:
+                    self.on_tune()
                 step()
         torch.cuda.current_stream(self.device).wait_stream(side)
 
