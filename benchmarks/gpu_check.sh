@@ -7,7 +7,9 @@
 # the process counts in its peak; "expandable:" entries with the allocator's expandable segments,
 # which pm-run --low-memory sets; "smallws:" entries with them and cuBLAS's workspace cut from 32 MiB
 # per (handle, stream) to 4 MiB (CUBLAS_WORKSPACE_CONFIG=:4096:1, CUBLASLT_WORKSPACE_SIZE=4096 KiB: what
-# --low-memory could set too); "generic:" entries with PM_KERNELS_GENERIC_SIZES=1, pm_kernels
+# --low-memory could set too); "wscap:" entries with them and cuDNN's convolution workspace capped at
+# 128 MiB (CUDNN_CONV_WSCAP_DBG: its algorithm search in the first image may try workspaces of
+# hundreds of MB, on top of the weights); "generic:" entries with PM_KERNELS_GENERIC_SIZES=1, pm_kernels
 # compiled without size specialisation, the A/B of that rule; the unmet goals first), two short runs under other allocator /
 # cuDNN workspace settings (stage "extra", off by default), and the goals table (gpu_goals.py ->
 # OUT/goals.md). Records land in OUT as each variant ends.
@@ -108,7 +110,7 @@ fi
 # a new process of its own) and where their memory goes (-phases: per stage, by pool, in a new
 # process: the first image's searches included), their A/B variants, then the goals already met (a
 # check for regressions)
-FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024-phases,expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,smallws:torch-cuda-low-memory-1024,torch-cuda-pdl,torch-cuda-geglu-gemm,torch-cuda,torch-cuda-shared-pool-offload-te,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
+FRESH=${PM_FRESH:-expandable:torch-cuda-low-memory-1024-phases,expandable:torch-cuda-low-memory-1024,torch-cuda-shared-pool,smallws:torch-cuda-low-memory-1024,torch-cuda-pdl,wscap:torch-cuda-low-memory-1024,torch-cuda,torch-cuda-geglu-gemm,torch-cuda-shared-pool-offload-te,expandable:torch-cuda-low-memory-1024-one-stream,torch-cuda-shared-pool-phases,torch-cuda-shared-pool-one-stream,expandable:torch-cuda-shared-pool,expandable:torch-cuda-low-memory-1024-cudnn-heuristics,torch-cuda-phases,torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory-1024-no-ff-chunk,expandable:torch-cuda-low-memory-int8-1024,expandable:torch-cuda-lean-bands-no-kv,expandable:torch-cuda-low-memory,torch-cuda-int8,expandable:torch-cuda-low-memory-int8,torch-cuda-lean-bands,torch-cuda-low-memory-1024}
 entries=(${FRESH//,/ })
 FIRST=${PM_FRESH_FIRST:-6}  # this many entries run before the start-up stage, the rest after it
 # fresh_run FROM TO: entries FROM .. TO-1, each in a new process; when the time runs out, names what is
@@ -118,20 +120,24 @@ fresh_run() {
     for (( i=$1; i<$2 && i<${#entries[@]}; i++ )); do
         e=${entries[$i]}; v=${e#*:}
         # the previous entry's settings go first: a stage after an early return must not inherit them
-        unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE
+        unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE \
+            CUDNN_CONV_WSCAP_DBG
         T=$(limit ${PM_FRESH_TIMEOUT:-60} "$FRESH_MIN")
         if [ "$T" -eq 0 ]; then skipped "${entries[*]:$i}"; FRESH_OUT=1; return; fi
         case "$e" in
             expandable:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; conf=expandable; out=gpu-fresh-expandable;;
             smallws:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUBLAS_WORKSPACE_CONFIG=:4096:1 \
                        CUBLASLT_WORKSPACE_SIZE=4096; conf=expandable-smallws; out=gpu-fresh-smallws;;
+            wscap:*) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDNN_CONV_WSCAP_DBG=128
+                     conf=expandable-wscap128; out=gpu-fresh-wscap;;
             generic:*) export PM_KERNELS_GENERIC_SIZES=1; conf=generic-sizes; out=gpu-fresh-generic-sizes;;
             *) conf=default; out=gpu-fresh;;
         esac
         timeout "$T" python3 benchmarks/bench_gpu.py --work "$WORK" --out "$OUT/$out.jsonl" \
             --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
     done
-    unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE
+    unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE \
+        CUDNN_CONV_WSCAP_DBG
 }
 if stage fresh; then
     echo "== memory variants, each in a new process (expandable: with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); the first $FIRST before the start-up stage"

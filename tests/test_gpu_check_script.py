@@ -37,7 +37,7 @@ def test_every_variant_the_script_names_exists():
 
 
 STUB_PYTHON = """#!/usr/bin/env bash
-echo "python3 $* [alloc=${PYTORCH_CUDA_ALLOC_CONF:-}] [generic=${PM_KERNELS_GENERIC_SIZES:-}] [ws=${CUBLAS_WORKSPACE_CONFIG:-},${CUBLASLT_WORKSPACE_SIZE:-}]" >> "$STUB_LOG"
+echo "python3 $* [alloc=${PYTORCH_CUDA_ALLOC_CONF:-}] [generic=${PM_KERNELS_GENERIC_SIZES:-}] [ws=${CUBLAS_WORKSPACE_CONFIG:-},${CUBLASLT_WORKSPACE_SIZE:-}] [wscap=${CUDNN_CONV_WSCAP_DBG:-}]" >> "$STUB_LOG"
 case "$*" in
   *bench_gpu.py*--compile*) sleep "$STUB_BENCH_S";;
   *bench_gpu.py*) sleep "$STUB_FRESH_S";;
@@ -88,15 +88,19 @@ def test_the_check_keeps_to_its_time_budget(tmp_path):
 
 def test_fresh_entries_set_their_environment_one_process_each(tmp_path):
     """A new-process entry's prefix sets its environment for that process only: "expandable:" the
-    allocator's expandable segments, "smallws:" those and a 4 MiB cuBLAS workspace, "generic:"
-    PM_KERNELS_GENERIC_SIZES=1, each into its own file."""
+    allocator's expandable segments, "smallws:" those and a 4 MiB cuBLAS workspace, "wscap:" those
+    and cuDNN's workspace capped at 128 MiB, "generic:" PM_KERNELS_GENERIC_SIZES=1, each into its own
+    file."""
     r, calls = _run(tmp_path, budget=60, bench_s=0, fresh_s=0, stages="fresh",
                     PM_FRESH="expandable:torch-cuda-low-memory-1024,smallws:torch-cuda-low-memory-1024,"
-                             "generic:torch-cuda,torch-cuda-shared-pool",
+                             "generic:torch-cuda,torch-cuda-shared-pool,wscap:torch-cuda-low-memory-1024,torch-cuda",
                     PM_KERNELS_GENERIC_SIZES="", PYTORCH_CUDA_ALLOC_CONF="", CUBLAS_WORKSPACE_CONFIG="")
     assert r.returncode == 0, r.stderr
     fresh = [c for c in calls if "bench_gpu.py" in c]
-    assert len(fresh) == 4, calls
+    assert len(fresh) == 6, calls
+    assert "gpu-fresh-wscap.jsonl" in fresh[4] and "[alloc=expandable_segments:True] [generic=] [ws=,] [wscap=128]" \
+        in fresh[4]
+    assert "gpu-fresh.jsonl" in fresh[5] and "[alloc=] [generic=] [ws=,] [wscap=]" in fresh[5]  # not inherited
     assert "--ours torch-cuda-low-memory-1024 " in fresh[0] and "gpu-fresh-expandable.jsonl" in fresh[0]
     assert "[alloc=expandable_segments:True] [generic=] [ws=,]" in fresh[0]
     assert "--ours torch-cuda-low-memory-1024 " in fresh[1] and "gpu-fresh-smallws.jsonl" in fresh[1]
