@@ -284,13 +284,13 @@ def workloads(dtype_name: str, quick: bool = False):
     fast = sd15_fast_unet(unet)
     fast.sample_format = lambda device: cl  # the layout it computes in on CUDA
 
-    def unet_call(size, batch, fused=True, ff_chunk=None, net=fast, geglu_gemm=False):
+    def unet_call(size, batch, fused=True, ff_chunk=None, net=fast, geglu_gemm=None):
         def run():
             net.fused_epilogues, net.ff_chunk, net.geglu_gemm = fused, ff_chunk, geglu_gemm
             try:
                 fast_unet_call(net, size, batch, dtype)()
             finally:
-                net.geglu_gemm = False
+                net.geglu_gemm = None  # (the default: the tuned projection)
         return run
 
     def step(size, sequential):
@@ -336,6 +336,18 @@ def workloads(dtype_name: str, quick: bool = False):
         finally:
             attention.ALWAYS_TRITON = old
 
+    def tuning_candidates():  # the Triton configurations pm_kernels.tuning times besides the defaults
+        attention = importlib.import_module("pm_kernels.attention")
+        for c, px in ((320, 64), (640, 32), (1280, 16), (1280, 8)):
+            q = torch.empty(2, px * px, c, device="meta", dtype=dtype)
+            kv = torch.empty(2, 77, c, device="meta", dtype=dtype)
+            for keys, index in ((kv, torch.zeros(2, dtype=torch.int64, device="meta")), (q, None)):
+                for config in attention.tuning_configs(c // 8, keys.shape[1]):
+                    attention._triton(q, keys, keys, 8, (c // 8) ** -0.5, index, config)
+        for m, c in ((8192, 320), (2048, 640), (512, 1280)):  # the feed-forward's GEGLU GEMM, 128-column tiles
+            pm_kernels.geglu_linear(torch.empty(m, c, device="meta", dtype=dtype),
+                                    torch.empty(8 * c, c, device="meta", dtype=dtype), None, block_n=128)
+
     yield "unet 512 px batch 2", unet_call(512, 2)
     yield "step 512 px, guidance batched", step(512, False)
     # what bench_kernels.py measures beside the UNet's choices: the grouped GroupNorm at each group
@@ -343,6 +355,8 @@ def workloads(dtype_name: str, quick: bool = False):
     yield "GroupNorm grouped at SD 1.5's group sizes", grouped_norms
     yield "attention in Triton at head dim 40", attention_head_dim_40
     yield "unet 512 px batch 2, GEGLU in its GEMM (geglu_gemm)", unet_call(512, 2, geglu_gemm=True)
+    yield "the tuning's other Triton candidates at SD 1.5's shapes (attention tilings, GEGLU GEMM tiles)", \
+        tuning_candidates
     if quick:
         return
     yield "unet 1024 px batch 1, GEGLU in its GEMM, ff chunks of 2048", unet_call(1024, 1, ff_chunk=2048,
