@@ -78,8 +78,16 @@ def test_kernels_compile_for_hopper_and_consumer_ampere(tmp_path):
                         for r in gemm), gemm
     assert all(r["mma"] == "mma" for r in by_arch["sm_86"] if r["kernel"] == "_geglu_mm")  # Ampere: mma.sync
     d40 = [r for r in by_arch["sm_90"] if r["kernel"] == "_attn" and r["constexprs"]["D"] == 40]
-    assert len(d40) == 2  # 77 keys, 4096 keys (a size divisible by 16: specialised)
-    assert all(r["global_access_bytes"] == {"loads": {"16": 8}, "stores": {"16": 8}} for r in d40), d40
+    plain = [r for r in d40 if not r["constexprs"]["D_B"] and not r["constexprs"]["HAS_IDX"]]
+    assert len(plain) == 2  # 77 keys, 4096 keys (a size divisible by 16: specialised)
+    assert all(r["global_access_bytes"] == {"loads": {"16": 8}, "stores": {"16": 8}} for r in plain), plain
+    # the tuning's candidates too (two head-dim tiles, K/V read by table row): q/k/v/out 16-byte, the
+    # row index (int64) one 8-byte load
+    assert {(r["constexprs"]["D_B"], r["constexprs"]["HAS_IDX"]) for r in d40} >= {(16, True), (16, False), (0, True)}
+    for r in d40:
+        index = {"8": 1} if r["constexprs"]["HAS_IDX"] else {}
+        assert set(r["global_access_bytes"]["loads"].items()) - set(index.items()) <= {("16", 8), ("16", 6)}, r
+        assert list(r["global_access_bytes"]["stores"]) == ["16"], r
 
     def attn(arch, stages):
         return [r for r in by_arch[arch] if r["kernel"] == "_attn" and r["constexprs"]["BLOCK_D"] == 256
