@@ -69,7 +69,7 @@ def _run(tmp_path, budget: int, bench_s: int, fresh_s: int, stages="tests,kernel
 
 
 def test_the_check_keeps_to_its_time_budget(tmp_path):
-    r, calls = _run(tmp_path, budget=9, bench_s=2, fresh_s=2)
+    r, calls = _run(tmp_path, budget=10, bench_s=2, fresh_s=2)
     assert r.returncode == 0, r.stderr
     order = [c for c in calls if "import" not in c]
     assert "pytest" in order[0] and "bench_kernels.py" in order[1] and "--compile" in order[4]
@@ -79,7 +79,8 @@ def test_the_check_keeps_to_its_time_budget(tmp_path):
     assert "[generic=]" in order[1] and "[generic=]" in order[4]
     assert "bench_start.py" not in "".join(order)  # no bundle was made: the stage has nothing to run
     fresh = [c for c in order if "bench_gpu.py" in c and "--compile" not in c]
-    # 9 s budget, 1 s reserve, ~1 + 2 s spent before: two or three 2-second processes, then the stop
+    # 10 s budget, 1 s reserve, ~2 + 2 s of stand-ins and the script's own time before: one to three
+    # 2-second processes, then the stop (a second more than it had: one process under a loaded machine)
     assert 1 <= len(fresh) <= 3, order
     assert "--ours torch-cuda-low-memory-1024-phases " in fresh[0] + " "  # the list's first entry first
     assert "skipped for time" in r.stdout and "torch-cuda-lean-bands" in r.stdout.split("skipped for time")[1]
