@@ -143,7 +143,7 @@ def test_fast_unet_two_row_step_contexts(unet_graph):
                for a in fast.cross)
     fast.allocate_step_contexts(77)  # again: nothing fused twice
     assert fast.pm_to_k_all.data_ptr() == k_all.data_ptr()
-    assert fast.kv_step[0].shape == (2, 77, k_all.shape[0])
+    assert fast.step_kv_buffers[0].shape == (2, 77, k_all.shape[0])
 
 
 def test_fast_unet_channels_last_in_place(unet_graph, monkeypatch):
@@ -270,7 +270,7 @@ def test_kv_step_and_per_context_tables_give_the_same_image(run_bundle, fast_pip
     a, b = fast_pipe.generate(PROMPT, **kw), tables.generate(PROMPT, **kw)
     step, table = (next(iter(p.backend._loops.values())) for p in (fast_pipe, tables))
     assert step.step_kv and not table.step_kv and table.indexed
-    assert step.unet.kv_step[0].shape[0] == 2 and next(iter(table.unet.kv_tables.values()))[0].shape[0] >= 32
+    assert step.unet.step_kv_buffers[0].shape[0] == 2 and next(iter(table.unet.kv_tables.values()))[0].shape[0] >= 32
     assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1
 
 

@@ -243,6 +243,24 @@ def _fold_input_shift(r, shift) -> None:
     r.register_buffer("pm_in_shift", shift.to(ref.dtype), persistent=False)
 
 
+def _one_matrix(layers) -> tuple:
+    """(weights, bias) of linear `layers` as one layer: their weights concatenated along the output
+    axis, each layer's own weight made a view of its rows (same values, no second copy), so one GEMM
+    computes all of them; the biases concatenated likewise (zeros for a layer without; None where no
+    layer has one)."""
+    w = torch.cat([layer.weight for layer in layers]).detach()
+    off = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight = nn.Parameter(w[off:off + rows], requires_grad=False)
+        off += rows
+    b = None
+    if any(layer.bias is not None for layer in layers):
+        b = torch.cat([layer.bias if layer.bias is not None else w.new_zeros(layer.weight.shape[0])
+                       for layer in layers]).detach()
+    return w, b
+
+
 def _fuse_qkv(attn) -> None:
     """Q, K and V of a self-attention from one GEMM: concatenate the weights once and make the
     module's own weights views of the result (same values, no second copy)."""
@@ -250,13 +268,9 @@ def _fuse_qkv(attn) -> None:
         return  # int8 weights: Q, K and V exist only fused (int8_weights.quantize_unet_)
     if hasattr(attn, "pm_qkv") and attn.to_q.weight.data_ptr() == attn.pm_qkv.data_ptr():
         return  # already fused (a module moved with .to() is fused again: its views became copies)
-    qkv = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()  # (3 inner, C)
+    qkv, bias = _one_matrix((attn.to_q, attn.to_k, attn.to_v))  # (3 inner, C)
     attn.register_buffer("pm_qkv", qkv, persistent=False)
-    inner = attn.to_q.weight.shape[0]
-    for j, layer in enumerate((attn.to_q, attn.to_k, attn.to_v)):
-        layer.weight = nn.Parameter(qkv[j * inner:(j + 1) * inner], requires_grad=False)
-    attn.register_buffer("pm_qkv_bias", None if attn.to_q.bias is None else
-                         torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).detach(), persistent=False)
+    attn.register_buffer("pm_qkv_bias", bias, persistent=False)
 
 
 class FastUNet(nn.Module):
@@ -280,7 +294,7 @@ class FastUNet(nn.Module):
                 self.self_attn.append(m.attn1)
                 self.cross.append(m.attn2)
         self.kv_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(attn2) -> (K, V) tables
-        self.kv_step: tuple | None = None  # the two-row K and V buffers (allocate_step_contexts)
+        self.step_kv_buffers: tuple | None = None  # the two-row K and V buffers (allocate_step_contexts)
         u = unet
         self.resnets = [r for b in (*u.down_blocks, u.mid_block, *u.up_blocks) for r in b.resnets]  # forward order
         self.register_biases()
@@ -325,7 +339,7 @@ class FastUNet(nn.Module):
         """Static (rows, L, inner) K and V tables for every cross-attention layer (allocate before
         a CUDA graph is captured: the graph reads them in place), views of ONE buffer (a single
         block: once freed, the allocator can hand it out whole or split; empty=True: not zeroed)."""
-        self.kv_tables, self.kv_step = {}, None
+        self.kv_tables, self.step_kv_buffers = {}, None
         w = self.unet.conv_in.weight  # the run dtype and device (conv_in is never int8)
         sizes = [rows * length * attn.to_k.out_features for attn in self.cross]
         flat = (torch.empty if empty else torch.zeros)(2 * sum(sizes), dtype=w.dtype, device=w.device)
@@ -339,7 +353,7 @@ class FastUNet(nn.Module):
     def drop_context_tables(self) -> None:
         """Forget the tables (a CUDA graph that was captured reading them keeps their addresses)."""
         self.kv_tables = {}
-        self.kv_step = None
+        self.step_kv_buffers = None
 
     def set_contexts(self, c_k, c_v) -> None:
         """Fill the tables' first rows from the contexts (rows, L, D): K = to_k(C_k), V = to_v(C_v)."""
@@ -362,20 +376,12 @@ class FastUNet(nn.Module):
         fused = []
         for name in ("to_k", "to_v"):
             layers = [getattr(a, name) for a in self.cross]
-            w = getattr(self, f"pm_{name}_all", None)
+            w, b = getattr(self, f"pm_{name}_all", None), getattr(self, f"pm_{name}_all_bias", None)
             if w is None or any(lay.weight.untyped_storage().data_ptr() != w.untyped_storage().data_ptr()
                                 for lay in layers):
-                w = torch.cat([lay.weight for lay in layers]).detach()
-                off = 0
-                for lay in layers:
-                    rows = lay.weight.shape[0]
-                    lay.weight = nn.Parameter(w[off:off + rows], requires_grad=False)
-                    off += rows
+                w, b = _one_matrix(layers)
                 self.register_buffer(f"pm_{name}_all", w, persistent=False)
-            b = None
-            if any(lay.bias is not None for lay in layers):
-                b = torch.cat([lay.bias if lay.bias is not None else w.new_zeros(lay.weight.shape[0])
-                               for lay in layers]).detach()
+                self.register_buffer(f"pm_{name}_all_bias", b, persistent=False)
             fused.append((w, b))
         return tuple(fused)
 
@@ -390,18 +396,18 @@ class FastUNet(nn.Module):
         self.kv_weights = self._fuse_cross_kv()
         w = self.unet.conv_in.weight
         total = self.kv_weights[0][0].shape[0]
-        self.kv_step = tuple(torch.zeros((2, length, total), dtype=w.dtype, device=w.device) for _ in range(2))
+        self.step_kv_buffers = tuple(torch.zeros((2, length, total), dtype=w.dtype, device=w.device) for _ in range(2))
         self.kv_tables = {}
         off = 0
         for attn in self.cross:
             inner = attn.to_k.weight.shape[0]
-            self.kv_tables[id(attn)] = tuple(buf[:, :, off:off + inner] for buf in self.kv_step)
+            self.kv_tables[id(attn)] = tuple(buf[:, :, off:off + inner] for buf in self.step_kv_buffers)
             off += inner
 
     def set_step_contexts(self, c_k, c_v, row: int) -> None:
         """Row `row` of the two-row K/V buffers from one context each (1, L, D): K = to_k(C_k) and
         V = to_v(C_v) of every layer at once, one GEMM each, written in place."""
-        for buf, (w, b), c in zip(self.kv_step, self.kv_weights, (c_k, c_v)):
+        for buf, (w, b), c in zip(self.step_kv_buffers, self.kv_weights, (c_k, c_v)):
             c2 = c.reshape(-1, c.shape[-1])
             if c2.dtype != buf.dtype:  # (the step's context buffers are in the run dtype already)
                 c2 = c2.to(buf.dtype)
