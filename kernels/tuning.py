@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -150,18 +149,11 @@ def _table(device) -> dict:
 def _save(device) -> Path | None:
     """Write `device`'s table to its cache file atomically (temp file + rename); a folder that cannot
     be written costs a warning, the choices stay in this process."""
+    from pm_runtime.concept_table import atomic_write_bytes  # the project's one atomic writer
+
     path = cache_file(device)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(_table(device), f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(json.dumps(_table(device), indent=1, sort_keys=True).encode(), path)
     except OSError as e:
         warnings.warn(f"pm_kernels tuning: cannot write {path} ({e}); the choices hold in this process only")
         return None
