@@ -57,8 +57,9 @@ def geglu(h):
 # program computes a (BLOCK_M, BLOCK_N) tile of both halves in two fp32 accumulators and writes only
 # y's tile. At SD 1.5's 64x64 layers that is 42 MB written and read back less per call (the split
 # GEMM + GEGLU kernel: cuBLAS 29 us + GEGLU 27 us on an H200 at [8192, 320, 2560], kernels record at
-# 76e8a1a). Whether a Triton GEMM gets within reach of cuBLAS there is for the GPU's kernel benchmark
-# to say (op geglu_linear); FastUNet uses it only with geglu_gemm=True.
+# 76e8a1a). Whether a Triton GEMM gets within reach of cuBLAS there is for the GPU to say: the kernel
+# benchmark (op geglu_linear), and per shape pm_kernels.tuning (geglu_projection, FastUNet's default
+# feed-forward path; geglu_gemm=True forces it).
 
 def geglu_linear_reference(x, weight, bias=None):
     """geglu(F.linear(x, weight, bias)) in fp32, cast to x's dtype."""
