@@ -54,17 +54,47 @@ Tests: tests/test_kernels.py, tests/test_tuning.py; benchmark: benchmarks/bench_
 PyTorch's).
 """
 
-from ._dispatch import (KERNELS, enabled, generic_sizes, generic_sizes_kept, kernel_path, pdl, pdl_kept, set_enabled,
-                        set_generic_sizes, set_pdl, triton_available)
-from .attention import attention, attention_reference, attention_sdpa
-from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
-from . import tuning
-from .geglu import geglu, geglu_linear, geglu_linear_reference, geglu_projection, geglu_reference
-from .layer_norm import add_layer_norm, add_layer_norm_reference
-from .residual import add_bias_residual, add_bias_residual_reference
-from .step_update import guided_update, guided_update_reference, scaled_copies, scaled_copies_reference
-from .group_norm import (group_norm_impl, group_norm_impl_kept, group_norm_silu, group_norm_silu_reference,
-                         set_group_norm_impl)
+import sys as _sys
+
+
+def _hand_over() -> bool:
+    """Imported as `kernels`, not as pm_kernels: this checkout's root is on sys.path (python -m pytest
+    or python -c run from it, a benchmark script run from the tree) and the folder shadows Hugging
+    Face's `kernels` package, which transformers (5.25 and newer: a dependency) imports by that name.
+    Where that package is installed it is loaded in this module's place (sys.modules["kernels"]: what
+    the import returns) and True comes back; else False, and this folder loads as a copy of
+    pm_kernels under that name (harmless: nothing else asked for one)."""
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    root = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = [p for p in _sys.path if isinstance(p, str) and os.path.realpath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None:
+        return False
+    real = importlib.util.module_from_spec(spec)
+    _sys.modules["kernels"] = real
+    try:
+        spec.loader.exec_module(real)
+    except BaseException:
+        del _sys.modules["kernels"]
+        raise
+    return True
+
+
+if __name__ != "kernels" or not _hand_over():
+    from ._dispatch import (KERNELS, enabled, generic_sizes, generic_sizes_kept, kernel_path, pdl, pdl_kept, set_enabled,
+                            set_generic_sizes, set_pdl, triton_available)
+    from .attention import attention, attention_reference, attention_sdpa
+    from .dequant import dequant_int8, dequant_int8_reference, quantize_int8
+    from . import tuning
+    from .geglu import geglu, geglu_linear, geglu_linear_reference, geglu_projection, geglu_reference
+    from .layer_norm import add_layer_norm, add_layer_norm_reference
+    from .residual import add_bias_residual, add_bias_residual_reference
+    from .step_update import guided_update, guided_update_reference, scaled_copies, scaled_copies_reference
+    from .group_norm import (group_norm_impl, group_norm_impl_kept, group_norm_silu, group_norm_silu_reference,
+                             set_group_norm_impl)
 
 __all__ = ["KERNELS", "add_bias_residual", "add_bias_residual_reference", "add_layer_norm",
            "add_layer_norm_reference", "attention", "attention_reference", "attention_sdpa", "dequant_int8",
