@@ -257,7 +257,9 @@ def tuning_lines(records: dict[str, list[dict]]) -> list[str]:
     if not found:
         return []
     out = ["", f"Kernel choices of torch-cuda (pm_kernels.tuning, measured on this GPU: {len(found)} calls; "
-               f"{ours.get('tuning_s', 0)} s spent measuring in this process), us per call in a CUDA graph", "",
+               f"{ours.get('tuning_s', 0)} s spent measuring in this process"
+               + (f"; {ours['tuning_cut']} calls left at their default, the budget spent" if ours.get("tuning_cut") else "")
+               + "), us per call in a CUDA graph", "",
            "| call | default | chosen | runner-up | default / chosen |", "|---|---|---|---|---|"]
     saved = 0.0
     for key, e in sorted(found.items()):

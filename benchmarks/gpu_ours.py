@@ -247,7 +247,7 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
 
     _reset(torch)
     before = _allocated_gib(torch)  # what earlier work in this process still holds (counted in the peaks)
-    tuning_before = pm_kernels.tuning.spent()
+    tuning_before = (*pm_kernels.tuning.spent(), pm_kernels.tuning.cut_short())
     t0 = time.perf_counter()
     pipe = Pipeline.load(bundle, backend="torch-cuda", device=DEVICE, **options)
     load_s = time.perf_counter() - t0
@@ -287,7 +287,8 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
 def _tuning_fields(backend, spent_before) -> dict:
     """A torch-cuda record's kernel tuning: on or off; the seconds this variant spent measuring
     candidates (its first image's; 0 where the choices came from this process or the cache file) and
-    for how many calls; the choices it ran with ({op|dtype|sizes: the chosen candidate and every
+    for how many calls, and how many it left at their default because the session's budget ran out
+    (tuning_cut: measured by the next run, so a later variant's choices differ); the choices it ran with ({op|dtype|sizes: the chosen candidate and every
     candidate's microseconds per call, a CUDA graph's})."""
     import pm_kernels
 
@@ -296,6 +297,7 @@ def _tuning_fields(backend, spent_before) -> dict:
         return {"kernel_tuning": "off"}
     seconds, calls = T.spent()
     return {"kernel_tuning": "on", "tuning_s": round(seconds - spent_before[0], 3), "tuned_calls": calls - spent_before[1],
+            "tuning_cut": T.cut_short() - spent_before[2],
             "kernel_choices": {k: {n: e[n] for n in ("choice", "default", "us") if n in e}
                                for k, e in T.choices(DEVICE).items()}}
 

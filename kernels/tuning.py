@@ -22,6 +22,10 @@ from Jetson boards to H200s. So, like TensorRT's builder, the choice is measured
 - Choices persist in one JSON file per GPU and software (cache_file: device name, compute
   capability, torch / CUDA / Triton versions, a hash of pm_kernels' sources), written atomically when
   a session ends; a session whose signature the file lists as done does nothing (no extra step).
+- A session measures for at most BUDGET_S seconds (PM_KERNELS_TUNE_BUDGET_S; its own budget_s): the
+  calls it reaches after that run their untuned default unmeasured, and the session is not recorded
+  as done, so the next one (the next process) measures those and keeps the rest: a first run on a
+  slow machine (many Triton compiles) is bounded, and the choices still complete over a few runs.
 
 set_enabled(False), or PM_KERNELS_TUNE=0 in the environment, turns it off: no sessions, no stored
 choices used, every call takes its untuned default (the A/B of the whole mechanism:
@@ -51,7 +55,9 @@ TOLERANCE = {"float16": 2e-2, "bfloat16": 3e-2, "float32": 1e-3}  # largest |a -
 FORMAT = 1  # the cache file's layout
 
 _TABLES: dict = {}  # device key -> {"choices": {key: entry}, "sessions": [signature, ...]}
-_ACTIVE: set = set()  # device keys with a session open
+BUDGET_S = float(os.environ.get("PM_KERNELS_TUNE_BUDGET_S", "120"))  # measuring per session, seconds
+_ACTIVE: dict = {}  # device key with a session open -> {"until": perf_counter deadline, "cut": calls left}
+_CUT = [0]  # calls this process's sessions left at their default for want of budget
 _SPENT = [0.0, 0]  # seconds this process spent measuring candidates, and the calls it measured
 
 
@@ -167,6 +173,12 @@ def choices(device) -> dict:
     return dict(_table(device)["choices"])
 
 
+def cut_short() -> int:
+    """How many calls this process's tuning sessions left at their untuned default because the
+    session's budget was spent (measured by the next session with the same signature)."""
+    return _CUT[0]
+
+
 def spent() -> tuple[float, int]:
     """(seconds, calls): how long this process has spent measuring candidates (compiles included), and
     for how many calls (what a cold start pays for tuning; 0 where every choice came from the file)."""
@@ -182,22 +194,29 @@ def forget(device=None) -> None:
 
 
 @contextlib.contextmanager
-def session(signature: str, device):
-    """A block in which tunable calls on `device` without a choice measure their candidates; yields
-    whether it is active: False where tuning is off or the cache file lists `signature` (the caller's
-    name for the work it tunes: its shapes) as done, when the caller may skip that work. Leaving it
-    normally records the signature as done and saves the table."""
+def session(signature: str, device, budget_s: float | None = None):
+    """A block in which tunable calls on `device` without a choice measure their candidates, for at
+    most budget_s seconds (None: BUDGET_S) from its start; yields whether it is active: False where
+    tuning is off or the cache file lists `signature` (the caller's name for the work it tunes: its
+    shapes) as done, when the caller may skip that work. Leaving it normally saves the table and,
+    unless the budget ran out before every call was measured, records the signature as done."""
     key = device_key(device)
     table = _table(device)
     if not _ENABLED or signature in table["sessions"]:
         yield False
         return
-    _ACTIVE.add(key)
+    state = {"until": time.perf_counter() + (BUDGET_S if budget_s is None else float(budget_s)), "cut": 0}
+    _ACTIVE[key] = state
     try:
         yield True
     finally:
-        _ACTIVE.discard(key)
-    table["sessions"].append(signature)
+        _ACTIVE.pop(key, None)
+    if state["cut"]:
+        _CUT[0] += state["cut"]
+        warnings.warn(f"pm_kernels tuning: the session's budget ran out; {state['cut']} call(s) ran their "
+                      f"untuned default and are measured by the next run (PM_KERNELS_TUNE_BUDGET_S)")
+    else:
+        table["sessions"].append(signature)
     _save(device)
 
 
@@ -220,7 +239,11 @@ def choose(op: str, key: tuple, candidates: dict, device) -> str:
     entry = table["choices"].get(entry_key)
     if entry is not None and entry["choice"] in candidates:
         return entry["choice"]
-    if device_key(device) not in _ACTIVE or _capturing(device):
+    state = _ACTIVE.get(device_key(device))
+    if state is None or _capturing(device):
+        return names[0]
+    if time.perf_counter() > state["until"]:  # out of budget: the default, unmeasured, for the next session
+        state["cut"] += 1
         return names[0]
     t0 = time.perf_counter()
     entry = _measure(candidates, device, TOLERANCE.get(str(key[0]).replace("torch.", ""), 2e-2))

@@ -32,7 +32,8 @@ pm-export --target onnx,torch; the fused-kernel UNet, one CUDA graph per step), 
 bundle has ONNX graphs and onnxruntime is installed), torch (--model given and PyTorch
 installed); it says what it picked and why. torch-cuda times its kernels' alternatives on the GPU
 the first time it runs an image size there (seconds to a minute, once: the choices are kept in
-~/.cache/pm_kernels/tuning, or PM_KERNELS_TUNE_DIR); PM_KERNELS_TUNE=0 skips that.
+~/.cache/pm_kernels/tuning, or PM_KERNELS_TUNE_DIR; at most PM_KERNELS_TUNE_BUDGET_S seconds, default
+120, per run: what is left is measured by the next run); PM_KERNELS_TUNE=0 skips that.
 
 Initial latents come from the project's own noise generator: the same seed gives the same image
 on every backend (and, on one machine and backend, the same PNG bytes). PNGs carry their settings

@@ -377,6 +377,7 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     assert by["torch-cuda-pdl"]["kernels_pdl"] == "1" and not by["torch-cuda"].get("kernels_pdl")
     # kernel tuning: on by default (no session on the CPU: nothing measured), off in its A/B
     assert by["torch-cuda"]["kernel_tuning"] == "on" and by["torch-cuda"]["tuning_s"] == 0
+    assert by["torch-cuda"]["tuning_cut"] == 0
     assert by["torch-cuda-untuned"]["kernel_tuning"] == "off"
     for name in ("torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-low-memory-1024-phases"):
         assert {"text_encoder", "unet", "vae_decoder"} <= set(by[name]["second_image"])
@@ -549,7 +550,12 @@ def test_gpu_goals_tables_the_kernel_choices(tmp_path):
     assert "| attention|torch.float16|2|4096|4096|8|40|False | sdpa 150.0 | sdpa-cudnn 100.0 | sdpa 150.0 | 1.50x |" in text
     assert "| group_norm_silu|torch.float16|2|320|64|64|32|False|True|True | tiled 24.0 | tiled 24.0 | grouped 30.0 | 1.00x |" \
         in text
-    assert "50.0 us saved" in text
+    assert "50.0 us saved" in text and "budget spent" not in text
+    (tmp_path / "gpu.jsonl").write_text(json.dumps({
+        "variant": "torch-cuda", "status": "ok", "kernel_tuning": "on", "tuning_s": 120.2, "tuning_cut": 7,
+        "kernel_choices": choices}) + "\n")
+    assert "120.2 s spent measuring in this process; 7 calls left at their default, the budget spent" in \
+        "\n".join(gpu_goals.tuning_lines(gpu_goals.load(tmp_path)))
     assert gpu_goals.tuning_lines({"gpu": [{"variant": "torch-cuda", "status": "ok"}]}) == []
 
 

@@ -79,6 +79,28 @@ def test_a_session_keeps_the_fastest_correct_candidate_and_saves_it():
         assert not active  # done before: the caller skips its tuning work
 
 
+def test_a_spent_budget_leaves_the_default_and_the_next_session_measures():
+    x = torch.arange(4.0)
+    calls = []
+    cands = {"slow": lambda: calls.append("slow") or sleepy(x, 0.004)(),
+             "fast": lambda: calls.append("fast") or x.clone()}
+    cut = T.cut_short()
+    with pytest.warns(UserWarning, match="budget ran out; 1 call"), T.session("sig-b", CPU, budget_s=0) as active:
+        assert active
+        time.sleep(0.001)
+        assert T.choose("op", ("float32", 4), cands, CPU) == "slow"  # the default, unmeasured
+    assert calls == [] and T.cut_short() == cut + 1
+    assert json.loads(T.cache_file(CPU).read_text())["sessions"] == []  # not done: the next run measures
+    T.forget()
+    with T.session("sig-b", CPU, budget_s=60) as active:
+        assert active
+        assert T.choose("op", ("float32", 4), cands, CPU) == "fast"
+    assert "slow" in calls and "fast" in calls
+    data = json.loads(T.cache_file(CPU).read_text())
+    assert data["sessions"] == ["sig-b"] and data["choices"]["op|float32|4"]["choice"] == "fast"
+    assert T.cut_short() == cut + 1
+
+
 def test_wrong_failing_and_unloadable_candidates_are_left_out():
     x = torch.arange(1.0, 9.0)
 

@@ -112,7 +112,9 @@
   (after checking its output against the untuned default's) and keeps the fastest; the choices
   persist in a cache file per GPU and software (PM_KERNELS_TUNE_DIR; default
   ~/.cache/pm_kernels/tuning), so only a new process on a new GPU, software version or shape pays
-  for it (the cold start; the warm start reads the file). False, or PM_KERNELS_TUNE=0: every call's
+  for it (the cold start; the warm start reads the file). A session measures for at most
+  PM_KERNELS_TUNE_BUDGET_S seconds (default 120); calls it reaches later run their default and are
+  measured by the next process. False, or PM_KERNELS_TUNE=0: every call's
   untuned default (the routing rules in pm_kernels). Variant torch-cuda-untuned.
 - geglu_gemm (None: tuned; True / False force one; True NOT MEASURED on a GPU yet): the
   feed-forward's GEGLU computed in the epilogue of its projection's GEMM (pm_kernels.geglu_linear, a
