@@ -99,14 +99,14 @@ def test_fast_unet_epilogues_and_time_tables(unet_graph, kernels):
         fast.allocate_time_tables(8)
         assert fast.time_table.shape == (8, sum(r.norm2.weight.shape[0] for r in fast.resnets))
         fast.set_timesteps(steps)
-        rows = [fast(x, steps[0], c_k, c_v, t_index=torch.tensor([i])) for i in range(3)]
-        direct = [fast(x, t.expand(2), c_k, c_v) for t in steps]
+        rows = [fast(x, steps[0], c_k, c_v, t_index=torch.tensor([i])) for i in (1, 2)]
+        direct = [fast(x, steps[i].expand(2), c_k, c_v) for i in (1, 2)]
     scale = float(ref.abs().max())
     for out in (fused, unfused, in_gemm, in_gemm_chunked):
         assert float((out - ref).abs().max()) <= 1e-4 * scale
     for row, want in zip(rows, direct):  # row i is timestep i's, whatever `timestep` says
         assert float((row - want).abs().max()) <= 1e-5 * scale
-    assert float((rows[0] - rows[2]).abs().max()) > 1e-2 * scale  # the rows really differ
+    assert float((rows[0] - rows[1]).abs().max()) > 1e-2 * scale  # the rows really differ
 
 
 def test_fast_unet_two_row_step_contexts(unet_graph):

@@ -222,7 +222,9 @@ def test_attention_untuned_default_is_the_routing_rule():
 
 @interpreted
 @pytest.mark.parametrize("m", [7, 1030])
-def test_geglu_projection_candidates(m):
+def test_geglu_projection_candidates(m, monkeypatch):
+    monkeypatch.setattr(T, "REPS", 1)  # each interpreted GEMM at m=1030 takes about a second
+    monkeypatch.setattr(T, "TRIALS", 1)
     g = torch.Generator().manual_seed(m)
     x, w, b = torch.randn(m, 24, generator=g), torch.randn(32, 24, generator=g), torch.randn(32, generator=g)
     ref = K.geglu_linear_reference(x, w, b)
