@@ -230,7 +230,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                    "overlapping 512 px tiles (the VAE's memory then stops growing with the size; tile seams are "
                    "blended, so the image differs slightly from a one-piece decode). With PyTorch on a GPU it "
                    "also sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless that variable is set "
-                   "(lower peaks, measured on an H200).")
+                   "(lower peaks, measured on an H200). On an integrated GPU (Jetson: GPU memory is host memory) "
+                   "the weights stay in place rather than being parked in host memory, which would free nothing.")
 @click.option("--ort-cache", default=None, type=click.Path(path_type=Path),
               help="onnxruntime (CPU): keep optimised graphs in this folder; later runs load them in about a "
                    "fifth of the time (SD 1.5 UNet: ~1 s instead of ~5 s on 2 cores). Uses disk: one graph copy "

@@ -384,6 +384,33 @@ def test_gpu_fast_path_matches_the_reference(cuda_bundle, tiny_model):
     assert psnr(a.images, b.images) >= 30.0
 
 
+def test_integrated_gpus_keep_weights_in_place_in_low_memory_mode(run_bundle, monkeypatch):
+    """Where the GPU's memory is the host's (torch_cuda.unified_memory: forced here, on the CPU
+    device), low-memory mode parks nothing (a host copy frees nothing there) but keeps its other
+    savings; the same image as the parked run; park_weights=True brings parking back."""
+    from pm_runtime.backends import torch_cuda
+
+    kw = dict(seed=5, steps=3, height=256, width=256)
+    parked = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", low_memory=True)
+    want = parked.generate(PROMPT, **kw).images
+    assert parked.backend._parked and not parked.backend.unified_memory
+    monkeypatch.setattr(torch_cuda, "unified_memory", lambda device: True)
+    low = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", low_memory=True)
+    be = low.backend
+    assert be.unified_memory and not be.park_weights and be._parked == {} and be.home == be.torch_device
+    assert not be.offload_safety_checker and "integrated GPU" in be.describe()
+    assert be.sequential_guidance and not be.kv_tables and be.ff_chunk  # the other low-memory savings stay
+    weights = {n: p.data_ptr() for n, p in be.modules["unet"].named_parameters()}
+    got = [low.generate(PROMPT, **kw).images for _ in range(2)]
+    assert be.loads["unet"] == 2 and not be._cache and not be._loops  # loaded per stage, its graphs freed
+    assert {n: p.data_ptr() for n, p in be.modules["unet"].named_parameters()} == weights  # never copied
+    assert np.array_equal(got[0], want) and np.array_equal(got[1], want)
+    forced = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", low_memory=True, park_weights=True).backend
+    assert forced.park_weights and set(forced._parked) >= {"unet", "text_encoder", "vae_decoder"}
+    on = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", offload_text_encoder=True).backend
+    assert not on.offload_text_encoder and not on._parked
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_low_memory_moves_keep_shared_weights_shared(cuda_bundle):

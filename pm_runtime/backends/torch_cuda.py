@@ -18,6 +18,13 @@
   GPU for their stage, then dropped (never copied back: they do not change); the step graph is
   re-captured per image; the UNet's feed-forward runs in token chunks (ff_chunk, FF_CHUNK tokens:
   fewer activations at large images, NOT MEASURED on a GPU yet).
+  On an integrated GPU (unified_memory: Jetson boards, whose GPU memory is the host's DRAM) nothing
+  is parked, in low-memory mode or by the offload options: a host copy would free nothing and the
+  stage's device copy would be a second one (UNet: 1.72 + 1.72 GB at once instead of 1.72). The
+  weights stay where they loaded; low-memory mode keeps the rest (each stage's graphs and
+  activations freed after it, sequential guidance, feed-forward chunks, tiled decode).
+  park_weights=True / False overrides the choice. NOT RUN on an integrated GPU (none was reachable):
+  the rule is tested on the CPU with the property forced.
 - The networks are pm_runtime.modeling.standalone's (torch only: this backend never imports
   diffusers or transformers, most of a new process's start) where they cover the config;
   hf_modules=True (or a config they do not cover) uses the diffusers/transformers classes. The
@@ -181,7 +188,8 @@ class TorchCudaBackend(Backend):
                  ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool = True,
                  time_tables: bool = True, step_kernels: bool = True, te_graph: bool = True,
                  shared_pool: bool = False, one_stream: bool = False, vae_channels_last: bool = True,
-                 geglu_gemm: bool | None = None, tune: bool = True, kv_step: bool = True, **_):
+                 geglu_gemm: bool | None = None, tune: bool = True, kv_step: bool = True,
+                 park_weights: bool | None = None, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -240,9 +248,15 @@ class TorchCudaBackend(Backend):
         if on_cuda:  # fixed shapes per image: time cuDNN's convolution algorithms once per shape (a process-wide
             # setting; False: its heuristics, no timing runs in a new process's first image)
             torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
-        self.home = self.torch_device if not self.low_memory else torch.device("cpu")  # where weights rest
-        self.offload_text_encoder = bool(offload_text_encoder) and not self.low_memory
-        self.offload_safety_checker = bool(offload_safety_checker) and not self.low_memory
+        # weights parked in host memory (low-memory mode, the offload options); not where the GPU's memory IS
+        # the host's (an integrated GPU: Jetson boards), where a host copy frees nothing and the device copy
+        # for the stage is a second one: there the weights stay put (see the docstring)
+        self.unified_memory = unified_memory(self.torch_device)
+        self.park_weights = (not self.unified_memory) if park_weights is None else bool(park_weights)
+        park = self.park_weights
+        self.home = self.torch_device if not (self.low_memory and park) else torch.device("cpu")  # where weights rest
+        self.offload_text_encoder = bool(offload_text_encoder) and not self.low_memory and park
+        self.offload_safety_checker = bool(offload_safety_checker) and not self.low_memory and park
         self.vae_graph = bool(vae_graph) and self.cuda_graph and not self.low_memory
         self.te_graph = bool(te_graph) and self.cuda_graph  # (a parked text encoder is never graphed: _load)
         # one memory pool for every CUDA graph of the backend, warm-ups included (see the docstring)
@@ -271,7 +285,7 @@ class TorchCudaBackend(Backend):
                                 "and a VAE config it covers)")
             vae.band_rows = int(vae_bands)
         self._parked = {}  # network -> _Parked: weights in (pinned) host memory, on the device only in use
-        if self.low_memory:  # every network, each on the device only for its stage
+        if self.low_memory and park:  # every network, each on the device only for its stage
             self._parked = {n: _Parked(m, self.torch_device, channels_last=n == UNET or (
                 n == VAE_DECODER and self.vae_channels_last)) for n, m in self.modules.items()}
         else:
@@ -388,7 +402,7 @@ class TorchCudaBackend(Backend):
             net = _GraphedNetwork(net, self._shared, needs_pool=True, name=network)
         elif network == VAE_DECODER and self.vae_graph:
             net = _GraphedNetwork(net, self._step_pool, name=network)
-        elif te and self.te_graph and network not in self._parked:  # weights stay in place between calls
+        elif te and self.te_graph and not self.low_memory and network not in self._parked:  # weights stay in place
             # shared_pool: eager until the pool exists (the first image), captured into it after
             net = (_GraphedNetwork(net, self._shared, needs_pool=True, name=network) if self.shared_pool
                    else _GraphedNetwork(net, name=network))
@@ -500,9 +514,9 @@ class TorchCudaBackend(Backend):
     def _free(self, net) -> None:
         import torch
 
+        if net.spec.name == UNET:  # (low-memory mode, close): the step graphs and their memory pool go; a
+            self._loops.clear()  # later load captures anew (a parked UNet's weights leave the device)
         if net.spec.name in self._parked:
-            if net.spec.name == UNET:
-                self._loops.clear()  # captured graphs point at the weights that leave the device
             if self._pool is not None and self.torch_device.type == "cuda":
                 torch.cuda.synchronize(self.torch_device)  # nothing in flight reads them when the pool reuses them
             self._parked[net.spec.name].detach()  # the device copies go; the pinned host weights stay
@@ -523,6 +537,8 @@ class TorchCudaBackend(Backend):
 
         what = "CUDA graph" if self.cuda_graph else "eager"
         weights = ", UNet weights int8" if self.int8_weights else ""
+        if self.unified_memory and not self.park_weights:
+            weights += ", integrated GPU: weights stay in its memory (the host's)"
         return f"torch-cuda {torch.__version__} {self.torch_device} {self.dtype_name} ({what}{weights})"
 
     def _sdpa_choice(self):
@@ -589,6 +605,17 @@ class TorchCudaBackend(Backend):
             x = loop.run(job.latents, job.c_k, job.c_v, job.rows, lin, job.guidance, noise,
                          job.before_step, job.after_step)
         return x
+
+
+def unified_memory(device) -> bool:
+    """Whether `device` is a CUDA GPU whose memory is the host's (an integrated GPU: Jetson boards;
+    cudaDeviceProp.integrated)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return bool(getattr(torch.cuda.get_device_properties(device), "is_integrated", 0))
 
 
 class _Parked:
