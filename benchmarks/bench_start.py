@@ -17,13 +17,17 @@ Variants (each run in a fresh interpreter, interleaved run by run):
   cold             the default's first start on a new machine: an EMPTY Triton kernel cache (a new
                    TRITON_CACHE_DIR per run: every pm_kernels kernel compiled in the process), no
                    kernel tuning choices (a new PM_KERNELS_TUNE_DIR: the tuning session's step runs,
-                   every candidate compiled and timed) and no hash record (every weight file hashed
+                   every candidate compiled and timed, for at most --cold-tune-budget seconds: the
+                   tuning budget, PM_KERNELS_TUNE_BUDGET_S) and no hash record (every weight file hashed
                    while it loads). The OS's file cache is
                    not emptied (that would need root and touches the whole machine): the weight
                    files' reads may still come from memory.
 Phases (child's perf_counter, from its first line): import_s (pm_runtime.pipeline + torch +
 the backend module), load_s (Pipeline.load, hashing included), first_image_s (one generate);
-process_wall_s is the parent's wall time around the whole child (interpreter start included).
+process_wall_s is the parent's wall time around the whole child (interpreter start included);
+tuning_s / tuned_calls / tuning_cut: what the child spent measuring kernel candidates (part of its
+first image), for how many calls, and how many it left to the next run (its budget spent);
+tune_budget_s: that budget as the child read it.
 `imported` lists which of diffusers / transformers / torch._dynamo the child ended up importing.
 
   python benchmarks/bench_start.py --bundle /tmp/pm-bench-run/bundle-sd15-torch --device cpu \\
@@ -79,19 +83,25 @@ t2 = time.perf_counter()
 g = pipe.generate(%r, seed=233, steps=steps, height=size, width=size)
 t3 = time.perf_counter()
 imported = sorted(m for m in ("diffusers", "transformers", "torch._dynamo") if m in sys.modules)
+import pm_kernels
+tuning_s, tuned_calls = pm_kernels.tuning.spent()
 print(%r + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_image_s": t3 - t2, "imported": imported,
+                       "tuning_s": tuning_s, "tuned_calls": tuned_calls, "tuning_cut": pm_kernels.tuning.cut_short(),
+                       "tune_budget_s": pm_kernels.tuning.BUDGET_S,
                        "timings": {k: v for k, v in g.timings.items() if isinstance(v, (int, float))}}))
 """ % (PROMPT, TAG)
 
 
 def run_child(variant: str, bundle: str, device: str, steps: int, size: int, record: str,
-              timeout: float = 600) -> dict:
+              timeout: float = 600, tune_budget: float | None = None) -> dict:
     env = dict(os.environ, PM_VERIFIED_CACHE=record if variant in ("standalone", "standalone-cudnn-heuristics")
                else "0")
     with tempfile.TemporaryDirectory(prefix="pm-cold-triton-") as cache:
         if variant == "cold":
             env["TRITON_CACHE_DIR"] = cache  # empty: every Triton kernel compiles in this process
             env["PM_KERNELS_TUNE_DIR"] = os.path.join(cache, "tuning")  # and every tunable call is timed
+            if tune_budget is not None:  # for at most this long (the rest: the next run's)
+                env["PM_KERNELS_TUNE_BUDGET_S"] = str(tune_budget)
         t0 = time.perf_counter()
         try:
             r = subprocess.run([sys.executable, "-c", CHILD, json.dumps([variant, bundle, device, steps, size])],
@@ -121,6 +131,10 @@ def main(argv=None) -> int:
     ap.add_argument("--child-timeout", type=float, default=600.0,
                     help="seconds a child process may take to its first image; a slower one is recorded as timed "
                          "out (the other variants' records are kept)")
+    ap.add_argument("--cold-tune-budget", type=float, default=None,
+                    help="seconds the cold variant may spend tuning kernels (PM_KERNELS_TUNE_BUDGET_S in its "
+                         "process; default: that variable here, else pm_kernels' default); what is left is the "
+                         "next run's, and the record says how many calls that was")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", type=pathlib.Path, default=None, help="append the records to this JSON-lines file")
     a = ap.parse_args(argv)
@@ -136,7 +150,8 @@ def main(argv=None) -> int:
     open_bundle(pathlib.Path(a.bundle)).verify_all()  # the warm machine's record for "standalone"
     for i in range(a.runs):
         for v in variants:  # interleaved: drift in the machine's state hits every variant alike
-            r = run_child(v, str(a.bundle), a.device, a.steps, a.size, record, timeout=a.child_timeout)
+            r = run_child(v, str(a.bundle), a.device, a.steps, a.size, record, timeout=a.child_timeout,
+                          tune_budget=a.cold_tune_budget)
             runs[v].append(r)
             print(f"run {i + 1} {v}: " + (f"process {r['process_wall_s']:.2f} s = import {r['import_s']:.2f} + load "
                                           f"{r['load_s']:.2f} + first image {r['first_image_s']:.2f} (+ interpreter); "
@@ -150,7 +165,8 @@ def main(argv=None) -> int:
         rec = {"schema": SCHEMA, **env, "variant": v, "bundle": pathlib.Path(a.bundle).name, "size": a.size,
                "steps": a.steps, "runs": len(rs), "ok_runs": len(ok), "command": command,
                **{f"{k}_p50": p50([r[k] for r in ok]) for k in ("process_wall_s", "import_s", "load_s",
-                                                                 "first_image_s")},
+                                                                 "first_image_s", "tuning_s")},
+               "tune_budget_s": ok[0].get("tune_budget_s") if ok else None,  # as the child's pm_kernels read it
                "imported": ok[0]["imported"] if ok else None,
                "per_run": [{k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items() if k != "timings"}
                            for r in rs]}

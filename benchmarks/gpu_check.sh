@@ -2,7 +2,8 @@
 # The GPU fast-path check in one run (issue: fused kernels + one CUDA graph per step), ordered by
 # priority: the gpu-marked tests (kernels at SD 1.5 shapes, the torch-cuda backend on the tiny
 # model), the kernel benchmark, bench_gpu.py (peers and ours on SD-1.5-shaped random weights, 512 px,
-# 50 steps; torch.compile last), start-up in new processes (warm, and cold: an empty Triton cache),
+# 50 steps; torch.compile last), start-up in new processes (warm, and cold: an empty Triton cache,
+# kernel tuning for at most PM_COLD_TUNE_BUDGET_S, 30 s),
 # the memory variants once more each in a NEW process ("fresh": nothing an earlier variant left in
 # the process counts in its peak; "expandable:" entries with the allocator's expandable segments,
 # which pm-run --low-memory sets; "smallws:" entries with them and cuBLAS's workspace cut from 32 MiB
@@ -147,7 +148,7 @@ if go start ${PM_START_TIMEOUT:-90}; then
 echo "== start-up: new process to first image, warm caches and cold (an empty Triton cache)"
 if [ -f "$WORK/bundle-sd15-torch/bundle.json" ]; then
     timeout "$T" python3 benchmarks/bench_start.py --bundle "$WORK/bundle-sd15-torch" \
-        --device cuda --size 512 --steps 50 --runs 1 --variants standalone,cold --child-timeout $(( T > 40 ? T - 20 : 20 )) \
+        --device cuda --size 512 --steps 50 --runs 1 --variants standalone,cold --child-timeout $(( T > 40 ? T - 20 : 20 )) --cold-tune-budget ${PM_COLD_TUNE_BUDGET_S:-30} \
         --out "$OUT/start-gpu.jsonl" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_start.log"
 fi
 fi

@@ -178,8 +178,13 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
     cold = start.get("cold")  # reported beside the goal, not judged: empty Triton and tuning caches, files hashed
     what = "cold first start: bundle load to first image, new process, empty Triton and tuning caches, files hashed"
     if cold and cold.get("load_s_p50") is not None and cold.get("first_image_s_p50") is not None:
+        tuned = ""
+        if cold.get("tuning_s_p50") is not None:  # what its first image spent measuring kernels, and within what
+            cut = max((r.get("tuning_cut") or 0 for r in cold.get("per_run", [])), default=0)
+            tuned = (f"; of it, kernel tuning {cold['tuning_s_p50']} s (budget {cold.get('tune_budget_s')} s"
+                     + (f", {cut} calls left to the next run)" if cut else ", every call measured)"))
         out.append((what, f"{cold['load_s_p50'] + cold['first_image_s_p50']:.1f} s (load {cold['load_s_p50']} + first "
-                          f"image {cold['first_image_s_p50']}; whole process {cold.get('process_wall_s_p50')} s)",
+                          f"image {cold['first_image_s_p50']}; whole process {cold.get('process_wall_s_p50')} s{tuned})",
                     "reported (no threshold)", "reported"))
     elif cold:  # bench_start's --child-timeout cut it: longer than that, the figure it has
         limits = [r.get("timed_out_s") for r in cold.get("per_run", []) if r.get("timed_out_s")]

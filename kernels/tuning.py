@@ -55,7 +55,22 @@ TOLERANCE = {"float16": 2e-2, "bfloat16": 3e-2, "float32": 1e-3}  # largest |a -
 FORMAT = 1  # the cache file's layout
 
 _TABLES: dict = {}  # device key -> {"choices": {key: entry}, "sessions": [signature, ...]}
-BUDGET_S = float(os.environ.get("PM_KERNELS_TUNE_BUDGET_S", "120"))  # measuring per session, seconds
+
+
+def _budget_from_env(default: float = 120.0) -> float:
+    """PM_KERNELS_TUNE_BUDGET_S as seconds >= 0; a value that is not a number warns and keeps the default
+    (a typo in the environment must not stop the import)."""
+    text = os.environ.get("PM_KERNELS_TUNE_BUDGET_S", "").strip()
+    if not text:
+        return default
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        warnings.warn(f"PM_KERNELS_TUNE_BUDGET_S={text!r} is not a number of seconds; using {default:g}")
+        return default
+
+
+BUDGET_S = _budget_from_env()  # measuring per session, seconds
 _ACTIVE: dict = {}  # device key with a session open -> {"until": perf_counter deadline, "cut": calls left}
 _CUT = [0]  # calls this process's sessions left at their default for want of budget
 _SPENT = [0.0, 0]  # seconds this process spent measuring candidates, and the calls it measured

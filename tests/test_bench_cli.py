@@ -447,6 +447,12 @@ def test_gpu_goals_report(tmp_path):
     assert warm[3] == "**met**" and warm[1].startswith("7.5 s") and "12.2" in warm[1]  # load + first image judged
     cold = next(v for k, v in got.items() if k.startswith("cold first start"))
     assert cold[1].startswith("36.5 s") and cold[3] == "reported"  # reported beside the goal, not judged
+    assert "tuning" not in cold[1]  # an older record without the tuning figures
+    (tmp_path / "start-gpu.jsonl").write_text(json.dumps({
+        "variant": "cold", "load_s_p50": 2.5, "first_image_s_p50": 34.0, "tuning_s_p50": 30.4, "tune_budget_s": 30.0,
+        "per_run": [{"status": "ok", "tuning_cut": 12}]}) + "\n")
+    cold = next(r for r in gpu_goals.rows(gpu_goals.load(tmp_path)) if r[0].startswith("cold first start"))
+    assert "of it, kernel tuning 30.4 s (budget 30.0 s, 12 calls left to the next run)" in cold[1]
     assert "NVIDIA H200" in gpu_goals.table(gpu_goals.load(tmp_path))
     assert "One step's kernels" not in gpu_goals.table(gpu_goals.load(tmp_path))  # no profile record
     with open(tmp_path / "gpu.jsonl", "a") as f:
@@ -581,6 +587,33 @@ def test_bench_start_records_a_child_that_times_out(monkeypatch):
     monkeypatch.setattr(bench_start.subprocess, "run", slow)
     r = bench_start.run_child("cold", "bundle", "cuda", 50, 512, "record", timeout=70)
     assert r == {"status": "error", "error": "timed out: no first image within 70 s", "timed_out_s": 70.0}
+
+
+def test_bench_start_cold_child_reports_its_tuning_budget_and_time(cuda_bundle, tmp_path, monkeypatch):
+    """A real cold child on the CPU: --cold-tune-budget reaches its pm_kernels (the budget it read comes
+    back), with what it spent tuning; a warm child keeps the environment's budget."""
+    import bench_start
+
+    monkeypatch.setenv("PM_KERNELS_TUNE_BUDGET_S", "77")
+    monkeypatch.setenv("PM_KERNELS", "0")  # the kernels' references in the children (not the slow interpreter)
+    out = tmp_path / "start.jsonl"
+    rc = bench_start.main(["--bundle", str(cuda_bundle), "--device", "cpu", "--size", "256", "--steps", "1", "--runs", "1",
+                           "--variants", "cold,standalone-no-verify", "--cold-tune-budget", "0", "--out", str(out)])
+    recs = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rc == 0 and recs["cold"]["tune_budget_s"] == 0.0 and recs["standalone-no-verify"]["tune_budget_s"] == 77.0
+    run = recs["cold"]["per_run"][0]
+    assert run["tuning_cut"] == 0 and run["tuned_calls"] == 0 and recs["cold"]["tuning_s_p50"] == 0.0  # CPU: no session
+
+
+def test_tuning_budget_from_the_environment(monkeypatch):
+    from pm_kernels import tuning
+
+    for text, want in (("", 120.0), ("45.5", 45.5), ("-3", 0.0)):
+        monkeypatch.setenv("PM_KERNELS_TUNE_BUDGET_S", text)
+        assert tuning._budget_from_env() == want
+    monkeypatch.setenv("PM_KERNELS_TUNE_BUDGET_S", "2 minutes")
+    with pytest.warns(UserWarning, match="not a number"):
+        assert tuning._budget_from_env() == 120.0
 
 
 def test_gpu_goals_reports_a_timed_out_cold_start(tmp_path):
