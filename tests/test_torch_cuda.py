@@ -285,6 +285,7 @@ def test_the_tuning_note_reaches_the_pipeline_log(run_bundle):
 
     assert notes[-1].startswith("tuning kernels for this GPU at 256x320 px")
     assert str(pm_kernels.tuning.cache_file("cpu")) in notes[-1]
+    assert f"at most {pm_kernels.tuning.BUDGET_S:g} s" in notes[-1]
 
 
 def test_switching_concepts_reloads_nothing(fast_pipe):

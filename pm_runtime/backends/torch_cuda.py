@@ -559,8 +559,9 @@ class TorchCudaBackend(Backend):
         if self.log is not None:
             import pm_kernels
 
-            self.log(f"tuning kernels for this GPU at {8 * h}x{8 * w} px (once per GPU, software and image size; the "
-                     f"choices are kept in {pm_kernels.tuning.cache_file(self.torch_device)})")
+            self.log(f"tuning kernels for this GPU at {8 * h}x{8 * w} px (once per GPU, software and image size, "
+                     f"at most {pm_kernels.tuning.BUDGET_S:g} s, PM_KERNELS_TUNE_BUDGET_S; the choices are kept in "
+                     f"{pm_kernels.tuning.cache_file(self.torch_device)})")
 
     def _tuning(self):
         """tune=False: pm_kernels.tuning off for the block (the kernels' untuned defaults, no stored
