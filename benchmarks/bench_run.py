@@ -71,10 +71,10 @@ RESULT_TAG = "@@BENCH_RUN@@ "
 PROMPT = "a photo of a face on a beach"
 
 
-def _peak_rss_bytes() -> int:
-    import resource
+def _peak_rss_bytes() -> int | None:
+    from pm_runtime.resources import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return peak_rss_bytes()
 
 
 # ------------------------------------------------------------------ children

@@ -38,7 +38,6 @@ import gc
 import json
 import os
 import pathlib
-import resource
 import shlex
 import shutil
 import subprocess
@@ -188,7 +187,9 @@ def _free(dev) -> None:
 
 
 def _rss_peak() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    from pm_runtime.resources import peak_rss_bytes
+
+    return peak_rss_bytes() or 0
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -218,9 +218,9 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
 
 
 def peak_rss_gib() -> float:
-    import resource
+    from pm_runtime.resources import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    return (peak_rss_bytes() or 0) / 2**30
 
 
 def _share(root: Path) -> None:

@@ -15,6 +15,7 @@ import click
 
 from . import formats as F
 from .errors import UserError
+from .resources import peak_rss_bytes
 from .stages import LATE_POLICIES, LATE_REUSE
 
 HELP = """Generate images of a concept from a bundle written by pm-export.
@@ -179,9 +180,13 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     if memory:
         log(f"GPU memory (PyTorch's allocator, this process): peak {memory['peak_allocated_gib']:.2f} GiB allocated, "
             f"{memory['peak_reserved_gib']:.2f} GiB reserved")
+    rss = peak_rss_bytes()  # host memory: all of it on CPUs (onnxruntime), the weights' host side on GPUs
+    host = {"peak_rss_gib": round(rss / 2**30, 3)} if rss is not None else None
+    if host:
+        log(f"host memory: peak resident {host['peak_rss_gib']:.2f} GiB (this process: imports, loading, generation)")
     summary = {"files": [str(paths[i]) for i in keep], "flagged": [str(paths[i]) for i in flagged],
                **result.summary(), "parameters": [result.parameters(i) for i in range(cfg.num_images)],
-               "device_memory": memory}
+               "device_memory": memory, "host_memory": host}
     if not cfg.json:
         for i in keep:
             click.echo(f"wrote {paths[i]}")

@@ -86,6 +86,8 @@ def test_json_folder_and_several_images(run_bundle, tmp_path):
     assert result["concept"] == "alice-photo2" and result["settings"]["scheduler"] == "euler-a"
     assert set(result["timings"]) >= {"text_encoder_s", "unet_s", "unet_step_ms", "vae_s", "total_s", "load_s"}
     assert "Batch pos: 1" in result["parameters"][1]
+    assert result["device_memory"] is None and result["host_memory"]["peak_rss_gib"] > 0.05  # this process's RSS
+    assert "host memory: peak resident" in r.stderr
     r = CliRunner().invoke(main, [str(a) for a in args])  # a second run numbers on, never overwrites
     assert json.loads(r.stdout)["files"][0] == str(out / "00002-233.png") and len(pngs(out)) == 4
 
@@ -238,3 +240,26 @@ def test_not_a_bundle(tmp_path):
     assert_one_line_error(pm_run("--engine", tmp_path / "nope", "--prompt", PROMPT), "bundle folder not found")
     (tmp_path / "x.onnx").write_bytes(b"")
     assert_one_line_error(pm_run("--engine", tmp_path / "x.onnx", "--prompt", PROMPT), "is not inside a bundle")
+
+
+def test_peak_rss_is_read_in_bytes(monkeypatch):
+    """pm_runtime.resources: Linux reports ru_maxrss in KiB, macOS in bytes; no `resource` module
+    (Windows): None."""
+    import builtins
+    import resource
+
+    from pm_runtime import resources
+
+    now = resources.peak_rss_bytes()
+    assert now == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    monkeypatch.setattr(resources.sys, "platform", "darwin")
+    assert resources.peak_rss_bytes() in range(now // 1024, now // 1024 + 2**20)  # bytes as reported (allowing growth)
+    real_import = builtins.__import__
+
+    def no_resource(name, *a, **kw):
+        if name == "resource":
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_resource)
+    assert resources.peak_rss_bytes() is None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -439,4 +438,6 @@ def _numpy_state_from_plain(state: dict) -> dict:
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    from ..resources import peak_rss_bytes
+
+    return peak_rss_bytes() or 0
