@@ -412,7 +412,15 @@ class Pipeline:
         return np.concatenate([o["c_k"] for o in outs]), np.concatenate([o["c_v"] for o in outs])
 
     def close(self) -> None:
+        """Free the backend's engines (device memory, sessions) now instead of when the Pipeline is
+        garbage-collected. A later generate() loads them again."""
         self.backend.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 __all__ = ["NEGATIVE_PROMPT", "Cancelled", "Generation", "NonFiniteError", "Pipeline", "Settings"]

@@ -326,6 +326,20 @@ def test_several_images_and_low_memory_mode(run_bundle):
     assert np.array_equal(one.images[0], a.images[0])  # image 0 does not depend on the batch
 
 
+def test_a_pipeline_is_a_context_manager_that_frees_its_engines(run_bundle):
+    with Pipeline.load(run_bundle, concept="alice") as pipe:
+        a = pipe.generate(PROMPT, seed=4, steps=1, height=SIDE, width=SIDE)
+        assert pipe.backend._cache  # engines kept between images
+    assert not pipe.backend._cache  # freed on leaving
+    b = pipe.generate(PROMPT, seed=4, steps=1, height=SIDE, width=SIDE)  # a later call loads them again
+    assert np.array_equal(a.images, b.images)
+    with pytest.raises(KeyError), Pipeline.load(run_bundle, concept="alice") as other:
+        other.generate(PROMPT, seed=4, steps=1, height=SIDE, width=SIDE)
+        assert other.backend._cache
+        raise KeyError("the block failed")  # the error goes on; the engines are freed all the same
+    assert not other.backend._cache
+
+
 def test_bad_arguments(ort_pipe):
     g = lambda **k: ort_pipe.generate(PROMPT, **{"seed": 1, "steps": 2, "height": SIDE, "width": SIDE, **k})  # noqa
     with pytest.raises(UserError, match="unsupported size 100x256: .*multiples of 64 from 256 to 1024"):
