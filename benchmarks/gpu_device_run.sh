@@ -4,7 +4,9 @@
 # returns what it finished, since our records are written as each variant ends), and the log's tail.
 #   bash benchmarks/gpu_device_run.sh "$OUT/gpu.tgz" COMMIT [LIMIT_S, default 480]
 # COMMIT written out as this checkout's `git rev-parse HEAD` (a copied tree's .git can be stale there)
-# with `carry: [".whl"]` (the diffusers + importlib_metadata wheels) and timeout_s ~ LIMIT_S + 35.
+# with `carry: [".whl"]` (the diffusers + importlib_metadata wheels, which the lent machine lacks; fetched
+# here first with: pip download --no-deps -d .whl diffusers==0.42.1 importlib_metadata==10.2.0) and
+# timeout_s ~ LIMIT_S + 35.
 # gpu_check.sh keeps itself within PM_BUDGET_S (default 450 s); LIMIT_S is the safety net around it.
 set -u
 TAR=${1:?tar file}; COMMIT=${2:?commit}; LIMIT=${3:-480}
