@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,6 +114,13 @@ def check_writable(paths: list[Path]) -> None:
                 pass
         except OSError as e:
             raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for pm-run: "warning: <message>" on stderr (the category where it is not a
+    plain UserWarning) instead of Python's file:line header and source line."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    click.echo(f"warning{kind}: {message}", err=True)
 
 
 def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
@@ -257,7 +265,9 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
                     width, backend, device, model, out, late_stage, tuple(concept_stage) if concept_stage else None,
                     allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights)
     try:
-        summary = run(cfg)
+        with warnings.catch_warnings():  # Python warnings as one line each, like pm-run's other notes
+            warnings.showwarning = _warning_line
+            summary = run(cfg)
     except UserError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

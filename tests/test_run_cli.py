@@ -263,3 +263,28 @@ def test_peak_rss_is_read_in_bytes(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_resource)
     assert resources.peak_rss_bytes() is None
+
+
+def test_python_warnings_are_one_line_notes(monkeypatch):
+    """A warning raised during the run (e.g. the kernel tuning's budget ran out) reaches stderr as
+    "warning: ..." without Python's file:line header; the category is named where it is not a
+    UserWarning. Outside pm-run the warning machinery is as it was."""
+    import warnings
+
+    from pm_runtime import cli
+
+    def fake_run(cfg):
+        warnings.warn("pm_kernels tuning: the session's budget ran out")
+        warnings.warn("old API", DeprecationWarning)
+        return {"files": [], "flagged": []}
+
+    shown = warnings.showwarning
+    monkeypatch.setattr(cli, "run", fake_run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        r = CliRunner().invoke(main, ["--engine", "x", "--prompt", PROMPT])
+    assert r.exit_code == 0, r.output
+    assert "warning: pm_kernels tuning: the session's budget ran out" in r.stderr
+    assert "warning (DeprecationWarning): old API" in r.stderr
+    assert "UserWarning" not in r.stderr and "test_run_cli.py" not in r.stderr
+    assert warnings.showwarning is shown
