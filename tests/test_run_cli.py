@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,18 +244,41 @@ def test_not_a_bundle(tmp_path):
     assert_one_line_error(pm_run("--engine", tmp_path / "x.onnx", "--prompt", PROMPT), "is not inside a bundle")
 
 
-def test_peak_rss_is_read_in_bytes(monkeypatch):
-    """pm_runtime.resources: Linux reports ru_maxrss in KiB, macOS in bytes; no `resource` module
-    (Windows): None."""
+def test_peak_rss_is_the_process_own_in_bytes(monkeypatch):
+    """pm_runtime.resources: on Linux VmHWM, the process's own peak: a child of a parent that once
+    held 400 MB reports its own few tens of MB, where ru_maxrss carries the parent's peak over fork +
+    exec. Without /proc: ru_maxrss, KiB on Linux and the BSDs, bytes on macOS; without the `resource`
+    module either (Windows): None."""
     import builtins
     import resource
 
     from pm_runtime import resources
 
-    now = resources.peak_rss_bytes()
-    assert now == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    if Path("/proc/self/status").exists():
+        hwm = next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
+                   if ln.startswith("VmHWM:"))
+        assert resources.peak_rss_bytes() in range(hwm * 1024, hwm * 1024 + 2**28)  # (allowing growth)
+        code = ("import resource, sys\n"
+                "big = bytearray(400 * 2**20)\n"
+                "for i in range(0, len(big), 4096): big[i] = 1\n"
+                "del big\n"
+                "import subprocess\n"
+                "print(subprocess.run([sys.executable, '-c', 'import resource; from pm_runtime.resources import "
+                "peak_rss_bytes; print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)'],"
+                " capture_output=True, text=True, check=True).stdout)\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        own, inherited = map(int, out.split())
+        assert own < 200 * 2**20 and inherited >= 400 * 2**20, (own, inherited)
+
+    def no_proc(*a, **kw):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(resources, "open", no_proc, raising=False)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    monkeypatch.setattr(resources.sys, "platform", "linux")
+    assert resources.peak_rss_bytes() in range(maxrss * 1024, maxrss * 1024 + 2**28)
     monkeypatch.setattr(resources.sys, "platform", "darwin")
-    assert resources.peak_rss_bytes() in range(now // 1024, now // 1024 + 2**20)  # bytes as reported (allowing growth)
+    assert resources.peak_rss_bytes() in range(maxrss, maxrss + 2**18)  # bytes as reported
     real_import = builtins.__import__
 
     def no_resource(name, *a, **kw):
