@@ -28,11 +28,10 @@ else:  # run as a script: this tree's pm_runtime and the sibling modules
     from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
     from records import environment
 
-# The child's own high-water mark from /proc (VmHWM): ru_maxrss of a forked child also counts the
-# parent's peak on Linux, which would inflate the figure by the model the parent built.
-CHILD = ("import re\nfrom pm_export.cli import main\ntry:\n    main()\nfinally:\n"
-         "    hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-         "    print(f'PEAK_RSS_KIB={hwm}', flush=True)\n")
+# The child's own high-water mark (pm_runtime.resources: VmHWM on Linux; ru_maxrss of a forked child
+# also counts the parent's peak there, which would inflate the figure by the model the parent built).
+CHILD = ("from pm_export.cli import main\nfrom pm_runtime.resources import peak_rss_bytes\ntry:\n    main()\n"
+         "finally:\n    print(f'PEAK_RSS_KIB={(peak_rss_bytes() or 0) // 1024}', flush=True)\n")
 
 
 def _sizes(bundle: pathlib.Path) -> dict:

@@ -105,9 +105,8 @@ def _unet_feed(bundle_dir: str, side: int, seed: int):
 
 # ------------------------------------------------------------------ children
 def child_quantize(args: dict) -> dict:
-    import resource
-
     from pm_export.quantize import quantize_unet_int8
+    from pm_runtime.resources import peak_rss_bytes
 
     calibration = None
     if args.get("calibration"):
@@ -120,7 +119,7 @@ def child_quantize(args: dict) -> dict:
                                calibration=calibration, **args["options"])
     if calibration:
         facts["calibration_feeds"] = len(calibration)
-    facts["quantize_peak_rss_gib"] = _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    facts["quantize_peak_rss_gib"] = _gib((peak_rss_bytes() or 0) // 1024)
     return facts
 
 

@@ -42,26 +42,12 @@ else:  # run as a script (also each child): this tree's pm_runtime and the sibli
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     from random_models import make_sd15_shaped_model, make_tiny
     from records import environment, versions
+from pm_runtime.resources import peak_rss_bytes  # noqa: E402  (after the path set-up above)
 
 VARIANTS = ("plain", "plain-noopt", "optimized", "plain-offline-all", "optimized-offline-all")
 
 
 # ------------------------------------------------------------------ children (one per heavy step)
-def _peak_rss_bytes() -> int:
-    """This process's own peak RSS. Not getrusage's ru_maxrss: Linux carries the PARENT's peak
-    over fork + exec into it (a child of a parent that once held 4 GB reports >= 4 GB)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; macOS: bytes
-
-
 def _unet_spec(unet_config: dict):
     from pm_runtime.specs import UNET, ModelDims, network_specs
 
@@ -129,7 +115,7 @@ def child_run(path: str, level: str, unet_config: str, batch: int, side: int, wa
     t0 = time.perf_counter()
     sess = _session(path, level, threads=threads)
     load_s = time.perf_counter() - t0
-    rss_after_load = _peak_rss_bytes()
+    rss_after_load = peak_rss_bytes()
     out = None
     for _ in range(warmup):
         out = sess.run(None, feeds)[0]
@@ -178,7 +164,7 @@ def _child_main(argv: list[str]) -> int:
         rec = {"status": "ok", **CHILDREN[task](**args)}
     except Exception as e:  # recorded, the run goes on
         rec = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:500]}"}
-    rec["peak_rss_bytes"] = _peak_rss_bytes()
+    rec["peak_rss_bytes"] = peak_rss_bytes()
     print("RESULT=" + json.dumps(rec), flush=True)
     return 0
 

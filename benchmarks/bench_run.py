@@ -2,7 +2,7 @@
 on the same SD-1.5-shaped random model, same resolution, steps, scheduler and latents, same run.
 
 One JSON line per variant (schema pm-bench-run/1), appended to --out. Each variant runs in a
-fresh interpreter, so its peak RSS (ru_maxrss: imports, loading and generation) is its own.
+fresh interpreter, so its peak RSS (VmHWM: imports, loading and generation) is its own.
 Not a test: nothing here asserts.
 
 Variants:
@@ -60,6 +60,7 @@ else:  # run as a script (also each variant's child process): this tree's pm_run
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
     from records import append_jsonl, cpu_seconds, environment, pcts, psnr_db, results_dir, wait_quiet
+from pm_runtime.resources import peak_rss_bytes  # noqa: E402  (after the path set-up above)
 
 SCHEMA = "pm-bench-run/1"
 VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached", "ort-int8",
@@ -69,12 +70,6 @@ FP32 = "ort-fp32"  # the int8 variants' drift is measured against this one's ima
 INT8_MODE = "static-qdq"
 RESULT_TAG = "@@BENCH_RUN@@ "
 PROMPT = "a photo of a face on a beach"
-
-
-def _peak_rss_bytes() -> int | None:
-    from pm_runtime.resources import peak_rss_bytes
-
-    return peak_rss_bytes()
 
 
 # ------------------------------------------------------------------ children
@@ -147,8 +142,8 @@ def child(variant: str, args: dict) -> dict:
     if per_stage and per_stage[0]:
         for key in ("load_s", "text_encoder_s", "unet_step_ms", "vae_s"):
             rec[f"{key}_p50"] = pcts([s[key] for s in per_stage])["p50"]
-    rec.update(n=len(times), times_s=[round(t, 3) for t in times], peak_rss_bytes=_peak_rss_bytes(),
-               peak_mem_kind="ru_maxrss of the variant's own process (imports, load, warm-up, runs)")
+    rec.update(n=len(times), times_s=[round(t, 3) for t in times], peak_rss_bytes=peak_rss_bytes(),
+               peak_mem_kind="peak RSS of the variant's own process (VmHWM on Linux; imports, load, warm-up, runs)")
     return rec
 
 

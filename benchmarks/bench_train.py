@@ -59,6 +59,7 @@ else:  # run as a script: this tree's pm_runtime (also when it is not pip-instal
             sys.path.insert(0, str(_p))
     from random_models import make_sd15_shaped_model, make_tiny
     from records import environment, git_state  # noqa: F401
+from pm_runtime.resources import peak_rss_bytes  # noqa: E402  (after the path set-up above)
 
 VARIANTS = {
     # name: (precision, gradient_checkpointing, published, cuda_graph, channels_last)
@@ -186,12 +187,6 @@ def _free(dev) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-def _rss_peak() -> int:
-    from pm_runtime.resources import peak_rss_bytes
-
-    return peak_rss_bytes() or 0
-
-
 def _pct(xs: list[float], q: float) -> float:
     import numpy as np
 
@@ -234,7 +229,7 @@ def run_variant(name: str, args, model_dir: pathlib.Path, images_dir: pathlib.Pa
                 rec["peak_reserved_setup_bytes"] = int(torch.cuda.max_memory_reserved(dev))
                 torch.cuda.reset_peak_memory_stats(dev)
             else:
-                rec["peak_mem_setup_bytes"] = _rss_peak()
+                rec["peak_mem_setup_bytes"] = peak_rss_bytes()
             losses, times = [], []
             for _ in range(args.warmup):
                 losses.append(trainer.optimizer_step())
@@ -250,8 +245,8 @@ def run_variant(name: str, args, model_dir: pathlib.Path, images_dir: pathlib.Pa
                 rec["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(dev))
                 rec["peak_mem_kind"] = "torch.cuda.max_memory_allocated (setup and steps separately; excludes the CUDA context)"
             else:
-                rec["peak_mem_steps_bytes"] = _rss_peak()
-                rec["peak_mem_kind"] = ("ru_maxrss: process-wide and monotonic (includes imports and setup)"
+                rec["peak_mem_steps_bytes"] = peak_rss_bytes()
+                rec["peak_mem_kind"] = ("peak RSS (VmHWM on Linux): process-wide and monotonic (includes imports and setup)"
                                         + ("; variant ran in its own process" if args._isolated
                                            else "; NOT isolated: includes earlier variants of this process"))
             rec["peak_mem_bytes"] = max(rec["peak_mem_setup_bytes"], rec["peak_mem_steps_bytes"])
@@ -403,7 +398,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
                    help="run each variant in its own process (auto: yes on CPU, where peak memory is the "
-                        "process-wide ru_maxrss; no on GPU, where peak memory is reset between variants)")
+                        "process-wide peak RSS; no on GPU, where peak memory is reset between variants)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
     p.add_argument("--commit", default=None,
                    help="record this commit instead of asking git (for a copied tree without .git)")
