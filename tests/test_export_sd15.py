@@ -38,15 +38,16 @@ def test_sd15_shaped_export(sd15, tmp_path, precision):
 
     model, concept = sd15
     out = tmp_path / f"bundle-{precision}"
-    # a fresh interpreter per export: its peak RSS is the export's alone
-    code = ("import resource, sys; from pm_export.cli import main\n"
+    # a fresh interpreter per export, its own peak (VmHWM: ru_maxrss would carry this test process's
+    # peak, which built the ~2 GB model, over fork + exec)
+    code = ("from pm_export.cli import main\nfrom pm_runtime.resources import peak_rss_bytes\n"
             "try:\n    main()\nfinally:\n"
-            "    print(f'PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}')\n")
+            "    print(f'PEAK_RSS_BYTES={peak_rss_bytes()}')\n")
     r = subprocess.run([sys.executable, "-c", code, str(concept), "--model", str(model), "--out", str(out),
                         "--precision", precision], capture_output=True, text=True)
     print(r.stdout[-4000:])
     assert r.returncode == 0, r.stderr[-4000:]
-    peak_gib = int(r.stdout.rsplit("PEAK_RSS_KIB=", 1)[1].split()[0]) / 2**20
+    peak_gib = int(r.stdout.rsplit("PEAK_RSS_BYTES=", 1)[1].split()[0]) / 2**30
     b = open_bundle(out)
     size = sum((out / f).stat().st_size for c in b.components
                for f in [c["file"], *(d["file"] for d in c["data_files"])])
