@@ -190,6 +190,33 @@ def test_group_norm_launch_count(impl, monkeypatch):
                                                                                      2 if impl == "grouped" else 3)
 
 
+@pytest.mark.parametrize("mean", [0.0, 300.0])
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_group_norm_bfloat16_on_the_cpu_without_triton(fmt, mean, monkeypatch):
+    """The CPU's bfloat16 path without Triton (torch-cuda on a CPU): PyTorch's own GroupNorm in x's
+    layout, no fp32 copy of x (the reference's), as close to the exact result as the reference is
+    (float64 of the same bfloat16 input), x's layout and dtype kept; with temb, the reference."""
+    from pm_kernels import group_norm as G
+
+    K.set_enabled(False)  # the path without Triton
+    g = torch.Generator().manual_seed(3)
+    x = (mean + torch.randn(2, 64, 13, 11, generator=g)).to(torch.bfloat16).contiguous(memory_format=fmt)
+    w, b = torch.randn(2, 64, generator=g)
+    calls, native = [], G._native_cpu
+    monkeypatch.setattr(G, "_native_cpu", lambda *a: calls.append(1) or native(*a))
+    exact = torch.nn.functional.silu(torch.nn.functional.group_norm(x.double(), 16, w.double(), b.double(), 1e-5))
+    out = K.group_norm_silu(x, w, b, 16, 1e-5)
+    ref = K.group_norm_silu_reference(x, w, b, 16, 1e-5)
+    assert calls and out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=fmt)
+    assert rel_err(out, exact) <= max(2 * rel_err(ref, exact), 5e-3)
+    y = torch.empty_like(x)
+    assert K.group_norm_silu(x, w, b, 16, 1e-5, out=y) is y and torch.equal(y, out)
+    t = torch.randn(2, 64, generator=g)
+    calls.clear()
+    with_t = K.group_norm_silu(x, w, b, 16, 1e-5, temb=t)
+    assert not calls and torch.equal(with_t, K.group_norm_silu_reference(x, w, b, 16, 1e-5, temb=t))
+
+
 def test_group_norm_reference_is_torch_group_norm():
     x = torch.randn(2, 8, 3, 3)
     w, b = torch.randn(8), torch.randn(8)

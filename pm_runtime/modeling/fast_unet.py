@@ -560,10 +560,10 @@ class FastUNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def sample_format(self, device) -> torch.memory_format:
-        """The layout forward computes in on `device` (channels-last on CUDA when the weights are): a
-        sample handed over in it is not converted."""
+        """The layout forward computes in (channels-last when the weights are, as the torch-cuda backend
+        keeps them on every device): a sample handed over in it is not converted."""
         channels_last = self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-        return torch.channels_last if channels_last and torch.device(device).type == "cuda" else torch.contiguous_format
+        return torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, sample, timestep, c_k=None, c_v=None, kv_index=None, t_index=None):
         """c_k, c_v (N, L, D) contexts; or kv_index (N,) int64 rows of the tables of set_contexts.

@@ -77,8 +77,8 @@ def _quantize(w: torch.Tensor, device: torch.device, home: torch.device):
     import pm_kernels
 
     w = w.detach().to(device)
-    if w.ndim == 4 and device.type == "cuda":
-        w = w.contiguous(memory_format=torch.channels_last)  # what cuDNN's NHWC convolutions read
+    if w.ndim == 4:
+        w = w.contiguous(memory_format=torch.channels_last)  # what FastUNet's NHWC convolutions read
     q, scale = pm_kernels.quantize_int8(w)
     return q.to(home), scale.to(home)
 
