@@ -19,9 +19,16 @@ Variants:
                    sessions load pre-optimised graphs (made once, in the warm-up image).
   ort-int8, ort-int8-lowmem-cached
                    the same two settings on a second bundle exported with `pm-export --int8
-                   static-qdq` (int8 UNet, calibrated during the export). Their drift against fp32
-                   is in the record: `psnr_vs_ort_fp32_db` / `max_abs_diff_vs_ort_fp32` (uint8
-                   image against ort-fp32's, same latents) when ort-fp32 ran in the same run.
+                   static-qdq` (int8 UNet, calibrated during the export).
+  torch-fp32, torch-bf16
+                   pm_runtime.Pipeline, backend torch-cuda on the CPU (device cpu: eager, FastUNet
+                   with the kernels' PyTorch paths) in float32 / bfloat16, from a third bundle
+                   holding the fp16 torch weights (`pm-export --target torch`). bfloat16 is fast
+                   only where the CPU has bfloat16 matrix units (the record's `cpu_bf16_units`:
+                   amx_bf16, avx512_bf16).
+The drift of every variant of ours but ort-fp32 against fp32 is in its record:
+`psnr_vs_ort_fp32_db` / `max_abs_diff_vs_ort_fp32` (uint8 image against ort-fp32's, same
+latents) when ort-fp32 ran in the same run.
 Other processes on the machine skew CPU timings: each record carries `other_cpu_frac`, the share
 of all CPUs that other processes used while the variant ran (from /proc/stat); --wait-quiet
 waits for them to go idle before each variant, and --retries re-measures a variant whose
@@ -64,7 +71,8 @@ from pm_runtime.resources import peak_rss_bytes  # noqa: E402  (after the path s
 
 SCHEMA = "pm-bench-run/1"
 VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached", "ort-int8",
-            "ort-int8-lowmem-cached")
+            "ort-int8-lowmem-cached", "torch-fp32", "torch-bf16")
+TORCH_DTYPES = {"torch-fp32": "float32", "torch-bf16": "bfloat16"}
 PEER = "diffusers-fp32"
 FP32 = "ort-fp32"  # the int8 variants' drift is measured against this one's image
 INT8_MODE = "static-qdq"
@@ -102,6 +110,22 @@ def child(variant: str, args: dict) -> dict:
 
         rec.update(backend=f"diffusers {__import__('diffusers').__version__} torch {torch.__version__} cpu",
                    precision="fp32", torch_threads=torch.get_num_threads())
+    elif variant in TORCH_DTYPES:
+        import torch
+
+        from pm_runtime.pipeline import Pipeline
+        from pm_runtime.resources import cpu_bf16_units
+
+        pipe = Pipeline.load(args["bundle_torch"], backend="torch-cuda", device="cpu", dtype=TORCH_DTYPES[variant],
+                             safety_checker=False)
+        load_s = time.perf_counter() - t0
+
+        def one():
+            r = pipe.generate(PROMPT, latents=lat, steps=steps, guidance=8.0, allow_no_concept=True)
+            return r.images, r.timings
+
+        rec.update(backend=pipe.backend.describe(), precision=TORCH_DTYPES[variant], torch_threads=torch.get_num_threads(),
+                   cpu_bf16_units=cpu_bf16_units())
     else:
         import onnxruntime
 
@@ -180,7 +204,8 @@ def _export(concept: pathlib.Path, model_dir: pathlib.Path, bundle: pathlib.Path
     return round(time.perf_counter() - t0, 1)
 
 
-def prepare(model: str, cache: pathlib.Path, log, int8: bool = False) -> tuple[pathlib.Path, pathlib.Path, dict]:
+def prepare(model: str, cache: pathlib.Path, log, int8: bool = False,
+            torch_weights: bool = False) -> tuple[pathlib.Path, pathlib.Path, dict]:
     facts: dict = {}
     t0 = time.perf_counter()
     model_dir = (make_sd15_shaped_model(cache / "model-sd15", seed=0, image_encoder=False) if model == "sd15"
@@ -198,6 +223,9 @@ def prepare(model: str, cache: pathlib.Path, log, int8: bool = False) -> tuple[p
         facts["bundle_int8"] = {k: unet["details"]["int8"].get(k) for k in (
             "mode", "per_channel", "calibrate", "calibration_feeds", "calibration_steps", "calibration_size",
             "bytes_before", "bytes_after", "seconds", "record_s")}
+    if torch_weights:  # the torch variants' bundle: the networks' fp16 PyTorch weights only
+        facts["bundle_torch_export_s"] = _export(concept, model_dir, cache / f"bundle-{model}-torch",
+                                                 ["--target", "torch"], log)
     manifest = json.loads((bundle / "bundle.json").read_text())
     facts["bundle_created"] = manifest.get("created")
     facts["bundle_graph_passes"] = {c["network"]: c.get("details", {}).get("graph_optimization", {}).get("passes")
@@ -231,7 +259,8 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
     out = o.out or results_dir() / "run-cpu.jsonl"
     o.cache.mkdir(parents=True, exist_ok=True)
     int8 = any(v.startswith("ort-int8") for v in o.variants)
-    model_dir, bundle, facts = prepare(o.model, o.cache, log, int8=int8)
+    model_dir, bundle, facts = prepare(o.model, o.cache, log, int8=int8,
+                                       torch_weights=any(v in TORCH_DTYPES for v in o.variants))
     if o.prepare_only:
         log(f"ready: {model_dir} {bundle} {facts}")
         return []
@@ -240,6 +269,7 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
             "device": "cpu", "resolution": o.resolution, "steps": o.steps, "scheduler": "dpmpp-2m", "guidance": 8.0,
             "batch": 1, "warmup": o.warmup, "prompt": PROMPT, "peer": PEER, **facts}
     args = {"model": str(model_dir), "bundle": str(bundle), "bundle_int8": str(o.cache / f"bundle-{o.model}-int8-{INT8_MODE}"),
+            "bundle_torch": str(o.cache / f"bundle-{o.model}-torch"),
             "resolution": o.resolution, "steps": o.steps,
             "runs": o.runs, "warmup": o.warmup, "seed": o.seed, "threads": o.threads, "cache": str(o.cache),
             "wait_quiet": o.wait_quiet}
@@ -265,7 +295,7 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
             mine, theirs = (np.load(o.cache / f"image-{x}.npy").astype(np.int16) for x in (v, PEER))
             rec["max_abs_diff_vs_peer"] = int(np.abs(mine - theirs).max())
         fp32 = records.get(FP32)
-        if v.startswith("ort-int8") and fp32 and fp32["status"] == "ok" and rec["status"] == "ok":
+        if v not in (PEER, FP32) and fp32 and fp32["status"] == "ok" and rec["status"] == "ok":
             mine, ref = (np.load(o.cache / f"image-{x}.npy").astype(np.float64) for x in (v, FP32))
             rec["psnr_vs_ort_fp32_db"] = psnr_db(mine, ref)  # None: identical
             rec["max_abs_diff_vs_ort_fp32"] = int(np.abs(mine - ref).max())

@@ -30,9 +30,10 @@ bundle folder or a .onnx / .plan file inside it (then that format is preferred b
 \b
 --backend auto tries, in this order: tensorrt (the bundle has plans, TensorRT + cuda-python are
 installed, a GPU is visible), torch-cuda (a CUDA GPU, PyTorch, and torch weights in the bundle:
-pm-export --target onnx,torch; the fused-kernel UNet, one CUDA graph per step), onnxruntime (the
-bundle has ONNX graphs and onnxruntime is installed), torch (--model given and PyTorch
-installed); it says what it picked and why. torch-cuda times its kernels' alternatives on the GPU
+pm-export --target onnx,torch; the fused-kernel UNet, one CUDA graph per step; on a CPU, with
+--device cpu, only when --dtype is given or nothing else can run), onnxruntime (the bundle has
+ONNX graphs and onnxruntime is installed), torch (--model given and PyTorch installed); it says
+what it picked and why. torch-cuda times its kernels' alternatives on the GPU
 the first time it runs an image size there (seconds to a minute, once: the choices are kept in
 ~/.cache/pm_kernels/tuning, or PM_KERNELS_TUNE_DIR; at most PM_KERNELS_TUNE_BUDGET_S seconds, default
 120, per run: what is left is measured by the next run); PM_KERNELS_TUNE=0 skips that.
@@ -73,6 +74,7 @@ class RunConfig:
     low_memory: bool
     ort_cache: Path | None = None
     int8_weights: bool = False
+    dtype: str | None = None
 
 
 def find_bundle(engine: Path) -> tuple[Path, str | None]:
@@ -123,6 +125,21 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     click.echo(f"warning{kind}: {message}", err=True)
 
 
+def _bf16_hint(cfg: RunConfig, pipe) -> str | None:
+    """A note where auto ran onnxruntime on a CPU with AMX (native bfloat16 matrix units) and the bundle
+    has torch weights: there PyTorch in bfloat16 is the faster way (README: CPUs with AMX)."""
+    from . import resources
+    from .backends.torch_cuda import _has_torch_weights
+
+    if (cfg.backend != "auto" or cfg.dtype or pipe.backend.name != "onnxruntime"
+            or (cfg.device or "cpu").split(":")[0] != "cpu" or "amx_bf16" not in resources.cpu_bf16_units()
+            or not _has_torch_weights(pipe.bundle)):
+        return None
+    return ("note: this CPU has AMX (bfloat16 matrix units) and the bundle has torch weights: --device cpu "
+            "--dtype bfloat16 runs them with PyTorch, about twice as fast as onnxruntime's fp32 on such CPUs "
+            "(needs torch; bfloat16 drifts slightly from fp32)")
+
+
 def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     from .concept_table import atomic_write_bytes
     from .pipeline import NEGATIVE_PROMPT, Pipeline
@@ -134,8 +151,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     if cfg.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {cfg.num_images}")
     root, prefer = find_bundle(cfg.engine)
-    options = {k: v for k, v in (("model", cfg.model), ("threads", cfg.threads), ("cache_dir", cfg.ort_cache))
-               if v is not None}
+    options = {k: v for k, v in (("model", cfg.model), ("threads", cfg.threads), ("cache_dir", cfg.ort_cache),
+                                 ("dtype", cfg.dtype)) if v is not None}
     backend = cfg.backend
     if cfg.int8_weights:
         if backend not in ("auto", "torch-cuda"):
@@ -145,6 +162,9 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                          safety_checker=cfg.safety_checker, prefer=prefer, log=log, **options)
     if pipe.safety_checker_note and not cfg.safety_checker:
         log("note: --no-safety-checker: " + pipe.safety_checker_note)
+    note = _bf16_hint(cfg, pipe)
+    if note:
+        log(note)
     pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
     if cfg.seed is None:
@@ -221,8 +241,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
               type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch-cuda", "torch"]))
 @click.option("--device", default=None,
               help="onnxruntime: cpu, cuda[:N], dml[:N], coreml; tensorrt: cuda[:N]; torch: cpu, cuda[:N]; "
-                   "torch-cuda: cuda[:N] (cpu runs its code eagerly, for testing) [default: cpu; tensorrt and "
-                   "torch-cuda: cuda].")
+                   "torch-cuda: cuda[:N], or cpu (eagerly, no CUDA graph; with --dtype bfloat16 the fastest CPU "
+                   "path on CPUs with AMX) [default: cpu; tensorrt and torch-cuda: cuda].")
 @click.option("--model", default=None, type=click.Path(path_type=Path),
               help="The base model folder (diffusers layout): needed by --backend torch (and by torch-cuda "
                    "when the bundle has no torch weights).")
@@ -249,6 +269,12 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
               help="onnxruntime (CPU): keep optimised graphs in this folder; later runs load them in about a "
                    "fifth of the time (SD 1.5 UNet: ~1 s instead of ~5 s on 2 cores). Uses disk: one graph copy "
                    "per network.")
+@click.option("--dtype", default=None, type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="PyTorch backends (torch-cuda, torch) only: the precision the networks run in [default: "
+                   "float16 on a GPU, float32 on a CPU]. bfloat16 on a CPU with AMX (Intel Xeon 4th gen and "
+                   "later) runs the bundle's torch weights ~2x faster than onnxruntime's fp32 (README: 'CPUs "
+                   "with AMX'); on CPUs without native bfloat16 it is slower than float32. With --backend auto "
+                   "it picks a PyTorch backend.")
 @click.option("--int8-weights", is_flag=True,
               help="torch-cuda (GPU fast path) only: keep the UNet's linear and convolution weights as "
                    "per-channel int8, dequantized layer by layer as it runs: about half the UNet's memory "
@@ -256,14 +282,15 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                    "Implies --backend torch-cuda.")
 def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height, width,
          backend, device, model, out, late_stage, concept_stage, allow_no_concept, no_safety_checker, as_json,
-         threads, low_memory, ort_cache, int8_weights) -> None:
+         threads, low_memory, ort_cache, int8_weights, dtype) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
         # peaks in new processes on an H200 were 0.04-0.07 GB lower with it (gpu-fresh-expandable-h200.jsonl)
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     cfg = RunConfig(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height,
                     width, backend, device, model, out, late_stage, tuple(concept_stage) if concept_stage else None,
-                    allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights)
+                    allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights,
+                    dtype)
     try:
         with warnings.catch_warnings():  # Python warnings as one line each, like pm-run's other notes
             warnings.showwarning = _warning_line

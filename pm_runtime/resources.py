@@ -25,3 +25,19 @@ def peak_rss_bytes() -> int | None:
         return None
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def cpu_bf16_units() -> list[str]:
+    """The bfloat16 matrix units this machine's CPU advertises (Linux /proc/cpuinfo flags): "amx_bf16"
+    (Intel AMX, Xeon 4th generation and later), "avx512_bf16" (bfloat16 dot products, AVX-512). Empty
+    where there are none or the flags cannot be read (other systems). Reads no torch: pm-run's
+    onnxruntime path uses it for its hint."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [u for u in ("amx_bf16", "avx512_bf16") if u in flags]
+    except OSError:
+        pass
+    return []

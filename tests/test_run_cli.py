@@ -113,6 +113,43 @@ def test_options_reach_the_pipeline(run_bundle, tmp_path, monkeypatch):
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.6"  # the user's own stays
 
 
+def test_dtype_picks_a_pytorch_backend_on_the_cpu(run_bundle, tmp_path):
+    """--device cpu: onnxruntime by default; with --dtype, auto takes torch-cuda in that precision."""
+    pytest.importorskip("torch")
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "a.png",
+               "--device", "cpu", "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["backend"].startswith("onnxruntime")
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "b.png",
+               "--device", "cpu", "--dtype", "bfloat16", "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["backend"].startswith("torch-cuda") and "bfloat16" in summary["backend"]
+    assert summary["config"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("units", [["amx_bf16", "avx512_bf16"], ["avx512_bf16"], []])
+def test_amx_cpus_get_the_bfloat16_hint(run_bundle, tmp_path, monkeypatch, units):
+    """auto on a CPU ran onnxruntime on a bundle with torch weights: a CPU with AMX is told about
+    --dtype bfloat16; others are not (without AMX, bfloat16 is not the faster way)."""
+    from pm_runtime import resources
+
+    monkeypatch.setattr(resources, "cpu_bf16_units", lambda: units)
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "a.png", *FAST)
+    assert r.exit_code == 0, r.output
+    assert ("--device cpu --dtype bfloat16" in r.output) == ("amx_bf16" in units)
+
+
+def test_cpu_bf16_units_reads_the_cpu_flags():
+    from pm_runtime import resources
+
+    units = resources.cpu_bf16_units()
+    assert set(units) <= {"amx_bf16", "avx512_bf16"}
+    if os.path.exists("/proc/cpuinfo"):
+        flags = open("/proc/cpuinfo").read()
+        assert ("amx_bf16" in units) == (" amx_bf16" in flags)
+
+
 def test_long_unicode_and_repeated_concept_prompts(run_bundle, tmp_path):
     long = PROMPT + ", " + ", ".join(["very detailed"] * 40)
     r = pm_run("--engine", run_bundle, "--prompt", long, "--concept", "alice", "--out", tmp_path / "l.png", *FAST)
@@ -173,6 +210,8 @@ BAD = [
     (["--concept", "alice", "--backend", "tensorrt"], PROMPT, "backend tensorrt: "),
     (["--concept", "alice", "--backend", "torch"], PROMPT, "give --model"),
     (["--concept", "alice", "--device", "cuda"], PROMPT, "install onnxruntime-gpu"),
+    (["--concept", "alice", "--backend", "onnxruntime", "--dtype", "bfloat16"], PROMPT,
+     "backend onnxruntime: --dtype is for the PyTorch backends"),
 ]
 
 

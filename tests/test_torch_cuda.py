@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 from conftest import psnr  # noqa: E402
 from pm_runtime import schedulers  # noqa: E402
 from pm_runtime.backends.base import DenoiseJob, denoise_on_host  # noqa: E402
+from pm_runtime.bundle import open_bundle  # noqa: E402
 from pm_runtime.errors import UserError  # noqa: E402
 from pm_runtime.pipeline import Pipeline  # noqa: E402
 
@@ -370,6 +371,44 @@ def test_without_cuda_auto_skips_and_explicit_request_explains(run_bundle):
     assert pipe.backend.name == "onnxruntime" and "torch-cuda: no CUDA device" in lines[0]
     with pytest.raises(UserError, match="backend torch-cuda: no CUDA device"):
         Pipeline.load(run_bundle, backend="torch-cuda")
+
+
+def test_auto_on_a_cpu_takes_torch_cuda_only_for_a_dtype_or_as_the_last_resort(run_bundle, cuda_bundle):
+    """--device cpu with auto: onnxruntime (faster than torch-cuda's fp32 eager path); a dtype (e.g.
+    bfloat16 on CPUs with AMX) is a PyTorch option: the exported-graph backends decline it, named or
+    not; a torch-only bundle still runs on torch-cuda, the only backend that can."""
+    from pm_runtime.backends.base import select_backend
+
+    b, torch_only = open_bundle(run_bundle), open_bundle(cuda_bundle)
+    cls, why = select_backend(b, "auto", device="cpu")
+    assert cls.name == "onnxruntime" and "torch-cuda: on a CPU, auto leaves it to onnxruntime" in why
+    cls, why = select_backend(b, "auto", device="cpu", dtype="bfloat16")
+    assert cls.name == "torch-cuda"
+    cls, why = select_backend(torch_only, "auto", device="cpu")
+    assert cls.name == "torch-cuda" and "the only one" in why
+    cls, _ = select_backend(b, "torch-cuda", device="cpu")  # named: runs
+    assert cls.name == "torch-cuda"
+    with pytest.raises(UserError, match="--dtype is for the PyTorch backends.*onnxruntime runs the precision"):
+        select_backend(b, "onnxruntime", device="cpu", dtype="bfloat16")
+    with pytest.raises(UserError, match="--dtype is for the PyTorch backends.*tensorrt"):
+        select_backend(b, "tensorrt", dtype="float16")
+
+
+def test_bfloat16_on_the_cpu_channels_last_close_to_float32(run_bundle, fast_pipe):
+    """torch-cuda on a CPU in bfloat16: the same image as float32 within bfloat16's drift; the UNet's
+    weights rest channels-last from the load on (no copy when a stage loads it, nor per call)."""
+    kw = dict(seed=5, steps=4, height=256, width=256)
+    bf = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", dtype="bfloat16")
+    assert "bfloat16" in bf.backend.describe()
+    unet = bf.backend.modules["unet"].unet
+    convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and w.dtype == torch.bfloat16
+                         for w in convs)
+    before = [w.data_ptr() for w in convs]
+    got = bf.generate(PROMPT, **kw).images
+    assert [w.data_ptr() for w in convs] == before
+    want = fast_pipe.generate(PROMPT, **kw).images  # float32
+    assert psnr(got, want) >= 30.0 and not np.array_equal(got, want)
 
 
 @pytest.mark.gpu

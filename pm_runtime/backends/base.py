@@ -38,6 +38,8 @@ BACKENDS = {
 # --backend auto tries these in this order and takes the first that can run the bundle here
 # (torch-cuda only where CUDA is present and the bundle has its torch weights).
 AUTO_ORDER = ("tensorrt", "torch-cuda", "onnxruntime", "torch")
+# the exported-graph backends' answer to a dtype option (Backend.unavailable)
+DTYPE_NOTE = "--dtype is for the PyTorch backends (torch-cuda, torch): {} runs the precision the bundle was exported in"
 
 
 class Network(Protocol):
@@ -210,7 +212,8 @@ def select_backend(bundle: Bundle, requested: str = "auto", prefer: str | None =
                    **options) -> tuple[type[Backend], str]:
     """(backend class, why). `requested` is a name or "auto"; with "auto", `prefer` (e.g. from a
     .plan or .onnx named on the command line) is tried first, then AUTO_ORDER. Each backend's
-    `unavailable(bundle, **options)` returns None when it can run the bundle here, else the reason;
+    `unavailable(bundle, **options)` returns None when it can run the bundle here, else the reason
+    (with "auto" it also gets auto=True: a backend may run only when asked for, as torch-cuda on a CPU);
     a named backend that cannot run raises that reason (with its install hint) as a UserError."""
     if requested != "auto":
         cls = backend_class(requested)
@@ -222,9 +225,16 @@ def select_backend(bundle: Bundle, requested: str = "auto", prefer: str | None =
     order = ([prefer] if prefer else []) + [n for n in AUTO_ORDER if n != prefer]
     for name in order:
         cls = backend_class(name)
-        reason = cls.unavailable(bundle, **options)
+        reason = cls.unavailable(bundle, auto=True, **options)
         if reason is None:
             why = f"; skipped {'; '.join(skipped)}" if skipped else ""
             return cls, f"backend: {name} (auto, order {', '.join(order)}{why})"
+        skipped.append(f"{name}: {reason}")
+    # none that auto prefers: one that runs here when asked for (torch-cuda's eager CPU path) beats none
+    skipped = []
+    for name in order:
+        reason = backend_class(name).unavailable(bundle, **options)
+        if reason is None:
+            return backend_class(name), f"backend: {name} (auto: the only one that can run this bundle here)"
         skipped.append(f"{name}: {reason}")
     raise UserError("no backend can run this bundle here: " + "; ".join(skipped))

@@ -46,7 +46,7 @@ from .. import formats as F
 from ..bundle import Bundle
 from ..errors import UserError
 from ..specs import STEP
-from .base import Backend, DenoiseJob
+from .base import DTYPE_NOTE, Backend, DenoiseJob
 from .device_loop import OrtOps, denoise_on_device
 
 INSTALL_HINT = "onnxruntime is not installed: pip install 'personamagic-runtime[onnx]'"
@@ -118,7 +118,9 @@ class OnnxRuntimeBackend(Backend):
         self.cache_hits: dict[str, int] = {}  # network -> sessions loaded from the cache
 
     @classmethod
-    def unavailable(cls, bundle: Bundle, device: str | None = None, **_) -> str | None:
+    def unavailable(cls, bundle: Bundle, device: str | None = None, dtype: str | None = None, **_) -> str | None:
+        if dtype is not None:
+            return DTYPE_NOTE.format("onnxruntime")
         missing = cls.missing_networks(bundle)
         if missing:
             return f"the bundle has no ONNX {', '.join(missing)}"

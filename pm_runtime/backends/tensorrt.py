@@ -28,7 +28,7 @@ from .. import formats as F
 from ..bundle import Bundle
 from ..errors import UserError
 from ..specs import NETWORKS, OPTIONAL_NETWORKS, STEP
-from .base import Backend, DenoiseJob
+from .base import DTYPE_NOTE, Backend, DenoiseJob
 from .device_loop import DeviceBuf, denoise_on_device, padded_rows
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
@@ -237,7 +237,9 @@ class TensorRTBackend(Backend):
         self.runtime = self.trt.Runtime(self.logger)
 
     @classmethod
-    def unavailable(cls, bundle: Bundle, device: str | None = None, **_) -> str | None:
+    def unavailable(cls, bundle: Bundle, device: str | None = None, dtype: str | None = None, **_) -> str | None:
+        if dtype is not None:
+            return DTYPE_NOTE.format("tensorrt")
         missing = cls.missing_networks(bundle)
         if missing:
             return f"the bundle has no TensorRT plan for {', '.join(missing)}"
