@@ -400,6 +400,10 @@ def test_bfloat16_on_the_cpu_channels_last_close_to_float32(run_bundle, fast_pip
     kw = dict(seed=5, steps=4, height=256, width=256)
     bf = Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", dtype="bfloat16")
     assert "bfloat16" in bf.backend.describe()
+    # without Triton the fused epilogues' PyTorch paths add in fp32 copies: off in 16-bit on a CPU,
+    # the VAE channels-last there (oneDNN's layout); fp32 on a CPU (the tests' GPU logic) keeps both
+    assert not bf.backend.fused_epilogues and bf.backend.vae_channels_last
+    assert fast_pipe.backend.fused_epilogues and not fast_pipe.backend.vae_channels_last
     unet = bf.backend.modules["unet"].unet
     convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and w.dtype == torch.bfloat16
@@ -409,6 +413,9 @@ def test_bfloat16_on_the_cpu_channels_last_close_to_float32(run_bundle, fast_pip
     assert [w.data_ptr() for w in convs] == before
     want = fast_pipe.generate(PROMPT, **kw).images  # float32
     assert psnr(got, want) >= 30.0 and not np.array_equal(got, want)
+    vae = bf.backend.modules["vae_decoder"]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in vae.modules()
+               if isinstance(m, torch.nn.Conv2d))
 
 
 @pytest.mark.gpu

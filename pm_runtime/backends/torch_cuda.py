@@ -72,7 +72,9 @@
   into the time vector and one residual kernel; residual add + LayerNorm in one kernel; the
   standalone VAE decoder's ResNets the same way (their residual written into conv2's output). Counted:
   fewer kernels per UNet call (benchmarks/launch_count.py); whether the step gets faster is for the
-  GPU check (variant torch-cuda-unfused-epilogues).
+  GPU check (variant torch-cuda-unfused-epilogues). Default off on a CPU in bfloat16/float16: there,
+  without Triton, the epilogues' PyTorch paths add in fp32 copies of the activations (2-core Xeon with
+  AMX, bfloat16, 512 px: UNet step 1.90-2.05 -> 1.60-1.64 s, VAE decode 4.4 -> 3.5 s).
 - time_tables (default on; NOT MEASURED on a GPU yet): every ResNet's time-embedding vector of
   every step computed once per image (FastUNet.set_timesteps); the step reads its row (variant
   torch-cuda-no-time-tables).
@@ -131,7 +133,9 @@
 - vae_channels_last (default on; NOT MEASURED on a GPU yet): the VAE decoder's convolution weights in
   the channels-last layout on CUDA, as the UNet's (its activations follow: cuDNN's NHWC
   convolutions, pm_kernels' coalesced channels-last GroupNorm path); before, the decoder ran NCHW
-  (H200: 15.8 ms per 512 px decode). Variant torch-cuda-vae-nchw.
+  (H200: 15.8 ms per 512 px decode). Variant torch-cuda-vae-nchw. On a CPU in bfloat16/float16 too
+  (oneDNN's fast layout; with the epilogues off, 512 px decode 3.5 -> 1.4 s on the Xeon above); fp32
+  on a CPU, the tests' run, stays NCHW.
 - one_stream (opt-in; NOT MEASURED on a GPU yet): every network stage's CUDA work on the stream the
   graphs are warmed up and captured on, not the default stream: PyTorch keeps a cuBLAS workspace
   (32 MiB on Hopper) for each stream cuBLAS ever ran on, and the eager work (the K/V and time
@@ -189,7 +193,7 @@ class TorchCudaBackend(Backend):
                  offload_text_encoder: bool = False, vae_graph: bool = False, hf_modules: bool = False,
                  int8_weights: bool = False, sequential_guidance: bool | None = None, cudnn_benchmark: bool = True,
                  offload_safety_checker: bool = True, vae_tiling: bool | None = None, vae_bands: int | None = None,
-                 ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool = True,
+                 ff_chunk: int | None = None, gn_impl: str | None = None, fused_epilogues: bool | None = None,
                  time_tables: bool = True, step_kernels: bool = True, te_graph: bool = True,
                  shared_pool: bool = False, one_stream: bool = False, vae_channels_last: bool = True,
                  geglu_gemm: bool | None = None, tune: bool = True, kv_step: bool = True,
@@ -232,7 +236,9 @@ class TorchCudaBackend(Backend):
         if sdpa not in (None, "flash", "cudnn", "efficient"):
             raise UserError(f"sdpa must be flash, cudnn or efficient, got {sdpa!r}")
         self.sdpa = sdpa  # PyTorch SDPA backend preferred for self-attention (None: PyTorch's choice)
-        self.fused_epilogues = bool(fused_epilogues)  # FastUNet.fused_epilogues
+        # 16-bit on a CPU (no Triton there): the fastest way (see fused_epilogues and vae_channels_last above)
+        cpu_16 = not on_cuda and self.dtype_name != "float32"
+        self.fused_epilogues = (not cpu_16) if fused_epilogues is None else bool(fused_epilogues)  # FastUNet's
         self.geglu_gemm = None if geglu_gemm is None else bool(geglu_gemm)  # FastUNet.geglu_gemm (None: tuned)
         # pm_kernels.tuning: per shape, the fastest of a computation's implementations as measured on this GPU
         # (one eager step in a tuning session before a shape's first capture, once per GPU and software:
@@ -269,7 +275,7 @@ class TorchCudaBackend(Backend):
         # every CUDA call of a network stage on the graphs' warm-up/capture stream (see network())
         self.one_stream = bool(one_stream) and self.torch_device.type == "cuda"
         # the VAE decoder's weights (and so its activations) channels-last on CUDA, as the UNet's
-        self.vae_channels_last = bool(vae_channels_last) and self.torch_device.type == "cuda"
+        self.vae_channels_last = bool(vae_channels_last) and (on_cuda or cpu_16)
         self._graphed: list = []  # the _GraphedNetworks of the loaded networks
         self.hf_modules = bool(hf_modules)  # False: pm_runtime.modeling.standalone's networks where they fit
         # networks whose weights rest in host memory (parked below): loaded there directly
