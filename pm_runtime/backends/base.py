@@ -221,20 +221,17 @@ def select_backend(bundle: Bundle, requested: str = "auto", prefer: str | None =
         if reason:
             raise UserError(f"backend {requested}: {reason}")
         return cls, f"backend: {requested} (asked for)"
-    skipped = []
     order = ([prefer] if prefer else []) + [n for n in AUTO_ORDER if n != prefer]
-    for name in order:
-        cls = backend_class(name)
-        reason = cls.unavailable(bundle, auto=True, **options)
-        if reason is None:
-            why = f"; skipped {'; '.join(skipped)}" if skipped else ""
-            return cls, f"backend: {name} (auto, order {', '.join(order)}{why})"
-        skipped.append(f"{name}: {reason}")
-    # none that auto prefers: one that runs here when asked for (torch-cuda's eager CPU path) beats none
-    skipped = []
-    for name in order:
-        reason = backend_class(name).unavailable(bundle, **options)
-        if reason is None:
-            return backend_class(name), f"backend: {name} (auto: the only one that can run this bundle here)"
-        skipped.append(f"{name}: {reason}")
+    # first what auto prefers; if none, one that runs here when asked for (torch-cuda's eager CPU path)
+    for auto in (True, False):
+        skipped = []
+        for name in order:
+            cls = backend_class(name)
+            reason = cls.unavailable(bundle, auto=auto, **options)
+            if reason is None:
+                if not auto:
+                    return cls, f"backend: {name} (auto: the only one that can run this bundle here)"
+                why = f"; skipped {'; '.join(skipped)}" if skipped else ""
+                return cls, f"backend: {name} (auto, order {', '.join(order)}{why})"
+            skipped.append(f"{name}: {reason}")
     raise UserError("no backend can run this bundle here: " + "; ".join(skipped))

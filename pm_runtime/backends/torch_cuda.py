@@ -373,19 +373,24 @@ class TorchCudaBackend(Backend):
             return torch.device("cpu")
         return self.home
 
+    def _runs_fast(self, graph_module) -> bool:
+        """Whether the UNet graph module runs as FastUNet: loaded as its parameter tree (the standalone
+        UNet, int8 weights), or diffusers' UNet with kernels on and a config FastUNet supports."""
+        from ..modeling.fast_unet import FastUNet, unsupported
+
+        return isinstance(graph_module, FastUNet) or (self.kernels and not unsupported(graph_module.unet))
+
     def _unet_layout(self) -> None:
         """The UNet that will run as FastUNet channels-last from the start, on every device: cuDNN's and
         oneDNN's fast convolutions read NHWC, and FastUNet's transformer blocks hand their output back in
         it (measured on a 2-core Xeon with AMX, SD-1.5 shapes at 256 px: 2.30 -> 1.72 s per fp32 step,
         0.76 -> 0.51 s in bfloat16, the NCHW run converting weights in every call). Done once here, so
-        no stage load copies the weights (an integrated GPU's resident UNet keeps its storage)."""
+        no stage load copies the weights (an integrated GPU's resident UNet keeps its storage; a parked
+        one keeps the layout, _Parked restores each tensor's strides)."""
         import torch
 
-        from ..modeling.fast_unet import FastUNet, unsupported
-
-        module = self.modules[UNET]
-        if isinstance(module, FastUNet) or (self.kernels and not unsupported(module.unet)):
-            module.unet.to(memory_format=torch.channels_last)
+        if self._runs_fast(self.modules[UNET]):
+            self.modules[UNET].unet.to(memory_format=torch.channels_last)
 
     def _quantized_unet(self, graph_module):
         """FastUNet with int8 weights (pm_runtime.modeling.int8_weights) from the UNet loaded in host
@@ -508,18 +513,13 @@ class TorchCudaBackend(Backend):
         return {pid: "+".join(v) for pid, v in names.items()}
 
     def _fast_unet(self, graph_module):
-        """FastUNet around the graph module's UNet (channels-last on CUDA); the plain module where
-        FastUNet does not support the UNet or kernels are off."""
-        import torch
+        """FastUNet around the graph module's UNet (channels-last since the load: _unet_layout); the
+        plain module where FastUNet does not support the UNet or kernels are off."""
+        from ..modeling.fast_unet import FastUNet
 
-        from ..modeling.fast_unet import FastUNet, unsupported
-
-        unet = graph_module.unet
-        standalone = isinstance(graph_module, FastUNet)  # loaded as pm_runtime.modeling.standalone's UNet
-        if not standalone and (not self.kernels or unsupported(unet)):
+        if not self._runs_fast(graph_module):
             return graph_module
-        unet.to(memory_format=torch.channels_last)  # (already, see _unet_layout: no copy)
-        fast = FastUNet(unet)  # a fresh wrapper per load: the K/V tables it gets belong to this load's step graph
+        fast = FastUNet(graph_module.unet)  # a fresh wrapper per load: the K/V tables it gets belong to this load's step graph
         fast.ff_chunk = self.ff_chunk
         fast.fused_epilogues = self.fused_epilogues
         fast.geglu_gemm = self.geglu_gemm
