@@ -113,9 +113,12 @@ def test_options_reach_the_pipeline(run_bundle, tmp_path, monkeypatch):
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.6"  # the user's own stays
 
 
-def test_dtype_picks_a_pytorch_backend_on_the_cpu(run_bundle, tmp_path):
+def test_dtype_picks_a_pytorch_backend_on_the_cpu(run_bundle, tmp_path, monkeypatch):
     """--device cpu: onnxruntime by default; with --dtype, auto takes torch-cuda in that precision."""
     pytest.importorskip("torch")
+    # the choice is what is tested here: the kernels' PyTorch references, not the Triton interpreter
+    # (its kernels took ~45 s of this test at 256 px; they are tested in test_kernels / test_torch_cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "a.png",
                "--device", "cpu", "--json", *FAST)
     assert r.exit_code == 0, r.output
