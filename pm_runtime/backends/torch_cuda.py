@@ -151,6 +151,12 @@ only with a dtype or when no other backend can run the bundle (onnxruntime's fp3
 this path's). dtype="bfloat16" on a CPU with AMX (bfloat16 matrix units) is the fastest CPU path
 measured (README: CPUs with AMX); the UNet stays channels-last on the CPU too (oneDNN's fast
 convolutions read NHWC, and FastUNet's transformer blocks return it).
+- cpu_packed_convs (default on; CPU only): the UNet blocks' convolution weights reordered into
+  oneDNN's blocked layout once, at their first call, instead of at every call
+  (pm_runtime/modeling/cpu_convs.py: the deep layers' reorder cost more than their convolution).
+  Float32 and bfloat16, not with low-memory parking or int8 weights; where oneDNN's packed operators
+  are missing or disagree with F.conv2d in a probe, the plain convolutions run (packed_convs_note
+  says why). False: plain convolutions (the A/B).
 Module import needs no torch (the runtime's torch line): torch is imported when it is used.
 """
 
@@ -197,7 +203,7 @@ class TorchCudaBackend(Backend):
                  time_tables: bool = True, step_kernels: bool = True, te_graph: bool = True,
                  shared_pool: bool = False, one_stream: bool = False, vae_channels_last: bool = True,
                  geglu_gemm: bool | None = None, tune: bool = True, kv_step: bool = True,
-                 park_weights: bool | None = None, **_):
+                 park_weights: bool | None = None, cpu_packed_convs: bool = True, **_):
         super().__init__(bundle, device=device, low_memory=low_memory)
         reason = self.unavailable(bundle, model=model, device=device)
         if reason:
@@ -276,6 +282,11 @@ class TorchCudaBackend(Backend):
         self.one_stream = bool(one_stream) and self.torch_device.type == "cuda"
         # the VAE decoder's weights (and so its activations) channels-last on CUDA, as the UNet's
         self.vae_channels_last = bool(vae_channels_last) and (on_cuda or cpu_16)
+        # on a CPU: the UNet's convolution weights reordered for oneDNN once, not per call (cpu_convs);
+        # None until the first UNet load says whether they were (packed_convs_note: why not)
+        self.cpu_packed_convs = bool(cpu_packed_convs) and self.torch_device.type == "cpu"
+        self.packed_convs: int | None = None
+        self.packed_convs_note: str | None = None
         self._graphed: list = []  # the _GraphedNetworks of the loaded networks
         self.hf_modules = bool(hf_modules)  # False: pm_runtime.modeling.standalone's networks where they fit
         # networks whose weights rest in host memory (parked below): loaded there directly
@@ -523,7 +534,24 @@ class TorchCudaBackend(Backend):
         fast.ff_chunk = self.ff_chunk
         fast.fused_epilogues = self.fused_epilogues
         fast.geglu_gemm = self.geglu_gemm
+        if self.cpu_packed_convs and self.packed_convs is None:
+            self._pack_convs(fast.unet)
         return fast
+
+    def _pack_convs(self, unet) -> None:
+        """On a CPU: the UNet blocks' convolutions as cpu_convs.PackedConv2d (once; they stay packed for
+        later loads). Not where the UNet is parked (each stage gets fresh weight copies) or int8."""
+        from ..modeling import cpu_convs
+
+        if UNET in self._parked or self.int8_weights:
+            self.packed_convs_note = "not with parked or int8 weights"
+        else:
+            self.packed_convs_note = cpu_convs.unavailable(self.torch_dtype)
+        if self.packed_convs_note:
+            self.packed_convs = 0
+            return
+        self.packed_convs = sum(cpu_convs.pack_convs_(b) for b in (*unet.down_blocks, unet.mid_block,
+                                                                      *unet.up_blocks))
 
     def _attach(self, network: str) -> None:
         """Copy a parked network's weights to the device for its stage. With shared_pool, once the
@@ -567,6 +595,8 @@ class TorchCudaBackend(Backend):
         weights = ", UNet weights int8" if self.int8_weights else ""
         if self.unified_memory and not self.park_weights:
             weights += ", integrated GPU: weights stay in its memory (the host's)"
+        if self.packed_convs:
+            weights += f", {self.packed_convs} convolutions packed for oneDNN"
         return f"torch-cuda {torch.__version__} {self.torch_device} {self.dtype_name} ({what}{weights})"
 
     def _sdpa_choice(self):

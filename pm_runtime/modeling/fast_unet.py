@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_convs import PackedConv2d
 from .int8_weights import weight_of
 
 DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -109,9 +110,12 @@ def _linear(x, layer) -> torch.Tensor:
 
 
 def conv(layer, x, bias: bool = True):
-    """layer(x) for an nn.Conv2d or an int8 one; bias=False: the same convolution without its bias."""
+    """layer(x) for an nn.Conv2d, an int8 one or a packed one (CPU: cpu_convs.PackedConv2d); bias=False:
+    the same convolution without its bias."""
     if bias:
         return layer(x)
+    if isinstance(layer, PackedConv2d):
+        return layer(x, bias=False)
     return F.conv2d(x, weight_of(layer), None, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
