@@ -124,7 +124,7 @@ def child(variant: str, args: dict) -> dict:
             r = pipe.generate(PROMPT, latents=lat, steps=steps, guidance=8.0, allow_no_concept=True)
             return r.images, r.timings
 
-        rec.update(backend=pipe.backend.describe(), precision=TORCH_DTYPES[variant], torch_threads=torch.get_num_threads(),
+        rec.update(precision=TORCH_DTYPES[variant], torch_threads=torch.get_num_threads(),
                    cpu_bf16_units=cpu_bf16_units())
     else:
         import onnxruntime
@@ -166,6 +166,9 @@ def child(variant: str, args: dict) -> dict:
     if per_stage and per_stage[0]:
         for key in ("load_s", "text_encoder_s", "unet_step_ms", "vae_s"):
             rec[f"{key}_p50"] = pcts([s[key] for s in per_stage])["p50"]
+    if variant in TORCH_DTYPES:  # after the runs: what the UNet's first load decided (packed convolutions)
+        rec.update(backend=pipe.backend.describe(), packed_convs=pipe.backend.packed_convs,
+                   packed_convs_note=pipe.backend.packed_convs_note)
     rec.update(n=len(times), times_s=[round(t, 3) for t in times], peak_rss_bytes=peak_rss_bytes(),
                peak_mem_kind="peak RSS of the variant's own process (VmHWM on Linux; imports, load, warm-up, runs)")
     return rec

@@ -126,18 +126,25 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _bf16_hint(cfg: RunConfig, pipe) -> str | None:
-    """A note where auto ran onnxruntime on a CPU with AMX (native bfloat16 matrix units) and the bundle
-    has torch weights: there PyTorch in bfloat16 is the faster way (README: CPUs with AMX)."""
+    """A note where auto ran onnxruntime on a CPU with bfloat16 units and the bundle has torch weights:
+    there PyTorch in bfloat16 was the faster way where measured (README: CPUs with bfloat16 units).
+    With AMX against any bundle; with AVX512-BF16 alone only against an fp32 UNet (the int8 bundle was
+    as fast as bfloat16 on the EPYC measured)."""
     from . import resources
     from .backends.torch_cuda import _has_torch_weights
 
     if (cfg.backend != "auto" or cfg.dtype or pipe.backend.name != "onnxruntime"
-            or (cfg.device or "cpu").split(":")[0] != "cpu" or "amx_bf16" not in resources.cpu_bf16_units()
-            or not _has_torch_weights(pipe.bundle)):
+            or (cfg.device or "cpu").split(":")[0] != "cpu" or not _has_torch_weights(pipe.bundle)):
         return None
-    return ("note: this CPU has AMX (bfloat16 matrix units) and the bundle has torch weights: --device cpu "
-            "--dtype bfloat16 runs them with PyTorch, 2.4-3.1x faster than onnxruntime's fp32 on the Xeon measured "
-            "(needs torch; bfloat16 drifts slightly from fp32)")
+    units = resources.cpu_bf16_units()
+    if "amx_bf16" in units:
+        what, figure = "AMX (bfloat16 matrix units)", "2.4-3.1x faster than onnxruntime's fp32 on the Xeon measured"
+    elif "avx512_bf16" in units and getattr(pipe.backend, "precision", {}).get("unet") != "int8":
+        what, figure = "AVX512-BF16", "1.6x faster than onnxruntime's fp32 on the AMD EPYC measured"
+    else:
+        return None
+    return (f"note: this CPU has {what} and the bundle has torch weights: --device cpu --dtype bfloat16 runs "
+            f"them with PyTorch, {figure} (needs torch; bfloat16 drifts slightly from fp32)")
 
 
 def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
@@ -241,8 +248,9 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
               type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch-cuda", "torch"]))
 @click.option("--device", default=None,
               help="onnxruntime: cpu, cuda[:N], dml[:N], coreml; tensorrt: cuda[:N]; torch: cpu, cuda[:N]; "
-                   "torch-cuda: cuda[:N], or cpu (eagerly, no CUDA graph; with --dtype bfloat16 the fastest CPU "
-                   "path on CPUs with AMX) [default: cpu; tensorrt and torch-cuda: cuda].")
+                   "torch-cuda: cuda[:N], or cpu (eagerly, no CUDA graph; with --dtype bfloat16 faster than "
+                   "onnxruntime's fp32 on CPUs with bfloat16 units: AMX, AVX512-BF16) [default: cpu; tensorrt and "
+                   "torch-cuda: cuda].")
 @click.option("--model", default=None, type=click.Path(path_type=Path),
               help="The base model folder (diffusers layout): needed by --backend torch (and by torch-cuda "
                    "when the bundle has no torch weights).")
@@ -271,11 +279,11 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                    "per network.")
 @click.option("--dtype", default=None, type=click.Choice(["float16", "bfloat16", "float32"]),
               help="PyTorch backends (torch-cuda, torch) only: the precision the networks run in [default: "
-                   "torch-cuda float16 on a GPU, otherwise float32]. bfloat16 on a CPU with AMX (Intel Xeon 4th "
-                   "gen and later) runs the bundle's torch weights 2.4-3.1x faster than onnxruntime's fp32 on the "
-                   "2-core Xeon measured (README: 'CPUs with AMX'); on CPUs without native bfloat16 it is "
-                   "expected to be slower than float32. With --backend auto "
-                   "it picks a PyTorch backend.")
+                   "torch-cuda float16 on a GPU, otherwise float32]. bfloat16 on a CPU with bfloat16 units runs the "
+                   "bundle's torch weights faster than onnxruntime's fp32 where measured: 2.4-3.1x on a 2-core "
+                   "Xeon with AMX (Intel Xeon 4th gen and later), 1.6x on a 2-core AMD EPYC with AVX512-BF16 "
+                   "(README: 'CPUs with bfloat16 units'); on CPUs without them it is expected to be slower than "
+                   "float32. With --backend auto it picks a PyTorch backend.")
 @click.option("--int8-weights", is_flag=True,
               help="torch-cuda (GPU fast path) only: keep the UNet's linear and convolution weights as "
                    "per-channel int8, dequantized layer by layer as it runs: about half the UNet's memory "

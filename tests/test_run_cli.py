@@ -131,16 +131,37 @@ def test_dtype_picks_a_pytorch_backend_on_the_cpu(run_bundle, tmp_path, monkeypa
     assert summary["config"]["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("units", [["amx_bf16", "avx512_bf16"], ["avx512_bf16"], []])
-def test_amx_cpus_get_the_bfloat16_hint(run_bundle, tmp_path, monkeypatch, units):
-    """auto on a CPU ran onnxruntime on a bundle with torch weights: a CPU with AMX is told about
-    --dtype bfloat16; others are not (without AMX, bfloat16 is not the faster way)."""
+@pytest.mark.parametrize("units,told", [(["amx_bf16", "avx512_bf16"], "AMX"), (["avx512_bf16"], "AVX512-BF16"),
+                                        ([], None)])
+def test_bf16_cpus_get_the_bfloat16_hint(run_bundle, tmp_path, monkeypatch, units, told):
+    """auto on a CPU ran onnxruntime on a bundle with torch weights: a CPU with bfloat16 units is told
+    about --dtype bfloat16 (with the figure measured on its kind); others are not."""
     from pm_runtime import resources
 
     monkeypatch.setattr(resources, "cpu_bf16_units", lambda: units)
     r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "a.png", *FAST)
     assert r.exit_code == 0, r.output
-    assert ("--device cpu --dtype bfloat16" in r.output) == ("amx_bf16" in units)
+    assert ("--device cpu --dtype bfloat16" in r.output) == (told is not None)
+    if told:
+        assert f"this CPU has {told}" in r.output
+
+
+def test_no_bfloat16_hint_on_avx512_for_an_int8_unet(run_bundle, monkeypatch):
+    """Without AMX the int8 bundle was as fast as bfloat16 (README): no hint for an int8 UNet there;
+    with AMX bfloat16 was faster than int8 too."""
+    from types import SimpleNamespace
+
+    from pm_runtime import resources
+    from pm_runtime.cli import _bf16_hint
+    from pm_runtime.pipeline import Pipeline
+
+    cfg = SimpleNamespace(backend="auto", dtype=None, device=None)  # what the hint reads of a RunConfig
+    with Pipeline.load(run_bundle, backend="onnxruntime", concept="alice") as pipe:
+        pipe.backend.precision["unet"] = "int8"  # what an int8 bundle's manifest gives the backend
+        monkeypatch.setattr(resources, "cpu_bf16_units", lambda: ["avx512_bf16"])
+        assert _bf16_hint(cfg, pipe) is None
+        monkeypatch.setattr(resources, "cpu_bf16_units", lambda: ["amx_bf16", "avx512_bf16"])
+        assert "AMX" in _bf16_hint(cfg, pipe)
 
 
 def test_cpu_bf16_units_reads_the_cpu_flags():

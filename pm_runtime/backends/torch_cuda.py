@@ -148,8 +148,9 @@
 Where CUDA is missing, --backend auto skips it; with --device cpu it runs the same code eagerly
 with the kernels' PyTorch paths (how it is tested on CPUs), in fp32 by default; auto takes it there
 only with a dtype or when no other backend can run the bundle (onnxruntime's fp32 is faster than
-this path's). dtype="bfloat16" on a CPU with AMX (bfloat16 matrix units) is the fastest CPU path
-measured (README: CPUs with AMX); the UNet stays channels-last on the CPU too (oneDNN's fast
+this path's). dtype="bfloat16" on a CPU with bfloat16 units is faster than onnxruntime's fp32 where
+measured: the fastest CPU path on a Xeon with AMX, as fast as the int8 bundle on an AMD EPYC with
+AVX512-BF16 (README: CPUs with bfloat16 units); the UNet stays channels-last on the CPU too (oneDNN's fast
 convolutions read NHWC, and FastUNet's transformer blocks return it).
 - cpu_packed_convs (default on; CPU only): the UNet blocks' convolution weights reordered into
   oneDNN's blocked layout once, at their first call, instead of at every call
@@ -334,7 +335,7 @@ class TorchCudaBackend(Backend):
             return f"--device {device}: torch-cuda runs on cuda (or cpu, eagerly)"
         if kind == "cpu" and auto and dtype is None:  # fp32 eager on a CPU: slower than onnxruntime's
             return ("on a CPU, auto leaves it to onnxruntime unless --dtype is given (e.g. bfloat16 on CPUs "
-                    "with AMX) or --backend torch-cuda is named")
+                    "with AMX or AVX512-BF16) or --backend torch-cuda is named")
         if not _has_torch_weights(bundle):
             if model is None:
                 return ("the bundle has no torch weights (export with pm-export --target onnx,torch) and no "
