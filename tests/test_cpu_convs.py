@@ -101,3 +101,38 @@ def test_backend_image_unchanged_by_packed_convolutions(run_bundle, monkeypatch)
     with Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", low_memory=True) as pipe:
         pipe.generate("a photo of <persona>", seed=3, steps=1, height=256, width=256)
         assert pipe.backend.packed_convs == 0 and "parked" in pipe.backend.packed_convs_note
+
+
+@pytest.fixture()
+def fresh_probe():
+    cpu_convs.unavailable.cache_clear()
+    yield
+    cpu_convs.unavailable.cache_clear()
+
+
+@needs_onednn
+def test_probe_keeps_the_plain_path_where_the_operators_fail_or_disagree(fresh_probe, monkeypatch, run_bundle):
+    """The packed operators are private: one that raises or computes something else makes unavailable()
+    say so, and the backend then runs the plain convolutions (its image as before)."""
+    real = cpu_convs._ops
+
+    def missing():
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_convolution_pointwise'")
+
+    monkeypatch.setattr(cpu_convs, "_ops", missing)
+    assert "failed: AttributeError" in cpu_convs.unavailable(torch.float32)
+    cpu_convs.unavailable.cache_clear()
+
+    def wrong():
+        reorder, conv = real()
+        return reorder, lambda x, w, b, *a: conv(x, w, b, *a) * 1.01  # 1% off
+
+    monkeypatch.setattr(cpu_convs, "_ops", wrong)
+    assert "disagrees" in cpu_convs.unavailable(torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from pm_runtime.pipeline import Pipeline
+
+    with Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice") as pipe:
+        pipe.generate("a photo of <persona>", seed=3, steps=1, height=256, width=256)
+        assert pipe.backend.packed_convs == 0 and "disagrees" in pipe.backend.packed_convs_note
+        assert not any(isinstance(m, cpu_convs.PackedConv2d) for m in pipe.backend.modules["unet"].unet.modules())

@@ -41,19 +41,25 @@ def unavailable(dtype: torch.dtype) -> str | None:
         return "PyTorch was built without oneDNN (mkldnn)"
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "oneDNN has no bfloat16 convolutions on this CPU"
-    try:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 64, 5, 7, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-        conv = nn.Conv2d(64, 48, 3, padding=1).to(dtype).to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            ref = F.conv2d(x, conv.weight, conv.bias, 1, 1).float()
-            out = PackedConv2d(conv)(x).float()
-    except Exception as e:  # noqa: BLE001 (a private operator missing or refusing: keep the plain path)
-        return f"oneDNN's packed convolution failed: {type(e).__name__}: {e}"
+    # what the UNet asks of it: stride 1 and 2 (downsamplers), a second call at another size and batch
+    # after packing (later images, other resolutions), with and without the bias (fused epilogues)
+    g = torch.Generator().manual_seed(0)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
-    if out.shape != ref.shape or not err <= tol:
-        return f"oneDNN's packed convolution disagrees with F.conv2d (relative error {err:.2e})"
+    for stride in (1, 2):
+        conv = nn.Conv2d(64, 48, 3, stride=stride, padding=1).to(dtype).to(memory_format=torch.channels_last)
+        w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+        packed = PackedConv2d(conv)
+        for n, h, wd, bias in ((2, 5, 7, True), (1, 9, 4, False)):
+            x = torch.randn(n, 64, h, wd, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+            try:
+                with torch.no_grad():
+                    out = packed(x, bias=bias).float()
+            except Exception as e:  # noqa: BLE001 (a private operator missing or refusing: keep the plain path)
+                return f"oneDNN's packed convolution failed: {type(e).__name__}: {e}"
+            ref = F.conv2d(x.float(), w.float(), b.float() if bias else None, stride, 1)
+            err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)) if out.shape == ref.shape else None
+            if err is None or not err <= tol:
+                return f"oneDNN's packed convolution disagrees with F.conv2d (relative error {err})"
     return None
 
 
