@@ -92,8 +92,9 @@ def test_backend_image_unchanged_by_packed_convolutions(run_bundle, monkeypatch)
             if packed:
                 assert backend.packed_convs > 0 and backend.packed_convs_note is None
                 assert f"{backend.packed_convs} convolutions packed" in backend.describe()
-                unet = backend.modules["unet"].unet
-                assert any(isinstance(m, cpu_convs.PackedConv2d) for m in unet.modules())
+                for network in ("unet", "vae_decoder"):  # both, each from its first load on
+                    assert backend._packed_convs[network] > 0
+                    assert any(isinstance(m, cpu_convs.PackedConv2d) for m in backend.modules[network].modules())
             else:
                 assert not backend.packed_convs and "packed" not in backend.describe()
     diff = np.abs(images[True].astype(int) - images[False].astype(int))
@@ -101,6 +102,13 @@ def test_backend_image_unchanged_by_packed_convolutions(run_bundle, monkeypatch)
     with Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", low_memory=True) as pipe:
         pipe.generate("a photo of <persona>", seed=3, steps=1, height=256, width=256)
         assert pipe.backend.packed_convs == 0 and "parked" in pipe.backend.packed_convs_note
+    # the VAE's row bands read its plain weights: its convolutions stay as they are, the UNet's are packed
+    with Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice", vae_bands=8) as pipe:
+        banded = pipe.generate("a photo of <persona>", seed=3, steps=2, height=256, width=256).images[0]
+        be = pipe.backend
+        assert be._packed_convs["vae_decoder"] == 0 and be._packed_convs["unet"] > 0
+        assert "vae_bands" in be.packed_convs_note
+    assert np.abs(banded.astype(int) - images[True].astype(int)).max() <= 1
 
 
 @pytest.fixture()

@@ -152,12 +152,13 @@ this path's). dtype="bfloat16" on a CPU with bfloat16 units is faster than onnxr
 measured: the fastest CPU path on a Xeon with AMX, as fast as the int8 bundle on an AMD EPYC with
 AVX512-BF16 (README: CPUs with bfloat16 units); the UNet stays channels-last on the CPU too (oneDNN's fast
 convolutions read NHWC, and FastUNet's transformer blocks return it).
-- cpu_packed_convs (default on; CPU only): the UNet blocks' convolution weights reordered into
-  oneDNN's blocked layout once, at their first call, instead of at every call
-  (pm_runtime/modeling/cpu_convs.py: the deep layers' reorder cost more than their convolution).
-  Float32 and bfloat16, not with low-memory parking or int8 weights; where oneDNN's packed operators
-  are missing or disagree with F.conv2d in a probe, the plain convolutions run (packed_convs_note
-  says why). False: plain convolutions (the A/B).
+- cpu_packed_convs (default on; CPU only): the UNet blocks' and the VAE decoder's convolution
+  weights reordered into oneDNN's blocked layout once, at their first call, instead of at every call
+  (pm_runtime/modeling/cpu_convs.py: the UNet's deep layers' reorder cost more than their
+  convolution; the VAE gains less, 3.78 -> 3.33 s per 512 px bfloat16 decode on a 2-core EPYC). Float32
+  and bfloat16, not with low-memory parking, int8 weights or vae_bands; where oneDNN's packed
+  operators are missing or disagree with F.conv2d in a probe, the plain convolutions run
+  (packed_convs_note says why). False: plain convolutions (the A/B).
 Module import needs no torch (the runtime's torch line): torch is imported when it is used.
 """
 
@@ -284,9 +285,9 @@ class TorchCudaBackend(Backend):
         # the VAE decoder's weights (and so its activations) channels-last on CUDA, as the UNet's
         self.vae_channels_last = bool(vae_channels_last) and (on_cuda or cpu_16)
         # on a CPU: the UNet's convolution weights reordered for oneDNN once, not per call (cpu_convs);
-        # None until the first UNet load says whether they were (packed_convs_note: why not)
+        # network -> how many, from its first load on (packed_convs_note: why none, where none were)
         self.cpu_packed_convs = bool(cpu_packed_convs) and self.torch_device.type == "cpu"
-        self.packed_convs: int | None = None
+        self._packed_convs: dict[str, int] = {}
         self.packed_convs_note: str | None = None
         self._graphed: list = []  # the _GraphedNetworks of the loaded networks
         self.hf_modules = bool(hf_modules)  # False: pm_runtime.modeling.standalone's networks where they fit
@@ -434,6 +435,7 @@ class TorchCudaBackend(Backend):
         elif network == VAE_DECODER:
             if self.vae_channels_last and network not in self._parked:  # (parked: at rest in that layout)
                 module.to(memory_format=torch.channels_last)
+            self._pack_convs(VAE_DECODER, (module,))  # (after the layout: the packed weights keep no other)
             if self.vae_tiling and self.tiles_vae:
                 from ..modeling.graphs import tiled_decoding
 
@@ -535,24 +537,31 @@ class TorchCudaBackend(Backend):
         fast.ff_chunk = self.ff_chunk
         fast.fused_epilogues = self.fused_epilogues
         fast.geglu_gemm = self.geglu_gemm
-        if self.cpu_packed_convs and self.packed_convs is None:
-            self._pack_convs(fast.unet)
+        self._pack_convs(UNET, (*fast.unet.down_blocks, fast.unet.mid_block, *fast.unet.up_blocks))
         return fast
 
-    def _pack_convs(self, unet) -> None:
-        """On a CPU: the UNet blocks' convolutions as cpu_convs.PackedConv2d (once; they stay packed for
-        later loads). Not where the UNet is parked (each stage gets fresh weight copies) or int8."""
+    @property
+    def packed_convs(self) -> int | None:
+        """How many convolutions run packed (cpu_convs), over the networks loaded so far; None before any."""
+        return sum(self._packed_convs.values()) if self._packed_convs else None
+
+    def _pack_convs(self, network: str, roots) -> None:
+        """On a CPU, at the network's first load: its convolutions below `roots` as cpu_convs.PackedConv2d
+        (they stay packed for later loads). Not where the network is parked (each stage gets fresh weight
+        copies), for int8 UNet weights, or for the VAE's row bands (they read the plain weights)."""
+        if not self.cpu_packed_convs or network in self._packed_convs:
+            return
         from ..modeling import cpu_convs
 
-        if UNET in self._parked or self.int8_weights:
-            self.packed_convs_note = "not with parked or int8 weights"
+        if network in self._parked or (network == UNET and self.int8_weights):
+            note = "not with parked or int8 weights"
+        elif network == VAE_DECODER and getattr(self.modules[VAE_DECODER].vae, "band_rows", None):
+            note = "not with vae_bands (its row bands read the plain weights)"
         else:
-            self.packed_convs_note = cpu_convs.unavailable(self.torch_dtype)
-        if self.packed_convs_note:
-            self.packed_convs = 0
-            return
-        self.packed_convs = sum(cpu_convs.pack_convs_(b) for b in (*unet.down_blocks, unet.mid_block,
-                                                                      *unet.up_blocks))
+            note = cpu_convs.unavailable(self.torch_dtype)
+        if note:
+            self.packed_convs_note = note
+        self._packed_convs[network] = 0 if note else sum(cpu_convs.pack_convs_(r) for r in roots)
 
     def _attach(self, network: str) -> None:
         """Copy a parked network's weights to the device for its stage. With shared_pool, once the

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DTYPES = (torch.float32, torch.bfloat16)  # oneDNN's CPU convolutions for these; float16 not packed
-MIN_CHANNELS = 32  # conv_in (4 in) and conv_out (4 out) are not packed: tiny weights, nothing to gain
+MIN_CHANNELS = 8  # SD's conv_in (4 in) and conv_out (4 or 3 out) are not packed: tiny weights, nothing to gain
 
 
 def _ops():
