@@ -284,7 +284,7 @@ class TorchCudaBackend(Backend):
         self.one_stream = bool(one_stream) and self.torch_device.type == "cuda"
         # the VAE decoder's weights (and so its activations) channels-last on CUDA, as the UNet's
         self.vae_channels_last = bool(vae_channels_last) and (on_cuda or cpu_16)
-        # on a CPU: the UNet's convolution weights reordered for oneDNN once, not per call (cpu_convs);
+        # on a CPU: the UNet's and VAE's convolution weights reordered for oneDNN once, not per call (cpu_convs);
         # network -> how many, from its first load on (packed_convs_note: why none, where none were)
         self.cpu_packed_convs = bool(cpu_packed_convs) and self.torch_device.type == "cpu"
         self._packed_convs: dict[str, int] = {}
