@@ -25,7 +25,10 @@ Variants:
                    with the kernels' PyTorch paths) in float32 / bfloat16, from a third bundle
                    holding the fp16 torch weights (`pm-export --target torch`). bfloat16 is fast
                    only where the CPU has bfloat16 matrix units (the record's `cpu_bf16_units`:
-                   amx_bf16, avx512_bf16).
+                   amx_bf16, avx512_bf16). Their convolutions run with oneDNN-packed weights
+                   (the record's `packed_convs`).
+  torch-bf16-unpacked
+                   torch-bf16 with plain convolutions (cpu_packed_convs=False): the A/B.
 The drift of every variant of ours but ort-fp32 against fp32 is in its record:
 `psnr_vs_ort_fp32_db` / `max_abs_diff_vs_ort_fp32` (uint8 image against ort-fp32's, same
 latents) when ort-fp32 ran in the same run.
@@ -71,8 +74,10 @@ from pm_runtime.resources import peak_rss_bytes  # noqa: E402  (after the path s
 
 SCHEMA = "pm-bench-run/1"
 VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached", "ort-int8",
-            "ort-int8-lowmem-cached", "torch-fp32", "torch-bf16")
-TORCH_DTYPES = {"torch-fp32": "float32", "torch-bf16": "bfloat16"}
+            "ort-int8-lowmem-cached", "torch-fp32", "torch-bf16", "torch-bf16-unpacked")
+TORCH_DTYPES = {"torch-fp32": "float32", "torch-bf16": "bfloat16", "torch-bf16-unpacked": "bfloat16"}
+# the torch-cuda backend's options per variant: -unpacked is the A/B of its packed CPU convolutions
+TORCH_OPTIONS = {"torch-bf16-unpacked": {"cpu_packed_convs": False}}
 PEER = "diffusers-fp32"
 FP32 = "ort-fp32"  # the int8 variants' drift is measured against this one's image
 INT8_MODE = "static-qdq"
@@ -117,7 +122,7 @@ def child(variant: str, args: dict) -> dict:
         from pm_runtime.resources import cpu_bf16_units
 
         pipe = Pipeline.load(args["bundle_torch"], backend="torch-cuda", device="cpu", dtype=TORCH_DTYPES[variant],
-                             safety_checker=False)
+                             safety_checker=False, **TORCH_OPTIONS.get(variant, {}))
         load_s = time.perf_counter() - t0
 
         def one():
