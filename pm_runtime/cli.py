@@ -129,7 +129,7 @@ def _bf16_hint(cfg: RunConfig, pipe) -> str | None:
     """A note where auto ran onnxruntime on a CPU with bfloat16 units and the bundle has torch weights:
     there PyTorch in bfloat16 was the faster way where measured (README: CPUs with bfloat16 units).
     With AMX against any bundle; with AVX512-BF16 alone only against an fp32 UNet (the int8 bundle was
-    as fast as bfloat16 on the EPYC measured)."""
+    as fast as bfloat16, or faster, on the EPYC measured)."""
     from . import resources
     from .backends.torch_cuda import _has_torch_weights
 

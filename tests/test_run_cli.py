@@ -147,7 +147,7 @@ def test_bf16_cpus_get_the_bfloat16_hint(run_bundle, tmp_path, monkeypatch, unit
 
 
 def test_no_bfloat16_hint_on_avx512_for_an_int8_unet(run_bundle, monkeypatch):
-    """Without AMX the int8 bundle was as fast as bfloat16 (README): no hint for an int8 UNet there;
+    """Without AMX the int8 bundle was as fast as bfloat16 or faster (README): no hint for an int8 UNet there;
     with AMX bfloat16 was faster than int8 too."""
     from types import SimpleNamespace
 

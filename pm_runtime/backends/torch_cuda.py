@@ -149,8 +149,8 @@ Where CUDA is missing, --backend auto skips it; with --device cpu it runs the sa
 with the kernels' PyTorch paths (how it is tested on CPUs), in fp32 by default; auto takes it there
 only with a dtype or when no other backend can run the bundle (onnxruntime's fp32 is faster than
 this path's). dtype="bfloat16" on a CPU with bfloat16 units is faster than onnxruntime's fp32 where
-measured: the fastest CPU path on a Xeon with AMX, as fast as the int8 bundle on an AMD EPYC with
-AVX512-BF16 (README: CPUs with bfloat16 units); the UNet stays channels-last on the CPU too (oneDNN's fast
+measured: the fastest CPU path on a Xeon with AMX, within 10% of the int8 bundle at 256 px on an AMD
+EPYC with AVX512-BF16 (README: CPUs with bfloat16 units); the UNet stays channels-last on the CPU too (oneDNN's fast
 convolutions read NHWC, and FastUNet's transformer blocks return it).
 - cpu_packed_convs (default on; CPU only): the UNet blocks' and the VAE decoder's convolution
   weights reordered into oneDNN's blocked layout once, at their first call, instead of at every call
