@@ -2,6 +2,8 @@
 CPU path: the same values as F.conv2d, the plain weights dropped once packed, and the backend's image
 unchanged by them."""
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -80,7 +82,9 @@ def test_backend_image_unchanged_by_packed_convolutions(run_bundle, monkeypatch)
     """The torch-cuda backend's CPU run (kernels' references: no interpreter needed for what is tested)
     with and without packed UNet convolutions: the same image, and the backend says how many it packed;
     low-memory mode (parked weights) packs none and says why."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # (pm_kernels.set_enabled(False), undone after the test; not TRITON_INTERPRET=0, which Triton may read
+    # once for the whole process)
+    monkeypatch.setattr(importlib.import_module("pm_kernels._dispatch"), "_ENABLED", False)
     from pm_runtime.pipeline import Pipeline
 
     images = {}
@@ -137,7 +141,9 @@ def test_probe_keeps_the_plain_path_where_the_operators_fail_or_disagree(fresh_p
 
     monkeypatch.setattr(cpu_convs, "_ops", wrong)
     assert "disagrees" in cpu_convs.unavailable(torch.float32)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # (pm_kernels.set_enabled(False), undone after the test; not TRITON_INTERPRET=0, which Triton may read
+    # once for the whole process)
+    monkeypatch.setattr(importlib.import_module("pm_kernels._dispatch"), "_ENABLED", False)
     from pm_runtime.pipeline import Pipeline
 
     with Pipeline.load(run_bundle, backend="torch-cuda", device="cpu", concept="alice") as pipe:

@@ -3,6 +3,7 @@ input list of the issue (one-line error, non-zero exit, no traceback, no file wr
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -118,7 +119,9 @@ def test_dtype_picks_a_pytorch_backend_on_the_cpu(run_bundle, tmp_path, monkeypa
     pytest.importorskip("torch")
     # the choice is what is tested here: the kernels' PyTorch references, not the Triton interpreter
     # (its kernels took ~45 s of this test at 256 px; they are tested in test_kernels / test_torch_cuda)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # (pm_kernels.set_enabled(False), undone after the test; not TRITON_INTERPRET=0, which Triton may read
+    # once for the whole process)
+    monkeypatch.setattr(importlib.import_module("pm_kernels._dispatch"), "_ENABLED", False)
     r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "a.png",
                "--device", "cpu", "--json", *FAST)
     assert r.exit_code == 0, r.output

@@ -155,7 +155,7 @@ convolutions read NHWC, and FastUNet's transformer blocks return it).
 - cpu_packed_convs (default on; CPU only): the UNet blocks' and the VAE decoder's convolution
   weights reordered into oneDNN's blocked layout once, at their first call, instead of at every call
   (pm_runtime/modeling/cpu_convs.py: the UNet's deep layers' reorder cost more than their
-  convolution; the VAE gains less, 3.78 -> 3.33 s per 512 px bfloat16 decode on a 2-core EPYC). Float32
+  convolution; the VAE gains less, 3.78 -> 3.33 s per 512 px bfloat16 decode on a 2-core EPYC, one-off timing). Float32
   and bfloat16, not with low-memory parking, int8 weights or vae_bands; where oneDNN's packed
   operators are missing or disagree with F.conv2d in a probe, the plain convolutions run
   (packed_convs_note says why). False: plain convolutions (the A/B).
