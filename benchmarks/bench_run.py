@@ -29,6 +29,8 @@ Variants:
                    (the record's `packed_convs`).
   torch-bf16-unpacked
                    torch-bf16 with plain convolutions (cpu_packed_convs=False): the A/B.
+  torch-fp16       the torch variant in float16 (plain convolutions: packing is float32/bfloat16
+                   only). Not in the default set: fast only where the CPU has float16 units.
 The drift of every variant of ours but ort-fp32 against fp32 is in its record:
 `psnr_vs_ort_fp32_db` / `max_abs_diff_vs_ort_fp32` (uint8 image against ort-fp32's, same
 latents) when ort-fp32 ran in the same run.
@@ -74,8 +76,11 @@ from pm_runtime.resources import peak_rss_bytes  # noqa: E402  (after the path s
 
 SCHEMA = "pm-bench-run/1"
 VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached", "ort-int8",
-            "ort-int8-lowmem-cached", "torch-fp32", "torch-bf16", "torch-bf16-unpacked")
-TORCH_DTYPES = {"torch-fp32": "float32", "torch-bf16": "bfloat16", "torch-bf16-unpacked": "bfloat16"}
+            "ort-int8-lowmem-cached", "torch-fp32", "torch-bf16", "torch-bf16-unpacked", "torch-fp16")
+# run by default: all but torch-fp16 (float16 on a CPU without float16 units is emulated: minutes per image)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "torch-fp16")
+TORCH_DTYPES = {"torch-fp32": "float32", "torch-bf16": "bfloat16", "torch-bf16-unpacked": "bfloat16",
+                "torch-fp16": "float16"}
 # the torch-cuda backend's options per variant: -unpacked is the A/B of its packed CPU convolutions
 TORCH_OPTIONS = {"torch-bf16-unpacked": {"cpu_packed_convs": False}}
 PEER = "diffusers-fp32"
@@ -252,7 +257,7 @@ class RunOptions:
     warmup: int = 1
     seed: int = 233
     threads: int | None = None  # onnxruntime intra-op threads; None: its own default
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     cache: pathlib.Path = pathlib.Path("/tmp/pm-bench-run")
     out: pathlib.Path | None = None  # None: results_dir() / "run-cpu.jsonl"
     commit: str | None = None  # record this commit instead of git's HEAD

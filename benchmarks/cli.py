@@ -78,7 +78,8 @@ def _names(text: str | None, allowed, option: str) -> tuple[str, ...]:
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="[CPU] onnxruntime intra-op threads. [default: its own]")
 @click.option("--variants", default=None, metavar="A,B",
-              help=f"[CPU] Variants to run, comma-separated. [default: {','.join(bench_run.VARIANTS)}]")
+              help=f"[CPU] Variants to run, comma-separated. [default: {','.join(bench_run.DEFAULT_VARIANTS)}; also: "
+                   f"{','.join(v for v in bench_run.VARIANTS if v not in bench_run.DEFAULT_VARIANTS)}]")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=pathlib.Path),
               default=pathlib.Path("/tmp/pm-bench-run"), show_default=True,
               help="[CPU] Model, concept and bundle, built once and reused.")
@@ -128,7 +129,7 @@ def bench(ctx, gpu, model, resolution, steps, runs, warmup, out, commit, seed, t
         else:
             o = bench_run.RunOptions(model=model or "tiny", resolution=resolution or 256, steps=steps or 10, runs=runs,
                                      warmup=1 if warmup is None else warmup, seed=seed, threads=threads,
-                                     variants=_names(variants, bench_run.VARIANTS, "--variants") or bench_run.VARIANTS,
+                                     variants=_names(variants, bench_run.VARIANTS, "--variants") or bench_run.DEFAULT_VARIANTS,
                                      cache=cache, out=out, commit=commit, prepare_only=prepare_only,
                                      wait_quiet=wait_quiet, max_other_frac=max_other_frac, retries=retries)
             records = bench_run.run(o, command, log=lambda m: click.echo(m))
