@@ -25,12 +25,13 @@ Variants:
                    with the kernels' PyTorch paths) in float32 / bfloat16, from a third bundle
                    holding the fp16 torch weights (`pm-export --target torch`). bfloat16 is fast
                    only where the CPU has bfloat16 matrix units (the record's `cpu_bf16_units`:
-                   amx_bf16, avx512_bf16). Their convolutions run with oneDNN-packed weights
+                   amx_bf16, avx512_bf16; None: flags unknown; `cpu_dtype_note`: the backend's warning where
+                   the CPU has no units for the variant's dtype). Their convolutions run with oneDNN-packed weights
                    (the record's `packed_convs`).
   torch-bf16-unpacked
                    torch-bf16 with plain convolutions (cpu_packed_convs=False): the A/B.
   torch-fp16       the torch variant in float16 (plain convolutions: packing is float32/bfloat16
-                   only). Not in the default set: fast only where the CPU has float16 units.
+                   only). Not in the default set: 9x slower than float32 on a Xeon without float16 units.
 The drift of every variant of ours but ort-fp32 against fp32 is in its record:
 `psnr_vs_ort_fp32_db` / `max_abs_diff_vs_ort_fp32` (uint8 image against ort-fp32's, same
 latents) when ort-fp32 ran in the same run.
@@ -124,7 +125,7 @@ def child(variant: str, args: dict) -> dict:
         import torch
 
         from pm_runtime.pipeline import Pipeline
-        from pm_runtime.resources import cpu_bf16_units
+        from pm_runtime.resources import cpu_16bit_units
 
         pipe = Pipeline.load(args["bundle_torch"], backend="torch-cuda", device="cpu", dtype=TORCH_DTYPES[variant],
                              safety_checker=False, **TORCH_OPTIONS.get(variant, {}))
@@ -135,7 +136,8 @@ def child(variant: str, args: dict) -> dict:
             return r.images, r.timings
 
         rec.update(precision=TORCH_DTYPES[variant], torch_threads=torch.get_num_threads(),
-                   cpu_bf16_units=cpu_bf16_units())
+                   cpu_bf16_units=cpu_16bit_units("bfloat16"), cpu_fp16_units=cpu_16bit_units("float16"),
+                   cpu_dtype_note=pipe.backend.cpu_dtype_note)
     else:
         import onnxruntime
 

@@ -283,8 +283,9 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                    "torch-cuda float16 on a GPU, otherwise float32]. bfloat16 on a CPU with bfloat16 units runs the "
                    "bundle's torch weights faster than onnxruntime's fp32 where measured: 2.4-3.1x on a 2-core "
                    "Xeon with AMX (Intel Xeon 4th gen and later), 1.1-1.6x on a 2-core AMD EPYC with AVX512-BF16 "
-                   "(README: 'CPUs with bfloat16 units'); on CPUs without them it is expected to be slower than "
-                   "float32. With --backend auto it picks a PyTorch backend.")
+                   "(README: 'CPUs with bfloat16 units'). On CPUs without them it runs emulated and pm-run warns: "
+                   "3.6x slower than float32 on a 2-core Xeon showing AVX-512 only (float16 there: 9x). With "
+                   "--backend auto it picks a PyTorch backend.")
 @click.option("--int8-weights", is_flag=True,
               help="torch-cuda (GPU fast path) only: keep the UNet's linear and convolution weights as "
                    "per-channel int8, dequantized layer by layer as it runs: about half the UNet's memory "

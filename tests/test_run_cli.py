@@ -122,6 +122,9 @@ def test_dtype_picks_a_pytorch_backend_on_the_cpu(run_bundle, tmp_path, monkeypa
     # (pm_kernels.set_enabled(False), undone after the test; not TRITON_INTERPRET=0, which Triton may read
     # once for the whole process)
     monkeypatch.setattr(importlib.import_module("pm_kernels._dispatch"), "_ENABLED", False)
+    from pm_runtime import resources
+
+    monkeypatch.setattr(resources, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))  # no 16-bit units
     r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "a.png",
                "--device", "cpu", "--json", *FAST)
     assert r.exit_code == 0, r.output
@@ -132,6 +135,26 @@ def test_dtype_picks_a_pytorch_backend_on_the_cpu(run_bundle, tmp_path, monkeypa
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["backend"].startswith("torch-cuda") and "bfloat16" in summary["backend"]
     assert summary["config"]["dtype"] == "bfloat16"
+    # a CPU without bfloat16 units is told that bfloat16 runs emulated there, once, as a warning line
+    assert r.stderr.count("warning: this CPU shows no bfloat16 units (amx_bf16 or avx512_bf16)") == 1, r.stderr
+
+
+@pytest.mark.parametrize("flags,dtype,warned", [
+    ({"avx2", "avx512f"}, "bfloat16", True), ({"avx2", "avx512f"}, "float16", True),
+    ({"avx512f", "avx512_bf16"}, "bfloat16", False), ({"avx512f", "avx512_bf16"}, "float16", True),
+    ({"amx_bf16", "amx_tile"}, "bfloat16", False), ({"avx512_fp16"}, "float16", False),
+    ({"amx_fp16"}, "float16", False), ({"avx2"}, "float32", False), (None, "bfloat16", False)])
+def test_cpu_16bit_note_only_where_the_units_are_missing(monkeypatch, flags, dtype, warned):
+    """The emulation warning: where the x86 flags were read and none of the dtype's units is among them;
+    never for float32 or where the flags are unknown (not x86 Linux: no claim)."""
+    from pm_runtime import resources
+
+    monkeypatch.setattr(resources, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    note = resources.cpu_16bit_note(dtype)
+    assert (note is not None) == warned
+    if warned:
+        assert note.startswith(f"this CPU shows no {dtype} units") and "slower than float32" in note
+        assert all(u in note for u in resources.CPU_16BIT_UNITS[dtype])
 
 
 @pytest.mark.parametrize("units,told", [(["amx_bf16", "avx512_bf16"], "AMX"), (["avx512_bf16"], "AVX512-BF16"),

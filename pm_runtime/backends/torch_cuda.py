@@ -150,7 +150,8 @@ with the kernels' PyTorch paths (how it is tested on CPUs), in fp32 by default; 
 only with a dtype or when no other backend can run the bundle (onnxruntime's fp32 is faster than
 this path's). dtype="bfloat16" on a CPU with bfloat16 units is faster than onnxruntime's fp32 where
 measured: the fastest CPU path on a Xeon with AMX, within 10% of the int8 bundle at 256 px on an AMD
-EPYC with AVX512-BF16 (README: CPUs with bfloat16 units); the UNet stays channels-last on the CPU too (oneDNN's fast
+EPYC with AVX512-BF16 (README: CPUs with bfloat16 units); on an x86 CPU without them it runs emulated
+(3.6x slower than fp32 where measured; float16 9x) and loading warns (cpu_dtype_note); the UNet stays channels-last on the CPU too (oneDNN's fast
 convolutions read NHWC, and FastUNet's transformer blocks return it).
 - cpu_packed_convs (default on; CPU only): the UNet blocks' and the VAE decoder's convolution
   weights reordered into oneDNN's blocked layout once, at their first call, instead of at every call
@@ -165,11 +166,13 @@ Module import needs no torch (the runtime's torch line): torch is imported when 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .. import formats as F
+from .. import resources
 from ..bundle import Bundle
 from ..errors import UserError
 from ..specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
@@ -218,6 +221,10 @@ class TorchCudaBackend(Backend):
         if self.dtype_name not in ("float16", "bfloat16", "float32"):
             raise UserError("torch-cuda dtype must be float16, bfloat16 or float32")
         self.torch_dtype = getattr(torch, self.dtype_name)
+        # where the CPU computes this 16-bit type only by emulation: said once per load (pm-run: "warning: ...")
+        self.cpu_dtype_note = resources.cpu_16bit_note(self.dtype_name) if self.torch_device.type == "cpu" else None
+        if self.cpu_dtype_note:
+            warnings.warn(self.cpu_dtype_note, stacklevel=2)
         if vae_tiling is not None:  # default: tiles in low-memory mode (Backend)
             self.vae_tiling = bool(vae_tiling)
         from ..modeling.step_graph import graphs_available
