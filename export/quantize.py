@@ -240,20 +240,30 @@ def _static(src: Path, out: Path, external: bool, op_types: list[str], per_chann
     graph = onnx.load(str(src), load_external_data=False)
     exclude = [n.name for n in graph.graph.node if n.op_type in op_types and n.name
                and any(f"/{k}/" in n.name for k in keep_fp32)]
+    typed = None
+    if _type_contrib_outputs(graph):
+        # the typed graph beside the source, so that its external weights' relative paths resolve (onnxruntime
+        # writes its own "-inferred" copy there too); removed below
+        typed = src.with_name(f".{src.stem}.typed-{os.getpid()}.onnx")
+        onnx.save_model(graph, str(typed))
     del graph
     method = CalibrationMethod.Percentile if calibrate == "percentile" else CalibrationMethod.MinMax
     n = len(calibration)
     stride = next((k for k in range(min(CALIBRATION_STRIDE, n), 0, -1) if n % k == 0), 0)  # must divide n
-    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrator print()s its progress
-        quantize_static(str(src), str(out), Feeds(calibration), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
-                        nodes_to_exclude=exclude,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        use_external_data_format=external,
-                        calibrate_method=method,
-                        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
-                                       "CalibPercentile": PERCENTILE,
-                                       **({"CalibStridedMinMax": stride} if stride else {})})
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrator print()s its progress
+            quantize_static(str(typed or src), str(out), Feeds(calibration), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
+                            nodes_to_exclude=exclude,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            use_external_data_format=external,
+                            calibrate_method=method,
+                            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
+                                           "CalibPercentile": PERCENTILE,
+                                           **({"CalibStridedMinMax": stride} if stride else {})})
+    finally:
+        if typed is not None:
+            typed.unlink(missing_ok=True)
     return exclude
 
 
@@ -309,6 +319,43 @@ def _dq_fed(model: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
     """Nodes of op_types whose weight comes from a DequantizeLinear (QDQ formats)."""
     dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return sum(1 for n in model.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in dq)
+
+
+def _weight_only(model: onnx.ModelProto, op_types: tuple[str, ...]) -> list[str]:
+    """Nodes of op_types whose weight comes from a DequantizeLinear but whose activation (input 0) does not:
+    in a static QDQ graph these run with fp32 activations (onnxruntime turns such a MatMul into a
+    weight-only MatMulNBits)."""
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type in op_types and len(n.input) > 1
+            and n.input[1] in dq and n.input[0] not in dq]
+
+
+# onnxruntime contrib ops of the optimised fp32 UNet whose outputs have the type of their inputs (float32)
+# but which ONNX's shape inference cannot type (it does not know com.microsoft ops)
+_FLOAT_CONTRIB_OPS = ("MultiHeadAttention", "SkipLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "QuickGelu",
+                      "SkipSimplifiedLayerNormalization")
+
+
+def _type_contrib_outputs(model: onnx.ModelProto) -> int:
+    """Give the untyped outputs of _FLOAT_CONTRIB_OPS nodes a float32 value_info (no shape); how many.
+
+    quantize_static quantizes a tensor only where shape inference typed it ("failed to infer the type of
+    tensor ... Skip to quantize it"): without this the activations that come out of the fused attention
+    and SkipLayerNormalization nodes (and what reads them) stay fp32 — on the SD-1.5-shaped UNet 64 of its
+    160 MatMuls (attention outputs, cross-attention queries, the feed-forward's first projection), which
+    onnxruntime then runs as weight-only MatMulNBits: 36% of an int8 step on a 2-core Xeon."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    typed = {v.name for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    typed |= {t.name for t in model.graph.initializer}
+    added = 0
+    for n in model.graph.node:
+        if n.domain == "com.microsoft" and n.op_type in _FLOAT_CONTRIB_OPS:
+            for o in n.output:
+                if o and o not in typed:
+                    model.graph.value_info.append(onnx.helper.make_tensor_value_info(o, TensorProto.FLOAT, None))
+                    typed.add(o)
+                    added += 1
+    return added
 
 
 # ------------------------------------------------------------------ entry point
@@ -373,6 +420,7 @@ def quantize_unet_int8(src_onnx: Path, dst_onnx: Path, *, mode: str = DEFAULT_MO
         if tuple(n for n, _ in ins) != UNET_INPUTS or tuple(outs) != UNET_OUTPUTS:
             raise RuntimeError(f"quantization changed the graph's IO: {ins} -> {outs}")
         written = [p for p in (out, tmp / (dst.name + ".data")) if p.is_file()]
+        weight_only = _weight_only(result, ("Conv", "MatMul", "Gemm")) if mode in CALIBRATED else []
         if mode == "weight-only-qdq" or mode in CALIBRATED:  # QDQ: the float ops stay, fed by DequantizeLinear
             quantized = _dq_fed(result, ("Conv", "MatMul", "Gemm"))
         else:
@@ -384,7 +432,9 @@ def quantize_unet_int8(src_onnx: Path, dst_onnx: Path, *, mode: str = DEFAULT_MO
             "block_size": block_size if mode.startswith("nbits") else None,
             "external_data": external, "quantized_nodes": quantized,
             **({"kept_fp32": list(keep_fp32), "kept_fp32_nodes": len(kept), "calibrate": calibrate,
-                "calibration_feeds": len(calibration)} if mode in CALIBRATED else {}),
+                "calibration_feeds": len(calibration),
+                # int8 weights but fp32 activations (calibration found no range for them): should be 0
+                "weight_only_nodes": len(weight_only)} if mode in CALIBRATED else {}),
             "op_counts_changed": {k: [before.get(k, 0), after.get(k, 0)]
                                   for k in sorted(set(before) | set(after))
                                   if before.get(k, 0) != after.get(k, 0)},

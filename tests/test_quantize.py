@@ -68,6 +68,9 @@ def test_same_io_runs_and_close_to_fp32(mode, fp32_unet, tmp_path):
     ops = lambda p: [n.op_type for n in onnx.load(str(p), load_external_data=False).graph.node]  # noqa: E731
     assert ops(dst).count("MultiHeadAttention") == ops(fp32_unet).count("MultiHeadAttention") > 0
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in fp32_unet.parent.iterdir() if ".typed-" in p.name or "-inferred" in p.name]
+    if mode in CALIBRATED:  # every quantized node's activation has a calibrated range too (contrib ops' outputs typed)
+        assert facts["weight_only_nodes"] == 0
 
 
 def test_static_keeps_named_convs_fp32(fp32_unet, tmp_path):
