@@ -46,6 +46,10 @@ child, fp32 and int8 sessions alternating, other processes idle; drift: decoded 
   weight-only-qdq               982 -> 1088      0.90x   3.42 -> 1.66   0.95      54.1 dB (max 2)
   dynamic-matmul-conv           980 -> 2752      0.36x   3.42 -> 1.01   0.86      42.7 dB (max 10)
   nbits8-fp32                   slower than fp32 (0.73x, measured under load)
+(These rows predate the typing of the fused ops' outputs (_type_contrib_outputs): static-qdq then left
+64 MatMuls with fp32 activations. Since then, on a 2-core Xeon without bfloat16 units, same A/B:
+static-qdq calibrate=pct 1414 -> 680 ms, 2.08x, 1.16 GiB, 37.5 dB (max 21); the older graph ran at 1.52x
+there.)
 Quantizer peak RSS on that UNet: dynamic/static ~10-15 GiB (onnxruntime loads the whole model and
 copies it), nbits8 3.7 GiB, weight-only-qdq 4.8 GiB; 10-70 s. pm-export --int8 static-qdq
 (per-channel, percentile, 10 feeds calibrated in windows of CALIBRATION_STRIDE): whole export
