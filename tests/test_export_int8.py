@@ -10,17 +10,29 @@ pytest.importorskip("onnxruntime")
 from pm_runtime.errors import UserError  # noqa: E402
 
 
+def _export(tiny_model, trained_concept, out, mode):
+    from pm_export.build import ExportConfig, export_bundle
+
+    return export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=out, name="alice", int8=mode),
+                         log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def static_int8_bundle(tiny_model, trained_concept, tmp_path_factory):
+    """One static-qdq export (calibration, quantization and validation: ~10 s) for the tests that only read it."""
+    return _export(tiny_model, trained_concept, tmp_path_factory.mktemp("static") / "b", "static-qdq")
+
+
 @pytest.mark.parametrize("mode", ["dynamic-matmul", "weight-only-qdq", "static-qdq"])
-def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp_path, mode):
+def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp_path, mode, request):
     """pm-export --int8 MODE ships an int8 unet.onnx (validated, precision int8) that pm-run's
     onnxruntime backend runs; its image stays close to the fp32 bundle's."""
     import json
 
-    from pm_export.build import ExportConfig, export_bundle
     from pm_runtime.pipeline import Pipeline
 
-    out = export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", name="alice",
-                                     int8=mode), log=lambda m: None)
+    out = (request.getfixturevalue("static_int8_bundle") if mode == "static-qdq"
+           else _export(tiny_model, trained_concept, tmp_path / "b", mode))
     unet = next(c for c in json.loads((out / "bundle.json").read_text())["components"] if c["network"] == "unet")
     assert unet["precision"] == "int8" and unet["details"]["int8"]["mode"] == mode
     assert any(v["precision"].startswith("int8") and v["passed"] for v in unet["validation"])
@@ -29,6 +41,7 @@ def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp
         assert facts["calibration_feeds"] > 0 and all("<persona>" in p for p in facts["calibration_prompts"])
         assert facts["validation_prompt"] not in facts["calibration_prompts"]
         assert sum(v["precision"] == "int8-static" for v in unet["validation"]) == 3
+        assert facts["weight_only_nodes"] == 0  # every int8 weight's activation calibrated too
     kw = dict(seed=5, steps=4, height=256, width=256)
     a = Pipeline.load(out, backend="onnxruntime").generate("a photo of <persona>", **kw).images.astype(float)
     b = Pipeline.load(run_bundle, backend="onnxruntime", concept="alice").generate("a photo of <persona>",
@@ -59,11 +72,13 @@ def test_static_int8_over_tolerance_leaves_no_bundle(tiny_model, trained_concept
     assert list(tmp_path.iterdir()) == []
 
 
-def test_adding_a_concept_to_a_static_int8_bundle_warns(tiny_model, trained_concept, tmp_path):
-    from pm_export.build import ExportConfig, add_concept, export_bundle
+def test_adding_a_concept_to_a_static_int8_bundle_warns(static_int8_bundle, trained_concept, tmp_path):
+    import shutil
 
-    out = export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", name="alice",
-                                     int8="static-qdq"), log=lambda m: None)
+    from pm_export.build import ExportConfig, add_concept
+
+    out = tmp_path / "b"
+    shutil.copytree(static_int8_bundle, out)  # add_concept writes into the bundle: a copy of the shared one
     said = []
     add_concept(ExportConfig(concept=trained_concept, bundle=out, name="bob"), log=said.append)
     assert any(m.startswith("warning:") and "calibrated" in m and "'bob'" in m for m in said)
