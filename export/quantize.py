@@ -319,19 +319,13 @@ def record_calibration(bundle_dir: Path, *, prompts=CALIBRATION_PROMPTS, steps: 
     return feeds
 
 
-def _dq_fed(model: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
-    """Nodes of op_types whose weight comes from a DequantizeLinear (QDQ formats)."""
+def _dq_fed(model: onnx.ModelProto, op_types: tuple[str, ...], weight_only: bool = False) -> int:
+    """Nodes of op_types whose weight comes from a DequantizeLinear (QDQ formats); weight_only: of those, the
+    ones whose activation (input 0) does not: in a static QDQ graph these run with fp32 activations
+    (onnxruntime turns such a MatMul into a weight-only MatMulNBits)."""
     dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return sum(1 for n in model.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in dq)
-
-
-def _weight_only(model: onnx.ModelProto, op_types: tuple[str, ...]) -> list[str]:
-    """Nodes of op_types whose weight comes from a DequantizeLinear but whose activation (input 0) does not:
-    in a static QDQ graph these run with fp32 activations (onnxruntime turns such a MatMul into a
-    weight-only MatMulNBits)."""
-    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in model.graph.node if n.op_type in op_types and len(n.input) > 1
-            and n.input[1] in dq and n.input[0] not in dq]
+    return sum(1 for n in model.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in dq
+               and not (weight_only and n.input[0] in dq))
 
 
 # onnxruntime contrib ops of the optimised fp32 UNet whose outputs have the type of their inputs (float32)
@@ -350,7 +344,6 @@ def _type_contrib_outputs(model: onnx.ModelProto) -> int:
     onnxruntime then runs as weight-only MatMulNBits: 36% of an int8 step on a 2-core Xeon."""
     inferred = onnx.shape_inference.infer_shapes(model)
     typed = {v.name for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
-    typed |= {t.name for t in model.graph.initializer}
     added = 0
     for n in model.graph.node:
         if n.domain == "com.microsoft" and n.op_type in _FLOAT_CONTRIB_OPS:
@@ -424,21 +417,21 @@ def quantize_unet_int8(src_onnx: Path, dst_onnx: Path, *, mode: str = DEFAULT_MO
         if tuple(n for n, _ in ins) != UNET_INPUTS or tuple(outs) != UNET_OUTPUTS:
             raise RuntimeError(f"quantization changed the graph's IO: {ins} -> {outs}")
         written = [p for p in (out, tmp / (dst.name + ".data")) if p.is_file()]
-        weight_only = _weight_only(result, ("Conv", "MatMul", "Gemm")) if mode in CALIBRATED else []
         if mode == "weight-only-qdq" or mode in CALIBRATED:  # QDQ: the float ops stay, fed by DequantizeLinear
             quantized = _dq_fed(result, ("Conv", "MatMul", "Gemm"))
         else:
             quantized = sum(after.get(op, 0) - before.get(op, 0) for op in ("MatMulInteger", "ConvInteger",
                                                                              "MatMulNBits"))
+        # int8 weights but fp32 activations (calibration found no range for them): should be 0
+        weight_only = _dq_fed(result, ("Conv", "MatMul", "Gemm"), weight_only=True) if mode in CALIBRATED else None
         del result
         facts = {
             "mode": mode, "per_channel": per_channel, "reduce_range": reduce_range,
             "block_size": block_size if mode.startswith("nbits") else None,
             "external_data": external, "quantized_nodes": quantized,
             **({"kept_fp32": list(keep_fp32), "kept_fp32_nodes": len(kept), "calibrate": calibrate,
-                "calibration_feeds": len(calibration),
-                # int8 weights but fp32 activations (calibration found no range for them): should be 0
-                "weight_only_nodes": len(weight_only)} if mode in CALIBRATED else {}),
+                "calibration_feeds": len(calibration), "weight_only_nodes": weight_only}
+               if mode in CALIBRATED else {}),
             "op_counts_changed": {k: [before.get(k, 0), after.get(k, 0)]
                                   for k in sorted(set(before) | set(after))
                                   if before.get(k, 0) != after.get(k, 0)},

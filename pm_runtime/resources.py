@@ -5,6 +5,7 @@ pm-run's bfloat16 hint and the PyTorch backends' emulation warning read."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 
 def peak_rss_bytes() -> int | None:
@@ -78,3 +79,13 @@ def cpu_16bit_note(dtype_name: str) -> str | None:
     return (f"this CPU shows no {dtype_name} units ({units}): {dtype_name} runs emulated, "
             f"{_EMULATED_16BIT[dtype_name]} on the Xeon measured without them; float32 (the default on a CPU) or "
             f"onnxruntime (an int8 bundle: the fastest there) is faster here")
+
+
+def warn_emulated_16bit(device_type: str, dtype_name: str) -> str | None:
+    """What a PyTorch backend loading its networks on `device_type` in `dtype_name` does about emulation:
+    on a CPU without the type's units, cpu_16bit_note warned once (pm-run prints "warning: ...") and
+    returned (the backend keeps it as cpu_dtype_note); otherwise None."""
+    note = cpu_16bit_note(dtype_name) if device_type == "cpu" else None
+    if note:
+        warnings.warn(note, stacklevel=3)
+    return note

@@ -10,15 +10,14 @@ here (the modules are loaded together, as the reference generator loads them).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .. import formats as F
-from ..resources import cpu_16bit_note
 from ..bundle import Bundle
 from ..errors import UserError
+from ..resources import warn_emulated_16bit
 from .base import Backend
 
 INSTALL_HINT = "the torch backend needs PyTorch: pip install torch, then pip install 'personamagic-runtime[train]'"
@@ -127,9 +126,7 @@ class TorchBackend(Backend):
             raise UserError(f"torch backend dtype must be one of {', '.join(DTYPES)}")
         self.torch_device = torch.device(device or "cpu")
         self.torch_dtype = getattr(torch, self.dtype_name)
-        self.cpu_dtype_note = cpu_16bit_note(self.dtype_name) if self.torch_device.type == "cpu" else None
-        if self.cpu_dtype_note:  # 16-bit without the CPU's units: emulated (resources.cpu_16bit_note)
-            warnings.warn(self.cpu_dtype_note, stacklevel=2)
+        self.cpu_dtype_note = warn_emulated_16bit(self.torch_device.type, self.dtype_name)  # 16-bit, no CPU units
         base = load_base_model(Path(model), with_safety_checker=True)
         if base.fingerprint != bundle.fingerprint:
             raise UserError(f"the model folder {model} is not the base model of this bundle (fingerprint mismatch)")

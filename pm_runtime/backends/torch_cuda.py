@@ -166,7 +166,6 @@ Module import needs no torch (the runtime's torch line): torch is imported when 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -222,9 +221,7 @@ class TorchCudaBackend(Backend):
             raise UserError("torch-cuda dtype must be float16, bfloat16 or float32")
         self.torch_dtype = getattr(torch, self.dtype_name)
         # where the CPU computes this 16-bit type only by emulation: said once per load (pm-run: "warning: ...")
-        self.cpu_dtype_note = resources.cpu_16bit_note(self.dtype_name) if self.torch_device.type == "cpu" else None
-        if self.cpu_dtype_note:
-            warnings.warn(self.cpu_dtype_note, stacklevel=2)
+        self.cpu_dtype_note = resources.warn_emulated_16bit(self.torch_device.type, self.dtype_name)
         if vae_tiling is not None:  # default: tiles in low-memory mode (Backend)
             self.vae_tiling = bool(vae_tiling)
         from ..modeling.step_graph import graphs_available
