@@ -341,7 +341,8 @@ def _type_contrib_outputs(model: onnx.ModelProto) -> int:
     tensor ... Skip to quantize it"): without this the activations that come out of the fused attention
     and SkipLayerNormalization nodes (and what reads them) stay fp32 — on the SD-1.5-shaped UNet 64 of its
     160 MatMuls (attention outputs, cross-attention queries, the feed-forward's first projection), which
-    onnxruntime then runs as weight-only MatMulNBits: 36% of an int8 step on a 2-core Xeon."""
+    onnxruntime then runs as weight-only MatMulNBits: 36% of an int8 step on a 2-core Xeon (one-off
+    onnxruntime profile)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     typed = {v.name for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
     added = 0
