@@ -69,13 +69,12 @@ def test_group_norm_silu(n, c, h, w, groups, fmt, dtype, gn_impl):
     weight, bias = torch.randn(2, c, generator=g).to(DEVICE)
     temb = torch.randn(n, c, generator=g).to(DEVICE, dtype)
     assert K.kernel_path("group_norm_silu", x) == "triton"
-    for t in (None, temb):
-        for silu in (True, False):
-            out = K.group_norm_silu(x, weight, bias, groups, 1e-5, temb=t, silu=silu)
-            ref = K.group_norm_silu_reference(x, weight, bias, groups, 1e-5, temb=t, silu=silu)
-            assert out.shape == x.shape and out.dtype == dtype
-            assert out.is_contiguous(memory_format=fmt) or h * w == 1
-            assert rel_err(out, ref) <= TOL[dtype]
+    for t, silu in ((None, True), (temb, False)):  # each flag both ways (independent branches of the kernels)
+        out = K.group_norm_silu(x, weight, bias, groups, 1e-5, temb=t, silu=silu)
+        ref = K.group_norm_silu_reference(x, weight, bias, groups, 1e-5, temb=t, silu=silu)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert out.is_contiguous(memory_format=fmt) or h * w == 1
+        assert rel_err(out, ref) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("gn_impl", GN_IMPLS, indirect=True)

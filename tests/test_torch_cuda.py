@@ -72,8 +72,10 @@ def test_fast_unet_matches_the_plain_unet(unet_graph, n, h, w, kernels):
 def test_fast_unet_epilogues_and_time_tables(unet_graph, kernels):
     """The fused epilogues (conv biases folded into the time vector and the residual kernel, add +
     LayerNorm) against FastUNet without them and the plain UNet, and the GEGLU inside its GEMM
-    (geglu_gemm, whole and in feed-forward chunks); the time tables (every step's time
-    vectors computed once, the call reads row t_index) against computing them in the call."""
+    (geglu_gemm, in feed-forward chunks; whole with the references); the time tables (every step's
+    time vectors computed once, the call reads row t_index) against computing them in the call.
+    Under the Triton interpreter (~4 s a UNet call) only the calls whose kernels differ run: the
+    unfused path, the whole-GEMM GEGLU and the tables (PyTorch indexing) are the references' case."""
     from pm_runtime.modeling.fast_unet import FastUNet
 
     g = torch.Generator().manual_seed(7)
@@ -86,29 +88,36 @@ def test_fast_unet_epilogues_and_time_tables(unet_graph, kernels):
     # ResNet (identity residual) and up-path ResNets (concatenated skips, 1x1 shortcuts) carry shifts
     shifted = [r for r in fast.resnets if r.pm_in_shift is not None]
     assert fast.resnets[0] in shifted and any(r.conv_shortcut is not None for r in shifted)
+    every = kernels == "reference" or torch.cuda.is_available()  # a GPU runs Triton at full speed
+    outs = {}
     with torch.no_grad():
         ref = unet_graph(x, steps[1].expand(2), c_k, c_v)
-        fused = fast(x, steps[1].expand(2), c_k, c_v)
-        fast.fused_epilogues = False
-        unfused = fast(x, steps[1].expand(2), c_k, c_v)
-        fast.fused_epilogues = True
+        outs["fused"] = fused = fast(x, steps[1].expand(2), c_k, c_v)
+        if every:
+            fast.fused_epilogues = False
+            outs["unfused"] = fast(x, steps[1].expand(2), c_k, c_v)
+            fast.fused_epilogues = True
         fast.geglu_gemm = True  # the GEGLU in its projection's GEMM (pm_kernels.geglu_linear), whole and chunked
-        in_gemm = fast(x, steps[1].expand(2), c_k, c_v)
+        if every:
+            outs["in_gemm"] = fast(x, steps[1].expand(2), c_k, c_v)
         fast.ff_chunk = 37
-        in_gemm_chunked = fast(x, steps[1].expand(2), c_k, c_v)
+        outs["in_gemm_chunked"] = fast(x, steps[1].expand(2), c_k, c_v)
         fast.geglu_gemm, fast.ff_chunk = False, None
-        fast.allocate_time_tables(8)
-        assert fast.time_table.shape == (8, sum(r.norm2.weight.shape[0] for r in fast.resnets))
-        fast.set_timesteps(steps)
-        rows = [fast(x, steps[0], c_k, c_v, t_index=torch.tensor([i])) for i in (1, 2)]
-        # timestep 1's vectors computed in the call: `fused` above (the same settings, before the tables)
-        direct = [fused, fast(x, steps[2].expand(2), c_k, c_v)]
+        if every:
+            fast.allocate_time_tables(8)
+            assert fast.time_table.shape == (8, sum(r.norm2.weight.shape[0] for r in fast.resnets))
+            fast.set_timesteps(steps)
+            rows = [fast(x, steps[0], c_k, c_v, t_index=torch.tensor([i])) for i in (1, 2)]
+            # timestep 1's vectors computed in the call: `fused` above (the same settings, before the tables)
+            direct = [fused, fast(x, steps[2].expand(2), c_k, c_v)]
     scale = float(ref.abs().max())
-    for out in (fused, unfused, in_gemm, in_gemm_chunked):
-        assert float((out - ref).abs().max()) <= 1e-4 * scale
-    for row, want in zip(rows, direct):  # row i is timestep i's, whatever `timestep` says
-        assert float((row - want).abs().max()) <= 1e-5 * scale
-    assert float((rows[0] - rows[1]).abs().max()) > 1e-2 * scale  # the rows really differ
+    assert len(outs) == (4 if every else 2)
+    for name, out in outs.items():
+        assert float((out - ref).abs().max()) <= 1e-4 * scale, name
+    if every:
+        for row, want in zip(rows, direct):  # row i is timestep i's, whatever `timestep` says
+            assert float((row - want).abs().max()) <= 1e-5 * scale
+        assert float((rows[0] - rows[1]).abs().max()) > 1e-2 * scale  # the rows really differ
 
 
 def test_fast_unet_two_row_step_contexts(unet_graph):
