@@ -20,6 +20,8 @@ Variants:
   ort-int8, ort-int8-lowmem-cached
                    the same two settings on a second bundle exported with `pm-export --int8
                    static-qdq` (int8 UNet, calibrated during the export).
+  ort-int8-vae     ort-fp32's setting on a fourth bundle exported with `pm-export --int8 static-qdq
+                   --int8-vae` (int8 UNet and int8 VAE decoder, both calibrated during the export).
   torch-fp32, torch-bf16
                    pm_runtime.Pipeline, backend torch-cuda on the CPU (device cpu: eager, FastUNet
                    with the kernels' PyTorch paths) in float32 / bfloat16, from a third bundle
@@ -77,7 +79,7 @@ from pm_runtime.resources import peak_rss_bytes  # noqa: E402  (after the path s
 
 SCHEMA = "pm-bench-run/1"
 VARIANTS = ("diffusers-fp32", "ort-fp32", "ort-fp32-lowmem", "ort-fp32-lowmem-cached", "ort-int8",
-            "ort-int8-lowmem-cached", "torch-fp32", "torch-bf16", "torch-bf16-unpacked", "torch-fp16")
+            "ort-int8-lowmem-cached", "ort-int8-vae", "torch-fp32", "torch-bf16", "torch-bf16-unpacked", "torch-fp16")
 # run by default: all but torch-fp16 (float16 on a CPU without float16 units is emulated: minutes per image)
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "torch-fp16")
 TORCH_DTYPES = {"torch-fp32": "float32", "torch-bf16": "bfloat16", "torch-bf16-unpacked": "bfloat16",
@@ -148,8 +150,8 @@ def child(variant: str, args: dict) -> dict:
             import shutil
 
             shutil.rmtree(cache, ignore_errors=True)  # made in the warm-up image, as a first run would
-        int8 = variant.startswith("ort-int8")
-        pipe = Pipeline.load(args["bundle_int8" if int8 else "bundle"], backend="onnxruntime",
+        kind = _ort_bundle(variant)
+        pipe = Pipeline.load(args[kind], backend="onnxruntime",
                              low_memory="lowmem" in variant, threads=args.get("threads"), cache_dir=cache)
         load_s = time.perf_counter() - t0  # sessions are created on first use (inside warm-up / each lowmem image)
 
@@ -158,7 +160,8 @@ def child(variant: str, args: dict) -> dict:
             return r.images, r.timings
 
         rec.update(backend=pipe.backend.describe(), onnxruntime=onnxruntime.__version__,
-                   precision=f"int8 ({INT8_MODE} UNet)" if int8 else "fp32",
+                   precision={"bundle": "fp32", "bundle_int8": f"int8 ({INT8_MODE} UNet)",
+                              "bundle_int8_vae": f"int8 ({INT8_MODE} UNet, int8 VAE decoder)"}[kind],
                    ort_threads=args.get("threads") or "default", low_memory=pipe.backend.low_memory,
                    ort_cache=cache is not None)
     rec["setup_s"] = round(load_s, 3)
@@ -184,6 +187,12 @@ def child(variant: str, args: dict) -> dict:
     rec.update(n=len(times), times_s=[round(t, 3) for t in times], peak_rss_bytes=peak_rss_bytes(),
                peak_mem_kind="peak RSS of the variant's own process (VmHWM on Linux; imports, load, warm-up, runs)")
     return rec
+
+
+def _ort_bundle(variant: str) -> str:
+    """Which bundle an onnxruntime variant runs (its key in the children's args)."""
+    return ("bundle_int8_vae" if variant.startswith("ort-int8-vae") else
+            "bundle_int8" if variant.startswith("ort-int8") else "bundle")
 
 
 def run_child(variant: str, args: dict) -> dict:
@@ -219,7 +228,7 @@ def _export(concept: pathlib.Path, model_dir: pathlib.Path, bundle: pathlib.Path
     return round(time.perf_counter() - t0, 1)
 
 
-def prepare(model: str, cache: pathlib.Path, log, int8: bool = False,
+def prepare(model: str, cache: pathlib.Path, log, int8: bool = False, int8_vae: bool = False,
             torch_weights: bool = False) -> tuple[pathlib.Path, pathlib.Path, dict]:
     facts: dict = {}
     t0 = time.perf_counter()
@@ -238,6 +247,15 @@ def prepare(model: str, cache: pathlib.Path, log, int8: bool = False,
         facts["bundle_int8"] = {k: unet["details"]["int8"].get(k) for k in (
             "mode", "per_channel", "calibrate", "calibration_feeds", "calibration_steps", "calibration_size",
             "bytes_before", "bytes_after", "seconds", "record_s")}
+    if int8_vae:
+        b8v = cache / f"bundle-{model}-int8-{INT8_MODE}-vae"
+        facts["bundle_int8_vae_export_s"] = _export(concept, model_dir, b8v, ["--int8", INT8_MODE, "--int8-vae"], log)
+        vae = next(c for c in json.loads((b8v / "bundle.json").read_text())["components"]
+                   if c["network"] == "vae_decoder")
+        facts["bundle_int8_vae"] = {**{k: vae["details"]["int8"].get(k) for k in (
+            "mode", "per_channel", "calibrate", "calibration_feeds", "kept_fp32", "quantized_nodes", "bytes_before",
+            "bytes_after", "seconds")}, "validation_psnr_db": [v.get("psnr_db") for v in vae["validation"]
+                                                               if v["precision"] == "int8-vae"]}
     if torch_weights:  # the torch variants' bundle: the networks' fp16 PyTorch weights only
         facts["bundle_torch_export_s"] = _export(concept, model_dir, cache / f"bundle-{model}-torch",
                                                  ["--target", "torch"], log)
@@ -273,8 +291,9 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
     """Prepare (cached), run each variant in its own process, append the records to o.out; the records."""
     out = o.out or results_dir() / "run-cpu.jsonl"
     o.cache.mkdir(parents=True, exist_ok=True)
-    int8 = any(v.startswith("ort-int8") for v in o.variants)
-    model_dir, bundle, facts = prepare(o.model, o.cache, log, int8=int8,
+    kinds = {_ort_bundle(v) for v in o.variants if v.startswith("ort-")}
+    model_dir, bundle, facts = prepare(o.model, o.cache, log, int8="bundle_int8" in kinds,
+                                       int8_vae="bundle_int8_vae" in kinds,
                                        torch_weights=any(v in TORCH_DTYPES for v in o.variants))
     if o.prepare_only:
         log(f"ready: {model_dir} {bundle} {facts}")
@@ -284,6 +303,7 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
             "device": "cpu", "resolution": o.resolution, "steps": o.steps, "scheduler": "dpmpp-2m", "guidance": 8.0,
             "batch": 1, "warmup": o.warmup, "prompt": PROMPT, "peer": PEER, **facts}
     args = {"model": str(model_dir), "bundle": str(bundle), "bundle_int8": str(o.cache / f"bundle-{o.model}-int8-{INT8_MODE}"),
+            "bundle_int8_vae": str(o.cache / f"bundle-{o.model}-int8-{INT8_MODE}-vae"),
             "bundle_torch": str(o.cache / f"bundle-{o.model}-torch"),
             "resolution": o.resolution, "steps": o.steps,
             "runs": o.runs, "warmup": o.warmup, "seed": o.seed, "threads": o.threads, "cache": str(o.cache),

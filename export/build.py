@@ -26,7 +26,7 @@ from pm_runtime import formats as F
 from pm_runtime.bundle import file_entry, open_bundle, sha256_file, write_manifest
 from pm_runtime.concept_table import save_table
 from pm_runtime.errors import UserError
-from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, STEP, UNET, network_specs
+from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, STEP, UNET, VAE_DECODER, network_specs
 
 Log = Callable[[str], None]
 TARGETS = ("onnx", "tensorrt", "torch")  # --target: a comma-separated list of these, or "all"
@@ -71,6 +71,7 @@ class ExportConfig:
     timing_cache: Path | None = None
     optimize: str = "auto"  # auto: onnxruntime graph optimisation for the CPU provider (export/optimize.py) | none
     int8: str | None = None  # an INT8_MODES mode: the shipped UNet graph is int8 (fp32 bundles, ONNX target)
+    int8_vae: bool = False  # the shipped VAE decoder graph is int8 (static, calibrated; fp32 bundles, ONNX target)
 
     @property
     def concept_name(self) -> str:
@@ -158,6 +159,9 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
             raise UserError(f"--int8 must be one of {', '.join(INT8_MODES)}")
         if cfg.precision != "fp32" or "onnx" not in targets:
             raise UserError("--int8 quantizes the fp32 ONNX UNet: use it with --precision fp32 and an onnx target")
+    if cfg.int8_vae and (cfg.precision != "fp32" or "onnx" not in targets):
+        raise UserError("--int8-vae quantizes the fp32 ONNX VAE decoder: use it with --precision fp32 and an onnx "
+                        "target")
     out = Path(cfg.out).absolute()
     _check_out(out, cfg.force)
     name = cfg.concept_name
@@ -183,8 +187,9 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
     modules = graph_modules(base)
     checker_settings = base.checker_settings
     del base  # from here the modules hold the networks; each is freed once exported
-    if cfg.int8 in STATIC_INT8:
-        _warn_static_int8_memory(modules[UNET], log)
+    if cfg.int8 in STATIC_INT8 or cfg.int8_vae:
+        _warn_static_int8_memory(modules[UNET] if cfg.int8 in STATIC_INT8 else None,
+                                 modules[VAE_DECODER] if cfg.int8_vae else None, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -205,8 +210,8 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
         tok_files = _copy_tokenizer(model_dir, tmp)
         manifest = _manifest(facts, components, tok_files, concept_entries, trt_details)
         write_manifest(tmp, manifest)  # last: a folder without bundle.json is not a bundle
-        if cfg.int8 in STATIC_INT8:  # calibrated on the complete fp32 bundle (still in tmp), then swapped in
-            write_manifest(tmp, _static_int8_unet(cfg, tmp, model_dir, manifest, specs[UNET], log))
+        if cfg.int8 in STATIC_INT8 or cfg.int8_vae:  # calibrated on the complete bundle (still in tmp), swapped in
+            write_manifest(tmp, _calibrated_int8(cfg, tmp, model_dir, manifest, specs, log))
         _share(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
@@ -356,22 +361,33 @@ def _int8_unet(cfg: ExportConfig, load_module: Callable, spec, fp32_path: Path, 
                                per_channel=cfg.int8 in ("dynamic-matmul", *STATIC_INT8),
                                calibration=calibration, calibrate="percentile" if static else "minmax")
     checks = validate(load_module(), spec, staged, "int8-static" if static else "int8", log, feeds=holdout)
+    files = _swap_staged(staged, fp32_path)
+    log(f"  int8 UNet ({cfg.int8}): {facts.get('quantized_nodes', '?')} nodes quantized, "
+        f"{facts.get('bytes_before', 0) / 2**20:.1f} -> {facts.get('bytes_after', 0) / 2**20:.1f} MiB")
+    return files, checks, facts
+
+
+def _swap_staged(staged: Path, fp32_path: Path) -> list[Path]:
+    """The int8 graph (and its external data file) in `staged`'s folder replaces the fp32 one under
+    its usual name; returns the shipped files, graph first."""
     _unlink_onnx(fp32_path)
     files = [fp32_path]
     data = staged.with_name(staged.name + ".data")
     if data.is_file():
         os.replace(data, fp32_path.with_name(data.name))
         files.append(fp32_path.with_name(data.name))
-    os.replace(staged, fp32_path)  # the int8 graph ships under the UNet's usual name
+    os.replace(staged, fp32_path)
     staged.parent.rmdir()
-    log(f"  int8 UNet ({cfg.int8}): {facts.get('quantized_nodes', '?')} nodes quantized, "
-        f"{facts.get('bytes_before', 0) / 2**20:.1f} -> {facts.get('bytes_after', 0) / 2**20:.1f} MiB")
-    return files, checks, facts
+    return files
 
 
 # pm-export --int8 static-qdq's whole-export peak RSS per byte of fp32 UNet weights: 11.55 GiB
 # (12.4 GB) for the SD-1.5-shaped UNet's 3.44 GB (benchmarks/results/export-cpu.jsonl, VmHWM).
 STATIC_INT8_PEAK_PER_UNET_BYTE = 3.6
+# --int8-vae: the VAE quantizer's peak RSS per byte of fp32 decoder weights, calibrating at CALIBRATION_SIZE
+# (the calibrator holds every intermediate activation): 6.1 GB for the SD-1.5-shaped decoder's 0.198 GB
+# (one-off /usr/bin/time of onnxruntime's quantize_static on two 256 px latents, not a record).
+STATIC_INT8_VAE_PEAK_PER_BYTE = 31.0
 
 
 def _return_freed_memory() -> None:
@@ -399,61 +415,111 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def _warn_static_int8_memory(unet_module, log: Log) -> None:
-    """A warning before minutes of work when the static int8 calibration will likely not fit."""
-    need = STATIC_INT8_PEAK_PER_UNET_BYTE * sum(p.numel() * 4 for p in unet_module.parameters())
+def _warn_static_int8_memory(unet_module, vae_module, log: Log) -> None:
+    """A warning before minutes of work when the calibrated int8 steps (run one after the other:
+    the larger need counts) will likely not fit."""
+    def weight_bytes(m):
+        return sum(p.numel() * 4 for p in m.parameters()) if m is not None else 0
+
+    need = max(STATIC_INT8_PEAK_PER_UNET_BYTE * weight_bytes(unet_module),
+               STATIC_INT8_VAE_PEAK_PER_BYTE * weight_bytes(vae_module))
     have = available_memory_bytes()
     if have is not None and have < need:
-        log(f"warning: --int8 static-qdq needs about {need / 1e9:.1f} GB of memory for this UNet "
-            f"(calibration and quantization); {have / 1e9:.1f} GB is available now")
+        what = " and ".join(w for w, m in (("--int8 static-qdq", unet_module), ("--int8-vae", vae_module)) if m)
+        log(f"warning: the calibration and quantization of {what} need about {need / 1e9:.1f} GB of memory "
+            f"for this model; {have / 1e9:.1f} GB is available now")
 
 
-def _static_int8_unet(cfg: ExportConfig, root: Path, model_dir: Path, manifest: dict, spec, log: Log) -> dict:
-    """static-qdq: record UNet feeds from the complete fp32 bundle in `root` (its own onnxruntime
-    pipeline, the bundle's concept in the prompts), quantize with the first prompts' feeds, validate
-    against the PyTorch UNet (reloaded from `model_dir`) on the last prompt's, swap the int8 graph in.
-    Returns the manifest with the UNet component updated."""
-    from pm_runtime.modeling.attention import install_split_kv
-    from pm_runtime.modeling.graphs import UNetGraph
+def _calibrated_int8(cfg: ExportConfig, root: Path, model_dir: Path, manifest: dict, specs: dict, log: Log) -> dict:
+    """The calibrated int8 steps: record feeds from the complete fp32 bundle in `root` (its own
+    onnxruntime pipeline, the bundle's concept in the prompts), then
+    - --int8 static-qdq: quantize the UNet with the first prompts' feeds, validate it against the
+      PyTorch UNet (reloaded from `model_dir`) on the last prompt's;
+    - --int8-vae: quantize the VAE decoder with the first prompts' finished latents, validate its
+      image (PSNR) against the PyTorch decoder on the last prompt's;
+    each swapped in under its usual file name. Returns the manifest with the components updated."""
     from pm_runtime.modeling.loading import load_base_model
 
     from .quantize import record_calibration
 
-    i = next(k for k, c in enumerate(manifest[F.BK_COMPONENTS])
-             if c[F.CK_NETWORK] == UNET and c[F.CK_FORMAT] == "onnx")
-    comp = manifest[F.BK_COMPONENTS][i]
     word = manifest[F.BK_CONCEPTS][0][F.QK_CONCEPT_WORD]
     prompts = [p.format(word=word) for p in CALIBRATION_PROMPTS]
-    log(f"  int8 ({cfg.int8}): recording calibration feeds ({len(prompts)} prompts x {CALIBRATION_STEPS} fp32 "
+    what = " and ".join(w for w, on in (("UNet", cfg.int8 in STATIC_INT8), ("VAE decoder", cfg.int8_vae)) if on)
+    log(f"  int8 ({what}): recording calibration feeds ({len(prompts)} prompts x {CALIBRATION_STEPS} fp32 "
         f"steps at {CALIBRATION_SIZE} px)")
     t0 = time.perf_counter()
-    feeds = record_calibration(root, prompts=prompts, steps=CALIBRATION_STEPS, resolution=CALIBRATION_SIZE)
-    per = len(feeds) // len(prompts)
-    calibration, rest = feeds[:-per], feeds[-per:]
-    holdout = [rest[0], rest[len(rest) // 2], rest[-1]][:VALIDATION_FEEDS]
+    vae_feeds: list[dict] | None = [] if cfg.int8_vae else None
+    feeds = record_calibration(root, prompts=prompts, steps=CALIBRATION_STEPS, resolution=CALIBRATION_SIZE,
+                               vae_feeds=vae_feeds)
     record_s = time.perf_counter() - t0
-    _return_freed_memory()  # the fp32 export's freed heap: the quantizer is the peak of this step
-
-    def load_unet():  # after the quantization (peak memory): the PyTorch UNet the int8 graph is checked against
-        base = load_base_model(model_dir, with_vae=False)
-        install_split_kv(base.unet)
-        return UNetGraph(base.unet).eval()
-
+    about = dict(calibration_prompts=prompts[:-1], validation_prompt=prompts[-1], calibration_steps=CALIBRATION_STEPS,
+                 calibration_size=CALIBRATION_SIZE, record_s=round(record_s, 1))
     work = root / ".work"
     work.mkdir()
     try:
-        files, checks, facts = _int8_unet(cfg, load_unet, spec, root / comp[F.CK_FILE], work, log,
-                                          calibration=calibration, holdout=holdout)
+        if cfg.int8 in STATIC_INT8:
+            per = len(feeds) // len(prompts)
+            calibration, rest = feeds[:-per], feeds[-per:]
+            holdout = [rest[0], rest[len(rest) // 2], rest[-1]][:VALIDATION_FEEDS]
+            del feeds
+            _return_freed_memory()  # the fp32 export's freed heap: the quantizer is the peak of this step
+
+            def load_unet():  # after the quantization (peak memory): the PyTorch UNet the int8 graph is checked against
+                from pm_runtime.modeling.attention import install_split_kv
+                from pm_runtime.modeling.graphs import UNetGraph
+
+                base = load_base_model(model_dir, with_vae=False)
+                install_split_kv(base.unet)
+                return UNetGraph(base.unet).eval()
+
+            comp = _onnx_component(manifest, UNET)
+            files, checks, facts = _int8_unet(cfg, load_unet, specs[UNET], root / comp[F.CK_FILE], work, log,
+                                              calibration=calibration, holdout=holdout)
+            _int8_into_manifest(root, comp, files, checks, {**facts, **about})
+            del calibration, holdout, load_unet
+        if cfg.int8_vae:
+            _return_freed_memory()
+            comp = _onnx_component(manifest, VAE_DECODER)
+            files, checks, facts = _int8_vae(cfg, model_dir, specs[VAE_DECODER], root / comp[F.CK_FILE], work, log,
+                                             calibration=vae_feeds[:-1], holdout=vae_feeds[-1:])
+            _int8_into_manifest(root, comp, files, checks, {**facts, **about})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    facts.update(calibration_prompts=prompts[:-1], validation_prompt=prompts[-1], calibration_steps=CALIBRATION_STEPS,
-                 calibration_size=CALIBRATION_SIZE, record_s=round(record_s, 1))
+    return manifest
+
+
+def _onnx_component(manifest: dict, network: str) -> dict:
+    return next(c for c in manifest[F.BK_COMPONENTS] if c[F.CK_NETWORK] == network and c[F.CK_FORMAT] == "onnx")
+
+
+def _int8_into_manifest(root: Path, comp: dict, files: list[Path], checks, facts: dict) -> None:
     comp.update({**file_entry(root, files[0].relative_to(root).as_posix()),
                  F.CK_DATA_FILES: [file_entry(root, p.relative_to(root).as_posix()) for p in files[1:]],
                  F.CK_PRECISION: "int8",
                  F.CK_VALIDATION: comp[F.CK_VALIDATION] + [c.to_dict() for c in checks],
                  F.CK_DETAILS: {**comp[F.CK_DETAILS], "int8": facts}})
-    return manifest
+
+
+def _int8_vae(cfg: ExportConfig, model_dir: Path, spec, fp32_path: Path, work: Path, log: Log, calibration: list,
+              holdout: list):
+    """Replace the shipped fp32 VAE decoder graph by its int8 version (quantize_vae_int8), its image
+    validated against the PyTorch decoder (reloaded from `model_dir` after the quantization) on the
+    `holdout` latents (PSNR_MIN["int8-vae"]). Returns (files, checks, facts)."""
+    from pm_runtime.modeling.graphs import VaeDecoderGraph
+    from pm_runtime.modeling.loading import load_base_model
+
+    from .quantize import quantize_vae_int8
+    from .validate import validate
+
+    staged = work / "int8-vae" / fp32_path.name
+    facts = quantize_vae_int8(fp32_path, staged, calibration=calibration, external_data=cfg.external_data)
+    base = load_base_model(model_dir, with_unet=False)
+    checks = validate(VaeDecoderGraph(base.vae).eval(), spec, staged, "int8-vae", log, feeds=holdout)
+    del base
+    files = _swap_staged(staged, fp32_path)
+    log(f"  int8 VAE decoder: {facts.get('quantized_nodes', '?')} convolutions quantized, "
+        f"{facts.get('bytes_before', 0) / 2**20:.1f} -> {facts.get('bytes_after', 0) / 2**20:.1f} MiB")
+    return files, checks, facts
 
 
 def _optional_onnx(cfg: ExportConfig, net: str, module, spec, root: Path, log: Log,

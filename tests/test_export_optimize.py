@@ -146,8 +146,9 @@ def test_optimize_none_skips_it(plain_bundle):
 
 def test_optimize_not_for_concept_only(plain_bundle, trained_concept, tmp_path):
     b = shutil.copytree(plain_bundle[0], tmp_path / "b")
-    r = run([trained_concept, "--bundle", b, "--optimize", "none"])
-    assert r.exit_code != 0 and "apply to a full export" in r.output and "Traceback" not in r.output
+    for option in (["--optimize", "none"], ["--int8-vae"]):
+        r = run([trained_concept, "--bundle", b, *option])
+        assert r.exit_code != 0 and "apply to a full export" in r.output and "Traceback" not in r.output
 
 
 # ---------------------------------------------------------------- the optimiser itself

@@ -97,6 +97,31 @@ def test_record_calibration_feeds_a_static_mode(run_bundle, fp32_unet, tmp_path)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < REL_L2_LIMIT["static-qdq"]
 
 
+def test_vae_decoder_int8_on_recorded_latents(run_bundle, fp32_unet, tmp_path):
+    """record_calibration(vae_feeds=...) keeps each image's finished latent; quantize_vae_int8 turns the
+    decoder's convolutions (but conv_in / conv_out) into int8 QDQ calibrated on them: same IO, every
+    int8 weight's activation calibrated too, and a held-out latent's image within the export's floor."""
+    from pm_export.validate import PSNR_MIN, image_psnr
+
+    vae_feeds = []
+    Q.record_calibration(run_bundle, prompts=("a photo of a face", "a face at night"), steps=2, resolution=256,
+                         vae_feeds=vae_feeds)
+    assert len(vae_feeds) == 2 and set(vae_feeds[0]) == {"latent"} and vae_feeds[0]["latent"].shape == (1, 4, 32, 32)
+    src, dst = run_bundle / "vae_decoder.onnx", tmp_path / "vae_decoder.onnx"
+    facts = Q.quantize_vae_int8(src, dst, calibration=vae_feeds[:1])
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(src)).graph.node)
+    assert facts["mode"] == "static-qdq-conv" and facts["per_channel"] and facts["calibration_feeds"] == 1
+    assert facts["kept_fp32_nodes"] == 2 and facts["quantized_nodes"] == convs - 2 and facts["weight_only_nodes"] == 0
+    ref, q = session(src), session(dst)
+    assert io(q) == io(ref)
+    held_out = vae_feeds[1]
+    assert image_psnr(q.run(None, held_out)[0], ref.run(None, held_out)[0]) >= PSNR_MIN["int8-vae"]
+    with pytest.raises(UserError, match="not a VAE decoder graph"):
+        Q.quantize_vae_int8(fp32_unet, tmp_path / "u.onnx", calibration=vae_feeds)
+    with pytest.raises(UserError, match="needs calibration feeds"):
+        Q.quantize_vae_int8(src, tmp_path / "v.onnx", calibration=[])
+
+
 def test_per_channel_and_external_data(fp32_unet, tmp_path):
     dst = tmp_path / "out" / "unet.onnx"
     facts = quantize_unet_int8(fp32_unet, dst, mode="dynamic-matmul", per_channel=True, external_data="always")
