@@ -1,6 +1,10 @@
-"""int8 UNet graphs for onnxruntime's CPU provider (pm-export --int8).
+"""int8 UNet and VAE decoder graphs for onnxruntime's CPU provider (pm-export --int8, --int8-vae).
 
     facts = quantize_unet_int8(Path("bundle/unet.onnx"), Path("out/unet.onnx"), mode="dynamic-matmul")
+    facts = quantize_vae_int8(Path("bundle/vae_decoder.onnx"), Path("out/vae_decoder.onnx"), calibration=latents)
+
+quantize_vae_int8 is static-qdq-conv on the decoder (below), calibrated on finished latents of fp32
+runs (record_calibration(..., vae_feeds=...)), its first and last convolutions in fp32 (VAE_KEEP_FP32).
 
 The result has the same inputs and outputs as the fp32 graph (float32 IO), so the runtime loads
 it like any unet.onnx: no session option is needed (onnxruntime's default graph optimisation

@@ -363,3 +363,24 @@ def test_tensorrt_plans(trained_concept, tiny_model, tmp_path):
         plan = b.component(net, "tensorrt")
         assert plan[F.CK_DETAILS]["compute_capability"] and plan[F.CK_DETAILS]["tensorrt_version"]
     assert (tmp_path / "timing.cache").is_file()
+
+
+def test_image_psnr_and_its_floor_in_a_check():
+    """validate.image_psnr compares decoder outputs as the pipeline's images (clip(x / 2 + 0.5, 0, 1)); a
+    Check of a precision with a PSNR floor fails under it even within the elementwise limit."""
+    from pm_export.validate import Check, image_psnr
+
+    a = np.linspace(-1, 1, 48, dtype=np.float32).reshape(1, 3, 4, 4)
+    assert image_psnr(a, a) == float("inf")
+    assert abs(image_psnr(a + 0.02, a) - 40.0) < 0.2  # 0.01 on [0, 1] everywhere (but where clipped): ~40 dB
+    assert image_psnr(a * 5, a * 3) == image_psnr(np.clip(a * 5, -1, 1), np.clip(a * 3, -1, 1))  # clipped first
+    nan = a.copy()
+    nan[0, 0, 0, 0] = np.nan
+    assert image_psnr(nan, a) == float("-inf")
+    kw = dict(network="vae_decoder", precision="int8-vae", axes={}, max_abs=0.1, max_rel=0.1, ref_max=1.0, atol=0.5,
+              rtol=0.5, seed=0)
+    assert Check(**kw, psnr_db=31.0, psnr_min=30.0).ok and not Check(**kw, psnr_db=29.0, psnr_min=30.0).ok
+    assert not Check(**kw, psnr_db=None, psnr_min=30.0).ok and Check(**kw).ok  # no floor: elementwise only
+    d = Check(**kw, psnr_db=29.0, psnr_min=30.0).to_dict()
+    assert d["psnr_db"] == 29.0 and d["psnr_min_db"] == 30.0 and d["passed"] is False
+    assert "psnr_db" not in Check(**kw).to_dict()
