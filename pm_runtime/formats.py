@@ -68,11 +68,11 @@ CK_FORMAT = "format"  # onnx | tensorrt
 CK_FILE = "file"  # path relative to the bundle folder
 CK_SHA256 = "sha256"
 CK_DATA_FILES = "data_files"  # ONNX external data: [{file, sha256}]
-CK_PRECISION = "precision"  # fp32 | fp16 (graph IO stays float32 either way)
+CK_PRECISION = "precision"  # fp32 | fp16 | int8 (--int8: unet, --int8-vae: vae_decoder); graph IO stays float32
 CK_INPUTS = "inputs"  # from the spec: [{name, dtype, shape}] (shape entries: int or axis name)
 CK_OUTPUTS = "outputs"
 CK_AXES = "axes"  # named dynamic axes: {name: {min, opt, max, multiple_of}}
-CK_VALIDATION = "validation"  # [{shapes, max_abs, max_rel, tolerance}] vs PyTorch
+CK_VALIDATION = "validation"  # [{shapes, max_abs, max_rel, tolerance; int8-vae: psnr_db, psnr_min_db}] vs PyTorch
 CK_DETAILS = "details"  # format-specific facts (fp32 op list, TensorRT version, GPU, opset)
 # Shared {file, sha256} keys.
 FK_FILE = "file"
