@@ -425,7 +425,8 @@ def _warn_static_int8_memory(unet_module, vae_module, log: Log) -> None:
                STATIC_INT8_VAE_PEAK_PER_BYTE * weight_bytes(vae_module))
     have = available_memory_bytes()
     if have is not None and have < need:
-        what = " and ".join(w for w, m in (("--int8 static-qdq", unet_module), ("--int8-vae", vae_module)) if m is not None)
+        what = " and ".join(w for w, m in (("--int8 static-qdq", unet_module), ("--int8-vae", vae_module))
+                            if m is not None)
         log(f"warning: the calibration and quantization of {what} need about {need / 1e9:.1f} GB of memory "
             f"for this model; {have / 1e9:.1f} GB is available now")
 
