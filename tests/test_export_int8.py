@@ -35,7 +35,9 @@ def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp
 
     out = (request.getfixturevalue("static_int8_bundle") if mode == "static-qdq"
            else _export(tiny_model, trained_concept, tmp_path / "b", mode))
-    unet = next(c for c in json.loads((out / "bundle.json").read_text())["components"] if c["network"] == "unet")
+    onnx_parts = {c["network"]: c for c in json.loads((out / "bundle.json").read_text())["components"]
+                  if c["format"] == "onnx"}
+    unet, vae = onnx_parts["unet"], onnx_parts["vae_decoder"]
     assert unet["precision"] == "int8" and unet["details"]["int8"]["mode"] == mode
     assert any(v["precision"].startswith("int8") and v["passed"] for v in unet["validation"])
     if mode == "static-qdq":  # calibrated on the bundle's own fp32 runs, validated on a held-out prompt's feeds
@@ -44,8 +46,6 @@ def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp
         assert facts["validation_prompt"] not in facts["calibration_prompts"]
         assert sum(v["precision"] == "int8-static" for v in unet["validation"]) == 3
         assert facts["weight_only_nodes"] == 0  # every int8 weight's activation calibrated too
-        vae = next(c for c in json.loads((out / "bundle.json").read_text())["components"]
-                   if c["network"] == "vae_decoder")
         vfacts = vae["details"]["int8"]
         assert vae["precision"] == "int8" and vfacts["mode"] == "static-qdq-conv"
         assert vfacts["calibration_feeds"] == 2 and vfacts["validation_prompt"] == facts["validation_prompt"]
@@ -53,8 +53,6 @@ def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp
         checked = [v for v in vae["validation"] if v["precision"] == "int8-vae"]
         assert len(checked) == 1 and checked[0]["passed"] and checked[0]["psnr_db"] >= checked[0]["psnr_min_db"] == 30
     else:  # the other modes leave the decoder alone
-        vae = next(c for c in json.loads((out / "bundle.json").read_text())["components"]
-                   if c["network"] == "vae_decoder")
         assert vae["precision"] == "fp32" and "int8" not in vae["details"]
     kw = dict(seed=5, steps=4, height=256, width=256)
     a = Pipeline.load(out, backend="onnxruntime").generate("a photo of <persona>", **kw).images.astype(float)
