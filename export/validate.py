@@ -35,7 +35,8 @@ from pm_runtime.specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, Ne
 # int8-vae (pm-export --int8-vae): the VAE decoder's convolutions int8 with calibrated ranges, checked on a
 # held-out latent: elementwise, single pixels move by up to ~0.23 of the [-1, 1] range (SD-1.5-shaped
 # random decoder, 29/255, a one-off A/B); the image as a whole is what matters, so the check is its PSNR
-# (41.8-42.7 dB there; 42.4 dB at its SD-1.5-shaped export), the elementwise limit only catches a broken graph (off by O(1) everywhere).
+# (41.8-42.7 dB there; 42.4 dB at its SD-1.5-shaped export), the elementwise limit only catches a
+# broken graph (off by O(1) everywhere).
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2), "int8": (5e-2, 5e-2), "int8-static": (1e-1, 1e-1),
               "int8-vae": (0.5, 0.5)}
 PSNR_MIN = {"int8-vae": 30.0}  # dB: the GPU issue's own floor for an fp16 image
