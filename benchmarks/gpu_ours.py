@@ -132,18 +132,25 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def replay_ms(torch, loop, reps: int) -> dict:
-    """One graph replay = one whole denoising step; timed singly with CUDA events."""
+    """One graph replay = one whole denoising step; timed singly with CUDA events. Each replay
+    advances the graph's step counter, which indexes tables of loop.max_steps rows (64 for a 50-step
+    image) with no bounds check in the step kernels: the counter starts at 0 (the last image left it at
+    its step count) and the replays stop before it reaches max_steps (on the CPU `timed` adds one
+    untimed call)."""
     if __package__:  # pm_bench.gpu_ours
         from .bench_kernels import timed
     else:  # imported by a script (python benchmarks/bench_gpu.py)
         from bench_kernels import timed
 
+    cuda = DEVICE != "cpu"
+    reps = min(reps, loop.max_steps - (0 if cuda else 1))
     try:
         loop.refill()  # K/V tables in a shared pool: the decode has overwritten them since the last image
-        return timed(torch, loop.graph.replay if loop.graph is not None else loop._step, reps, DEVICE != "cpu",
-                     warmup=0)
+        loop.step.zero_()
+        return {**timed(torch, loop.graph.replay if loop.graph is not None else loop._step, reps, cuda, warmup=0),
+                "reps": reps}
     finally:
-        loop.step.zero_()  # the counter ran on: reset it (replays read coefficient rows >= steps otherwise)
+        loop.step.zero_()
 
 
 def pool_map(torch, names: dict | None = None) -> dict:

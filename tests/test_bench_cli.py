@@ -387,6 +387,31 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
         "load_peak_alloc_gib" not in by["torch-cuda-phases"]["second_image"]["unet"]  # resident: loaded once
 
 
+def test_step_replays_stay_inside_the_step_tables(cuda_bundle, monkeypatch):
+    """gpu_ours.replay_ms after a whole 50-step image: the step counter stands at 50 and the graph's
+    tables hold 64 rows, so 30 replays from there would index past them (an IndexError here, a
+    device-side assert on a GPU that poisons the process). It restarts the counter and never
+    replays past the tables, and leaves the counter at 0."""
+    torch = pytest.importorskip("torch")
+    import gpu_ours
+    import pm_kernels
+    from pm_runtime.pipeline import Pipeline
+
+    monkeypatch.setattr(gpu_ours, "DEVICE", "cpu")
+    pm_kernels.set_enabled(False)  # the kernels' references: the interpreter is slow
+    try:
+        pipe = Pipeline.load(cuda_bundle, backend="torch-cuda", device="cpu", concept="alice")
+        pipe.generate(gpu_ours.PROMPT, seed=1, steps=50, height=256, width=256)
+        loop = next(iter(pipe.backend._loops.values()))
+        assert loop.max_steps == 64 and int(loop.step) == 50
+        short = gpu_ours.replay_ms(torch, loop, 30)
+        assert short["reps"] == 30 and int(loop.step) == 0
+        long = gpu_ours.replay_ms(torch, loop, 200)  # more replays than rows: cut to the rows (less the CPU's warm-up)
+        assert long["reps"] == 63 and int(loop.step) == 0 and long["p50"] > 0
+    finally:
+        pm_kernels.set_enabled(True)
+
+
 def test_gpu_goals_report(tmp_path):
     """benchmarks/gpu_goals.py judges the records it is given: met / not met / met only as steady
     allocated / not measured, GiB converted to GB, the latest run of a file only."""
