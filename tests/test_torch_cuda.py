@@ -706,6 +706,14 @@ def test_shared_pool_order_and_bookkeeping_with_stand_in_graphs(run_bundle, fast
     assert [n for n, _ in captures][-2:] == ["_step", "drop"]
     assert backend._graphed[0].graph is None or backend._graphed[0].key[1] is pools[1]  # nothing left in the old pool
     np.testing.assert_array_equal(shared.generate(PROMPT, **kw).images, a)
+    # close() lets every graph, engine and the pool go (a graphed network's module stayed referenced
+    # before); a later image loads and captures anew, the same bytes
+    graphed = list(backend._graphed)
+    shared.close()
+    assert backend._graphed == [] and backend._pool is None and not backend._loops
+    assert all(g.graph is None and g.static_out == () for g in graphed)
+    np.testing.assert_array_equal(shared.generate(PROMPT, **kw).images, a)
+    assert len(backend._graphed) == 2 and not set(backend._graphed) & set(graphed)  # decoder, text encoder: new
     # a text encoder parked in host memory (offload_text_encoder): its weights copied into the pool for
     # its stage once the pool exists (not in the first image's, before the step graph made it)
     borrowed = []

@@ -591,9 +591,18 @@ class TorchCudaBackend(Backend):
             if self._pool is not None and self.torch_device.type == "cuda":
                 torch.cuda.synchronize(self.torch_device)  # nothing in flight reads them when the pool reuses them
             self._parked[net.spec.name].detach()  # the device copies go; the pinned host weights stay
+        if isinstance(net.engine, _GraphedNetwork):  # its graph, static tensors and module go with it
+            net.engine.release()
+            self._graphed = [g for g in self._graphed if g is not net.engine]
         net.engine = None
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Every engine, graph and memory pool let go now (a later image loads and captures anew)."""
+        super().close()
+        self._loops.clear()
+        self._pool = None
 
     def device_memory(self) -> dict | None:
         import torch
