@@ -120,7 +120,20 @@ def p50(values):
     return round(statistics.median(values), 3) if values else None
 
 
+def _record(v: str, rs: list[dict], a, env: dict, command: str) -> dict:
+    ok = [r for r in rs if r["status"] == "ok"]
+    return {"schema": SCHEMA, **env, "variant": v, "bundle": pathlib.Path(a.bundle).name, "size": a.size,
+            "steps": a.steps, "runs": len(rs), "ok_runs": len(ok), "command": command,
+            **{f"{k}_p50": p50([r[k] for r in ok]) for k in ("process_wall_s", "import_s", "load_s",
+                                                              "first_image_s", "tuning_s")},
+            "tune_budget_s": ok[0].get("tune_budget_s") if ok else None,  # as the child's pm_kernels read it
+            "imported": ok[0]["imported"] if ok else None,
+            "per_run": [{k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items() if k != "timings"}
+                        for r in rs]}
+
+
 def main(argv=None) -> int:
+    t_start = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", required=True, help="a bundle with torch weights (pm-export --target torch)")
     ap.add_argument("--device", default="cpu", help="cpu (eager, the kernels' references) or cuda")
@@ -131,6 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--child-timeout", type=float, default=600.0,
                     help="seconds a child process may take to its first image; a slower one is recorded as timed "
                          "out (the other variants' records are kept)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds this whole command may take (e.g. the time limit it runs under): each child's "
+                         "timeout is cut to what is left less a margin, so a child that runs out of time is still "
+                         "recorded as timed out; each variant's record is written as its last run ends")
     ap.add_argument("--cold-tune-budget", type=float, default=None,
                     help="seconds the cold variant may spend tuning kernels (PM_KERNELS_TUNE_BUDGET_S in its "
                          "process; default: that variable here, else pm_kernels' default); what is left is the "
@@ -142,45 +159,46 @@ def main(argv=None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    # the baseline first in each run: its record exists when the others' are written (their speed-up)
+    variants.sort(key=lambda v: v != "hf-verify-first")
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     record = str(pathlib.Path(tempfile.mkdtemp(prefix="pm-bench-start-")) / "verified.json")
     os.environ["PM_VERIFIED_CACHE"] = record
     from pm_runtime.bundle import open_bundle
 
     open_bundle(pathlib.Path(a.bundle)).verify_all()  # the warm machine's record for "standalone"
+    command = "python benchmarks/bench_start.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    env, records = None, []
+    margin = 5.0  # what the parent needs after a child: the record's header (first time) and its line
     for i in range(a.runs):
         for v in variants:  # interleaved: drift in the machine's state hits every variant alike
-            r = run_child(v, str(a.bundle), a.device, a.steps, a.size, record, timeout=a.child_timeout,
+            timeout = a.child_timeout
+            if a.deadline is not None:
+                left = a.deadline - (time.perf_counter() - t_start) - margin - (8.0 if env is None else 0.0)
+                timeout = min(timeout, max(1.0, left))
+            r = run_child(v, str(a.bundle), a.device, a.steps, a.size, record, timeout=timeout,
                           tune_budget=a.cold_tune_budget)
             runs[v].append(r)
             print(f"run {i + 1} {v}: " + (f"process {r['process_wall_s']:.2f} s = import {r['import_s']:.2f} + load "
                                           f"{r['load_s']:.2f} + first image {r['first_image_s']:.2f} (+ interpreter); "
                                           f"imported {r['imported']}" if r["status"] == "ok" else r["error"]),
                   flush=True)
-    env = environment(a.device, a.commit)
-    command = "python benchmarks/bench_start.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    records = []
-    for v, rs in runs.items():
-        ok = [r for r in rs if r["status"] == "ok"]
-        rec = {"schema": SCHEMA, **env, "variant": v, "bundle": pathlib.Path(a.bundle).name, "size": a.size,
-               "steps": a.steps, "runs": len(rs), "ok_runs": len(ok), "command": command,
-               **{f"{k}_p50": p50([r[k] for r in ok]) for k in ("process_wall_s", "import_s", "load_s",
-                                                                 "first_image_s", "tuning_s")},
-               "tune_budget_s": ok[0].get("tune_budget_s") if ok else None,  # as the child's pm_kernels read it
-               "imported": ok[0]["imported"] if ok else None,
-               "per_run": [{k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items() if k != "timings"}
-                           for r in rs]}
-        records.append(rec)
-    base = next((r for r in records if r["variant"] == "hf-verify-first"), None)
+            if i == a.runs - 1:  # the variant's last run: its record now (a run cut short keeps it)
+                if env is None:
+                    env = environment(a.device, a.commit)
+                rec = _record(v, runs[v], a, env, command)
+                base = rec if v == "hf-verify-first" else next((b for b in records
+                                                                 if b["variant"] == "hf-verify-first"), None)
+                if base and base["process_wall_s_p50"] and rec["process_wall_s_p50"]:
+                    rec["process_speedup_vs_hf_verify_first"] = round(
+                        base["process_wall_s_p50"] / rec["process_wall_s_p50"], 2)
+                records.append(rec)
+                save_records(a.out, [rec])
     for r in records:
-        if base and base["process_wall_s_p50"] and r["process_wall_s_p50"]:
-            r["process_speedup_vs_hf_verify_first"] = round(base["process_wall_s_p50"] / r["process_wall_s_p50"], 2)
         print(f"{r['variant']:22s} process {r['process_wall_s_p50']} s  import {r['import_s_p50']}  load "
               f"{r['load_s_p50']}  first image {r['first_image_s_p50']}  "
               f"x{r.get('process_speedup_vs_hf_verify_first', '-')}")
-    save_records(a.out, records)
     return 0 if all(r["ok_runs"] == r["runs"] for r in records) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

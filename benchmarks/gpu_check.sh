@@ -148,7 +148,7 @@ if go start ${PM_START_TIMEOUT:-90}; then
 echo "== start-up: new process to first image, warm caches and cold (an empty Triton cache)"
 if [ -f "$WORK/bundle-sd15-torch/bundle.json" ]; then
     timeout "$T" python3 benchmarks/bench_start.py --bundle "$WORK/bundle-sd15-torch" \
-        --device cuda --size 512 --steps 50 --runs 1 --variants standalone,cold --child-timeout $(( T > 40 ? T - 20 : 20 )) --cold-tune-budget ${PM_COLD_TUNE_BUDGET_S:-30} \
+        --device cuda --size 512 --steps 50 --runs 1 --variants standalone,cold --deadline $(( T - 3 )) --cold-tune-budget ${PM_COLD_TUNE_BUDGET_S:-30} \
         --out "$OUT/start-gpu.jsonl" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_start.log"
 fi
 fi

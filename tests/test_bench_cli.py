@@ -614,6 +614,42 @@ def test_bench_start_records_a_child_that_times_out(monkeypatch):
     assert r == {"status": "error", "error": "timed out: no first image within 70 s", "timed_out_s": 70.0}
 
 
+def test_bench_start_writes_each_record_as_it_ends_within_its_deadline(cuda_bundle, tmp_path, monkeypatch):
+    """bench_start under the GPU check's stage limit: each variant's record is on disk as soon as its
+    last run ends (the command killed later keeps it), and --deadline cuts a child's timeout to what
+    is left, so a child that would outlast the stage is recorded as timed out instead of the whole
+    command being killed with nothing written. Stand-in children (no processes) and clock."""
+    import bench_start
+
+    out = tmp_path / "start.jsonl"
+    clock = [0.0]
+    monkeypatch.setattr(bench_start.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench_start, "environment", lambda device, commit: {"commit": "c", "device": device})
+    seen = []
+
+    def child(variant, bundle, device, steps, size, record, timeout=600, tune_budget=None):
+        written = [json.loads(line)["variant"] for line in out.read_text().splitlines()] if out.exists() else []
+        seen.append((variant, round(timeout, 1), written))
+        if variant == "cold":  # slower than what is left: its own timeout stops it
+            clock[0] += timeout
+            return {"status": "error", "error": f"timed out: no first image within {timeout:.0f} s",
+                    "timed_out_s": round(timeout, 1)}
+        clock[0] += 10.0
+        return {"status": "ok", "process_wall_s": 10.0, "import_s": 2.0, "load_s": 1.0, "first_image_s": 7.0, "tuning_s": 0.0,
+                "imported": []}
+
+    monkeypatch.setattr(bench_start, "run_child", child)
+    rc = bench_start.main(["--bundle", str(cuda_bundle), "--device", "cuda", "--runs", "1", "--variants",
+                           "standalone,cold", "--deadline", "60", "--child-timeout", "300", "--out", str(out)])
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rc == 1 and [r["variant"] for r in recs] == ["standalone", "cold"]
+    # the cold child started with standalone's record already written, its timeout cut to the deadline
+    # less the parent's margin (60 - 10 s spent - 5), not the 300 s asked for
+    assert seen == [("standalone", 47.0, []), ("cold", 45.0, ["standalone"])]
+    assert recs[1]["ok_runs"] == 0 and recs[1]["per_run"][0]["timed_out_s"] == 45.0
+    assert recs[0]["process_wall_s_p50"] == 10.0
+
+
 def test_bench_start_cold_child_reports_its_tuning_budget_and_time(cuda_bundle, tmp_path, monkeypatch):
     """A real cold child on the CPU: --cold-tune-budget reaches its pm_kernels (the budget it read comes
     back), with what it spent tuning; a warm child keeps the environment's budget."""
