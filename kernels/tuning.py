@@ -20,8 +20,9 @@ from Jetson boards to H200s. So, like TensorRT's builder, the choice is measured
 - Outside a session: the choice for the key if one was made (in this process, or read from the
   cache file), else the first candidate, the untuned default (the routing rules in the code).
 - Choices persist in one JSON file per GPU and software (cache_file: device name, compute
-  capability, torch / CUDA / Triton versions, a hash of pm_kernels' sources), written atomically when
-  a session ends; a session whose signature the file lists as done does nothing (no extra step).
+  capability, torch / CUDA / Triton versions, a hash of pm_kernels' sources), written atomically after
+  each measured call (a process killed mid-session, e.g. by a time limit, keeps what it measured) and
+  when a session ends; a session whose signature the file lists as done does nothing (no extra step).
 - A session measures for at most BUDGET_S seconds (PM_KERNELS_TUNE_BUDGET_S; its own budget_s): the
   calls it reaches after that run their untuned default unmeasured, and the session is not recorded
   as done, so the next one (the next process) measures those and keeps the rest: a first run on a
@@ -265,6 +266,7 @@ def choose(op: str, key: tuple, candidates: dict, device) -> str:
     _SPENT[0] += time.perf_counter() - t0
     _SPENT[1] += 1
     table["choices"][entry_key] = entry
+    _save(device)  # now, not only at the session's end: a killed process keeps what it measured
     return entry["choice"]
 
 

@@ -67,6 +67,9 @@ def test_a_session_keeps_the_fastest_correct_candidate_and_saves_it():
     with T.session("sig-1", CPU) as active:
         assert active
         assert T.choose("op", ("float32", 8), cands, CPU) == "fast"
+        # on disk already, before the session ends (a process killed here keeps it), not yet done
+        data = json.loads(T.cache_file(CPU).read_text())
+        assert data["choices"]["op|float32|8"]["choice"] == "fast" and data["sessions"] == []
     entry = T.choices(CPU)["op|float32|8"]
     assert entry["choice"] == "fast" and entry["us"]["slow"] > entry["us"]["fast"]
     # on disk, read back by a new process (forget: nothing in memory)
