@@ -2,7 +2,7 @@
 # The GPU fast-path check in one run (issue: fused kernels + one CUDA graph per step), ordered by
 # priority: the gpu-marked tests (kernels at SD 1.5 shapes, the torch-cuda backend on the tiny
 # model), the kernel benchmark, bench_gpu.py (peers and ours on SD-1.5-shaped random weights, 512 px,
-# 50 steps; torch.compile last), start-up in new processes (warm, and cold: an empty Triton cache,
+# 50 steps; torch.compile after the peers), start-up in new processes (warm, and cold: an empty Triton cache,
 # kernel tuning for at most PM_COLD_TUNE_BUDGET_S, 30 s),
 # the memory variants once more each in a NEW process ("fresh": nothing an earlier variant left in
 # the process counts in its peak; "expandable:" entries with the allocator's expandable segments,
@@ -56,11 +56,11 @@ if go tests ${PM_TESTS_TIMEOUT:-150}; then
     # the shared-pool / one-stream / PDL tests (their code's first real run) in a process of their own
     # afterwards: a fault there (an illegal address poisons the CUDA context) cannot fail the others
     NEW="shared_pool or one_stream or pdl"
-    timeout "$T" python3 -m pytest -q -m gpu -p no:cacheprovider -k "not ($NEW)" tests/test_kernels.py \
+    timeout "$T" python3 -m pytest -v -m gpu -p no:cacheprovider -k "not ($NEW)" tests/test_kernels.py \
         tests/test_torch_cuda.py tests/test_int8_weights.py tests/test_vae_bands.py 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -8  # the whole output (failures' tracebacks) in gpu_tests.log
     T=$(limit 60 20)
-    [ "$T" -gt 0 ] && timeout "$T" python3 -m pytest -q -m gpu -p no:cacheprovider -k "$NEW" tests/test_torch_cuda.py \
+    [ "$T" -gt 0 ] && timeout "$T" python3 -m pytest -v -m gpu -p no:cacheprovider -k "$NEW" tests/test_torch_cuda.py \
         tests/test_kernels.py \
         2>&1 | tee "$OUT/gpu_tests_new.log" | tail -8
 fi
@@ -97,7 +97,7 @@ echo "== pipeline: peers and torch-cuda"
 # suspect: the 2-byte finding explains more), -phases in the shared process (a new one runs below);
 # and the shared-pool / one-stream / PDL / GEGLU-in-the-GEMM variants, whose first real run is this
 # one: only in new processes (below), where a fault in them (an illegal address poisons a CUDA
-# context) cannot take the shared run's later variants and torch.compile with it; their records carry
+# context) cannot take the shared run's later variants with it (torch.compile runs before ours); their records carry
 # step and image times too.
 OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-untuned,torch-cuda-kv-tables,torch-cuda-generic-sizes,torch-cuda-vae-nchw,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,profile}
 timeout "$T" python3 benchmarks/bench_gpu.py --work "$WORK" --out "$OUT/gpu.jsonl" --compile \
