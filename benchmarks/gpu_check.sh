@@ -56,11 +56,14 @@ if go tests ${PM_TESTS_TIMEOUT:-150}; then
     # the shared-pool / one-stream / PDL tests (their code's first real run) in a process of their own
     # afterwards: a fault there (an illegal address poisons the CUDA context) cannot fail the others
     NEW="shared_pool or one_stream or pdl"
-    timeout "$T" python3 -m pytest -v -m gpu -p no:cacheprovider -k "not ($NEW)" tests/test_kernels.py \
+    # PM_KERNELS_TUNE=0: no kernel tuning at the tiny model's shapes in every pipeline test (each pytest
+    # process has its own empty tuning folder: candidates compiled and timed for nothing the figures use);
+    # the tuning test turns it on for itself, and the bench stage tunes SD 1.5's shapes
+    PM_KERNELS_TUNE=0 timeout "$T" python3 -m pytest -v -m gpu -p no:cacheprovider -k "not ($NEW)" tests/test_kernels.py \
         tests/test_torch_cuda.py tests/test_int8_weights.py tests/test_vae_bands.py 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -8  # the whole output (failures' tracebacks) in gpu_tests.log
     T=$(limit 60 20)
-    [ "$T" -gt 0 ] && timeout "$T" python3 -m pytest -v -m gpu -p no:cacheprovider -k "$NEW" tests/test_torch_cuda.py \
+    [ "$T" -gt 0 ] && PM_KERNELS_TUNE=0 timeout "$T" python3 -m pytest -v -m gpu -p no:cacheprovider -k "$NEW" tests/test_torch_cuda.py \
         tests/test_kernels.py \
         2>&1 | tee "$OUT/gpu_tests_new.log" | tail -8
 fi

@@ -37,7 +37,7 @@ def test_every_variant_the_script_names_exists():
 
 
 STUB_PYTHON = """#!/usr/bin/env bash
-echo "python3 $* [alloc=${PYTORCH_CUDA_ALLOC_CONF:-}] [generic=${PM_KERNELS_GENERIC_SIZES:-}] [ws=${CUBLAS_WORKSPACE_CONFIG:-},${CUBLASLT_WORKSPACE_SIZE:-}] [wscap=${CUDNN_CONV_WSCAP_DBG:-}]" >> "$STUB_LOG"
+echo "python3 $* [alloc=${PYTORCH_CUDA_ALLOC_CONF:-}] [generic=${PM_KERNELS_GENERIC_SIZES:-}] [ws=${CUBLAS_WORKSPACE_CONFIG:-},${CUBLASLT_WORKSPACE_SIZE:-}] [wscap=${CUDNN_CONV_WSCAP_DBG:-}] [tune=${PM_KERNELS_TUNE:-}]" >> "$STUB_LOG"
 case "$*" in
   *bench_gpu.py*--compile*) sleep "$STUB_BENCH_S";;
   *bench_gpu.py*) sleep "$STUB_FRESH_S";;
@@ -77,6 +77,8 @@ def test_the_check_keeps_to_its_time_budget(tmp_path):
     assert "bench_kernels.py" in order[2] and "--only group_norm_silu," in order[2] and "[generic=1]" in order[2]
     assert "sweep_kernels.py --max-seconds" in order[3] and "[generic=]" in order[3]  # then the kernel sweep
     assert "[generic=]" in order[1] and "[generic=]" in order[4]
+    # the GPU tests without kernel tuning at the tiny model's shapes; the benchmarks with it (the default)
+    assert "[tune=0]" in order[0] and all("[tune=]" in c for c in order[1:])
     assert "bench_start.py" not in "".join(order)  # no bundle was made: the stage has nothing to run
     fresh = [c for c in order if "bench_gpu.py" in c and "--compile" not in c]
     # 10 s budget, 1 s reserve, ~2 + 2 s of stand-ins and the script's own time before: one to three
