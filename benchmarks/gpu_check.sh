@@ -11,10 +11,12 @@
 # --low-memory could set too); "wscap:" entries with them and cuDNN's convolution workspace capped at
 # 128 MiB (CUDNN_CONV_WSCAP_DBG: its algorithm search in the first image may try workspaces of
 # hundreds of MB, on top of the weights); "generic:" entries with PM_KERNELS_GENERIC_SIZES=1, pm_kernels
-# compiled without size specialisation, the A/B of that rule; the unmet goals first), two short runs under other allocator /
+# compiled without size specialisation, the A/B of that rule; the unmet goals first), the kernels'
+# size-rule A/B and launch-configuration sweep (stage kernel-ab: answers for rules the on-device tuning
+# now decides, after the goals' measurements), two short runs under other allocator /
 # cuDNN workspace settings (stage "extra", off by default), and the goals table (gpu_goals.py ->
 # OUT/goals.md). Records land in OUT as each variant ends.
-# PM_STAGES picks stages (default tests,kernels,bench,start,fresh; they run in this order, except that
+# PM_STAGES picks stages (default tests,kernels,bench,start,fresh,kernel-ab; they run in this order, except that
 # the first PM_FRESH_FIRST (6) new-process entries run before the start-up stage: the unmet goals'
 # processes first (memory; the step's PDL and GEGLU-GEMM candidates), the cold start's report before
 # the rest).
@@ -22,8 +24,9 @@
 # each stage's time limit is cut to what is left (minus PM_RESERVE_S, 15, for the goals table), a
 # stage with under PM_MIN_S (60) seconds left is skipped, and the fresh processes stop when under
 # PM_FRESH_MIN_S (40) are left; what was skipped is printed ("skipped for time"). Timed on an H200 (2026-11-26/27, other
-# lists): tests 35-57 s, kernels 8 s (+ its generic-sizes A/B on 6 ops, <= 40 s, and the kernel sweep, <= 25 s:
-# not yet timed), bench_gpu 162 s with 14 of our variants + peers + compile,
+# lists): tests 35-57 s (without the tuning test and the shared-pool / one-stream / PDL ones), kernels 8 s
+# (kernel-ab: the generic-sizes A/B on 6 ops <= 40 s, the sweep <= 25 s, not yet timed), bench_gpu 162 s
+# with 14 of our variants + peers + compile (before kernel tuning: its first image now tunes, <= 120 s),
 # ~18-25 s per new process, start-up ~40 s for three warm variants.
 #   bash benchmarks/gpu_check.sh OUTDIR COMMIT
 # On a machine without diffusers, put its wheels in .whl/ (they are installed to PM_SITE, /tmp/site).
@@ -40,7 +43,7 @@ fi
 ln -sfn "$PWD/export" "$SITE/pm_export"; ln -sfn "$PWD/kernels" "$SITE/pm_kernels"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
-STAGES=",${PM_STAGES:-tests,kernels,bench,start,fresh},"
+STAGES=",${PM_STAGES:-tests,kernels,bench,start,fresh,kernel-ab},"
 stage() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 [ "${PM_GPU_TESTS:-1}" = 1 ] || STAGES=${STAGES/,tests,/,}
 [ "${PM_EXTRA_RUNS:-1}" = 1 ] || STAGES=${STAGES/,extra,/,}
@@ -71,19 +74,6 @@ if go kernels 60 $(( MIN / 2 )); then
 echo "== kernels"
 timeout "$T" python3 benchmarks/bench_kernels.py --reps 30 --out "$OUT/kernels-gpu.jsonl" 2>&1 | grep -v -i warn \
     | tee "$OUT/bench_kernels.log"
-# the same memory-bound kernels compiled without size specialisation (their 2-byte accesses before
-# kernels/_dispatch.py's rule): the A/B of that rule, kernel by kernel
-T=$(limit 40 $(( MIN / 2 )))
-[ "$T" -gt 0 ] && PM_KERNELS_GENERIC_SIZES=1 timeout "$T" python3 benchmarks/bench_kernels.py --reps 30 \
-    --only group_norm_silu,group_norm_temb_silu,group_norm_silu_nchw,add_layer_norm,add_bias_residual,step_update \
-    --out "$OUT/kernels-gpu-generic-sizes.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/bench_kernels_generic_sizes.log"
-# the Triton attention's and geglu_linear's launch configurations against SDPA / cuBLAS + GEGLU (head
-# dim 40 now 16-byte; the head dim as one tile or two): what their block-size rules should be (which
-# implementation runs per shape is pm_kernels.tuning's on-device choice now, measured in the bench
-# stage: this is the wider sweep behind its candidate list, cut to 25 s to leave that stage the time)
-T=$(limit 25 $(( MIN / 2 )))
-[ "$T" -gt 0 ] && timeout "$T" python3 benchmarks/sweep_kernels.py --max-seconds $(( T > 12 ? T - 10 : 2 )) \
-    --out "$OUT/kernel-sweep-gpu.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/sweep_kernels.log"
 fi
 if go bench ${PM_BENCH_TIMEOUT:-300}; then
 echo "== pipeline: peers and torch-cuda"
@@ -158,6 +148,21 @@ fi
 if stage fresh && [ -z "${FRESH_OUT:-}" ] && [ "$FIRST" -lt "${#entries[@]}" ]; then
     echo "== memory variants, each in a new process: the rest"
     fresh_run "$FIRST" "${#entries[@]}"
+fi
+if go kernel-ab 40 $(( MIN / 2 )); then  # after the goals' measurements: answers for the kernels' rules
+echo "== kernels: the size-rule A/B and the launch-configuration sweep"
+# the same memory-bound kernels compiled without size specialisation (their 2-byte accesses before
+# kernels/_dispatch.py's rule): the A/B of that rule, kernel by kernel
+PM_KERNELS_GENERIC_SIZES=1 timeout "$T" python3 benchmarks/bench_kernels.py --reps 30 \
+    --only group_norm_silu,group_norm_temb_silu,group_norm_silu_nchw,add_layer_norm,add_bias_residual,step_update \
+    --out "$OUT/kernels-gpu-generic-sizes.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/bench_kernels_generic_sizes.log"
+# the Triton attention's and geglu_linear's launch configurations against SDPA / cuBLAS + GEGLU (head
+# dim 40 now 16-byte; the head dim as one tile or two): what their block-size rules should be (which
+# implementation runs per shape is pm_kernels.tuning's on-device choice now, measured in the bench
+# stage: this is the wider sweep behind its candidate list, at most 25 s)
+T=$(limit 25 $(( MIN / 2 )))
+[ "$T" -gt 0 ] && timeout "$T" python3 benchmarks/sweep_kernels.py --max-seconds $(( T > 12 ? T - 10 : 2 )) \
+    --out "$OUT/kernel-sweep-gpu.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/sweep_kernels.log"
 fi
 if stage extra; then  # last: what matters less if the time runs out
 echo "== our memory variants again with the allocator's expandable segments (reserved vs allocated)"

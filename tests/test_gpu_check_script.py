@@ -72,11 +72,11 @@ def test_the_check_keeps_to_its_time_budget(tmp_path):
     r, calls = _run(tmp_path, budget=10, bench_s=2, fresh_s=2)
     assert r.returncode == 0, r.stderr
     order = [c for c in calls if "import" not in c]
-    assert "pytest" in order[0] and "bench_kernels.py" in order[1] and "--compile" in order[4]
-    # the kernel benchmark again with the kernels compiled without size specialisation (the A/B)
-    assert "bench_kernels.py" in order[2] and "--only group_norm_silu," in order[2] and "[generic=1]" in order[2]
-    assert "sweep_kernels.py --max-seconds" in order[3] and "[generic=]" in order[3]  # then the kernel sweep
-    assert "[generic=]" in order[1] and "[generic=]" in order[4]
+    assert "pytest" in order[0] and "bench_kernels.py" in order[1] and "--compile" in order[2]
+    assert "[generic=]" in order[1] and "[generic=]" in order[2]
+    # the kernels' size-rule A/B and sweep wait until the goals' measurements are done: none here, the
+    # budget ran out in the new processes
+    assert not [c for c in order if "sweep_kernels.py" in c or "[generic=1]" in c], order
     # the GPU tests without kernel tuning at the tiny model's shapes; the benchmarks with it (the default)
     assert "[tune=0]" in order[0] and all("[tune=]" in c for c in order[1:])
     assert "bench_start.py" not in "".join(order)  # no bundle was made: the stage has nothing to run
@@ -140,6 +140,21 @@ def test_new_process_settings_do_not_outlive_their_entry(tmp_path):
     assert len(fresh) == 1 and "[ws=:4096:1,4096]" in fresh[0]  # the second entry: skipped for time
     after = [c for c in calls if "gpu-wscap256" in c]
     assert after and all("[ws=,]" in c for c in after), after
+
+
+def test_the_kernel_rule_answers_run_after_the_goals_measurements(tmp_path):
+    """Stage kernel-ab: the kernel benchmark again with the kernels compiled without size
+    specialisation (the A/B of that rule), then the launch-configuration sweep; after the new
+    processes (the memory goals), before the goals table."""
+    r, calls = _run(tmp_path, budget=60, bench_s=0, fresh_s=0, stages="kernels,fresh,kernel-ab",
+                    PM_FRESH="torch-cuda-low-memory-1024,torch-cuda")
+    assert r.returncode == 0, r.stderr
+    order = [c for c in calls if "import" not in c]
+    assert "bench_kernels.py" in order[0] and "[generic=]" in order[0] and "--only" not in order[0]
+    assert ["--ours torch-cuda-low-memory-1024 " in order[1] + " ", "--ours torch-cuda " in order[2] + " "] == [True] * 2
+    assert "bench_kernels.py" in order[3] and "--only group_norm_silu," in order[3] and "[generic=1]" in order[3]
+    assert "sweep_kernels.py --max-seconds" in order[4] and "[generic=]" in order[4]
+    assert "gpu_goals.py" in order[5] and len(order) == 6
 
 
 def test_a_stage_with_no_time_left_is_skipped_and_said(tmp_path):
