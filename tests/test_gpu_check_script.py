@@ -157,6 +157,16 @@ def test_the_kernel_rule_answers_run_after_the_goals_measurements(tmp_path):
     assert "gpu_goals.py" in order[5] and len(order) == 6
 
 
+def test_the_bench_stage_leaves_the_first_new_processes_their_time(tmp_path):
+    """A bench stage that would run to the end of the budget is cut PM_FRESH_RESERVE_S before it, so
+    the new processes of the memory goals still run."""
+    r, calls = _run(tmp_path, budget=16, bench_s=30, fresh_s=1, stages="bench,fresh", PM_FRESH_RESERVE_S="6",
+                    PM_FRESH="torch-cuda-low-memory-1024,torch-cuda")
+    assert r.returncode == 0, r.stderr
+    fresh = [c for c in calls if "bench_gpu.py" in c and "--compile" not in c]
+    assert fresh and "--ours torch-cuda-low-memory-1024 " in fresh[0] + " ", calls
+
+
 def test_a_stage_with_no_time_left_is_skipped_and_said(tmp_path):
     r, calls = _run(tmp_path, budget=6, bench_s=6, fresh_s=1, stages="bench,fresh")
     assert r.returncode == 0, r.stderr
