@@ -24,7 +24,10 @@
 # each stage's time limit is cut to what is left (minus PM_RESERVE_S, 15, for the goals table), a
 # stage with under PM_MIN_S (60) seconds left is skipped, the bench stage leaves the new processes
 # PM_FRESH_RESERVE_S (75) where it can, and the fresh processes stop when under
-# PM_FRESH_MIN_S (40) are left; what was skipped is printed ("skipped for time"). Timed on an H200 (2026-11-26/27, other
+# PM_FRESH_MIN_S (40) are left; what was skipped is printed ("skipped for time"). Kernel tuning
+# (pm_kernels.tuning, in a shape's first image) measures for at most PM_BENCH_TUNE_BUDGET_S (60 s)
+# per session in the bench stage and PM_FRESH_TUNE_BUDGET_S (25 s) in each new process (its choices
+# are saved as measured: the next process goes on where one stopped); the records say what was cut. Timed on an H200 (2026-11-26/27, other
 # lists): tests 35-57 s (without the tuning test and the shared-pool / one-stream / PDL ones), kernels 8 s
 # (kernel-ab: the generic-sizes A/B on 6 ops <= 40 s, the sweep <= 25 s, not yet timed), bench_gpu 162 s
 # with 14 of our variants + peers + compile (before kernel tuning: its first image now tunes, <= 120 s),
@@ -44,7 +47,8 @@ fi
 ln -sfn "$PWD/export" "$SITE/pm_export"; ln -sfn "$PWD/kernels" "$SITE/pm_kernels"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
-STAGES=",${PM_STAGES:-tests,kernels,bench,start,fresh,kernel-ab},"
+STAGES=",${PM_STAGES:-tests,kernels,bench,start,fresh,opt-in-tests,kernel-ab},"
+NEW="shared_pool or one_stream or pdl"  # the opt-in features' gpu tests (stage opt-in-tests)
 stage() { case "$STAGES" in *",$1,"*) return 0;; *) return 1;; esac; }
 [ "${PM_GPU_TESTS:-1}" = 1 ] || STAGES=${STAGES/,tests,/,}
 [ "${PM_EXTRA_RUNS:-1}" = 1 ] || STAGES=${STAGES/,extra,/,}
@@ -57,19 +61,15 @@ skipped() { echo "== skipped for time ($(left) s left of ${BUDGET} s): $*"; }
 go() { stage "$1" || return 1; T=$(limit "$2" "${3:-$MIN}"); [ "$T" -gt 0 ] && return 0; skipped "stage $1"; return 1; }
 if go tests ${PM_TESTS_TIMEOUT:-150}; then
     echo "== gpu tests"
-    # the shared-pool / one-stream / PDL tests (their code's first real run) in a process of their own
-    # afterwards: a fault there (an illegal address poisons the CUDA context) cannot fail the others
-    NEW="shared_pool or one_stream or pdl"
+    # the shared-pool / one-stream / PDL tests (opt-in features; their code's first real run) in a
+    # process of their own, in stage opt-in-tests after the goals' measurements: a fault there (an
+    # illegal address poisons the CUDA context) cannot fail the others
     # PM_KERNELS_TUNE=0: no kernel tuning at the tiny model's shapes in every pipeline test (each pytest
     # process has its own empty tuning folder: candidates compiled and timed for nothing the figures use);
     # the tuning test turns it on for itself, and the bench stage tunes SD 1.5's shapes
     PM_KERNELS_TUNE=0 timeout "$T" python3 -m pytest -v -m gpu -p no:cacheprovider -k "not ($NEW)" tests/test_kernels.py \
         tests/test_torch_cuda.py tests/test_int8_weights.py tests/test_vae_bands.py 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -8  # the whole output (failures' tracebacks) in gpu_tests.log
-    T=$(limit 60 20)
-    [ "$T" -gt 0 ] && PM_KERNELS_TUNE=0 timeout "$T" python3 -m pytest -v -m gpu -p no:cacheprovider -k "$NEW" tests/test_torch_cuda.py \
-        tests/test_kernels.py \
-        2>&1 | tee "$OUT/gpu_tests_new.log" | tail -8
 fi
 if go kernels 60 $(( MIN / 2 )); then
 echo "== kernels"
@@ -97,6 +97,7 @@ echo "== pipeline: peers and torch-cuda ($T s at most)"
 # context) cannot take the shared run's later variants with it (torch.compile runs before ours); their records carry
 # step and image times too.
 OURS=${PM_OURS:-reference,torch-cuda,torch-cuda-untuned,torch-cuda-kv-tables,torch-cuda-generic-sizes,torch-cuda-vae-nchw,torch-cuda-gn-auto,torch-cuda-gn-grouped,torch-cuda-unfused-epilogues,torch-cuda-no-time-tables,torch-cuda-no-step-kernels,torch-cuda-no-te-graph,profile}
+PM_KERNELS_TUNE_BUDGET_S=${PM_BENCH_TUNE_BUDGET_S:-60} \
 timeout "$T" python3 benchmarks/bench_gpu.py --work "$WORK" --out "$OUT/gpu.jsonl" --compile \
     --ours "$OURS" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
 fi
@@ -131,7 +132,8 @@ fresh_run() {
             generic:*) export PM_KERNELS_GENERIC_SIZES=1; conf=generic-sizes; out=gpu-fresh-generic-sizes;;
             *) conf=default; out=gpu-fresh;;
         esac
-        timeout "$T" python3 benchmarks/bench_gpu.py --work "$WORK" --out "$OUT/$out.jsonl" \
+        PM_KERNELS_TUNE_BUDGET_S=${PM_FRESH_TUNE_BUDGET_S:-25} timeout "$T" python3 benchmarks/bench_gpu.py \
+            --work "$WORK" --out "$OUT/$out.jsonl" \
             --only ours --ours "$v" 2>&1 | grep "^  torch-cuda" | sed "s/^/[$conf] /" | tee -a "$OUT/bench_gpu_fresh.log"
     done
     unset PYTORCH_CUDA_ALLOC_CONF PM_KERNELS_GENERIC_SIZES CUBLAS_WORKSPACE_CONFIG CUBLASLT_WORKSPACE_SIZE \
@@ -144,7 +146,8 @@ fi
 if go start ${PM_START_TIMEOUT:-90}; then
 echo "== start-up: new process to first image, warm caches and cold (an empty Triton cache)"
 if [ -f "$WORK/bundle-sd15-torch/bundle.json" ]; then
-    timeout "$T" python3 benchmarks/bench_start.py --bundle "$WORK/bundle-sd15-torch" \
+    PM_KERNELS_TUNE_BUDGET_S=${PM_FRESH_TUNE_BUDGET_S:-25} timeout "$T" python3 benchmarks/bench_start.py \
+        --bundle "$WORK/bundle-sd15-torch" \
         --device cuda --size 512 --steps 50 --runs 1 --variants standalone,cold --deadline $(( T - 3 )) --cold-tune-budget ${PM_COLD_TUNE_BUDGET_S:-30} \
         --out "$OUT/start-gpu.jsonl" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_start.log"
 fi
@@ -152,6 +155,11 @@ fi
 if stage fresh && [ -z "${FRESH_OUT:-}" ] && [ "$FIRST" -lt "${#entries[@]}" ]; then
     echo "== memory variants, each in a new process: the rest"
     fresh_run "$FIRST" "${#entries[@]}"
+fi
+if go opt-in-tests 60 20; then
+    echo "== gpu tests of the opt-in features (shared pool, one stream, PDL)"
+    PM_KERNELS_TUNE=0 timeout "$T" python3 -m pytest -v -m gpu -p no:cacheprovider -k "$NEW" \
+        tests/test_torch_cuda.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests_new.log" | tail -8
 fi
 if go kernel-ab 40 $(( MIN / 2 )); then  # after the goals' measurements: answers for the kernels' rules
 echo "== kernels: the size-rule A/B and the launch-configuration sweep"

@@ -37,7 +37,7 @@ def test_every_variant_the_script_names_exists():
 
 
 STUB_PYTHON = """#!/usr/bin/env bash
-echo "python3 $* [alloc=${PYTORCH_CUDA_ALLOC_CONF:-}] [generic=${PM_KERNELS_GENERIC_SIZES:-}] [ws=${CUBLAS_WORKSPACE_CONFIG:-},${CUBLASLT_WORKSPACE_SIZE:-}] [wscap=${CUDNN_CONV_WSCAP_DBG:-}] [tune=${PM_KERNELS_TUNE:-}]" >> "$STUB_LOG"
+echo "python3 $* [alloc=${PYTORCH_CUDA_ALLOC_CONF:-}] [generic=${PM_KERNELS_GENERIC_SIZES:-}] [ws=${CUBLAS_WORKSPACE_CONFIG:-},${CUBLASLT_WORKSPACE_SIZE:-}] [wscap=${CUDNN_CONV_WSCAP_DBG:-}] [tune=${PM_KERNELS_TUNE:-}] [budget=${PM_KERNELS_TUNE_BUDGET_S:-}]" >> "$STUB_LOG"
 case "$*" in
   *bench_gpu.py*--compile*) sleep "$STUB_BENCH_S";;
   *bench_gpu.py*) sleep "$STUB_FRESH_S";;
@@ -79,11 +79,14 @@ def test_the_check_keeps_to_its_time_budget(tmp_path):
     assert not [c for c in order if "sweep_kernels.py" in c or "[generic=1]" in c], order
     # the GPU tests without kernel tuning at the tiny model's shapes; the benchmarks with it (the default)
     assert "[tune=0]" in order[0] and all("[tune=]" in c for c in order[1:])
+    # kernel tuning's budget per session: 60 s in the bench stage, 25 s in each new process
+    assert "[budget=60]" in order[2] and "[budget=]" in order[1]
     assert "bench_start.py" not in "".join(order)  # no bundle was made: the stage has nothing to run
     fresh = [c for c in order if "bench_gpu.py" in c and "--compile" not in c]
     # 10 s budget, 1 s reserve, ~2 + 2 s of stand-ins and the script's own time before: one to three
     # 2-second processes, then the stop (a second more than it had: one process under a loaded machine)
     assert 1 <= len(fresh) <= 3, order
+    assert all("[budget=25]" in c for c in fresh)
     assert "--ours torch-cuda-low-memory-1024-phases " in fresh[0] + " "  # the list's first entry first
     assert "skipped for time" in r.stdout and "torch-cuda-lean-bands" in r.stdout.split("skipped for time")[1]
     assert "gpu_goals.py" in order[-1]  # the goals table always comes last
@@ -155,6 +158,19 @@ def test_the_kernel_rule_answers_run_after_the_goals_measurements(tmp_path):
     assert "bench_kernels.py" in order[3] and "--only group_norm_silu," in order[3] and "[generic=1]" in order[3]
     assert "sweep_kernels.py --max-seconds" in order[4] and "[generic=]" in order[4]
     assert "gpu_goals.py" in order[5] and len(order) == 6
+
+
+def test_the_opt_in_features_tests_run_after_the_goals_measurements(tmp_path):
+    """The gpu tests in two processes: the main ones first (tuning off), the shared-pool / one-stream /
+    PDL ones (opt-in features, their first real run) after the new processes, before the kernel A/B."""
+    r, calls = _run(tmp_path, budget=80, bench_s=0, fresh_s=0, stages="tests,fresh,opt-in-tests,kernel-ab",
+                    PM_FRESH="torch-cuda")
+    assert r.returncode == 0, r.stderr
+    order = [c for c in calls if "import" not in c]
+    assert "pytest" in order[0] and '-k not (shared_pool or one_stream or pdl)' in order[0]
+    assert "--ours torch-cuda" in order[1]
+    assert "pytest" in order[2] and "-k shared_pool or one_stream or pdl" in order[2] and "[tune=0]" in order[2]
+    assert "bench_kernels.py" in order[3] and "gpu_goals.py" in order[-1]
 
 
 def test_the_bench_stage_leaves_the_first_new_processes_their_time(tmp_path):
