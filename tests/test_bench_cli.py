@@ -479,6 +479,12 @@ def test_gpu_goals_report(tmp_path):
         "per_run": [{"status": "ok", "tuning_cut": 12}]}) + "\n")
     cold = next(r for r in gpu_goals.rows(gpu_goals.load(tmp_path)) if r[0].startswith("cold first start"))
     assert "of it, kernel tuning 30.4 s (budget 30.0 s, 12 calls left to the next run)" in cold[1]
+    assert "tuning" not in warm[1]  # its first image measured nothing: a warm cache
+    with open(tmp_path / "start-gpu.jsonl", "a") as f:  # a "warm" child that still tuned: said beside its figure
+        f.write(json.dumps({"variant": "standalone", "load_s_p50": 1.5, "first_image_s_p50": 20.0,
+                            "tuning_s_p50": 14.2}) + "\n")
+    warm = next(r for r in gpu_goals.rows(gpu_goals.load(tmp_path)) if r[0].endswith("warm caches (standalone)"))
+    assert "of it, kernel tuning 14.2 s: the tuning cache was not complete" in warm[1] and warm[3] == "not met"
     assert "NVIDIA H200" in gpu_goals.table(gpu_goals.load(tmp_path))
     assert "One step's kernels" not in gpu_goals.table(gpu_goals.load(tmp_path))  # no profile record
     with open(tmp_path / "gpu.jsonl", "a") as f:
