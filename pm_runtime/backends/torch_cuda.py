@@ -92,10 +92,11 @@
   "tiled"); process-wide.
 - shared_pool (opt-in; NOT MEASURED on a GPU yet): ONE memory pool (modeling.step_graph.GraphPool:
   a torch.cuda.MemPool) for every CUDA graph of the backend, the eager warm-ups after the first
-  capture allocating from it too (torch.cuda.use_mem_pool), all but each capture's first warm-up: that
-  one runs in the general pool, given back right after it, so that cuDNN's algorithm searches leave
-  nothing behind in the pool whether or not a tuning step ran first (its activations add to the first
-  image's peak for that moment, as a tuning step's do), so that the pool holds the largest of the networks' activations
+  capture allocating from it too (torch.cuda.use_mem_pool; the first capture's warm-up runs in the
+  general pool, given back before the capture, so that the VAE's cuDNN algorithm searches leave
+  nothing behind in the pool; the step's, where its shapes are new to cuDNN and no tuning step ran
+  them first, carve from the pool's free memory and stay in it: a lower first-image peak than
+  running them outside, see step_graph.capture_graph), so that the pool holds the largest of the networks' activations
   (the VAE decode's, 256 MiB at 512 px in fp16) instead of each graph's pool and the warm-ups'
   cached blocks side by side. The largest come first: with each new step graph the VAE decode of
   one latent is captured before it (the allocator carves later, smaller blocks out of the free big

@@ -122,11 +122,16 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     stream (Triton compiles, cuDNN picks its algorithms: outside the capture), as torch.cuda.graphs
     documents, and the capture runs on that same stream (one cuBLAS workspace for both, not a
     second one for torch.cuda.graph's own capture stream); it goes to memory pool `pool` (None: a
-    pool of its own; a GraphPool: its pool, the warm-ups after the first allocating from it too once
-    an earlier capture left memory in it to reuse; else a pool id). The first warm-up always runs in
-    the general pool, whose cached blocks then go back to the GPU: cuDNN's algorithm searches (the
-    first call of each convolution shape) leave nothing behind in a shared pool, whose blocks
-    empty_cache does not release, whether or not a tuning step ran the shape outside it before.
+    pool of its own; a GraphPool: its pool, the warm-ups allocating from it too once an earlier
+    capture left memory in it to reuse (the first capture's warm-ups run in the general pool,
+    whose cached blocks go back to the GPU before the capture: the VAE's cuDNN algorithm searches
+    leave nothing behind in the pool); else a pool id). A later capture's warm-ups run in the pool:
+    where a convolution shape is new to cuDNN (the step's first warm-up, unless a tuning step ran it
+    before), its algorithm search's workspaces come from the pool's free memory and stay in the pool
+    (empty_cache does not release a live MemPool's blocks). Kept so on purpose: the process's peak
+    is then the weights + max(the pool's free memory, the warm-up's activations + the searches),
+    where a warm-up outside the pool would add the two (a lower footprint between images, a higher
+    peak in each process's first image; the peak is the memory goal).
     torch.cuda.graph empties the allocator's cache before capturing (the warm-up's activations in
     the general pool go back to the GPU); what the capture left in the general pool goes after it, so
     that between replays the GPU holds the weights and the graph's pool."""
@@ -135,13 +140,10 @@ def capture_graph(fn: Callable, device, warm_up: list[Callable], pool=None):
     side.wait_stream(torch.cuda.current_stream(device))
     if shared is not None:
         _blas_outside_pools(side, device)
-    with torch.cuda.stream(side), torch.inference_mode():
-        for k, call in enumerate(warm_up):
-            routed = k > 0 and shared is not None and shared.captures
-            with shared.routing() if routed else contextlib.nullcontext():
-                call()
-            if k == 0 and shared is not None and shared.captures:
-                torch.cuda.empty_cache()  # the first call's blocks (searches, activations) leave the GPU
+    routing = shared.routing() if shared is not None and shared.captures else contextlib.nullcontext()
+    with torch.cuda.stream(side), torch.inference_mode(), routing:
+        for call in warm_up:
+            call()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(graph, pool=shared.id if shared is not None else pool, stream=side):
