@@ -296,6 +296,9 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         else:
             details["graph_optimization"] = not_optimized(net, "cpu", cfg.precision, cfg.optimize, ship_onnx)
         checks = validate(module, spec, fp32_path, "fp32", log)  # the graph that ships (optimised or not)
+        # the plan from the plain fp32 graph, before the int8 graph replaces fp32_path (the same file
+        # where nothing was optimised: TensorRT would parse the int8 graph's onnxruntime-only ops)
+        plan = _plan(builder, plain_path, spec, tmp, fp16=True) if builder is not None else None
         if net == UNET and cfg.int8 and cfg.int8 not in STATIC_INT8:  # static: after the bundle is complete
             files, int8_checks, details["int8"] = _int8_unet(cfg, lambda m=module: m, spec, fp32_path, work, log)
             checks += int8_checks
@@ -310,8 +313,8 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
         if ship_onnx:
             precision = "int8" if net == UNET and cfg.int8 else cfg.precision
             components.append(_component(tmp, net, net, "onnx", files, precision, spec, checks, details))
-        if builder is not None:
-            comp, trt = _plan(builder, plain_path, spec, tmp, fp16=True)
+        if plan is not None:
+            comp, trt = plan
             components.append(comp)
             trt_details = {k: trt[k] for k in ("tensorrt_version", "gpu", "compute_capability")}
         del module

@@ -32,18 +32,25 @@ from .base import DTYPE_NOTE, Backend, DenoiseJob
 from .device_loop import DeviceBuf, denoise_on_device, padded_rows
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
-                "pip install 'personamagic-runtime[tensorrt]' (tensorrt>=10, cuda-python)")
+                "pip install 'personamagic-runtime[tensorrt]' (tensorrt 10.x, cuda-python)")
 
 
 def require_tensorrt(alternative: str = ""):
-    """The tensorrt module (>= 10), or a one-line UserError with the install hint (+ `alternative`,
-    e.g. pm-export's ", or use --target onnx")."""
+    """The tensorrt module (10.x), or a one-line UserError with the install hint (+ `alternative`,
+    e.g. pm-export's ", or use --target onnx"). TensorRT 11 removed the weakly typed builder API the
+    plans are built with (BuilderFlag.FP16, per-layer precision: export/tensorrt_build.py), so 11+ is
+    refused with what to install instead of failing half-way through an export."""
     try:
         import tensorrt as trt
     except ImportError:
         raise UserError(INSTALL_HINT + alternative) from None
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise UserError(f"TensorRT {trt.__version__} is too old; the plans need TensorRT >= 10")
+    major = int(trt.__version__.split(".")[0])
+    if major < 10:
+        raise UserError(f"TensorRT {trt.__version__} is too old; the plans need TensorRT 10")
+    if major > 10:
+        raise UserError(f"TensorRT {trt.__version__} is not supported yet: the plans are built with TensorRT 10's "
+                        f"fp16 builder flag and per-layer precision, which TensorRT 11 removed; "
+                        f"pip install 'tensorrt>=10,<11'" + alternative)
     return trt
 
 

@@ -1,0 +1,137 @@
+"""The TensorRT export's own logic against a STAND-IN `tensorrt` module (TensorRT cannot be installed on
+this project's machines, so nothing here runs TensorRT): which versions are refused, which layers are
+asked for fp32, what happens to a timing cache TensorRT refuses, and which ONNX graph a plan is built
+from when the UNet ships as int8. Whether TensorRT accepts these calls is for a machine with it
+(tests/test_export.py::test_tensorrt_plans, skipped here)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from pm_runtime.errors import UserError
+
+
+def _fake_trt(version="10.16.0"):
+    trt = types.SimpleNamespace(__version__=version, float32="float32")
+    trt.LayerType = types.SimpleNamespace(**{n: n for n in ("NORMALIZATION", "REDUCE", "SOFTMAX", "UNARY",
+                                                             "ELEMENTWISE", "CONVOLUTION", "MATRIX_MULTIPLY")})
+    trt.UnaryOperation = types.SimpleNamespace(**{n: n for n in ("SQRT", "SIN", "COS", "EXP", "ABS")})
+    trt.ElementWiseOperation = types.SimpleNamespace(**{n: n for n in ("POW", "SUM", "PROD")})
+
+    class ILayer:
+        def __init__(self, type, name, op=None):
+            self.type, self.name, self._op, self.precision, self.num_outputs = type, name, op, None, 1
+            self.output_types = {}
+
+        def set_output_type(self, j, dtype):
+            self.output_types[j] = dtype
+
+    class IUnaryLayer(ILayer):  # a layer's own fields only after the cast, as in TensorRT's Python API
+        op = property(lambda self: self._op)
+
+    class IElementWiseLayer(ILayer):
+        op = property(lambda self: self._op)
+
+    trt.ILayer, trt.IUnaryLayer, trt.IElementWiseLayer = ILayer, IUnaryLayer, IElementWiseLayer
+    return trt
+
+
+def _builder(trt, cache=b"", log=None):
+    from pm_export.tensorrt_build import PlanBuilder
+
+    b = object.__new__(PlanBuilder)  # no __init__: it needs TensorRT and a GPU
+    b.trt, b._cache_bytes, b.log = trt, cache, (log or (lambda m: None))
+    return b
+
+
+@pytest.mark.parametrize("version,ok", [("9.3.0", False), ("10.0.1", True), ("10.16.0", True), ("11.4.0", False)])
+def test_tensorrt_versions(monkeypatch, version, ok):
+    from pm_runtime.backends.tensorrt import require_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt(version))
+    if ok:
+        assert require_tensorrt().__version__ == version
+    else:
+        with pytest.raises(UserError, match="too old" if version.startswith("9.") else "tensorrt>=10,<11"):
+            require_tensorrt(alternative=", or use --target onnx")
+
+
+def test_fp16_plans_keep_export_fp16s_fp32_layers():
+    """The layers export/fp16.py keeps in fp32 are asked for fp32 (precision and every output): the
+    normalisations, reductions, softmax, unary Sqrt/Sin/Cos, elementwise Pow, and the layers made
+    from the timestep path's nodes (named after the node, or node + "_" + suffix); nothing else."""
+    trt = _fake_trt()
+    L = trt.ILayer
+    layers = [L("NORMALIZATION", "/norm/LayerNorm"), L("REDUCE", "/ReduceMean"), L("SOFTMAX", "/attn/Softmax"),
+              L("UNARY", "/Sqrt", "SQRT"), L("UNARY", "/time_proj/Sin", "SIN"), L("UNARY", "/time_proj/Cos", "COS"),
+              L("ELEMENTWISE", "/Pow", "POW"), L("ELEMENTWISE", "/time_proj/Mul", "PROD"),
+              L("ELEMENTWISE", "/time_proj/Mul_1", "PROD"),  # the parser's second layer of that node
+              L("UNARY", "/act/Exp", "EXP"), L("ELEMENTWISE", "/Add", "SUM"), L("CONVOLUTION", "/conv_in/Conv"),
+              L("MATRIX_MULTIPLY", "/time_proj/MulX")]  # another node whose name starts like a kept one
+    network = types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    n = _builder(trt)._fp32_layers(network, ["/time_proj/Mul", "/time_proj/Sin"])
+    kept = [x.name for x in layers if x.precision == "float32"]
+    assert kept == ["/norm/LayerNorm", "/ReduceMean", "/attn/Softmax", "/Sqrt", "/time_proj/Sin", "/time_proj/Cos",
+                    "/Pow", "/time_proj/Mul", "/time_proj/Mul_1"] and n == len(kept)
+    assert all(x.output_types == {0: "float32"} for x in layers if x.precision == "float32")
+    assert all(x.output_types == {} for x in layers if x.precision is None)
+
+
+def test_a_refused_timing_cache_is_replaced_not_fatal():
+    """A timing cache file from another GPU or TensorRT version (set_timing_cache returns False) is
+    left aside with a note and the build goes on with an empty cache; a cache it accepts is used."""
+    trt = _fake_trt()
+    attached = []
+
+    def config(accept):
+        return types.SimpleNamespace(
+            create_timing_cache=lambda data: ("cache", data),
+            set_timing_cache=lambda cache, ignore_mismatch: attached.append(cache) or accept(cache))
+
+    notes = []
+    b = _builder(trt, cache=b"old-gpu", log=notes.append)
+    b._timing_cache(config(lambda cache: cache[1] == b""))  # only the empty one is accepted
+    assert attached == [("cache", b"old-gpu"), ("cache", b"")] and b._cache_bytes == b""
+    assert notes and "another GPU or TensorRT version" in notes[0]
+    attached.clear()
+    b = _builder(trt, cache=b"this-gpu", log=notes.append)
+    b._timing_cache(config(lambda cache: True))
+    assert attached == [("cache", b"this-gpu")] and b._cache_bytes == b"this-gpu"
+    with pytest.raises(UserError, match="refused an empty timing cache"):
+        _builder(trt)._timing_cache(config(lambda cache: False))
+
+
+def test_plans_are_built_from_the_fp32_graph_when_the_unet_ships_int8(tiny_model, trained_concept, tmp_path,
+                                                                       monkeypatch):
+    """--target onnx,tensorrt --int8 dynamic-matmul --optimize none: the shipped unet.onnx becomes the
+    int8 graph (MatMulInteger, which TensorRT's ONNX parser does not take) in the file the plan was to
+    be built from; the plan is built first, from the fp32 graph. A stand-in builder records what each
+    network's graph held when its plan was built."""
+    import onnx
+
+    from pm_export import tensorrt_build
+    from pm_export.build import ExportConfig, export_bundle
+
+    built = {}
+
+    class StandInBuilder:
+        def __init__(self, timing_cache=None, log=None):
+            pass
+
+        def build(self, onnx_path, spec, plan_path, fp16=True):
+            model = onnx.load(str(onnx_path), load_external_data=False)
+            built[spec.name] = {n.op_type for n in model.graph.node}
+            plan_path.write_bytes(b"stand-in plan")
+            return {"tensorrt_version": "stand-in", "gpu": "none", "compute_capability": "0.0", "fp16": fp16}
+
+    monkeypatch.setattr(tensorrt_build, "PlanBuilder", StandInBuilder)
+    out = export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", name="alice",
+                                     int8="dynamic-matmul", target="onnx,tensorrt", optimize="none"),
+                        log=lambda m: None)
+    shipped = onnx.load(str(out / "unet.onnx"), load_external_data=False)
+    assert "MatMulInteger" in {n.op_type for n in shipped.graph.node}  # the int8 graph ships as ONNX
+    assert "MatMul" in built["unet"] and "MatMulInteger" not in built["unet"]  # the plan: from the fp32 one
+    assert {"text_encoder", "unet", "vae_decoder"} <= set(built)
