@@ -218,3 +218,39 @@ def test_onnxruntime_uses_the_device_loop_with_the_cuda_provider(run_bundle, mon
     b = pipe.generate("a photo of <persona>", **kw).images
     assert len(made) == 1
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_a_device_provider_that_fell_back_to_the_cpu_is_refused(run_bundle, monkeypatch):
+    """onnxruntime-gpu without the CUDA / cuDNN libraries it needs only warns and runs the session on
+    the CPU provider: the backend says so in one line instead of running on the CPU under the GPU's
+    name. A stand-in session class reports the providers a real one would (get_providers)."""
+    import types
+
+    from pm_runtime.backends import onnxruntime as B
+    from pm_runtime.bundle import open_bundle
+    from pm_runtime.errors import UserError
+
+    backend = B.OnnxRuntimeBackend(open_bundle(run_bundle))
+    real = backend.ort.InferenceSession
+    started = {"providers": ["CPUExecutionProvider"]}
+
+    class Session:
+        def __init__(self, path, opts, providers):
+            self.inner = real(path, opts, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return started["providers"]
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(backend, "ort", types.SimpleNamespace(
+        **{k: getattr(backend.ort, k) for k in ("SessionOptions", "GraphOptimizationLevel", "ExecutionMode",
+                                                 "__version__")}, InferenceSession=Session))
+    backend.providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    with pytest.raises(UserError, match="could not start CUDAExecutionProvider for step.onnx"):
+        with backend.network(STEP):
+            pass
+    started["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # it did start: no complaint
+    with backend.network(STEP) as step:
+        assert step.engine is not None

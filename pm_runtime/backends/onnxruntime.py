@@ -150,9 +150,18 @@ class OnnxRuntimeBackend(Backend):
 
     def _session(self, path: Path, opts):
         try:
-            return self.ort.InferenceSession(str(path), opts, providers=self.providers)
+            sess = self.ort.InferenceSession(str(path), opts, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise UserError(f"onnxruntime could not load {path.name}: {str(e).splitlines()[0][:300]}") from None
+        # A device provider that fails to start (onnxruntime-gpu without the CUDA / cuDNN libraries it
+        # was built for) only logs a warning and leaves the session on the CPU: refused here, not run
+        # slowly under the device's name (nor with the device loop's GPU buffers).
+        want = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
+        if want != "CPUExecutionProvider" and want not in sess.get_providers():
+            raise UserError(f"onnxruntime {self.ort.__version__} could not start {want} for {path.name} (it would run "
+                            f"on the CPU): check that the GPU libraries its build needs are installed (CUDA and "
+                            f"cuDNN for onnxruntime-gpu), or use --device cpu")
+        return sess
 
     def _cached_session(self, network: str, path: Path):
         """The session from the optimised-graph cache, creating the entry on a miss."""
