@@ -135,3 +135,43 @@ def test_plans_are_built_from_the_fp32_graph_when_the_unet_ships_int8(tiny_model
     assert "MatMulInteger" in {n.op_type for n in shipped.graph.node}  # the int8 graph ships as ONNX
     assert "MatMul" in built["unet"] and "MatMulInteger" not in built["unet"]  # the plan: from the fp32 one
     assert {"text_encoder", "unet", "vae_decoder"} <= set(built)
+
+
+def test_each_engine_call_selects_its_gpu_in_the_calling_thread():
+    """CUDA's current device is per host thread: a TrtNetwork made for GPU 1 and run from another
+    thread makes GPU 1 current in that thread before its first CUDA call (stand-in cudart and engine,
+    which record the calls; no CUDA runs)."""
+    import threading
+
+    import numpy as np
+
+    from pm_runtime.backends.tensorrt import TrtNetwork
+
+    calls = []  # (thread, call, args)
+
+    def rec(name, ret=0):
+        return lambda *a: calls.append((threading.get_ident(), name, a)) or (0, ret)
+
+    cudart = types.SimpleNamespace(
+        cudaSetDevice=lambda i: calls.append((threading.get_ident(), "cudaSetDevice", (i,))) or (0,),
+        cudaStreamCreate=rec("cudaStreamCreate", 7), cudaMalloc=rec("cudaMalloc", 4096),
+        cudaMemcpyAsync=lambda *a: calls.append((threading.get_ident(), "cudaMemcpyAsync", ())) or (0,),
+        cudaStreamSynchronize=lambda *a: calls.append((threading.get_ident(), "sync", ())) or (0,),
+        cudaFree=lambda *a: (0,), cudaStreamDestroy=lambda *a: (0,),
+        cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2))
+    trt = types.SimpleNamespace(TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
+                                nptype=lambda dtype: np.float32)
+    context = types.SimpleNamespace(set_input_shape=lambda *a: True, set_tensor_address=lambda *a: True,
+                                    get_tensor_shape=lambda name: (2, 3), execute_async_v3=lambda stream: True)
+    engine = types.SimpleNamespace(num_io_tensors=2, get_tensor_name=["x", "y"].__getitem__,
+                                   get_tensor_mode=lambda n: "in" if n == "x" else "out",
+                                   get_tensor_dtype=lambda n: "float32", create_execution_context=lambda: context)
+    net = TrtNetwork(trt, cudart, engine, index=1)
+    assert calls[0][1:] == ("cudaSetDevice", (1,)) and calls[1][1] == "cudaStreamCreate"
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(net.run({"x": np.ones((2, 3), np.float32)})))
+    worker.start()
+    worker.join()
+    theirs = [c[1:] for c in calls if c[0] == worker.ident]
+    assert theirs[0] == ("cudaSetDevice", (1,)) and ("cudaMalloc", (24,)) in theirs
+    assert out["y"].shape == (2, 3)

@@ -157,10 +157,13 @@ class TrtOps:
 
 
 class TrtNetwork:
-    """One engine + execution context + stream; device buffers grow as shapes need."""
+    """One engine + execution context + stream; device buffers grow as shapes need. Every call first
+    makes its GPU (`index`) the calling thread's current device: CUDA's current device is per host
+    thread, and a Pipeline may be called from threads other than the one that loaded it."""
 
-    def __init__(self, trt, cudart, engine):
-        self.trt, self.cudart, self.engine = trt, cudart, engine
+    def __init__(self, trt, cudart, engine, index: int = 0):
+        self.trt, self.cudart, self.engine, self.index = trt, cudart, engine, index
+        _call(cudart.cudaSetDevice(index))
         self.context = engine.create_execution_context()
         self.stream = _call(cudart.cudaStreamCreate())
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -179,6 +182,7 @@ class TrtNetwork:
 
     def run(self, inputs):
         cudart, ctx, stream = self.cudart, self.context, self.stream
+        _call(cudart.cudaSetDevice(self.index))
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         held = []  # keep host arrays alive until the stream is synchronised
         for name in self.inputs:
@@ -217,6 +221,7 @@ class TrtNetwork:
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
 
     def free(self) -> None:
+        self.cudart.cudaSetDevice(self.index)
         for ptr, _ in self.buffers.values():
             self.cudart.cudaFree(ptr)
         self.buffers.clear()
@@ -262,10 +267,11 @@ class TensorRTBackend(Backend):
 
     def _load(self, network: str) -> TrtNetwork:
         path = self.bundle.component_path(network, "tensorrt")
+        _call(self.cudart.cudaSetDevice(self.index))  # this thread's current device (per host thread)
         engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise UserError(f"TensorRT could not deserialise {path.name} (see the TensorRT log above)")
-        return TrtNetwork(self.trt, self.cudart, engine)
+        return TrtNetwork(self.trt, self.cudart, engine, self.index)
 
     def denoise(self, unet, job: DenoiseJob) -> np.ndarray:
         """The loop on the GPU (device_loop.py) when the bundle has the step plan (pm-export builds
@@ -273,6 +279,7 @@ class TensorRTBackend(Backend):
         if not self.provides(STEP):
             return super().denoise(unet, job)
         with self.network(STEP) as step:
+            _call(self.cudart.cudaSetDevice(self.index))  # the loop's buffers on this GPU, from any thread
             return denoise_on_device(TrtOps(self.cudart, unet.engine.stream), unet, step, job)
 
     def _free(self, net) -> None:
