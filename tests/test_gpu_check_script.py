@@ -176,7 +176,7 @@ def test_the_opt_in_features_tests_run_after_the_goals_measurements(tmp_path):
 def test_the_bench_stage_leaves_the_first_new_processes_their_time(tmp_path):
     """A bench stage that would run to the end of the budget is cut PM_FRESH_RESERVE_S before it, so
     the new processes of the memory goals still run."""
-    r, calls = _run(tmp_path, budget=16, bench_s=30, fresh_s=1, stages="bench,fresh", PM_FRESH_RESERVE_S="6",
+    r, calls = _run(tmp_path, budget=10, bench_s=30, fresh_s=1, stages="bench,fresh", PM_FRESH_RESERVE_S="4",
                     PM_FRESH="torch-cuda-low-memory-1024,torch-cuda")
     assert r.returncode == 0, r.stderr
     fresh = [c for c in calls if "bench_gpu.py" in c and "--compile" not in c]
