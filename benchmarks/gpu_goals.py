@@ -46,9 +46,13 @@ def load(folder: pathlib.Path) -> dict[str, list[dict]]:
     out = {}
     for path in sorted(folder.glob("*.jsonl")):
         latest: dict = {}
-        for line in path.read_text().splitlines():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
-                r = json.loads(line)
+                try:
+                    r = json.loads(line)
+                except ValueError:  # a line cut short (a process stopped while writing it): skipped, said
+                    print(f"gpu_goals: {path.name}:{n} is not a whole JSON record; skipped", file=sys.stderr)
+                    continue
                 key = r.get("variant") or len(latest)
                 latest.pop(key, None)  # re-inserted last: the file's order of the latest records
                 latest[key] = r

@@ -693,3 +693,14 @@ def test_gpu_goals_reports_a_timed_out_cold_start(tmp_path):
     rows = {r[0]: r for r in gpu_goals.rows(gpu_goals.load(tmp_path))}
     cold = [r for k, r in rows.items() if k.startswith("cold first start")]
     assert cold and cold[0][1].startswith("over 70 s") and cold[0][3] == "reported"
+
+
+def test_gpu_goals_skips_a_record_cut_short(tmp_path, capsys):
+    """A records file whose last line was being written when its process was stopped: the whole
+    records before it are read, the cut line is skipped and named (not a crash of the goals table)."""
+    import gpu_goals
+
+    whole = json.dumps({"variant": "standalone", "load_s_p50": 1.5, "first_image_s_p50": 3.0})
+    (tmp_path / "start-gpu.jsonl").write_text(whole + "\n" + whole[:25])
+    recs = gpu_goals.load(tmp_path)["start-gpu"]
+    assert recs == [json.loads(whole)] and "start-gpu.jsonl:2 is not a whole JSON record" in capsys.readouterr().err

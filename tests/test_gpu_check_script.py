@@ -190,3 +190,29 @@ def test_a_stage_with_no_time_left_is_skipped_and_said(tmp_path):
     assert len(bench) == 1  # its time limit was cut to what was left (the stand-in was stopped by it)
     assert not [c for c in calls if "bench_gpu.py" in c and "--compile" not in c]
     assert "skipped for time" in r.stdout and "gpu_goals.py" in calls[-1]
+
+
+@pytest.mark.skipif(shutil.which("pkill") is None, reason="needs pkill (procps)")
+def test_the_device_run_stops_what_the_check_left_running_before_packing(tmp_path):
+    """gpu_device_run.sh's limit stops gpu_check.sh, but not a stage's `timeout` (a process group of
+    its own) nor the python3 under it: those are stopped before the files are packed, so no record is
+    half-written in the tar. A stand-in check starts a stand-in python3 that would outlive the limit."""
+    import tarfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/usr/bin/env bash\nsleep 60\n")
+    (bin_dir / "python3").chmod(0o755)
+    work = tmp_path / "repo"
+    (work / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "gpu_device_run.sh", work / "benchmarks")
+    (work / "benchmarks" / "gpu_check.sh").write_text(
+        'echo started > "$1/started.txt"\ntimeout 100 python3 benchmarks/bench_gpu.py --stand-in\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "benchmarks/gpu_device_run.sh", str(tmp_path / "gpu.tgz"), "abc123", "2"], cwd=work,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "stopped the check's leftover processes" in r.stdout, r.stdout + r.stderr
+    left = subprocess.run(["pgrep", "-f", "python3 benchmarks/bench_gpu.py --stand-in"], capture_output=True)
+    assert left.returncode == 1, left.stdout  # nothing of the check still running
+    with tarfile.open(tmp_path / "gpu.tgz") as tar:
+        assert {"./started.txt", "./check.log"} <= set(tar.getnames())
