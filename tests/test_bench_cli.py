@@ -704,3 +704,14 @@ def test_gpu_goals_skips_a_record_cut_short(tmp_path, capsys):
     (tmp_path / "start-gpu.jsonl").write_text(whole + "\n" + whole[:25])
     recs = gpu_goals.load(tmp_path)["start-gpu"]
     assert recs == [json.loads(whole)] and "start-gpu.jsonl:2 is not a whole JSON record" in capsys.readouterr().err
+
+
+def test_gpu_goals_step_row_says_when_tuning_was_cut(tmp_path):
+    """The check caps kernel tuning per session: a torch-cuda step measured with calls left at their
+    untuned default says how many beside the figure (judged as measured)."""
+    import gpu_goals
+
+    (tmp_path / "gpu.jsonl").write_text(json.dumps({"variant": "torch-cuda", "status": "ok", "tuning_cut": 7,
+                                                    "unet_step_ms": {"p50": 6.5}}) + "\n")
+    row = next(r for r in gpu_goals.rows(gpu_goals.load(tmp_path)) if r[0] == "UNet step p50, torch-cuda")
+    assert row[1:] == ("6.50 ms (7 kernel calls untuned: the tuning budget ran out)", "<= 6.0 ms", "not met")
