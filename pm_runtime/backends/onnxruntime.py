@@ -148,6 +148,11 @@ class OnnxRuntimeBackend(Backend):
             opts.intra_op_num_threads = int(self.threads)
         return opts
 
+    def _device_provider(self) -> tuple[str, dict]:
+        """(name, options) of the provider asked for first: the device's (the CPU provider follows it)."""
+        first = self.providers[0]
+        return (first, {}) if isinstance(first, str) else first
+
     def _session(self, path: Path, opts):
         try:
             sess = self.ort.InferenceSession(str(path), opts, providers=self.providers)
@@ -156,7 +161,7 @@ class OnnxRuntimeBackend(Backend):
         # A device provider that fails to start (onnxruntime-gpu without the CUDA / cuDNN libraries it
         # was built for) only logs a warning and leaves the session on the CPU: refused here, not run
         # slowly under the device's name (nor with the device loop's GPU buffers).
-        want = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
+        want, _ = self._device_provider()
         if want != "CPUExecutionProvider" and want not in sess.get_providers():
             raise UserError(f"onnxruntime {self.ort.__version__} could not start {want} for {path.name} (it would run "
                             f"on the CPU): check that the GPU libraries its build needs are installed (CUDA and "
@@ -215,8 +220,7 @@ class OnnxRuntimeBackend(Backend):
         (device_loop.py with OrtOps: OrtValues on the GPU, IOBinding by address; NOT RUN, the CUDA
         provider cannot be installed on this project's machines; the same code runs on the CPU
         device in the tests). Otherwise (CPU, DirectML, CoreML, older bundles): the host loop."""
-        first = self.providers[0]
-        name, options = (first, {}) if isinstance(first, str) else first
+        name, options = self._device_provider()
         if name != "CUDAExecutionProvider" or not self.provides(STEP):
             return super().denoise(unet, job)
         with self.network(STEP) as step:
@@ -227,7 +231,7 @@ class OnnxRuntimeBackend(Backend):
         gc.collect()  # the session's arena goes with the session object
 
     def describe(self) -> str:
-        dev = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
+        dev, _ = self._device_provider()
         prec = "/".join(sorted(set(self.precision.values())))
         return f"onnxruntime {self.ort.__version__} {dev} {prec}"
 
