@@ -169,12 +169,13 @@ def main(argv=None) -> int:
     open_bundle(pathlib.Path(a.bundle)).verify_all()  # the warm machine's record for "standalone"
     command = "python benchmarks/bench_start.py " + " ".join(sys.argv[1:] if argv is None else argv)
     env, records = None, []
-    margin = 5.0  # what the parent needs after a child: the record's header (first time) and its line
+    margin = 5.0  # what the parent needs after a child to write its record line
+    header = 8.0  # and, before the first record, to make the records' header (environment(): torch, the GPU)
     for i in range(a.runs):
         for v in variants:  # interleaved: drift in the machine's state hits every variant alike
             timeout = a.child_timeout
             if a.deadline is not None:
-                left = a.deadline - (time.perf_counter() - t_start) - margin - (8.0 if env is None else 0.0)
+                left = a.deadline - (time.perf_counter() - t_start) - margin - (header if env is None else 0.0)
                 timeout = min(timeout, max(1.0, left))
             r = run_child(v, str(a.bundle), a.device, a.steps, a.size, record, timeout=timeout,
                           tune_budget=a.cold_tune_budget)
@@ -199,6 +200,7 @@ def main(argv=None) -> int:
               f"{r['load_s_p50']}  first image {r['first_image_s_p50']}  "
               f"x{r.get('process_speedup_vs_hf_verify_first', '-')}")
     return 0 if all(r["ok_runs"] == r["runs"] for r in records) else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

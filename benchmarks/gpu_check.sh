@@ -16,7 +16,8 @@
 # now decides, after the goals' measurements), two short runs under other allocator /
 # cuDNN workspace settings (stage "extra", off by default), and the goals table (gpu_goals.py ->
 # OUT/goals.md). Records land in OUT as each variant ends.
-# PM_STAGES picks stages (default tests,kernels,bench,start,fresh,kernel-ab; they run in this order, except that
+# PM_STAGES picks stages (default tests,kernels,bench,start,fresh,opt-in-tests,kernel-ab; they run in this
+# order, except that
 # the first PM_FRESH_FIRST (6) new-process entries run before the start-up stage: the unmet goals'
 # processes first (memory; the step's PDL and GEGLU-GEMM candidates), the cold start's report before
 # the rest).

@@ -15,9 +15,10 @@ timeout "$LIMIT" bash benchmarks/gpu_check.sh "$W" "$COMMIT" > "$W/check.log" 2>
 echo "gpu_check exit status $? (124: stopped at ${LIMIT} s)" >> "$W/check.log"
 # the stage's own `timeout`s run in process groups of their own, which the limit above does not reach:
 # stop what the check left running before its files are packed (no record half-written in the tar)
-if pkill -TERM -f "python3 (benchmarks/|-m pytest -v -m gpu)" 2>/dev/null; then
+LEFT="python3 (benchmarks/|-m pytest -v -m gpu)"  # the check's python processes (pkill -f: extended regex)
+if pkill -TERM -f "$LEFT" 2>/dev/null; then
     echo "stopped the check's leftover processes" >> "$W/check.log"; sleep 3
-    pkill -KILL -f "python3 (benchmarks/|-m pytest -v -m gpu)" 2>/dev/null
+    pkill -KILL -f "$LEFT" 2>/dev/null
 fi
 tar czf "$TAR" -C "$W" .
 tail -c 11000 "$W/check.log"

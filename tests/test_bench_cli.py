@@ -542,7 +542,6 @@ def test_gpu_goals_report(tmp_path):
            "0.80x |" in report
 
 
-
 def test_the_step_profile_isolates_one_step_and_names_its_kernels():
     """profile_step's arithmetic (the profiles themselves need a GPU): one step = (4-step image -
     2-step image) / 2, so the text encoder's and the decode's kernels cancel; kernels grouped into
@@ -626,11 +625,13 @@ def test_bench_start_writes_each_record_as_it_ends_within_its_deadline(cuda_bund
     last run ends (the command killed later keeps it), and --deadline cuts a child's timeout to what
     is left, so a child that would outlast the stage is recorded as timed out instead of the whole
     command being killed with nothing written. Stand-in children (no processes) and clock."""
+    import types
+
     import bench_start
 
     out = tmp_path / "start.jsonl"
     clock = [0.0]
-    monkeypatch.setattr(bench_start.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench_start, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # its clock only
     monkeypatch.setattr(bench_start, "environment", lambda device, commit: {"commit": "c", "device": device})
     seen = []
 
@@ -642,8 +643,8 @@ def test_bench_start_writes_each_record_as_it_ends_within_its_deadline(cuda_bund
             return {"status": "error", "error": f"timed out: no first image within {timeout:.0f} s",
                     "timed_out_s": round(timeout, 1)}
         clock[0] += 10.0
-        return {"status": "ok", "process_wall_s": 10.0, "import_s": 2.0, "load_s": 1.0, "first_image_s": 7.0, "tuning_s": 0.0,
-                "imported": []}
+        return {"status": "ok", "process_wall_s": 10.0, "import_s": 2.0, "load_s": 1.0, "first_image_s": 7.0,
+                "tuning_s": 0.0, "imported": []}
 
     monkeypatch.setattr(bench_start, "run_child", child)
     rc = bench_start.main(["--bundle", str(cuda_bundle), "--device", "cuda", "--runs", "1", "--variants",
