@@ -1,7 +1,8 @@
 """The TensorRT export's own logic against a STAND-IN `tensorrt` module (TensorRT cannot be installed on
 this project's machines, so nothing here runs TensorRT): which versions are refused, which layers are
 asked for fp32, what happens to a timing cache TensorRT refuses, and which ONNX graph a plan is built
-from when the UNet ships as int8. Whether TensorRT accepts these calls is for a machine with it
+from when the UNet ships as int8; and the runtime backend's own bookkeeping: the GPU each call selects,
+the activation block the resident plans share. Whether TensorRT accepts these calls is for a machine with it
 (tests/test_export.py::test_tensorrt_plans, skipped here)."""
 
 from __future__ import annotations
@@ -175,3 +176,118 @@ def test_each_engine_call_selects_its_gpu_in_the_calling_thread():
     theirs = [c[1:] for c in calls if c[0] == worker.ident]
     assert theirs[0] == ("cudaSetDevice", (1,)) and ("cudaMalloc", (24,)) in theirs
     assert out["y"].shape == (2, 3)
+
+
+def _stand_in_backend(tmp_path, sizes: dict, low_memory=False, v2=True, fail_malloc=None):
+    """A TensorRTBackend without __init__ (it needs TensorRT and a GPU) over stand-in engines whose
+    contexts record the device memory they are given, and a stand-in cudart that records mallocs and frees."""
+    import itertools
+    import threading
+
+    import numpy as np
+
+    from pm_runtime.backends.tensorrt import SharedScratch, TensorRTBackend
+
+    log = []  # ("malloc", ptr, bytes) / ("free", ptr)
+    addresses = itertools.count(0x1000, 0x1000)
+
+    def malloc(n):
+        if fail_malloc is not None and fail_malloc(n):
+            return (2,)  # cudaErrorMemoryAllocation
+        ptr = next(addresses)
+        log.append(("malloc", ptr, n))
+        return (0, ptr)
+
+    cudart = types.SimpleNamespace(cudaSetDevice=lambda i: (0,), cudaMalloc=malloc, cudaStreamCreate=lambda: (0, 7),
+                                   cudaFree=lambda ptr: log.append(("free", ptr)) or (0,),
+                                   cudaStreamDestroy=lambda s: (0,))
+    strategy = types.SimpleNamespace(STATIC="static", USER_MANAGED="user")
+    trt = types.SimpleNamespace(ExecutionContextAllocationStrategy=strategy,
+                                TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
+                                nptype=lambda dtype: np.float32)
+
+    class Context:
+        def __init__(self, name, strategy):
+            self.name, self.strategy, self.device_memory = name, strategy, None
+
+    def engine(name):
+        e = types.SimpleNamespace(num_io_tensors=0, get_tensor_name=None, get_tensor_mode=None, contexts=[],
+                                  device_memory_size=sizes[name])
+        if v2:
+            e.device_memory_size_v2 = sizes[name]
+            e.device_memory_size = 10**12  # the deprecated figure must not be the one used
+        e.create_execution_context = lambda strategy="static": e.contexts.append(Context(name, strategy)) or \
+            e.contexts[-1]
+        return e
+
+    for name in sizes:
+        (tmp_path / f"{name}.plan").write_bytes(name.encode())
+    b = object.__new__(TensorRTBackend)
+    b.trt, b.cudart, b.index, b.low_memory = trt, cudart, 0, low_memory
+    b.bundle = types.SimpleNamespace(component_path=lambda net, fmt: tmp_path / f"{net}.plan")
+    b.runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda data: engine(data.decode()))
+    b.scratch = None if low_memory else SharedScratch(cudart, 0)
+    b._cache, b._lock = {}, threading.Lock()
+    return b, log
+
+
+def test_resident_plans_share_one_activation_block_sized_to_the_largest(tmp_path):
+    """Every resident network's execution context runs in one shared block (USER_MANAGED), grown and re-pointed
+    when a larger engine loads, freed at close: the networks never run at once, so the block is their maximum,
+    not their sum (stand-in TensorRT and cudart: what is checked is the backend's bookkeeping, not TensorRT)."""
+    sizes = {"text_encoder": 100, "unet": 300, "step": 10, "vae_decoder": 700}
+    b, log = _stand_in_backend(tmp_path, sizes)
+    nets = {}
+    for name in sizes:
+        nets[name] = b._load(name)
+        b._cache[name] = types.SimpleNamespace(engine=nets[name])
+    contexts = [n.context for n in nets.values()]
+    assert {c.strategy for c in contexts} == {"user"}
+    mallocs = [e for e in log if e[0] == "malloc"]
+    assert [m[2] for m in mallocs] == [100, 300, 700]  # grown twice; the step fitted in the UNet's block
+    final = mallocs[-1][1]
+    assert all(c.device_memory == final for c in contexts)  # the earlier contexts were re-pointed
+    assert [e[1] for e in log if e[0] == "free"] == [m[1] for m in mallocs[:-1]]  # each old block freed
+    # each old block was freed before the next one was allocated: a growth never holds both
+    assert [e[0] for e in log] == ["malloc", "free", "malloc", "free", "malloc"]
+    assert b.scratch.size == 700
+    log.clear()
+    b.close()
+    assert log == [("free", final)] and b.scratch.ptr == 0 and b.scratch.contexts == []
+
+
+def test_low_memory_plans_keep_their_own_activation_memory(tmp_path):
+    """In low-memory mode one network is loaded at a time: each context gets TensorRT's own block (freed with
+    it), no shared block that would keep the largest network's activations beside the next one's weights."""
+    b, log = _stand_in_backend(tmp_path, {"unet": 300, "vae_decoder": 700}, low_memory=True)
+    net = b._load("unet")
+    assert net.context.strategy == "static" and net.context.device_memory is None and net.scratch is None
+    assert b.scratch is None and log == []
+
+
+def test_tensorrt_10_0_engines_report_device_memory_size(tmp_path):
+    """device_memory_size_v2 is TensorRT 10.1+; a 10.0 engine's device_memory_size is used instead."""
+    from pm_runtime.backends.tensorrt import engine_scratch_bytes
+
+    b, log = _stand_in_backend(tmp_path, {"unet": 300}, v2=False)
+    assert engine_scratch_bytes(b._load("unet").engine) == 300 and log[0][2] == 300
+    b2, _ = _stand_in_backend(tmp_path, {"unet": 300})
+    assert engine_scratch_bytes(b2._load("unet").engine) == 300
+
+
+def test_a_failed_growth_is_repaired_by_the_next_load(tmp_path):
+    """If the larger block cannot be allocated, the load fails with the old block already freed; the next
+    load allocates what every attached context needs and re-points them all (none keeps a dead address)."""
+    fail = {"on": False}
+    b, log = _stand_in_backend(tmp_path, {"unet": 300, "vae_decoder": 700, "text_encoder": 100},
+                               fail_malloc=lambda n: fail["on"])
+    unet = b._load("unet")
+    fail["on"] = True
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        b._load("vae_decoder")
+    assert b.scratch.ptr == 0 and b.scratch.size == 0  # freed, not re-allocated
+    fail["on"] = False
+    text = b._load("text_encoder")  # smaller than the UNet's need: the block is sized for both
+    assert b.scratch.size == 300 and unet.context.device_memory == text.context.device_memory == b.scratch.ptr
+    vae = b._load("vae_decoder")
+    assert b.scratch.size == 700 and {unet.context.device_memory, vae.context.device_memory} == {b.scratch.ptr}

@@ -4,8 +4,10 @@ NOT RUN: TensorRT and cuda-python cannot be installed on the machines that build
 This file is written against TensorRT 10's documented Python API (Runtime,
 deserialize_cuda_engine, named I/O tensors, set_input_shape / set_tensor_address /
 execute_async_v3) and cuda-python's runtime bindings (cudaMalloc, cudaMemcpyAsync, streams);
-its tests skip where `tensorrt` does not import. Only `check_plan` (the refusal of a plan built
-by another TensorRT version or for another GPU) is tested here, as a pure function.
+its tests skip where `tensorrt` does not import. Tested here without TensorRT: `check_plan` (the
+refusal of a plan built by another TensorRT version or for another GPU, a pure function), and
+against stand-in modules (tests/test_tensorrt_logic.py) the version refusal, the per-thread device
+and the shared activation memory's bookkeeping.
 
 A plan runs only on the TensorRT version and GPU architecture that built it, so both are read
 from the manifest (the exporter records them) and compared before deserialising.
@@ -18,6 +20,17 @@ buffers, onnxruntime engines, == the host loop for every scheduler); TrtOps / Tr
 (cudaMalloc, cudaMemcpy, rows padded to 256 bytes, set_tensor_address, execute_async_v3) are
 not run. Bundles without step.plan use the host loop (a host round trip per step). The text
 encoder, VAE and safety checker calls copy their inputs and outputs (once per stage).
+
+Activation memory: by default TensorRT gives every execution context its own block, sized for its
+engine's largest shapes, for as long as the context lives; with every network resident that is one
+block per network (text encoder, UNet, step, VAE decoder, safety checker) although they never run at
+the same time. Here the resident contexts are made with ExecutionContextAllocationStrategy.USER_MANAGED
+and share ONE block (SharedScratch), as large as the largest engine needs (grown, and every context
+re-pointed, when a larger engine loads): the sum of the blocks becomes their maximum. Safe because the
+networks run one after another: Pipeline calls are serialised, every stage ends with a stream
+synchronisation, and the UNet and step plans of the device loop share the UNet's stream. In low-memory
+mode (one network loaded at a time) each context keeps its own block, freed with it. NOT RUN either:
+the sharing logic is tested against stand-in engines (tests/test_tensorrt_logic.py).
 """
 
 from __future__ import annotations
@@ -156,15 +169,68 @@ class TrtOps:
             self.owned.clear()
 
 
+def engine_scratch_bytes(engine) -> int:
+    """The activation memory an execution context of `engine` needs (its largest profile):
+    device_memory_size_v2 (TensorRT 10.1+), else device_memory_size (10.0)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(engine.device_memory_size if size is None else size)
+
+
+class SharedScratch:
+    """One device block used as the activation memory of several execution contexts that never run at
+    the same time (module docstring). `attach` grows the block when the attached contexts need more than
+    it holds and re-points every attached context at the new block; the old block is freed first
+    (nothing runs while a network loads), so a growth never holds both. If the new allocation fails, the
+    block is empty and the earlier contexts keep a stale address until the next `attach` (the failed load,
+    retried by the next call) grows it again to what all of them need and re-points them."""
+
+    def __init__(self, cudart, index: int = 0):
+        self.cudart, self.index = cudart, index
+        self.ptr, self.size = 0, 0
+        self.contexts: list[tuple[object, int]] = []  # (context, bytes it needs)
+
+    def attach(self, context, nbytes: int) -> None:
+        need = max([int(nbytes), *(n for _, n in self.contexts)])
+        if need > self.size:
+            self._grow(need)
+        context.device_memory = self.ptr
+        self.contexts.append((context, int(nbytes)))
+
+    def _grow(self, nbytes: int) -> None:
+        _call(self.cudart.cudaSetDevice(self.index))
+        if self.ptr:
+            _call(self.cudart.cudaFree(self.ptr))  # no engine runs while a network loads (module docstring)
+            self.ptr, self.size = 0, 0
+        self.ptr = int(_call(self.cudart.cudaMalloc(nbytes)))
+        self.size = nbytes
+        for ctx, _ in self.contexts:
+            ctx.device_memory = self.ptr
+
+    def detach(self, context) -> None:
+        self.contexts = [(c, n) for c, n in self.contexts if c is not context]
+
+    def release(self) -> None:
+        """Free the block (the attached contexts must be gone: Backend.close frees them first)."""
+        if self.ptr:
+            self.cudart.cudaSetDevice(self.index)
+            self.cudart.cudaFree(self.ptr)
+        self.ptr, self.size, self.contexts = 0, 0, []
+
+
 class TrtNetwork:
     """One engine + execution context + stream; device buffers grow as shapes need. Every call first
     makes its GPU (`index`) the calling thread's current device: CUDA's current device is per host
-    thread, and a Pipeline may be called from threads other than the one that loaded it."""
+    thread, and a Pipeline may be called from threads other than the one that loaded it. With `scratch`
+    (a SharedScratch) the context's activation memory is that shared block instead of its own."""
 
-    def __init__(self, trt, cudart, engine, index: int = 0):
-        self.trt, self.cudart, self.engine, self.index = trt, cudart, engine, index
+    def __init__(self, trt, cudart, engine, index: int = 0, scratch: SharedScratch | None = None):
+        self.trt, self.cudart, self.engine, self.index, self.scratch = trt, cudart, engine, index, scratch
         _call(cudart.cudaSetDevice(index))
-        self.context = engine.create_execution_context()
+        if scratch is None:
+            self.context = engine.create_execution_context()
+        else:
+            self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            scratch.attach(self.context, engine_scratch_bytes(engine))
         self.stream = _call(cudart.cudaStreamCreate())
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -226,6 +292,8 @@ class TrtNetwork:
             self.cudart.cudaFree(ptr)
         self.buffers.clear()
         self.cudart.cudaStreamDestroy(self.stream)
+        if self.scratch is not None:
+            self.scratch.detach(self.context)
         self.context = self.engine = None
 
 
@@ -247,6 +315,8 @@ class TensorRTBackend(Backend):
             check_plan(comp[F.CK_NAME], comp.get(F.CK_DETAILS, {}), self.trt.__version__, self.compute_capability)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
+        # the resident networks' one activation block (module docstring); none in low-memory mode
+        self.scratch = None if self.low_memory else SharedScratch(self.cudart, self.index)
 
     @classmethod
     def unavailable(cls, bundle: Bundle, device: str | None = None, dtype: str | None = None, **_) -> str | None:
@@ -271,7 +341,7 @@ class TensorRTBackend(Backend):
         engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise UserError(f"TensorRT could not deserialise {path.name} (see the TensorRT log above)")
-        return TrtNetwork(self.trt, self.cudart, engine, self.index)
+        return TrtNetwork(self.trt, self.cudart, engine, self.index, self.scratch if self.resident(network) else None)
 
     def denoise(self, unet, job: DenoiseJob) -> np.ndarray:
         """The loop on the GPU (device_loop.py) when the bundle has the step plan (pm-export builds
@@ -286,6 +356,11 @@ class TensorRTBackend(Backend):
         if net.engine is not None:
             net.engine.free()
         net.engine = None
+
+    def close(self) -> None:
+        super().close()
+        if self.scratch is not None:
+            self.scratch.release()
 
     def describe(self) -> str:
         return f"tensorrt {self.trt.__version__} {self.gpu} sm{self.compute_capability} fp16"
