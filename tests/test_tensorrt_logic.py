@@ -227,7 +227,7 @@ def _stand_in_backend(tmp_path, sizes: dict, low_memory=False, v2=True, fail_mal
     b.bundle = types.SimpleNamespace(component_path=lambda net, fmt: tmp_path / f"{net}.plan")
     b.runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda data: engine(data.decode()))
     b.scratch = None if low_memory else SharedScratch(cudart, 0)
-    b._cache, b._lock = {}, threading.Lock()
+    b._cache, b._lock, b.log = {}, threading.Lock(), None
     return b, log
 
 
@@ -235,8 +235,10 @@ def test_resident_plans_share_one_activation_block_sized_to_the_largest(tmp_path
     """Every resident network's execution context runs in one shared block (USER_MANAGED), grown and re-pointed
     when a larger engine loads, freed at close: the networks never run at once, so the block is their maximum,
     not their sum (stand-in TensorRT and cudart: what is checked is the backend's bookkeeping, not TensorRT)."""
-    sizes = {"text_encoder": 100, "unet": 300, "step": 10, "vae_decoder": 700}
+    sizes = {"text_encoder": 100 * 2**20, "unet": 300 * 2**20, "step": 10 * 2**20, "vae_decoder": 700 * 2**20}
     b, log = _stand_in_backend(tmp_path, sizes)
+    said = []
+    b.log = said.append
     nets = {}
     for name in sizes:
         nets[name] = b._load(name)
@@ -244,13 +246,16 @@ def test_resident_plans_share_one_activation_block_sized_to_the_largest(tmp_path
     contexts = [n.context for n in nets.values()]
     assert {c.strategy for c in contexts} == {"user"}
     mallocs = [e for e in log if e[0] == "malloc"]
-    assert [m[2] for m in mallocs] == [100, 300, 700]  # grown twice; the step fitted in the UNet's block
+    assert [m[2] / 2**20 for m in mallocs] == [100, 300, 700]  # grown twice; the step fitted in the UNet's block
+    assert said == ["TensorRT activation memory: 100 MiB shared by 1 plan(s) (their own blocks would be 100 MiB)",
+                    "TensorRT activation memory: 300 MiB shared by 2 plan(s) (their own blocks would be 400 MiB)",
+                    "TensorRT activation memory: 700 MiB shared by 4 plan(s) (their own blocks would be 1110 MiB)"]
     final = mallocs[-1][1]
     assert all(c.device_memory == final for c in contexts)  # the earlier contexts were re-pointed
     assert [e[1] for e in log if e[0] == "free"] == [m[1] for m in mallocs[:-1]]  # each old block freed
     # each old block was freed before the next one was allocated: a growth never holds both
     assert [e[0] for e in log] == ["malloc", "free", "malloc", "free", "malloc"]
-    assert b.scratch.size == 700
+    assert b.scratch.size == 700 * 2**20
     log.clear()
     b.close()
     assert log == [("free", final)] and b.scratch.ptr == 0 and b.scratch.contexts == []

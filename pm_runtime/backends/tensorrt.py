@@ -341,7 +341,14 @@ class TensorRTBackend(Backend):
         engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise UserError(f"TensorRT could not deserialise {path.name} (see the TensorRT log above)")
-        return TrtNetwork(self.trt, self.cudart, engine, self.index, self.scratch if self.resident(network) else None)
+        shared = self.scratch if self.resident(network) else None
+        before = shared.size if shared is not None else 0
+        net = TrtNetwork(self.trt, self.cudart, engine, self.index, shared)
+        if shared is not None and shared.size > before and self.log is not None:  # said when the block grows
+            mib = 2**20
+            self.log(f"TensorRT activation memory: {shared.size / mib:.0f} MiB shared by {len(shared.contexts)} "
+                     f"plan(s) (their own blocks would be {sum(n for _, n in shared.contexts) / mib:.0f} MiB)")
+        return net
 
     def denoise(self, unet, job: DenoiseJob) -> np.ndarray:
         """The loop on the GPU (device_loop.py) when the bundle has the step plan (pm-export builds
