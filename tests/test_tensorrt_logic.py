@@ -184,8 +184,6 @@ def _stand_in_backend(tmp_path, sizes: dict, low_memory=False, v2=True, fail_mal
     import itertools
     import threading
 
-    import numpy as np
-
     from pm_runtime.backends.tensorrt import SharedScratch, TensorRTBackend
 
     log = []  # ("malloc", ptr, bytes) / ("free", ptr)
@@ -201,23 +199,18 @@ def _stand_in_backend(tmp_path, sizes: dict, low_memory=False, v2=True, fail_mal
     cudart = types.SimpleNamespace(cudaSetDevice=lambda i: (0,), cudaMalloc=malloc, cudaStreamCreate=lambda: (0, 7),
                                    cudaFree=lambda ptr: log.append(("free", ptr)) or (0,),
                                    cudaStreamDestroy=lambda s: (0,))
-    strategy = types.SimpleNamespace(STATIC="static", USER_MANAGED="user")
-    trt = types.SimpleNamespace(ExecutionContextAllocationStrategy=strategy,
-                                TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
-                                nptype=lambda dtype: np.float32)
+    trt = types.SimpleNamespace(ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="user"))
 
-    class Context:
-        def __init__(self, name, strategy):
-            self.name, self.strategy, self.device_memory = name, strategy, None
+    def context(strategy="static"):
+        return types.SimpleNamespace(strategy=strategy, device_memory=None)
 
-    def engine(name):
-        e = types.SimpleNamespace(num_io_tensors=0, get_tensor_name=None, get_tensor_mode=None, contexts=[],
-                                  device_memory_size=sizes[name])
+    def engine(name):  # no I/O tensors: only the context's memory is looked at
+        e = types.SimpleNamespace(num_io_tensors=0, create_execution_context=context)
         if v2:
             e.device_memory_size_v2 = sizes[name]
             e.device_memory_size = 10**12  # the deprecated figure must not be the one used
-        e.create_execution_context = lambda strategy="static": e.contexts.append(Context(name, strategy)) or \
-            e.contexts[-1]
+        else:
+            e.device_memory_size = sizes[name]
         return e
 
     for name in sizes:
