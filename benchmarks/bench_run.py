@@ -91,6 +91,20 @@ FP32 = "ort-fp32"  # the int8 variants' drift is measured against this one's ima
 INT8_MODE = "static-qdq"
 RESULT_TAG = "@@BENCH_RUN@@ "
 PROMPT = "a photo of a face on a beach"
+# the bundles prepare() exports into --cache, by the key the children's args name them with:
+# (folder name suffix, pm-export options)
+BUNDLES = {"bundle": ("fp32", []), "bundle_int8": (f"int8-{INT8_MODE}", ["--int8", INT8_MODE]),
+           "bundle_int8_vae": (f"int8-{INT8_MODE}-vae", ["--int8", INT8_MODE, "--int8-vae"]),
+           "bundle_torch": ("torch", ["--target", "torch"])}
+
+
+def bundle_dir(cache: pathlib.Path, model: str, kind: str) -> pathlib.Path:
+    return cache / f"bundle-{model}-{BUNDLES[kind][0]}"
+
+
+def _component(bundle: pathlib.Path, network: str) -> dict:
+    """A network's component in an exported bundle's manifest."""
+    return next(c for c in json.loads((bundle / "bundle.json").read_text())["components"] if c["network"] == network)
 
 
 # ------------------------------------------------------------------ children
@@ -238,27 +252,26 @@ def prepare(model: str, cache: pathlib.Path, log, int8: bool = False, int8_vae: 
     if not concept.is_file():
         make_untrained_concept(model_dir, concept)
     facts["model_ready_s"] = round(time.perf_counter() - t0, 1)
-    bundle = cache / f"bundle-{model}-fp32"
-    facts["bundle_export_s"] = _export(concept, model_dir, bundle, [], log)
+
+    def export(kind: str) -> pathlib.Path:
+        out = bundle_dir(cache, model, kind)
+        facts[f"{kind}_export_s"] = _export(concept, model_dir, out, BUNDLES[kind][1], log)
+        return out
+
+    bundle = export("bundle")
     if int8:
-        b8 = cache / f"bundle-{model}-int8-{INT8_MODE}"
-        facts["bundle_int8_export_s"] = _export(concept, model_dir, b8, ["--int8", INT8_MODE], log)
-        unet = next(c for c in json.loads((b8 / "bundle.json").read_text())["components"] if c["network"] == "unet")
+        unet = _component(export("bundle_int8"), "unet")
         facts["bundle_int8"] = {k: unet["details"]["int8"].get(k) for k in (
             "mode", "per_channel", "calibrate", "calibration_feeds", "calibration_steps", "calibration_size",
             "bytes_before", "bytes_after", "seconds", "record_s")}
     if int8_vae:
-        b8v = cache / f"bundle-{model}-int8-{INT8_MODE}-vae"
-        facts["bundle_int8_vae_export_s"] = _export(concept, model_dir, b8v, ["--int8", INT8_MODE, "--int8-vae"], log)
-        vae = next(c for c in json.loads((b8v / "bundle.json").read_text())["components"]
-                   if c["network"] == "vae_decoder")
+        vae = _component(export("bundle_int8_vae"), "vae_decoder")
         facts["bundle_int8_vae"] = {**{k: vae["details"]["int8"].get(k) for k in (
             "mode", "per_channel", "calibrate", "calibration_feeds", "kept_fp32", "quantized_nodes", "bytes_before",
             "bytes_after", "seconds")}, "validation_psnr_db": [v.get("psnr_db") for v in vae["validation"]
                                                                if v["precision"] == "int8-vae"]}
     if torch_weights:  # the torch variants' bundle: the networks' fp16 PyTorch weights only
-        facts["bundle_torch_export_s"] = _export(concept, model_dir, cache / f"bundle-{model}-torch",
-                                                 ["--target", "torch"], log)
+        export("bundle_torch")
     manifest = json.loads((bundle / "bundle.json").read_text())
     facts["bundle_created"] = manifest.get("created")
     facts["bundle_graph_passes"] = {c["network"]: c.get("details", {}).get("graph_optimization", {}).get("passes")
@@ -302,9 +315,7 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
     base = {"schema": SCHEMA, **env, "command": command, "model": o.model,
             "device": "cpu", "resolution": o.resolution, "steps": o.steps, "scheduler": "dpmpp-2m", "guidance": 8.0,
             "batch": 1, "warmup": o.warmup, "prompt": PROMPT, "peer": PEER, **facts}
-    args = {"model": str(model_dir), "bundle": str(bundle), "bundle_int8": str(o.cache / f"bundle-{o.model}-int8-{INT8_MODE}"),
-            "bundle_int8_vae": str(o.cache / f"bundle-{o.model}-int8-{INT8_MODE}-vae"),
-            "bundle_torch": str(o.cache / f"bundle-{o.model}-torch"),
+    args = {"model": str(model_dir), **{kind: str(bundle_dir(o.cache, o.model, kind)) for kind in BUNDLES},
             "resolution": o.resolution, "steps": o.steps,
             "runs": o.runs, "warmup": o.warmup, "seed": o.seed, "threads": o.threads, "cache": str(o.cache),
             "wait_quiet": o.wait_quiet}
