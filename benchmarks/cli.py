@@ -96,7 +96,8 @@ def _names(text: str | None, allowed, option: str) -> tuple[str, ...]:
 @click.option("--reps", type=click.IntRange(1), default=30, show_default=True,
               help="[GPU] Timed calls per UNet step / text encoder / VAE variant (CUDA events).")
 @click.option("--compile", "compile_", is_flag=True,
-              help="[GPU] Also torch.compile(unet, mode='reduce-overhead'), run after the other peers (~1 min to compile).")
+              help="[GPU] Also torch.compile(unet, mode='reduce-overhead'), run after the other peers "
+                   "(~1 min to compile).")
 @click.option("--only", type=click.Choice(["all", "peers", "ours"]), default="all", show_default=True,
               help="[GPU] Run only the diffusers peers or only our backends.")
 @click.option("--ours", default=None, metavar="A,B",

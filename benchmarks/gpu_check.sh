@@ -28,8 +28,8 @@
 # PM_FRESH_MIN_S (40) are left; what was skipped is printed ("skipped for time"). Kernel tuning
 # (pm_kernels.tuning, in a shape's first image) measures for at most PM_BENCH_TUNE_BUDGET_S (60 s)
 # per session in the bench stage and PM_FRESH_TUNE_BUDGET_S (25 s) in each new process (its choices
-# are saved as measured: the next process goes on where one stopped); the records say what was cut. Timed on an H200 (2026-11-26/27, other
-# lists): tests 35-57 s (without the tuning test and the shared-pool / one-stream / PDL ones), kernels 8 s
+# are saved as measured: the next process goes on where one stopped); the records say what was cut.
+# Timed on an H200 (2026-11-26/27, other lists): tests 35-57 s (without the tuning test and the shared-pool / one-stream / PDL ones), kernels 8 s
 # (kernel-ab: the generic-sizes A/B on 6 ops <= 40 s, the sweep <= 25 s, not yet timed), bench_gpu 162 s
 # with 14 of our variants + peers + compile (before kernel tuning: its first image now tunes, <= 120 s),
 # ~18-25 s per new process, start-up ~40 s for three warm variants.
