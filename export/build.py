@@ -634,9 +634,12 @@ def add_concept(cfg: ExportConfig, log: Log = print) -> Path:
     manifest[F.BK_CONCEPTS] = others + [{**entry, **file_entry(bundle.root, rel)}]
     write_manifest(bundle.root, manifest)
     log(f"added concept {name!r} to {cfg.bundle} in {time.perf_counter() - t0:.1f} s")
-    int8 = next((c[F.CK_DETAILS].get("int8", {}) for c in bundle.components
-                 if c[F.CK_NETWORK] == UNET and c[F.CK_FORMAT] == "onnx"), {})
-    if int8.get("mode") in STATIC_INT8:
-        log(f"warning: the bundle's int8 UNet ({int8['mode']}) was calibrated on the concept it was exported with, "
-            f"not on {name!r}; its images may drift more from fp32 (re-export with this concept to calibrate)")
+    # int8 graphs with fixed activation ranges (--int8 static-qdq, --int8-vae) were calibrated on fp32 runs
+    # of the concept the bundle was exported with: their facts count the calibration feeds
+    calibrated = [f"{c[F.CK_NETWORK]} ({c[F.CK_DETAILS]['int8'].get('mode', 'int8')})" for c in bundle.components
+                  if c[F.CK_FORMAT] == "onnx" and c[F.CK_DETAILS].get("int8", {}).get("calibration_feeds")]
+    if calibrated:
+        log(f"warning: the bundle's int8 {' and '.join(calibrated)} {'was' if len(calibrated) == 1 else 'were'} "
+            f"calibrated on the concept it was exported with, not on {name!r}; the images may drift more from "
+            "fp32 (re-export with this concept to calibrate)")
     return bundle.root / rel

@@ -76,7 +76,8 @@ def _log(msg: str) -> None:
               help="Ship the VAE decoder as an int8 graph too (fp32 bundles; with or without --int8): int8 "
                    "convolutions with fixed activation ranges calibrated on the finished latents of a few fp32 runs "
                    "of the bundle (the first and last convolutions stay fp32), checked on a held-out latent: its "
-                   "image must stay >= 30 dB PSNR from the PyTorch decoder's. On a 2-core CPU the decode ran 2.0x "
+                   "image must stay >= 30 dB PSNR from the PyTorch decoder's (a concept added later with --bundle was "
+                   "not calibrated for). On a 2-core CPU the decode ran 2.0x "
                    "(256 px) to 2.4x (512 px) faster (SD-1.5-shaped random decoder, benchmarks/results/run-cpu.jsonl);"
                    " ~6 GB of RAM for SD 1.5's decoder. Drift on real weights not measured yet.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,

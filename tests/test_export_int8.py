@@ -108,7 +108,9 @@ def test_adding_a_concept_to_a_static_int8_bundle_warns(static_int8_bundle, trai
     shutil.copytree(static_int8_bundle, out)  # add_concept writes into the bundle: a copy of the shared one
     said = []
     add_concept(ExportConfig(concept=trained_concept, bundle=out, name="bob"), log=said.append)
-    assert any(m.startswith("warning:") and "calibrated" in m and "'bob'" in m for m in said)
+    warned = [m for m in said if m.startswith("warning:")]  # both calibrated graphs named: UNet and VAE decoder
+    assert len(warned) == 1 and "calibrated" in warned[0] and "'bob'" in warned[0], said
+    assert "unet (static-qdq) and vae_decoder (static-qdq-conv) were" in warned[0], warned
 
 
 def test_static_int8_memory_warning(monkeypatch):
