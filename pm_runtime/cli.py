@@ -89,12 +89,19 @@ def find_bundle(engine: Path) -> tuple[Path, str | None]:
     raise UserError(f"{engine} is not inside a bundle (no {F.BUNDLE_MANIFEST} in its folders)")
 
 
+# --out names with these suffixes are meant as image files, not as folders to fill with PNGs
+OTHER_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic"}
+
+
 def output_paths(out: Path, n: int, seed: int) -> list[Path]:
     """`out` ending in .png: that file (NAME-1.png, NAME-2.png, ... for several images); else a
     folder, where files are numbered after the highest number already there (never overwritten)."""
     out = Path(out)
     if out.suffix.lower() == ".png":
         return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
+    if out.suffix.lower() in OTHER_IMAGE_SUFFIXES and not out.is_dir():  # not a folder called knight.jpg
+        raise UserError(f"--out {out}: pm-run writes PNG files (their settings in a text chunk); "
+                        "name a .png file or a folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder (name a .png file or a folder)")
     start = 0
@@ -256,7 +263,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
               help="The base model folder (diffusers layout): needed by --backend torch (and by torch-cuda "
                    "when the bundle has no torch weights).")
 @click.option("--out", default=Path("."), show_default=True, type=click.Path(path_type=Path),
-              help="A .png file, or a folder (files numbered NNNNN-SEED.png).")
+              help="A .png file, or a folder (files numbered NNNNN-SEED.png). PNG only: a .jpg name is an error.")
 @click.option("--late-stage", default=LATE_REUSE, show_default=True, type=click.Choice(list(LATE_POLICIES)),
               help="Steps below the concept stage: reuse the last concept context (published) or the super-class.")
 @click.option("--concept-stage", nargs=2, type=int, default=None, metavar="LO HI",

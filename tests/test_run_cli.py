@@ -314,6 +314,19 @@ def test_unwritable_output(run_bundle, tmp_path):
     assert_one_line_error(r, "exists and is not a folder")
 
 
+def test_output_named_as_another_image_format(run_bundle, tmp_path):
+    """--out knight.jpg is an error (pm-run writes PNG), not a folder called knight.jpg; an existing folder of
+    that name is still a folder."""
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "k.JPG", *FAST)
+    assert_one_line_error(r, "pm-run writes PNG files")
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "shots.webp").mkdir()
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "shots.webp",
+               *FAST)
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in (tmp_path / "shots.webp").iterdir()] == ["00000-233.png"]
+
+
 def test_nan_image_is_never_written(run_bundle, tmp_path, monkeypatch):
     run = CheckedNetwork.run
 
