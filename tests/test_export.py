@@ -297,9 +297,13 @@ def test_pickle_with_code_refused_and_not_run(tiny_model, tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    evil.write_bytes(pickle.dumps({"format": Boom()}, protocol=2))
-    assert_one_line_error(run([evil, "--model", tiny_model, "--out", tmp_path / "b"]), "not a concept file")
+    import torch
+
+    evil.write_bytes(pickle.dumps({"format": Boom()}, protocol=2))  # a bare pickle: refused before torch.load
+    assert_one_line_error(run([evil, "--model", tiny_model, "--out", tmp_path / "b"]), "not a PyTorch file")
     assert_one_line_error(run([evil, "--bundle", tmp_path / "b"]), "not")
+    torch.save({"format": Boom()}, evil)  # the same in torch.save's container: torch.load(weights_only=True) refuses
+    assert_one_line_error(run([evil, "--model", tiny_model, "--out", tmp_path / "b"]), "it holds Python objects")
     assert not marker.exists()
 
 

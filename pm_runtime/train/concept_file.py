@@ -30,6 +30,9 @@ def load_concept_dict(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"concept file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save's zip container (what pm-train writes); else "Python objects"
+            raise UserError(f"{path} is not a concept file (not a PyTorch file; pm-train writes concept files)")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only: nothing in the file can run, so any failure means "not ours"
