@@ -64,6 +64,18 @@ def test_multi_token_super_class(tiny_model, photos, tmp_path):
     assert not (tmp_path / "c.pt").exists()
 
 
+@pytest.mark.parametrize("bad, needle", [
+    (["--lr", "-1"], "--lr must be a positive number"), (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "0"], "--lr must be a positive number"), (["--seed", "-1"], "--seed must be >= 0"),
+    (["--save-every", "-1"], "--save-every must be >= 0"), (["--preview-every", "-2"], "--preview-every must be >= 0"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1")])
+def test_bad_numbers_are_one_line_errors(tiny_model, photos, tmp_path, bad, needle):
+    """Checked before anything loads: a negative learning rate or seed was a traceback from AdamW / numpy."""
+    r = run(base_args(tiny_model, photos, tmp_path / "c.pt") + bad)
+    assert_one_line_error(r, needle)
+    assert not list(tmp_path.iterdir())
+
+
 def test_not_an_sd_folder(photos, tmp_path):
     (tmp_path / "m" / "unet").mkdir(parents=True)
     r = run(base_args(tmp_path / "m", photos, tmp_path / "c.pt"))

@@ -118,9 +118,12 @@ class Trainer:
             raise UserError(f"--stage must satisfy 0 <= LO < HI <= 1000, got {lo} {hi}")
         if cfg.resolution % 8 or cfg.resolution < 64:
             raise UserError(f"--resolution must be a multiple of 8 and >= 64, got {cfg.resolution}")
-        for name in ("steps", "grad_accum", "batch_size"):
-            if getattr(cfg, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+        for name, least in (("steps", 1), ("grad_accum", 1), ("batch_size", 1), ("seed", 0), ("save_every", 0),
+                            ("preview_every", 0)):
+            if getattr(cfg, name) < least:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(cfg, name)}")
+        if not (np.isfinite(cfg.lr) and cfg.lr > 0):
+            raise UserError(f"--lr must be a positive number, got {cfg.lr}")
         if cfg.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(cfg.device)
