@@ -24,6 +24,7 @@ load one Pipeline per thread.
 
 from __future__ import annotations
 
+import operator
 import secrets
 import threading
 import time
@@ -264,8 +265,14 @@ class Pipeline:
                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel) -> Generation:
         t_start = time.perf_counter()
         concept, dims = self.concept, self.dims
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not isinstance(text, str):
+                raise UserError(f"{name} must be a string (one prompt per call; num_images for several images), "
+                                f"got {type(text).__name__}")
         if not np.isfinite(guidance):
             raise UserError(f"guidance must be a finite number, got {guidance}")
+        seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
+            ("seed", seed), ("height", height), ("width", width), ("num_images", num_images)))
         if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
             names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
             raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
@@ -274,17 +281,19 @@ class Pipeline:
             latents = np.asarray(latents, dtype=np.float32)
             if latents.ndim != 4 or latents.shape[1] != C:
                 raise UserError(f"latents must be (N, {C}, H/{f}, W/{f}), got {latents.shape}")
-            height, width = height or latents.shape[2] * f, width or latents.shape[3] * f
-            num_images = num_images or latents.shape[0]
+            height = latents.shape[2] * f if height is None else height
+            width = latents.shape[3] * f if width is None else width
+            num_images = latents.shape[0] if num_images is None else num_images
             if latents.shape != (num_images, C, height // f, width // f):
                 raise UserError(f"latents {latents.shape} do not match {num_images} image(s) of {width}x{height}")
             _check_finite("initial latents", latents)
-        height, width, num_images = height or 512, width or 512, num_images or 1
+        height, width = (512 if height is None else height), (512 if width is None else width)
+        num_images = 1 if num_images is None else num_images
         self.check_size(height, width)
-        if not isinstance(num_images, int) or num_images < 1:
+        if num_images < 1:
             raise UserError(f"the number of images must be >= 1, got {num_images}")
         if latents is None:
-            seed = secrets.randbits(32) if seed is None else int(seed)
+            seed = secrets.randbits(32) if seed is None else seed
             try:
                 latents = pm_noise.initial_latents(seed, (num_images, C, height // f, width // f))
             except ValueError as e:
@@ -421,6 +430,16 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _whole(name: str, value) -> int:
+    """`value` as an int where it is one (int, numpy integer); UserError for 1.5, "256", True."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise UserError(f"{name} must be a whole number, got {value!r}") from None
 
 
 __all__ = ["NEGATIVE_PROMPT", "Cancelled", "Generation", "NonFiniteError", "Pipeline", "Settings"]

@@ -354,6 +354,19 @@ def test_bad_arguments(ort_pipe):
         ort_pipe.generate("a knight", seed=1, steps=1, height=SIDE, width=SIDE)
     with pytest.raises(UserError, match="latents"):
         ort_pipe.generate(PROMPT, latents=np.zeros((1, 3, 32, 32), np.float32), steps=1)
+    # the API's own types: a UserError naming the argument, no silent truncation (seed 1.5 ran as 1) or
+    # default (num_images=0 gave one image, height=0 a 512 px one)
+    for bad, match in ((dict(seed=1.5), "seed must be a whole number, got 1.5"),
+                       (dict(height="256"), "height must be a whole number, got '256'"),
+                       (dict(width=True), "width must be a whole number"),
+                       (dict(num_images=0), "number of images must be >= 1, got 0"),
+                       (dict(height=0), "unsupported size 256x0")):
+        with pytest.raises(UserError, match=match):
+            g(**bad)
+    for prompt in (None, [PROMPT, PROMPT]):
+        with pytest.raises(UserError, match="prompt must be a string .one prompt per call"):
+            ort_pipe.generate(prompt, seed=1, steps=1, height=SIDE, width=SIDE)
+    assert g(seed=np.int64(3), steps=1, num_images=np.int32(1)).images.shape[0] == 1  # numpy integers are whole
 
 
 # ---------------------------------------------------------------- backends
