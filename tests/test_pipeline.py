@@ -141,6 +141,58 @@ def test_plain_prompt_on_torch_backend_matches_diffusers_pipeline(torch_pipe, ti
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("scheduler, diffusers_class", [("dpmpp-2m", "DPMSolverMultistepScheduler"),
+                                                       ("euler", "EulerDiscreteScheduler")])
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch-cuda"])
+def test_v_prediction_model_matches_diffusers_pipeline(run_bundle, tiny_model, tmp_path, calls, monkeypatch, backend,
+                                                       scheduler, diffusers_class):
+    """An SD-2-style model (the UNet predicts v): the bundle's scheduler config says so and the whole loop
+    (host loop on onnxruntime; torch-cuda's one affine step, on the CPU) reads the UNet output as v, as
+    diffusers' StableDiffusionPipeline does with the same folder. The networks are the tiny model's (the
+    prediction type is the scheduler config's alone, which pm-export copies verbatim from the model folder), so
+    the bundle is a copy with its config changed."""
+    import importlib
+    import json
+    import shutil
+
+    import diffusers
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from pm_runtime import formats as F
+    from pm_runtime.bundle import write_manifest
+    from pm_runtime.train.templates import NEGATIVE_PROMPT
+
+    model = shutil.copytree(tiny_model, tmp_path / "model-v")
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    bundle = shutil.copytree(run_bundle, tmp_path / "bundle-v")
+    manifest = json.loads((bundle / F.BUNDLE_MANIFEST).read_text())
+    manifest[F.BK_SCHEDULER]["prediction_type"] = "v_prediction"
+    manifest[F.BK_BASE_MODEL][F.BM_PREDICTION_TYPE] = "v_prediction"
+    write_manifest(bundle, manifest)
+
+    lat, steps, prompt = latents(5), 6, "a photo of a face on a beach"
+    options = {"device": "cpu", "dtype": "float32"} if backend == "torch-cuda" else {}
+    if backend == "torch-cuda":  # its kernels' PyTorch references: the Triton interpreter would take minutes
+        monkeypatch.setattr(importlib.import_module("pm_kernels._dispatch"), "_ENABLED", False)
+    with Pipeline.load(bundle, backend=backend, concept="alice", **options) as pipe:
+        got = pipe.generate(prompt, latents=lat, steps=steps, scheduler=scheduler, allow_no_concept=True).images
+    ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    ref.scheduler = getattr(diffusers, diffusers_class).from_config(ref.scheduler.config)
+    assert ref.scheduler.config.prediction_type == "v_prediction"
+    ref.set_progress_bar_config(disable=True)
+    run = lambda kind: ref(prompt, negative_prompt=NEGATIVE_PROMPT, num_inference_steps=steps, guidance_scale=8.0,  # noqa
+                           latents=torch.from_numpy(lat), height=SIDE, width=SIDE, output_type=kind).images
+    want = np.round(run("np") * 255)
+    if backend == "onnxruntime":  # fp32 networks as diffusers': the final latents too (measured: <= 2.4e-6)
+        want_latents = run("latent").numpy()
+        assert np.abs(final_latents(calls) - want_latents).max() <= 1e-5 * np.abs(want_latents).max()
+        assert np.abs(got - want).max() <= 1  # a rounding step
+    else:  # the bundle's fp16 torch weights, run in fp32 (measured: 63 dB, one level at most)
+        assert psnr(got, want) >= 50, psnr(got, want)
+
+
 def test_same_seed_gives_identical_png_bytes(run_bundle):
     a = Pipeline.load(run_bundle, concept="alice").generate(PROMPT, seed=233, steps=3, height=SIDE, width=SIDE)
     b = Pipeline.load(run_bundle, concept="alice").generate(PROMPT, seed=233, steps=3, height=SIDE, width=SIDE)
