@@ -182,3 +182,15 @@ def test_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert not (out / "stale.txt").exists() and (out / "model_index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # no temp/old folders left
+
+    # --force replaces a model folder, never any other folder or a file (a typo such as `.` or `~`)
+    for other in (tmp_path / "notes", tmp_path / "notes.txt"):
+        if other.suffix:
+            other.write_text("keep me")
+        else:
+            other.mkdir()
+            (other / "keep.txt").write_text("keep me")
+        res = runner.invoke(tiny_model.main, [str(other), "--force"])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code != 0 and len(lines) == 1 and "not a diffusers model folder" in lines[0], res.output
+        assert (other / "keep.txt" if other.is_dir() else other).read_text() == "keep me"

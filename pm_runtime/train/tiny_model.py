@@ -250,11 +250,16 @@ def make_tiny_model(out_dir, seed: int = 0, *, overwrite: bool = False, safety_c
     Same `seed` -> byte-identical files. Atomic: built in a temp folder next to `out_dir`, then
     renamed, so a crash never leaves a half-written model. Raises FileExistsError if `out_dir`
     exists and is not empty, unless `overwrite` (then the old folder is swapped out and removed
-    only after the new one is complete).
+    only after the new one is complete); even then, a non-empty folder that is not a diffusers model
+    folder (no model_index.json: a typo such as `.` or `~`) or a file is never replaced.
     """
     out = pathlib.Path(out_dir).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (use --force / overwrite=True)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; use --force (overwrite=True in Python) to replace it")
+        if not (out / "model_index.json").is_file():
+            raise FileExistsError(f"{out} exists and is not a diffusers model folder (no model_index.json); "
+                                  "refusing to replace it even with --force")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     import transformers.utils.logging as hf_logging
@@ -328,8 +333,8 @@ def main(out: pathlib.Path, seed: int, force: bool, photos: pathlib.Path | None,
     """
     try:
         path = make_tiny_model(out, seed=seed, overwrite=force, safety_checker=safety_checker)
-    except FileExistsError:
-        raise click.ClickException(f"{out} exists and is not empty; use --force to replace it") from None
+    except FileExistsError as exc:
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot write {out}: {exc}") from None
     files = sorted(p for p in path.rglob("*") if p.is_file())
