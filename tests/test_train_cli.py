@@ -119,6 +119,11 @@ def test_empty_mask_refused(tiny_model, tmp_path):
 def test_out_is_a_folder(tiny_model, photos, tmp_path):
     r = run(base_args(tiny_model, photos, tmp_path))
     assert_one_line_error(r, "is a folder")
+    photo = tmp_path / "photo.png"  # an existing file that is not a concept file is never overwritten
+    photo.write_bytes((photos / "photo0.png").read_bytes())
+    r = run(base_args(tiny_model, photos, photo))
+    assert_one_line_error(r, "exists and is not a concept file; refusing to overwrite it")
+    assert photo.read_bytes() == (photos / "photo0.png").read_bytes()
 
 
 def test_bf16_training_with_preview(tiny_model, photos, tmp_path):

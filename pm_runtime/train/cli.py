@@ -86,7 +86,7 @@ def train_main(**kw) -> None:
 def _run(resume, quiet, **kw) -> None:
     from tqdm.auto import tqdm
 
-    from .concept_file import Concept, atomic_torch_save, load_concept_dict
+    from .concept_file import Concept, atomic_torch_save, is_torch_file, load_concept_dict
     from .trainer import TrainConfig, Trainer, peak_memory_bytes
 
     kw = {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
@@ -96,6 +96,8 @@ def _run(resume, quiet, **kw) -> None:
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'concept.pt'}")
     if not out.parent.exists():
         raise UserError(f"--out: folder {out.parent} does not exist")
+    if out.is_file() and not is_torch_file(out):  # a concept or checkpoint is replaced; a photo is not
+        raise UserError(f"--out {out} exists and is not a concept file; refusing to overwrite it")
     resume_dict = load_concept_dict(resume) if resume else None  # fail early on a bad file
     trainer = Trainer(cfg, warn=_warn)
     if resume_dict is not None:

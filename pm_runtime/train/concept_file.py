@@ -25,14 +25,19 @@ def atomic_torch_save(obj: dict, path: Path) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
+def is_torch_file(path: Path) -> bool:
+    """Whether `path` starts as torch.save's zip container does (what pm-train writes)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def load_concept_dict(path: Path) -> dict:
     """Load and validate a concept file. Never unpickles code (weights_only=True)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"concept file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # torch.save's zip container (what pm-train writes); else "Python objects"
-            raise UserError(f"{path} is not a concept file (not a PyTorch file; pm-train writes concept files)")
+    if not is_torch_file(path):  # else torch.load's legacy reader would call any file "Python objects"
+        raise UserError(f"{path} is not a concept file (not a PyTorch file; pm-train writes concept files)")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only: nothing in the file can run, so any failure means "not ours"
