@@ -380,8 +380,10 @@ def test_torch_only_bundle(tiny_model, trained_concept, tmp_path):
 def test_without_cuda_auto_skips_and_explicit_request_explains(run_bundle):
     pipe = Pipeline.load(run_bundle, backend="auto", log=(lines := []).append)
     assert pipe.backend.name == "onnxruntime" and "torch-cuda: no CUDA device" in lines[0]
-    with pytest.raises(UserError, match="backend torch-cuda: no CUDA device"):
-        Pipeline.load(run_bundle, backend="torch-cuda")
+    with pytest.raises(UserError, match=r"backend torch-cuda: no CUDA device .* \(--device cpu runs it on the CPU"):
+        Pipeline.load(run_bundle, backend="torch-cuda")  # no device named: the hint
+    with pytest.raises(UserError, match="backend torch-cuda: no CUDA device is available to PyTorch here$"):
+        Pipeline.load(run_bundle, backend="torch-cuda", device="cuda")  # cuda asked for: no hint to drop it
 
 
 def test_auto_on_a_cpu_takes_torch_cuda_only_for_a_dtype_or_as_the_last_resort(run_bundle, cuda_bundle):

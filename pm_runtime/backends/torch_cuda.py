@@ -337,7 +337,8 @@ class TorchCudaBackend(Backend):
 
         kind = (device or "cuda").split(":")[0]
         if kind == "cuda" and not torch.cuda.is_available():
-            return "no CUDA device is available to PyTorch here"
+            return "no CUDA device is available to PyTorch here" + (" (--device cpu runs it on the CPU, eagerly)"
+                                                                    if device is None else "")
         if kind not in ("cuda", "cpu"):
             return f"--device {device}: torch-cuda runs on cuda (or cpu, eagerly)"
         if kind == "cpu" and auto and dtype is None:  # fp32 eager on a CPU: slower than onnxruntime's
