@@ -102,6 +102,15 @@ def save_table(table: ConceptTable, path: Path) -> None:
     atomic_write_bytes(save(tensors, metadata=table.metadata()), path)
 
 
+def is_torch_file(path: Path) -> bool:
+    """Whether `path` starts as torch.save's zip container does (pm-train's concept files). No torch."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
@@ -110,6 +119,10 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
+        if is_torch_file(path):  # most likely pm-train's concept file
+            raise UserError(f"{path} is a PyTorch file (a concept file from pm-train?), not a baked concept table: "
+                            f"bake it into the bundle first (pm-export {path} --bundle BUNDLE), then use "
+                            "--concept NAME") from e
         raise UserError(f"{path} is not a concept table ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     return tensors, meta
 

@@ -211,6 +211,18 @@ def test_long_unicode_and_repeated_concept_prompts(run_bundle, tmp_path):
     assert parse_parameters(Image.open(tmp_path / "u.png").info["parameters"])["Prompt"] == prompt  # iTXt chunk
 
 
+def test_concept_file_given_as_a_table_says_to_bake_it(run_bundle, trained_concept, tmp_path):
+    """--concept names a baked table; pm-train's concept.pt there gets the pm-export --bundle hint."""
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", trained_concept, "--out", tmp_path / "o.png",
+               *FAST)
+    assert_one_line_error(r, f"pm-export {trained_concept} --bundle BUNDLE")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", junk, "--out", tmp_path / "o.png", *FAST)
+    assert_one_line_error(r, "is not a concept table")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.safetensors"]
+
+
 def test_allow_no_concept(run_bundle, tmp_path):
     args = ["--engine", run_bundle, "--prompt", "a photo of a face", "--concept", "alice", "--out", tmp_path / "p.png",
             *FAST]

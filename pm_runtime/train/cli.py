@@ -86,7 +86,8 @@ def train_main(**kw) -> None:
 def _run(resume, quiet, **kw) -> None:
     from tqdm.auto import tqdm
 
-    from .concept_file import Concept, atomic_torch_save, is_torch_file, load_concept_dict
+    from ..concept_table import is_torch_file
+    from .concept_file import Concept, atomic_torch_save, load_concept_dict
     from .trainer import TrainConfig, Trainer, peak_memory_bytes
 
     kw = {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}

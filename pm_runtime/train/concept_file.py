@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import formats as F
-from ..concept_table import atomic_write_bytes
+from ..concept_table import atomic_write_bytes, is_torch_file
 from ..errors import UserError
 from ..modeling.mapper import Mapper, MapperConfig
 
@@ -23,12 +23,6 @@ def atomic_torch_save(obj: dict, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(buf.getvalue(), path)
-
-
-def is_torch_file(path: Path) -> bool:
-    """Whether `path` starts as torch.save's zip container does (what pm-train writes)."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
 
 
 def load_concept_dict(path: Path) -> dict:
