@@ -318,7 +318,8 @@ def write_demo_photos(folder: pathlib.Path, n: int = 4, seed: int = 0, size: int
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(path_type=pathlib.Path))
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed -> same bytes).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--force", is_flag=True,
+              help="Replace OUT if it is a model folder (atomically); any other folder or a file is refused.")
 @click.option("--photos", type=click.Path(path_type=pathlib.Path), default=None,
               help="Also write a few synthetic face-like photos to this folder, to train the demo on.")
 @click.option("--safety-checker", is_flag=True,
