@@ -32,7 +32,9 @@ def _warn(msg: str) -> None:
               help="Local Stable Diffusion 1.x/2.x folder in the diffusers layout.")
 @click.option("--images", required=True, type=click.Path(path_type=Path),
               help="A folder of photos of one person (or a single photo).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Concept file to write (concept.pt).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Concept file to write (concept.pt). An existing file is replaced only if it is a PyTorch file "
+                   "(an earlier concept or checkpoint).")
 @click.option("--image-encoder", type=click.Path(path_type=Path), default=None,
               help="Local CLIP ViT-B/32 folder for e_img. Required unless MODEL has image_encoder/.")
 @click.option("--super-class", default="face", show_default=True,
