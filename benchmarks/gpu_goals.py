@@ -64,6 +64,15 @@ def _ok(r: dict | None) -> bool:
     return bool(r) and r.get("status", "ok") == "ok"
 
 
+def psnr_field(rec, key: str) -> tuple[float | None, str]:
+    """(value, text) of a record's PSNR field: absent (or a failed record) is not measured; None is
+    identical images (records.psnr_db), infinitely many dB."""
+    if not _ok(rec) or key not in rec:
+        return None, "not measured"
+    value = rec[key]
+    return (float("inf"), "identical images") if value is None else (value, f"{value} dB")
+
+
 def verdict(value, goal, lower_is_better: bool = True) -> str:
     if value is None:
         return "not measured"
@@ -154,13 +163,12 @@ def rows(records: dict[str, list[dict]]) -> list[tuple]:
             else ""
         out.append(("UNet step p50, torch-cuda with PM_KERNELS_GENERIC_SIZES=1 (new process)", f"{v:.2f} ms{than}",
                     f"<= {STEP_MS} ms", verdict(v, STEP_MS)))
-    psnr = ours.get("psnr_vs_reference_db") if _ok(ours) else None
-    out.append(("image PSNR vs the fp32 reference", "not measured" if psnr is None else f"{psnr} dB",
-                f">= {PSNR_DB} dB", verdict(psnr, PSNR_DB, lower_is_better=False)))
-    q = main.get("torch-cuda-int8")
-    drift = q.get("psnr_vs_torch-cuda_db") if _ok(q) else None
-    out.append(("int8 weights: image PSNR against the fp16 torch-cuda image", "not measured" if drift is None else
-                f"{drift} dB", "reported (no threshold)", "not measured" if drift is None else "reported"))
+    psnr, text = psnr_field(ours, "psnr_vs_reference_db")
+    out.append(("image PSNR vs the fp32 reference", text, f">= {PSNR_DB} dB",
+                verdict(psnr, PSNR_DB, lower_is_better=False)))
+    drift, text = psnr_field(main.get("torch-cuda-int8"), "psnr_vs_torch-cuda_db")
+    out.append(("int8 weights: image PSNR against the fp16 torch-cuda image", text, "reported (no threshold)",
+                "not measured" if drift is None else "reported"))
     for names, goal, what in ((PIPELINE, PEAK_GB, "whole-pipeline peak"), (LOW, LOW_GB, "low-memory peak"),
                               (LOW_INT8, LOW_INT8_GB, "low-memory int8 peak")):
         found = False

@@ -105,11 +105,11 @@ import numpy as np
 if __package__:  # pm_bench.gpu_ours
     from .records import cuda_peak as _peak
     from .records import cuda_reset as _reset
-    from .records import pcts
+    from .records import pcts, psnr_db
 else:  # imported by a script (python benchmarks/bench_gpu.py), benchmarks/ on sys.path
     from records import cuda_peak as _peak
     from records import cuda_reset as _reset
-    from records import pcts
+    from records import pcts, psnr_db
 
 PROMPT = "a photo of <persona> as a knight on a horse"
 DEVICE = "cuda"  # where the variants run (tests smoke-run them on "cpu", memory helpers stubbed)
@@ -124,11 +124,11 @@ def _allocated_gib(torch) -> float:
     return round(torch.cuda.memory_allocated() / 2**30, 3)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
+def _db(value) -> str:
+    """A PSNR field for the log: records.psnr_db's None is identical images."""
+    return "identical" if value is None else f"{value} dB"
 
 
 def replay_ms(torch, loop, reps: int) -> dict:
@@ -278,9 +278,9 @@ def measure_variant(name: str, bundle: Path, *, steps: int, reps: int, images: i
     if loops and not options.get("low_memory"):
         rec["unet_step_ms"] = replay_ms(torch, loops[0], reps)
     if reference is not None:
-        rec["psnr_vs_reference_db"] = round(psnr(g.images, reference), 2)
+        rec["psnr_vs_reference_db"] = psnr_db(g.images, reference)  # None: identical
     for other, image in (compare or {}).items():
-        rec[f"psnr_vs_{other}_db"] = round(psnr(g.images, image), 2)
+        rec[f"psnr_vs_{other}_db"] = psnr_db(g.images, image)
     if keep is not None:
         keep[name] = g.images
     rec["deterministic"] = bool(np.array_equal(first.images, g.images))
@@ -500,7 +500,7 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
             + (f"step p50 {rec['unet_step_ms']['p50']:.2f} ms" if "unet_step_ms" in rec else "")
             + (f" image p50 {rec['image_ms']['p50']:.0f} ms" if "image_ms" in rec else "")
             + (f" peak {rec['peak_reserved_gib']:.2f} GiB" if "peak_reserved_gib" in rec else "")
-            + (f" PSNR {rec['psnr_vs_reference_db']} dB" if "psnr_vs_reference_db" in rec else "")
+            + (f" PSNR {_db(rec['psnr_vs_reference_db'])}" if "psnr_vs_reference_db" in rec else "")
             + (f" {rec.get('error')}" if rec.get("status") == "error" else ""))
         out.append(rec)
         if on_record is not None:
@@ -520,7 +520,7 @@ def run_ours(bundle: Path, model: Path | None, *, steps: int = 50, reps: int = 3
         def do_ref16():
             img, rec = reference_image(bundle, model, steps=steps, size=size, dtype="float16")
             if ref is not None:
-                rec["psnr_vs_reference_db"] = round(psnr(img, ref), 2)
+                rec["psnr_vs_reference_db"] = psnr_db(img, ref)
             return rec
         guarded("torch-reference-fp16", do_ref16)
     kept: dict = {}  # variant -> its image: what other variants' drift is measured against

@@ -367,7 +367,9 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
     for name in ("torch-cuda-pre-fusion", "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables",
                  "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph", "torch-cuda-geglu-gemm", "torch-cuda-pdl",
                  "torch-cuda-untuned", "torch-cuda-kv-tables"):
-        assert by[name]["psnr_vs_torch-cuda_db"] > 60, name  # the same image, the sums in another order (fp32)
+        db = by[name]["psnr_vs_torch-cuda_db"]  # None: identical (records.psnr_db)
+        assert db is None or db > 60, name  # the same image, the sums in another order (fp32)
+    json.dumps(recs, allow_nan=False)  # strict JSON: an identical image's PSNR is null, never Infinity
     assert by["torch-cuda-low-memory-1024-untiled"]["timings_last_image"]["vae_calls"] == 1
     assert by["torch-cuda-low-memory-1024"]["timings_last_image"]["vae_calls"] == 1  # 320 px: no tiles either
     assert "psnr_vs_torch-cuda-low-memory-1024_db" in by["torch-cuda-low-memory-1024-untiled"]
@@ -414,6 +416,18 @@ def test_step_replays_stay_inside_the_step_tables(cuda_bundle, monkeypatch):
         assert long["reps"] == 63 and int(loop.step) == 0 and long["p50"] > 0
     finally:
         pm_kernels.set_enabled(True)
+
+
+def test_gpu_goals_psnr_fields():
+    """A PSNR field: a number; None (records.psnr_db: identical images) meets any floor; absent or in a
+    failed record, not measured."""
+    import gpu_goals
+
+    assert gpu_goals.psnr_field({"k": 41.0}, "k") == (41.0, "41.0 dB")
+    assert gpu_goals.psnr_field({"k": None}, "k") == (float("inf"), "identical images")
+    assert gpu_goals.verdict(gpu_goals.psnr_field({"k": None}, "k")[0], 30.0, lower_is_better=False) == "**met**"
+    for rec in ({}, {"status": "error", "k": 50.0}, None):
+        assert gpu_goals.psnr_field(rec, "k") == (None, "not measured")
 
 
 def test_gpu_goals_report(tmp_path):
@@ -472,6 +486,7 @@ def test_gpu_goals_report(tmp_path):
     assert not any(k.startswith("low-memory peak, torch-cuda-low-memory (512 px)") for k in got)  # an error
     assert got["int8 weights: image PSNR against the fp16 torch-cuda image"][1:] == (
         "37.5 dB", "reported (no threshold)", "reported")
+    assert got["image PSNR vs the fp32 reference"][1:] == ("41.0 dB", ">= 30.0 dB", "**met**")
     warm = got["bundle load to first image, new process, warm caches (standalone)"]
     assert warm[3] == "**met**" and warm[1].startswith("7.5 s") and "12.2" in warm[1]  # load + first image judged
     cold = next(v for k, v in got.items() if k.startswith("cold first start"))
