@@ -42,7 +42,31 @@ def test_train_writes_concept_and_checkpoints(tiny_model, photos, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
     # resume from the checkpoint to more steps
     r2 = run(base_args(tiny_model, photos, tmp_path / "d.pt") + ["--steps", 5, "--resume", tmp_path / "c.step2.pt"])
-    assert r2.exit_code == 0, r2.output and "steps 2->5" in r2.output
+    assert r2.exit_code == 0 and "steps 2->5" in r2.output, r2.output
+
+
+def test_interrupt_names_the_checkpoint_to_resume_from(tiny_model, photos, tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during training: exit 130, the last checkpoint named (and it resumes),
+    or, before the first one, no claim that one exists; the final concept is not written."""
+    from pm_runtime.train.trainer import Trainer
+
+    step = Trainer.optimizer_step
+
+    def interrupted_at_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", interrupted_at_3)
+    out = tmp_path / "c.pt"
+    r = run(base_args(tiny_model, photos, out) + ["--steps", 6, "--save-every", 2])
+    assert r.exit_code == 130 and f"interrupted; resume with --resume {tmp_path / 'c.step2.pt'}" in r.output, r.output
+    assert not out.exists() and (tmp_path / "c.step2.pt").is_file()
+    r = run(base_args(tiny_model, photos, tmp_path / "d.pt") + ["--steps", 6])
+    assert r.exit_code == 130 and "interrupted before this run wrote a checkpoint" in r.output, r.output
+    monkeypatch.setattr(Trainer, "optimizer_step", step)
+    r = run(base_args(tiny_model, photos, out) + ["--steps", 4, "--resume", tmp_path / "c.step2.pt"])
+    assert r.exit_code == 0 and "steps 2->4" in r.output and out.is_file(), r.output
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "all-unreadable"])

@@ -76,16 +76,19 @@ def _warn(msg: str) -> None:
               help="Write OUT_STEM.previewN.png every N steps: 'a photo of CONCEPT-WORD', 20 DPM-Solver++ steps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_main(**kw) -> None:
+    saved: list[Path] = []  # the checkpoints this run wrote, in order
     try:
-        _run(**kw)
+        _run(saved=saved, **kw)
     except UserError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
-        click.echo("interrupted; resume from the last checkpoint with --resume", err=True)
+        click.echo(f"interrupted; resume with --resume {saved[-1]}" if saved else
+                   "interrupted before this run wrote a checkpoint (--save-every N writes one every N steps)",
+                   err=True)
         sys.exit(130)
 
 
-def _run(resume, quiet, **kw) -> None:
+def _run(resume, quiet, saved: list, **kw) -> None:
     from tqdm.auto import tqdm
 
     from ..concept_table import is_torch_file
@@ -117,7 +120,9 @@ def _run(resume, quiet, **kw) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
-            atomic_torch_save(trainer.concept_dict(True), out.with_name(f"{out.stem}.step{trainer.step}.pt"))
+            checkpoint = out.with_name(f"{out.stem}.step{trainer.step}.pt")
+            atomic_torch_save(trainer.concept_dict(True), checkpoint)
+            saved.append(checkpoint)
         if cfg.preview_every and trainer.step % cfg.preview_every == 0:
             _preview(trainer, out.with_name(f"{out.stem}.preview{trainer.step}.png"), Concept)
     bar.close()
