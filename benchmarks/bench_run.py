@@ -345,10 +345,32 @@ def run(o: RunOptions, command: str, log=lambda m: print(m, flush=True)) -> list
             mine, ref = (np.load(o.cache / f"image-{x}.npy").astype(np.float64) for x in (v, FP32))
             rec["psnr_vs_ort_fp32_db"] = psnr_db(mine, ref)  # None: identical
             rec["max_abs_diff_vs_ort_fp32"] = int(np.abs(mine - ref).max())
-        log(json.dumps(rec))
         append_jsonl(out, [rec])
+    log(table(list(records.values())))
     log(f"appended {len(records)} records to {out}")
     return list(records.values())
+
+
+def table(records: list[dict]) -> str:
+    """One line per variant: image p50, speed-up and memory against diffusers (PEER) in the same run,
+    drift against ort-fp32's image; a variant that failed shows why. The records hold the rest."""
+    lines = [f"{'variant':24} {'image p50 s':>11} {'x ' + PEER:>17} {'peak RSS GiB':>12} {'x memory':>8}  "
+             f"vs {FP32} image"]
+    for r in records:
+        name = r.get("variant", "?")
+        if r.get("status") != "ok":
+            lines.append(f"{name:24} {r.get('status')}: {r.get('error') or ''}"[:160])
+            continue
+        speed, mem = r.get("speedup_vs_peer_p50"), r.get("peak_mem_vs_peer")
+        drift = ""
+        if "psnr_vs_ort_fp32_db" in r:
+            db = r["psnr_vs_ort_fp32_db"]
+            drift = ("identical" if db is None else f"{db:.1f} dB") + f" (max {r['max_abs_diff_vs_ort_fp32']} of 255)"
+        lines.append(f"{name:24} {r['image_s_p50']:>11.3f} {f'{speed:.2f}' if speed else '':>17} "
+                     f"{r['peak_rss_bytes'] / 2**30:>12.2f} {f'{mem:.2f}' if mem else '':>8}  {drift}".rstrip())
+    lines.append(f"x {PEER} = its image p50 / this one's (> 1: faster); x memory = this peak RSS / its peak RSS "
+                 "(each variant in its own process)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -418,6 +418,30 @@ def test_step_replays_stay_inside_the_step_tables(cuda_bundle, monkeypatch):
         pm_kernels.set_enabled(True)
 
 
+def test_cpu_run_table():
+    """pm-bench's CPU summary: ratios against diffusers as the records hold them, drift against ort-fp32's
+    image (identical, or dB and the largest pixel difference), a failed variant with its error."""
+    import bench_run
+
+    recs = [{"variant": "diffusers-fp32", "status": "ok", "image_s_p50": 20.0, "peak_rss_bytes": 6 * 2**30,
+             "speedup_vs_peer_p50": 1.0, "peak_mem_vs_peer": 1.0},
+            {"variant": "ort-fp32", "status": "ok", "image_s_p50": 10.0, "peak_rss_bytes": 3 * 2**30,
+             "speedup_vs_peer_p50": 2.0, "peak_mem_vs_peer": 0.5},
+            {"variant": "ort-fp32-lowmem", "status": "ok", "image_s_p50": 11.0, "peak_rss_bytes": 2**30,
+             "speedup_vs_peer_p50": 1.818, "peak_mem_vs_peer": 0.167, "psnr_vs_ort_fp32_db": None,
+             "max_abs_diff_vs_ort_fp32": 0},
+            {"variant": "ort-int8", "status": "ok", "image_s_p50": 5.0, "peak_rss_bytes": 2**30,
+             "speedup_vs_peer_p50": 4.0, "peak_mem_vs_peer": 0.167, "psnr_vs_ort_fp32_db": 38.24,
+             "max_abs_diff_vs_ort_fp32": 21},
+            {"variant": "torch-bf16", "status": "error", "error": "RuntimeError: no"}]
+    lines = bench_run.table(recs).splitlines()
+    assert lines[0].split()[:4] == ["variant", "image", "p50", "s"] and len(lines) == 7
+    assert lines[2].split() == ["ort-fp32", "10.000", "2.00", "3.00", "0.50"]
+    assert lines[3].split()[1:] == ["11.000", "1.82", "1.00", "0.17", "identical", "(max", "0", "of", "255)"]
+    assert lines[4].split()[1:] == ["5.000", "4.00", "1.00", "0.17", "38.2", "dB", "(max", "21", "of", "255)"]
+    assert lines[5] == "torch-bf16               error: RuntimeError: no"
+
+
 def test_gpu_goals_psnr_fields():
     """A PSNR field: a number; None (records.psnr_db: identical images) meets any floor; absent or in a
     failed record, not measured."""
