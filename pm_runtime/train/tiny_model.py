@@ -10,6 +10,7 @@ shape and file format is the real one, and everything is byte-for-byte determini
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import tempfile
 
 import click
 
+from ..concept_table import atomic_write_bytes
 from ..tokenizer import bytes_to_unicode  # one byte table for the writer and the reader
 from . import templates
 
@@ -310,7 +312,9 @@ def write_demo_photos(folder: pathlib.Path, n: int = 4, seed: int = 0, size: int
             d.ellipse((ex - 4, cy - 7, ex + 4, cy + 1), fill=(40, 80, 40))
         d.arc((cx - r // 2, cy + r // 4, cx + r // 2, cy + int(r * 0.8)), 20, 160, fill=(150, 50, 50), width=4)
         path = folder / f"face{i}.png"
-        im.save(path)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        atomic_write_bytes(buf.getvalue(), path)  # a killed run leaves no half-written photo
         paths.append(path)
     return paths
 
