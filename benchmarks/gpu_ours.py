@@ -124,8 +124,6 @@ def _allocated_gib(torch) -> float:
     return round(torch.cuda.memory_allocated() / 2**30, 3)
 
 
-
-
 def _db(value) -> str:
     """A PSNR field for the log: records.psnr_db's None is identical images."""
     return "identical" if value is None else f"{value} dB"
