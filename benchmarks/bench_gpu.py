@@ -36,13 +36,13 @@ if __package__:  # imported as pm_bench.bench_gpu (pm-bench --gpu, an installed 
     from . import gpu_ours
     from .bench_kernels import timed as _timed
     from .random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from .records import append_jsonl, cuda_peak, cuda_reset, environment, pcts, results_dir, slug
+    from .records import append_jsonl, cuda_peak, cuda_reset, environment, failure, pcts, results_dir, slug
 else:  # run as a script: this tree's pm_runtime and the sibling modules
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     import gpu_ours
     from bench_kernels import timed as _timed
     from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from records import append_jsonl, cuda_peak, cuda_reset, environment, pcts, results_dir, slug
+    from records import append_jsonl, cuda_peak, cuda_reset, environment, failure, pcts, results_dir, slug
 
 SCHEMA = "pm-bench-gpu/1"
 EAGER, GRAPH, COMPILE = "diffusers-eager", "diffusers-cuda-graph", "torch-compile-reduce-overhead"
@@ -431,7 +431,7 @@ def _p50(r: dict | None, key: str) -> float | None:
 
 def summary(r: dict) -> str:
     if r.get("status") != "ok":
-        return f"{r['variant']}: {r.get('status')}: {r.get('error') or r.get('reason') or ''}"
+        return f"{r['variant']}: {failure(r)}"
     parts = [f"{k} p50 {_p50(r, k):.2f}" for k in ("unet_step_ms", "call_ms", "image_ms") if _p50(r, k) is not None]
     parts += [f"{k} {r[k]}" for k in ("load_s", "capture_s", "compile_s", "peak_alloc_gib", "peak_reserved_gib",
                                       "steady_peak_alloc_gib", "steady_peak_reserved_gib") if r.get(k) is not None]
@@ -448,7 +448,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         name = r.get("variant", "?")
         if r.get("status") != "ok":
-            lines.append(f"{name:34} {r.get('status')}: {r.get('error') or r.get('reason') or ''}"[:160])
+            lines.append(f"{name:34} {failure(r)}"[:160])
             continue
         step, image = _p50(r, "unet_step_ms"), _p50(r, "image_ms")
         ratios = [f"{b / step:.2f}" if step and b else "" for b in peers]

@@ -70,11 +70,11 @@ from dataclasses import dataclass
 HERE = pathlib.Path(__file__).resolve().parent
 if __package__:  # imported as pm_bench.bench_run (pm-bench, an installed wheel)
     from .random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from .records import append_jsonl, cpu_seconds, environment, pcts, psnr_db, results_dir, wait_quiet
+    from .records import append_jsonl, cpu_seconds, environment, failure, pcts, psnr_db, results_dir, wait_quiet
 else:  # run as a script (also each variant's child process): this tree's pm_runtime, the sibling modules
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     from random_models import make_sd15_shaped_model, make_tiny, make_untrained_concept
-    from records import append_jsonl, cpu_seconds, environment, pcts, psnr_db, results_dir, wait_quiet
+    from records import append_jsonl, cpu_seconds, environment, failure, pcts, psnr_db, results_dir, wait_quiet
 from pm_runtime.resources import peak_rss_bytes  # noqa: E402  (after the path set-up above)
 
 SCHEMA = "pm-bench-run/1"
@@ -359,7 +359,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         name = r.get("variant", "?")
         if r.get("status") != "ok":
-            lines.append(f"{name:24} {r.get('status')}: {r.get('error') or ''}"[:160])
+            lines.append(f"{name:24} {failure(r)}"[:160])
             continue
         speed, mem = r.get("speedup_vs_peer_p50"), r.get("peak_mem_vs_peer")
         drift = ""

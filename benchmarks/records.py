@@ -134,6 +134,11 @@ def proc_status_kib(key: str) -> int:
     return 0
 
 
+def failure(r: dict) -> str:
+    """What a record that is not ok says of itself, for a summary line: "STATUS: error or reason"."""
+    return f"{r.get('status')}: {r.get('error') or r.get('reason') or ''}"
+
+
 def psnr_db(a, b, peak: float = 255.0) -> float | None:
     """PSNR of `a` against `b` in dB, 2 decimals; None when they are identical."""
     import numpy as np
