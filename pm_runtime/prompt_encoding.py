@@ -73,6 +73,15 @@ def concept_words_in(prompt: str) -> list[str]:
     return _CONCEPT_LIKE.findall(prompt)
 
 
+def check_concept_word(word: str) -> None:
+    """A new concept's word must look like <name>: prompts are cut at every occurrence of it, so a plain
+    word ("face") would also match inside other words ("surface") and could never be written as itself,
+    an empty one matches everywhere, and the runtime tells concepts apart by their <name> form."""
+    if not isinstance(word, str) or not _CONCEPT_LIKE.fullmatch(word):
+        raise UserError(f"--concept-word must be a name in angle brackets without spaces, like <persona> or <anna> "
+                        f"(it stands apart from ordinary words in a prompt), got {word!r}")
+
+
 def check_concept_words(prompt: str, concept: ConceptWords | None, concept_name: str | None = None) -> None:
     """Refuse a prompt holding a concept-like word (<name>) that is not the active concept's."""
     others = sorted({w for w in concept_words_in(prompt) if concept is None or w != concept.word})

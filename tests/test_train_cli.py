@@ -100,6 +100,15 @@ def test_bad_numbers_are_one_line_errors(tiny_model, photos, tmp_path, bad, need
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("word", ["face", "", "<my persona>", "<|endoftext|>", "<a><b>"])
+def test_concept_word_must_be_a_bracketed_name(tiny_model, photos, tmp_path, word):
+    """Checked before anything loads: "" reached pm-run's prompt.split("") (a ValueError) after training, and a
+    plain word such as "face" was cut out of "surface" too."""
+    r = run(base_args(tiny_model, photos, tmp_path / "c.pt") + ["--concept-word", word])
+    assert_one_line_error(r, "--concept-word must be a name in angle brackets")
+    assert not list(tmp_path.iterdir())
+
+
 def test_not_an_sd_folder(photos, tmp_path):
     (tmp_path / "m" / "unet").mkdir(parents=True)
     r = run(base_args(tmp_path / "m", photos, tmp_path / "c.pt"))

@@ -40,7 +40,7 @@ def _warn(msg: str) -> None:
 @click.option("--super-class", default="face", show_default=True,
               help="Super-class word: one token; used before the concept stage and to initialise the tokens.")
 @click.option("--concept-word", default="<persona>", show_default=True,
-              help="The word you will write in prompts for this person.")
+              help="The word you will write in prompts for this person: a name in angle brackets, like <anna>.")
 @click.option("--num-tokens", default=4, show_default=True, type=int, help="K placeholder tokens.")
 @click.option("--stage", nargs=2, type=int, default=(400, 800), show_default=True, metavar="LO HI",
               help="Concept-stage timesteps [LO, HI): trained t is drawn there.")

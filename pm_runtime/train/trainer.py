@@ -26,6 +26,7 @@ from ..modeling.loading import (BaseModel, check_sd_layout, Placeholders, add_pl
                                 load_base_model, load_image_encoder, quiet_hf)
 from ..modeling.mapper import Mapper, MapperConfig
 from ..modeling.text_encoder import EquilibriumTextEncoder, scatter_concept
+from ..prompt_encoding import check_concept_word
 from ..prompts import placeholder_text
 from . import data
 from .loss import masked_mse, prompt_lengths, tandem_equilibrium
@@ -113,6 +114,7 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: TrainConfig, warn: Callable[[str], None] = print):
         self.cfg, self.warn = cfg, warn
+        check_concept_word(cfg.concept_word)
         lo, hi = cfg.stage
         if not (0 <= lo < hi <= 1000):
             raise UserError(f"--stage must satisfy 0 <= LO < HI <= 1000, got {lo} {hi}")
