@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 
@@ -66,11 +67,16 @@ def _ok(r: dict | None) -> bool:
 
 def psnr_field(rec, key: str) -> tuple[float | None, str]:
     """(value, text) of a record's PSNR field: absent (or a failed record) is not measured; None is
-    identical images (records.psnr_db), infinitely many dB."""
+    identical images (records.psnr_db), infinitely many dB; NaN (records.append_jsonl writes it as
+    "NaN") is an image holding NaN or inf, which meets no floor."""
     if not _ok(rec) or key not in rec:
         return None, "not measured"
     value = rec[key]
-    return (float("inf"), "identical images") if value is None else (value, f"{value} dB")
+    if value is None:
+        return float("inf"), "identical images"
+    if isinstance(value, str) or not math.isfinite(value):
+        return float("-inf"), "no PSNR: an image holds NaN or inf"
+    return value, f"{value} dB"
 
 
 def verdict(value, goal, lower_is_better: bool = True) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import pathlib
 import platform
@@ -140,10 +141,14 @@ def failure(r: dict) -> str:
 
 
 def psnr_db(a, b, peak: float = 255.0) -> float | None:
-    """PSNR of `a` against `b` in dB, 2 decimals; None when they are identical."""
+    """PSNR of `a` against `b` in dB, 2 decimals; None when they are identical; NaN when either holds
+    NaN or inf (never None then: NaN compares unequal to everything, and read as "identical" it
+    would pass any floor)."""
     import numpy as np
 
     mse = float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean())
+    if not np.isfinite(mse):
+        return float("nan")
     return round(10 * float(np.log10(peak**2 / mse)), 2) if mse > 0 else None
 
 
@@ -168,15 +173,28 @@ def cuda_peak(torch) -> dict:
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
 
 
+def _json_safe(value):
+    """`value` with every non-finite float as the string "NaN" / "Infinity" / "-Infinity": json.dumps
+    would write them bare, which is not JSON (strict readers such as jq and JavaScript refuse the line)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def append_jsonl(path: pathlib.Path, records) -> None:
     """Append each record as one JSON line with one write(2) on an O_APPEND descriptor: lines of
-    runs sharing a file do not interleave, and a crash loses at most the line being written."""
+    runs sharing a file do not interleave, and a crash loses at most the line being written.
+    Non-finite floats are written as strings ("NaN", "Infinity"), keeping every line strict JSON."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         for rec in records:
-            data = (json.dumps(rec, default=str) + "\n").encode()
+            data = (json.dumps(_json_safe(rec), default=str, allow_nan=False) + "\n").encode()
             while data:
                 data = data[os.write(fd, data):]
     finally:

@@ -4,6 +4,7 @@ torch.compile skipped), its records, table and error handling. The GPU figures n
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pm_bench import bench_gpu, cli
-from pm_bench.records import append_jsonl, slug
+from pm_bench.records import append_jsonl, psnr_db, slug
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,6 +156,15 @@ def test_records_helpers(tmp_path):
     append_jsonl(tmp_path / "a" / "r.jsonl", [{"z": 3}])
     assert [json.loads(line) for line in (tmp_path / "a" / "r.jsonl").read_text().splitlines()] == [
         {"x": 1}, {"y": "/p"}, {"z": 3}]
+    # non-finite floats become strings: bare NaN / Infinity is not JSON (strict readers refuse the line)
+    append_jsonl(tmp_path / "n.jsonl", [{"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}])
+    line = (tmp_path / "n.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {line}")) == {
+        "a": "NaN", "b": ["Infinity", 1.5], "c": {"d": "-Infinity"}}
+    # psnr_db: None only for identical images; NaN (not None) when an input holds NaN
+    assert psnr_db([1.0, 2.0], [1.0, 2.0]) is None
+    assert psnr_db([0, 0], [0, 1]) == round(10 * math.log10(255**2 / 0.5), 2)
+    assert math.isnan(psnr_db([float("nan"), 0.0], [0.0, 0.0]))
 
 
 def test_stage_memory_recorder_wraps_and_unwraps(run_bundle):
@@ -452,6 +462,9 @@ def test_gpu_goals_psnr_fields():
     assert gpu_goals.verdict(gpu_goals.psnr_field({"k": None}, "k")[0], 30.0, lower_is_better=False) == "**met**"
     for rec in ({}, {"status": "error", "k": 50.0}, None):
         assert gpu_goals.psnr_field(rec, "k") == (None, "not measured")
+    for bad in ("NaN", float("nan")):  # as append_jsonl writes it, and as psnr_db returns it
+        value, text = gpu_goals.psnr_field({"k": bad}, "k")
+        assert "NaN" in text and gpu_goals.verdict(value, 30.0, lower_is_better=False) == "not met"
 
 
 def test_gpu_goals_report(tmp_path):
