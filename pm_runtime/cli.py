@@ -245,7 +245,9 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
 @click.option("--negative-prompt", default=None,
               help="[default: the published 'monochrome, lowres, bad anatomy, worst quality, low quality']")
 @click.option("--steps", default=50, show_default=True, type=int)
-@click.option("--guidance", default=8.0, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option("--guidance", default=8.0, show_default=True, type=float, help="Classifier-free guidance scale G: each step uses uncond + G x (cond - uncond) "
+                   "for any G (1: the prompt alone, 0: the negative prompt alone; diffusers instead skips guidance "
+                   "at G <= 1).")
 @click.option("--scheduler", default="dpmpp-2m", show_default=True,
               type=click.Choice(["dpmpp-2m", "ddim", "euler", "euler-a"]))
 @click.option("--seed", default=None, type=click.IntRange(0, 2**63 - 1), help="[default: random, printed]")

@@ -223,6 +223,9 @@ class Pipeline:
             raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SCHEDULERS)}")
         if late_stage not in LATE_POLICIES:
             raise UserError(f"late stage must be one of {', '.join(LATE_POLICIES)}, got {late_stage!r}")
+        num_train = int(self.bundle.scheduler_config.get("num_train_timesteps", 1000))
+        if steps > num_train:
+            raise UserError(f"steps must be at most the model's {num_train} training timesteps, got {steps}")
         try:
             tables = schedulers.make_tables(scheduler, self.bundle.scheduler_config, steps)
         except ValueError as e:
@@ -304,6 +307,9 @@ class Pipeline:
                             concept.name if concept else None)
         neg_ids, neg_warn = encode_plain(self.tokenizer, negative_prompt, L, "negative prompt")
         warnings += [*enc.warnings, *neg_warn]
+        if concept_words_in(negative_prompt):
+            warnings.append(f"the negative prompt's {concept_words_in(negative_prompt)[0]} is read as plain text: "
+                            "a concept applies to the prompt only")
         tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, enc.uses_concept)
         sched = schedulers.get_scheduler(scheduler)
         noise_seed = seed if seed is not None else 0

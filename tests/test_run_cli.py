@@ -206,8 +206,10 @@ def test_long_unicode_and_repeated_concept_prompts(run_bundle, tmp_path):
     assert r.exit_code == 0, r.output
     assert "warning: the prompt is" in r.output and "cut off at the same word" in r.output
     prompt = "<persona> und <persona> im Café, 東京の夜 🌃"
-    r = pm_run("--engine", run_bundle, "--prompt", prompt, "--concept", "alice", "--out", tmp_path / "u.png", *FAST)
+    r = pm_run("--engine", run_bundle, "--prompt", prompt, "--concept", "alice", "--out", tmp_path / "u.png",
+               "--negative-prompt", "<persona> with glasses", *FAST)
     assert r.exit_code == 0, r.output
+    assert "warning: the negative prompt's <persona> is read as plain text" in r.output  # silent before
     assert parse_parameters(Image.open(tmp_path / "u.png").info["parameters"])["Prompt"] == prompt  # iTXt chunk
 
 
@@ -266,6 +268,7 @@ BAD = [
                                                         "multiples of 64 from 256 to 1024"),
     (["--concept", "alice", "--width", "2048"], PROMPT, "from 256 to 1024"),
     (["--concept", "alice", "--steps", "0"], PROMPT, "--steps must be >= 1"),
+    (["--concept", "alice", "--steps", "1001"], PROMPT, "steps must be at most the model's 1000 training timesteps"),
     (["--concept", "alice", "--guidance", "nan"], PROMPT, "--guidance must be a finite number"),
     (["--concept", "alice", "--guidance", "inf"], PROMPT, "--guidance must be a finite number"),
     (["--concept", "alice", "--concept-stage", "100", "800"], PROMPT, "inside the baked range 400..800"),
