@@ -24,6 +24,7 @@ load one Pipeline per thread.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import secrets
 import threading
@@ -217,7 +218,8 @@ class Pipeline:
     def plan(self, steps: int, scheduler: str = "dpmpp-2m", late_stage: str = LATE_REUSE,
              concept_stage: tuple[int, int] | None = None, uses_concept: bool = True):
         """(scheduler tables, one Context per step, the concept stage used)."""
-        if not isinstance(steps, int) or steps < 1:
+        steps = _whole("steps", steps)  # numpy integers too; not True or 2.0
+        if steps < 1:
             raise UserError(f"steps must be a whole number >= 1, got {steps!r}")
         if scheduler not in schedulers.SCHEDULERS:
             raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SCHEDULERS)}")
@@ -272,10 +274,10 @@ class Pipeline:
             if not isinstance(text, str):
                 raise UserError(f"{name} must be a string (one prompt per call; num_images for several images), "
                                 f"got {type(text).__name__}")
-        if not np.isfinite(guidance):
-            raise UserError(f"guidance must be a finite number, got {guidance}")
-        seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
-            ("seed", seed), ("height", height), ("width", width), ("num_images", num_images)))
+        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not np.isfinite(guidance):
+            raise UserError(f"guidance must be a finite number, got {guidance!r}")
+        steps, seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
+            ("steps", steps), ("seed", seed), ("height", height), ("width", width), ("num_images", num_images)))
         if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
             names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
             raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")

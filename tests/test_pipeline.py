@@ -412,13 +412,17 @@ def test_bad_arguments(ort_pipe):
                        (dict(height="256"), "height must be a whole number, got '256'"),
                        (dict(width=True), "width must be a whole number"),
                        (dict(num_images=0), "number of images must be >= 1, got 0"),
-                       (dict(height=0), "unsupported size 256x0")):
+                       (dict(height=0), "unsupported size 256x0"),
+                       (dict(steps=True), "steps must be a whole number, got True"),  # ran one step
+                       (dict(guidance="7"), "guidance must be a finite number, got '7'"),  # numpy's TypeError
+                       (dict(guidance=None), "guidance must be a finite number, got None")):
         with pytest.raises(UserError, match=match):
             g(**bad)
     for prompt in (None, [PROMPT, PROMPT]):
         with pytest.raises(UserError, match="prompt must be a string .one prompt per call"):
             ort_pipe.generate(prompt, seed=1, steps=1, height=SIDE, width=SIDE)
-    assert g(seed=np.int64(3), steps=1, num_images=np.int32(1)).images.shape[0] == 1  # numpy integers are whole
+    # numpy numbers are numbers (steps=np.int64(1) was refused as "not a whole number")
+    assert g(seed=np.int64(3), steps=np.int64(1), num_images=np.int32(1), guidance=np.float32(7.5)).images.shape[0] == 1
 
 
 # ---------------------------------------------------------------- backends
