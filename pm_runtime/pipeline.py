@@ -235,7 +235,12 @@ class Pipeline:
         if not uses_concept or self.concept is None:
             return tables, [SUPER_CLASS] * tables.num_steps, None
         t = self.concept.table
-        lo, hi = concept_stage if concept_stage is not None else (t.stage_lo, t.stage_hi)
+        if concept_stage is None:
+            lo, hi = t.stage_lo, t.stage_hi
+        elif isinstance(concept_stage, (tuple, list)) and len(concept_stage) == 2:
+            lo, hi = (_whole("concept stage bounds", v) for v in concept_stage)  # the table holds whole t
+        else:
+            raise UserError(f"concept stage must be a pair (low, high), got {concept_stage!r}")
         if not (t.stage_lo <= lo <= hi <= t.stage_hi):
             raise UserError(f"concept stage {lo}..{hi} must lie inside the baked range {t.stage_lo}..{t.stage_hi} "
                             "with low <= high")
@@ -274,6 +279,10 @@ class Pipeline:
             if not isinstance(text, str):
                 raise UserError(f"{name} must be a string (one prompt per call; num_images for several images), "
                                 f"got {type(text).__name__}")
+        if callback is not None and not callable(callback):
+            raise UserError(f"callback must be a callable, got {callback!r}")
+        if cancel is not None and not (callable(cancel) or hasattr(cancel, "is_set")):
+            raise UserError(f"cancel must be a threading.Event or a callable, got {cancel!r}")
         if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not np.isfinite(guidance):
             raise UserError(f"guidance must be a finite number, got {guidance!r}")
         steps, seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (

@@ -415,7 +415,12 @@ def test_bad_arguments(ort_pipe):
                        (dict(height=0), "unsupported size 256x0"),
                        (dict(steps=True), "steps must be a whole number, got True"),  # ran one step
                        (dict(guidance="7"), "guidance must be a finite number, got '7'"),  # numpy's TypeError
-                       (dict(guidance=None), "guidance must be a finite number, got None")):
+                       (dict(guidance=None), "guidance must be a finite number, got None"),
+                       (dict(concept_stage=(450.5, 700)), "concept stage bounds must be a whole number, got 450.5"),
+                       (dict(concept_stage=(500,)), "concept stage must be a pair"),  # ValueError (unpacking)
+                       (dict(concept_stage=("400", "800")), "concept stage bounds must be a whole number"),
+                       (dict(cancel="yes"), "cancel must be a threading.Event or a callable"),  # at step 1
+                       (dict(callback=1), "callback must be a callable")):
         with pytest.raises(UserError, match=match):
             g(**bad)
     for prompt in (None, [PROMPT, PROMPT]):
