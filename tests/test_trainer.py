@@ -281,3 +281,31 @@ def test_v_prediction_model_and_fp16(tiny_model, photos, tmp_path):
     assert np.isfinite(tr.optimizer_step())
     half = Trainer(train_config(tiny_model, photos, tmp_path / "h.pt", precision="fp16"), warn=quiet)
     assert half.scaler.is_enabled() and np.isfinite(half.optimizer_step())
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (dict(resolution="64"), "--resolution must be a whole number, got '64'"),  # a string-formatting TypeError
+    (dict(steps=2.5), "--steps must be a whole number, got 2.5"),  # was taken
+    (dict(stage=(400.5, 800)), "--stage must be 2 whole numbers"),  # was taken
+    (dict(lr="1e-4"), "--lr must be a number"), (dict(batch_size=True), "--batch-size must be a whole number"),
+    (dict(super_class=3), "--super-class must be a string"), (dict(model=None), "--model must be a path"),
+    (dict(center_crop="no"), "--center-crop must be True or False"), (dict(betas=(0.9,)), "--betas must be 2 numbers")])
+def test_api_config_types_are_checked_first(tmp_path, bad, needle):
+    """The Python API gets no click conversion: each field must have its annotated type, checked
+    before anything loads (the model folder here does not even exist)."""
+    from pm_runtime.errors import UserError
+    from pm_runtime.train.trainer import TrainConfig
+
+    cfg = TrainConfig(**{"model": str(tmp_path / "none"), "images": str(tmp_path), "out": str(tmp_path / "c.pt"),
+                         **bad})
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        Trainer(cfg, warn=lambda m: None)
+
+
+def test_api_config_types_take_paths_and_numpy_numbers(tmp_path):
+    from pathlib import Path
+
+    from pm_runtime.train.trainer import TrainConfig, check_config_types
+
+    check_config_types(TrainConfig(model=Path("m"), images=Path("i"), out=tmp_path / "c.pt", resolution=np.int64(64),
+                                   lr=np.float32(1e-4), stage=[400, 800], steps=np.int32(3), clipseg=None))

@@ -10,8 +10,10 @@ Unlike the published code, the VAE encoder and the CLIP image encoder run once p
 from __future__ import annotations
 
 import hashlib
+import numbers
+import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +75,41 @@ class TrainConfig:
         return self.lr * self.grad_accum * self.batch_size
 
 
+_PATHS = {"model", "images", "out", "image_encoder", "mask_dir", "clipseg", "reference_image"}
+
+
+def check_config_types(cfg: TrainConfig) -> None:
+    """UserError naming the option unless every field has its annotated type (the Python API gets no
+    click conversion: resolution="64" was a string-formatting TypeError, steps=2.5 and stage=(400.5, 800)
+    were taken). Paths may be str or os.PathLike; numpy numbers pass; bool is not a number."""
+    def kind_ok(kind: str, name: str, v) -> bool:
+        if kind == "int":
+            return not isinstance(v, bool) and hasattr(v, "__index__")
+        if kind == "float":
+            return not isinstance(v, bool) and isinstance(v, numbers.Real)
+        if kind == "bool":
+            return isinstance(v, (bool, np.bool_))
+        return isinstance(v, (str, os.PathLike)) if name in _PATHS else isinstance(v, str)
+
+    for f in fields(cfg):
+        v, kind = getattr(cfg, f.name), str(f.type)
+        if kind.endswith(" | None"):
+            if v is None:
+                continue
+            kind = kind[:-len(" | None")]
+        if kind.startswith("tuple["):
+            parts = kind[len("tuple["):-1].split(", ")
+            ok = isinstance(v, (tuple, list)) and len(v) == len(parts) and all(
+                kind_ok(k, f.name, x) for k, x in zip(parts, v))
+            want = f"{len(parts)} " + ("whole numbers" if parts[0] == "int" else "numbers")
+        else:
+            ok = kind_ok(kind, f.name, v)
+            want = {"int": "a whole number", "float": "a number", "bool": "True or False"}.get(
+                kind, "a path" if f.name in _PATHS else "a string")
+        if not ok:
+            raise UserError(f"--{f.name.replace('_', '-')} must be {want}, got {v!r}")
+
+
 @dataclass
 class Batch:
     """Every random draw of one micro-step, explicit."""
@@ -114,6 +151,7 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: TrainConfig, warn: Callable[[str], None] = print):
         self.cfg, self.warn = cfg, warn
+        check_config_types(cfg)
         check_concept_word(cfg.concept_word)
         lo, hi = cfg.stage
         if not (0 <= lo < hi <= 1000):
