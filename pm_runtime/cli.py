@@ -16,6 +16,7 @@ import click
 
 from . import formats as F
 from .errors import UserError
+from .png import IMAGE_FORMATS, SUFFIXES
 from .resources import peak_rss_bytes
 from .stages import LATE_POLICIES, LATE_REUSE
 
@@ -39,9 +40,10 @@ the first time it runs an image size there (seconds to a minute, once: the choic
 120, per run: what is left is measured by the next run); PM_KERNELS_TUNE=0 skips that.
 
 Initial latents come from the project's own noise generator: the same seed gives the same image
-on every backend (and, on one machine and backend, the same PNG bytes). PNGs carry their settings
-in a `parameters` text chunk as AUTOMATIC1111 writes it. Errors are one line; nothing is written
-unless the whole run succeeded (each PNG is written to a temporary file and renamed).
+on every backend (and, on one machine and backend, the same file bytes). Images carry their
+settings as AUTOMATIC1111 writes them: PNG in a `parameters` text chunk, JPEG and WebP in EXIF
+UserComment. Errors are one line; nothing is written unless the whole run succeeded (each image
+is written to a temporary file and renamed).
 """
 
 
@@ -75,6 +77,7 @@ class RunConfig:
     ort_cache: Path | None = None
     int8_weights: bool = False
     dtype: str | None = None
+    format: str | None = None  # png / jpeg / webp; None: from --out's suffix, else png
 
 
 def find_bundle(engine: Path) -> tuple[Path, str | None]:
@@ -89,26 +92,41 @@ def find_bundle(engine: Path) -> tuple[Path, str | None]:
     raise UserError(f"{engine} is not inside a bundle (no {F.BUNDLE_MANIFEST} in its folders)")
 
 
-# --out names with these suffixes are meant as image files, not as folders to fill with PNGs
-OTHER_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic"}
+# --out names with these suffixes are meant as image files pm-run does not write, not as folders
+OTHER_IMAGE_SUFFIXES = {".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic"}
 
 
-def output_paths(out: Path, n: int, seed: int) -> list[Path]:
-    """`out` ending in .png: that file (NAME-1.png, NAME-2.png, ... for several images); else a
-    folder, where files are numbered after the highest number already there (never overwritten)."""
+def output_format(out: Path, fmt: str | None) -> str:
+    """The format written: --out's suffix when it names a .png / .jpg / .jpeg / .webp file (a
+    different --format is an error), else --format (default png)."""
     out = Path(out)
-    if out.suffix.lower() == ".png":
+    suffix = out.suffix.lower()
+    if out.is_dir():
+        return fmt or "png"
+    if suffix in IMAGE_FORMATS:
+        if fmt is not None and fmt != IMAGE_FORMATS[suffix]:
+            raise UserError(f"--format {fmt} does not match --out {out} (a {IMAGE_FORMATS[suffix]} name)")
+        return IMAGE_FORMATS[suffix]
+    if suffix in OTHER_IMAGE_SUFFIXES:  # not a folder called knight.bmp
+        raise UserError(f"--out {out}: pm-run writes PNG, JPEG or WebP files (their settings inside); "
+                        "name a .png, .jpg or .webp file or a folder")
+    return fmt or "png"
+
+
+def output_paths(out: Path, n: int, seed: int, fmt: str = "png") -> list[Path]:
+    """`out` naming an image file: that file (NAME-1.EXT, NAME-2.EXT, ... for several images); else a
+    folder, where files NNNNN-SEED.EXT are numbered after the highest number already there (never
+    overwritten)."""
+    out = Path(out)
+    if out.suffix.lower() in IMAGE_FORMATS and not out.is_dir():
         return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
-    if out.suffix.lower() in OTHER_IMAGE_SUFFIXES and not out.is_dir():  # not a folder called knight.jpg
-        raise UserError(f"--out {out}: pm-run writes PNG files (their settings in a text chunk); "
-                        "name a .png file or a folder")
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder (name a .png file or a folder)")
+        raise UserError(f"--out {out} exists and is not a folder (name a .png, .jpg or .webp file or a folder)")
     start = 0
     if out.is_dir():
         nums = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
         start = max(nums, default=-1) + 1
-    return [out / f"{start + i:05d}-{seed}.png" for i in range(n)]
+    return [out / f"{start + i:05d}-{seed}{SUFFIXES[fmt]}" for i in range(n)]
 
 
 def check_writable(paths: list[Path]) -> None:
@@ -165,6 +183,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
         raise UserError(f"--guidance must be a finite number, got {cfg.guidance}")
     if cfg.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {cfg.num_images}")
+    fmt = output_format(cfg.out, cfg.format)
     root, prefer = find_bundle(cfg.engine)
     options = {k: v for k, v in (("model", cfg.model), ("threads", cfg.threads), ("cache_dir", cfg.ort_cache),
                                  ("dtype", cfg.dtype)) if v is not None}
@@ -184,7 +203,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
     if cfg.seed is None:
         log(f"seed: {seed}")
-    paths = output_paths(cfg.out, cfg.num_images, seed)
+    paths = output_paths(cfg.out, cfg.num_images, seed, fmt)
     check_writable(paths)
     from tqdm import tqdm
 
@@ -210,7 +229,10 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
         log(f"image {i + 1} of {cfg.num_images} was flagged by the safety checker (an NSFW concept scored above its "
             f"threshold): {paths[i]} is not written")
     keep = [i for i in range(cfg.num_images) if i not in flagged]
-    blobs = {i: result.png(i) for i in keep}  # encode everything before writing anything
+    try:
+        blobs = {i: result.encode(i, fmt) for i in keep}  # encode everything before writing anything
+    except ValueError as e:
+        raise UserError(str(e)) from None
     for i in keep:
         try:
             atomic_write_bytes(blobs[i], paths[i])
@@ -245,8 +267,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
 @click.option("--negative-prompt", default=None,
               help="[default: the published 'monochrome, lowres, bad anatomy, worst quality, low quality']")
 @click.option("--steps", default=50, show_default=True, type=int)
-@click.option("--guidance", default=8.0, show_default=True, type=float, help="Classifier-free guidance scale G: each step uses uncond + G x (cond - uncond) "
-                   "for any G (1: the prompt alone, 0: the negative prompt alone; diffusers instead skips guidance "
+@click.option("--guidance", default=8.0, show_default=True, type=float,
+              help="Classifier-free guidance scale G: each step uses uncond + G x (cond - uncond) for any G (1: the prompt alone, 0: the negative prompt alone; diffusers instead skips guidance "
                    "at G <= 1).")
 @click.option("--scheduler", default="dpmpp-2m", show_default=True,
               type=click.Choice(["dpmpp-2m", "ddim", "euler", "euler-a"]))
@@ -265,7 +287,11 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
               help="The base model folder (diffusers layout): needed by --backend torch (and by torch-cuda "
                    "when the bundle has no torch weights).")
 @click.option("--out", default=Path("."), show_default=True, type=click.Path(path_type=Path),
-              help="A .png file, or a folder (files numbered NNNNN-SEED.png). PNG only: a .jpg name is an error.")
+              help="An image file (.png, .jpg / .jpeg or .webp: the format follows the name), or a folder "
+                   "(files numbered NNNNN-SEED.png, or the --format's suffix).")
+@click.option("--format", "fmt", default=None, type=click.Choice(["png", "jpeg", "webp"]),
+              help="Image format for a folder --out [default: png]: jpeg (quality 95, no chroma subsampling) and webp (lossless) carry "
+                   "the settings in EXIF UserComment, as AUTOMATIC1111 writes those formats.")
 @click.option("--late-stage", default=LATE_REUSE, show_default=True, type=click.Choice(list(LATE_POLICIES)),
               help="Steps below the concept stage: reuse the last concept context (published) or the super-class.")
 @click.option("--concept-stage", nargs=2, type=int, default=None, metavar="LO HI",
@@ -302,7 +328,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                    "Implies --backend torch-cuda.")
 def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height, width,
          backend, device, model, out, late_stage, concept_stage, allow_no_concept, no_safety_checker, as_json,
-         threads, low_memory, ort_cache, int8_weights, dtype) -> None:
+         threads, low_memory, ort_cache, int8_weights, dtype, fmt) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
         # peaks in new processes on an H200 were 0.04-0.07 GB lower with it (gpu-fresh-expandable-h200.jsonl)
@@ -310,7 +336,7 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
     cfg = RunConfig(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height,
                     width, backend, device, model, out, late_stage, tuple(concept_stage) if concept_stage else None,
                     allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights,
-                    dtype)
+                    dtype, fmt)
     try:
         with warnings.catch_warnings():  # Python warnings as one line each, like pm-run's other notes
             warnings.showwarning = _warning_line

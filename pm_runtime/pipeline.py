@@ -43,7 +43,7 @@ from .backends.base import Backend, DenoiseJob, select_backend
 from .bundle import Bundle, open_bundle, sha256_file
 from .concept_table import ConceptTable, load_table
 from .errors import UserError
-from .png import SAMPLER_NAMES, parameters_text, png_bytes
+from .png import SAMPLER_NAMES, image_bytes, parameters_text, png_bytes
 from .prompt_encoding import ConceptWords, EncodedPrompt, concept_words_in, encode_plain, encode_prompt
 from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
 from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, distinct_contexts, stage_plan
@@ -119,6 +119,10 @@ class Generation:
 
     def png(self, i: int = 0) -> bytes:
         return png_bytes(self.images[i], self.parameters(i))
+
+    def encode(self, i: int = 0, fmt: str = "png") -> bytes:
+        """Image i as the bytes of a PNG, JPEG or WebP file, its settings inside (pm_runtime.png)."""
+        return image_bytes(self.images[i], self.parameters(i), fmt)
 
     def summary(self) -> dict:
         return {"settings": asdict(self.settings), "concept": self.concept.name if self.concept else None,

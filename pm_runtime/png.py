@@ -1,15 +1,17 @@
-"""PNG files carrying their generation parameters as AUTOMATIC1111's web UI writes them. No torch.
+"""Image files carrying their generation parameters as AUTOMATIC1111's web UI writes them. No torch.
 
-One text chunk with the keyword `parameters` (tEXt when the text is Latin-1, else iTXt, as
-Pillow's PngInfo.add_text decides; that is what A1111 writes through Pillow too):
+PNG (the default): one text chunk with the keyword `parameters` (tEXt when the text is Latin-1,
+else iTXt, as Pillow's PngInfo.add_text decides; that is what A1111 writes through Pillow too):
 
     a photo of <persona> as a knight
     Negative prompt: monochrome, lowres, bad anatomy, worst quality, low quality
     Steps: 50, Sampler: DPM++ 2M, CFG scale: 8.0, Seed: 233, Size: 512x512, ...
 
 Values holding a comma, colon or newline are JSON-quoted (A1111's `quote`), so A1111, ComfyUI
-loaders, sd-parsers, civitai and `parse_parameters` below read them back. Encoding is
-deterministic: the same image and text give the same bytes.
+loaders, sd-parsers, civitai and `parse_parameters` below read them back. JPEG (quality 95, 4:4:4) and
+WebP (lossless: the PNG's pixels exactly) carry the same text where A1111 puts it in those formats:
+the EXIF UserComment tag, "UNICODE\\0" + UTF-16 big-endian (piexif's encoding); `read_parameters`
+reads either place. Encoding is deterministic: the same image and text give the same bytes.
 """
 
 from __future__ import annotations
@@ -65,12 +67,64 @@ def parse_parameters(text: str) -> dict[str, str]:
     return out
 
 
+# file suffix -> format written (anything else with an image suffix is refused by pm-run)
+IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+JPEG_QUALITY = 95
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD, its UserComment tag
+_UNICODE, _ASCII = b"UNICODE\0", b"ASCII\0\0\0"  # UserComment's 8-byte character-code prefixes
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
+
+
+def image_bytes(image: np.ndarray, parameters: str | None = None, fmt: str = "png") -> bytes:
+    """(H, W, 3) uint8 -> the bytes of a PNG, JPEG or WebP file carrying `parameters`."""
+    if fmt == "png":
+        return png_bytes(image, parameters)
+    if fmt not in ("jpeg", "webp"):
+        raise ValueError(f"unknown image format {fmt!r}; choose png, jpeg or webp")
+    from PIL import Image
+
+    _check_image(image)
+    exif = Image.Exif()
+    if parameters is not None:
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE + parameters.encode("utf-16-be")
+    # JPEG without chroma subsampling (4:4:4): Pillow's default 4:2:0 halves the colour resolution
+    options = {"quality": JPEG_QUALITY, "subsampling": 0} if fmt == "jpeg" else {"lossless": True}
+    buf = io.BytesIO()
+    try:
+        Image.fromarray(image, "RGB").save(buf, format=fmt.upper(), exif=exif.tobytes(), **options)
+    except ValueError as e:  # a JPEG marker segment holds at most 64 KiB
+        raise ValueError(f"the settings text ({len(parameters or '')} characters) does not fit a {fmt.upper()} "
+                         f"file's EXIF block ({e}): write PNG or WebP") from None
+    return buf.getvalue()
+
+
+def read_parameters(image) -> str | None:
+    """The parameters text of an opened PIL image: a PNG's `parameters` chunk, or a JPEG's / WebP's
+    EXIF UserComment (UNICODE: UTF-16 big-endian, ASCII, or no prefix as UTF-8). None if it has neither."""
+    text = image.info.get("parameters")
+    if text is not None:
+        return text
+    raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes):
+        return None
+    if raw.startswith(_UNICODE):
+        return raw[len(_UNICODE):].decode("utf-16-be", errors="replace")
+    return raw[len(_ASCII):].decode("ascii", errors="replace") if raw.startswith(_ASCII) else raw.decode(
+        "utf-8", errors="replace")
+
+
 def png_bytes(image: np.ndarray, parameters: str | None = None) -> bytes:
     """(H, W, 3) uint8 -> PNG bytes with a `parameters` text chunk."""
     from PIL import Image, PngImagePlugin
 
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
+    _check_image(image)
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)

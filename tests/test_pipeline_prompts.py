@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pm_runtime.errors import UserError
-from pm_runtime.png import parameters_text, parse_parameters, png_bytes
+from pm_runtime.png import image_bytes, parameters_text, parse_parameters, png_bytes, read_parameters
 from pm_runtime.prompt_encoding import ConceptWords, encode_plain, encode_prompt
 from pm_runtime.tokenizer import ClipTokenizer
 
@@ -118,3 +118,31 @@ def test_png_parameters_round_trip():
 
     im = Image.open(io.BytesIO(blob))
     assert im.info["parameters"] == text and np.array_equal(np.asarray(im), img)
+
+
+def test_jpeg_and_webp_carry_the_parameters_in_exif_usercomment():
+    """Where A1111 puts them in these formats: EXIF UserComment (tag 0x9286 in the Exif IFD), "UNICODE\\0"
+    then UTF-16 big-endian, piexif's encoding; read_parameters also reads ASCII-prefixed and bare comments."""
+    import io
+
+    text = parameters_text("a photo of <persona>, 東京 🌃", "lowres", {"Steps": 2, "Seed": 233})
+    img = np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    for fmt, name in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        blob = image_bytes(img, text, fmt)
+        assert blob == image_bytes(img, text, fmt)  # deterministic
+        im = Image.open(io.BytesIO(blob))
+        assert im.format == name and im.size == (24, 16)
+        assert im.getexif().get_ifd(0x8769)[0x9286] == b"UNICODE\0" + text.encode("utf-16-be")
+        assert read_parameters(im) == text
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(image_bytes(img, text, "webp")))), img)  # lossless
+    for comment, want in ((b"ASCII\0\0\0Steps: 3", "Steps: 3"), (b"Steps: 4", "Steps: 4")):
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = comment
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", exif=exif.tobytes())
+        assert read_parameters(Image.open(buf)) == want
+    assert read_parameters(Image.open(io.BytesIO(image_bytes(img, None, "jpeg")))) is None
+    with pytest.raises(ValueError, match="does not fit a JPEG file's EXIF block"):
+        image_bytes(img, "x" * 40000, "jpeg")  # a JPEG marker segment holds at most 64 KiB
+    with pytest.raises(ValueError, match="unknown image format 'gif'"):
+        image_bytes(img, text, "gif")

@@ -20,7 +20,7 @@ from pm_runtime import formats as F
 from pm_runtime.backends.base import CheckedNetwork
 from pm_runtime.bundle import write_manifest
 from pm_runtime.cli import main
-from pm_runtime.png import parse_parameters
+from pm_runtime.png import parse_parameters, read_parameters
 from pm_runtime.specs import VAE_DECODER
 
 from test_pipeline import PROMPT
@@ -329,17 +329,30 @@ def test_unwritable_output(run_bundle, tmp_path):
     assert_one_line_error(r, "exists and is not a folder")
 
 
-def test_output_named_as_another_image_format(run_bundle, tmp_path):
-    """--out knight.jpg is an error (pm-run writes PNG), not a folder called knight.jpg; an existing folder of
-    that name is still a folder."""
-    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "k.JPG", *FAST)
-    assert_one_line_error(r, "pm-run writes PNG files")
-    assert not list(tmp_path.iterdir())
+def test_output_formats(run_bundle, tmp_path):
+    """--out k.JPG writes a JPEG and a folder with --format webp lossless WebPs, each carrying the settings in
+    EXIF UserComment (the PNG's text); --out k.bmp is an error, not a folder called k.bmp; a --format that
+    contradicts --out's name is an error; an existing folder named shots.webp is still a folder."""
+    args = ("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", *FAST)
+    for out, extra, needle in ((tmp_path / "k.bmp", (), "pm-run writes PNG, JPEG or WebP files"),
+                               (tmp_path / "k.jpg", ("--format", "png"), "--format png does not match --out")):
+        assert_one_line_error(pm_run(*args, "--out", out, *extra), needle)
+        assert not list(tmp_path.iterdir())
     (tmp_path / "shots.webp").mkdir()
-    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", tmp_path / "shots.webp",
-               *FAST)
-    assert r.exit_code == 0, r.output
-    assert [p.name for p in (tmp_path / "shots.webp").iterdir()] == ["00000-233.png"]
+    for out, extra in ((tmp_path / "k.png", ()), (tmp_path / "k.JPG", ()),
+                       (tmp_path / "shots.webp", ("--format", "webp"))):
+        r = pm_run(*args, "--out", out, *extra)
+        assert r.exit_code == 0, r.output
+    assert [p.name for p in (tmp_path / "shots.webp").iterdir()] == ["00000-233.webp"]
+    png, jpg, webp = (Image.open(p) for p in (tmp_path / "k.png", tmp_path / "k.JPG", tmp_path / "shots.webp" /
+                                               "00000-233.webp"))
+    assert (png.format, jpg.format, webp.format) == ("PNG", "JPEG", "WEBP")
+    assert read_parameters(jpg) == read_parameters(webp) == read_parameters(png) == png.info["parameters"]
+    assert parse_parameters(read_parameters(jpg))["Prompt"] == PROMPT
+    pixels = np.asarray(png)
+    assert np.array_equal(np.asarray(webp), pixels)  # lossless
+    mse = ((np.asarray(jpg).astype(float) - pixels) ** 2).mean()
+    assert 0 < mse and 10 * np.log10(255**2 / mse) > 30  # 36 dB: quality 95, 4:4:4, a noise image (random weights)
 
 
 def test_nan_image_is_never_written(run_bundle, tmp_path, monkeypatch):
