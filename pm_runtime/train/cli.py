@@ -18,7 +18,7 @@ of batch 1 with 2-step gradient accumulation, AdamW, effective learning rate 1e-
 
 \b
 Example (the project's tiny random model, seconds on a CPU):
-  pm-make-tiny-model tiny-sd
+  pm-make-tiny-model tiny-sd --photos photos   # the model and 4 synthetic photos
   pm-train --model tiny-sd --images photos/ --out concept.pt --resolution 64 --steps 20
 """
 
