@@ -113,20 +113,51 @@ def output_format(out: Path, fmt: str | None) -> str:
     return fmt or "png"
 
 
+def names_a_file(out: Path) -> bool:
+    """Whether --out names an image file (else a folder of numbered images)."""
+    return Path(out).suffix.lower() in IMAGE_FORMATS and not Path(out).is_dir()
+
+
 def output_paths(out: Path, n: int, seed: int, fmt: str = "png") -> list[Path]:
     """`out` naming an image file: that file (NAME-1.EXT, NAME-2.EXT, ... for several images); else a
     folder, where files NNNNN-SEED.EXT are numbered after the highest number already there (never
     overwritten)."""
     out = Path(out)
-    if out.suffix.lower() in IMAGE_FORMATS and not out.is_dir():
+    if names_a_file(out):
         return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder (name a .png, .jpg or .webp file or a folder)")
-    start = 0
-    if out.is_dir():
-        nums = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
-        start = max(nums, default=-1) + 1
+    start = _next_number(out) if out.is_dir() else 0
     return [out / f"{start + i:05d}-{seed}{SUFFIXES[fmt]}" for i in range(n)]
+
+
+_NUMBERED = re.compile(r"(\d{5,})-")
+
+
+def _next_number(folder: Path) -> int:
+    nums = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))]
+    return max(nums, default=-1) + 1
+
+
+def write_image(data: bytes, path: Path, numbered: bool) -> Path:
+    """Write one image atomically; returns the path written. A file the user named is replaced; a
+    numbered one (folder --out) never is: its name is claimed when written, and where another pm-run
+    took it meanwhile (two runs into one folder) the image takes the next free number instead."""
+    from .concept_table import atomic_write_bytes
+
+    if not numbered:
+        atomic_write_bytes(data, path)
+        return path
+    m = _NUMBERED.match(path.name)
+    num, rest = int(m.group(1)), path.name[m.end(1):]
+    for _ in range(1000):
+        try:
+            atomic_write_bytes(data, path, exclusive=True)
+            return path
+        except FileExistsError:
+            num = max(num + 1, _next_number(path.parent))
+            path = path.with_name(f"{num:05d}{rest}")
+    raise UserError(f"cannot find a free file name in {path.parent} (other runs keep taking them)")
 
 
 def check_writable(paths: list[Path]) -> None:
@@ -174,7 +205,6 @@ def _bf16_hint(cfg: RunConfig, pipe) -> str | None:
 
 
 def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
-    from .concept_table import atomic_write_bytes
     from .pipeline import NEGATIVE_PROMPT, Pipeline
 
     if cfg.steps < 1:
@@ -204,6 +234,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     if cfg.seed is None:
         log(f"seed: {seed}")
     paths = output_paths(cfg.out, cfg.num_images, seed, fmt)
+    numbered = not names_a_file(cfg.out)
     check_writable(paths)
     from tqdm import tqdm
 
@@ -235,7 +266,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
         raise UserError(str(e)) from None
     for i in keep:
         try:
-            atomic_write_bytes(blobs[i], paths[i])
+            paths[i] = write_image(blobs[i], paths[i], numbered)
         except OSError as e:
             raise UserError(f"cannot write {paths[i]}: {e.strerror or e}") from None
     t = result.timings
@@ -288,7 +319,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                    "when the bundle has no torch weights).")
 @click.option("--out", default=Path("."), show_default=True, type=click.Path(path_type=Path),
               help="An image file (.png, .jpg / .jpeg or .webp: the format follows the name), or a folder "
-                   "(files numbered NNNNN-SEED.png, or the --format's suffix).")
+                   "(files numbered NNNNN-SEED.png, or the --format's suffix, after the highest number there; never "
+                   "overwritten, even by runs writing into the same folder at once).")
 @click.option("--format", "fmt", default=None, type=click.Choice(["png", "jpeg", "webp"]),
               help="Image format for a folder --out [default: png]: jpeg (quality 95, no chroma subsampling) and webp (lossless) carry "
                    "the settings in EXIF UserComment, as AUTOMATIC1111 writes those formats.")

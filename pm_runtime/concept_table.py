@@ -76,8 +76,12 @@ class ConceptTable:
         }
 
 
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, rename: never a half-written file."""
+def atomic_write_bytes(data: bytes, path: Path, exclusive: bool = False) -> None:
+    """Write to a temp file in the same folder, fsync, rename: never a half-written file. `exclusive`:
+    never replace an existing `path` (FileExistsError instead), even against another process writing the
+    same name at the same moment: the finished temp file is hard-linked to the name, which the OS does
+    only where nothing is there (on filesystems without hard links the name is first created empty with
+    O_EXCL, then replaced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -89,10 +93,29 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600
-        os.replace(tmp, path)
+        if exclusive:
+            _install_exclusive(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _install_exclusive(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # atomic: fails with FileExistsError where `path` exists
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network filesystems): claim the name, then fill it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)  # the empty name this call claimed
+            raise
+        return
+    os.unlink(tmp)
 
 
 def save_table(table: ConceptTable, path: Path) -> None:

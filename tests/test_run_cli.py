@@ -329,6 +329,50 @@ def test_unwritable_output(run_bundle, tmp_path):
     assert_one_line_error(r, "exists and is not a folder")
 
 
+def test_a_number_taken_meanwhile_is_never_overwritten(run_bundle, tmp_path, monkeypatch):
+    """Two pm-runs into one folder: the name picked before generating may be taken by the other run by the
+    time this one writes; the image then takes the next free number and the other run's file is untouched."""
+    import pm_runtime.cli as cli
+
+    out, theirs = tmp_path / "shots", b"the other run's image"
+    check = cli.check_writable
+
+    def other_run_writes_meanwhile(paths):
+        check(paths)
+        for p in paths:  # what a concurrent run, numbering from the same listing, writes first
+            p.write_bytes(theirs)
+
+    monkeypatch.setattr(cli, "check_writable", other_run_writes_meanwhile)
+    r = CliRunner().invoke(main, [str(a) for a in ("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice",
+                                                   "--out", out, "--num-images", "2", "--json", *FAST)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["files"] == [str(out / "00002-233.png"), str(out / "00003-233.png")]
+    assert [(out / f"0000{i}-233.png").read_bytes() for i in (0, 1)] == [theirs, theirs]
+    assert all(Image.open(out / f"0000{i}-233.png").size == (256, 256) for i in (2, 3))
+    assert sorted(p.name for p in out.iterdir()) == [f"0000{i}-233.png" for i in range(4)]  # no temp files left
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_exclusive_atomic_write(tmp_path, monkeypatch, hard_links):
+    """atomic_write_bytes(exclusive=True) refuses an existing name and leaves nothing behind, with hard links
+    and on filesystems without them (FAT, some network shares: os.link raises EPERM / ENOTSUP)."""
+    import errno
+
+    from pm_runtime.concept_table import atomic_write_bytes
+
+    if not hard_links:
+        def no_link(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    target = tmp_path / "00000-1.png"
+    atomic_write_bytes(b"first", target, exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic_write_bytes(b"second", target, exclusive=True)
+    assert target.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    atomic_write_bytes(b"replaced", target)  # not exclusive: a name the user gave is replaced
+    assert target.read_bytes() == b"replaced" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_output_formats(run_bundle, tmp_path):
     """--out k.JPG writes a JPEG and a folder with --format webp lossless WebPs, each carrying the settings in
     EXIF UserComment (the PNG's text); --out k.bmp is an error, not a folder called k.bmp; a --format that
