@@ -151,6 +151,7 @@ class Pipeline:
                  safety_checker: bool = True):
         from .tokenizer import ClipTokenizer
 
+        safety_checker = _flag("safety_checker", safety_checker)
         self.bundle, self.backend = bundle, backend
         self.tokenizer = ClipTokenizer.from_folder(bundle.tokenizer_dir)
         self.dims = bundle.dims
@@ -186,6 +187,8 @@ class Pipeline:
         threads, graph_optimization; torch: model, dtype; torch-cuda: see its class). verify: each
         network file the backend loads is checked against its sha256 first (torch-cuda: while it
         loads); files it does not load are not read (Bundle.verify_all() checks them all)."""
+        verify, low_memory, safety_checker = (_flag(n, v) for n, v in (
+            ("verify", verify), ("low_memory", low_memory), ("safety_checker", safety_checker)))
         b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), verify=verify)
         cls_, why = select_backend(b, backend, prefer=prefer, device=device, **backend_options)
         if log:
@@ -287,6 +290,7 @@ class Pipeline:
             raise UserError(f"callback must be a callable, got {callback!r}")
         if cancel is not None and not (callable(cancel) or hasattr(cancel, "is_set")):
             raise UserError(f"cancel must be a threading.Event or a callable, got {cancel!r}")
+        allow_no_concept = _flag("allow_no_concept", allow_no_concept)
         if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not np.isfinite(guidance):
             raise UserError(f"guidance must be a finite number, got {guidance!r}")
         steps, seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
@@ -451,6 +455,14 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _flag(name: str, value) -> bool:
+    """`value` where it is a bool (numpy's too); UserError for "false", 0, None: a string from a config file
+    would otherwise switch an option on by being non-empty."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise UserError(f"{name} must be True or False, got {value!r}")
 
 
 def _whole(name: str, value) -> int:

@@ -420,9 +420,14 @@ def test_bad_arguments(ort_pipe):
                        (dict(concept_stage=(500,)), "concept stage must be a pair"),  # ValueError (unpacking)
                        (dict(concept_stage=("400", "800")), "concept stage bounds must be a whole number"),
                        (dict(cancel="yes"), "cancel must be a threading.Event or a callable"),  # at step 1
-                       (dict(callback=1), "callback must be a callable")):
+                       (dict(callback=1), "callback must be a callable"),
+                       (dict(allow_no_concept="false"), "allow_no_concept must be True or False")):  # was on
         with pytest.raises(UserError, match=match):
             g(**bad)
+    # the switches of load: a string from a config file ("false") switched low memory on, the checker off
+    for bad in (dict(low_memory="false"), dict(safety_checker=0), dict(verify="no")):
+        with pytest.raises(UserError, match=f"{next(iter(bad))} must be True or False"):
+            Pipeline.load(ort_pipe.bundle.root, "onnxruntime", **bad)
     for prompt in (None, [PROMPT, PROMPT]):
         with pytest.raises(UserError, match="prompt must be a string .one prompt per call"):
             ort_pipe.generate(prompt, seed=1, steps=1, height=SIDE, width=SIDE)
