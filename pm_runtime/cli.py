@@ -78,6 +78,8 @@ class RunConfig:
     int8_weights: bool = False
     dtype: str | None = None
     format: str | None = None  # png / jpeg / webp; None: from --out's suffix, else png
+    batch_pos: int | None = None  # --settings-from an image of a batch: the batch is made, this image kept
+    settings_from: dict | None = None  # --settings-from: the image, and its records compared after the run
 
 
 def find_bundle(engine: Path) -> tuple[Path, str | None]:
@@ -204,6 +206,22 @@ def _bf16_hint(cfg: RunConfig, pipe) -> str | None:
             f"them with PyTorch, {figure} (needs torch; bfloat16 drifts slightly from fp32)")
 
 
+def _differences(record: dict, pipe, result) -> list[str]:
+    """What keeps a --settings-from run from remaking the image's pixels: another concept table, model or
+    backend than the image records."""
+    image, out = record["image"], []
+    active = pipe.concept if result.uses_concept else None
+    if record["concept_hash"] and active is not None and active.sha256[:12] != record["concept_hash"]:
+        out.append(f"concept {active.name} here is not the table {image} was made with (hash {active.sha256[:12]}, "
+                   f"the image's {record['concept_hash']}): the face will differ")
+    if record["model"] and record["model"] != result.model:
+        out.append(f"{image} was made with model {record['model']}, this bundle's is {result.model}")
+    if record["backend"] and record["backend"] != result.backend:
+        out.append(f"{image} was made with {record['backend']}, this run used {result.backend}: expect small "
+                   "differences in the pixels")
+    return out
+
+
 def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     from .pipeline import NEGATIVE_PROMPT, Pipeline
 
@@ -213,8 +231,15 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
         raise UserError(f"--guidance must be a finite number, got {cfg.guidance}")
     if cfg.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {cfg.num_images}")
+    chosen = list(range(cfg.num_images))  # the images written (of the batch generated)
+    if cfg.batch_pos is not None:
+        if not 0 <= cfg.batch_pos < cfg.num_images:
+            raise UserError(f"batch position {cfg.batch_pos} is outside a batch of {cfg.num_images}")
+        chosen = [cfg.batch_pos]
     fmt = output_format(cfg.out, cfg.format)
     root, prefer = find_bundle(cfg.engine)
+    if cfg.settings_from:
+        log(cfg.settings_from["describe"])
     options = {k: v for k, v in (("model", cfg.model), ("threads", cfg.threads), ("cache_dir", cfg.ort_cache),
                                  ("dtype", cfg.dtype)) if v is not None}
     backend = cfg.backend
@@ -222,8 +247,14 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
         if backend not in ("auto", "torch-cuda"):
             raise UserError(f"--int8-weights is a torch-cuda option; --backend {backend} does not take it")
         backend, options["int8_weights"] = "torch-cuda", True
-    pipe = Pipeline.load(root, backend, cfg.device, cfg.concept, low_memory=cfg.low_memory,
-                         safety_checker=cfg.safety_checker, prefer=prefer, log=log, **options)
+    try:
+        pipe = Pipeline.load(root, backend, cfg.device, cfg.concept, low_memory=cfg.low_memory,
+                             safety_checker=cfg.safety_checker, prefer=prefer, log=log, **options)
+    except UserError as e:
+        if cfg.settings_from and cfg.settings_from["concept"] and "has no concept" in str(e):
+            raise UserError(f"{e} ({cfg.settings_from['image']} was made with concept {cfg.concept!r}: give "
+                            "--concept)") from None
+        raise
     if pipe.safety_checker_note and not cfg.safety_checker:
         log("note: --no-safety-checker: " + pipe.safety_checker_note)
     note = _bf16_hint(cfg, pipe)
@@ -233,9 +264,9 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
     if cfg.seed is None:
         log(f"seed: {seed}")
-    paths = output_paths(cfg.out, cfg.num_images, seed, fmt)
+    paths = dict(zip(chosen, output_paths(cfg.out, len(chosen), seed, fmt)))
     numbered = not names_a_file(cfg.out)
-    check_writable(paths)
+    check_writable(list(paths.values()))
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps * cfg.num_images, desc="denoising", unit="step", file=sys.stderr, disable=None,
@@ -255,11 +286,14 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
         bar.close()
     for w in result.warnings:
         log(f"warning: {w}")
-    flagged = [i for i, f in enumerate(result.nsfw or []) if f]
+    if cfg.settings_from:
+        for w in _differences(cfg.settings_from, pipe, result):
+            log(f"warning: {w}")
+    flagged = [i for i in chosen if result.nsfw and result.nsfw[i]]
     for i in flagged:
         log(f"image {i + 1} of {cfg.num_images} was flagged by the safety checker (an NSFW concept scored above its "
             f"threshold): {paths[i]} is not written")
-    keep = [i for i in range(cfg.num_images) if i not in flagged]
+    keep = [i for i in chosen if i not in flagged]
     try:
         blobs = {i: result.encode(i, fmt) for i in keep}  # encode everything before writing anything
     except ValueError as e:
@@ -281,7 +315,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     if host:
         log(f"host memory: peak resident {host['peak_rss_gib']:.2f} GiB (this process: imports, loading, generation)")
     summary = {"files": [str(paths[i]) for i in keep], "flagged": [str(paths[i]) for i in flagged],
-               **result.summary(), "parameters": [result.parameters(i) for i in range(cfg.num_images)],
+               **result.summary(), "parameters": [result.parameters(i) for i in chosen],
                "device_memory": memory, "host_memory": host}
     if not cfg.json:
         for i in keep:
@@ -289,10 +323,32 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     return summary
 
 
+def _given(ctx: click.Context) -> set[str]:
+    """The RunConfig fields the user set (command line or environment), not left at their defaults."""
+    from click.core import ParameterSource
+
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)}
+
+
+def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
+    """cfg with the settings read from `image` wherever the user did not give the option."""
+    import dataclasses
+
+    from . import reproduce
+
+    settings = reproduce.load(image, given)
+    record = {"image": str(image), "concept_hash": settings.concept_hash, "model": settings.model,
+              "backend": settings.backend, "describe": settings.describe(),
+              "concept": settings.values.get("concept")}  # the concept taken from the image, if any
+    return dataclasses.replace(cfg, **settings.values, batch_pos=settings.batch_pos, settings_from=record)
+
+
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--engine", required=True, type=click.Path(path_type=Path),
               help="Bundle folder (or a .onnx / .plan file inside it).")
-@click.option("--prompt", required=True, help="The prompt, with the concept word where the person goes.")
+@click.option("--prompt", default=None,
+              help="The prompt, with the concept word where the person goes (required unless --settings-from).")
 @click.option("--concept", default=None,
               help="Concept name in the bundle, or a concept table file [default: the bundle's only concept].")
 @click.option("--negative-prompt", default=None,
@@ -353,6 +409,12 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                    "(README: 'CPUs with bfloat16 units'). On CPUs without them it runs emulated and pm-run warns: "
                    "3.6x slower than float32 on a 2-core Xeon showing AVX-512 only (float16 there: 9x). With "
                    "--backend auto it picks a PyTorch backend.")
+@click.option("--settings-from", default=None, type=click.Path(path_type=Path, dir_okay=False), metavar="IMAGE",
+              help="Make an image again: take the prompt, negative prompt, steps, scheduler, guidance, seed, size, "
+                   "concept and concept stage from the settings inside IMAGE (a PNG, JPEG or WebP pm-run wrote, "
+                   "or a text file holding such settings). Options given here win (e.g. --seed for a variation). "
+                   "An image of a batch is made by generating the batch and keeping it. The same bundle, concept "
+                   "and backend give the same pixels; pm-run warns where the concept, model or backend differ.")
 @click.option("--int8-weights", is_flag=True,
               help="torch-cuda (GPU fast path) only: keep the UNet's linear and convolution weights as "
                    "per-channel int8, dequantized layer by layer as it runs: about half the UNet's memory "
@@ -360,7 +422,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
                    "Implies --backend torch-cuda.")
 def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height, width,
          backend, device, model, out, late_stage, concept_stage, allow_no_concept, no_safety_checker, as_json,
-         threads, low_memory, ort_cache, int8_weights, dtype, fmt) -> None:
+         threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
         # peaks in new processes on an H200 were 0.04-0.07 GB lower with it (gpu-fresh-expandable-h200.jsonl)
@@ -370,6 +432,10 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
                     allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights,
                     dtype, fmt)
     try:
+        if settings_from is not None:
+            cfg = apply_settings(cfg, settings_from, _given(click.get_current_context()))
+        if cfg.prompt is None:
+            raise UserError("give --prompt (or --settings-from an image pm-run made)")
         with warnings.catch_warnings():  # Python warnings as one line each, like pm-run's other notes
             warnings.showwarning = _warning_line
             summary = run(cfg)

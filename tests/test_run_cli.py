@@ -399,6 +399,84 @@ def test_output_formats(run_bundle, tmp_path):
     assert 0 < mse and 10 * np.log10(255**2 / mse) > 30  # 36 dB: quality 95, 4:4:4, a noise image (random weights)
 
 
+def test_settings_from_remakes_the_image(run_bundle, tmp_path):
+    """--settings-from IMAGE makes the same file again (the second image of a euler-a batch, non-default
+    guidance, size and concept stage: the batch is regenerated and that image kept); an option given wins
+    over the image's value; a JPEG's EXIF settings read back the same."""
+    shots = tmp_path / "shots"
+    made = pm_run("--engine", run_bundle, "--prompt", PROMPT + ", smiling", "--concept", "alice-photo2", "--out", shots,
+                  "--num-images", "2", "--scheduler", "euler-a", "--guidance", "6.5", "--concept-stage", "450", "750",
+                  "--steps", "2", "--height", "256", "--width", "320", "--seed", "11")
+    assert made.exit_code == 0, made.output
+    original = shots / "00001-11.png"
+    again = tmp_path / "again.png"
+    r = pm_run("--engine", run_bundle, "--settings-from", original, "--out", again)
+    assert r.exit_code == 0, r.output
+    assert "image 2 of a batch of 2 (the whole batch is generated, that image kept)" in r.output
+    assert again.read_bytes() == original.read_bytes() and "warning" not in r.output
+    before = parse_parameters(read_parameters(Image.open(original)))
+    r = pm_run("--engine", run_bundle, "--settings-from", original, "--seed", "12", "--out", tmp_path / "v.jpg",
+               "--json")
+    assert r.exit_code == 0, r.output
+    after = parse_parameters(read_parameters(Image.open(tmp_path / "v.jpg")))
+    assert after.pop("Seed") == "12" and before.pop("Seed") == "11"
+    assert after == before  # everything else from the image: prompt, stage, guidance, size, batch position
+    assert json.loads(r.stdout)["config"]["settings_from"]["image"] == str(original)
+    for source, out in ((tmp_path / "v.jpg", tmp_path / "v.png"), (original, tmp_path / "w.png")):
+        extra = ("--seed", "12") if source == original else ()
+        r = pm_run("--engine", run_bundle, "--settings-from", source, *extra, "--out", out)
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "v.png").read_bytes() == (tmp_path / "w.png").read_bytes()  # the JPEG's settings read back
+
+
+def test_settings_from_refuses_what_it_cannot_remake(run_bundle, tmp_path):
+    src = tmp_path / "src.png"
+    assert pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--out", src, *FAST).exit_code == 0
+    text = read_parameters(Image.open(src))
+    args = ("--engine", run_bundle, "--out", tmp_path / "o.png")
+
+    def settings(old, new):  # the image's settings with one edit, in a text file of their own
+        path = tmp_path / f"s{len(list(tmp_path.glob('s*.txt')))}.txt"
+        path.write_text(text.replace(old, new), encoding="utf-8")
+        return path
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    for source, extra, needle in (
+            (tmp_path / "plain.png", (), "carries no generation settings"),
+            (settings("Sampler: DPM++ 2M", "Sampler: DPM++ 2M Karras"), (), "is not one pm-run has"),
+            (settings("Seed: 233", "Seed: latents given"), (), "not made from a seed): give --seed"),
+            (settings("Concept: alice,", "Concept: carol,"), (), "was made with concept 'carol': give --concept"),
+            (settings("Size: 256x256", "Size: big"), (), "is not WIDTHxHEIGHT"),
+            (tmp_path / "missing.png", (), "No such file")):
+        assert_one_line_error(pm_run(*args, "--settings-from", source, *extra), needle)
+    assert not (tmp_path / "o.png").exists()
+    assert_one_line_error(pm_run(*args), "give --prompt (or --settings-from")
+    r = pm_run(*args, "--settings-from", settings("Sampler: DPM++ 2M", "Sampler: DPM++ 2M Karras"), "--scheduler",
+               "ddim")  # an option given is not read from the image, nor checked
+    assert r.exit_code == 0, r.output
+    assert parse_parameters(read_parameters(Image.open(tmp_path / "o.png")))["Sampler"] == "DDIM"
+    hash_ = parse_parameters(text)["Concept hash"]
+    r = pm_run(*args, "--settings-from", settings(f"Concept hash: {hash_}", "Concept hash: 000000000000"))
+    assert r.exit_code == 0 and "warning: concept alice here is not the table" in r.output, r.output
+    r = pm_run(*args, "--settings-from", settings("Backend: onnxruntime", "Backend: TensorRT 10.3 fp16, was"))
+    assert r.exit_code == 0 and "expect small differences" in r.output, r.output
+
+
+def test_settings_parse_takes_only_what_was_not_given(tmp_path):
+    from pm_runtime.reproduce import parse
+
+    text = ("a <persona> portrait\nNegative prompt: blurry\nSteps: 30, Sampler: Euler a, CFG scale: 7, Seed: 5, "
+            "Size: 512x768, Model hash: abc, Clip skip: 2, Batch size: 4, Batch pos: 3")
+    s = parse(text, tmp_path / "x.png")
+    assert s.values == {"prompt": "a <persona> portrait", "negative_prompt": "blurry", "steps": 30,
+                        "scheduler": "euler-a", "guidance": 7.0, "seed": 5, "width": 512, "height": 768,
+                        "allow_no_concept": True, "num_images": 4}
+    assert s.batch_pos == 3 and s.ignored == ("Model hash", "Clip skip")
+    s = parse(text, tmp_path / "x.png", given={"seed", "num_images", "negative_prompt", "allow_no_concept"})
+    assert "seed" not in s.values and "negative_prompt" not in s.values and s.batch_pos is None
+    assert parse("p\nSteps: 3, Sampler: DDIM, Seed: 1", tmp_path / "x").values["negative_prompt"] == ""
+
+
 def test_nan_image_is_never_written(run_bundle, tmp_path, monkeypatch):
     run = CheckedNetwork.run
 

@@ -1,0 +1,152 @@
+"""`pm-run --settings-from IMAGE`: the settings an image was made with, read back as pm-run options.
+
+pm-run writes every image's settings into the file as AUTOMATIC1111 does (a PNG `parameters` chunk,
+EXIF UserComment in JPEG and WebP; `pm_runtime.png`). This module turns that text (or a text file
+holding it) back into RunConfig values, so that the same bundle and backend make the same image again;
+an option given on the command line wins over the image's value (same settings, another seed). An image
+from a batch is made again by generating its whole batch (the initial noise of image i depends on the
+batch it was drawn with) and keeping that one image.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .png import SAMPLER_NAMES, parse_parameters, read_parameters
+from .stages import LATE_POLICIES
+
+SCHEDULERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
+# RunConfig fields an image can set (the keys of ImageSettings.values)
+FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "seed", "height", "width", "concept",
+          "concept_stage", "late_stage", "num_images", "allow_no_concept")
+# parameter keys that are records of the run, not settings (compared or ignored, never applied)
+_RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
+_KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Concept", "Concept stage",
+         "Late stage", "Batch size"} | _RECORDS
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    source: Path
+    values: dict = field(default_factory=dict)  # RunConfig field -> value, for those not given explicitly
+    batch_pos: int | None = None  # keep image `batch_pos` of a batch of values["num_images"]
+    concept_hash: str | None = None  # the first 12 hex digits of the concept table's sha256
+    model: str | None = None
+    backend: str | None = None
+    ignored: tuple[str, ...] = ()  # keys pm-run does not use (AUTOMATIC1111's "Model hash", "Clip skip", ...)
+
+    def describe(self) -> str:
+        v = self.values
+        parts = [f"{k} {v[f]}" for k, f in (("seed", "seed"), ("steps", "steps"), ("scheduler", "scheduler"),
+                                             ("guidance", "guidance")) if f in v]
+        if "width" in v:
+            parts.append(f"{v['width']}x{v['height']}")
+        if v.get("concept"):
+            parts.append(f"concept {v['concept']}")
+        if self.batch_pos is not None:
+            parts.append(f"image {self.batch_pos + 1} of a batch of {v['num_images']} (the whole batch is generated, "
+                         "that image kept)")
+        text = f"settings from {self.source}: " + (", ".join(parts) or "the prompt")
+        if self.ignored:
+            text += f"; not used: {', '.join(self.ignored)}"
+        return text
+
+
+def read_text(path: Path) -> str:
+    """The parameters text of an image file pm-run or AUTOMATIC1111 wrote, or of a text file holding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            text = read_parameters(im)
+        if text is None:
+            raise UserError(f"--settings-from {path}: the image carries no generation settings (no PNG 'parameters' "
+                            "chunk, no EXIF UserComment)")
+        return text
+    except UnidentifiedImageError:
+        pass
+    except OSError as e:
+        raise UserError(f"--settings-from {path}: {e.strerror or e}") from None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--settings-from {path}: neither an image nor a UTF-8 text file ({e})") from None
+
+
+def _int(path, key, text, lo=0) -> int:
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) < lo:
+        raise UserError(f"--settings-from {path}: {key} {text!r} is not a whole number >= {lo}")
+    return int(text)
+
+
+def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettings:
+    """ImageSettings from a parameters text. `given`: RunConfig fields set on the command line: those are
+    neither read nor checked (an image from a sampler pm-run lacks can still lend its prompt)."""
+    p = parse_parameters(text)
+    if not p["Prompt"].strip() and "prompt" not in given:
+        raise UserError(f"--settings-from {source}: no prompt in its settings")
+    v: dict = {}
+    take = lambda f: f not in given  # noqa: E731
+    if take("prompt"):
+        v["prompt"] = p["Prompt"]
+    if take("negative_prompt"):
+        v["negative_prompt"] = p["Negative prompt"]  # "" where the image had none (not pm-run's default)
+    if take("steps") and "Steps" in p:
+        v["steps"] = _int(source, "Steps", p["Steps"], lo=1)
+    if take("scheduler") and "Sampler" in p:
+        if p["Sampler"] not in SCHEDULERS_BY_NAME:
+            raise UserError(f"--settings-from {source}: sampler {p['Sampler']!r} is not one pm-run has "
+                            f"({', '.join(SCHEDULERS_BY_NAME)}): give --scheduler")
+        v["scheduler"] = SCHEDULERS_BY_NAME[p["Sampler"]]
+    if take("guidance") and "CFG scale" in p:
+        try:
+            v["guidance"] = float(p["CFG scale"])
+        except ValueError:
+            raise UserError(f"--settings-from {source}: CFG scale {p['CFG scale']!r} is not a number") from None
+    if take("seed") and "Seed" in p:
+        if not re.fullmatch(r"\d+", p["Seed"]):
+            raise UserError(f"--settings-from {source}: its seed is {p['Seed']!r} (the image was not made from a "
+                            "seed): give --seed")
+        v["seed"] = int(p["Seed"])
+    if "Size" in p and (take("width") or take("height")):
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", p["Size"])
+        if not m:
+            raise UserError(f"--settings-from {source}: Size {p['Size']!r} is not WIDTHxHEIGHT")
+        if take("width"):
+            v["width"] = int(m.group(1))
+        if take("height"):
+            v["height"] = int(m.group(2))
+    if take("concept") and "Concept" in p:
+        v["concept"] = p["Concept"]
+    if take("allow_no_concept") and "Concept" not in p:
+        v["allow_no_concept"] = True  # made without a concept: its prompt has no concept word
+    if take("concept_stage") and "Concept stage" in p:
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", p["Concept stage"])
+        if not m:
+            raise UserError(f"--settings-from {source}: Concept stage {p['Concept stage']!r} is not LOW-HIGH")
+        v["concept_stage"] = (int(m.group(1)), int(m.group(2)))
+    if take("late_stage") and "Late stage" in p:
+        if p["Late stage"] not in LATE_POLICIES:
+            raise UserError(f"--settings-from {source}: Late stage {p['Late stage']!r} is not one of "
+                            f"{', '.join(LATE_POLICIES)}")
+        v["late_stage"] = p["Late stage"]
+    pos = None
+    if take("num_images") and "Batch size" in p:
+        size = _int(source, "Batch size", p["Batch size"], lo=1)
+        pos = _int(source, "Batch pos", p.get("Batch pos", "0"))
+        if pos >= size:
+            raise UserError(f"--settings-from {source}: Batch pos {pos} is outside a batch of {size}")
+        v["num_images"] = size
+    ignored = tuple(k for k in p if k not in _KEYS)
+    return ImageSettings(Path(source), v, pos, p.get("Concept hash"), p.get("Model"), p.get("Backend"), ignored)
+
+
+def load(path: Path, given: set[str] = frozenset()) -> ImageSettings:
+    return parse(read_text(path), Path(path), given)
+
+
+__all__ = ["FIELDS", "ImageSettings", "load", "parse", "read_text"]
