@@ -124,6 +124,33 @@ class Generation:
         """Image i as the bytes of a PNG, JPEG or WebP file, its settings inside (pm_runtime.png)."""
         return image_bytes(self.images[i], self.parameters(i), fmt)
 
+    def save(self, path: str | Path, i: int = 0, fmt: str | None = None) -> Path:
+        """Write image i to `path`, its settings inside, atomically (a temporary file renamed: never a
+        half-written file); the format follows the suffix (.png, .jpg / .jpeg, .webp) unless `fmt` names
+        one. An image the safety checker flagged (it is black) is refused, as pm-run does."""
+        from .concept_table import atomic_write_bytes
+        from .png import IMAGE_FORMATS, SUFFIXES
+
+        path = Path(path)
+        i = _whole("image index", i)
+        if not 0 <= i < len(self.images):
+            raise UserError(f"image index {i} is outside the {len(self.images)} image(s) generated")
+        if fmt is not None and fmt not in SUFFIXES:
+            raise UserError(f"unknown image format {fmt!r}; choose one of {', '.join(SUFFIXES)}")
+        by_name = IMAGE_FORMATS.get(path.suffix.lower())
+        if fmt is None and by_name is None:
+            raise UserError(f"cannot tell the format of {path}: name a .png, .jpg / .jpeg or .webp file, or give fmt")
+        if fmt is not None and by_name is not None and fmt != by_name:
+            raise UserError(f"fmt {fmt!r} does not match {path} (a {by_name} name)")
+        if self.nsfw and self.nsfw[i]:
+            raise UserError(f"image {i} was flagged by the safety checker (it is black): not saved")
+        try:
+            data = self.encode(i, fmt or by_name)
+        except ValueError as e:  # settings too long for a JPEG's EXIF block
+            raise UserError(str(e)) from None
+        atomic_write_bytes(data, path)
+        return path
+
     def summary(self) -> dict:
         return {"settings": asdict(self.settings), "concept": self.concept.name if self.concept else None,
                 "uses_concept": self.uses_concept, "backend": self.backend, "timings": self.timings,

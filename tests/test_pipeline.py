@@ -435,6 +435,33 @@ def test_bad_arguments(ort_pipe):
     assert g(seed=np.int64(3), steps=np.int64(1), num_images=np.int32(1), guidance=np.float32(7.5)).images.shape[0] == 1
 
 
+def test_generation_save(ort_pipe, tmp_path):
+    """Generation.save: the format from the name (or fmt), the settings inside, written atomically; a bad
+    name, a contradicting fmt, an index outside the batch and a flagged image are UserErrors, nothing written."""
+    from PIL import Image
+
+    from pm_runtime.png import read_parameters
+
+    g = ort_pipe.generate(PROMPT, seed=5, steps=1, height=SIDE, width=SIDE, num_images=2)
+    assert g.save(tmp_path / "a.png") == tmp_path / "a.png"
+    g.save(tmp_path / "b.JPG", 1)
+    g.save(tmp_path / "c.bin", 1, fmt="webp")
+    a, b, c = (Image.open(tmp_path / n) for n in ("a.png", "b.JPG", "c.bin"))
+    assert (a.format, b.format, c.format) == ("PNG", "JPEG", "WEBP")
+    assert read_parameters(a) == g.parameters(0) and read_parameters(b) == read_parameters(c) == g.parameters(1)
+    assert np.array_equal(np.asarray(a), g.images[0]) and np.array_equal(np.asarray(c), g.images[1])
+    g.nsfw = [True, False]  # as the safety checker marks a flagged image (tested in test_safety_checker)
+    for args, kw, match in (((tmp_path / "d.bmp",), {}, "cannot tell the format"),
+                            ((tmp_path / "d.png",), {"fmt": "jpeg"}, "does not match"),
+                            ((tmp_path / "d.png", 2), {}, "outside the 2 image"),
+                            ((tmp_path / "d.png", 1.0), {}, "image index must be a whole number"),
+                            ((tmp_path / "d.gif",), {"fmt": "gif"}, "unknown image format"),
+                            ((tmp_path / "d.png", 0), {}, "flagged by the safety checker")):
+        with pytest.raises(UserError, match=match):
+            g.save(*args, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.JPG", "c.bin"]  # no temp files either
+
+
 # ---------------------------------------------------------------- backends
 def test_backend_selection(run_bundle):
     from pm_runtime.backends.base import select_backend
