@@ -1,0 +1,170 @@
+"""`pm-bundle`: look inside a bundle, check it, remove a concept. No torch, no onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import formats as F
+from .bundle import check_file, component_files, inside, open_bundle, sha256_file, write_manifest
+from .errors import UserError
+
+HELP = """Inspect and manage a bundle written by pm-export.
+
+\b
+  pm-bundle info BUNDLE              what it holds: base model, networks (format, precision, size,
+                                     validation), image sizes, concepts, safety checker
+  pm-bundle verify BUNDLE            hash every file against bundle.json (pm-run checks only the
+                                     files it loads)
+  pm-bundle remove-concept BUNDLE NAME   delete a person's concept table from the bundle
+"""
+
+
+def _size(root: Path, entries) -> int:
+    return sum(inside(root, e[F.FK_FILE]).stat().st_size for e, _ in entries)
+
+
+def _mib(n: int) -> str:
+    return (f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB" if n < 2**30 else
+            f"{n / 2**30:.2f} GiB")
+
+
+def describe(root: Path) -> dict:
+    """The facts `pm-bundle info` prints (and --json writes)."""
+    b = open_bundle(Path(root), verify=False)
+    m = b.manifest
+    networks = []
+    for c in b.components:
+        validation = c.get(F.CK_VALIDATION) or []
+        rel = [v["max_rel"] for v in validation if isinstance(v.get("max_rel"), (int, float))]
+        psnr = [v["psnr_db"] for v in validation if isinstance(v.get("psnr_db"), (int, float))]
+        networks.append({
+            "name": c[F.CK_NAME], "network": c[F.CK_NETWORK], "format": c[F.CK_FORMAT],
+            "precision": c.get(F.CK_PRECISION), "bytes": _size(b.root, component_files(c)),
+            "validated": (all(v.get("passed", True) for v in validation) if validation else None),
+            "max_rel": max(rel) if rel else None, "min_psnr_db": min(psnr) if psnr else None})
+    sizes = None
+    unet = [c for c in b.components if c[F.CK_NETWORK] == "unet" and "latent_height" in c.get(F.CK_AXES, {})]
+    if unet:
+        axis, f = unet[0][F.CK_AXES]["latent_height"], b.dims.vae_scale_factor
+        sizes = {"min": axis["min"] * f, "max": axis["max"] * f, "multiple_of": axis.get("multiple_of", 1) * f}
+    base = m[F.BK_BASE_MODEL]
+    concepts = [{"name": q[F.QK_NAME], "concept_word": q.get(F.QK_CONCEPT_WORD), "stage": q.get(F.QK_STAGE),
+                 "num_tokens": q.get(F.QK_NUM_TOKENS), "sha256": q[F.FK_SHA256][:12]} for q in b.concepts]
+    files = [e for c in b.components for e in component_files(c)]
+    files += [(e, "tokenizer") for e in m[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]]
+    files += [(q, "concept") for q in b.concepts]
+    return {"bundle": str(b.root), "created": m.get(F.BK_CREATED), "version": m[F.BK_VERSION],
+            "model": base.get(F.BM_MODEL_FOLDER), "prediction_type": base.get(F.BM_PREDICTION_TYPE),
+            "text_dim": base.get("text_dim"), "safety_checker": base.get(F.BM_SAFETY_CHECKER),
+            "fingerprint": b.fingerprint, "image_sizes": sizes, "networks": networks, "concepts": concepts,
+            "bytes": _size(b.root, files) + (b.root / F.BUNDLE_MANIFEST).stat().st_size, "tools": m.get(F.BK_TOOLS, {})}
+
+
+def _print_info(d: dict) -> None:
+    echo = click.echo
+    echo(f"bundle {d['bundle']}: {_mib(d['bytes'])}, written {d['created']} (format version {d['version']})")
+    echo(f"base model: {d['model']} ({d['prediction_type']}, {d['text_dim']}-wide text), fingerprint "
+         f"{str(d['fingerprint']).split(':')[-1][:12]}")
+    if d["image_sizes"]:
+        s = d["image_sizes"]
+        echo(f"image sizes: {s['min']} to {s['max']} px, multiples of {s['multiple_of']}")
+    echo("networks:")
+    for n in d["networks"]:
+        check = ("not validated" if n["validated"] is None else "validated" if n["validated"] else "FAILED validation")
+        if n["max_rel"] is not None:
+            check += f", max rel {n['max_rel']:.2g}"
+        if n["min_psnr_db"] is not None:
+            check += f", {n['min_psnr_db']:.1f} dB"
+        echo(f"  {n['network']:<15} {n['format']:<9} {str(n['precision'] or '-'):<5} {_mib(n['bytes']):>11}  {check}")
+    echo(f"safety checker: {d['safety_checker']}")
+    if not d["concepts"]:
+        echo("concepts: none (pm-export CONCEPT.pt --bundle BUNDLE adds one)")
+    else:
+        echo("concepts:")
+        for q in d["concepts"]:
+            lo, hi = q["stage"] or ("?", "?")
+            echo(f"  {q['name']:<20} word {q['concept_word']}, {q['num_tokens']} tokens, stage {lo}-{hi}, "
+                 f"hash {q['sha256']}")
+    tools = ", ".join(f"{k} {v}" for k, v in d["tools"].items())
+    if tools:
+        echo(f"written with: {tools}")
+
+
+@click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    pass
+
+
+def _run(fn):
+    try:
+        return fn()
+    except UserError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command(help="Show what a bundle holds (nothing is hashed: see verify).")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON on stdout.")
+def info(bundle: Path, as_json: bool) -> None:
+    d = _run(lambda: describe(bundle))
+    if as_json:
+        click.echo(json.dumps(d, ensure_ascii=False))
+    else:
+        _print_info(d)
+
+
+@main.command(help="Hash every file of the bundle (networks of every format, tokenizer, concepts) against "
+                   "bundle.json, reading each in full (pm-run skips files it hashed before and that are unchanged "
+                   "since). Exit status 1 at the first file that is missing or modified.")
+@click.argument("bundle", type=click.Path(path_type=Path))
+def verify(bundle: Path) -> None:
+    from tqdm import tqdm
+
+    def work():
+        b = open_bundle(Path(bundle), verify=False)
+        m = b.manifest
+        files = [e for c in b.components for e in component_files(c)]
+        files += [(e, "tokenizer") for e in m[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]]
+        files += [(q, f"concept {q[F.QK_NAME]}") for q in b.concepts]
+        total = _size(b.root, files)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="hashing", file=sys.stderr, disable=None,
+                  leave=False) as bar:
+            for entry, what in files:
+                path = check_file(b.root, entry, what, verify=False)  # inside the bundle, present
+                if sha256_file(path) != entry[F.FK_SHA256]:  # read in full: no "unchanged since" shortcut
+                    raise UserError(f"bundle file {entry[F.FK_FILE]} ({what}) fails its checksum: modified or "
+                                    "corrupted")
+                bar.update(inside(b.root, entry[F.FK_FILE]).stat().st_size)
+        return len(files), total
+
+    n, total = _run(work)
+    click.echo(f"{bundle}: all {n} files match bundle.json ({_mib(total)})")
+
+
+@main.command("remove-concept", help="Remove concept NAME from the bundle: bundle.json is rewritten atomically "
+                                     "without it, then its table file is deleted. The networks and other concepts "
+                                     "are untouched.")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("name")
+def remove_concept(bundle: Path, name: str) -> None:
+    def work():
+        b = open_bundle(Path(bundle), verify=False)
+        entry = b.concept(name)  # UserError naming the bundle's concepts
+        table = inside(b.root, entry[F.FK_FILE])
+        manifest = dict(b.manifest)
+        manifest[F.BK_CONCEPTS] = [q for q in b.concepts if q[F.QK_NAME] != name]
+        write_manifest(b.root, manifest)  # first: a bundle never lists a file that is gone
+        shared = any(q[F.FK_FILE] == entry[F.FK_FILE] for q in manifest[F.BK_CONCEPTS])
+        if not shared:
+            table.unlink(missing_ok=True)
+        return len(manifest[F.BK_CONCEPTS])
+
+    left = _run(work)
+    click.echo(f"removed concept {name!r} from {bundle} ({left} concept{'s' if left != 1 else ''} left)")
+
+
+__all__ = ["describe", "main"]
