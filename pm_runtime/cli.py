@@ -43,7 +43,12 @@ Initial latents come from the project's own noise generator: the same seed gives
 on every backend (and, on one machine and backend, the same file bytes). Images carry their
 settings as AUTOMATIC1111 writes them: PNG in a `parameters` text chunk, JPEG and WebP in EXIF
 UserComment. Errors are one line; nothing is written unless the whole run succeeded (each image
-is written to a temporary file and renamed).
+is written to a temporary file and renamed); with --prompts-file each prompt's images are written
+when that prompt is done, and an error or Ctrl-C later names the files already written.
+
+
+  pm-run --engine BUNDLE --prompts-file scenes.txt --seed 233 --out shots/   # engines loaded once
+  pm-run --engine BUNDLE --settings-from shots/00003-233.png --seed 234     # same settings, new seed
 """
 
 
@@ -80,6 +85,7 @@ class RunConfig:
     format: str | None = None  # png / jpeg / webp; None: from --out's suffix, else png
     batch_pos: int | None = None  # --settings-from an image of a batch: the batch is made, this image kept
     settings_from: dict | None = None  # --settings-from: the image, and its records compared after the run
+    prompts_file: Path | None = None  # one prompt per line, each generated with the same settings and seed
 
 
 def find_bundle(engine: Path) -> tuple[Path, str | None]:
@@ -222,7 +228,7 @@ def _differences(record: dict, pipe, result) -> list[str]:
     return out
 
 
-def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
+def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | None = None) -> dict:
     from .pipeline import NEGATIVE_PROMPT, Pipeline
 
     if cfg.steps < 1:
@@ -238,6 +244,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
         chosen = [cfg.batch_pos]
     fmt = output_format(cfg.out, cfg.format)
     root, prefer = find_bundle(cfg.engine)
+    prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file is not None else [(None, cfg.prompt)]
     if cfg.settings_from:
         log(cfg.settings_from["describe"])
     options = {k: v for k, v in (("model", cfg.model), ("threads", cfg.threads), ("cache_dir", cfg.ort_cache),
@@ -261,51 +268,75 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     if note:
         log(note)
     pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
+    negative = NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt
+    several = len(prompts) > 1
+    for line, text in prompts:  # every prompt is checked before the first image is made
+        try:
+            pipe.check_prompt(text, negative, cfg.allow_no_concept)
+        except UserError as e:
+            raise UserError(f"{cfg.prompts_file} line {line}: {e}" if line is not None else str(e)) from None
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
     if cfg.seed is None:
         log(f"seed: {seed}")
-    paths = dict(zip(chosen, output_paths(cfg.out, len(chosen), seed, fmt)))
+    names = output_paths(cfg.out, len(prompts) * len(chosen), seed, fmt)
     numbered = not names_a_file(cfg.out)
-    check_writable(list(paths.values()))
+    check_writable(names)
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps * cfg.num_images, desc="denoising", unit="step", file=sys.stderr, disable=None,
+    per_prompt = cfg.steps * cfg.num_images
+    bar = tqdm(total=per_prompt * len(prompts), desc="denoising", unit="step", file=sys.stderr, disable=None,
                leave=False)
-
-    def progress(step, total):
-        bar.total = total
-        bar.update(step - bar.n)
-
+    files, flagged_files, parameters, runs = [], [], [], []
     try:
-        result = pipe.generate(
-            cfg.prompt, seed=seed, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
-            negative_prompt=NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt,
-            height=cfg.height, width=cfg.width, num_images=cfg.num_images, late_stage=cfg.late_stage,
-            concept_stage=cfg.concept_stage, allow_no_concept=cfg.allow_no_concept, callback=progress)
+        for k, (line, text) in enumerate(prompts):
+            def progress(step, total, k=k):
+                bar.total = total * len(prompts)
+                bar.update(k * total + step - bar.n)
+
+            where = f"prompt {k + 1} of {len(prompts)} (line {line}): " if several else ""
+            paths = dict(zip(chosen, names[k * len(chosen):(k + 1) * len(chosen)]))
+            try:
+                result = pipe.generate(
+                    text, seed=seed, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
+                    negative_prompt=negative, height=cfg.height, width=cfg.width, num_images=cfg.num_images,
+                    late_stage=cfg.late_stage, concept_stage=cfg.concept_stage,
+                    allow_no_concept=cfg.allow_no_concept, callback=progress)
+            except UserError as e:
+                raise UserError(where + str(e)) from None
+            for w in result.warnings:
+                log(f"warning: {where}{w}")
+            if cfg.settings_from:
+                for w in _differences(cfg.settings_from, pipe, result):
+                    log(f"warning: {w}")
+            flagged = [i for i in chosen if result.nsfw and result.nsfw[i]]
+            for i in flagged:
+                log(f"{where}image {i + 1} of {cfg.num_images} was flagged by the safety checker (an NSFW concept "
+                    f"scored above its threshold): {paths[i]} is not written")
+            keep = [i for i in chosen if i not in flagged]
+            try:
+                blobs = {i: result.encode(i, fmt) for i in keep}  # this prompt's images, before writing any
+            except ValueError as e:
+                raise UserError(where + str(e)) from None
+            for i in keep:
+                try:
+                    paths[i] = write_image(blobs[i], paths[i], numbered)
+                except OSError as e:
+                    raise UserError(f"cannot write {paths[i]}: {e.strerror or e}") from None
+                files.append(str(paths[i]))
+                if written is not None:
+                    written.append(str(paths[i]))
+                if not cfg.json:
+                    bar.clear()
+                    click.echo(f"wrote {paths[i]}")
+            flagged_files += [str(paths[i]) for i in flagged]
+            parameters += [result.parameters(i) for i in chosen]
+            runs.append({**result.summary(), "prompt_line": line})
+            t = result.timings
+            log(f"{where}time: text encoder {t['text_encoder_s']:.2f} s, UNet {t['unet_steps']} x "
+                f"{t['unet_step_ms']:.1f} ms = {t['unet_s']:.2f} s, VAE {t['vae_s']:.2f} s, engine loading "
+                f"{t['load_s']:.2f} s, total {t['total_s']:.2f} s")
     finally:
         bar.close()
-    for w in result.warnings:
-        log(f"warning: {w}")
-    if cfg.settings_from:
-        for w in _differences(cfg.settings_from, pipe, result):
-            log(f"warning: {w}")
-    flagged = [i for i in chosen if result.nsfw and result.nsfw[i]]
-    for i in flagged:
-        log(f"image {i + 1} of {cfg.num_images} was flagged by the safety checker (an NSFW concept scored above its "
-            f"threshold): {paths[i]} is not written")
-    keep = [i for i in chosen if i not in flagged]
-    try:
-        blobs = {i: result.encode(i, fmt) for i in keep}  # encode everything before writing anything
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    for i in keep:
-        try:
-            paths[i] = write_image(blobs[i], paths[i], numbered)
-        except OSError as e:
-            raise UserError(f"cannot write {paths[i]}: {e.strerror or e}") from None
-    t = result.timings
-    log(f"time: text encoder {t['text_encoder_s']:.2f} s, UNet {t['unet_steps']} x {t['unet_step_ms']:.1f} ms = "
-        f"{t['unet_s']:.2f} s, VAE {t['vae_s']:.2f} s, engine loading {t['load_s']:.2f} s, total {t['total_s']:.2f} s")
     memory = pipe.backend.device_memory()  # pm-run is its own process: its peak is this run's
     if memory:
         log(f"GPU memory (PyTorch's allocator, this process): peak {memory['peak_allocated_gib']:.2f} GiB allocated, "
@@ -314,13 +345,30 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True)) -> dict:
     host = {"peak_rss_gib": round(rss / 2**30, 3)} if rss is not None else None
     if host:
         log(f"host memory: peak resident {host['peak_rss_gib']:.2f} GiB (this process: imports, loading, generation)")
-    summary = {"files": [str(paths[i]) for i in keep], "flagged": [str(paths[i]) for i in flagged],
-               **result.summary(), "parameters": [result.parameters(i) for i in chosen],
-               "device_memory": memory, "host_memory": host}
-    if not cfg.json:
-        for i in keep:
-            click.echo(f"wrote {paths[i]}")
-    return summary
+    one = {} if several else {k: v for k, v in runs[0].items() if k != "prompt_line"}
+    return {"files": files, "flagged": flagged_files, **one, **({"runs": runs} if several else {}),
+            "parameters": parameters, "device_memory": memory, "host_memory": host}
+
+
+def _written_before(written: list[str]) -> str:
+    if not written:
+        return ""
+    return f" ({len(written)} image{'s' if len(written) != 1 else ''} written before that: {', '.join(written)})"
+
+
+def read_prompts(path: Path) -> list[tuple[int, str]]:
+    """(line number, prompt) for each prompt line of a --prompts-file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM from Windows editors is not part of line 1
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"--prompts-file {path}: {e.strerror or e}") from None
+    prompts = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"--prompts-file {path} holds no prompt (blank lines and # comments are skipped)")
+    return prompts
 
 
 def _given(ctx: click.Context) -> set[str]:
@@ -348,7 +396,12 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--engine", required=True, type=click.Path(path_type=Path),
               help="Bundle folder (or a .onnx / .plan file inside it).")
 @click.option("--prompt", default=None,
-              help="The prompt, with the concept word where the person goes (required unless --settings-from).")
+              help="The prompt, with the concept word where the person goes (required unless --settings-from "
+                   "or --prompts-file).")
+@click.option("--prompts-file", default=None, type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Generate every prompt of FILE (UTF-8, one per line; blank lines and lines starting with # are "
+                   "skipped) with the engines loaded once, the same settings and the same seed. All prompts are "
+                   "checked before the first image; each prompt's images are written as soon as they are made.")
 @click.option("--concept", default=None,
               help="Concept name in the bundle, or a concept table file [default: the bundle's only concept].")
 @click.option("--negative-prompt", default=None,
@@ -422,7 +475,7 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "Implies --backend torch-cuda.")
 def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height, width,
          backend, device, model, out, late_stage, concept_stage, allow_no_concept, no_safety_checker, as_json,
-         threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from) -> None:
+         threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
         # peaks in new processes on an H200 were 0.04-0.07 GB lower with it (gpu-fresh-expandable-h200.jsonl)
@@ -430,19 +483,22 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
     cfg = RunConfig(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height,
                     width, backend, device, model, out, late_stage, tuple(concept_stage) if concept_stage else None,
                     allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights,
-                    dtype, fmt)
+                    dtype, fmt, prompts_file=prompts_file)
+    written: list[str] = []
     try:
         if settings_from is not None:
             cfg = apply_settings(cfg, settings_from, _given(click.get_current_context()))
-        if cfg.prompt is None:
-            raise UserError("give --prompt (or --settings-from an image pm-run made)")
+        if prompts_file is not None and (prompt is not None or settings_from is not None):
+            raise UserError("--prompts-file takes the prompts from the file: give neither --prompt nor --settings-from")
+        if cfg.prompt is None and prompts_file is None:
+            raise UserError("give --prompt (or --prompts-file, or --settings-from an image pm-run made)")
         with warnings.catch_warnings():  # Python warnings as one line each, like pm-run's other notes
             warnings.showwarning = _warning_line
-            summary = run(cfg)
+            summary = run(cfg, written=written)
     except UserError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(str(e) + _written_before(written)) from None
     except KeyboardInterrupt:
-        click.echo("interrupted; nothing was written", err=True)
+        click.echo("interrupted; " + (_written_before(written).strip(" ()") or "nothing was written"), err=True)
         sys.exit(130)
     if as_json:
         summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}

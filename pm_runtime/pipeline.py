@@ -305,6 +305,32 @@ class Pipeline:
                 raise UserError(f"unsupported size {width}x{height}: height and width must be multiples of {step} "
                                 f"from {lo} to {hi}")
 
+    def check_prompt(self, prompt: str, negative_prompt: str = NEGATIVE_PROMPT, allow_no_concept: bool = False
+                     ) -> list[str]:
+        """What generate() would say about these prompts with the active concept, without generating:
+        UserError where it would refuse them (no concept word, a concept word of another concept, several
+        concepts and none chosen, not a string), else its warnings (truncation, a concept word in the
+        negative prompt). Cheap (tokenization only): check a list of prompts before generating any."""
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not isinstance(text, str):
+                raise UserError(f"{name} must be a string, got {type(text).__name__}")
+        return self._encode_prompts(prompt, negative_prompt, _flag("allow_no_concept", allow_no_concept),
+                                    self.concept)[2]
+
+    def _encode_prompts(self, prompt, negative_prompt, allow_no_concept, concept):
+        if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
+            names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
+            raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
+        L = self.dims.max_length
+        enc = encode_prompt(self.tokenizer, prompt, concept.words if concept else None, L, allow_no_concept,
+                            concept.name if concept else None)
+        neg_ids, neg_warn = encode_plain(self.tokenizer, negative_prompt, L, "negative prompt")
+        warnings = [*enc.warnings, *neg_warn]
+        if concept_words_in(negative_prompt):
+            warnings.append(f"the negative prompt's {concept_words_in(negative_prompt)[0]} is read as plain text: "
+                            "a concept applies to the prompt only")
+        return enc, neg_ids, warnings
+
     def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel) -> Generation:
         t_start = time.perf_counter()
@@ -323,8 +349,7 @@ class Pipeline:
         steps, seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
             ("steps", steps), ("seed", seed), ("height", height), ("width", width), ("num_images", num_images)))
         if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
-            names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
-            raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
+            self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept)  # raises: choose a concept
         C, f = dims.latent_channels, dims.vae_scale_factor
         if latents is not None:
             latents = np.asarray(latents, dtype=np.float32)
@@ -347,15 +372,7 @@ class Pipeline:
                 latents = pm_noise.initial_latents(seed, (num_images, C, height // f, width // f))
             except ValueError as e:
                 raise UserError(str(e)) from None
-        warnings: list[str] = []
-        L = dims.max_length
-        enc = encode_prompt(self.tokenizer, prompt, concept.words if concept else None, L, allow_no_concept,
-                            concept.name if concept else None)
-        neg_ids, neg_warn = encode_plain(self.tokenizer, negative_prompt, L, "negative prompt")
-        warnings += [*enc.warnings, *neg_warn]
-        if concept_words_in(negative_prompt):
-            warnings.append(f"the negative prompt's {concept_words_in(negative_prompt)[0]} is read as plain text: "
-                            "a concept applies to the prompt only")
+        enc, neg_ids, warnings = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept)
         tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, enc.uses_concept)
         sched = schedulers.get_scheduler(scheduler)
         noise_seed = seed if seed is not None else 0

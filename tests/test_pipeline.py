@@ -404,6 +404,10 @@ def test_bad_arguments(ort_pipe):
         g(scheduler="pndm")
     with pytest.raises(UserError, match="does not contain the concept word"):
         ort_pipe.generate("a knight", seed=1, steps=1, height=SIDE, width=SIDE)
+    with pytest.raises(UserError, match="does not contain the concept word"):  # the same refusal, nothing run
+        ort_pipe.check_prompt("a knight")
+    assert ort_pipe.check_prompt(PROMPT) == [] and ort_pipe.check_prompt("a knight", allow_no_concept=True) == []
+    assert "read as plain text" in ort_pipe.check_prompt(PROMPT, negative_prompt="<persona>, blurry")[0]
     with pytest.raises(UserError, match="latents"):
         ort_pipe.generate(PROMPT, latents=np.zeros((1, 3, 32, 32), np.float32), steps=1)
     # the API's own types: a UserError naming the argument, no silent truncation (seed 1.5 ran as 1) or

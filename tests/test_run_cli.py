@@ -20,6 +20,7 @@ from pm_runtime import formats as F
 from pm_runtime.backends.base import CheckedNetwork
 from pm_runtime.bundle import write_manifest
 from pm_runtime.cli import main
+from pm_runtime.errors import UserError
 from pm_runtime.png import parse_parameters, read_parameters
 from pm_runtime.specs import VAE_DECODER
 
@@ -450,7 +451,7 @@ def test_settings_from_refuses_what_it_cannot_remake(run_bundle, tmp_path):
             (tmp_path / "missing.png", (), "No such file")):
         assert_one_line_error(pm_run(*args, "--settings-from", source, *extra), needle)
     assert not (tmp_path / "o.png").exists()
-    assert_one_line_error(pm_run(*args), "give --prompt (or --settings-from")
+    assert_one_line_error(pm_run(*args), "give --prompt (or --prompts-file, or --settings-from")
     r = pm_run(*args, "--settings-from", settings("Sampler: DPM++ 2M", "Sampler: DPM++ 2M Karras"), "--scheduler",
                "ddim")  # an option given is not read from the image, nor checked
     assert r.exit_code == 0, r.output
@@ -475,6 +476,70 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
     s = parse(text, tmp_path / "x.png", given={"seed", "num_images", "negative_prompt", "allow_no_concept"})
     assert "seed" not in s.values and "negative_prompt" not in s.values and s.batch_pos is None
     assert parse("p\nSteps: 3, Sampler: DDIM, Seed: 1", tmp_path / "x").values["negative_prompt"] == ""
+
+
+def test_prompts_file(run_bundle, tmp_path):
+    """--prompts-file: every prompt (comments and blank lines skipped) with the engines loaded once, the same
+    seed and settings; each image the one a single run of its prompt makes; --json lists a run per prompt."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# scenes\n{PROMPT}\n\n  a portrait of <persona>, smiling, \"quoted\"  \n", encoding="utf-8")
+    out = tmp_path / "shots"
+    r = CliRunner().invoke(main, [str(a) for a in ("--engine", run_bundle, "--prompts-file", prompts, "--concept",
+                                                   "alice", "--num-images", "2", "--out", out, "--json", *FAST)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["files"] == [str(out / f"0000{i}-233.png") for i in range(4)]
+    assert [run["prompt_line"] for run in result["runs"]] == [2, 4] and len(result["parameters"]) == 4
+    texts = [parse_parameters(read_parameters(Image.open(f)))["Prompt"] for f in result["files"]]
+    assert texts == [PROMPT, PROMPT, 'a portrait of <persona>, smiling, "quoted"', 'a portrait of <persona>, '
+                                                                                   'smiling, "quoted"']
+    assert "prompt 2 of 2 (line 4): time:" in r.stderr
+    single = tmp_path / "single.png"
+    r = pm_run("--engine", run_bundle, "--prompt", 'a portrait of <persona>, smiling, "quoted"', "--concept", "alice",
+               "--num-images", "2", "--out", single, *FAST)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "single-1.png").read_bytes() == (out / "00002-233.png").read_bytes()
+    r = pm_run("--engine", run_bundle, "--prompts-file", prompts, "--concept", "alice", "--out", tmp_path / "k.png",
+               *FAST)
+    assert r.exit_code == 0 and (tmp_path / "k-1.png").is_file() and (tmp_path / "k-2.png").is_file(), r.output
+
+
+def test_prompts_file_refusals_and_partial_runs(run_bundle, tmp_path, monkeypatch):
+    """A bad prompt anywhere in the file stops the run before the first image; an error or Ctrl-C after some
+    prompts were made says which images were written (each one is whole)."""
+    from pm_runtime.pipeline import Pipeline
+
+    out = tmp_path / "o"
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{PROMPT}\n{PROMPT}\na knight with no concept word\n", encoding="utf-8")
+    args = ("--engine", run_bundle, "--concept", "alice", "--out", out, *FAST)
+    assert_one_line_error(pm_run(*args, "--prompts-file", bad), "bad.txt line 3: the prompt does not contain")
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 <persona>".encode("latin-1"))
+    for name, extra, needle in (("empty.txt", (), "holds no prompt"), ("latin1.txt", (), "is not UTF-8 text"),
+                                ("bad.txt", ("--prompt", PROMPT), "give neither --prompt nor --settings-from"),
+                                ("missing.txt", (), "No such file")):
+        assert_one_line_error(pm_run(*args, "--prompts-file", tmp_path / name, *extra), needle)
+    assert not out.exists()
+    good = tmp_path / "good.txt"
+    good.write_text(f"{PROMPT}\n{PROMPT}, at night\n", encoding="utf-8")
+    generate = Pipeline.generate
+    for failure, needle, code in ((UserError("NaN/inf in the UNet output"), "Error: prompt 2 of 2 (line 2): NaN", 1),
+                                  (KeyboardInterrupt(), "interrupted; 1 image written before that", 130)):
+        calls = []
+
+        def second_fails(self, *a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise failure
+            return generate(self, *a, **k)
+
+        monkeypatch.setattr(Pipeline, "generate", second_fails)
+        r = pm_run(*args, "--prompts-file", good)
+        assert r.exit_code == code and needle in r.output, r.output
+        assert f"written before that: {out / '00000-233.png'}" in r.output or code == 130
+        assert sorted(p.name for p in out.iterdir()) == ["00000-233.png"]
+        shutil.rmtree(out)
 
 
 def test_nan_image_is_never_written(run_bundle, tmp_path, monkeypatch):
@@ -550,7 +615,7 @@ def test_python_warnings_are_one_line_notes(monkeypatch):
 
     from pm_runtime import cli
 
-    def fake_run(cfg):
+    def fake_run(cfg, written=None):
         warnings.warn("pm_kernels tuning: the session's budget ran out")
         warnings.warn("old API", DeprecationWarning)
         return {"files": [], "flagged": []}
