@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -100,6 +101,12 @@ def main(concept: Path, model, out, bundle, **kw) -> None:
             export_bundle(ExportConfig(concept=concept, model=model, out=out, **kw), log=_log)
     except UserError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a full disk, a folder that became unwritable: one line, not a traceback
+        where = f" ({e.filename or out or bundle})"
+        hint = ": free some space (the bundle is written beside --out first, then renamed)" if e.errno in (
+            errno.ENOSPC, errno.EDQUOT) else ""
+        raise click.ClickException(f"{e.strerror or e}{where}{hint}; the export stopped and removed its temporary "
+                                   "files: nothing was written") from None
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)

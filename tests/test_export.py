@@ -331,6 +331,22 @@ def test_failed_export_leaves_no_bundle(bundle_fp32, trained_concept, tiny_model
     assert no_temp_folders(tmp_path)
 
 
+def test_full_disk_is_a_one_line_error(trained_concept, tiny_model, tmp_path, monkeypatch):
+    """ENOSPC while writing the bundle (here at its first file, the concept table): one line naming the
+    cause, no traceback, no bundle and no temporary folder left (a real 3 MB tmpfs, full at the UNet graph, gave a line of this form)."""
+    import errno
+    import os
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    out = tmp_path / "b"
+    assert_one_line_error(run([trained_concept, "--model", tiny_model, "--out", out]),
+                          f"No space left on device ({out}): free some space")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_usage_errors(trained_concept, tiny_model, tmp_path):
     assert_one_line_error(run([trained_concept]), "give --model DIR --out BUNDLE")
     assert_one_line_error(run([trained_concept, "--bundle", tmp_path, "--model", tiny_model]), "neither")

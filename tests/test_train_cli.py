@@ -69,6 +69,32 @@ def test_interrupt_names_the_checkpoint_to_resume_from(tiny_model, photos, tmp_p
     assert r.exit_code == 0 and "steps 2->4" in r.output and out.is_file(), r.output
 
 
+def test_full_disk_says_what_survives(tiny_model, photos, tmp_path, monkeypatch):
+    """ENOSPC when a checkpoint or the concept is written: one line naming the file, what was lost and the
+    last checkpoint to resume from; no temporary file left."""
+    import errno
+    import os
+
+    fsync, calls = os.fsync, []
+
+    def full_after(n):
+        def fake(fd):
+            calls.append(fd)
+            if len(calls) > n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return fsync(fd)
+        return fake
+
+    monkeypatch.setattr(os, "fsync", full_after(1))  # step 2's checkpoint fits, step 4's does not
+    r = run(base_args(tiny_model, photos, tmp_path / "c.pt") + ["--steps", 6, "--save-every", 2])
+    assert_one_line_error(r, f"cannot write {tmp_path / 'c.step4.pt'}: No space left on device (the last "
+                             f"checkpoint is {tmp_path / 'c.step2.pt'}: --resume it)")
+    calls.clear()
+    monkeypatch.setattr(os, "fsync", full_after(0))
+    r = run(base_args(tiny_model, photos, tmp_path / "d.pt"))
+    assert_one_line_error(r, "d.pt: No space left on device; the trained concept was NOT saved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.step2.pt"]
+
 @pytest.mark.parametrize("case", ["missing", "empty", "all-unreadable"])
 def test_bad_image_folders(tiny_model, tmp_path, case):
     images = tmp_path / "imgs"

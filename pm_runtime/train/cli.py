@@ -121,12 +121,13 @@ def _run(resume, quiet, saved: list, **kw) -> None:
         bar.set_postfix(loss=f"{loss:.4f}")
         if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
             checkpoint = out.with_name(f"{out.stem}.step{trainer.step}.pt")
-            atomic_torch_save(trainer.concept_dict(True), checkpoint)
+            _save(atomic_torch_save, trainer.concept_dict(True), checkpoint, saved)
             saved.append(checkpoint)
         if cfg.preview_every and trainer.step % cfg.preview_every == 0:
-            _preview(trainer, out.with_name(f"{out.stem}.preview{trainer.step}.png"), Concept)
+            preview = out.with_name(f"{out.stem}.preview{trainer.step}.png")
+            _save(_write_png, _preview(trainer, Concept), preview, saved)
     bar.close()
-    atomic_torch_save(trainer.concept_dict(True), out)
+    _save(atomic_torch_save, trainer.concept_dict(True), out, saved, final=True)
     peak = peak_memory_bytes(trainer.device) / 2**30
     what = "GPU memory (allocated)" if trainer.device.type == "cuda" else "RSS"
     final = trainer.loss_history[-1] if trainer.loss_history else float("nan")
@@ -134,9 +135,30 @@ def _run(resume, quiet, saved: list, **kw) -> None:
                f"peak {what} {peak:.2f} GiB", err=True)
 
 
-def _preview(trainer, path: Path, Concept) -> None:
+def _save(write, obj, path: Path, saved: list, final: bool = False) -> None:
+    """write(obj, path); a full disk or an unwritable folder is a one-line error that says what survives."""
+    try:
+        write(obj, path)
+    except OSError as e:
+        lost = "; the trained concept was NOT saved" if final else ""
+        last = f" (the last checkpoint is {saved[-1]}: --resume it)" if saved else ""
+        raise UserError(f"cannot write {path}: {e.strerror or e}{lost}{last}") from None
+
+
+def _write_png(img, path: Path) -> None:
+    import io
+
     from PIL import Image
 
+    from ..concept_table import atomic_write_bytes
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    atomic_write_bytes(buf.getvalue(), path)  # temp file + rename, removed if the write fails
+
+
+def _preview(trainer, Concept):
+    """The preview image: 'a photo of CONCEPT-WORD' from the reference generator, 20 DPM-Solver++ steps."""
     from .reference import Reference
 
     mapper = trainer.mapper
@@ -147,6 +169,4 @@ def _preview(trainer, path: Path, Concept) -> None:
     r = trainer.cfg.resolution
     img = ref.generate(f"a photo of {trainer.cfg.concept_word}", seed=0, height=r, width=r, steps=20)[0]
     mapper.train()
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(img).save(tmp, format="PNG")
-    tmp.replace(path)
+    return img
