@@ -359,7 +359,11 @@ def _written_before(written: list[str]) -> str:
 def read_prompts(path: Path) -> list[tuple[int, str]]:
     """(line number, prompt) for each prompt line of a --prompts-file."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM from Windows editors is not part of line 1
+        if str(path) == "-":  # standard input: `generate-scenes | pm-run --prompts-file - ...`
+            stream = click.get_binary_stream("stdin")
+            text = stream.read().decode("utf-8-sig")
+        else:
+            text = Path(path).read_text(encoding="utf-8-sig")  # a BOM from Windows editors is not part of line 1
     except UnicodeDecodeError as e:
         raise UserError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
@@ -398,9 +402,10 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--prompt", default=None,
               help="The prompt, with the concept word where the person goes (required unless --settings-from "
                    "or --prompts-file).")
-@click.option("--prompts-file", default=None, type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
-              help="Generate every prompt of FILE (UTF-8, one per line; blank lines and lines starting with # are "
-                   "skipped) with the engines loaded once, the same settings and the same seed. All prompts are "
+@click.option("--prompts-file", default=None, type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+              metavar="FILE",
+              help="Generate every prompt of FILE (- for standard input; UTF-8, one per line; blank lines and lines "
+                   "starting with # are skipped) with the engines loaded once, the same settings and the same seed. All prompts are "
                    "checked before the first image; each prompt's images are written as soon as they are made.")
 @click.option("--concept", default=None,
               help="Concept name in the bundle, or a concept table file [default: the bundle's only concept].")

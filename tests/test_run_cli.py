@@ -502,6 +502,11 @@ def test_prompts_file(run_bundle, tmp_path):
     r = pm_run("--engine", run_bundle, "--prompts-file", prompts, "--concept", "alice", "--out", tmp_path / "k.png",
                *FAST)
     assert r.exit_code == 0 and (tmp_path / "k-1.png").is_file() and (tmp_path / "k-2.png").is_file(), r.output
+    r = CliRunner().invoke(main, [str(a) for a in ("--engine", run_bundle, "--prompts-file", "-", "--concept", "alice",
+                                                   "--out", tmp_path / "stdin.png", *FAST)], input=f"{PROMPT}\n")
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "stdin.png")),  # "-": standard input (one image, not a
+                          np.asarray(Image.open(out / "00000-233.png")))  # batch of 2: the same pixels, other text)
 
 
 def test_prompts_file_refusals_and_partial_runs(run_bundle, tmp_path, monkeypatch):
