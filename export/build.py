@@ -187,6 +187,7 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
     modules = graph_modules(base)
     checker_settings = base.checker_settings
     del base  # from here the modules hold the networks; each is freed once exported
+    _warn_disk_space(out, estimated_bundle_bytes(modules, cfg, targets), log)
     if cfg.int8 in STATIC_INT8 or cfg.int8_vae:
         _warn_static_int8_memory(modules[UNET] if cfg.int8 in STATIC_INT8 else None,
                                  modules[VAE_DECODER] if cfg.int8_vae else None, log)
@@ -416,6 +417,44 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def estimated_bundle_bytes(modules: dict, cfg: ExportConfig, targets: set[str]) -> int:
+    """About how many bytes the export writes beside --out: each network's parameters at the precision of
+    each target (ONNX: --precision, int8 where quantized, the checker fp32; torch weights and TensorRT plans
+    fp16, the checker fp32), plus the fp32 UNet graph an int8 UNet is quantized from."""
+    total = 0
+    for name, module in modules.items():
+        if name == VAE_DECODER:  # the graph holds the whole VAE; only its decoder is exported
+            parts = [module.vae.decoder, getattr(module.vae, "post_quant_conv", None)]
+        else:
+            parts = [module]
+        n = sum(p.numel() for m in parts if m is not None for p in m.parameters())
+        wide = 4 if name == SAFETY_CHECKER else 2
+        if "onnx" in targets:
+            b = 4 if cfg.precision == "fp32" or name == SAFETY_CHECKER else 2
+            if (name == UNET and cfg.int8) or (name == VAE_DECODER and cfg.int8_vae):
+                total += n * 4  # the fp32 graph, until its int8 version replaces it
+                b = 1
+            total += n * b
+        total += n * wide * (("torch" in targets) + ("tensorrt" in targets))
+    return total
+
+
+def _warn_disk_space(out: Path, need: int, log: Log) -> None:
+    """A warning before minutes of work when the bundle will likely not fit (a full disk later is a clean
+    error that leaves nothing behind, but only after that work)."""
+    where = out.parent
+    while not where.exists() and where != where.parent:  # --out's folder may not exist yet
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if free < need:
+        size = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"  # noqa: E731
+        log(f"warning: {size(free)} free in {where}; this export writes about {size(need)} there "
+            "(if the disk fills, it stops and leaves nothing behind)")
 
 
 def _warn_static_int8_memory(unet_module, vae_module, log: Log) -> None:

@@ -347,6 +347,34 @@ def test_full_disk_is_a_one_line_error(trained_concept, tiny_model, tmp_path, mo
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_disk_space_estimate_and_warning(bundle_fp32, bundle_fp16, trained_concept, tiny_model, tmp_path,
+                                         monkeypatch):
+    """The bytes pm-export expects to write, from parameter counts, against what it wrote (the tiny graphs
+    carry proportionally more structure than weights: 1.16x fp32, 1.37x fp16; on the SD-1.5-shaped model the estimate,
+    4.128 / 2.064 GB for fp32 / fp16, matched the network files of benchmarks/results/export-cpu.jsonl,
+    4.128 / 2.066 GB); a warning before the work when the free space is smaller."""
+    from pm_export import build
+    from pm_runtime.modeling.graphs import graph_modules
+    from pm_runtime.modeling.loading import load_base_model
+
+    modules = graph_modules(load_base_model(tiny_model, with_safety_checker=True))
+    for bundle, precision in ((bundle_fp32, "fp32"), (bundle_fp16, "fp16")):
+        cfg = build.ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "x", precision=precision)
+        estimate = build.estimated_bundle_bytes(modules, cfg, {"onnx"})
+        written = sum(f.stat().st_size for f in bundle.rglob("*.onnx*") if f.name != "step.onnx")
+        assert 1.0 <= written / estimate < 1.5, (precision, written, estimate)  # 1.16 / 1.37 here
+    torch_too = build.estimated_bundle_bytes(modules, cfg, {"onnx", "torch"})
+    assert torch_too - estimate == pytest.approx(estimate, rel=0.01)  # fp16 weights: the fp16 graphs' size again
+    lines = []
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5, 5))
+    build._warn_disk_space(tmp_path / "not" / "yet" / "b", 2 * 10**9, lines.append)
+    assert lines == [f"warning: 0.0 MB free in {tmp_path}; this export writes about 2.00 GB there (if the disk "
+                     "fills, it stops and leaves nothing behind)"]
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
+    build._warn_disk_space(tmp_path / "b", 2 * 10**9, lines.append)
+    assert len(lines) == 1
+
+
 def test_usage_errors(trained_concept, tiny_model, tmp_path):
     assert_one_line_error(run([trained_concept]), "give --model DIR --out BUNDLE")
     assert_one_line_error(run([trained_concept, "--bundle", tmp_path, "--model", tiny_model]), "neither")
