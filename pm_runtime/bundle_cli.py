@@ -45,7 +45,11 @@ def describe(root: Path) -> dict:
             "name": c[F.CK_NAME], "network": c[F.CK_NETWORK], "format": c[F.CK_FORMAT],
             "precision": c.get(F.CK_PRECISION), "bytes": _size(b.root, component_files(c)),
             "validated": (all(v.get("passed", True) for v in validation) if validation else None),
-            "max_rel": max(rel) if rel else None, "min_psnr_db": min(psnr) if psnr else None})
+            "max_rel": max(rel) if rel else None, "min_psnr_db": min(psnr) if psnr else None,
+            # a TensorRT plan runs only with its TensorRT version on its GPU model
+            "built_for": ({k: details[k] for k in ("tensorrt_version", "gpu", "compute_capability") if k in details}
+                          if c[F.CK_FORMAT] == "tensorrt" and isinstance(details := c.get(F.CK_DETAILS), dict)
+                          else None)})
     sizes = None
     unet = [c for c in b.components if c[F.CK_NETWORK] == "unet" and "latent_height" in c.get(F.CK_AXES, {})]
     if unet:
@@ -79,6 +83,10 @@ def _print_info(d: dict) -> None:
             check += f", max rel {n['max_rel']:.2g}"
         if n["min_psnr_db"] is not None:
             check += f", {n['min_psnr_db']:.1f} dB"
+        if n["built_for"]:
+            b = n["built_for"]
+            check += f"; built with TensorRT {b.get('tensorrt_version', '?')} for {b.get('gpu', '?')} (compute " \
+                     f"{b.get('compute_capability', '?')})"
         echo(f"  {n['network']:<15} {n['format']:<9} {str(n['precision'] or '-'):<5} {_mib(n['bytes']):>11}  {check}")
     echo(f"safety checker: {d['safety_checker']}")
     if not d["concepts"]:

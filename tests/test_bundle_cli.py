@@ -41,6 +41,26 @@ def test_info_lists_what_the_bundle_holds(bundle):
     assert len(unet) == 1 and "validated, max rel" in unet[0]
 
 
+def test_info_names_the_gpu_a_plan_was_built_for(bundle):
+    """A TensorRT plan runs only with its TensorRT version on its GPU model: info shows both. The entry is
+    written here as pm-export records one (TensorRT cannot be installed on this project's machines; the
+    file is bytes, never loaded: info reads the manifest only)."""
+    from pm_runtime.bundle import file_entry, write_manifest
+
+    (bundle / "unet.plan").write_bytes(b"not an engine: info does not load it")
+    manifest = json.loads((bundle / F.BUNDLE_MANIFEST).read_text())
+    manifest[F.BK_COMPONENTS].append({F.CK_NAME: "unet.plan", F.CK_NETWORK: "unet", F.CK_FORMAT: "tensorrt",
+                                      **file_entry(bundle, "unet.plan"), F.CK_PRECISION: "fp16",
+                                      F.CK_DETAILS: {"tensorrt_version": "10.3.0", "gpu": "NVIDIA GeForce RTX 4090",
+                                                     "compute_capability": "8.9", "fp16": True}})
+    write_manifest(bundle, manifest)
+    r = pm_bundle("info", bundle)
+    assert r.exit_code == 0, r.output
+    plan = [line for line in r.output.splitlines() if line.split()[:2] == ["unet", "tensorrt"]]
+    assert len(plan) == 1 and "built with TensorRT 10.3.0 for NVIDIA GeForce RTX 4090 (compute 8.9)" in plan[0]
+    assert "not validated" in plan[0]  # no validation entry recorded for it
+
+
 def test_verify_reads_every_file_in_full(bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("PM_VERIFIED_CACHE", str(tmp_path / "verified.json"))
     r = pm_bundle("verify", bundle)
