@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
 import secrets
 import threading
 import time
@@ -216,6 +217,16 @@ class Pipeline:
         loads); files it does not load are not read (Bundle.verify_all() checks them all)."""
         verify, low_memory, safety_checker = (_flag(n, v) for n, v in (
             ("verify", verify), ("low_memory", low_memory), ("safety_checker", safety_checker)))
+        for name, value, kinds, what in (("bundle", bundle, (str, os.PathLike, Bundle), "a folder path or a Bundle"),
+                                         ("backend", backend, (str,), "a backend name"),
+                                         ("device", device, (str, type(None)), "a device name such as 'cpu' or "
+                                                                              "'cuda:0', or None"),
+                                         ("concept", concept, (str, os.PathLike, type(None)),
+                                          "a concept name, a table file path, or None")):
+            if not isinstance(value, kinds):
+                raise UserError(f"{name} must be {what}, got {value!r}")
+        if "threads" in backend_options and backend_options["threads"] is not None:
+            backend_options["threads"] = _whole("threads", backend_options["threads"])
         b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), verify=verify)
         cls_, why = select_backend(b, backend, prefer=prefer, device=device, **backend_options)
         if log:
@@ -228,6 +239,8 @@ class Pipeline:
     def use_concept(self, name_or_path: str | Path | None) -> ActiveConcept | None:
         """Switch faces: a concept name of the bundle or a concept table file (.safetensors) baked
         for the same base model; None for plain Stable Diffusion. Engines are not touched."""
+        if not isinstance(name_or_path, (str, os.PathLike, type(None))):
+            raise UserError(f"concept must be a concept name, a table file path, or None, got {name_or_path!r}")
         if name_or_path is None:
             active = None
         elif str(name_or_path) in {c[F.QK_NAME] for c in self.bundle.concepts}:

@@ -432,6 +432,18 @@ def test_bad_arguments(ort_pipe):
     for bad in (dict(low_memory="false"), dict(safety_checker=0), dict(verify="no")):
         with pytest.raises(UserError, match=f"{next(iter(bad))} must be True or False"):
             Pipeline.load(ort_pipe.bundle.root, "onnxruntime", **bad)
+    # and its other arguments' types, named (were "'int' object has no attribute 'split'" and the like)
+    root = ort_pipe.bundle.root
+    for args, kw, match in (((123,), {}, "bundle must be a folder path or a Bundle, got 123"),
+                            ((root, None), {}, "backend must be a backend name"),
+                            ((root,), {"device": 0}, "device must be a device name"),
+                            ((root,), {"concept": 3}, "concept must be a concept name, a table file path, or None"),
+                            ((root, "onnxruntime"), {"threads": "2"}, "threads must be a whole number")):
+        with pytest.raises(UserError, match=match):
+            Pipeline.load(*args, **kw)
+    with pytest.raises(UserError, match="concept must be a concept name"):
+        ort_pipe.use_concept(["alice"])
+    assert ort_pipe.concept.name == "alice"  # unchanged
     for prompt in (None, [PROMPT, PROMPT]):
         with pytest.raises(UserError, match="prompt must be a string .one prompt per call"):
             ort_pipe.generate(prompt, seed=1, steps=1, height=SIDE, width=SIDE)
