@@ -118,6 +118,30 @@ def check_file(root: Path, entry: dict, what: str, verify: bool = True) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def manifest_lock(root: Path, log=None):
+    """Hold the bundle's edit lock (an flock on the bundle folder itself: no lock file) while bundle.json is
+    read, changed and rewritten, so that two edits at once (pm-export --bundle adding a concept while
+    pm-bundle removes one) cannot lose one another's change, or list a table that was deleted. Waits for
+    the other edit (saying so through `log`). Where flock does not exist (Windows) edits are not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log:
+                log(f"waiting for another edit of {root} (pm-export --bundle or pm-bundle) to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_manifest(root: Path, manifest: dict) -> Path:
     """Atomic write of ROOT/bundle.json (temp file + rename)."""
     path = Path(root) / F.BUNDLE_MANIFEST

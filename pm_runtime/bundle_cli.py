@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from . import formats as F
-from .bundle import check_file, component_files, inside, open_bundle, sha256_file, write_manifest
+from .bundle import (check_file, component_files, inside, manifest_lock, open_bundle, sha256_file,
+                     write_manifest)
 from .errors import UserError
 
 HELP = """Inspect and manage a bundle written by pm-export.
@@ -160,7 +161,11 @@ def verify(bundle: Path) -> None:
 @click.argument("name")
 def remove_concept(bundle: Path, name: str) -> None:
     def work():
-        b = open_bundle(Path(bundle), verify=False)
+        open_bundle(Path(bundle), verify=False)  # a bundle at all, before locking it
+        with manifest_lock(Path(bundle), log=lambda m: click.echo(m, err=True)):
+            return remove(open_bundle(Path(bundle), verify=False))  # read again under the lock
+
+    def remove(b):
         entry = b.concept(name)  # UserError naming the bundle's concepts
         table = inside(b.root, entry[F.FK_FILE])
         manifest = dict(b.manifest)

@@ -96,6 +96,29 @@ def test_remove_concept(bundle):
     assert not [p for p in bundle.rglob(".*")]  # no temporary files left
 
 
+def test_edits_wait_for_each_other(bundle):
+    """remove-concept waits while another edit (here: the lock held as pm-export --bundle holds it) has the
+    bundle, and then reads the manifest again: no edit is lost."""
+    import threading
+
+    from pm_runtime.bundle import manifest_lock, write_manifest
+
+    results = []
+    with manifest_lock(bundle):
+        worker = threading.Thread(target=lambda: results.append(pm_bundle("remove-concept", bundle, "alice")))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and (bundle / "concepts" / "alice.safetensors").is_file()  # waiting
+        manifest = json.loads((bundle / F.BUNDLE_MANIFEST).read_text())  # the other edit's change, meanwhile
+        manifest[F.BK_CONCEPTS][1][F.QK_STAGE] = [450, 750]
+        write_manifest(bundle, manifest)
+    worker.join(timeout=60)
+    r = results[0]
+    assert r.exit_code == 0 and "waiting for another edit" in r.output, r.output
+    left = open_bundle(bundle).concepts
+    assert [q[F.QK_NAME] for q in left] == ["alice-photo2"] and left[0][F.QK_STAGE] == [450, 750]  # both kept
+
+
 @pytest.mark.parametrize("args, needle", [(("info", "missing-folder"), "bundle folder not found"),
                                           (("verify", "."), "is not a bundle (no bundle.json)")])
 def test_not_a_bundle(args, needle, tmp_path, monkeypatch):

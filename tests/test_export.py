@@ -254,6 +254,20 @@ def test_concept_only_export(bundle_fp32, tmp_path, trained_concept):
     assert_one_line_error(run([src, "--bundle", b]), "already has a concept named 'bob'")
     assert run([src, "--bundle", b, "--force"]).exit_code == 0
     assert [c[F.QK_NAME] for c in open_bundle(b).concepts] == ["alice", "bob"]
+    # another edit holding the bundle (pm-bundle remove-concept, another pm-export --bundle): this one waits
+    import threading
+
+    from pm_runtime.bundle import manifest_lock
+
+    results = []
+    with manifest_lock(b):
+        worker = threading.Thread(target=lambda: results.append(run([src, "--bundle", b, "--name", "carol"])))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive()
+    worker.join(timeout=120)
+    assert results[0].exit_code == 0 and "waiting for another edit" in results[0].output, results[0].output
+    assert [c[F.QK_NAME] for c in open_bundle(b).concepts] == ["alice", "bob", "carol"]
 
 
 def test_concept_only_refuses_another_base_model(bundle_fp32, trained_concept, tmp_path):
