@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -492,8 +493,12 @@ def _calibrated_int8(cfg: ExportConfig, root: Path, model_dir: Path, manifest: d
         f"steps at {CALIBRATION_SIZE} px)")
     t0 = time.perf_counter()
     vae_feeds: list[dict] | None = [] if cfg.int8_vae else None
-    feeds = record_calibration(root, prompts=prompts, steps=CALIBRATION_STEPS, resolution=CALIBRATION_SIZE,
-                               vae_feeds=vae_feeds)
+    from tqdm import tqdm
+
+    with tqdm(total=len(prompts) * CALIBRATION_STEPS, desc="  calibration", unit="step", file=sys.stderr,
+              disable=None, leave=False) as bar:
+        feeds = record_calibration(root, prompts=prompts, steps=CALIBRATION_STEPS, resolution=CALIBRATION_SIZE,
+                                   vae_feeds=vae_feeds, callback=lambda done, total: bar.update(done - bar.n))
     record_s = time.perf_counter() - t0
     about = dict(calibration_prompts=prompts[:-1], validation_prompt=prompts[-1], calibration_steps=CALIBRATION_STEPS,
                  calibration_size=CALIBRATION_SIZE, record_s=round(record_s, 1))

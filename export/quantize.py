@@ -300,12 +300,14 @@ CALIBRATION_PROMPTS = ("a portrait photo of a person in a park", "a close-up pho
 
 
 def record_calibration(bundle_dir: Path, *, prompts=CALIBRATION_PROMPTS, steps: int = 10, resolution: int = 256,
-                       seed: int = 1, unet: Path | None = None, vae_feeds: list | None = None) -> list[dict]:
+                       seed: int = 1, unet: Path | None = None, vae_feeds: list | None = None,
+                       callback=None) -> list[dict]:
     """UNet feeds for the static modes: one fp32 image per prompt through the bundle's own
     pipeline (onnxruntime, CPU; `unet` overrides the bundle's UNet file), every UNet call's
     inputs recorded: len(prompts) * steps feeds of batch 2 (guidance). Needs a complete bundle
     (bundle.json): quantize after the fp32 export, e.g. into the finished bundle. `vae_feeds`: a list
-    that receives the VAE decoder's feeds too ({latent}: one per prompt, the finished latents)."""
+    that receives the VAE decoder's feeds too ({latent}: one per prompt, the finished latents).
+    `callback(done, total)` after every UNet step of all the prompts (a progress bar)."""
     from pm_runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtNetwork
     from pm_runtime.bundle import open_bundle
     from pm_runtime.pipeline import Pipeline
@@ -329,8 +331,9 @@ def record_calibration(bundle_dir: Path, *, prompts=CALIBRATION_PROMPTS, steps: 
     pipe = Pipeline(bundle, Recording(bundle), safety_checker=False)
     try:
         for i, prompt in enumerate(prompts):
+            step = None if callback is None else (lambda k, n, i=i: callback(i * n + k, len(prompts) * n))
             pipe.generate(prompt, seed=seed + i, height=resolution, width=resolution, steps=steps, guidance=8.0,
-                          allow_no_concept=True)
+                          allow_no_concept=True, callback=step)
     finally:
         pipe.close()
     return feeds

@@ -103,9 +103,10 @@ def test_vae_decoder_int8_on_recorded_latents(run_bundle, fp32_unet, tmp_path):
     int8 weight's activation calibrated too, and a held-out latent's image within the export's floor."""
     from pm_export.validate import PSNR_MIN, image_psnr
 
-    vae_feeds = []
+    vae_feeds, progress = [], []
     Q.record_calibration(run_bundle, prompts=("a photo of a face", "a face at night"), steps=2, resolution=256,
-                         vae_feeds=vae_feeds)
+                         vae_feeds=vae_feeds, callback=lambda done, total: progress.append((done, total)))
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]  # pm-export's calibration bar: every step of every prompt
     assert len(vae_feeds) == 2 and set(vae_feeds[0]) == {"latent"} and vae_feeds[0]["latent"].shape == (1, 4, 32, 32)
     src, dst = run_bundle / "vae_decoder.onnx", tmp_path / "vae_decoder.onnx"
     facts = Q.quantize_vae_int8(src, dst, calibration=vae_feeds[:1])
