@@ -46,7 +46,7 @@ UserComment. Errors are one line; nothing is written unless the whole run succee
 is written to a temporary file and renamed); with --prompts-file each prompt's images are written
 when that prompt is done, and an error or Ctrl-C later names the files already written.
 
-
+\b
   pm-run --engine BUNDLE --prompts-file scenes.txt --seed 233 --out shots/   # engines loaded once
   pm-run --engine BUNDLE --settings-from shots/00003-233.png --seed 234     # same settings, new seed
 """
