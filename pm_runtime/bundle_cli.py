@@ -33,6 +33,19 @@ def _mib(n: int) -> str:
             f"{n / 2**30:.2f} GiB")
 
 
+def _table_facts(path: Path) -> dict:
+    """The super-class word and the reference photo's name from a concept table's header (the arrays are
+    not read); empty where the header cannot be read (verify says why)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - a damaged table: info still lists the rest
+        return {}
+    return {"super_class": meta.get(F.TM_SUPER_CLASS), "reference_photo": meta.get(F.TM_REFERENCE_NAME) or None}
+
+
 def describe(root: Path) -> dict:
     """The facts `pm-bundle info` prints (and --json writes)."""
     b = open_bundle(Path(root), verify=False)
@@ -58,7 +71,8 @@ def describe(root: Path) -> dict:
         sizes = {"min": axis["min"] * f, "max": axis["max"] * f, "multiple_of": axis.get("multiple_of", 1) * f}
     base = m[F.BK_BASE_MODEL]
     concepts = [{"name": q[F.QK_NAME], "concept_word": q.get(F.QK_CONCEPT_WORD), "stage": q.get(F.QK_STAGE),
-                 "num_tokens": q.get(F.QK_NUM_TOKENS), "sha256": q[F.FK_SHA256][:12]} for q in b.concepts]
+                 "num_tokens": q.get(F.QK_NUM_TOKENS), "sha256": q[F.FK_SHA256][:12],
+                 **_table_facts(inside(b.root, q[F.FK_FILE]))} for q in b.concepts]
     files = [e for c in b.components for e in component_files(c)]
     files += [(e, "tokenizer") for e in m[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]]
     files += [(q, "concept") for q in b.concepts]
@@ -96,7 +110,9 @@ def _print_info(d: dict) -> None:
         echo("concepts:")
         for q in d["concepts"]:
             lo, hi = q["stage"] or ("?", "?")
-            echo(f"  {q['name']:<20} word {q['concept_word']}, {q['num_tokens']} tokens, stage {lo}-{hi}, "
+            facts = "".join(f", {label} {q[k]}" for k, label in (("super_class", "super-class"),
+                                                                   ("reference_photo", "reference photo")) if q.get(k))
+            echo(f"  {q['name']:<20} word {q['concept_word']}{facts}, {q['num_tokens']} tokens, stage {lo}-{hi}, "
                  f"hash {q['sha256']}")
     tools = ", ".join(f"{k} {v}" for k, v in d["tools"].items())
     if tools:

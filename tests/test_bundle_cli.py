@@ -28,6 +28,9 @@ def test_info_lists_what_the_bundle_holds(bundle):
     d = json.loads(r.stdout)
     assert [q["name"] for q in d["concepts"]] == ["alice", "alice-photo2"]
     assert d["concepts"][0]["concept_word"] == "<persona>" and d["concepts"][0]["stage"] == [400, 800]
+    # which photo each table was baked from (from the table's header): alice-photo2 was re-baked with photo2
+    assert d["concepts"][1]["reference_photo"] == "photo2.png" != d["concepts"][0]["reference_photo"]
+    assert d["concepts"][0]["super_class"] == "face"
     kinds = {(n["network"], n["format"]) for n in d["networks"]}
     assert {("text_encoder", "onnx"), ("unet", "onnx"), ("vae_decoder", "onnx"), ("unet", "torch")} <= kinds
     assert all(n["validated"] and n["max_rel"] < 1e-3 for n in d["networks"] if n["format"] == "onnx")
@@ -37,6 +40,7 @@ def test_info_lists_what_the_bundle_holds(bundle):
     r = pm_bundle("info", bundle)
     assert r.exit_code == 0, r.output
     assert "alice-photo2" in r.output and "image sizes: 256 to 1024 px, multiples of 64" in r.output
+    assert "reference photo photo2.png" in r.output
     unet = [line for line in r.output.splitlines() if line.split()[:2] == ["unet", "onnx"]]
     assert len(unet) == 1 and "validated, max rel" in unet[0]
 
