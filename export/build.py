@@ -9,17 +9,14 @@ asked for, are built from the fp32 graphs.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import os
 import platform
 import re
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,6 +27,7 @@ from pm_runtime import formats as F
 from pm_runtime.bundle import file_entry, manifest_lock, open_bundle, sha256_file, write_manifest
 from pm_runtime.concept_table import save_table
 from pm_runtime.errors import UserError
+from pm_runtime.interrupts import caused_by_interrupt, noticing_interrupts
 from pm_runtime.specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, STEP, UNET, VAE_DECODER, network_specs
 
 Log = Callable[[str], None]
@@ -283,7 +281,7 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
             if builder is not None:
                 validate(module, spec, plain_path, "fp32", log)
             try:
-                with _noticing_interrupts() as interrupted:
+                with noticing_interrupts() as interrupted:
                     res = optimize_graph(plain_path, fp32_path, net, provider="cpu", precision=cfg.precision,
                                          external_data=cfg.external_data)
                 fused = ", ".join(f"{k} {v}" for k, v in res.fused.items()) or "nothing"
@@ -291,7 +289,7 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
                     f"{res.nodes_before} -> {res.nodes_after} nodes in {res.seconds:.1f} s")
                 details["graph_optimization"] = res.to_dict()
             except Exception as e:  # onnxruntime's fusion code on a graph it does not expect: ship it plain
-                if interrupted or _caused_by_interrupt(e):  # Ctrl-C inside a C extension's import comes back
+                if interrupted or caused_by_interrupt(e):  # Ctrl-C inside a C extension's import comes back
                     raise KeyboardInterrupt from e            # as an ImportError, chained or not
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 log(f"warning: onnxruntime graph optimisation of {net} failed ({why}); shipping it as exported")
@@ -424,43 +422,6 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-@contextlib.contextmanager
-def _noticing_interrupts():
-    """Yields a list that records every SIGINT (Ctrl-C) arriving inside the block; the interrupt still
-    raises KeyboardInterrupt as usual. onnxruntime's C extension, imported by the optimiser, turns a
-    Ctrl-C during its import into "ImportError: import numpy failed" with no KeyboardInterrupt attached
-    (seen with SIGINT sent 8-48 ms into the import; at 72-88 ms the ImportError is chained to it): this
-    list tells such an ImportError from a real failure. Only in the main thread, and only where Python's
-    own Ctrl-C handler is installed (not where SIGINT is ignored or handled by someone else)."""
-    seen: list[bool] = []
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield seen
-        return
-
-    def handler(signum, frame):
-        seen.append(True)
-        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield seen
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _caused_by_interrupt(e: BaseException) -> bool:
-    """Whether a KeyboardInterrupt is in e's cause/context chain (a Ctrl-C that arrived while onnxruntime's
-    C extension was being imported comes back as an ImportError raised from it)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def estimated_bundle_bytes(modules: dict, cfg: ExportConfig, targets: set[str]) -> int:

@@ -7,7 +7,7 @@ RUNTIME_MODULES = ["pm_runtime", "pm_runtime.errors", "pm_runtime.formats", "pm_
                    "pm_runtime.noise", "pm_runtime.prompts", "pm_runtime.stages", "pm_runtime.schedulers",
                    "pm_runtime.schedulers.linear", "pm_runtime.tokenizer", "pm_runtime.specs", "pm_runtime.bundle",
                    "pm_runtime.concept_table", "pm_runtime.png", "pm_runtime.prompt_encoding", "pm_runtime.pipeline",
-                   "pm_runtime.cli", "pm_runtime.reproduce", "pm_runtime.bundle_cli", "pm_runtime.backends.base", "pm_runtime.backends.onnxruntime",
+                   "pm_runtime.cli", "pm_runtime.reproduce", "pm_runtime.bundle_cli", "pm_runtime.interrupts", "pm_runtime.backends.base", "pm_runtime.backends.onnxruntime",
                    "pm_runtime.backends.tensorrt",
                    # torch backends: importable without torch; they say what is missing when used
                    "pm_runtime.backends.torch", "pm_runtime.backends.torch_cuda"]

@@ -62,11 +62,12 @@ PROVIDERS = {
 
 
 def require_onnxruntime():
+    from ..interrupts import import_optional
+
     try:
-        import onnxruntime
+        return import_optional("onnxruntime")  # a Ctrl-C during the import is not "not installed"
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    return onnxruntime
 
 
 def providers_for(device: str | None, available: list[str]) -> list:

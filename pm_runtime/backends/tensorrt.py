@@ -53,8 +53,10 @@ def require_tensorrt(alternative: str = ""):
     e.g. pm-export's ", or use --target onnx"). TensorRT 11 removed the weakly typed builder API the
     plans are built with (BuilderFlag.FP16, per-layer precision: export/tensorrt_build.py), so 11+ is
     refused with what to install instead of failing half-way through an export."""
+    from ..interrupts import import_optional
+
     try:
-        import tensorrt as trt
+        trt = import_optional("tensorrt")  # a Ctrl-C during the import is not "not installed"
     except ImportError:
         raise UserError(INSTALL_HINT + alternative) from None
     major = int(trt.__version__.split(".")[0])
@@ -68,11 +70,13 @@ def require_tensorrt(alternative: str = ""):
 
 
 def require_cudart():
+    from ..interrupts import import_optional
+
     try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+        cudart = import_optional("cuda.bindings.runtime")  # cuda-python >= 12.6
     except ImportError:
         try:
-            from cuda import cudart  # older cuda-python
+            cudart = import_optional("cuda.cudart")  # older cuda-python
         except ImportError:
             raise UserError("cuda-python is not installed (the TensorRT backend's buffer library): "
                             "pip install 'personamagic-runtime[tensorrt]'") from None

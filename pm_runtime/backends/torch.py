@@ -135,8 +135,10 @@ class TorchBackend(Backend):
 
     @classmethod
     def unavailable(cls, bundle: Bundle, model=None, device: str | None = None, **_) -> str | None:
+        from ..interrupts import import_optional
+
         try:
-            import torch
+            torch = import_optional("torch")  # a Ctrl-C during the import is not "not installed"
         except ImportError:
             return INSTALL_HINT
         kind = (device or "cpu").split(":")[0]
