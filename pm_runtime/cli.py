@@ -469,8 +469,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "--backend auto it picks a PyTorch backend.")
 @click.option("--settings-from", default=None, type=click.Path(path_type=Path, dir_okay=False), metavar="IMAGE",
               help="Make an image again: take the prompt, negative prompt, steps, scheduler, guidance, seed, size, "
-                   "concept and concept stage from the settings inside IMAGE (a PNG, JPEG or WebP pm-run wrote, "
-                   "or a text file holding such settings). Options given here win (e.g. --seed for a variation). "
+                   "concept and concept stage from the settings inside IMAGE (a PNG, JPEG or WebP written by pm-run, "
+                   "or by AUTOMATIC1111 where its sampler is one of pm-run's; or a text file holding such settings). Options given here win (e.g. --seed for a variation). "
                    "An image of a batch is made by generating the batch and keeping it. The same bundle, concept "
                    "and backend give the same pixels; pm-run warns where the concept, model or backend differ.")
 @click.option("--int8-weights", is_flag=True,
