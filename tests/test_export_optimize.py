@@ -216,31 +216,16 @@ def test_ctrl_c_inside_the_optimiser_import_is_an_interrupt(tiny_model, trained_
     ImportError (SIGINT sent into `import onnxruntime.capi._pybind_state` in a fresh process: "import numpy
     failed" with nothing attached, or "initialization failed" raised from the KeyboardInterrupt), which the
     optimiser's fallback took for a fusion failure (then a validation traceback): it is an interrupt,
-    exit 130, nothing written. Both forms, the first with a real SIGINT to this process."""
-    import os
+    exit 130, nothing written. Both forms, the unchained one with a real SIGINT to this process."""
     import signal
-    import time
 
     from pm_export import optimize
+    from test_interrupts import interrupted_chained, interrupted_unchained  # the two forms, as fakes
 
-    def interrupted_import(model, network, passes):
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as e:
-            raise ImportError("initialization of _pybind_state raised unreported exception") from e
-
-    def unchained_import(model, network, passes):  # the other form seen: the interrupt printed, not attached
-        try:
-            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: Python's handler raises KeyboardInterrupt
-            time.sleep(5)
-        except KeyboardInterrupt:
-            pass
-        raise ImportError("import numpy failed")
-
-    for fake in (interrupted_import, unchained_import):
-        monkeypatch.setattr(optimize, "_fuse", fake)
+    for body in (interrupted_chained, interrupted_unchained):
+        monkeypatch.setattr(optimize, "_fuse", lambda model, network, passes, body=body: body())
         r = run([trained_concept, "--model", tiny_model, "--out", tmp_path / "b"])
-        assert r.exit_code == 130 and "interrupted; nothing was written" in r.output, (fake.__name__, r.output)
+        assert r.exit_code == 130 and "interrupted; nothing was written" in r.output, (body.__name__, r.output)
         assert "Traceback" not in r.output and "warning: onnxruntime graph optimisation" not in r.output
         assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
