@@ -38,6 +38,17 @@ class ImageSettings:
     backend: str | None = None
     ignored: tuple[str, ...] = ()  # keys pm-run does not use (AUTOMATIC1111's "Model hash", "Clip skip", ...)
 
+    def generate_kwargs(self) -> dict:
+        """The values as Pipeline.generate keyword arguments (all but the concept, which is
+        Pipeline.use_concept's: `self.values.get("concept")`); the image is then
+        `result.images[self.batch_pos or 0]`.
+
+            s = reproduce.load("knight.png")
+            pipe.use_concept(s.values.get("concept"))
+            image = pipe.generate(**s.generate_kwargs()).images[s.batch_pos or 0]
+        """
+        return {k: v for k, v in self.values.items() if k != "concept"}
+
     def describe(self) -> str:
         v = self.values
         parts = [f"{k} {v[f]}" for k, f in (("seed", "seed"), ("steps", "steps"), ("scheduler", "scheduler"),

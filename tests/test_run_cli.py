@@ -415,6 +415,14 @@ def test_settings_from_remakes_the_image(run_bundle, tmp_path):
     assert r.exit_code == 0, r.output
     assert "image 2 of a batch of 2 (the whole batch is generated, that image kept)" in r.output
     assert again.read_bytes() == original.read_bytes() and "warning" not in r.output
+    from pm_runtime import reproduce  # the same from Python
+    from pm_runtime.pipeline import Pipeline
+
+    settings = reproduce.load(original)
+    with Pipeline.load(run_bundle, "onnxruntime") as pipe:
+        pipe.use_concept(settings.values.get("concept"))
+        made = pipe.generate(**settings.generate_kwargs())
+    assert settings.batch_pos == 1 and made.encode(settings.batch_pos) == original.read_bytes()
     before = parse_parameters(read_parameters(Image.open(original)))
     r = pm_run("--engine", run_bundle, "--settings-from", original, "--seed", "12", "--out", tmp_path / "v.jpg",
                "--json")
