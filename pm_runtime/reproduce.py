@@ -19,9 +19,6 @@ from .png import SAMPLER_NAMES, parse_parameters, read_parameters
 from .stages import LATE_POLICIES
 
 SCHEDULERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
-# RunConfig fields an image can set (the keys of ImageSettings.values)
-FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "seed", "height", "width", "concept",
-          "concept_stage", "late_stage", "num_images", "allow_no_concept")
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Concept", "Concept stage",
@@ -51,10 +48,11 @@ class ImageSettings:
 
     def describe(self) -> str:
         v = self.values
-        parts = [f"{k} {v[f]}" for k, f in (("seed", "seed"), ("steps", "steps"), ("scheduler", "scheduler"),
-                                             ("guidance", "guidance")) if f in v]
-        if "width" in v:
+        parts = [f"{k} {v[k]}" for k in ("seed", "steps", "scheduler", "guidance") if k in v]
+        if "width" in v and "height" in v:
             parts.append(f"{v['width']}x{v['height']}")
+        else:  # one side given on the command line
+            parts += [f"{k} {v[k]}" for k in ("width", "height") if k in v]
         if v.get("concept"):
             parts.append(f"concept {v['concept']}")
         if self.batch_pos is not None:
@@ -160,4 +158,4 @@ def load(path: Path, given: set[str] = frozenset()) -> ImageSettings:
     return parse(read_text(path), Path(path), given)
 
 
-__all__ = ["FIELDS", "ImageSettings", "load", "parse", "read_text"]
+__all__ = ["ImageSettings", "load", "parse", "read_text"]

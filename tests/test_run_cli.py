@@ -481,8 +481,11 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
                         "scheduler": "euler-a", "guidance": 7.0, "seed": 5, "width": 512, "height": 768,
                         "allow_no_concept": True, "num_images": 4}
     assert s.batch_pos == 3 and s.ignored == ("Model hash", "Clip skip")
+    assert "512x768" in s.describe()
     s = parse(text, tmp_path / "x.png", given={"seed", "num_images", "negative_prompt", "allow_no_concept"})
     assert "seed" not in s.values and "negative_prompt" not in s.values and s.batch_pos is None
+    s = parse(text, tmp_path / "x.png", given={"height"})  # one side of the size given (was a KeyError)
+    assert "height" not in s.values and "width 512" in s.describe()
     assert parse("p\nSteps: 3, Sampler: DDIM, Seed: 1", tmp_path / "x").values["negative_prompt"] == ""
 
 
