@@ -24,6 +24,14 @@ HELP = """Inspect and manage a bundle written by pm-export.
 """
 
 
+def _files(b) -> list[tuple[dict, str]]:
+    """(file entry, description) of every file bundle.json lists: networks (with their data files),
+    tokenizer, concept tables."""
+    files = [e for c in b.components for e in component_files(c)]
+    files += [(e, "tokenizer") for e in b.manifest[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]]
+    return files + [(q, f"concept {q[F.QK_NAME]}") for q in b.concepts]
+
+
 def _size(root: Path, entries) -> int:
     return sum(inside(root, e[F.FK_FILE]).stat().st_size for e, _ in entries)
 
@@ -73,14 +81,11 @@ def describe(root: Path) -> dict:
     concepts = [{"name": q[F.QK_NAME], "concept_word": q.get(F.QK_CONCEPT_WORD), "stage": q.get(F.QK_STAGE),
                  "num_tokens": q.get(F.QK_NUM_TOKENS), "sha256": q[F.FK_SHA256][:12],
                  **_table_facts(inside(b.root, q[F.FK_FILE]))} for q in b.concepts]
-    files = [e for c in b.components for e in component_files(c)]
-    files += [(e, "tokenizer") for e in m[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]]
-    files += [(q, "concept") for q in b.concepts]
     return {"bundle": str(b.root), "created": m.get(F.BK_CREATED), "version": m[F.BK_VERSION],
             "model": base.get(F.BM_MODEL_FOLDER), "prediction_type": base.get(F.BM_PREDICTION_TYPE),
             "text_dim": base.get("text_dim"), "safety_checker": base.get(F.BM_SAFETY_CHECKER),
             "fingerprint": b.fingerprint, "image_sizes": sizes, "networks": networks, "concepts": concepts,
-            "bytes": _size(b.root, files) + (b.root / F.BUNDLE_MANIFEST).stat().st_size, "tools": m.get(F.BK_TOOLS, {})}
+            "bytes": _size(b.root, _files(b)) + (b.root / F.BUNDLE_MANIFEST).stat().st_size, "tools": m.get(F.BK_TOOLS, {})}
 
 
 def _print_info(d: dict) -> None:
@@ -151,10 +156,7 @@ def verify(bundle: Path) -> None:
 
     def work():
         b = open_bundle(Path(bundle), verify=False)
-        m = b.manifest
-        files = [e for c in b.components for e in component_files(c)]
-        files += [(e, "tokenizer") for e in m[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]]
-        files += [(q, f"concept {q[F.QK_NAME]}") for q in b.concepts]
+        files = _files(b)
         total = _size(b.root, files)
         with tqdm(total=total, unit="B", unit_scale=True, desc="hashing", file=sys.stderr, disable=None,
                   leave=False) as bar:
@@ -163,7 +165,7 @@ def verify(bundle: Path) -> None:
                 if sha256_file(path) != entry[F.FK_SHA256]:  # read in full: no "unchanged since" shortcut
                     raise UserError(f"bundle file {entry[F.FK_FILE]} ({what}) fails its checksum: modified or "
                                     "corrupted")
-                bar.update(inside(b.root, entry[F.FK_FILE]).stat().st_size)
+                bar.update(path.stat().st_size)
         return len(files), total
 
     n, total = _run(work)

@@ -286,7 +286,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     per_prompt = cfg.steps * cfg.num_images
     bar = tqdm(total=per_prompt * len(prompts), desc="denoising", unit="step", file=sys.stderr, disable=None,
                leave=False)
-    files, flagged_files, parameters, runs = [], [], [], []
+    files = [] if written is None else written  # the caller's list: it names them after an error
+    flagged_files, parameters, runs = [], [], []
     try:
         for k, (line, text) in enumerate(prompts):
             def progress(step, total, k=k):
@@ -323,8 +324,6 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                 except OSError as e:
                     raise UserError(f"cannot write {paths[i]}: {e.strerror or e}") from None
                 files.append(str(paths[i]))
-                if written is not None:
-                    written.append(str(paths[i]))
                 if not cfg.json:
                     bar.clear()
                     click.echo(f"wrote {paths[i]}")
@@ -346,7 +345,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     if host:
         log(f"host memory: peak resident {host['peak_rss_gib']:.2f} GiB (this process: imports, loading, generation)")
     one = {} if several else {k: v for k, v in runs[0].items() if k != "prompt_line"}
-    return {"files": files, "flagged": flagged_files, **one, **({"runs": runs} if several else {}),
+    return {"files": list(files), "flagged": flagged_files, **one, **({"runs": runs} if several else {}),
             "parameters": parameters, "device_memory": memory, "host_memory": host}
 
 

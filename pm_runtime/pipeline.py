@@ -361,8 +361,7 @@ class Pipeline:
             raise UserError(f"guidance must be a finite number, got {guidance!r}")
         steps, seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
             ("steps", steps), ("seed", seed), ("height", height), ("width", width), ("num_images", num_images)))
-        if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
-            self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept)  # raises: choose a concept
+        enc, neg_ids, warnings = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept)
         C, f = dims.latent_channels, dims.vae_scale_factor
         if latents is not None:
             latents = np.asarray(latents, dtype=np.float32)
@@ -385,7 +384,6 @@ class Pipeline:
                 latents = pm_noise.initial_latents(seed, (num_images, C, height // f, width // f))
             except ValueError as e:
                 raise UserError(str(e)) from None
-        enc, neg_ids, warnings = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept)
         tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, enc.uses_concept)
         sched = schedulers.get_scheduler(scheduler)
         noise_seed = seed if seed is not None else 0

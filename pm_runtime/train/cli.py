@@ -146,15 +146,10 @@ def _save(write, obj, path: Path, saved: list, final: bool = False) -> None:
 
 
 def _write_png(img, path: Path) -> None:
-    import io
-
-    from PIL import Image
-
     from ..concept_table import atomic_write_bytes
+    from ..png import png_bytes
 
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    atomic_write_bytes(buf.getvalue(), path)  # temp file + rename, removed if the write fails
+    atomic_write_bytes(png_bytes(img), path)  # temp file + rename, removed if the write fails
 
 
 def _preview(trainer, Concept):
