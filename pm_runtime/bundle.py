@@ -155,6 +155,15 @@ def component_files(comp: dict) -> list[tuple[dict, str]]:
     return [(comp, what)] + [(d, what + " external data") for d in comp.get(F.CK_DATA_FILES, [])]
 
 
+def listed_files(manifest: dict) -> list[tuple[dict, str, bool]]:
+    """(file entry, description, small) of every file a manifest lists: the networks with their data
+    files, then the tokenizer files and the concept tables (small: hashed whenever the bundle is opened;
+    the networks only when used)."""
+    files = [(e, what, False) for comp in manifest[F.BK_COMPONENTS] for e, what in component_files(comp)]
+    files += [(e, "tokenizer", True) for e in manifest[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]]
+    return files + [(q, f"concept {q.get(F.QK_NAME, '?')}", True) for q in manifest.get(F.BK_CONCEPTS, [])]
+
+
 @dataclass(frozen=True)
 class Bundle:
     """An opened bundle. With verify=True a network file (and its external data files) is checked
@@ -287,13 +296,8 @@ def open_bundle(root: Path, verify: bool = True) -> Bundle:
     root = Path(root)
     manifest = read_manifest(root)
     try:
-        for comp in manifest[F.BK_COMPONENTS]:
-            for entry, what in component_files(comp):
-                check_file(root, entry, what, verify=False)  # hashed on first use
-        for entry in manifest[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]:
-            check_file(root, entry, "tokenizer")
-        for entry in manifest.get(F.BK_CONCEPTS, []):
-            check_file(root, entry, f"concept {entry.get(F.QK_NAME, '?')}")
+        for entry, what, small in listed_files(manifest):
+            check_file(root, entry, what, verify=small)  # a network file is hashed on first use
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"malformed {root / F.BUNDLE_MANIFEST}: {type(e).__name__} {e}") from None
     return Bundle(root, manifest, verify=bool(verify))

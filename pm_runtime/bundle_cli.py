@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import formats as F
-from .bundle import (check_file, component_files, inside, manifest_lock, open_bundle, sha256_file,
+from .bundle import (check_file, component_files, inside, listed_files, manifest_lock, open_bundle, sha256_file,
                      write_manifest)
 from .errors import UserError
 
@@ -27,9 +27,7 @@ HELP = """Inspect and manage a bundle written by pm-export.
 def _files(b) -> list[tuple[dict, str]]:
     """(file entry, description) of every file bundle.json lists: networks (with their data files),
     tokenizer, concept tables."""
-    files = [e for c in b.components for e in component_files(c)]
-    files += [(e, "tokenizer") for e in b.manifest[F.BK_TOKENIZER][F.BK_TOKENIZER_FILES]]
-    return files + [(q, f"concept {q[F.QK_NAME]}") for q in b.concepts]
+    return [(e, what) for e, what, _ in listed_files(b.manifest)]
 
 
 def _size(root: Path, entries) -> int:

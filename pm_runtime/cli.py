@@ -417,7 +417,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--scheduler", default="dpmpp-2m", show_default=True,
               type=click.Choice(["dpmpp-2m", "ddim", "euler", "euler-a"]))
 @click.option("--seed", default=None, type=click.IntRange(0, 2**63 - 1), help="[default: random, printed]")
-@click.option("--num-images", default=1, show_default=True, type=int)
+@click.option("--num-images", default=1, show_default=True, type=int,
+              help="Images generated together from one seed (a batch: one noise draw, the UNet runs several images per call). A file --out NAME.png becomes NAME-1.png, NAME-2.png, ...; a folder --out numbers them. Each image records its batch size and position, so --settings-from remakes it by generating its batch again.")
 @click.option("--height", default=512, show_default=True, type=int)
 @click.option("--width", default=512, show_default=True, type=int)
 @click.option("--backend", default="auto", show_default=True,
