@@ -43,15 +43,18 @@ Initial latents come from the project's own noise generator: the same seed gives
 on every backend (and, on one machine and backend, the same file bytes). Images carry their
 settings as AUTOMATIC1111 writes them: PNG in a `parameters` text chunk, JPEG and WebP in EXIF
 UserComment. Errors are one line; nothing is written unless the whole run succeeded (each image
-is written to a temporary file and renamed); with --prompts-file each prompt's images are written
-when that prompt is done, and an error or Ctrl-C later names the files already written.
+is written to a temporary file and renamed); with --prompts-file or --batch-count each prompt's
+(each batch's) images are written when they are done, and an error or Ctrl-C later names the files
+already written.
 
 \b
   pm-run --engine BUNDLE --prompts-file scenes.txt --seed 233 --out shots/   # engines loaded once
+  pm-run --engine BUNDLE --prompt "..." --seed 233 --batch-count 8 --out shots/  # seeds 233 to 240
   pm-run --engine BUNDLE --settings-from shots/00003-233.png --seed 234     # same settings, new seed
 """
 
 
+MAX_SEED = 2**63 - 1
 EXIT_FLAGGED = 3  # some image was flagged by the safety checker (and not written); the others were
 
 
@@ -86,6 +89,7 @@ class RunConfig:
     batch_pos: int | None = None  # --settings-from an image of a batch: the batch is made, this image kept
     settings_from: dict | None = None  # --settings-from: the image, and its records compared after the run
     prompts_file: Path | None = None  # one prompt per line, each generated with the same settings and seed
+    batch_count: int = 1  # batches one after another, the k-th (from 0) with seed + k
 
 
 def find_bundle(engine: Path) -> tuple[Path, str | None]:
@@ -126,17 +130,17 @@ def names_a_file(out: Path) -> bool:
     return Path(out).suffix.lower() in IMAGE_FORMATS and not Path(out).is_dir()
 
 
-def output_paths(out: Path, n: int, seed: int, fmt: str = "png") -> list[Path]:
-    """`out` naming an image file: that file (NAME-1.EXT, NAME-2.EXT, ... for several images); else a
-    folder, where files NNNNN-SEED.EXT are numbered after the highest number already there (never
-    overwritten)."""
-    out = Path(out)
+def output_paths(out: Path, seeds: list[int], fmt: str = "png") -> list[Path]:
+    """One path per image, `seeds` holding each image's seed: `out` naming an image file, that file
+    (NAME-1.EXT, NAME-2.EXT, ... for several images); else a folder, where files NNNNN-SEED.EXT are
+    numbered after the highest number already there (never overwritten)."""
+    out, n = Path(out), len(seeds)
     if names_a_file(out):
         return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder (name a .png, .jpg or .webp file or a folder)")
     start = _next_number(out) if out.is_dir() else 0
-    return [out / f"{start + i:05d}-{seed}{SUFFIXES[fmt]}" for i in range(n)]
+    return [out / f"{start + i:05d}-{seed}{SUFFIXES[fmt]}" for i, seed in enumerate(seeds)]
 
 
 _NUMBERED = re.compile(r"(\d{5,})-")
@@ -237,6 +241,10 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
         raise UserError(f"--guidance must be a finite number, got {cfg.guidance}")
     if cfg.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {cfg.num_images}")
+    if cfg.batch_count < 1:
+        raise UserError(f"--batch-count must be >= 1, got {cfg.batch_count}")
+    if cfg.seed is not None and cfg.seed + cfg.batch_count - 1 > MAX_SEED:
+        raise UserError(f"--seed {cfg.seed} with --batch-count {cfg.batch_count} goes past the largest seed, {MAX_SEED}")
     chosen = list(range(cfg.num_images))  # the images written (of the batch generated)
     if cfg.batch_pos is not None:
         if not 0 <= cfg.batch_pos < cfg.num_images:
@@ -269,7 +277,6 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
         log(note)
     pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
     negative = NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt
-    several = len(prompts) > 1
     for line, text in prompts:  # every prompt is checked before the first image is made
         try:
             pipe.check_prompt(text, negative, cfg.allow_no_concept)
@@ -277,28 +284,33 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
             raise UserError(f"{cfg.prompts_file} line {line}: {e}" if line is not None else str(e)) from None
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
     if cfg.seed is None:
-        log(f"seed: {seed}")
-    names = output_paths(cfg.out, len(prompts) * len(chosen), seed, fmt)
+        log(f"seed: {seed}" + (f" (to {seed + cfg.batch_count - 1} over the batches)" if cfg.batch_count > 1 else ""))
+    # every prompt, each in --batch-count batches: (prompt number, line, prompt, batch number, seed)
+    jobs = [(p, line, text, b, seed + b) for p, (line, text) in enumerate(prompts) for b in range(cfg.batch_count)]
+    several = len(jobs) > 1
+    names = output_paths(cfg.out, [s for *_, s in jobs for _ in chosen], fmt)
     numbered = not names_a_file(cfg.out)
     check_writable(names)
     from tqdm import tqdm
 
-    per_prompt = cfg.steps * cfg.num_images
-    bar = tqdm(total=per_prompt * len(prompts), desc="denoising", unit="step", file=sys.stderr, disable=None,
+    bar = tqdm(total=cfg.steps * len(jobs), desc="denoising", unit="step", file=sys.stderr, disable=None,
                leave=False)
     files = [] if written is None else written  # the caller's list: it names them after an error
     flagged_files, parameters, runs = [], [], []
     try:
-        for k, (line, text) in enumerate(prompts):
+        for k, (p, line, text, b, job_seed) in enumerate(jobs):
             def progress(step, total, k=k):
-                bar.total = total * len(prompts)
+                bar.total = total * len(jobs)
                 bar.update(k * total + step - bar.n)
 
-            where = f"prompt {k + 1} of {len(prompts)} (line {line}): " if several else ""
+            where = ", ".join(([f"prompt {p + 1} of {len(prompts)} (line {line})"] if len(prompts) > 1 else [])
+                              + ([f"batch {b + 1} of {cfg.batch_count} (seed {job_seed})"] if cfg.batch_count > 1
+                                 else []))
+            where += ": " if where else ""
             paths = dict(zip(chosen, names[k * len(chosen):(k + 1) * len(chosen)]))
             try:
                 result = pipe.generate(
-                    text, seed=seed, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
+                    text, seed=job_seed, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
                     negative_prompt=negative, height=cfg.height, width=cfg.width, num_images=cfg.num_images,
                     late_stage=cfg.late_stage, concept_stage=cfg.concept_stage,
                     allow_no_concept=cfg.allow_no_concept, callback=progress)
@@ -329,7 +341,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                     click.echo(f"wrote {paths[i]}")
             flagged_files += [str(paths[i]) for i in flagged]
             parameters += [result.parameters(i) for i in chosen]
-            runs.append({**result.summary(), "prompt_line": line})
+            runs.append({**result.summary(), "prompt_line": line, "batch": b})
             t = result.timings
             log(f"{where}time: text encoder {t['text_encoder_s']:.2f} s, UNet {t['unet_steps']} x "
                 f"{t['unet_step_ms']:.1f} ms = {t['unet_s']:.2f} s, VAE {t['vae_s']:.2f} s, engine loading "
@@ -344,7 +356,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     host = {"peak_rss_gib": round(rss / 2**30, 3)} if rss is not None else None
     if host:
         log(f"host memory: peak resident {host['peak_rss_gib']:.2f} GiB (this process: imports, loading, generation)")
-    one = {} if several else {k: v for k, v in runs[0].items() if k != "prompt_line"}
+    one = {} if several else {k: v for k, v in runs[0].items() if k not in ("prompt_line", "batch")}
     return {"files": list(files), "flagged": flagged_files, **one, **({"runs": runs} if several else {}),
             "parameters": parameters, "device_memory": memory, "host_memory": host}
 
@@ -404,7 +416,7 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--prompts-file", default=None, type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
               metavar="FILE",
               help="Generate every prompt of FILE (- for standard input; UTF-8, one per line; blank lines and lines "
-                   "starting with # are skipped) with the engines loaded once, the same settings and the same seed. All prompts are "
+                   "starting with # are skipped) with the engines loaded once, the same settings and the same seed (seeds, with --batch-count). All prompts are "
                    "checked before the first image; each prompt's images are written as soon as they are made.")
 @click.option("--concept", default=None,
               help="Concept name in the bundle, or a concept table file [default: the bundle's only concept].")
@@ -416,9 +428,13 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "at G <= 1).")
 @click.option("--scheduler", default="dpmpp-2m", show_default=True,
               type=click.Choice(["dpmpp-2m", "ddim", "euler", "euler-a"]))
-@click.option("--seed", default=None, type=click.IntRange(0, 2**63 - 1), help="[default: random, printed]")
+@click.option("--seed", default=None, type=click.IntRange(0, MAX_SEED), help="[default: random, printed]")
 @click.option("--num-images", default=1, show_default=True, type=int,
               help="Images generated together from one seed (a batch: one noise draw, the UNet runs several images per call). A file --out NAME.png becomes NAME-1.png, NAME-2.png, ...; a folder --out numbers them. Each image records its batch size and position, so --settings-from remakes it by generating its batch again.")
+@click.option("--batch-count", default=1, show_default=True, type=int,
+              help="Run this many batches one after another (AUTOMATIC1111's batch count), the k-th (from 0) "
+                   "with --seed + k; each batch's images are written as soon as they are made. Each image can be "
+                   "remade alone with --settings-from where --num-images is 1.")
 @click.option("--height", default=512, show_default=True, type=int)
 @click.option("--width", default=512, show_default=True, type=int)
 @click.option("--backend", default="auto", show_default=True,
@@ -478,8 +494,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "per-channel int8, dequantized layer by layer as it runs: about half the UNet's memory "
                    "(SD 1.5: ~0.86 instead of 1.72 GB), at a small drift from the fp16 image and some speed. "
                    "Implies --backend torch-cuda.")
-def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height, width,
-         backend, device, model, out, late_stage, concept_stage, allow_no_concept, no_safety_checker, as_json,
+def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, batch_count, height,
+         width, backend, device, model, out, late_stage, concept_stage, allow_no_concept, no_safety_checker, as_json,
          threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
@@ -488,7 +504,7 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
     cfg = RunConfig(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height,
                     width, backend, device, model, out, late_stage, tuple(concept_stage) if concept_stage else None,
                     allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights,
-                    dtype, fmt, prompts_file=prompts_file)
+                    dtype, fmt, prompts_file=prompts_file, batch_count=batch_count)
     written: list[str] = []
     try:
         if settings_from is not None:

@@ -558,6 +558,55 @@ def test_prompts_file_refusals_and_partial_runs(run_bundle, tmp_path, monkeypatc
         shutil.rmtree(out)
 
 
+def test_batch_count(run_bundle, tmp_path, monkeypatch):
+    """--batch-count N: N batches one after another with seeds SEED..SEED+N-1 (times every prompt of a
+    --prompts-file), each image the one a single run with its seed makes, each batch written when it is
+    done (a failure later names them), its names carrying its own seed; bad counts are one-line errors."""
+    from pm_runtime.pipeline import Pipeline
+
+    out = tmp_path / "shots"
+    args = ("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", *FAST)
+    r = CliRunner().invoke(main, [str(a) for a in (*args, "--batch-count", "3", "--out", out, "--json")])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["files"] == [str(out / f"0000{i}-{233 + i}.png") for i in range(3)]
+    assert [run["settings"]["seed"] for run in result["runs"]] == [233, 234, 235]
+    assert [run["batch"] for run in result["runs"]] == [0, 1, 2]
+    assert [parse_parameters(read_parameters(Image.open(f)))["Seed"] for f in result["files"]] == ["233", "234", "235"]
+    assert "batch 3 of 3 (seed 235): time:" in r.stderr
+    single = tmp_path / "single.png"
+    r = pm_run(*args[:-2], "--seed", "234", "--out", single)
+    assert r.exit_code == 0, r.output
+    assert single.read_bytes() == (out / "00001-234.png").read_bytes()
+    # with a prompts file: every prompt in every batch, file names numbered in that order
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{PROMPT}\n{PROMPT}, at night\n", encoding="utf-8")
+    r = pm_run("--engine", run_bundle, "--prompts-file", prompts, "--concept", "alice", *FAST, "--batch-count", "2",
+               "--num-images", "2", "--out", tmp_path / "k.png")
+    assert r.exit_code == 0, r.output
+    assert "prompt 2 of 2 (line 2), batch 2 of 2 (seed 234): time:" in r.output
+    seeds = [parse_parameters(read_parameters(Image.open(tmp_path / f"k-{i}.png")))["Seed"] for i in range(1, 9)]
+    assert seeds == ["233", "233", "234", "234"] * 2
+    # a failure in the second batch: the first batch's image is on disk and named
+    generate, calls = Pipeline.generate, []
+
+    def second_fails(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise UserError("NaN/inf in the UNet output")
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(Pipeline, "generate", second_fails)
+    r = pm_run(*args, "--batch-count", "3", "--out", tmp_path / "f")
+    assert "Error: batch 2 of 3 (seed 234): NaN" in r.output and r.exit_code == 1, r.output
+    assert f"written before that: {tmp_path / 'f' / '00000-233.png'}" in r.output
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["00000-233.png"]
+    for extra, needle in ((("--batch-count", "0"), "--batch-count must be >= 1, got 0"),
+                          (("--seed", str(2**63 - 2), "--batch-count", "3"), "goes past the largest seed")):
+        assert_one_line_error(pm_run(*args, "--out", tmp_path / "bad", *extra), needle)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_nan_image_is_never_written(run_bundle, tmp_path, monkeypatch):
     run = CheckedNetwork.run
 
