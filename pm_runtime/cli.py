@@ -18,6 +18,7 @@ from . import formats as F
 from .errors import UserError
 from .png import IMAGE_FORMATS, SUFFIXES
 from .resources import peak_rss_bytes
+from .schedulers import SCHEDULERS
 from .stages import LATE_POLICIES, LATE_REUSE
 
 HELP = """Generate images of a concept from a bundle written by pm-export.
@@ -427,7 +428,10 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
               help="Classifier-free guidance scale G: each step uses uncond + G x (cond - uncond) for any G (1: the prompt alone, 0: the negative prompt alone; diffusers instead skips guidance "
                    "at G <= 1).")
 @click.option("--scheduler", default="dpmpp-2m", show_default=True,
-              type=click.Choice(["dpmpp-2m", "ddim", "euler", "euler-a"]))
+              type=click.Choice(list(SCHEDULERS)),
+              help="The sampler: DDIM, Euler, Euler ancestral (euler-a), DPM-Solver++ 2M (dpmpp-2m); the -karras "
+                   "ones step on Karras et al.'s noise levels (AUTOMATIC1111's 'DPM++ 2M Karras'). Each steps as "
+                   "diffusers' scheduler of that kind does from the model's scheduler config.")
 @click.option("--seed", default=None, type=click.IntRange(0, MAX_SEED), help="[default: random, printed]")
 @click.option("--num-images", default=1, show_default=True, type=int,
               help="Images generated together from one seed (a batch: one noise draw, the UNet runs several images per call). A file --out NAME.png becomes NAME-1.png, NAME-2.png, ...; a folder --out numbers them. Each image records its batch size and position, so --settings-from remakes it by generating its batch again.")

@@ -19,9 +19,11 @@ from .png import SAMPLER_NAMES, parse_parameters, read_parameters
 from .stages import LATE_POLICIES
 
 SCHEDULERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
+# samplers whose "Automatic" schedule type is Karras in AUTOMATIC1111 1.9 and later (its sampler table)
+_AUTOMATIC_KARRAS = {"DPM++ 2M"}
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
-_KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Concept", "Concept stage",
+_KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept", "Concept stage",
          "Late stage", "Batch size"} | _RECORDS
 
 
@@ -92,6 +94,25 @@ def _int(path, key, text, lo=0) -> int:
     return int(text)
 
 
+def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
+    """pm-run's scheduler for an A1111 sampler name and schedule type: "DPM++ 2M Karras" (A1111 before 1.9,
+    and pm-run) or "DPM++ 2M" with "Schedule type: Karras" (A1111 1.9 and later, where "Automatic" is the
+    sampler's own default: Karras for DPM++ 2M)."""
+    base = sampler[:-len(" Karras")] if sampler.endswith(" Karras") else sampler
+    karras = base != sampler
+    if schedule is not None:
+        if schedule not in ("Karras", "Automatic"):
+            raise UserError(f"--settings-from {source}: schedule type {schedule!r} is not one pm-run has (Karras, "
+                            "or Automatic): give --scheduler")
+        karras = karras or schedule == "Karras" or base in _AUTOMATIC_KARRAS
+    name = SCHEDULERS_BY_NAME.get(f"{base} Karras" if karras else base)
+    if name is None:
+        what = f"sampler {sampler!r}" + (f" with schedule type {schedule!r}" if schedule else "")
+        raise UserError(f"--settings-from {source}: {what} is not one pm-run has "
+                        f"({', '.join(SCHEDULERS_BY_NAME)}): give --scheduler")
+    return name
+
+
 def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettings:
     """ImageSettings from a parameters text. `given`: RunConfig fields set on the command line: those are
     neither read nor checked (an image from a sampler pm-run lacks can still lend its prompt)."""
@@ -107,10 +128,7 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
     if take("steps") and "Steps" in p:
         v["steps"] = _int(source, "Steps", p["Steps"], lo=1)
     if take("scheduler") and "Sampler" in p:
-        if p["Sampler"] not in SCHEDULERS_BY_NAME:
-            raise UserError(f"--settings-from {source}: sampler {p['Sampler']!r} is not one pm-run has "
-                            f"({', '.join(SCHEDULERS_BY_NAME)}): give --scheduler")
-        v["scheduler"] = SCHEDULERS_BY_NAME[p["Sampler"]]
+        v["scheduler"] = _scheduler(source, p["Sampler"], p.get("Schedule type"))
     if take("guidance") and "CFG scale" in p:
         try:
             v["guidance"] = float(p["CFG scale"])

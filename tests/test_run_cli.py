@@ -452,7 +452,7 @@ def test_settings_from_refuses_what_it_cannot_remake(run_bundle, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     for source, extra, needle in (
             (tmp_path / "plain.png", (), "carries no generation settings"),
-            (settings("Sampler: DPM++ 2M", "Sampler: DPM++ 2M Karras"), (), "is not one pm-run has"),
+            (settings("Sampler: DPM++ 2M", "Sampler: DPM++ SDE Karras"), (), "is not one pm-run has"),
             (settings("Seed: 233", "Seed: latents given"), (), "not made from a seed): give --seed"),
             (settings("Concept: alice,", "Concept: carol,"), (), "was made with concept 'carol': give --concept"),
             (settings("Size: 256x256", "Size: big"), (), "is not WIDTHxHEIGHT"),
@@ -460,7 +460,7 @@ def test_settings_from_refuses_what_it_cannot_remake(run_bundle, tmp_path):
         assert_one_line_error(pm_run(*args, "--settings-from", source, *extra), needle)
     assert not (tmp_path / "o.png").exists()
     assert_one_line_error(pm_run(*args), "give --prompt (or --prompts-file, or --settings-from")
-    r = pm_run(*args, "--settings-from", settings("Sampler: DPM++ 2M", "Sampler: DPM++ 2M Karras"), "--scheduler",
+    r = pm_run(*args, "--settings-from", settings("Sampler: DPM++ 2M", "Sampler: DPM++ SDE Karras"), "--scheduler",
                "ddim")  # an option given is not read from the image, nor checked
     assert r.exit_code == 0, r.output
     assert parse_parameters(read_parameters(Image.open(tmp_path / "o.png")))["Sampler"] == "DDIM"
@@ -487,6 +487,20 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
     s = parse(text, tmp_path / "x.png", given={"height"})  # one side of the size given (was a KeyError)
     assert "height" not in s.values and "width 512" in s.describe()
     assert parse("p\nSteps: 3, Sampler: DDIM, Seed: 1", tmp_path / "x").values["negative_prompt"] == ""
+    # Karras: in the sampler's name (A1111 before 1.9, and pm-run) or as the schedule type (1.9 and later, where
+    # "Automatic" is the sampler's default: Karras for DPM++ 2M)
+    for sampler, scheduler in (("DPM++ 2M Karras", "dpmpp-2m-karras"), ("Euler Karras", "euler-karras"),
+                               ("DPM++ 2M, Schedule type: Karras", "dpmpp-2m-karras"),
+                               ("DPM++ 2M, Schedule type: Automatic", "dpmpp-2m-karras"),
+                               ("Euler, Schedule type: Automatic", "euler"),
+                               ("Euler, Schedule type: Karras", "euler-karras")):
+        s = parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
+        assert s.values["scheduler"] == scheduler and s.ignored == (), sampler
+    for sampler, needle in (("Euler a, Schedule type: Karras", "sampler 'Euler a' with schedule type 'Karras' is not"),
+                            ("DPM++ 2M, Schedule type: Exponential", "schedule type 'Exponential' is not one"),
+                            ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has")):
+        with pytest.raises(UserError, match=needle):
+            parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
 
 
 def test_prompts_file(run_bundle, tmp_path):

@@ -29,18 +29,36 @@ class Scheduler:
     make_tables: Callable[[Mapping[str, Any], int], Tables]  # (config, num_steps) -> tables
     step: Callable  # (i, model_output, sample, state, noise, tables) -> (prev_sample, state)
     needs_noise: bool  # step wants standard-normal `noise` shaped like the sample
-    diffusers_class: str  # the diffusers scheduler it reproduces (from_config of the same dict)
+    diffusers_class: str  # the diffusers scheduler it reproduces (from_config of config(model's config))
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config values the name sets
+
+    def config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The model's scheduler config with the values this name fixes (its noise-level schedule:
+        "dpmpp-2m" is not Karras even where the model's config says so, "dpmpp-2m-karras" is)."""
+        out = {**config, **self.fixed}
+        if "_use_default_values" in config:  # a fixed key listed there would be dropped by from_config
+            out["_use_default_values"] = [k for k in config["_use_default_values"] if k not in self.fixed]
+        return out
+
+
+def _karras(fixed: bool) -> dict[str, Any]:
+    return {"use_karras_sigmas": fixed}
 
 
 _REGISTRY = {
     s.name: s
     for s in (
         Scheduler(ddim.NAME, ddim.make_tables, ddim.step, False, "DDIMScheduler"),
-        Scheduler(euler.NAME, euler.make_tables, euler.step, False, "EulerDiscreteScheduler"),
+        Scheduler(euler.NAME, euler.make_tables, euler.step, False, "EulerDiscreteScheduler", _karras(False)),
         Scheduler(euler_ancestral.NAME, euler_ancestral.make_tables, euler_ancestral.step, True,
                   "EulerAncestralDiscreteScheduler"),
         Scheduler(dpm_solver.NAME, dpm_solver.make_tables, dpm_solver.step, False,
-                  "DPMSolverMultistepScheduler"),
+                  "DPMSolverMultistepScheduler", _karras(False)),
+        # the same solvers on Karras et al.'s noise levels (AUTOMATIC1111's "DPM++ 2M Karras"); their
+        # Tables keep the solver's name, which is what a step and a device-side update dispatch on
+        Scheduler("dpmpp-2m-karras", dpm_solver.make_tables, dpm_solver.step, False,
+                  "DPMSolverMultistepScheduler", _karras(True)),
+        Scheduler("euler-karras", euler.make_tables, euler.step, False, "EulerDiscreteScheduler", _karras(True)),
     )
 }
 SCHEDULERS: tuple[str, ...] = tuple(_REGISTRY)
@@ -56,7 +74,8 @@ def get_scheduler(name: str) -> Scheduler:
 def make_tables(name: str, config: Mapping[str, Any], num_steps: int) -> Tables:
     """Precompute everything for `num_steps` steps from a diffusers scheduler config dict (any
     class's: it is read as `<diffusers class>.from_config(config)` would read it)."""
-    return get_scheduler(name).make_tables(config, int(num_steps))
+    s = get_scheduler(name)
+    return s.make_tables(s.config(config), int(num_steps))
 
 
 def step(i: int, model_output, sample, state, noise, tables: Tables):

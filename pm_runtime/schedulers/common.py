@@ -151,6 +151,28 @@ def sigmas_f32(abar: np.ndarray) -> np.ndarray:
         return np.sqrt((np.float32(1) - abar) / abar)
 
 
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """(num_steps,) float64 noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho)
+    (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", eq. 5),
+    as diffusers' _convert_to_karras computes them."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """float64 training timesteps of `sigmas`: linear interpolation of log sigma between the two
+    neighbouring training timesteps (`log_sigmas` float32, index = training timestep), as diffusers'
+    _sigma_to_t does it, sigma by sigma (the same float64 / float32 arithmetic, vectorised)."""
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, np.float64), 1e-10))
+    dists = log_sigma[None, :] - log_sigmas[:, None]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return (1 - w) * low_idx + w * high_idx
+
+
 def spaced_timesteps(spacing: str, num_train: int, num_steps: int, steps_offset: int) -> np.ndarray:
     """DDIM's / Euler's set_timesteps spacings, descending, float64 (linspace is not rounded:
     DDIM rounds it, Euler keeps the fractional timesteps)."""

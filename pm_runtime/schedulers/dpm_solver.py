@@ -8,6 +8,9 @@ sigma = 0 needs no special case: it returns x0).
   first order:  prev = sigma_t'/sigma_t * x + alpha_t' (1 - e^-h) * x0
   second order: prev = sigma_t'/sigma_t * x + alpha_t' (1 - e^-h) * ((1 + 1/(2 r)) x0 - 1/(2 r) x0_prev),
                 r = h_prev / h.
+With use_karras_sigmas (scheduler "dpmpp-2m-karras") the noise levels are Karras et al.'s (rho 7,
+from the largest to the smallest training sigma) and each step's timestep is the training timestep of
+its sigma, rounded (truncated for squaredcos_cap_v2), as diffusers sets them.
 diffusers subtleties kept: its own spacings (n+1 points, the last dropped; "leading" uses
 last_timestep // (n+1)), lambda_min_clipped, the first step is first order (no history), and the
 last step is first order when final_sigmas_type is "zero" (always, by default), euler_at_final,
@@ -23,8 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .common import (BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, check_supported, frozen,
-                     resolve_config, sigmas_f32)
+from .common import (BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, check_supported, frozen, karras_sigmas,
+                     resolve_config, sigma_to_t, sigmas_f32)
 
 NAME = "dpmpp-2m"
 
@@ -62,8 +65,9 @@ SUPPORTED = {
     "thresholding": (False,),
     "variance_type": (None,),
     "final_sigmas_type": ("zero", "sigma_min"),
-    **{key: (False,) for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                                 "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")},
+    "use_karras_sigmas": (False, True),
+    **{key: (False,) for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+                                 "use_dynamic_shifting")},
 }
 
 
@@ -113,12 +117,21 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
     abar32 = alphas_cumprod(cfg, clamp_zero_snr=True)
     sig32 = sigmas_f32(abar32)
     timesteps = _timesteps(cfg, abar32, num_steps)
+    if cfg["use_karras_sigmas"]:  # from sigma at the last training timestep to sigma at the first
+        levels = karras_sigmas(float(sig32[0]), float(sig32[-1]), num_steps)
+        t = sigma_to_t(levels, np.log(sig32))
+        # diffusers rounds them, except for the cosine schedule, whose float timesteps its int64 cast truncates
+        timesteps = (t if cfg["beta_schedule"] == "squaredcos_cap_v2" else t.round()).astype(np.int64)
+    else:
+        levels = None
     n = len(timesteps)  # diffusers uses len(timesteps) from here on
     if timesteps.max() >= len(sig32):  # diffusers would run on and produce NaN (repeated sigma)
         raise ValueError(f"scheduler 'dpmpp-2m': {num_steps} steps with {cfg['timestep_spacing']!r} "
                          f"spacing and steps_offset {cfg['steps_offset']} reach timestep {timesteps.max()}")
     last = sig32[0] if cfg["final_sigmas_type"] == "sigma_min" else np.float32(0.0)
-    sigmas = np.append(np.interp(timesteps, np.arange(len(sig32)), sig32), last).astype(np.float32)
+    if levels is None:
+        levels = np.interp(timesteps, np.arange(len(sig32)), sig32)
+    sigmas = np.append(levels, last).astype(np.float32)
     s = sigmas.astype(np.float64)                      # (n+1,)
     alpha = 1.0 / np.sqrt(s**2 + 1.0)                  # VP alpha_t
     sig_vp = s * alpha                                 # VP sigma_t
@@ -132,7 +145,7 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
 
     second_x0, second_prev = np.zeros(n), np.zeros(n)
     for i in range(1, n):
-        if s[i + 1] > 0.0:
+        if 0.0 < s[i + 1] < s[i]:  # h > 0 (Karras with a sigma_min final level repeats it: h = 0, prev = x)
             r = math.log(s[i - 1] / s[i]) / math.log(s[i] / s[i + 1])
             second_x0[i] = first[i] * (1.0 + 0.5 / r)
             second_prev[i] = -first[i] * 0.5 / r

@@ -5,7 +5,10 @@ and the step is x + (sigma_next - sigma) * (x - x0) / sigma, folded into two flo
 coefficients per step. diffusers subtleties kept: sigmas are float32 values interpolated at
 float32 timesteps ("linspace" timesteps are fractional), the last sigma is 0 or, with
 final_sigmas_type "sigma_min", sigma at t = 0; init_noise_sigma is sigma_max for
-linspace/trailing but sqrt(sigma_max^2 + 1) for "leading".
+linspace/trailing but sqrt(sigma_max^2 + 1) for "leading". With use_karras_sigmas (scheduler
+"euler-karras") the spaced sigmas are replaced by Karras et al.'s (rho 7) between the first and the
+last of them (or the config's sigma_max / sigma_min), and the timesteps by those sigmas' fractional
+training timesteps, as diffusers sets them.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .common import (BASE_DEFAULTS, Tables, alphas_cumprod, frozen, resolve_config, sigmas_f32,
-                     spaced_timesteps)
+from .common import (BASE_DEFAULTS, Tables, alphas_cumprod, frozen, karras_sigmas, resolve_config, sigma_to_t,
+                     sigmas_f32, spaced_timesteps)
 
 NAME = "euler"
 
@@ -36,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
 SUPPORTED = {
     "prediction_type": ("epsilon", "v_prediction"),
     "interpolation_type": ("linear",),
-    "use_karras_sigmas": (False, None),
+    "use_karras_sigmas": (False, True, None),
     "use_exponential_sigmas": (False, None),
     "use_beta_sigmas": (False, None),
     "timestep_type": ("discrete",),
@@ -58,7 +61,13 @@ def sigma_schedule(cfg: Mapping[str, Any], num_steps: int, final: str):
     timesteps = spaced_timesteps(cfg["timestep_spacing"], int(cfg["num_train_timesteps"]), num_steps,
                                  int(cfg["steps_offset"])).astype(np.float32)
     last = sig[0] if final == "sigma_min" else np.float32(0.0)
-    sigmas = np.append(np.interp(timesteps, np.arange(len(sig)), sig), last).astype(np.float32)
+    levels = np.interp(timesteps, np.arange(len(sig)), sig)
+    if cfg.get("use_karras_sigmas"):
+        lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
+        levels = karras_sigmas(float(levels[-1]) if lo is None else lo, float(levels[0]) if hi is None else hi,
+                               num_steps)
+        timesteps = sigma_to_t(levels, np.log(sig)).astype(np.float32)
+    sigmas = np.append(levels, last).astype(np.float32)
     sigma_max = float(sigmas.max())
     init = sigma_max if cfg["timestep_spacing"] in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
     return timesteps, sigmas, init

@@ -25,20 +25,18 @@ from ..stages import LATE_REUSE, SUPER_CLASS, Context, distinct_contexts, stage_
 from .concept_file import Concept, load_concept
 from .templates import NEGATIVE_PROMPT
 
-DIFFUSERS_SCHEDULERS = {
-    "dpmpp-2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-}
-
-
 def make_scheduler(name: str, config: dict):
+    """The diffusers scheduler that pm_runtime.schedulers' `name` reproduces, from the model's config
+    (with what the name fixes: "dpmpp-2m-karras" is DPMSolverMultistepScheduler with Karras sigmas)."""
     import diffusers
 
-    if name not in DIFFUSERS_SCHEDULERS:
-        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(DIFFUSERS_SCHEDULERS)}")
-    return getattr(diffusers, DIFFUSERS_SCHEDULERS[name]).from_config(config)
+    from .. import schedulers
+
+    try:
+        s = schedulers.get_scheduler(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return getattr(diffusers, s.diffusers_class).from_config(s.config(config))
 
 
 @dataclass
