@@ -429,9 +429,10 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "at G <= 1).")
 @click.option("--scheduler", default="dpmpp-2m", show_default=True,
               type=click.Choice(list(SCHEDULERS)),
-              help="The sampler: DDIM, Euler, Euler ancestral (euler-a), DPM-Solver++ 2M (dpmpp-2m); the -karras "
-                   "ones step on Karras et al.'s noise levels (AUTOMATIC1111's 'DPM++ 2M Karras'). Each steps as "
-                   "diffusers' scheduler of that kind does from the model's scheduler config.")
+              help="The sampler: DDIM, Euler, Euler ancestral (euler-a), DPM-Solver++ 2M (dpmpp-2m) and its "
+                   "stochastic form (-sde: fresh noise every step, drawn from the seed); the -karras ones step on "
+                   "Karras et al.'s noise levels (AUTOMATIC1111's 'DPM++ 2M Karras', 'DPM++ 2M SDE Karras'). Each "
+                   "steps as diffusers' scheduler of that kind does from the model's scheduler config.")
 @click.option("--seed", default=None, type=click.IntRange(0, MAX_SEED), help="[default: random, printed]")
 @click.option("--num-images", default=1, show_default=True, type=int,
               help="Images generated together from one seed (a batch: one noise draw, the UNet runs several images per call). A file --out NAME.png becomes NAME-1.png, NAME-2.png, ...; a folder --out numbers them. Each image records its batch size and position, so --settings-from remakes it by generating its batch again.")

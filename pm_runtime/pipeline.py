@@ -10,7 +10,7 @@ One image (or a group of images sharing the batch) is:
   contexts every distinct context of the stage plan (super-class, concept at table row
            round(t)) plus the negative prompt, from ONE batched text-encoder call
   steps    per step ONE UNet call on [uncond; cond] (classifier-free guidance), the guidance
-           combine, and the pure scheduler step (explicit state; project noise for euler-a)
+           combine, and the pure scheduler step (explicit state; project noise for euler-a and the -sde schedulers)
   image    the VAE decoder, then [-1, 1] -> uint8
 A NaN/inf check runs once per stage (text encoder, denoising loop, VAE) and names the stage.
 The loop calls `network.run(named arrays)` and never asks which backend it is.
@@ -301,7 +301,8 @@ class Pipeline:
                  allow_no_concept: bool = False, callback: Callable[[int, int], None] | None = None,
                  cancel=None) -> Generation:
         """Images for `prompt`. Initial latents come from `seed` (project noise, the same on every
-        backend) or are given as `latents` (N, C, H/8, W/8); `seed` then only seeds euler-a's noise.
+        backend) or are given as `latents` (N, C, H/8, W/8); `seed` then only seeds the per-step noise
+        (euler-a, the -sde schedulers).
         callback(step, total) after every UNet step; `cancel` (threading.Event or a callable)
         is checked before every step and raises Cancelled."""
         with self._lock:

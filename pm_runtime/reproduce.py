@@ -19,8 +19,9 @@ from .png import SAMPLER_NAMES, parse_parameters, read_parameters
 from .stages import LATE_POLICIES
 
 SCHEDULERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
-# samplers whose "Automatic" schedule type is Karras in AUTOMATIC1111 1.9 and later (its sampler table)
-_AUTOMATIC_KARRAS = {"DPM++ 2M"}
+# what the "Automatic" schedule type is for a sampler in AUTOMATIC1111 1.9 and later (its sampler table;
+# the others: the model's own discretisation)
+_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept", "Concept stage",
@@ -97,14 +98,19 @@ def _int(path, key, text, lo=0) -> int:
 def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
     """pm-run's scheduler for an A1111 sampler name and schedule type: "DPM++ 2M Karras" (A1111 before 1.9,
     and pm-run) or "DPM++ 2M" with "Schedule type: Karras" (A1111 1.9 and later, where "Automatic" is the
-    sampler's own default: Karras for DPM++ 2M)."""
+    sampler's own default: Karras for DPM++ 2M, Exponential for DPM++ 2M SDE)."""
     base = sampler[:-len(" Karras")] if sampler.endswith(" Karras") else sampler
     karras = base != sampler
+    automatic = schedule == "Automatic"
+    if automatic:
+        schedule = _AUTOMATIC.get(base)  # None: the sampler's plain form
     if schedule is not None:
-        if schedule not in ("Karras", "Automatic"):
-            raise UserError(f"--settings-from {source}: schedule type {schedule!r} is not one pm-run has (Karras, "
-                            "or Automatic): give --scheduler")
-        karras = karras or schedule == "Karras" or base in _AUTOMATIC_KARRAS
+        if schedule != "Karras":
+            raise UserError(f"--settings-from {source}: schedule type {schedule!r}"
+                            + (f" (what 'Automatic' is for {base})" if automatic else "")
+                            + " is not one pm-run has (Karras, or Automatic where it means Karras or the plain "
+                              "schedule): give --scheduler")
+        karras = True
     name = SCHEDULERS_BY_NAME.get(f"{base} Karras" if karras else base)
     if name is None:
         what = f"sampler {sampler!r}" + (f" with schedule type {schedule!r}" if schedule else "")

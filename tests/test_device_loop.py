@@ -18,7 +18,7 @@ from pm_runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtNetwork  # no
 from pm_runtime.schedulers.linear import linear_steps  # noqa: E402
 from pm_runtime.specs import STEP, STEP_COEF_COLUMNS, ModelDims, network_specs  # noqa: E402
 
-SCHEDULERS = ("dpmpp-2m", "ddim", "euler", "euler-a")
+SCHEDULERS = ("dpmpp-2m", "ddim", "euler", "euler-a", "dpmpp-2m-sde-karras")  # the last: history + noise
 SD15_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                "steps_offset": 1, "timestep_spacing": "leading", "clip_sample": False, "set_alpha_to_one": False,
                "prediction_type": "epsilon"}

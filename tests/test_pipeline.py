@@ -7,6 +7,7 @@ One fp32 bundle (+ a second concept re-baked from another photo) is exported onc
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -68,14 +69,21 @@ def latents(seed=233, n=1):
     return noise.initial_latents(seed, (n, 4, SIDE // 8, SIDE // 8))
 
 
+@contextlib.contextmanager
 def project_noise_in_diffusers(seed, steps, shape):
-    """diffusers' Euler ancestral draws its noise with randn_tensor: feed it the project's noise."""
+    """diffusers' Euler ancestral and DPM-Solver++ SDE draw their noise with randn_tensor: feed them the
+    project's noise."""
     import torch
+    from diffusers.schedulers import scheduling_dpmsolver_multistep as dpm
     from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea
 
     draws = iter(torch.from_numpy(noise.step_noise(seed, i, shape)) for i in range(steps))
-    return mock.patch.object(ea, "randn_tensor",
-                             lambda shape, generator=None, device=None, dtype=None, layout=None: next(draws).to(dtype))
+
+    def randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return next(draws).to(dtype)
+
+    with mock.patch.object(ea, "randn_tensor", randn), mock.patch.object(dpm, "randn_tensor", randn):
+        yield
 
 
 # ---------------------------------------------------------------- the torch line
@@ -108,10 +116,11 @@ def test_onnxruntime_matches_reference_psnr(ort_pipe, reference, calls):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-@pytest.mark.parametrize("scheduler", ["dpmpp-2m", "ddim", "euler", "euler-a", "dpmpp-2m-karras", "euler-karras"])
+@pytest.mark.parametrize("scheduler", ["dpmpp-2m", "ddim", "euler", "euler-a", "dpmpp-2m-karras", "euler-karras",
+                                       "dpmpp-2m-sde-karras"])
 def test_each_scheduler_in_the_loop_matches_diffusers(backend, scheduler, ort_pipe, torch_pipe, reference, calls):
     """The pure schedulers in the real loop vs the reference generator, which steps with diffusers'
-    scheduler classes (euler-a: both fed the project's per-step noise)."""
+    scheduler classes (euler-a, dpmpp-2m-sde-karras: both fed the project's per-step noise)."""
     pipe = ort_pipe if backend == "onnxruntime" else torch_pipe
     lat, steps, seed = latents(7), 6, 11
     with project_noise_in_diffusers(seed, steps, lat.shape):

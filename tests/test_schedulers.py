@@ -83,8 +83,9 @@ def _run_diffusers(name, config, num_steps, latents, a, noise):
 
     x = torch.from_numpy(latents.astype(np.float64)) * float(sched.init_noise_sigma)
     trajectory = []
-    target = "diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor"
-    with mock.patch(target, fake_randn):
+    # the schedulers that draw noise (Euler ancestral, DPM-Solver++ SDE) draw the same per-step noise as ours
+    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", fake_randn), \
+            mock.patch("diffusers.schedulers.scheduling_dpmsolver_multistep.randn_tensor", fake_randn):
         for t in sched.timesteps:
             model_in = sched.scale_model_input(x, t)
             out = torch.from_numpy(_model(model_in.numpy(), t, a.astype(np.float64)))
@@ -146,6 +147,13 @@ def test_trajectory_matches_diffusers(name, config_name, num_steps):
     ("dpmpp-2m", {"solver_order": 1}, 20),
     ("dpmpp-2m", {"solver_type": "bh2"}, 20),  # a UniPC config's solver_type means midpoint
     ("dpmpp-2m", {"algorithm_type": "deis", "final_sigmas_type": "sigma_min"}, 20),
+    # the stochastic form: the last step to sigma_min; with Karras levels and v-prediction; a model config
+    # asking for SDE under the plain name (which is not SDE) and the other way round
+    ("dpmpp-2m-sde", {"final_sigmas_type": "sigma_min"}, 20),
+    ("dpmpp-2m-sde", {"final_sigmas_type": "sigma_min"}, 7),
+    ("dpmpp-2m-sde-karras", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 25),
+    ("dpmpp-2m", {"algorithm_type": "sde-dpmsolver++"}, 20),
+    ("dpmpp-2m-sde", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}, 20),
     ("euler", {"final_sigmas_type": "sigma_min"}, 20),
     ("ddim", {"clip_sample": True, "clip_sample_range": 1.5}, 20),
     ("ddim", {"set_alpha_to_one": True, "timestep_spacing": "linspace"}, 20),
@@ -175,7 +183,7 @@ def test_trajectory_zero_terminal_snr(name):
 @pytest.mark.parametrize("name", S.SCHEDULERS)
 def test_timesteps_and_sigmas_match_diffusers(name, spacing, num_steps):
     config = {**SD15, "timestep_spacing": spacing, "steps_offset": 1}
-    if (name, spacing, num_steps) == ("dpmpp-2m", "leading", 999):  # diffusers: t = 1000, then NaN
+    if name in ("dpmpp-2m", "dpmpp-2m-sde") and (spacing, num_steps) == ("leading", 999):  # diffusers: t = 1000, NaN
         with pytest.raises(ValueError, match="timestep 1000"):
             S.make_tables(name, config, num_steps)
         return
@@ -264,9 +272,22 @@ def test_euler_ancestral_needs_noise():
     S.step(6, x, x, None, None, tables)  # the last step adds no noise
 
 
+def test_dpm_sde_needs_noise_and_uses_it():
+    tables = S.make_tables("dpmpp-2m-sde", SD15, 7)
+    assert S.get_scheduler("dpmpp-2m-sde").needs_noise and not S.get_scheduler("dpmpp-2m").needs_noise
+    x = np.ones(SHAPE, np.float32)
+    with pytest.raises(ValueError, match="needs noise"):
+        S.step(0, x, x, None, None, tables)
+    quiet, _ = S.step(0, x, x, None, np.zeros_like(x), tables)
+    loud, _ = S.step(0, x, x, None, np.ones_like(x), tables)
+    np.testing.assert_allclose(loud - quiet, tables.from_noise[0], rtol=1e-6)
+    assert tables.from_noise[0] > 0 and tables.from_noise[-1] == 0  # the last step, to sigma 0: none
+
+
 def test_registry():
-    assert S.SCHEDULERS == ("ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "euler-karras")
-    with pytest.raises(ValueError, match="ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, euler-karras"):
+    assert S.SCHEDULERS == ("ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "euler-karras",
+                            "dpmpp-2m-sde", "dpmpp-2m-sde-karras")
+    with pytest.raises(ValueError, match="ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, euler-karras, dpmpp-2m-sde"):
         S.make_tables("pndm", SD15, 20)
     with pytest.raises(ValueError, match="use_exponential_sigmas"):
         S.make_tables("dpmpp-2m-karras", {**SD15, "use_exponential_sigmas": True}, 20)
@@ -274,7 +295,8 @@ def test_registry():
     with pytest.raises(ValueError, match="final_sigmas_type"):
         diffusers.DPMSolverMultistepScheduler.from_config(deis)
     with pytest.raises(ValueError, match="final_sigmas_type"):
-        S.make_tables("dpmpp-2m", deis, 20)
+        dpm_solver.make_tables(deis, 20)  # the solver itself; the names fix the algorithm
+    assert not S.make_tables("dpmpp-2m", deis, 20).sde and S.make_tables("dpmpp-2m-sde", deis, 20).sde
     with pytest.raises(ValueError, match="timestep_spacing"):
         S.make_tables("euler", {**SD15, "timestep_spacing": "karras"}, 20)
     ignored = {**SD15, "timestep_spacing": "trailing", "_use_default_values": ["timestep_spacing"]}

@@ -204,8 +204,9 @@ def test_unsupported_unets_are_named(unet_graph):
 
 @pytest.mark.parametrize("unet_kind", ["plain", "fast-kv-tables", "plain-sequential", "fast-kv-tables-sequential"]
                          + ["fast-kv-step", "fast-kv-step-sequential", "plain-triton", "plain-triton-sequential"])
-# the solvers (a -karras name steps as its solver does, on other coefficients: test_schedulers_linear)
-@pytest.mark.parametrize("name", ["dpmpp-2m", "ddim", "euler", "euler-a"])
+# the solvers (a -karras name steps as its solver does, on other coefficients: test_schedulers_linear), and
+# DPM-Solver++ SDE: history and noise in one step
+@pytest.mark.parametrize("name", ["dpmpp-2m", "ddim", "euler", "euler-a", "dpmpp-2m-sde-karras"])
 def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
     """StepGraph (eager here) against denoise_on_host with the plain UNet, same contexts and noise;
     with FastUNet the step reads per-image K/V and time tables by row index (kv-step: two-row K/V

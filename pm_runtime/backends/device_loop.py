@@ -3,7 +3,7 @@
 Before the loop, ONE upload of everything the loop will read: the initial latents and first UNet
 input, the context pair [negative x n; concept row x n] of every distinct row, the timestep row
 of every step, the step graph's coefficient row of every step (step_coefficients) and, for
-euler-a, the noise of every step. Per step: the UNet runs on device buffers, then the step graph
+euler-a and the -sde schedulers, the noise of every step. Per step: the UNet runs on device buffers, then the step graph
 (pm_runtime.specs STEP: guidance + scheduler update + the next UNet input) reads its output and
 writes the next sample, x0 and UNet input into device buffers (double-buffered where a graph
 would read and write the same tensor). Each step selects its rows by buffer address, so no data

@@ -11,7 +11,7 @@
 Every per-step value (coefficients, timestep, input scale, context rows) is READ INSIDE the step
 from device tables indexed by the device-side counter (the arithmetic around the UNet, its input and
 the update, is two pm_kernels calls: scaled_copies, guided_update), so replaying the graph `steps` times is
-the whole loop: no host work, no host<->device copy between steps (euler-a's per-step noise is
+the whole loop: no host work, no host<->device copy between steps (the per-step noise of euler-a and -sde is
 the one exception: a device-to-device copy before each replay). With a UNet that keeps per-image
 K/V tables (FastUNet.set_contexts), the contexts' cross-attention K and V are computed once per
 image in `load` and the step passes only row indices (with kv_step, two-row buffers instead: the
@@ -193,7 +193,7 @@ class StepGraph:
         f32 = dict(dtype=torch.float32, device=self.device)
         self.x = torch.zeros((n, *latent_shape), **f32)        # the sample
         self.x0_prev = torch.zeros_like(self.x)                 # the previous step's x0 (DPM-Solver++ 2M)
-        self.noise = torch.zeros_like(self.x)                   # this step's noise (euler-a)
+        self.noise = torch.zeros_like(self.x)                   # this step's noise (euler-a, -sde)
         self.step = torch.zeros((), dtype=torch.int64, device=self.device)
         self.coef = torch.zeros((max_steps, len(COLUMNS)), **f32)
         self.clip = torch.full((), float("inf"), **f32)

@@ -45,6 +45,10 @@ def _karras(fixed: bool) -> dict[str, Any]:
     return {"use_karras_sigmas": fixed}
 
 
+def _dpm(karras: bool, sde: bool) -> dict[str, Any]:
+    return {**_karras(karras), "algorithm_type": "sde-dpmsolver++" if sde else "dpmsolver++"}
+
+
 _REGISTRY = {
     s.name: s
     for s in (
@@ -53,12 +57,17 @@ _REGISTRY = {
         Scheduler(euler_ancestral.NAME, euler_ancestral.make_tables, euler_ancestral.step, True,
                   "EulerAncestralDiscreteScheduler"),
         Scheduler(dpm_solver.NAME, dpm_solver.make_tables, dpm_solver.step, False,
-                  "DPMSolverMultistepScheduler", _karras(False)),
-        # the same solvers on Karras et al.'s noise levels (AUTOMATIC1111's "DPM++ 2M Karras"); their
-        # Tables keep the solver's name, which is what a step and a device-side update dispatch on
+                  "DPMSolverMultistepScheduler", _dpm(karras=False, sde=False)),
+        # the same solvers on Karras et al.'s noise levels (AUTOMATIC1111's "DPM++ 2M Karras"), and
+        # DPM-Solver++ 2M's stochastic form; their Tables keep the solver's name, which is what a step and
+        # a device-side update dispatch on
         Scheduler("dpmpp-2m-karras", dpm_solver.make_tables, dpm_solver.step, False,
-                  "DPMSolverMultistepScheduler", _karras(True)),
+                  "DPMSolverMultistepScheduler", _dpm(karras=True, sde=False)),
         Scheduler("euler-karras", euler.make_tables, euler.step, False, "EulerDiscreteScheduler", _karras(True)),
+        Scheduler("dpmpp-2m-sde", dpm_solver.make_tables, dpm_solver.step, True,
+                  "DPMSolverMultistepScheduler", _dpm(karras=False, sde=True)),
+        Scheduler("dpmpp-2m-sde-karras", dpm_solver.make_tables, dpm_solver.step, True,
+                  "DPMSolverMultistepScheduler", _dpm(karras=True, sde=True)),
     )
 }
 SCHEDULERS: tuple[str, ...] = tuple(_REGISTRY)

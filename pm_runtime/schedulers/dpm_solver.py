@@ -1,5 +1,5 @@
-"""DPM-Solver++ 2M (multistep, data prediction, midpoint), as diffusers'
-DPMSolverMultistepScheduler steps it.
+"""DPM-Solver++ 2M (multistep, data prediction, midpoint), and its stochastic form DPM-Solver++ 2M SDE
+(algorithm_type "sde-dpmsolver++"), as diffusers' DPMSolverMultistepScheduler steps them.
 
 With sigma the k-diffusion noise level, alpha_t = 1/sqrt(sigma^2+1), sigma_t = sigma*alpha_t and
 lambda = log(alpha_t / sigma_t) = -log(sigma), so exp(-h) = sigma_next / sigma exactly: the
@@ -8,6 +8,8 @@ sigma = 0 needs no special case: it returns x0).
   first order:  prev = sigma_t'/sigma_t * x + alpha_t' (1 - e^-h) * x0
   second order: prev = sigma_t'/sigma_t * x + alpha_t' (1 - e^-h) * ((1 + 1/(2 r)) x0 - 1/(2 r) x0_prev),
                 r = h_prev / h.
+SDE (eta 1): e^-h becomes e^-2h in the x0 terms, the sample's factor gains e^-h, and each step adds
+sigma_t' sqrt(1 - e^-2h) times the step's standard-normal noise.
 With use_karras_sigmas (scheduler "dpmpp-2m-karras") the noise levels are Karras et al.'s (rho 7,
 from the largest to the smallest training sigma) and each step's timestep is the training timestep of
 its sigma, rounded (truncated for squaredcos_cap_v2), as diffusers sets them.
@@ -60,7 +62,7 @@ _ALIASES = {"algorithm_type": {"deis": "dpmsolver++"},
 SUPPORTED = {
     "prediction_type": ("epsilon", "v_prediction"),
     "solver_order": (1, 2),
-    "algorithm_type": ("dpmsolver++",),
+    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
     "solver_type": ("midpoint",),
     "thresholding": (False,),
     "variance_type": (None,),
@@ -89,6 +91,8 @@ class DPMTables(Tables):
     second_x0: np.ndarray      # second order: coefficient of x0 ...
     second_prev: np.ndarray    # ... and of the previous step's x0
     second_order: np.ndarray   # (n,) bool: step i may use the second-order update
+    from_noise: np.ndarray     # (n,) coefficient of the step's standard-normal noise (0 without SDE)
+    sde: bool                  # algorithm_type "sde-dpmsolver++": every step needs noise
 
 
 def _timesteps(cfg: Mapping[str, Any], abar32: np.ndarray, num_steps: int) -> np.ndarray:
@@ -140,8 +144,16 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
         x0_s, x0_o = 1.0 / alpha[:-1], -s[:-1]
     else:                                              # x0 = alpha_t x - sigma_t v
         x0_s, x0_o = alpha[:-1], -sig_vp[:-1]
-    from_sample = sig_vp[1:] / sig_vp[:-1]
-    first = alpha[1:] * (1.0 - s[1:] / s[:-1])         # alpha_t' (1 - e^-h)
+    ratio = s[1:] / s[:-1]                             # e^-h
+    sde = cfg["algorithm_type"] == "sde-dpmsolver++"
+    if sde:
+        from_sample = sig_vp[1:] / sig_vp[:-1] * ratio
+        first = alpha[1:] * (1.0 - ratio**2)           # alpha_t' (1 - e^-2h)
+        from_noise = sig_vp[1:] * np.sqrt(1.0 - ratio**2)
+    else:
+        from_sample = sig_vp[1:] / sig_vp[:-1]
+        first = alpha[1:] * (1.0 - ratio)              # alpha_t' (1 - e^-h)
+        from_noise = np.zeros(n)
 
     second_x0, second_prev = np.zeros(n), np.zeros(n)
     for i in range(1, n):
@@ -162,12 +174,14 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
         init_noise_sigma=1.0,
         **frozen(timesteps=timesteps, sigmas=s, input_scale=np.ones(n), x0_from_sample=x0_s,
                  x0_from_output=x0_o, from_sample=from_sample, first_x0=first, second_x0=second_x0,
-                 second_prev=second_prev, second_order=second_order),
+                 second_prev=second_prev, second_order=second_order, from_noise=from_noise),
+        sde=sde,
     )
 
 
-def step(i: int, model_output, sample, state: DPMState | None, noise: None, tables: DPMTables):
-    """One DPM-Solver++ 2M step: (prev_sample, DPMState). Start with state=None; `noise` is unused."""
+def step(i: int, model_output, sample, state: DPMState | None, noise, tables: DPMTables):
+    """One DPM-Solver++ 2M step: (prev_sample, DPMState). Start with state=None; `noise` (standard normal,
+    shaped like the sample) is the SDE form's, unused otherwise."""
     x0 = float(tables.x0_from_sample[i]) * sample + float(tables.x0_from_output[i]) * model_output
     prev = float(tables.from_sample[i]) * sample
     if state is not None and tables.second_order[i]:
@@ -176,4 +190,8 @@ def step(i: int, model_output, sample, state: DPMState | None, noise: None, tabl
         prev = prev + float(tables.second_x0[i]) * x0 + float(tables.second_prev[i]) * state.prev_x0
     else:
         prev = prev + float(tables.first_x0[i]) * x0
+    if tables.sde:
+        if noise is None:
+            raise ValueError(f"dpmpp-2m-sde: step {i} needs noise")
+        prev = prev + float(tables.from_noise[i]) * noise
     return prev, DPMState(prev_x0=x0, index=i)

@@ -3,13 +3,14 @@
 between steps and one graph serves every scheduler (DESIGN §3).
 
 With o the (guided) model output at step i, x the sample and x0_prev the x0 of step i-1
-(zeros before the first step), n the step's standard-normal noise (euler-a only):
+(zeros before the first step), n the step's standard-normal noise (euler-a and DPM-Solver++ SDE):
     x0   = clamp(a*x + b*o, -clip, clip)
     eps  = c*x + d*o
     prev = e*x + f*o + g*x0 + h*eps + k*x0_prev + m*n
 and x0 becomes the next step's x0_prev. Row i of `coef` holds (a, b, c, d, e, f, g, h, k, m).
-The four schedulers fill it from their Tables (float64); `step` below applies it in numpy and is
-tested against schedulers.step over whole trajectories. numpy only.
+The solvers (DDIM, Euler, Euler ancestral, DPM-Solver++ 2M and its SDE form) fill it from their Tables
+(float64); `step` below applies it in numpy and is tested against schedulers.step over whole
+trajectories. numpy only.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class LinearSteps:
 
 
 def linear_steps(tables: Tables) -> LinearSteps:
-    """The affine form of `tables` (any of the four schedulers)."""
+    """The affine form of `tables` (any of the solvers)."""
     n = tables.num_steps
     coef = np.zeros((n, len(COLUMNS)))
 
@@ -64,6 +65,9 @@ def linear_steps(tables: Tables) -> LinearSteps:
         second = np.asarray(tables.second_order, bool) & (np.arange(n) >= 1)  # step 0 has no history
         put("prev_x0", np.where(second, tables.second_x0, tables.first_x0))
         put("prev_x0prev", np.where(second, tables.second_prev, 0.0))
+        if tables.sde:
+            put("prev_noise", tables.from_noise)
+            needs_noise = True
     else:
         raise ValueError(f"no affine form for scheduler {tables.name!r}")
     coef.setflags(write=False)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import noise as pm_noise
+from .. import schedulers
 from ..errors import UserError
 from ..modeling.attention import install_split_kv, join_contexts
 from ..modeling.loading import BaseModel, Placeholders, add_placeholder_tokens, load_base_model, quiet_hf
@@ -29,8 +30,6 @@ def make_scheduler(name: str, config: dict):
     """The diffusers scheduler that pm_runtime.schedulers' `name` reproduces, from the model's config
     (with what the name fixes: "dpmpp-2m-karras" is DPMSolverMultistepScheduler with Karras sigmas)."""
     import diffusers
-
-    from .. import schedulers
 
     try:
         s = schedulers.get_scheduler(name)
@@ -91,6 +90,7 @@ class Reference:
         uses_concept = self.concept is not None and check_concept_prompt(
             prompt, self.concept.concept_word, allow_no_concept)
         sched = make_scheduler(scheduler, base.scheduler_config)
+        needs_noise = schedulers.get_scheduler(scheduler).needs_noise  # euler-a, dpmpp-2m-sde: noise per step
         sched.set_timesteps(steps, device=dev)
         timesteps = sched.timesteps
         if uses_concept:
@@ -113,7 +113,7 @@ class Reference:
             pred = base.unet(x_in.to(dt), t, torch.cat([neg_ctx, cond])).sample.float()
             uncond, text = pred.chunk(2)
             eps = uncond + guidance * (text - uncond)
-            kwargs = {"generator": gen} if scheduler == "euler-a" else {}
+            kwargs = {"generator": gen} if needs_noise else {}
             x = sched.step(eps, t, x, **kwargs).prev_sample
         if output == "latents":
             return x.cpu().numpy()
