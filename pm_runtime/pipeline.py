@@ -45,7 +45,8 @@ from .bundle import Bundle, open_bundle, sha256_file
 from .concept_table import ConceptTable, load_table
 from .errors import UserError
 from .png import SAMPLER_NAMES, image_bytes, parameters_text, png_bytes
-from .prompt_encoding import ConceptWords, EncodedPrompt, concept_words_in, encode_plain, encode_prompt
+from .prompt_encoding import (ConceptWords, EncodedPrompt, a1111_syntax, concept_words_in, encode_plain,
+                              encode_prompt)
 from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
 from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, distinct_contexts, stage_plan
 from .train.templates import NEGATIVE_PROMPT  # a plain string module (no torch)
@@ -332,6 +333,7 @@ class Pipeline:
                                     self.concept)[2]
 
     def _encode_prompts(self, prompt, negative_prompt, allow_no_concept, concept):
+        syntax = [*a1111_syntax(prompt, "prompt"), *a1111_syntax(negative_prompt, "negative prompt")]
         if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
             names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
             raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
@@ -339,7 +341,7 @@ class Pipeline:
         enc = encode_prompt(self.tokenizer, prompt, concept.words if concept else None, L, allow_no_concept,
                             concept.name if concept else None)
         neg_ids, neg_warn = encode_plain(self.tokenizer, negative_prompt, L, "negative prompt")
-        warnings = [*enc.warnings, *neg_warn]
+        warnings = [*syntax, *enc.warnings, *neg_warn]
         if concept_words_in(negative_prompt):
             warnings.append(f"the negative prompt's {concept_words_in(negative_prompt)[0]} is read as plain text: "
                             "a concept applies to the prompt only")

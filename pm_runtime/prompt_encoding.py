@@ -32,6 +32,11 @@ from .tokenizer import ClipTokenizer
 
 # What looks like a concept word: <name> (not CLIP's <|startoftext|>-style specials).
 _CONCEPT_LIKE = re.compile(r"<(?!\|)[^<>\s]+>")
+# AUTOMATIC1111's extra-network tags (<lora:name:0.8>, <hypernet:name:1>): A1111 takes them out of the prompt
+# and applies those weights to its networks; a bundle has no such weights
+_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|locon|loha|lokr|hypernet):[^<>]*>", re.IGNORECASE)
+# AUTOMATIC1111's emphasis: (words:1.3), ((words)), [words] (and its [from:to:when] prompt editing)
+_EMPHASIS = re.compile(r"\([^()]*:\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*\)|\(\([^()]*\)\)|\[[^\[\]]+\]")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,21 @@ def encode_plain(tok: ClipTokenizer, text: str, max_length: int, what: str = "pr
     warn = [f"the {what} is {body} tokens, over the text encoder's {max_length - 2}: "
             f"the last {body - (max_length - 2)} were cut off"] if cut else []
     return pad(ids, tok, max_length), warn
+
+
+def a1111_syntax(text: str, what: str = "prompt") -> list[str]:
+    """What a prompt written for AUTOMATIC1111 would not get here: UserError for an extra-network tag
+    (<lora:...>: pm-run would otherwise call it a second concept word), a warning for emphasis syntax,
+    which CLIP then reads as words (the image is made from the plain text, brackets and numbers included)."""
+    m = _EXTRA_NETWORK.search(text)
+    if m:
+        raise UserError(f"the {what} holds {m.group(0)}: AUTOMATIC1111's LoRA / hypernetwork tags are not applied "
+                        "by pm-run (it runs the bundle's networks and concept only): remove it from the prompt")
+    m = _EMPHASIS.search(text)
+    if not m:
+        return []
+    return [f"the {what} uses AUTOMATIC1111's emphasis syntax, \"{m.group(0)}\": pm-run does not weight words: "
+            "the brackets and numbers are read as words too (write the words alone)"]
 
 
 def concept_words_in(prompt: str) -> list[str]:

@@ -417,6 +417,12 @@ def test_bad_arguments(ort_pipe):
         ort_pipe.check_prompt("a knight")
     assert ort_pipe.check_prompt(PROMPT) == [] and ort_pipe.check_prompt("a knight", allow_no_concept=True) == []
     assert "read as plain text" in ort_pipe.check_prompt(PROMPT, negative_prompt="<persona>, blurry")[0]
+    # prompts written for AUTOMATIC1111: a LoRA tag was "two different concept words"; emphasis is read as words
+    with pytest.raises(UserError, match="holds <lora:detail:0.8>: AUTOMATIC1111's LoRA / hypernetwork tags are not"):
+        ort_pipe.check_prompt(PROMPT + ", <lora:detail:0.8>")
+    said = ort_pipe.check_prompt(PROMPT + ", (smiling:1.2)", negative_prompt="((blurry)), lowres")
+    assert len(said) == 2 and 'prompt uses AUTOMATIC1111\'s emphasis syntax, "(smiling:1.2)"' in said[0]
+    assert said[1].startswith('the negative prompt uses AUTOMATIC1111\'s emphasis syntax, "((blurry))"')
     with pytest.raises(UserError, match="latents"):
         ort_pipe.generate(PROMPT, latents=np.zeros((1, 3, 32, 32), np.float32), steps=1)
     # the API's own types: a UserError naming the argument, no silent truncation (seed 1.5 ran as 1) or

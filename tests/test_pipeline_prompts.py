@@ -102,6 +102,19 @@ def test_concept_word_rules(toks):
     encode_prompt(ours, "<|startoftext|> <persona>", WORDS)  # CLIP's specials are not concept words
 
 
+def test_a1111_syntax_is_recognised_and_plain_text_is_not():
+    from pm_runtime.prompt_encoding import a1111_syntax
+
+    for text in ("(smiling:1.2)", "(smiling: -0.5 )", "(word:.5)", "((masterpiece))", "[red]", "[cat:dog:0.5]"):
+        said = a1111_syntax(f"a photo of <persona>, {text}, by the sea")
+        assert len(said) == 1 and f'"{text}"' in said[0], text
+    for text in ("a (1990s) photo", "time 10:30 (morning)", "photo, 35mm, f/1.8", "a <persona> portrait", "(a)"):
+        assert a1111_syntax(text) == [], text
+    for tag in ("<lora:add_detail:0.7>", "<lyco:x:1>", "<hypernet:h:1>", "<LoRA:y:1>"):
+        with pytest.raises(UserError, match="LoRA / hypernetwork tags are not applied"):
+            a1111_syntax(f"<persona> {tag}", "negative prompt")
+
+
 def test_png_parameters_round_trip():
     text = parameters_text("a photo of <persona>, 東京\nsecond line", "lowres, bad", {
         "Steps": 50, "Sampler": "DPM++ 2M", "CFG scale": 8.0, "Seed": 233, "Size": "512x512",
