@@ -56,6 +56,7 @@ already written.
 
 
 MAX_SEED = 2**63 - 1
+STDOUT = "-"  # --out -: the one image's file bytes on standard output
 EXIT_FLAGGED = 3  # some image was flagged by the safety checker (and not written); the others were
 
 
@@ -289,9 +290,13 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     # every prompt, each in --batch-count batches: (prompt number, line, prompt, batch number, seed)
     jobs = [(p, line, text, b, seed + b) for p, (line, text) in enumerate(prompts) for b in range(cfg.batch_count)]
     several = len(jobs) > 1
-    names = output_paths(cfg.out, [s for *_, s in jobs for _ in chosen], fmt)
-    numbered = not names_a_file(cfg.out)
-    check_writable(names)
+    to_stdout = str(cfg.out) == STDOUT
+    if to_stdout:  # checked before the engines load: see main()
+        names, numbered = [Path("<standard output>")], False
+    else:
+        names = output_paths(cfg.out, [s for *_, s in jobs for _ in chosen], fmt)
+        numbered = not names_a_file(cfg.out)
+        check_writable(names)
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps * len(jobs), desc="denoising", unit="step", file=sys.stderr, disable=None,
@@ -333,13 +338,18 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                 raise UserError(where + str(e)) from None
             for i in keep:
                 try:
-                    paths[i] = write_image(blobs[i], paths[i], numbered)
+                    if to_stdout:
+                        stream = click.get_binary_stream("stdout")
+                        stream.write(blobs[i])
+                        stream.flush()
+                    else:
+                        paths[i] = write_image(blobs[i], paths[i], numbered)
                 except OSError as e:
                     raise UserError(f"cannot write {paths[i]}: {e.strerror or e}") from None
                 files.append(str(paths[i]))
                 if not cfg.json:
                     bar.clear()
-                    click.echo(f"wrote {paths[i]}")
+                    click.echo(f"wrote {paths[i]}", err=to_stdout)
             flagged_files += [str(paths[i]) for i in flagged]
             parameters += [result.parameters(i) for i in chosen]
             runs.append({**result.summary(), "prompt_line": line, "batch": b})
@@ -360,6 +370,18 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     one = {} if several else {k: v for k, v in runs[0].items() if k not in ("prompt_line", "batch")}
     return {"files": list(files), "flagged": flagged_files, **one, **({"runs": runs} if several else {}),
             "parameters": parameters, "device_memory": memory, "host_memory": host}
+
+
+def _check_stdout(cfg: RunConfig) -> None:
+    """--out - takes standard output for one image's bytes: nothing else may be printed there."""
+    if cfg.json:
+        raise UserError("--out - writes the image to standard output: --json cannot print there too")
+    count = cfg.batch_count * (1 if cfg.batch_pos is not None else cfg.num_images)
+    if cfg.prompts_file is not None or count != 1:
+        raise UserError("--out - writes one image to standard output; this run makes several (--num-images, "
+                        "--batch-count, --prompts-file): name a folder")
+    if sys.stdout.isatty():
+        raise UserError("--out - would write image bytes to the terminal: pipe or redirect standard output")
 
 
 def _written_before(written: list[str]) -> str:
@@ -455,7 +477,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--out", default=Path("."), show_default=True, type=click.Path(path_type=Path),
               help="An image file (.png, .jpg / .jpeg or .webp: the format follows the name), or a folder "
                    "(files numbered NNNNN-SEED.png, or the --format's suffix, after the highest number there; never "
-                   "overwritten, even by runs writing into the same folder at once).")
+                   "overwritten, even by runs writing into the same folder at once), or - for standard output (one "
+                   "image, in --format, settings inside; messages stay on standard error).")
 @click.option("--format", "fmt", default=None, type=click.Choice(["png", "jpeg", "webp"]),
               help="Image format for a folder --out [default: png]: jpeg (quality 95, no chroma subsampling) and webp (lossless) carry "
                    "the settings in EXIF UserComment, as AUTOMATIC1111 writes those formats.")
@@ -518,6 +541,8 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
             raise UserError("--prompts-file takes the prompts from the file: give neither --prompt nor --settings-from")
         if cfg.prompt is None and prompts_file is None:
             raise UserError("give --prompt (or --prompts-file, or --settings-from an image pm-run made)")
+        if str(cfg.out) == STDOUT:
+            _check_stdout(cfg)
         with warnings.catch_warnings():  # Python warnings as one line each, like pm-run's other notes
             warnings.showwarning = _warning_line
             summary = run(cfg, written=written)

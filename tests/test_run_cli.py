@@ -4,6 +4,7 @@ input list of the issue (one-line error, non-zero exit, no traceback, no file wr
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import re
@@ -624,6 +625,24 @@ def test_batch_count(run_bundle, tmp_path, monkeypatch):
                           (("--seed", str(2**63 - 2), "--batch-count", "3"), "goes past the largest seed")):
         assert_one_line_error(pm_run(*args, "--out", tmp_path / "bad", *extra), needle)
     assert not (tmp_path / "bad").exists()
+
+
+def test_out_dash_writes_the_image_to_standard_output(run_bundle, tmp_path):
+    """--out -: the one image's file bytes (settings inside) on standard output, the same bytes a file gets,
+    messages on standard error; refused (before anything runs) with several images, --json or a terminal."""
+    args = ("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", *FAST)
+    r = CliRunner().invoke(main, [str(a) for a in (*args, "--out", "-")])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout_bytes.startswith(b"\x89PNG") and "wrote <standard output>" in r.stderr
+    assert pm_run(*args, "--out", tmp_path / "k.png").exit_code == 0
+    assert r.stdout_bytes == (tmp_path / "k.png").read_bytes()
+    r = CliRunner().invoke(main, [str(a) for a in (*args, "--out", "-", "--format", "jpeg")])
+    assert r.exit_code == 0 and r.stdout_bytes[:3] == b"\xff\xd8\xff", r.stderr
+    assert read_parameters(Image.open(io.BytesIO(r.stdout_bytes))) == read_parameters(Image.open(tmp_path / "k.png"))
+    for extra, needle in ((("--num-images", "2"), "makes several"), (("--batch-count", "2"), "makes several"),
+                          (("--json",), "--json cannot print there too")):
+        assert_one_line_error(pm_run(*args, "--out", "-", *extra), needle)
+    assert not (Path.cwd() / "-").exists()
 
 
 def test_nan_image_is_never_written(run_bundle, tmp_path, monkeypatch):
