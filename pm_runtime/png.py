@@ -22,11 +22,12 @@ import re
 
 import numpy as np
 
-# pm-run scheduler names -> A1111 sampler names ("X Karras": A1111 before 1.9 named samplers so; 1.9 and later
-# read such a name as sampler X with schedule type Karras, and write the two apart: `reproduce` reads both)
+# pm-run scheduler names -> A1111 sampler names ("X Karras", "X Exponential": A1111 before 1.9 named samplers so;
+# 1.9 and later read such a name as sampler X with that schedule type, and write the two apart: `reproduce`
+# reads both)
 SAMPLER_NAMES = {"dpmpp-2m": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler-a": "Euler a",
                  "dpmpp-2m-karras": "DPM++ 2M Karras", "euler-karras": "Euler Karras", "dpmpp-2m-sde": "DPM++ 2M SDE",
-                 "dpmpp-2m-sde-karras": "DPM++ 2M SDE Karras"}
+                 "dpmpp-2m-sde-karras": "DPM++ 2M SDE Karras", "dpmpp-2m-sde-exponential": "DPM++ 2M SDE Exponential"}
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param_code
 
 

@@ -22,6 +22,7 @@ SCHEDULERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
 # what the "Automatic" schedule type is for a sampler in AUTOMATIC1111 1.9 and later (its sampler table;
 # the others: the model's own discretisation)
 _AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}
+_SCHEDULE_TYPES = ("Karras", "Exponential")  # A1111 schedule types some pm-run scheduler steps on
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept", "Concept stage",
@@ -99,19 +100,21 @@ def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
     """pm-run's scheduler for an A1111 sampler name and schedule type: "DPM++ 2M Karras" (A1111 before 1.9,
     and pm-run) or "DPM++ 2M" with "Schedule type: Karras" (A1111 1.9 and later, where "Automatic" is the
     sampler's own default: Karras for DPM++ 2M, Exponential for DPM++ 2M SDE)."""
-    base = sampler[:-len(" Karras")] if sampler.endswith(" Karras") else sampler
-    karras = base != sampler
+    base, kind = sampler, None
+    for k in _SCHEDULE_TYPES:
+        if sampler.endswith(" " + k):
+            base, kind = sampler[:-len(k) - 1], k
     automatic = schedule == "Automatic"
     if automatic:
         schedule = _AUTOMATIC.get(base)  # None: the sampler's plain form
     if schedule is not None:
-        if schedule != "Karras":
+        if schedule not in _SCHEDULE_TYPES:
             raise UserError(f"--settings-from {source}: schedule type {schedule!r}"
                             + (f" (what 'Automatic' is for {base})" if automatic else "")
-                            + " is not one pm-run has (Karras, or Automatic where it means Karras or the plain "
-                              "schedule): give --scheduler")
-        karras = True
-    name = SCHEDULERS_BY_NAME.get(f"{base} Karras" if karras else base)
+                            + f" is not one pm-run has ({', '.join(_SCHEDULE_TYPES)}, or Automatic where it means "
+                              "one of those or the plain schedule): give --scheduler")
+        kind = schedule
+    name = SCHEDULERS_BY_NAME.get(f"{base} {kind}" if kind else base)
     if name is None:
         what = f"sampler {sampler!r}" + (f" with schedule type {schedule!r}" if schedule else "")
         raise UserError(f"--settings-from {source}: {what} is not one pm-run has "

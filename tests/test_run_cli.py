@@ -497,14 +497,17 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
                                ("Euler, Schedule type: Automatic", "euler"),
                                ("Euler, Schedule type: Karras", "euler-karras"),
                                ("DPM++ 2M SDE", "dpmpp-2m-sde"), ("DPM++ 2M SDE Karras", "dpmpp-2m-sde-karras"),
-                               ("DPM++ 2M SDE, Schedule type: Karras", "dpmpp-2m-sde-karras")):
+                               ("DPM++ 2M SDE, Schedule type: Karras", "dpmpp-2m-sde-karras"),
+                               ("DPM++ 2M SDE Exponential", "dpmpp-2m-sde-exponential"),
+                               ("DPM++ 2M SDE, Schedule type: Exponential", "dpmpp-2m-sde-exponential"),
+                               ("DPM++ 2M SDE, Schedule type: Automatic", "dpmpp-2m-sde-exponential")):
         s = parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
         assert s.values["scheduler"] == scheduler and s.ignored == (), sampler
     for sampler, needle in (("Euler a, Schedule type: Karras", "sampler 'Euler a' with schedule type 'Karras' is not"),
-                            ("DPM++ 2M, Schedule type: Exponential", "schedule type 'Exponential' is not one"),
-                            ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has"),
-                            ("DPM++ 2M SDE, Schedule type: Automatic",
-                             "schedule type 'Exponential' (what 'Automatic' is for DPM++ 2M SDE) is not")):
+                            ("DPM++ 2M, Schedule type: SGM Uniform", "schedule type 'SGM Uniform' is not one"),
+                            ("DPM++ 2M, Schedule type: Exponential",
+                             "sampler 'DPM++ 2M' with schedule type 'Exponential' is not one pm-run has"),
+                            ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has")):
         with pytest.raises(UserError, match=re.escape(needle)):
             parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
 

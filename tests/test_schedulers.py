@@ -154,6 +154,8 @@ def test_trajectory_matches_diffusers(name, config_name, num_steps):
     ("dpmpp-2m-sde-karras", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 25),
     ("dpmpp-2m", {"algorithm_type": "sde-dpmsolver++"}, 20),
     ("dpmpp-2m-sde", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}, 20),
+    ("dpmpp-2m-sde-exponential", {"final_sigmas_type": "sigma_min"}, 7),
+    ("dpmpp-2m-sde-exponential", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, 20),
     ("euler", {"final_sigmas_type": "sigma_min"}, 20),
     ("ddim", {"clip_sample": True, "clip_sample_range": 1.5}, 20),
     ("ddim", {"set_alpha_to_one": True, "timestep_spacing": "linspace"}, 20),
@@ -286,11 +288,16 @@ def test_dpm_sde_needs_noise_and_uses_it():
 
 def test_registry():
     assert S.SCHEDULERS == ("ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "euler-karras",
-                            "dpmpp-2m-sde", "dpmpp-2m-sde-karras")
+                            "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "dpmpp-2m-sde-exponential")
     with pytest.raises(ValueError, match="ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, euler-karras, dpmpp-2m-sde"):
         S.make_tables("pndm", SD15, 20)
-    with pytest.raises(ValueError, match="use_exponential_sigmas"):
-        S.make_tables("dpmpp-2m-karras", {**SD15, "use_exponential_sigmas": True}, 20)
+    with pytest.raises(ValueError, match="use_beta_sigmas"):
+        S.make_tables("dpmpp-2m-karras", {**SD15, "use_beta_sigmas": True}, 20)
+    with pytest.raises(ValueError, match="exclude each other"):  # as diffusers refuses the pair
+        dpm_solver.make_tables({**SD15, "use_karras_sigmas": True, "use_exponential_sigmas": True}, 20)
+    # a model config asking for exponential levels under a Karras name (or the plain one) gets the name's
+    assert S.make_tables("dpmpp-2m-karras", {**SD15, "use_exponential_sigmas": True}, 20).sigmas[1] == \
+        S.make_tables("dpmpp-2m-karras", SD15, 20).sigmas[1]
     deis = {**SD15, "algorithm_type": "deis"}  # diffusers maps it to dpmsolver++ but not with zero final
     with pytest.raises(ValueError, match="final_sigmas_type"):
         diffusers.DPMSolverMultistepScheduler.from_config(deis)

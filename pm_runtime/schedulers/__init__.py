@@ -45,8 +45,9 @@ def _karras(fixed: bool) -> dict[str, Any]:
     return {"use_karras_sigmas": fixed}
 
 
-def _dpm(karras: bool, sde: bool) -> dict[str, Any]:
-    return {**_karras(karras), "algorithm_type": "sde-dpmsolver++" if sde else "dpmsolver++"}
+def _dpm(karras: bool, sde: bool, exponential: bool = False) -> dict[str, Any]:
+    return {**_karras(karras), "use_exponential_sigmas": exponential,
+            "algorithm_type": "sde-dpmsolver++" if sde else "dpmsolver++"}
 
 
 _REGISTRY = {
@@ -68,6 +69,10 @@ _REGISTRY = {
                   "DPMSolverMultistepScheduler", _dpm(karras=False, sde=True)),
         Scheduler("dpmpp-2m-sde-karras", dpm_solver.make_tables, dpm_solver.step, True,
                   "DPMSolverMultistepScheduler", _dpm(karras=True, sde=True)),
+        # noise levels evenly spaced in log sigma: AUTOMATIC1111's "DPM++ 2M SDE Exponential", its default
+        # schedule for DPM++ 2M SDE since 1.9
+        Scheduler("dpmpp-2m-sde-exponential", dpm_solver.make_tables, dpm_solver.step, True,
+                  "DPMSolverMultistepScheduler", _dpm(karras=False, sde=True, exponential=True)),
     )
 }
 SCHEDULERS: tuple[str, ...] = tuple(_REGISTRY)

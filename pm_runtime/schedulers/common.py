@@ -160,6 +160,12 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """(num_steps,) float64 noise levels from sigma_max down to sigma_min, evenly spaced in log sigma, as
+    diffusers' _convert_to_exponential computes them."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """float64 training timesteps of `sigmas`: linear interpolation of log sigma between the two
     neighbouring training timesteps (`log_sigmas` float32, index = training timestep), as diffusers'

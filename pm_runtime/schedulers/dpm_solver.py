@@ -12,7 +12,9 @@ SDE (eta 1): e^-h becomes e^-2h in the x0 terms, the sample's factor gains e^-h,
 sigma_t' sqrt(1 - e^-2h) times the step's standard-normal noise.
 With use_karras_sigmas (scheduler "dpmpp-2m-karras") the noise levels are Karras et al.'s (rho 7,
 from the largest to the smallest training sigma) and each step's timestep is the training timestep of
-its sigma, rounded (truncated for squaredcos_cap_v2), as diffusers sets them.
+its sigma, rounded (truncated for squaredcos_cap_v2), as diffusers sets them; with
+use_exponential_sigmas ("dpmpp-2m-sde-exponential") they are evenly spaced in log sigma over the same
+range, their timesteps truncated.
 diffusers subtleties kept: its own spacings (n+1 points, the last dropped; "leading" uses
 last_timestep // (n+1)), lambda_min_clipped, the first step is first order (no history), and the
 last step is first order when final_sigmas_type is "zero" (always, by default), euler_at_final,
@@ -28,8 +30,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .common import (BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, check_supported, frozen, karras_sigmas,
-                     resolve_config, sigma_to_t, sigmas_f32)
+from .common import (BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, check_supported, exponential_sigmas, frozen,
+                     karras_sigmas, resolve_config, sigma_to_t, sigmas_f32)
 
 NAME = "dpmpp-2m"
 
@@ -68,8 +70,8 @@ SUPPORTED = {
     "variance_type": (None,),
     "final_sigmas_type": ("zero", "sigma_min"),
     "use_karras_sigmas": (False, True),
-    **{key: (False,) for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
-                                 "use_dynamic_shifting")},
+    "use_exponential_sigmas": (False, True),
+    **{key: (False,) for key in ("use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")},
 }
 
 
@@ -118,6 +120,8 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
         raise ValueError("scheduler 'dpmpp-2m': algorithm_type 'deis' needs final_sigmas_type 'sigma_min'")
     cfg = {k: _ALIASES[k].get(v, v) if k in _ALIASES else v for k, v in cfg.items()}
     check_supported(NAME, cfg, SUPPORTED)
+    if cfg["use_karras_sigmas"] and cfg["use_exponential_sigmas"]:  # diffusers refuses it too
+        raise ValueError("scheduler 'dpmpp-2m': use_karras_sigmas and use_exponential_sigmas exclude each other")
     abar32 = alphas_cumprod(cfg, clamp_zero_snr=True)
     sig32 = sigmas_f32(abar32)
     timesteps = _timesteps(cfg, abar32, num_steps)
@@ -126,6 +130,9 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
         t = sigma_to_t(levels, np.log(sig32))
         # diffusers rounds them, except for the cosine schedule, whose float timesteps its int64 cast truncates
         timesteps = (t if cfg["beta_schedule"] == "squaredcos_cap_v2" else t.round()).astype(np.int64)
+    elif cfg["use_exponential_sigmas"]:  # evenly in log sigma over the same range; timesteps truncated
+        levels = exponential_sigmas(float(sig32[0]), float(sig32[-1]), num_steps)
+        timesteps = sigma_to_t(levels, np.log(sig32)).astype(np.int64)
     else:
         levels = None
     n = len(timesteps)  # diffusers uses len(timesteps) from here on
