@@ -246,7 +246,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     if cfg.batch_count < 1:
         raise UserError(f"--batch-count must be >= 1, got {cfg.batch_count}")
     if cfg.seed is not None and cfg.seed + cfg.batch_count - 1 > MAX_SEED:
-        raise UserError(f"--seed {cfg.seed} with --batch-count {cfg.batch_count} goes past the largest seed, {MAX_SEED}")
+        raise UserError(f"--seed {cfg.seed} with --batch-count {cfg.batch_count} goes past the largest seed, "
+                        f"{MAX_SEED}")
     chosen = list(range(cfg.num_images))  # the images written (of the batch generated)
     if cfg.batch_pos is not None:
         if not 0 <= cfg.batch_pos < cfg.num_images:
@@ -458,7 +459,10 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "steps as diffusers' scheduler of that kind does from the model's scheduler config.")
 @click.option("--seed", default=None, type=click.IntRange(0, MAX_SEED), help="[default: random, printed]")
 @click.option("--num-images", default=1, show_default=True, type=int,
-              help="Images generated together from one seed (a batch: one noise draw, the UNet runs several images per call). A file --out NAME.png becomes NAME-1.png, NAME-2.png, ...; a folder --out numbers them. Each image records its batch size and position, so --settings-from remakes it by generating its batch again.")
+              help="Images generated together from one seed (a batch: one noise draw, the UNet runs several "
+                   "images per call). A file --out NAME.png becomes NAME-1.png, NAME-2.png, ...; a folder --out "
+                   "numbers them. Each image records its batch size and position, so --settings-from remakes it by "
+                   "generating its batch again.")
 @click.option("--batch-count", default=1, show_default=True, type=int,
               help="Run this many batches one after another (AUTOMATIC1111's batch count), the k-th (from 0) "
                    "with --seed + k; each batch's images are written as soon as they are made. Each image can be "

@@ -25,8 +25,8 @@ _AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}
 _SCHEDULE_TYPES = ("Karras", "Exponential")  # A1111 schedule types some pm-run scheduler steps on
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
-_KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept", "Concept stage",
-         "Late stage", "Batch size"} | _RECORDS
+_KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept",
+         "Concept stage", "Late stage", "Batch size"} | _RECORDS
 
 
 @dataclass(frozen=True)

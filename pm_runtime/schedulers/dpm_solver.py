@@ -164,7 +164,7 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
 
     second_x0, second_prev = np.zeros(n), np.zeros(n)
     for i in range(1, n):
-        if 0.0 < s[i + 1] < s[i]:  # h > 0 (Karras with a sigma_min final level repeats it: h = 0, prev = x)
+        if 0.0 < s[i + 1] < s[i]:  # h > 0 (Karras or exponential levels with a sigma_min final repeat it: h = 0)
             r = math.log(s[i - 1] / s[i]) / math.log(s[i] / s[i + 1])
             second_x0[i] = first[i] * (1.0 + 0.5 / r)
             second_prev[i] = -first[i] * 0.5 / r
