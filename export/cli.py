@@ -42,7 +42,9 @@ def _log(msg: str) -> None:
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("concept", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), default=None,
-              help="Local Stable Diffusion 1.x/2.x folder (diffusers layout) the concept was trained on.")
+              help="Local Stable Diffusion 1.x/2.x folder (diffusers layout) the concept was trained on "
+                   "[default: the folder pm-train recorded in CONCEPT, found from here or from CONCEPT's folder; "
+                   "its fingerprint must match].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder to write.")
 @click.option("--bundle", type=click.Path(path_type=Path), default=None,
               help="Concept-only export: add CONCEPT's table to this existing bundle.")
@@ -96,8 +98,13 @@ def main(concept: Path, model, out, bundle, **kw) -> None:
                                 "not to --bundle")
             add_concept(ExportConfig(concept=concept, bundle=bundle, **_concept_only(kw)), log=_log)
         else:
-            if model is None or out is None:
+            if out is None:
                 raise UserError("give --model DIR --out BUNDLE (full export) or --bundle BUNDLE (concept only)")
+            if model is None:  # the folder pm-train recorded; the export checks its fingerprint against the concept
+                from pm_runtime.train.concept_file import trained_on
+
+                model = trained_on(concept)
+                _log(f"--model not given: {model}, the model folder {concept} was trained on")
             export_bundle(ExportConfig(concept=concept, model=model, out=out, **kw), log=_log)
     except UserError as e:
         raise click.ClickException(str(e)) from None

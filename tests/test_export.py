@@ -295,6 +295,40 @@ def test_concept_of_another_base_model_refused(other_model, trained_concept, tmp
     assert not out.exists() and no_temp_folders(tmp_path)
 
 
+def test_model_defaults_to_the_folder_the_concept_was_trained_on(trained_concept, tiny_model, other_model, tmp_path,
+                                                                  monkeypatch):
+    """Without --model a full export takes the folder pm-train recorded (as given to it: found from the working
+    folder or from the concept file's folder), says so, and still checks the fingerprint; a recorded folder
+    that is not there, or another model behind its name, is a one-line error that asks for --model."""
+    import shutil
+
+    import torch
+
+    r = run([trained_concept, "--out", tmp_path / "b", "--target", "torch"])
+    assert r.exit_code == 0, r.output
+    assert f"--model not given: {tiny_model}, the model folder" in r.output and (tmp_path / "b" / "bundle.json").is_file()
+    d = torch.load(trained_concept, weights_only=True)
+    d[F.K_BASE_MODEL]["model_dir"] = "sd"  # a relative path, as pm-train records `--model sd`
+    (tmp_path / "proj").mkdir()
+    rel = tmp_path / "proj" / "c.pt"
+    torch.save(d, rel)
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run([rel, "--out", tmp_path / "c"]), "give --model DIR: ")
+    assert "was trained on 'sd', which is not a folder from here (nor from" in run([rel, "--out", tmp_path / "c"]).output
+    shutil.copytree(tiny_model, tmp_path / "proj" / "sd")  # beside the concept file
+    r = run([rel, "--out", tmp_path / "c", "--target", "torch"])
+    assert r.exit_code == 0 and f"--model not given: {tmp_path / 'proj' / 'sd'}" in r.output, r.output
+    (tmp_path / "sd").mkdir()  # a folder of that name from here too: the model folder is preferred
+    r = run([rel, "--out", tmp_path / "d", "--target", "torch"])
+    assert r.exit_code == 0 and f"--model not given: {tmp_path / 'proj' / 'sd'}" in r.output, r.output
+    shutil.rmtree(tmp_path / "proj" / "sd")
+    shutil.copytree(other_model, tmp_path / "proj" / "sd")  # another model under the recorded name
+    assert_one_line_error(run([rel, "--out", tmp_path / "e"]), "different base model")
+    shutil.rmtree(tmp_path / "proj" / "sd")  # only the empty one: the export says what it is not
+    assert_one_line_error(run([rel, "--out", tmp_path / "e"]), "sd is not a Stable Diffusion diffusers folder")
+    assert not (tmp_path / "e").exists()
+
+
 def test_not_a_concept_file(tiny_model, tmp_path):
     for content in (b"hello", pickle.dumps({"format": "something"}, protocol=2)):
         bad = tmp_path / "bad.pt"

@@ -81,6 +81,22 @@ def mapper_from_dict(d: dict) -> Mapper:
     return mapper.eval()
 
 
+def trained_on(path: Path) -> Path:
+    """The model folder a concept file was trained on, as pm-train recorded it (the path given to
+    --model): where it names a folder from here (the working folder) or from the concept file's folder
+    (one holding model_index.json first). UserError where it names none (the caller asks for --model)."""
+    path = Path(path)
+    given = str(load_concept_dict(path).get(F.K_BASE_MODEL, {}).get("model_dir", "") or "")
+    if not given:
+        raise UserError(f"give --model DIR: {path} does not record the model folder it was trained on")
+    folder = Path(given)
+    found = [c for c in ([folder] if folder.is_absolute() else [folder, path.parent / folder]) if c.is_dir()]
+    if found:  # a diffusers model folder first (the export says what is wrong with one that is not)
+        return next((c for c in found if (c / "model_index.json").is_file()), found[0])
+    elsewhere = "" if path.parent.resolve() == Path.cwd().resolve() else f" (nor from {path.parent})"
+    raise UserError(f"give --model DIR: {path} was trained on {given!r}, which is not a folder from here{elsewhere}")
+
+
 def load_concept(path: Path) -> Concept:
     d = load_concept_dict(path)
     tokens = d[F.K_TOKENS]
