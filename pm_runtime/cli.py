@@ -44,9 +44,9 @@ Initial latents come from the project's own noise generator: the same seed gives
 on every backend (and, on one machine and backend, the same file bytes). Images carry their
 settings as AUTOMATIC1111 writes them: PNG in a `parameters` text chunk, JPEG and WebP in EXIF
 UserComment. Errors are one line; nothing is written unless the whole run succeeded (each image
-is written to a temporary file and renamed); with --prompts-file or --batch-count each prompt's
-(each batch's) images are written when they are done, and an error or Ctrl-C later names the files
-already written.
+is written to a temporary file and renamed), except that the images of each prompt of a
+--prompts-file and of each batch of a --batch-count are written as soon as they are made, and an
+error or Ctrl-C later names the files already written.
 
 \b
   pm-run --engine BUNDLE --prompts-file scenes.txt --seed 233 --out shots/   # engines loaded once
