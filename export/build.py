@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from pm_runtime import formats as F
-from pm_runtime.bundle import file_entry, manifest_lock, open_bundle, sha256_file, write_manifest
+from pm_runtime.bundle import editing_bundle, file_entry, sha256_file, write_manifest
 from pm_runtime.concept_table import save_table
 from pm_runtime.errors import UserError
 from pm_runtime.interrupts import caused_by_interrupt, noticing_interrupts
@@ -662,13 +662,11 @@ def _manifest(facts: dict, components, tok_files, concepts, trt_details) -> dict
 def add_concept(cfg: ExportConfig, log: Log = print) -> Path:
     """Concept-only export: bake a table into an existing bundle; the networks are not touched."""
     t0 = time.perf_counter()
-    open_bundle(Path(cfg.bundle), verify=False)  # a bundle at all, before locking it
-    with manifest_lock(Path(cfg.bundle), log):  # read, bake, rewrite: no other edit in between
-        return _add_concept(cfg, log, t0)
+    with editing_bundle(Path(cfg.bundle), log) as bundle:  # read, bake, rewrite: no other edit in between
+        return _add_concept(cfg, bundle, log, t0)
 
 
-def _add_concept(cfg: ExportConfig, log: Log, t0: float) -> Path:
-    bundle = open_bundle(Path(cfg.bundle), verify=False)  # paths + format; the networks are not re-hashed
+def _add_concept(cfg: ExportConfig, bundle, log: Log, t0: float) -> Path:
     name = cfg.concept_name
     others = [c for c in bundle.concepts if c[F.QK_NAME] != name]
     if len(others) != len(bundle.concepts) and not cfg.force:

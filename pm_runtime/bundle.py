@@ -301,3 +301,13 @@ def open_bundle(root: Path, verify: bool = True) -> Bundle:
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"malformed {root / F.BUNDLE_MANIFEST}: {type(e).__name__} {e}") from None
     return Bundle(root, manifest, verify=bool(verify))
+
+
+@contextlib.contextmanager
+def editing_bundle(root: Path, log=None):
+    """An edit of a bundle's concepts (pm-export --bundle, pm-bundle remove-concept): ROOT checked to be a
+    bundle (a one-line UserError, before any lock), its edit lock taken (manifest_lock), and the Bundle
+    read again under the lock, so the edit starts from a manifest no other edit changes until it ends."""
+    open_bundle(Path(root), verify=False)
+    with manifest_lock(Path(root), log):
+        yield open_bundle(Path(root), verify=False)  # paths + format; the networks are not re-hashed

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import formats as F
-from .bundle import (check_file, component_files, inside, listed_files, manifest_lock, open_bundle, sha256_file,
+from .bundle import (check_file, component_files, editing_bundle, inside, listed_files, open_bundle, sha256_file,
                      write_manifest)
 from .errors import UserError
 
@@ -177,9 +177,8 @@ def verify(bundle: Path) -> None:
 @click.argument("name")
 def remove_concept(bundle: Path, name: str) -> None:
     def work():
-        open_bundle(Path(bundle), verify=False)  # a bundle at all, before locking it
-        with manifest_lock(Path(bundle), log=lambda m: click.echo(m, err=True)):
-            return remove(open_bundle(Path(bundle), verify=False))  # read again under the lock
+        with editing_bundle(Path(bundle), log=lambda m: click.echo(m, err=True)) as b:
+            return remove(b)
 
     def remove(b):
         entry = b.concept(name)  # UserError naming the bundle's concepts
