@@ -248,6 +248,9 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     if cfg.seed is not None and cfg.seed + cfg.batch_count - 1 > MAX_SEED:
         raise UserError(f"--seed {cfg.seed} with --batch-count {cfg.batch_count} goes past the largest seed, "
                         f"{MAX_SEED}")
+    to_stdout = str(cfg.out) == STDOUT
+    if to_stdout:
+        _check_stdout(cfg)
     chosen = list(range(cfg.num_images))  # the images written (of the batch generated)
     if cfg.batch_pos is not None:
         if not 0 <= cfg.batch_pos < cfg.num_images:
@@ -291,8 +294,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     # every prompt, each in --batch-count batches: (prompt number, line, prompt, batch number, seed)
     jobs = [(p, line, text, b, seed + b) for p, (line, text) in enumerate(prompts) for b in range(cfg.batch_count)]
     several = len(jobs) > 1
-    to_stdout = str(cfg.out) == STDOUT
-    if to_stdout:  # checked before the engines load: see main()
+    if to_stdout:
         names, numbered = [Path("<standard output>")], False
     else:
         names = output_paths(cfg.out, [s for *_, s in jobs for _ in chosen], fmt)
@@ -546,8 +548,6 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
             raise UserError("--prompts-file takes the prompts from the file: give neither --prompt nor --settings-from")
         if cfg.prompt is None and prompts_file is None:
             raise UserError("give --prompt (or --prompts-file, or --settings-from an image pm-run made)")
-        if str(cfg.out) == STDOUT:
-            _check_stdout(cfg)
         with warnings.catch_warnings():  # Python warnings as one line each, like pm-run's other notes
             warnings.showwarning = _warning_line
             summary = run(cfg, written=written)

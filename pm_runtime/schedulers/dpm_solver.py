@@ -133,15 +133,13 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
     elif cfg["use_exponential_sigmas"]:  # evenly in log sigma over the same range; timesteps truncated
         levels = exponential_sigmas(float(sig32[0]), float(sig32[-1]), num_steps)
         timesteps = sigma_to_t(levels, np.log(sig32)).astype(np.int64)
-    else:
-        levels = None
+    else:  # the spaced timesteps' sigmas (one past the table is refused below)
+        levels = np.interp(timesteps, np.arange(len(sig32)), sig32)
     n = len(timesteps)  # diffusers uses len(timesteps) from here on
     if timesteps.max() >= len(sig32):  # diffusers would run on and produce NaN (repeated sigma)
         raise ValueError(f"scheduler 'dpmpp-2m': {num_steps} steps with {cfg['timestep_spacing']!r} "
                          f"spacing and steps_offset {cfg['steps_offset']} reach timestep {timesteps.max()}")
     last = sig32[0] if cfg["final_sigmas_type"] == "sigma_min" else np.float32(0.0)
-    if levels is None:
-        levels = np.interp(timesteps, np.arange(len(sig32)), sig32)
     sigmas = np.append(levels, last).astype(np.float32)
     s = sigmas.astype(np.float64)                      # (n+1,)
     alpha = 1.0 / np.sqrt(s**2 + 1.0)                  # VP alpha_t
