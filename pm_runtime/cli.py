@@ -17,6 +17,7 @@ import click
 from . import formats as F
 from .errors import UserError
 from .png import IMAGE_FORMATS, SUFFIXES
+from .prompt_encoding import EMPHASIS_MODES
 from .resources import peak_rss_bytes
 from .schedulers import SCHEDULERS
 from .stages import LATE_POLICIES, LATE_REUSE
@@ -92,6 +93,7 @@ class RunConfig:
     settings_from: dict | None = None  # --settings-from: the image, and its records compared after the run
     prompts_file: Path | None = None  # one prompt per line, each generated with the same settings and seed
     batch_count: int = 1  # batches one after another, the k-th (from 0) with seed + k
+    emphasis: str = "original"  # AUTOMATIC1111's prompt weighting: original, no-norm, ignore, none
 
 
 def find_bundle(engine: Path) -> tuple[Path, str | None]:
@@ -285,7 +287,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     negative = NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt
     for line, text in prompts:  # every prompt is checked before the first image is made
         try:
-            pipe.check_prompt(text, negative, cfg.allow_no_concept)
+            pipe.check_prompt(text, negative, cfg.allow_no_concept, cfg.emphasis)
         except UserError as e:
             raise UserError(f"{cfg.prompts_file} line {line}: {e}" if line is not None else str(e)) from None
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)
@@ -322,7 +324,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                     text, seed=job_seed, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
                     negative_prompt=negative, height=cfg.height, width=cfg.width, num_images=cfg.num_images,
                     late_stage=cfg.late_stage, concept_stage=cfg.concept_stage,
-                    allow_no_concept=cfg.allow_no_concept, callback=progress)
+                    allow_no_concept=cfg.allow_no_concept, callback=progress, emphasis=cfg.emphasis)
             except UserError as e:
                 raise UserError(where + str(e)) from None
             for w in result.warnings:
@@ -494,6 +496,12 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--concept-stage", nargs=2, type=int, default=None, metavar="LO HI",
               help="Timesteps that use the concept (inside the baked range, e.g. 400 800): identity strength.")
 @click.option("--allow-no-concept", is_flag=True, help="Allow a prompt without the concept word.")
+@click.option("--emphasis", default="original", show_default=True, type=click.Choice(list(EMPHASIS_MODES)),
+              help="AUTOMATIC1111's prompt weighting: '(words)' weighs words 1.1, '[words]' 1/1.1, '(words:1.3)' "
+                   "1.3, brackets nest, '\\(' is a literal bracket. original: A1111's default (the text encoder's outputs "
+                   "weighted, then scaled back to their mean); no-norm: without that rescaling; ignore: the syntax "
+                   "removed, nothing weighted; none: the brackets and numbers read as words (pm-run before 0.2). "
+                   "Images record a mode other than original, as A1111 does.")
 @click.option("--no-safety-checker", "no_safety_checker", is_flag=True,
               help="Do not run the bundle's safety checker (it runs by default when the bundle has one; a flagged "
                    "image is not written and pm-run exits with status 3).")
@@ -530,8 +538,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "(SD 1.5: ~0.86 instead of 1.72 GB), at a small drift from the fp16 image and some speed. "
                    "Implies --backend torch-cuda.")
 def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, batch_count, height,
-         width, backend, device, model, out, late_stage, concept_stage, allow_no_concept, no_safety_checker, as_json,
-         threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
+         width, backend, device, model, out, late_stage, concept_stage, allow_no_concept, emphasis, no_safety_checker,
+         as_json, threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
         # peaks in new processes on an H200 were 0.04-0.07 GB lower with it (gpu-fresh-expandable-h200.jsonl)
@@ -539,7 +547,7 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
     cfg = RunConfig(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height,
                     width, backend, device, model, out, late_stage, tuple(concept_stage) if concept_stage else None,
                     allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights,
-                    dtype, fmt, prompts_file=prompts_file, batch_count=batch_count)
+                    dtype, fmt, prompts_file=prompts_file, batch_count=batch_count, emphasis=emphasis)
     written: list[str] = []
     try:
         if settings_from is not None:

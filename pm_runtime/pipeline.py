@@ -45,8 +45,8 @@ from .bundle import Bundle, open_bundle, sha256_file
 from .concept_table import ConceptTable, load_table
 from .errors import UserError
 from .png import SAMPLER_NAMES, image_bytes, parameters_text, png_bytes
-from .prompt_encoding import (ConceptWords, EncodedPrompt, a1111_syntax, concept_words_in, encode_plain,
-                              encode_prompt)
+from .prompt_encoding import (EMPHASIS_MODES, ConceptWords, EncodedPrompt, a1111_syntax,
+                              apply_emphasis, check_emphasis_mode, concept_words_in, encode_prompt, encode_text)
 from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
 from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, distinct_contexts, stage_plan
 from .train.templates import NEGATIVE_PROMPT  # a plain string module (no torch)
@@ -89,6 +89,7 @@ class Settings:
     late_stage: str
     concept_stage: tuple[int, int] | None
     allow_no_concept: bool
+    emphasis: str = "original"
 
 
 @dataclass
@@ -114,6 +115,8 @@ class Generation:
             lo, hi = s.concept_stage
             p.update({"Concept": self.concept.name, "Concept hash": self.concept.sha256[:12],
                       "Concept stage": f"{lo}-{hi}", "Late stage": s.late_stage})
+        if s.emphasis != "original" and any(c in s.prompt + s.negative_prompt for c in "(["):
+            p["Emphasis"] = EMPHASIS_MODES[s.emphasis]  # as AUTOMATIC1111 records a mode other than its default
         if s.num_images > 1:
             p.update({"Batch size": s.num_images, "Batch pos": i})
         p.update({"Backend": self.backend, "Version": f"{GENERATOR} {__version__}"})
@@ -300,15 +303,18 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, num_images: int | None = None,
                  late_stage: str = LATE_REUSE, concept_stage: tuple[int, int] | None = None,
                  allow_no_concept: bool = False, callback: Callable[[int, int], None] | None = None,
-                 cancel=None) -> Generation:
+                 cancel=None, emphasis: str = "original") -> Generation:
         """Images for `prompt`. Initial latents come from `seed` (project noise, the same on every
         backend) or are given as `latents` (N, C, H/8, W/8); `seed` then only seeds the per-step noise
         (euler-a, the -sde schedulers).
+        `emphasis`: how AUTOMATIC1111's prompt weighting, "(words:1.2)", "(words)", "[words]", acts
+        (pm_runtime.prompt_encoding): "original" (A1111's default), "no-norm", "ignore" (the syntax
+        removed, no weights), "none" (the brackets read as words).
         callback(step, total) after every UNet step; `cancel` (threading.Event or a callable)
         is checked before every step and raises Cancelled."""
         with self._lock:
             return self._generate(prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
-                                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel)
+                                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis)
 
     def check_size(self, height: int, width: int) -> None:
         """UserError naming the supported range unless the UNet and VAE engines take this size."""
@@ -320,35 +326,38 @@ class Pipeline:
                 raise UserError(f"unsupported size {width}x{height}: height and width must be multiples of {step} "
                                 f"from {lo} to {hi}")
 
-    def check_prompt(self, prompt: str, negative_prompt: str = NEGATIVE_PROMPT, allow_no_concept: bool = False
-                     ) -> list[str]:
+    def check_prompt(self, prompt: str, negative_prompt: str = NEGATIVE_PROMPT, allow_no_concept: bool = False,
+                     emphasis: str = "original") -> list[str]:
         """What generate() would say about these prompts with the active concept, without generating:
         UserError where it would refuse them (no concept word, a concept word of another concept, several
         concepts and none chosen, not a string), else its warnings (truncation, a concept word in the
-        negative prompt). Cheap (tokenization only): check a list of prompts before generating any."""
+        negative prompt, emphasis syntax the mode does not take). Cheap (tokenization only): check a list of
+        prompts before generating any."""
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if not isinstance(text, str):
                 raise UserError(f"{name} must be a string, got {type(text).__name__}")
         return self._encode_prompts(prompt, negative_prompt, _flag("allow_no_concept", allow_no_concept),
-                                    self.concept)[2]
+                                    self.concept, emphasis)[3]
 
-    def _encode_prompts(self, prompt, negative_prompt, allow_no_concept, concept):
-        syntax = [*a1111_syntax(prompt, "prompt"), *a1111_syntax(negative_prompt, "negative prompt")]
+    def _encode_prompts(self, prompt, negative_prompt, allow_no_concept, concept, emphasis):
+        check_emphasis_mode(emphasis)
+        syntax = [*a1111_syntax(prompt, "prompt", emphasis),
+                  *a1111_syntax(negative_prompt, "negative prompt", emphasis)]
         if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
             names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
             raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
         L = self.dims.max_length
         enc = encode_prompt(self.tokenizer, prompt, concept.words if concept else None, L, allow_no_concept,
-                            concept.name if concept else None)
-        neg_ids, neg_warn = encode_plain(self.tokenizer, negative_prompt, L, "negative prompt")
+                            concept.name if concept else None, emphasis)
+        neg_ids, neg_weights, neg_warn = encode_text(self.tokenizer, negative_prompt, L, "negative prompt", emphasis)
         warnings = [*syntax, *enc.warnings, *neg_warn]
         if concept_words_in(negative_prompt):
             warnings.append(f"the negative prompt's {concept_words_in(negative_prompt)[0]} is read as plain text: "
                             "a concept applies to the prompt only")
-        return enc, neg_ids, warnings
+        return enc, neg_ids, neg_weights, warnings
 
     def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
-                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel) -> Generation:
+                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis) -> Generation:
         t_start = time.perf_counter()
         concept, dims = self.concept, self.dims
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -364,7 +373,8 @@ class Pipeline:
             raise UserError(f"guidance must be a finite number, got {guidance!r}")
         steps, seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
             ("steps", steps), ("seed", seed), ("height", height), ("width", width), ("num_images", num_images)))
-        enc, neg_ids, warnings = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept)
+        enc, neg_ids, neg_weights, warnings = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept,
+                                                                  emphasis)
         C, f = dims.latent_channels, dims.vae_scale_factor
         if latents is not None:
             latents = np.asarray(latents, dtype=np.float32)
@@ -391,7 +401,7 @@ class Pipeline:
         sched = schedulers.get_scheduler(scheduler)
         noise_seed = seed if seed is not None else 0
         settings = Settings(prompt, negative_prompt, steps, float(guidance), scheduler, seed, height, width,
-                            num_images, late_stage, stage, allow_no_concept)
+                            num_images, late_stage, stage, allow_no_concept, emphasis)
         timings = {"load_s": 0.0}  # engine creation (first use, or every use in low-memory mode)
 
         # ---- contexts: one batched text-encoder call (chunked only beyond the engine's max batch)
@@ -400,6 +410,9 @@ class Pipeline:
         with self.backend.network(TEXT_ENCODER) as te:
             t1 = time.perf_counter()
             c_k, c_v = self._encode(te, enc, neg_ids, contexts)  # (1 + len(contexts), L, D) each
+            weights = _row_weights(enc, neg_weights, contexts, self.dims.max_length)
+            if weights is not None:  # emphasis: on the device where the contexts are (else numpy)
+                c_k, c_v = (_emphasise(c, weights, emphasis == "original") for c in (c_k, c_v))
             timings["load_s"] += t1 - t0
             timings["text_encoder_s"] = time.perf_counter() - t1
         _check_finite("text encoder output (contexts)", c_k, c_v)
@@ -513,6 +526,27 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _row_weights(enc: EncodedPrompt, neg_weights: np.ndarray | None, contexts: list[Context], length: int
+                 ) -> np.ndarray | None:
+    """(1 + len(contexts), L) emphasis weights of the text encoder's rows [negative prompt, *contexts] (a
+    concept context weighs the concept version's positions, the others the super-class version's), or
+    None where every weight is 1."""
+    if neg_weights is None and enc.super_weights is None and enc.concept_weights is None:
+        return None
+    ones = np.ones(length, np.float32)
+    pick = lambda w: ones if w is None else w  # noqa: E731
+    return np.stack([pick(neg_weights), *(pick(enc.concept_weights if c.is_concept else enc.super_weights)
+                                          for c in contexts)])
+
+
+def _emphasise(contexts, weights: np.ndarray, normalize: bool):
+    """apply_emphasis on the text encoder's output as the backend returned it: a device array weighs in
+    place on its device (torch backends), anything else as a numpy array."""
+    if hasattr(contexts, "emphasised"):
+        return contexts.emphasised(weights, normalize)
+    return apply_emphasis(np.asarray(contexts), weights, normalize)
 
 
 def _flag(name: str, value) -> bool:

@@ -18,6 +18,14 @@ end: a text token, or a whole concept occurrence (K placeholders, never split); 
 units are dropped from both versions, and a warning says so. One concept word used twice
 gives two runs of the K placeholders, each with the same K rows. Two different concept words
 in one prompt are refused: one concept per image.
+
+Emphasis (AUTOMATIC1111's prompt weighting, its "Emphasis" setting; `EMPHASIS_MODES`): "(words)"
+weighs words 1.1, "[words]" 1/1.1, "(words:1.3)" 1.3, nested brackets multiply, "\\(" is a literal
+bracket. The prompt is split into runs of one weight, each run tokenized on its own (as A1111 does),
+and every token carries its run's weight (the concept word's K placeholders too; start, end and
+padding 1). After the text encoder each context row is multiplied by its tokens' weights and, in the
+"original" mode, scaled back to its mean before weighting (`apply_emphasis`); "no-norm" skips that
+rescaling, "ignore" removes the syntax without weighting, "none" reads the brackets as words.
 """
 
 from __future__ import annotations
@@ -35,7 +43,17 @@ _CONCEPT_LIKE = re.compile(r"<(?!\|)[^<>\s]+>")
 # AUTOMATIC1111's extra-network tags (<lora:name:0.8>, <hypernet:name:1>): A1111 takes them out of the prompt
 # and applies those weights to its networks; a bundle has no such weights
 _EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|locon|loha|lokr|hypernet):[^<>]*>", re.IGNORECASE)
-# AUTOMATIC1111's emphasis: (words:1.3), ((words)), [words] (and its [from:to:when] prompt editing)
+# AUTOMATIC1111's emphasis modes (its "Emphasis" setting), pm-run's name -> the name its images record
+EMPHASIS_MODES = {"original": "Original", "no-norm": "No norm", "ignore": "Ignore", "none": "None"}
+WEIGHTED_MODES = ("original", "no-norm")  # the modes that weight the text encoder's outputs
+# one piece of emphasis syntax: an escaped character, a lone backslash, an opening bracket, ":weight)", a
+# closing bracket, plain text, or a colon that closes nothing
+_EMPHASIS_PIECE = re.compile(r"\\[()\[\]\\]|\\|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_BREAK_MARK = ("BREAK", -1.0)  # where A1111 starts a new 75-token chunk (only at exactly this weight)
+# the emphasis syntax AUTOMATIC1111 reads before weighting: [from:to:when] prompt editing, [a|b] alternation
+_PROMPT_EDITING = re.compile(r"\[[^\[\]]*[:|][^\[\]]*\]")
+# what pm-run (--emphasis none) reads as words but AUTOMATIC1111 as weights: (words:1.3), ((words)), [words]
 _EMPHASIS = re.compile(r"\([^()]*:\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*\)|\(\([^()]*\)\)|\[[^\[\]]+\]")
 
 
@@ -53,6 +71,9 @@ class EncodedPrompt:
     slots: np.ndarray  # (L,) int64: k at placeholder k of concept_ids, -1 elsewhere
     uses_concept: bool  # the (kept part of the) prompt holds the concept word
     warnings: tuple[str, ...] = ()
+    # (L,) float32 emphasis weight of every position of super_ids / concept_ids; None: all 1 (nothing weighted)
+    super_weights: np.ndarray | None = None
+    concept_weights: np.ndarray | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -66,7 +87,7 @@ def pad(ids: list[int], tok: ClipTokenizer, length: int) -> np.ndarray:
 
 
 def encode_plain(tok: ClipTokenizer, text: str, max_length: int, what: str = "prompt") -> tuple[np.ndarray, list[str]]:
-    """(L,) ids of a prompt without concept handling (negative prompt, plain prompts)."""
+    """(L,) ids of a prompt without concept handling or emphasis (the text as CLIP reads it)."""
     ids, cut = tok.encode_with_truncation_info(text, max_length)
     body = len(tok.encode(text)) - 2
     warn = [f"the {what} is {body} tokens, over the text encoder's {max_length - 2}: "
@@ -74,19 +95,136 @@ def encode_plain(tok: ClipTokenizer, text: str, max_length: int, what: str = "pr
     return pad(ids, tok, max_length), warn
 
 
-def a1111_syntax(text: str, what: str = "prompt") -> list[str]:
+def check_emphasis_mode(emphasis: str) -> None:
+    if emphasis not in EMPHASIS_MODES:
+        raise UserError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {emphasis!r}")
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """`text` as runs of (text, weight) by AUTOMATIC1111's emphasis rules (its parse_prompt_attention):
+    "(" and "[" open a group, ")" closes the innermost "(" group with weight 1.1, "]" the innermost "["
+    group with 1/1.1, ":W)" the innermost "(" group with W; a group left open takes its bracket's weight;
+    "\\(" "\\)" "\\[" "\\]" "\\\\" are the characters themselves, a lone backslash is dropped; a closing
+    bracket or ":W)" with no group open is text. BREAK (a word on its own) is kept as ("BREAK", -1.0).
+    Weights multiply from the innermost group out; neighbouring runs of equal weight are merged."""
+    runs: list[list] = []
+    open_round: list[int] = []  # index of the first run inside each open "(" group
+    open_square: list[int] = []
+
+    def scale(first: int, factor: float) -> None:
+        for run in runs[first:]:
+            run[1] *= factor
+
+    for m in _EMPHASIS_PIECE.finditer(text):
+        piece, weight = m.group(0), m.group(1)
+        if piece[0] == "\\":
+            runs.append([piece[1:], 1.0])
+        elif piece == "(":
+            open_round.append(len(runs))
+        elif piece == "[":
+            open_square.append(len(runs))
+        elif weight is not None and open_round:
+            try:
+                factor = float(weight)
+            except ValueError:
+                raise UserError(f"emphasis weight {weight!r} in {piece.strip()!r} is not a number") from None
+            scale(open_round.pop(), factor)
+        elif piece == ")" and open_round:
+            scale(open_round.pop(), 1.1)
+        elif piece == "]" and open_square:
+            scale(open_square.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(_BREAK.split(piece)):
+                if i:
+                    runs.append(list(_BREAK_MARK))
+                runs.append([part, 1.0])
+    for first in open_round:
+        scale(first, 1.1)
+    for first in open_square:
+        scale(first, 1 / 1.1)
+    merged: list[list] = []
+    for run in runs or [["", 1.0]]:
+        if merged and merged[-1][1] == run[1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [(t, float(w)) for t, w in merged]
+
+
+def _runs(text: str, emphasis: str) -> tuple[list[tuple[str, float]], bool]:
+    """(the runs of text to tokenize, each with its weight; whether a BREAK was dropped)."""
+    check_emphasis_mode(emphasis)
+    if emphasis == "none":
+        return [(text, 1.0)], False
+    runs = parse_emphasis(text)
+    kept = [r for r in runs if r != _BREAK_MARK]
+    if emphasis not in WEIGHTED_MODES:
+        kept = [(t, 1.0) for t, _ in kept]
+    return kept, len(kept) < len(runs)
+
+
+def _weights(weights: list[float], length: int) -> np.ndarray | None:
+    """(length,) float32 weights of [start, *weights, end, padding], or None where every one is 1."""
+    if all(w == 1.0 for w in weights):
+        return None
+    out = np.ones(length, np.float32)
+    out[1:1 + len(weights)] = weights
+    return out
+
+
+def encode_text(tok: ClipTokenizer, text: str, max_length: int, what: str = "prompt", emphasis: str = "none"
+                ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """((L,) ids, (L,) emphasis weights or None, warnings) of a text without concept handling (the
+    negative prompt, a prompt without the concept word). With emphasis "none" the ids are encode_plain's."""
+    runs, _ = _runs(text, emphasis)
+    units = [(i, w) for t, w in runs if t for i in tok.encode(t)[1:-1]]
+    room = max_length - 2
+    warn = [f"the {what} is {len(units)} tokens, over the text encoder's {room}: "
+            f"the last {len(units) - room} were cut off"] if len(units) > room else []
+    units = units[:room]
+    ids = pad([tok.bos_id, *(i for i, _ in units), tok.eos_id], tok, max_length)
+    return ids, _weights([w for _, w in units], max_length), warn
+
+
+def apply_emphasis(z: np.ndarray, weights: np.ndarray, normalize: bool = True) -> np.ndarray:
+    """Contexts (rows, L, D) with every position multiplied by its weight (rows, L), each row then scaled
+    back to its mean before weighting where `normalize` (AUTOMATIC1111's "Original" emphasis; its "No norm"
+    without). A row whose weights are all 1 is returned as it was, bit for bit. New float32 array."""
+    z = np.array(z, dtype=np.float32)
+    for r in np.flatnonzero((weights != 1).any(axis=1)):
+        before = z[r].mean(dtype=np.float64)
+        z[r] *= weights[r][:, None]
+        if normalize:
+            after = z[r].mean(dtype=np.float64)
+            z[r] *= np.float32(before / after)
+    return z
+
+
+def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original") -> list[str]:
     """What a prompt written for AUTOMATIC1111 would not get here: UserError for an extra-network tag
-    (<lora:...>: pm-run would otherwise call it a second concept word), a warning for emphasis syntax,
-    which CLIP then reads as words (the image is made from the plain text, brackets and numbers included)."""
+    (<lora:...>: pm-run would otherwise call it a second concept word); warnings for prompt editing and
+    alternation ([a:b:0.5], [a|b]: read as de-emphasised words) and BREAK (A1111 starts a second
+    75-token chunk there; pm-run has one) where emphasis is parsed, and for emphasis syntax, which CLIP
+    then reads as words, with emphasis "none"."""
     m = _EXTRA_NETWORK.search(text)
     if m:
         raise UserError(f"the {what} holds {m.group(0)}: AUTOMATIC1111's LoRA / hypernetwork tags are not applied "
                         "by pm-run (it runs the bundle's networks and concept only): remove it from the prompt")
-    m = _EMPHASIS.search(text)
-    if not m:
-        return []
-    return [f"the {what} uses AUTOMATIC1111's emphasis syntax, \"{m.group(0)}\": pm-run does not weight words: "
-            "the brackets and numbers are read as words too (write the words alone)"]
+    check_emphasis_mode(emphasis)
+    if emphasis == "none":
+        m = _EMPHASIS.search(text)
+        return [f"the {what} uses AUTOMATIC1111's emphasis syntax, \"{m.group(0)}\", which --emphasis none reads "
+                "as words (the brackets and numbers too)"] if m else []
+    said = []
+    m = _PROMPT_EDITING.search(text)
+    if m:
+        said.append(f"the {what} uses AUTOMATIC1111's prompt editing or alternation, \"{m.group(0)}\": pm-run does "
+                    "not switch words during sampling; the text inside the square brackets is read as it stands, "
+                    "weighted 1/1.1")
+    if _runs(text, emphasis)[1]:
+        said.append(f"the {what} uses BREAK: AUTOMATIC1111 starts a second 75-token chunk there; pm-run has one "
+                    "chunk, so the text after BREAK continues in it")
+    return said
 
 
 def concept_words_in(prompt: str) -> list[str]:
@@ -118,27 +256,38 @@ def check_concept_words(prompt: str, concept: ConceptWords | None, concept_name:
 
 
 def encode_prompt(tok: ClipTokenizer, prompt: str, concept: ConceptWords | None, max_length: int = 77,
-                  allow_no_concept: bool = False, concept_name: str | None = None) -> EncodedPrompt:
+                  allow_no_concept: bool = False, concept_name: str | None = None, emphasis: str = "none"
+                  ) -> EncodedPrompt:
     """Both versions of `prompt`. Without a concept (or without its word, when allowed) both
-    versions are the plain prompt."""
-    check_concept_words(prompt, concept, concept_name)
-    if concept is None or concept.word not in prompt:
+    versions are the plain prompt. `emphasis`: one of EMPHASIS_MODES ("none": the text as CLIP reads it)."""
+    runs, _ = _runs(prompt, emphasis)
+    plain = "".join(t for t, _ in runs)  # the prompt without its emphasis syntax
+    check_concept_words(plain, concept, concept_name)
+    if concept is None or not any(concept.word in t for t, _ in runs):
+        if concept is not None and concept.word in plain:
+            raise UserError(f"the concept word {concept.word} is split by emphasis brackets: put the brackets "
+                            f"around the whole word, e.g. ({concept.word}:1.2)")
         if concept is not None and not allow_no_concept:
             raise UserError(f"the prompt does not contain the concept word {concept.word!r} (write it where the "
                             "person should appear, or allow prompts without it)")
-        ids, warn = encode_plain(tok, prompt, max_length)
-        return EncodedPrompt(ids, ids.copy(), np.full(max_length, -1, np.int64), False, tuple(warn))
+        ids, weights, warn = encode_text(tok, prompt, max_length, emphasis=emphasis)
+        return EncodedPrompt(ids, ids.copy(), np.full(max_length, -1, np.int64), False, tuple(warn), weights,
+                             None if weights is None else weights.copy())
     super_id = _super_class_id(tok, concept.super_class)
     K = concept.num_tokens
-    # units: a text token id, or None for one concept occurrence
-    units: list[int | None] = []
-    for i, piece in enumerate(prompt.split(concept.word)):
-        if i:
-            units.append(None)
-        units += tok.encode(piece)[1:-1] if piece else []
+    # units: (a text token id, or None for one concept occurrence; its emphasis weight)
+    units: list[tuple[int | None, float]] = []
+    for text, weight in runs:
+        for i, piece in enumerate(text.split(concept.word)):
+            if i:
+                units.append((None, weight))
+            units += [(u, weight) for u in tok.encode(piece)[1:-1]] if piece else []
+    if sum(u is None for u, _ in units) != plain.count(concept.word):
+        raise UserError(f"the concept word {concept.word} is split by emphasis brackets: put the brackets around "
+                        f"the whole word, e.g. ({concept.word}:1.2)")
     room = max_length - 2
     kept, used = 0, 0
-    for u in units:
+    for u, _ in units:
         width = K if u is None else 1
         if used + width > room:
             break
@@ -146,33 +295,38 @@ def encode_prompt(tok: ClipTokenizer, prompt: str, concept: ConceptWords | None,
         kept += 1
     warnings = []
     if kept < len(units):
-        total = sum(K if u is None else 1 for u in units)
-        dropped_concepts = sum(u is None for u in units[kept:])
+        total = sum(K if u is None else 1 for u, _ in units)
+        dropped_concepts = sum(u is None for u, _ in units[kept:])
         warnings.append(
             f"the prompt is {total} tokens (the concept word counts {K}), over the text encoder's {room}: the end "
             f"was cut off at the same word for the super-class and the concept versions"
             + (f" ({dropped_concepts} occurrence(s) of {concept.word} cut off)" if dropped_concepts else ""))
         units = units[:kept]
-        if None not in units:
+        if all(u is not None for u, _ in units):
             raise UserError(f"the concept word {concept.word} lies beyond the text encoder's {room}-token limit: "
                             "move it earlier in the prompt or shorten the prompt")
     super_ids, concept_ids, slots = [tok.bos_id], [tok.bos_id], [-1]
-    for u in units:
+    super_w, concept_w = [], []
+    for u, w in units:
         if u is None:
             super_ids.append(super_id)
             concept_ids += [super_id] * K
             slots += list(range(K))
+            super_w.append(w)
+            concept_w += [w] * K
         else:
             super_ids.append(u)
             concept_ids.append(u)
             slots.append(-1)
+            super_w.append(w)
+            concept_w.append(w)
     super_ids.append(tok.eos_id)
     concept_ids.append(tok.eos_id)
     slots.append(-1)
     slot_arr = np.full(max_length, -1, np.int64)
     slot_arr[:len(slots)] = slots
     return EncodedPrompt(pad(super_ids, tok, max_length), pad(concept_ids, tok, max_length), slot_arr, True,
-                         tuple(warnings))
+                         tuple(warnings), _weights(super_w, max_length), _weights(concept_w, max_length))
 
 
 def _super_class_id(tok: ClipTokenizer, word: str) -> int:

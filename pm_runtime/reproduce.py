@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .png import SAMPLER_NAMES, parse_parameters, read_parameters
+from .prompt_encoding import EMPHASIS_MODES
 from .stages import LATE_POLICIES
 
 SCHEDULERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
@@ -26,7 +27,10 @@ _SCHEDULE_TYPES = ("Karras", "Exponential")  # A1111 schedule types some pm-run 
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept",
-         "Concept stage", "Late stage", "Batch size"} | _RECORDS
+         "Concept stage", "Late stage", "Batch size", "Emphasis"} | _RECORDS
+EMPHASIS_BY_NAME = {v: k for k, v in EMPHASIS_MODES.items()}
+# pm-run versions that read emphasis syntax as words (and recorded no Emphasis): their images are remade so
+_WORDS_ONLY_VERSIONS = {"personamagic-runtime 0.1.0"}
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,14 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
             raise UserError(f"--settings-from {source}: Late stage {p['Late stage']!r} is not one of "
                             f"{', '.join(LATE_POLICIES)}")
         v["late_stage"] = p["Late stage"]
+    if take("emphasis"):
+        if "Emphasis" in p:
+            if p["Emphasis"] not in EMPHASIS_BY_NAME:
+                raise UserError(f"--settings-from {source}: Emphasis {p['Emphasis']!r} is not one of "
+                                f"{', '.join(EMPHASIS_BY_NAME)}: give --emphasis")
+            v["emphasis"] = EMPHASIS_BY_NAME[p["Emphasis"]]
+        else:  # AUTOMATIC1111's default, or an older pm-run's words
+            v["emphasis"] = "none" if p.get("Version") in _WORDS_ONLY_VERSIONS else "original"
     pos = None
     if take("num_images") and "Batch size" in p:
         size = _int(source, "Batch size", p["Batch size"], lo=1)

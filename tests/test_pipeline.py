@@ -261,6 +261,47 @@ def test_unet_receives_the_planned_context_at_every_step(ort_pipe, calls):
         assert mask[row].sum() == (4 if r.plan[i].is_concept else 0)
 
 
+def test_emphasis_weights_the_contexts_the_unet_receives(ort_pipe, calls):
+    """AUTOMATIC1111's "(word:1.3)": the text encoder reads the prompt without the syntax; every row the
+    UNet receives (both contexts, negative prompt included) is the encoder's row times its tokens' weights,
+    scaled back to the row's mean (A1111's formula, computed here on its own); no-norm without the rescale.
+    Positions: start, a, photo, of, <persona> (face / 4 placeholders), as, a, knight, end."""
+    prompt, negative = "a photo of (<persona>:1.3) as a [knight]", "((ugly))"
+    r = ort_pipe.generate(prompt, negative_prompt=negative, seed=5, steps=3, height=SIDE, width=SIDE)
+    plain = ort_pipe.generate(PROMPT, negative_prompt="ugly", seed=5, steps=3, height=SIDE, width=SIDE,
+                              emphasis="none")
+    (_, te_in, te_out), (_, plain_in, _) = [c for c in calls if c[0] == TEXT_ENCODER]
+    assert np.array_equal(te_in["input_ids"], plain_in["input_ids"])  # the same words
+    unet = [i for name, i, _ in calls if name == UNET][:3]
+    contexts = list(dict.fromkeys(r.plan))
+    for row in range(1 + len(contexts)):
+        concept = row > 0 and contexts[row - 1].is_concept
+        w = np.ones(77, np.float32)
+        if row == 0:
+            w[1] = 1.1 * 1.1  # ugly
+        else:
+            w[4:8 if concept else 5] = 1.3
+            w[10 if concept else 7] = 1 / 1.1
+        for name in ("c_k", "c_v"):
+            z = te_out[name][row]
+            want = z * w[:, None]
+            want = want * (z.mean(dtype=np.float64) / want.mean(dtype=np.float64))
+            fed = [u[name][1 if row else 0] for i, u in enumerate(unet) if row == 0 or r.plan[i] == contexts[row - 1]]
+            assert fed and all(np.allclose(f, want, rtol=1e-5, atol=1e-6) for f in fed), (row, name)
+    assert not np.array_equal(r.images, plain.images) and r.settings.emphasis == "original"
+    # as AUTOMATIC1111 records them: a mode other than its default, where the prompts hold brackets
+    assert "Emphasis" not in r.parameters() and "Emphasis" not in plain.parameters()
+    calls.clear()
+    nn = ort_pipe.generate(prompt, negative_prompt=negative, seed=5, steps=1, height=SIDE, width=SIDE,
+                           emphasis="no-norm")
+    assert ", Emphasis: No norm," in nn.parameters()
+    te_out, fed = calls[0][2], calls[1][1]
+    assert calls[0][0] == TEXT_ENCODER and calls[1][0] == UNET
+    w = np.ones(77, np.float32)
+    w[1] = 1.1 * 1.1
+    assert np.array_equal(fed["c_k"][0], te_out["c_k"][0] * w[:, None])
+
+
 def test_text_encoder_batches_beyond_the_engine_limit(ort_pipe, calls):
     """More contexts than the text encoder's max batch (64): chunked, same values as one by one."""
     from pm_runtime.prompt_encoding import encode_plain, encode_prompt
@@ -417,12 +458,16 @@ def test_bad_arguments(ort_pipe):
         ort_pipe.check_prompt("a knight")
     assert ort_pipe.check_prompt(PROMPT) == [] and ort_pipe.check_prompt("a knight", allow_no_concept=True) == []
     assert "read as plain text" in ort_pipe.check_prompt(PROMPT, negative_prompt="<persona>, blurry")[0]
-    # prompts written for AUTOMATIC1111: a LoRA tag was "two different concept words"; emphasis is read as words
+    # prompts written for AUTOMATIC1111: a LoRA tag was "two different concept words"; emphasis is weighted,
+    # or read as words with emphasis="none"
     with pytest.raises(UserError, match="holds <lora:detail:0.8>: AUTOMATIC1111's LoRA / hypernetwork tags are not"):
         ort_pipe.check_prompt(PROMPT + ", <lora:detail:0.8>")
-    said = ort_pipe.check_prompt(PROMPT + ", (smiling:1.2)", negative_prompt="((blurry)), lowres")
+    assert ort_pipe.check_prompt(PROMPT + ", (smiling:1.2)", negative_prompt="((blurry)), lowres") == []
+    said = ort_pipe.check_prompt(PROMPT + ", (smiling:1.2)", negative_prompt="((blurry)), lowres", emphasis="none")
     assert len(said) == 2 and 'prompt uses AUTOMATIC1111\'s emphasis syntax, "(smiling:1.2)"' in said[0]
     assert said[1].startswith('the negative prompt uses AUTOMATIC1111\'s emphasis syntax, "((blurry))"')
+    with pytest.raises(UserError, match="emphasis must be one of original, no-norm, ignore, none, got 'strong'"):
+        ort_pipe.generate(PROMPT, seed=1, steps=1, height=SIDE, width=SIDE, emphasis="strong")
     with pytest.raises(UserError, match="latents"):
         ort_pipe.generate(PROMPT, latents=np.zeros((1, 3, 32, 32), np.float32), steps=1)
     # the API's own types: a UserError naming the argument, no silent truncation (seed 1.5 ran as 1) or

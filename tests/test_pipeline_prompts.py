@@ -8,7 +8,7 @@ from PIL import Image
 
 from pm_runtime.errors import UserError
 from pm_runtime.png import image_bytes, parameters_text, parse_parameters, png_bytes, read_parameters
-from pm_runtime.prompt_encoding import ConceptWords, encode_plain, encode_prompt
+from pm_runtime.prompt_encoding import ConceptWords, encode_plain, encode_prompt, encode_text
 from pm_runtime.tokenizer import ClipTokenizer
 
 WORDS = ConceptWords("<persona>", "face", 4)
@@ -105,14 +105,107 @@ def test_concept_word_rules(toks):
 def test_a1111_syntax_is_recognised_and_plain_text_is_not():
     from pm_runtime.prompt_encoding import a1111_syntax
 
+    # --emphasis none (pm-run before 0.2): the syntax is read as words, and said so
     for text in ("(smiling:1.2)", "(smiling: -0.5 )", "(word:.5)", "((masterpiece))", "[red]", "[cat:dog:0.5]"):
-        said = a1111_syntax(f"a photo of <persona>, {text}, by the sea")
-        assert len(said) == 1 and f'"{text}"' in said[0], text
+        said = a1111_syntax(f"a photo of <persona>, {text}, by the sea", emphasis="none")
+        assert len(said) == 1 and f'"{text}"' in said[0] and "--emphasis none reads" in said[0], text
+        if "[" not in text:  # weighted by the other modes: nothing to say
+            assert a1111_syntax(f"a photo of <persona>, {text}, by the sea") == [], text
     for text in ("a (1990s) photo", "time 10:30 (morning)", "photo, 35mm, f/1.8", "a <persona> portrait", "(a)"):
-        assert a1111_syntax(text) == [], text
+        assert a1111_syntax(text, emphasis="none") == [], text
+    # what the emphasis modes do not do: prompt editing / alternation, BREAK's second chunk
+    for text in ("[cat:dog:0.5]", "[cat::0.2]", "[cat|dog]"):
+        said = a1111_syntax(f"<persona>, {text}", emphasis="original")
+        assert len(said) == 1 and f'prompt editing or alternation, "{text}"' in said[0], text
+    said = a1111_syntax("<persona> on a beach BREAK sunset", "negative prompt", emphasis="ignore")
+    assert len(said) == 1 and said[0].startswith("the negative prompt uses BREAK: AUTOMATIC1111 starts a second")
+    assert a1111_syntax("<persona> on a beach BREAK sunset", emphasis="none") == []  # a word there, as in A1111
+    assert a1111_syntax("<persona>, a BREAKFAST table") == []
+    with pytest.raises(UserError, match="emphasis weight '1.2.3' in ':1.2.3\\)' is not a number"):
+        a1111_syntax("<persona> (red:1.2.3)")
+    with pytest.raises(UserError, match="emphasis must be one of original, no-norm, ignore, none, got 'Original'"):
+        a1111_syntax("<persona>", emphasis="Original")
     for tag in ("<lora:add_detail:0.7>", "<lyco:x:1>", "<hypernet:h:1>", "<LoRA:y:1>"):
         with pytest.raises(UserError, match="LoRA / hypernetwork tags are not applied"):
             a1111_syntax(f"<persona> {tag}", "negative prompt")
+
+
+def test_emphasis_parses_as_automatic1111_documents_it():
+    """The examples of AUTOMATIC1111's parse_prompt_attention docstring (modules/prompt_parser.py), its
+    weights to the last bit (the same multiplications in the same order), and its BREAK."""
+    from pm_runtime.prompt_encoding import parse_emphasis
+
+    assert parse_emphasis("normal text") == [("normal text", 1.0)]
+    assert parse_emphasis("an (important) word") == [("an ", 1.0), ("important", 1.1), (" word", 1.0)]
+    assert parse_emphasis("(unbalanced") == [("unbalanced", 1.1)]
+    assert parse_emphasis("\\(literal\\]") == [("(literal]", 1.0)]
+    assert parse_emphasis("(unnecessary)(parens)") == [("unnecessaryparens", 1.1)]
+    assert parse_emphasis("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).") == [
+        ("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+        (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]
+    assert parse_emphasis("(x: 1.5 ) [y] 10:30 z)") == [("x", 1.5), (" ", 1.0), ("y", 1 / 1.1), (" 10:30 z)", 1.0)]
+    assert parse_emphasis("a BREAK b") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]
+    assert parse_emphasis("") == [("", 1.0)]
+
+
+def test_emphasis_weights_every_position_of_both_versions(toks):
+    ours, _ = toks
+    plain = encode_prompt(ours, "a photo of <persona> as a knight, smiling", WORDS)
+    enc = encode_prompt(ours, "a photo of (<persona>:1.3) as a [knight], (smiling)", WORDS, emphasis="original")
+    # the same words (CLIP's BPE splits at spaces and punctuation anyway), the syntax gone
+    assert np.array_equal(enc.super_ids, plain.super_ids) and np.array_equal(enc.concept_ids, plain.concept_ids)
+    assert np.array_equal(enc.slots, plain.slots) and plain.super_weights is None
+    n = len(body(plain.super_ids, ours))  # a photo of face as a knight , smiling
+    want_super = np.ones(77, np.float32)
+    want_super[4], want_super[7], want_super[9] = 1.3, 1 / 1.1, 1.1  # face, knight, smiling
+    assert n == 9 and np.array_equal(enc.super_weights, want_super)
+    want_concept = np.ones(77, np.float32)
+    want_concept[4:8], want_concept[10], want_concept[12] = 1.3, 1 / 1.1, 1.1  # the K placeholders too
+    assert np.array_equal(enc.concept_weights, want_concept)
+    for mode in ("ignore", "none"):  # no weights; "ignore" drops the syntax, "none" reads it
+        e = encode_prompt(ours, "a photo of (<persona>:1.3) as a knight", WORDS, emphasis=mode)
+        assert e.super_weights is None and e.concept_weights is None
+        same_words = e.super_ids.tolist() == encode_prompt(ours, "a photo of <persona> as a knight", WORDS).super_ids.tolist()
+        assert same_words == (mode == "ignore")
+    # a prompt without the syntax: the ids of "none", no weights (the image of pm-run 0.1)
+    e = encode_prompt(ours, "a photo of <persona> as a knight, smiling", WORDS, emphasis="original")
+    assert np.array_equal(e.concept_ids, plain.concept_ids) and e.concept_weights is None
+    with pytest.raises(UserError, match="the concept word <persona> is split by emphasis brackets"):
+        encode_prompt(ours, "a photo of <per(sona>)", WORDS, emphasis="original")
+    with pytest.raises(UserError, match="does not contain the concept word"):
+        encode_prompt(ours, "a photo of (a face:1.2)", WORDS, emphasis="original")
+    # the negative prompt and prompts without a concept: encode_text
+    ids, w, warn = encode_text(ours, "((ugly)), [blurry]", 77, "negative prompt", "original")
+    assert ids.tolist() == encode_plain(ours, "ugly, blurry", 77)[0].tolist() and not warn
+    assert w[:5].tolist() == [1.0, np.float32(1.21), 1.0, np.float32(1 / 1.1), 1.0] and (w[5:] == 1).all()
+    ids, w, warn = encode_text(ours, "(" + "photo " * 100, 77, "negative prompt", "no-norm")
+    assert w[1:76].tolist() == [np.float32(1.1)] * 75 and w[76] == 1 and "the last 25 were cut off" in warn[0]
+
+
+def test_apply_emphasis_is_automatic1111s_formula():
+    import torch
+
+    from pm_runtime.backends.torch import DeviceArray
+    from pm_runtime.prompt_encoding import apply_emphasis
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0.3, 1.0, (3, 77, 16)).astype(np.float32)
+    w = np.ones((3, 77), np.float32)
+    w[1, 2:5], w[2, 7] = 1.3, 0.5
+    out = apply_emphasis(z, w)
+    assert np.array_equal(out[0], z[0])  # no weights: bit for bit
+    for r in (1, 2):  # "Original": z * w, scaled back to the row's mean before
+        want = z[r] * w[r][:, None]
+        want = want * (z[r].mean() / want.mean())
+        assert np.allclose(out[r], want, rtol=1e-6, atol=1e-6) and np.isclose(out[r].mean(), z[r].mean(), rtol=1e-5)
+    no_norm = apply_emphasis(z, w, normalize=False)
+    assert np.array_equal(no_norm, z * w[:, :, None])
+    # the torch backends weigh their device arrays in place, with the same values
+    dev = DeviceArray(torch.from_numpy(z.copy()))
+    for normalize, want in ((True, out), (False, no_norm)):
+        got = np.asarray(dev.emphasised(w, normalize))
+        assert np.allclose(got, want, rtol=1e-6, atol=1e-6) and np.array_equal(got[0], z[0])
+    assert np.array_equal(np.asarray(dev), z)  # the input is left as it was
 
 
 def test_png_parameters_round_trip():

@@ -481,7 +481,7 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
     s = parse(text, tmp_path / "x.png")
     assert s.values == {"prompt": "a <persona> portrait", "negative_prompt": "blurry", "steps": 30,
                         "scheduler": "euler-a", "guidance": 7.0, "seed": 5, "width": 512, "height": 768,
-                        "allow_no_concept": True, "num_images": 4}
+                        "allow_no_concept": True, "num_images": 4, "emphasis": "original"}
     assert s.batch_pos == 3 and s.ignored == ("Model hash", "Clip skip")
     assert "512x768" in s.describe()
     s = parse(text, tmp_path / "x.png", given={"seed", "num_images", "negative_prompt", "allow_no_concept"})
@@ -510,6 +510,46 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
                             ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has")):
         with pytest.raises(UserError, match=re.escape(needle)):
             parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
+
+
+def test_settings_emphasis(tmp_path):
+    """The Emphasis key as AUTOMATIC1111 writes it (absent: its default, Original); images of pm-run 0.1.0,
+    which read the syntax as words and recorded nothing, are remade that way."""
+    from pm_runtime.reproduce import parse
+
+    base = "a (<persona>:1.2)\nSteps: 3, Sampler: DDIM, Seed: 1"
+    for extra, mode in (("", "original"), (", Emphasis: No norm", "no-norm"), (", Emphasis: Ignore", "ignore"),
+                        (", Emphasis: None", "none"), (", Emphasis: Original", "original"),
+                        (", Version: personamagic-runtime 0.1.0", "none"),
+                        (", Version: personamagic-runtime 0.2.0", "original"),
+                        (", Emphasis: No norm, Version: personamagic-runtime 0.1.0", "no-norm")):
+        s = parse(base + extra, tmp_path / "x")
+        assert s.values["emphasis"] == mode and s.ignored == (), extra
+    assert "emphasis" not in parse(base + ", Emphasis: None", tmp_path / "x", given={"emphasis"}).values
+    with pytest.raises(UserError, match="Emphasis 'Strong' is not one of Original, No norm, Ignore, None: give --emph"):
+        parse(base + ", Emphasis: Strong", tmp_path / "x")
+
+
+def test_emphasis_option_is_recorded_and_remade(run_bundle, tmp_path):
+    made = tmp_path / "made.png"
+    r = pm_run("--engine", run_bundle, "--prompt", "a photo of (<persona>:1.2) as a [knight]", "--concept", "alice",
+               "--emphasis", "no-norm", "--out", made, *FAST)
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert parse_parameters(read_parameters(Image.open(made)))["Emphasis"] == "No norm"
+    again = tmp_path / "again.png"
+    r = pm_run("--engine", run_bundle, "--settings-from", made, "--out", again)
+    assert r.exit_code == 0, r.output
+    assert again.read_bytes() == made.read_bytes()
+    r = pm_run("--engine", run_bundle, "--settings-from", made, "--emphasis", "original", "--out", tmp_path / "o.png")
+    assert r.exit_code == 0, r.output
+    assert "Emphasis" not in parse_parameters(read_parameters(Image.open(tmp_path / "o.png")))
+    assert (tmp_path / "o.png").read_bytes() != made.read_bytes()
+    r = pm_run("--engine", run_bundle, "--prompt", "a photo of (<persona>:1.2)", "--concept", "alice", "--emphasis",
+               "none", "--out", tmp_path / "w.png", *FAST)
+    assert r.exit_code == 0 and "which --emphasis none reads as words" in r.output, r.output
+    assert_one_line_error(pm_run("--engine", run_bundle, "--prompt", "a <persona> (red:1.2.3)", "--concept", "alice",
+                                 "--out", tmp_path / "e.png", *FAST), "emphasis weight '1.2.3' in ':1.2.3)' is not")
+    assert not (tmp_path / "e.png").exists()
 
 
 def test_prompts_file(run_bundle, tmp_path):

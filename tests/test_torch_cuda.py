@@ -276,6 +276,22 @@ def test_backend_matches_onnxruntime(fast_pipe, ort_pipe_here, scheduler):
     assert psnr(fast.images, ref.images) >= 40.0
 
 
+def test_emphasis_weighs_the_contexts_where_they_are(fast_pipe, ort_pipe_here, monkeypatch):
+    """AUTOMATIC1111's emphasis: torch-cuda weighs the text encoder's outputs on its device (DeviceArray,
+    no copy to the host), onnxruntime in numpy; the same image."""
+    from pm_runtime.backends.torch import DeviceArray
+
+    seen = []
+    emphasised = DeviceArray.emphasised
+    monkeypatch.setattr(DeviceArray, "emphasised", lambda self, *a: seen.append(a) or emphasised(self, *a))
+    kw = dict(seed=233, steps=4, height=256, width=256)
+    prompt = "a photo of (<persona>:1.3) as a [knight]"
+    fast, ref = fast_pipe.generate(prompt, **kw), ort_pipe_here.generate(prompt, **kw)
+    assert len(seen) == 2 and all(normalize for _, normalize in seen)  # c_k and c_v, "original"
+    assert psnr(fast.images, ref.images) >= 40.0
+    assert psnr(ref.images, ort_pipe_here.generate(prompt, emphasis="none", **kw).images) < 40.0  # it weighs
+
+
 def test_kv_step_and_per_context_tables_give_the_same_image(run_bundle, fast_pipe):
     """kv_step (default): two-row K/V buffers, the step's own row computed in the step; kv_step=False:
     a table row per context, filled once per image. Same numbers (fp32 on the CPU)."""

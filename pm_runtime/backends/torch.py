@@ -51,6 +51,21 @@ class DeviceArray:
 
         return bool(torch.isfinite(self.tensor).all())
 
+    def emphasised(self, weights: np.ndarray, normalize: bool = True) -> "DeviceArray":
+        """prompt_encoding.apply_emphasis where the values are: (rows, L, D) times the (rows, L) weights,
+        each weighted row scaled back to its mean before (float32 arithmetic); a new DeviceArray."""
+        import torch
+
+        z = self.tensor.float()  # a copy where the tensor is fp16, else the same tensor: written below only
+        w = torch.as_tensor(weights, dtype=torch.float32, device=z.device)  # via the new tensors
+        changed = (w != 1).any(dim=1)
+        weighted = z * w[:, :, None]
+        if normalize:
+            scale = z.mean(dim=(1, 2), dtype=torch.float64) / weighted.mean(dim=(1, 2), dtype=torch.float64)
+            weighted = weighted * scale.float()[:, None, None]
+        out = torch.where(changed[:, None, None], weighted, z)  # rows without weights: bit for bit
+        return DeviceArray(out.to(self.tensor.dtype))
+
 
 class TorchNetwork:
     def __init__(self, module, input_names, output_names, device, dtype, device_outputs: bool = False,
