@@ -137,14 +137,26 @@ def _check_out(out: Path, force: bool) -> None:
         raise UserError(f"{out} is a non-empty folder that is not a bundle; refusing to replace it even with --force")
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+def _swap_into_place(tmp: Path, out: Path, log: Log | None = None) -> None:
+    """Rename the finished bundle `tmp` to `out`; an existing bundle there is moved aside first and
+    deleted after. The old bundle's edit lock is held across the two renames, so a concept edit
+    (pm-export --bundle, pm-bundle remove-concept) in progress finishes first, and one waiting goes on
+    in the new bundle (manifest_lock)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    from pm_runtime.bundle import manifest_lock
+
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    with manifest_lock(out, log):
         os.replace(out, old / "bundle")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / "bundle", out)  # the old bundle back in its place
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
@@ -216,7 +228,7 @@ def export_bundle(cfg: ExportConfig, log: Log = print) -> Path:
         if cfg.int8 in STATIC_INT8 or cfg.int8_vae:  # calibrated on the complete bundle (still in tmp), swapped in
             write_manifest(tmp, _calibrated_int8(cfg, tmp, model_dir, manifest, specs, log))
         _share(tmp)
-        _swap_into_place(tmp, out)
+        _swap_into_place(tmp, out, log)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -123,20 +123,38 @@ def manifest_lock(root: Path, log=None):
     """Hold the bundle's edit lock (an flock on the bundle folder itself: no lock file) while bundle.json is
     read, changed and rewritten, so that two edits at once (pm-export --bundle adding a concept while
     pm-bundle removes one) cannot lose one another's change, or list a table that was deleted. Waits for
-    the other edit (saying so through `log`). Where flock does not exist (Windows) edits are not locked."""
+    the other edit (saying so through `log`). A full re-export (pm-export --force) takes it too while it
+    swaps a new bundle folder into ROOT's place; an edit that was waiting on the folder swapped out then
+    locks the new one at ROOT (the lock is on a folder, and the name may point to another by the time it
+    is granted). Where flock does not exist (Windows) edits are not locked."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    fd = os.open(root, os.O_RDONLY)
-    try:
+    said = False
+    while True:
+        try:
+            fd = os.open(root, os.O_RDONLY)
+        except FileNotFoundError:
+            raise UserError(f"{root} is gone (removed or replaced while waiting for its edit lock)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if log:
-                log(f"waiting for another edit of {root} (pm-export --bundle or pm-bundle) to finish")
+            if log and not said:
+                log(f"waiting for another edit of {root} (pm-export --bundle, pm-export --force or pm-bundle) "
+                    "to finish")
+                said = True
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            now = os.stat(root)
+        except FileNotFoundError:
+            now = None
+        locked = os.fstat(fd)
+        if now is not None and (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
+            break
+        os.close(fd)  # ROOT names another folder now (swapped in meanwhile): lock that one
+    try:
         yield
     finally:
         os.close(fd)  # releases the lock

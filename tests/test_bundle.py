@@ -293,3 +293,85 @@ def test_hashed_files_are_not_hashed_again_until_they_change(tmp_path, monkeypat
     calls.clear()
     open_bundle(root).component_path(UNET)
     assert {"unet.onnx", "unet.onnx.data", "vocab.json"} <= set(calls)
+
+
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "mark.txt").write_text(text)
+    return path
+
+
+def test_a_full_re_export_waits_for_a_concept_edit_and_a_waiting_edit_follows_the_new_folder(tmp_path):
+    """pm-export --force swaps a new bundle folder into the old one's place under the old one's edit lock:
+    an edit holding the lock finishes first; an edit still waiting when the swap happens is given the new
+    folder's lock, not the dead old folder's (the lock is on a folder; the name moved on)."""
+    import threading
+    import time
+
+    from pm_export.build import _swap_into_place
+    from pm_runtime.bundle import manifest_lock
+
+    out = _folder(tmp_path / "bundle", "old")
+    order = []
+    holding, release = threading.Event(), threading.Event()
+
+    def edit():
+        with manifest_lock(out):
+            holding.set()
+            release.wait(10)
+            order.append("edit done in " + (out / "mark.txt").read_text())
+
+    worker = threading.Thread(target=edit)
+    worker.start()
+    assert holding.wait(10)
+    swap = threading.Thread(target=lambda: (_swap_into_place(_folder(tmp_path / "new", "new"), out),
+                                            order.append("swapped")))
+    swap.start()
+    time.sleep(0.3)
+    assert swap.is_alive() and (out / "mark.txt").read_text() == "old"  # waiting for the edit
+    release.set()
+    worker.join(10)
+    swap.join(10)
+    assert order == ["edit done in old", "swapped"] and (out / "mark.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # the old folder deleted, nothing left
+
+    # an edit that starts waiting on the old folder and is granted the lock after the swap: it holds the
+    # new folder's lock (a third edit of the new folder waits for it)
+    seen, granted = [], threading.Event()
+    new = _folder(tmp_path / "newer", "newer")
+    with manifest_lock(out):
+        def late_edit():
+            with manifest_lock(out):
+                seen.append((out / "mark.txt").read_text())
+                granted.set()
+                time.sleep(0.3)
+                seen.append("late edit done")
+
+        waiter = threading.Thread(target=late_edit)
+        waiter.start()
+        time.sleep(0.2)
+        os.replace(out, tmp_path / "aside")  # the swap, as _swap_into_place does it under this lock
+        os.replace(new, out)
+    assert granted.wait(10) and seen[0] == "newer"
+    with manifest_lock(out):  # waits for the late edit: it locked the folder now at `out`
+        seen.append("third edit")
+    waiter.join(10)
+    assert seen == ["newer", "late edit done", "third edit"]
+
+
+def test_a_swap_that_fails_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    from pm_export import build
+
+    out = _folder(tmp_path / "bundle", "old")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src).name == "new":
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(build.os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        build._swap_into_place(_folder(tmp_path / "new", "new"), out)
+    assert (out / "mark.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "new"]  # (the caller removes its tmp)
