@@ -459,7 +459,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
               help="The sampler: DDIM, Euler, Euler ancestral (euler-a), DPM-Solver++ 2M (dpmpp-2m) and its "
                    "stochastic form (-sde: fresh noise every step, drawn from the seed); the -karras ones step on "
                    "Karras et al.'s noise levels (AUTOMATIC1111's 'DPM++ 2M Karras', 'DPM++ 2M SDE Karras'), "
-                   "-exponential on levels evenly spaced in log sigma ('DPM++ 2M SDE Exponential'). Each "
+                   "-exponential on levels evenly spaced in log sigma ('DPM++ 2M SDE Exponential'), -beta on "
+                   "the Beta(0.6, 0.6) distribution's quantiles (A1111's schedule type 'Beta'). Each "
                    "steps as diffusers' scheduler of that kind does from the model's scheduler config.")
 @click.option("--seed", default=None, type=click.IntRange(0, MAX_SEED), help="[default: random, printed]")
 @click.option("--num-images", default=1, show_default=True, type=int,

@@ -44,7 +44,7 @@ from .backends.base import Backend, DenoiseJob, select_backend
 from .bundle import Bundle, open_bundle, sha256_file
 from .concept_table import ConceptTable, load_table
 from .errors import UserError
-from .png import SAMPLER_NAMES, image_bytes, parameters_text, png_bytes
+from .png import image_bytes, parameters_text, png_bytes, sampler_fields
 from .prompt_encoding import (EMPHASIS_MODES, ConceptWords, EncodedPrompt, a1111_syntax,
                               apply_emphasis, check_emphasis_mode, concept_words_in, encode_prompt, encode_text)
 from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
@@ -108,7 +108,7 @@ class Generation:
 
     def parameters(self, i: int = 0) -> str:
         s = self.settings
-        p = {"Steps": s.steps, "Sampler": SAMPLER_NAMES[s.scheduler], "CFG scale": s.guidance,
+        p = {"Steps": s.steps, **sampler_fields(s.scheduler), "CFG scale": s.guidance,
              "Seed": s.seed if s.seed is not None else "latents given", "Size": f"{s.width}x{s.height}",
              "Model": self.model}
         if self.concept is not None and self.uses_concept:

@@ -27,7 +27,20 @@ import numpy as np
 # reads both)
 SAMPLER_NAMES = {"dpmpp-2m": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler-a": "Euler a",
                  "dpmpp-2m-karras": "DPM++ 2M Karras", "euler-karras": "Euler Karras", "dpmpp-2m-sde": "DPM++ 2M SDE",
-                 "dpmpp-2m-sde-karras": "DPM++ 2M SDE Karras", "dpmpp-2m-sde-exponential": "DPM++ 2M SDE Exponential"}
+                 "dpmpp-2m-sde-karras": "DPM++ 2M SDE Karras", "dpmpp-2m-sde-exponential": "DPM++ 2M SDE Exponential",
+                 "dpmpp-2m-beta": "DPM++ 2M Beta", "euler-beta": "Euler Beta", "dpmpp-2m-sde-beta": "DPM++ 2M SDE Beta"}
+# the schedule types AUTOMATIC1111 (1.9 and later) writes apart from the sampler's name: "Sampler: DPM++ 2M,
+# Schedule type: Beta" (the older ones, Karras and Exponential, also as a suffix of the name, as pm-run writes them)
+SEPARATE_SCHEDULE_TYPES = ("Beta",)
+
+
+def sampler_fields(scheduler: str) -> dict[str, str]:
+    """The Sampler (and Schedule type) parameters of a pm-run scheduler, as AUTOMATIC1111 names it."""
+    name = SAMPLER_NAMES[scheduler]
+    for kind in SEPARATE_SCHEDULE_TYPES:
+        if name.endswith(" " + kind):
+            return {"Sampler": name[:-len(kind) - 1], "Schedule type": kind}
+    return {"Sampler": name}
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param_code
 
 

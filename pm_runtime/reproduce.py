@@ -23,7 +23,7 @@ SCHEDULERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
 # what the "Automatic" schedule type is for a sampler in AUTOMATIC1111 1.9 and later (its sampler table;
 # the others: the model's own discretisation)
 _AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}
-_SCHEDULE_TYPES = ("Karras", "Exponential")  # A1111 schedule types some pm-run scheduler steps on
+_SCHEDULE_TYPES = ("Karras", "Exponential", "Beta")  # A1111 schedule types some pm-run scheduler steps on
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept",
@@ -103,7 +103,8 @@ def _int(path, key, text, lo=0) -> int:
 def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
     """pm-run's scheduler for an A1111 sampler name and schedule type: "DPM++ 2M Karras" (A1111 before 1.9,
     and pm-run) or "DPM++ 2M" with "Schedule type: Karras" (A1111 1.9 and later, where "Automatic" is the
-    sampler's own default: Karras for DPM++ 2M, Exponential for DPM++ 2M SDE)."""
+    sampler's own default: Karras for DPM++ 2M, Exponential for DPM++ 2M SDE); Beta (A1111 1.10) only as a
+    schedule type, as A1111 and pm-run write it."""
     base, kind = sampler, None
     for k in _SCHEDULE_TYPES:
         if sampler.endswith(" " + k):

@@ -117,10 +117,10 @@ def test_onnxruntime_matches_reference_psnr(ort_pipe, reference, calls):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 @pytest.mark.parametrize("scheduler", ["dpmpp-2m", "ddim", "euler", "euler-a", "dpmpp-2m-karras", "euler-karras",
-                                       "dpmpp-2m-sde-karras"])
+                                       "dpmpp-2m-sde-karras", "euler-beta", "dpmpp-2m-sde-beta"])
 def test_each_scheduler_in_the_loop_matches_diffusers(backend, scheduler, ort_pipe, torch_pipe, reference, calls):
     """The pure schedulers in the real loop vs the reference generator, which steps with diffusers'
-    scheduler classes (euler-a, dpmpp-2m-sde-karras: both fed the project's per-step noise)."""
+    scheduler classes (euler-a, the -sde ones: fed the project's per-step noise)."""
     pipe = ort_pipe if backend == "onnxruntime" else torch_pipe
     lat, steps, seed = latents(7), 6, 11
     with project_noise_in_diffusers(seed, steps, lat.shape):

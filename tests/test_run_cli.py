@@ -500,14 +500,18 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
                                ("DPM++ 2M SDE, Schedule type: Karras", "dpmpp-2m-sde-karras"),
                                ("DPM++ 2M SDE Exponential", "dpmpp-2m-sde-exponential"),
                                ("DPM++ 2M SDE, Schedule type: Exponential", "dpmpp-2m-sde-exponential"),
-                               ("DPM++ 2M SDE, Schedule type: Automatic", "dpmpp-2m-sde-exponential")):
+                               ("DPM++ 2M SDE, Schedule type: Automatic", "dpmpp-2m-sde-exponential"),
+                               ("DPM++ 2M, Schedule type: Beta", "dpmpp-2m-beta"), ("Euler, Schedule type: Beta",
+                                                                                   "euler-beta"),
+                               ("DPM++ 2M SDE, Schedule type: Beta", "dpmpp-2m-sde-beta")):
         s = parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
         assert s.values["scheduler"] == scheduler and s.ignored == (), sampler
     for sampler, needle in (("Euler a, Schedule type: Karras", "sampler 'Euler a' with schedule type 'Karras' is not"),
                             ("DPM++ 2M, Schedule type: SGM Uniform", "schedule type 'SGM Uniform' is not one"),
                             ("DPM++ 2M, Schedule type: Exponential",
                              "sampler 'DPM++ 2M' with schedule type 'Exponential' is not one pm-run has"),
-                            ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has")):
+                            ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has"),
+                            ("Euler a, Schedule type: Beta", "sampler 'Euler a' with schedule type 'Beta' is not")):
         with pytest.raises(UserError, match=re.escape(needle)):
             parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
 
@@ -550,6 +554,18 @@ def test_emphasis_option_is_recorded_and_remade(run_bundle, tmp_path):
     assert_one_line_error(pm_run("--engine", run_bundle, "--prompt", "a <persona> (red:1.2.3)", "--concept", "alice",
                                  "--out", tmp_path / "e.png", *FAST), "emphasis weight '1.2.3' in ':1.2.3)' is not")
     assert not (tmp_path / "e.png").exists()
+
+
+def test_beta_schedule_is_recorded_as_automatic1111_writes_it(run_bundle, tmp_path):
+    made = tmp_path / "beta.png"
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--scheduler", "dpmpp-2m-sde-beta",
+               "--out", made, *FAST)
+    assert r.exit_code == 0, r.output
+    p = parse_parameters(read_parameters(Image.open(made)))
+    assert (p["Sampler"], p["Schedule type"]) == ("DPM++ 2M SDE", "Beta")
+    r = pm_run("--engine", run_bundle, "--settings-from", made, "--out", tmp_path / "again.png")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "again.png").read_bytes() == made.read_bytes()
 
 
 def test_prompts_file(run_bundle, tmp_path):

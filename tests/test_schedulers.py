@@ -48,7 +48,7 @@ TOL = 1e-5
 # Karras timesteps that stay fractional (euler-karras) come from the logs of the training sigmas, which
 # torch's float32 sqrt makes differ from the correctly rounded ones by an ulp at a few timesteps (21, 260,
 # 294, ... of SD 1.5's): such a timestep then differs in its last float32 bit
-FRACTIONAL_FROM_SIGMAS = {"euler-karras"}
+FRACTIONAL_FROM_SIGMAS = {"euler-karras", "euler-beta"}
 
 
 def _model(x, t, a):
@@ -76,6 +76,8 @@ def _diffusers_scheduler(name, config, num_steps, float64=True):
 
 def _run_diffusers(name, config, num_steps, latents, a, noise):
     sched = _diffusers_scheduler(name, config, num_steps)
+    if hasattr(sched, "set_begin_index"):  # step by position, as a pipeline starting at step 0 does: looked up
+        sched.set_begin_index(0)  # by value, repeated (truncated Beta) timesteps would run it past its table
     draws = iter(torch.from_numpy(n.astype(np.float64)) for n in noise)
 
     def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
@@ -170,6 +172,12 @@ def test_trajectory_matches_diffusers(name, config_name, num_steps):
     ("euler-karras", {"final_sigmas_type": "sigma_min", "timestep_spacing": "linspace"}, 20),
     ("dpmpp-2m", {"use_karras_sigmas": True}, 20),
     ("euler", {"use_karras_sigmas": True}, 20),
+    # Beta(0.6, 0.6) levels: the same range options; a model config asking for them under another name
+    ("euler-beta", {"sigma_min": 0.1, "sigma_max": 10.0}, 20),
+    ("dpmpp-2m-beta", {"final_sigmas_type": "sigma_min"}, 7),
+    ("dpmpp-2m-sde-beta", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 25),
+    ("dpmpp-2m-karras", {"use_beta_sigmas": True}, 20),
+    ("euler", {"use_beta_sigmas": True}, 20),
 ])
 def test_trajectory_options(name, extra, num_steps):
     _check_trajectory(name, {**SD15, **extra}, num_steps)
@@ -288,13 +296,17 @@ def test_dpm_sde_needs_noise_and_uses_it():
 
 def test_registry():
     assert S.SCHEDULERS == ("ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "euler-karras",
-                            "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "dpmpp-2m-sde-exponential")
+                            "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "dpmpp-2m-sde-exponential", "dpmpp-2m-beta",
+                            "euler-beta", "dpmpp-2m-sde-beta")
     with pytest.raises(ValueError, match="ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, euler-karras, dpmpp-2m-sde"):
         S.make_tables("pndm", SD15, 20)
-    with pytest.raises(ValueError, match="use_beta_sigmas"):
-        S.make_tables("dpmpp-2m-karras", {**SD15, "use_beta_sigmas": True}, 20)
-    with pytest.raises(ValueError, match="exclude each other"):  # as diffusers refuses the pair
-        dpm_solver.make_tables({**SD15, "use_karras_sigmas": True, "use_exponential_sigmas": True}, 20)
+    with pytest.raises(ValueError, match="use_lu_lambdas"):
+        S.make_tables("dpmpp-2m-karras", {**SD15, "use_lu_lambdas": True}, 20)
+    for pair in (("use_karras_sigmas", "use_exponential_sigmas"), ("use_exponential_sigmas", "use_beta_sigmas")):
+        with pytest.raises(ValueError, match="exclude each other"):  # as diffusers refuses the pair
+            dpm_solver.make_tables({**SD15, **dict.fromkeys(pair, True)}, 20)
+    with pytest.raises(ValueError, match="exclude each other"):
+        euler.make_tables({**SD15, "use_karras_sigmas": True, "use_beta_sigmas": True}, 20)
     # a model config asking for exponential levels under a Karras name (or the plain one) gets the name's
     assert S.make_tables("dpmpp-2m-karras", {**SD15, "use_exponential_sigmas": True}, 20).sigmas[1] == \
         S.make_tables("dpmpp-2m-karras", SD15, 20).sigmas[1]
@@ -311,11 +323,28 @@ def test_registry():
     # the name decides the noise levels, whatever the model's config says (or lists as left at its default)
     listed = {**SD15, "use_karras_sigmas": False, "_use_default_values": ["use_karras_sigmas"]}
     for config in (listed, {**SD15, "use_karras_sigmas": True}):
-        for name, base in (("dpmpp-2m-karras", "dpmpp-2m"), ("euler-karras", "euler")):
+        for name, base in (("dpmpp-2m-karras", "dpmpp-2m"), ("euler-karras", "euler"), ("euler-beta", "euler"),
+                           ("dpmpp-2m-beta", "dpmpp-2m")):
             karras, plain = S.make_tables(name, config, 10), S.make_tables(base, config, 10)
             np.testing.assert_array_equal(karras.sigmas, S.make_tables(name, SD15, 10).sigmas)
             np.testing.assert_array_equal(plain.sigmas, S.make_tables(base, SD15, 10).sigmas)
             assert karras.name == base and not np.array_equal(karras.sigmas, plain.sigmas)
+
+
+def test_beta_quantiles_equal_scipys():
+    """The Beta levels' quantile function (no scipy at run time) against scipy.stats.beta.ppf, which
+    diffusers' and AUTOMATIC1111's beta schedules call."""
+    from scipy import stats
+
+    from pm_runtime.schedulers.common import beta_cdf, beta_ppf, beta_sigmas
+
+    for a, b in ((0.6, 0.6), (0.5, 2.0), (2.0, 0.7), (1.0, 1.0)):
+        for p in np.linspace(0, 1, 201):
+            assert abs(beta_ppf(float(p), a, b) - stats.beta.ppf(p, a, b)) <= 4e-15, (a, b, p)
+        for x in (1e-9, 0.01, 0.3, 0.5, 0.77, 0.999):
+            assert abs(beta_cdf(x, a, b) - stats.beta.cdf(x, a, b)) <= 1e-14, (a, b, x)
+    levels = beta_sigmas(0.03, 14.6, 12)
+    assert levels[0] == 14.6 and levels[-1] == 0.03 and (np.diff(levels) < 0).all()
 
 
 def test_float32_in_float32_out_and_float64_stays_float64():

@@ -41,12 +41,12 @@ class Scheduler:
         return out
 
 
-def _karras(fixed: bool) -> dict[str, Any]:
-    return {"use_karras_sigmas": fixed}
+def _levels(karras: bool = False, beta: bool = False) -> dict[str, Any]:
+    return {"use_karras_sigmas": karras, "use_beta_sigmas": beta}
 
 
-def _dpm(karras: bool, sde: bool, exponential: bool = False) -> dict[str, Any]:
-    return {**_karras(karras), "use_exponential_sigmas": exponential,
+def _dpm(karras: bool, sde: bool, exponential: bool = False, beta: bool = False) -> dict[str, Any]:
+    return {**_levels(karras, beta), "use_exponential_sigmas": exponential,
             "algorithm_type": "sde-dpmsolver++" if sde else "dpmsolver++"}
 
 
@@ -54,7 +54,7 @@ _REGISTRY = {
     s.name: s
     for s in (
         Scheduler(ddim.NAME, ddim.make_tables, ddim.step, False, "DDIMScheduler"),
-        Scheduler(euler.NAME, euler.make_tables, euler.step, False, "EulerDiscreteScheduler", _karras(False)),
+        Scheduler(euler.NAME, euler.make_tables, euler.step, False, "EulerDiscreteScheduler", _levels()),
         Scheduler(euler_ancestral.NAME, euler_ancestral.make_tables, euler_ancestral.step, True,
                   "EulerAncestralDiscreteScheduler"),
         Scheduler(dpm_solver.NAME, dpm_solver.make_tables, dpm_solver.step, False,
@@ -64,7 +64,7 @@ _REGISTRY = {
         # a device-side update dispatch on
         Scheduler("dpmpp-2m-karras", dpm_solver.make_tables, dpm_solver.step, False,
                   "DPMSolverMultistepScheduler", _dpm(karras=True, sde=False)),
-        Scheduler("euler-karras", euler.make_tables, euler.step, False, "EulerDiscreteScheduler", _karras(True)),
+        Scheduler("euler-karras", euler.make_tables, euler.step, False, "EulerDiscreteScheduler", _levels(karras=True)),
         Scheduler("dpmpp-2m-sde", dpm_solver.make_tables, dpm_solver.step, True,
                   "DPMSolverMultistepScheduler", _dpm(karras=False, sde=True)),
         Scheduler("dpmpp-2m-sde-karras", dpm_solver.make_tables, dpm_solver.step, True,
@@ -73,6 +73,12 @@ _REGISTRY = {
         # schedule for DPM++ 2M SDE since 1.9
         Scheduler("dpmpp-2m-sde-exponential", dpm_solver.make_tables, dpm_solver.step, True,
                   "DPMSolverMultistepScheduler", _dpm(karras=False, sde=True, exponential=True)),
+        # noise levels at the Beta(0.6, 0.6) quantiles (Lee et al. 2024): AUTOMATIC1111's "Beta" schedule type
+        Scheduler("dpmpp-2m-beta", dpm_solver.make_tables, dpm_solver.step, False,
+                  "DPMSolverMultistepScheduler", _dpm(karras=False, sde=False, beta=True)),
+        Scheduler("euler-beta", euler.make_tables, euler.step, False, "EulerDiscreteScheduler", _levels(beta=True)),
+        Scheduler("dpmpp-2m-sde-beta", dpm_solver.make_tables, dpm_solver.step, True,
+                  "DPMSolverMultistepScheduler", _dpm(karras=False, sde=True, beta=True)),
     )
 }
 SCHEDULERS: tuple[str, ...] = tuple(_REGISTRY)

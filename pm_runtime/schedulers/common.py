@@ -166,6 +166,64 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
 
 
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz; converges for
+    x < (a + 1) / (a + b + 2))."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-16:
+            break
+    return h
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b): the Beta(a, b) distribution's CDF."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def beta_ppf(p: float, a: float, b: float) -> float:
+    """The Beta(a, b) distribution's quantile function (scipy.stats.beta.ppf) by bisection of beta_cdf,
+    to the last bit of float64 (no scipy at run time)."""
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    while True:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            return mid
+        if beta_cdf(mid, a, b) < p:
+            lo = mid
+        else:
+            hi = mid
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6, beta: float = 0.6
+                ) -> np.ndarray:
+    """(num_steps,) float64 noise levels from sigma_max down to sigma_min at the Beta(alpha, beta) quantiles
+    of evenly spaced probabilities (Lee et al. 2024, "Beta Sampling is All You Need"), as diffusers'
+    _convert_to_beta and AUTOMATIC1111's "Beta" schedule type compute them (both with alpha = beta = 0.6)."""
+    q = [beta_ppf(float(t), alpha, beta) for t in 1.0 - np.linspace(0, 1, num_steps)]
+    return np.array([sigma_min + x * (sigma_max - sigma_min) for x in q])
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """float64 training timesteps of `sigmas`: linear interpolation of log sigma between the two
     neighbouring training timesteps (`log_sigmas` float32, index = training timestep), as diffusers'

@@ -14,7 +14,8 @@ With use_karras_sigmas (scheduler "dpmpp-2m-karras") the noise levels are Karras
 from the largest to the smallest training sigma) and each step's timestep is the training timestep of
 its sigma, rounded (truncated for squaredcos_cap_v2), as diffusers sets them; with
 use_exponential_sigmas ("dpmpp-2m-sde-exponential") they are evenly spaced in log sigma over the same
-range, their timesteps truncated.
+range, with use_beta_sigmas ("dpmpp-2m-beta", "dpmpp-2m-sde-beta") placed at the Beta(0.6, 0.6)
+distribution's quantiles of evenly spaced probabilities over it, their timesteps truncated.
 diffusers subtleties kept: its own spacings (n+1 points, the last dropped; "leading" uses
 last_timestep // (n+1)), lambda_min_clipped, the first step is first order (no history), and the
 last step is first order when final_sigmas_type is "zero" (always, by default), euler_at_final,
@@ -30,8 +31,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .common import (BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, check_supported, exponential_sigmas, frozen,
-                     karras_sigmas, resolve_config, sigma_to_t, sigmas_f32)
+from .common import (BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, beta_sigmas, check_supported,
+                     exponential_sigmas, frozen, karras_sigmas, resolve_config, sigma_to_t, sigmas_f32)
 
 NAME = "dpmpp-2m"
 
@@ -71,7 +72,8 @@ SUPPORTED = {
     "final_sigmas_type": ("zero", "sigma_min"),
     "use_karras_sigmas": (False, True),
     "use_exponential_sigmas": (False, True),
-    **{key: (False,) for key in ("use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")},
+    "use_beta_sigmas": (False, True),
+    **{key: (False,) for key in ("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")},
 }
 
 
@@ -120,8 +122,9 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
         raise ValueError("scheduler 'dpmpp-2m': algorithm_type 'deis' needs final_sigmas_type 'sigma_min'")
     cfg = {k: _ALIASES[k].get(v, v) if k in _ALIASES else v for k, v in cfg.items()}
     check_supported(NAME, cfg, SUPPORTED)
-    if cfg["use_karras_sigmas"] and cfg["use_exponential_sigmas"]:  # diffusers refuses it too
-        raise ValueError("scheduler 'dpmpp-2m': use_karras_sigmas and use_exponential_sigmas exclude each other")
+    if sum(bool(cfg[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
+        raise ValueError("scheduler 'dpmpp-2m': use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas "
+                         "exclude each other")  # diffusers refuses it too
     abar32 = alphas_cumprod(cfg, clamp_zero_snr=True)
     sig32 = sigmas_f32(abar32)
     timesteps = _timesteps(cfg, abar32, num_steps)
@@ -132,6 +135,9 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
         timesteps = (t if cfg["beta_schedule"] == "squaredcos_cap_v2" else t.round()).astype(np.int64)
     elif cfg["use_exponential_sigmas"]:  # evenly in log sigma over the same range; timesteps truncated
         levels = exponential_sigmas(float(sig32[0]), float(sig32[-1]), num_steps)
+        timesteps = sigma_to_t(levels, np.log(sig32)).astype(np.int64)
+    elif cfg["use_beta_sigmas"]:  # at Beta(0.6, 0.6) quantiles over the same range; timesteps truncated
+        levels = beta_sigmas(float(sig32[0]), float(sig32[-1]), num_steps)
         timesteps = sigma_to_t(levels, np.log(sig32)).astype(np.int64)
     else:  # the spaced timesteps' sigmas (one past the table is refused below)
         levels = np.interp(timesteps, np.arange(len(sig32)), sig32)

@@ -8,7 +8,8 @@ final_sigmas_type "sigma_min", sigma at t = 0; init_noise_sigma is sigma_max for
 linspace/trailing but sqrt(sigma_max^2 + 1) for "leading". With use_karras_sigmas (scheduler
 "euler-karras") the spaced sigmas are replaced by Karras et al.'s (rho 7) between the first and the
 last of them (or the config's sigma_max / sigma_min), and the timesteps by those sigmas' fractional
-training timesteps, as diffusers sets them.
+training timesteps, as diffusers sets them; with use_beta_sigmas ("euler-beta") the same with the
+levels at the Beta(0.6, 0.6) quantiles (common.beta_sigmas).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .common import (BASE_DEFAULTS, Tables, alphas_cumprod, frozen, karras_sigmas, resolve_config, sigma_to_t,
-                     sigmas_f32, spaced_timesteps)
+from .common import (BASE_DEFAULTS, Tables, alphas_cumprod, beta_sigmas, frozen, karras_sigmas, resolve_config,
+                     sigma_to_t, sigmas_f32, spaced_timesteps)
 
 NAME = "euler"
 
@@ -41,7 +42,7 @@ SUPPORTED = {
     "interpolation_type": ("linear",),
     "use_karras_sigmas": (False, True, None),
     "use_exponential_sigmas": (False, None),
-    "use_beta_sigmas": (False, None),
+    "use_beta_sigmas": (False, True, None),
     "timestep_type": ("discrete",),
     "final_sigmas_type": ("zero", "sigma_min"),
 }
@@ -62,10 +63,12 @@ def sigma_schedule(cfg: Mapping[str, Any], num_steps: int, final: str):
                                  int(cfg["steps_offset"])).astype(np.float32)
     last = sig[0] if final == "sigma_min" else np.float32(0.0)
     levels = np.interp(timesteps, np.arange(len(sig)), sig)
-    if cfg.get("use_karras_sigmas"):
+    if cfg.get("use_karras_sigmas") and cfg.get("use_beta_sigmas"):  # diffusers refuses it too
+        raise ValueError("scheduler 'euler': use_karras_sigmas and use_beta_sigmas exclude each other")
+    if cfg.get("use_karras_sigmas") or cfg.get("use_beta_sigmas"):
         lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
-        levels = karras_sigmas(float(levels[-1]) if lo is None else lo, float(levels[0]) if hi is None else hi,
-                               num_steps)
+        lo, hi = float(levels[-1]) if lo is None else lo, float(levels[0]) if hi is None else hi
+        levels = (karras_sigmas if cfg.get("use_karras_sigmas") else beta_sigmas)(lo, hi, num_steps)
         timesteps = sigma_to_t(levels, np.log(sig)).astype(np.float32)
     sigmas = np.append(levels, last).astype(np.float32)
     sigma_max = float(sigmas.max())

@@ -92,6 +92,8 @@ class Reference:
         sched = make_scheduler(scheduler, base.scheduler_config)
         needs_noise = schedulers.get_scheduler(scheduler).needs_noise  # euler-a, dpmpp-2m-sde: noise per step
         sched.set_timesteps(steps, device=dev)
+        if hasattr(sched, "set_begin_index"):  # step by position: looked up by value, repeated timesteps
+            sched.set_begin_index(0)  # (DPM-Solver++ on truncated Beta levels) would run past the table
         timesteps = sched.timesteps
         if uses_concept:
             lo, hi = self.concept.stage
