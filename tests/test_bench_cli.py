@@ -335,7 +335,7 @@ def test_meta_convolutions_keep_the_cuda_layout(monkeypatch):
     assert len(seen) == 61 and all(seen)
 
 
-def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path, monkeypatch):
+def test_every_gpu_variant_runs_on_the_cpu(cuda_bundle, monkeypatch):
     """gpu_check's variants (gpu_ours.run_ours) wired end to end on the tiny bundle, on the CPU: the
     memory helpers (torch.cuda) are stubbed out, so only the plumbing is checked here (options,
     image comparisons, per-stage records); the figures come from a GPU run."""
@@ -344,10 +344,8 @@ def test_every_gpu_variant_runs_on_the_cpu(tiny_model, trained_concept, tmp_path
 
     import gpu_ours
     import pm_kernels
-    from pm_export.build import ExportConfig, export_bundle
 
-    bundle = export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=tmp_path / "b", target="torch"),
-                           log=lambda m: None)  # one concept, torch weights: what gpu_check's bundle is
+    bundle = cuda_bundle  # one concept, torch weights: what gpu_check's bundle is
     zero = types.SimpleNamespace(cuda=types.SimpleNamespace(
         synchronize=lambda *a: None, memory_allocated=lambda *a: 0, memory_reserved=lambda *a: 0,
         max_memory_allocated=lambda *a: 0, max_memory_reserved=lambda *a: 0, reset_peak_memory_stats=lambda *a: None))
