@@ -103,8 +103,9 @@ def _int(path, key, text, lo=0) -> int:
 def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
     """pm-run's scheduler for an A1111 sampler name and schedule type: "DPM++ 2M Karras" (A1111 before 1.9,
     and pm-run) or "DPM++ 2M" with "Schedule type: Karras" (A1111 1.9 and later, where "Automatic" is the
-    sampler's own default: Karras for DPM++ 2M, Exponential for DPM++ 2M SDE); Beta (A1111 1.10) only as a
-    schedule type, as A1111 and pm-run write it."""
+    sampler's own default: Karras for DPM++ 2M, Exponential for DPM++ 2M SDE; "Uniform" the model's own
+    discretisation, the sampler's plain form here, as a sampler name without a schedule type was before
+    1.9); Beta (A1111 1.10) only as a schedule type, as A1111 and pm-run write it."""
     base, kind = sampler, None
     for k in _SCHEDULE_TYPES:
         if sampler.endswith(" " + k):
@@ -112,12 +113,14 @@ def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
     automatic = schedule == "Automatic"
     if automatic:
         schedule = _AUTOMATIC.get(base)  # None: the sampler's plain form
+    elif schedule == "Uniform":
+        schedule = None
     if schedule is not None:
         if schedule not in _SCHEDULE_TYPES:
             raise UserError(f"--settings-from {source}: schedule type {schedule!r}"
                             + (f" (what 'Automatic' is for {base})" if automatic else "")
-                            + f" is not one pm-run has ({', '.join(_SCHEDULE_TYPES)}, or Automatic where it means "
-                              "one of those or the plain schedule): give --scheduler")
+                            + f" is not one pm-run has ({', '.join(_SCHEDULE_TYPES)}, Uniform, or Automatic where it "
+                              "means one of those or the plain schedule): give --scheduler")
         kind = schedule
     name = SCHEDULERS_BY_NAME.get(f"{base} {kind}" if kind else base)
     if name is None:

@@ -503,7 +503,9 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
                                ("DPM++ 2M SDE, Schedule type: Automatic", "dpmpp-2m-sde-exponential"),
                                ("DPM++ 2M, Schedule type: Beta", "dpmpp-2m-beta"), ("Euler, Schedule type: Beta",
                                                                                    "euler-beta"),
-                               ("DPM++ 2M SDE, Schedule type: Beta", "dpmpp-2m-sde-beta")):
+                               ("DPM++ 2M SDE, Schedule type: Beta", "dpmpp-2m-sde-beta"),
+                               ("DPM++ 2M, Schedule type: Uniform", "dpmpp-2m"), ("Euler a, Schedule type: Uniform",
+                                                                                 "euler-a")):
         s = parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
         assert s.values["scheduler"] == scheduler and s.ignored == (), sampler
     for sampler, needle in (("Euler a, Schedule type: Karras", "sampler 'Euler a' with schedule type 'Karras' is not"),
