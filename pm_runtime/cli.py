@@ -501,7 +501,9 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
               help="AUTOMATIC1111's prompt weighting: '(words)' weighs words 1.1, '[words]' 1/1.1, '(words:1.3)' "
                    "1.3, brackets nest, '\\(' is a literal bracket. original: A1111's default (the text encoder's outputs "
                    "weighted, then scaled back to their mean); no-norm: without that rescaling; ignore: the syntax "
-                   "removed, nothing weighted; none: the brackets and numbers read as words (pm-run before 0.2). "
+                   "removed, nothing weighted; none: the prompt read as plain text, brackets and numbers as words, "
+                   "no prompt editing either (pm-run before 0.2). A1111's prompt editing, '[cat:dog:0.5]' (cat for "
+                   "the first half of the steps, then dog), and alternation, '[cat|dog]', apply in the other modes. "
                    "Images record a mode other than original, as A1111 does.")
 @click.option("--no-safety-checker", "no_safety_checker", is_flag=True,
               help="Do not run the bundle's safety checker (it runs by default when the bundle has one; a flagged "

@@ -47,8 +47,9 @@ from .errors import UserError
 from .png import image_bytes, parameters_text, png_bytes, sampler_fields
 from .prompt_encoding import (EMPHASIS_MODES, ConceptWords, EncodedPrompt, a1111_syntax,
                               apply_emphasis, check_emphasis_mode, concept_words_in, encode_prompt, encode_text)
+from .prompt_schedule import texts_per_step
 from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
-from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, distinct_contexts, stage_plan
+from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, stage_plan
 from .train.templates import NEGATIVE_PROMPT  # a plain string module (no torch)
 
 GENERATOR = "personamagic-runtime"
@@ -176,6 +177,47 @@ def _check_finite(stage: str, *arrays: np.ndarray) -> None:
             bad = int(a.size - np.isfinite(a).sum())
             raise NonFiniteError(f"NaN/inf in the {stage} ({bad} of {a.size} values); no image was produced "
                                  "(an fp16 bundle may overflow: try the fp32 bundle)")
+
+
+class _Prompts:
+    """A prompt's texts and their encodings (pm_runtime.prompt_schedule: one text, or one per stretch of
+    steps with A1111's prompt editing / alternation; emphasis "none" takes the prompt as one text)."""
+
+    def __init__(self, pipe: "Pipeline", prompt: str, allow_no_concept: bool, concept, emphasis: str):
+        self.pipe, self.prompt, self.concept, self.emphasis = pipe, prompt, concept, emphasis
+        self.allow_no_concept = allow_no_concept
+        self.encs: dict[str, EncodedPrompt] = {}
+        self.neg_ids, self.neg_weights, self.warnings = None, None, []
+
+    def encode(self, text: str, strict: bool = False) -> EncodedPrompt:
+        """One text's encoding. A text of a scheduled prompt may lack the concept word (the whole prompt is
+        checked for it: `strict` gives that refusal)."""
+        if text not in self.encs or strict:
+            c = self.concept
+            allow = self.allow_no_concept or (not strict and text != self.prompt)
+            self.encs[text] = encode_prompt(self.pipe.tokenizer, text, c.words if c else None,
+                                            self.pipe.dims.max_length, allow, c.name if c else None, self.emphasis)
+        return self.encs[text]
+
+    def per_step(self, steps: int) -> list[str]:
+        """The text of each sampling step (from 0), each encoded."""
+        if self.emphasis == "none":  # the prompt as plain text: no A1111 syntax at all
+            texts, index = [self.prompt], [0] * steps
+        else:
+            texts, index = texts_per_step(self.prompt, steps)
+        for text in texts:
+            self.encode(text)
+        return [texts[i] for i in index]
+
+    @property
+    def uses_concept(self) -> bool:
+        return any(e.uses_concept for e in self.encs.values())
+
+    def step_keys(self, plan: list[Context]) -> list[tuple[str, Context]]:
+        """(text, context) of each step: the text encoder's row it reads (a text without the concept word
+        reads its super-class version in every stage)."""
+        return [(text, c if self.encs[text].uses_concept else SUPER_CLASS)
+                for text, c in zip(self.per_step(len(plan)), plan)]
 
 
 class Pipeline:
@@ -337,24 +379,30 @@ class Pipeline:
             if not isinstance(text, str):
                 raise UserError(f"{name} must be a string, got {type(text).__name__}")
         return self._encode_prompts(prompt, negative_prompt, _flag("allow_no_concept", allow_no_concept),
-                                    self.concept, emphasis)[3]
+                                    self.concept, emphasis).warnings
 
-    def _encode_prompts(self, prompt, negative_prompt, allow_no_concept, concept, emphasis):
+    def _encode_prompts(self, prompt, negative_prompt, allow_no_concept, concept, emphasis, steps=50
+                        ) -> "_Prompts":
+        """The prompt's texts (one, or one per stretch of steps with A1111's prompt editing / alternation,
+        scheduled over `steps`), each encoded in both versions, and the negative prompt's."""
         check_emphasis_mode(emphasis)
-        syntax = [*a1111_syntax(prompt, "prompt", emphasis),
+        syntax = [*a1111_syntax(prompt, "prompt", emphasis, scheduled=True),
                   *a1111_syntax(negative_prompt, "negative prompt", emphasis)]
         if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
             names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
             raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
+        prompts = _Prompts(self, prompt, allow_no_concept, concept, emphasis)
+        prompts.per_step(steps)  # every text of the schedule encoded (and checked) now
+        if concept is not None and not allow_no_concept and not any(e.uses_concept for e in prompts.encs.values()):
+            prompts.encode(prompt, strict=True)  # no text holds the concept word: the usual refusal
         L = self.dims.max_length
-        enc = encode_prompt(self.tokenizer, prompt, concept.words if concept else None, L, allow_no_concept,
-                            concept.name if concept else None, emphasis)
         neg_ids, neg_weights, neg_warn = encode_text(self.tokenizer, negative_prompt, L, "negative prompt", emphasis)
-        warnings = [*syntax, *enc.warnings, *neg_warn]
+        warnings = [*syntax, *dict.fromkeys(w for e in prompts.encs.values() for w in e.warnings), *neg_warn]
         if concept_words_in(negative_prompt):
             warnings.append(f"the negative prompt's {concept_words_in(negative_prompt)[0]} is read as plain text: "
                             "a concept applies to the prompt only")
-        return enc, neg_ids, neg_weights, warnings
+        prompts.neg_ids, prompts.neg_weights, prompts.warnings = neg_ids, neg_weights, warnings
+        return prompts
 
     def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis) -> Generation:
@@ -373,8 +421,9 @@ class Pipeline:
             raise UserError(f"guidance must be a finite number, got {guidance!r}")
         steps, seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
             ("steps", steps), ("seed", seed), ("height", height), ("width", width), ("num_images", num_images)))
-        enc, neg_ids, neg_weights, warnings = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept,
-                                                                  emphasis)
+        prompts = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept, emphasis,
+                                       min(steps, 1000) if isinstance(steps, int) and steps >= 1 else 1)
+        warnings, uses_concept = prompts.warnings, prompts.uses_concept
         C, f = dims.latent_channels, dims.vae_scale_factor
         if latents is not None:
             latents = np.asarray(latents, dtype=np.float32)
@@ -397,26 +446,29 @@ class Pipeline:
                 latents = pm_noise.initial_latents(seed, (num_images, C, height // f, width // f))
             except ValueError as e:
                 raise UserError(str(e)) from None
-        tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, enc.uses_concept)
+        tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, uses_concept)
         sched = schedulers.get_scheduler(scheduler)
         noise_seed = seed if seed is not None else 0
         settings = Settings(prompt, negative_prompt, steps, float(guidance), scheduler, seed, height, width,
                             num_images, late_stage, stage, allow_no_concept, emphasis)
         timings = {"load_s": 0.0}  # engine creation (first use, or every use in low-memory mode)
 
-        # ---- contexts: one batched text-encoder call (chunked only beyond the engine's max batch)
-        contexts = distinct_contexts(plan)
+        # ---- contexts: one batched text-encoder call (chunked only beyond the engine's max batch); a row
+        # per distinct (text, stage context) of the steps (one text unless the prompt is scheduled)
+        step_keys = prompts.step_keys(plan)
+        keys = list(dict.fromkeys(step_keys))
         t0 = time.perf_counter()
         with self.backend.network(TEXT_ENCODER) as te:
             t1 = time.perf_counter()
-            c_k, c_v = self._encode(te, enc, neg_ids, contexts)  # (1 + len(contexts), L, D) each
-            weights = _row_weights(enc, neg_weights, contexts, self.dims.max_length)
+            encoded = [(prompts.encs[text], context) for text, context in keys]
+            c_k, c_v = self._encode(te, encoded, prompts.neg_ids)  # (1 + len(keys), L, D) each
+            weights = _row_weights(encoded, prompts.neg_weights, self.dims.max_length)
             if weights is not None:  # emphasis: on the device where the contexts are (else numpy)
                 c_k, c_v = (_emphasise(c, weights, emphasis == "original") for c in (c_k, c_v))
             timings["load_s"] += t1 - t0
             timings["text_encoder_s"] = time.perf_counter() - t1
         _check_finite("text encoder output (contexts)", c_k, c_v)
-        row = {c: i + 1 for i, c in enumerate(contexts)}
+        row = {key: i + 1 for i, key in enumerate(keys)}
 
         # ---- denoising: images in groups that fit the UNet's batch (2 rows per image) and the VAE's
         group = max(1, min(self.specs[UNET].axes["batch"].max // 2, self.specs[VAE_DECODER].axes["batch"].max))
@@ -427,7 +479,7 @@ class Pipeline:
         with self.backend.network(UNET) as unet:
             t1 = time.perf_counter()
             timings["load_s"] += t1 - t0
-            rows = np.array([row[c] for c in plan], np.int64)
+            rows = np.array([row[key] for key in step_keys], np.int64)
             for g in groups:
                 def before(i, base=done):
                     if _is_cancelled(cancel):
@@ -471,7 +523,7 @@ class Pipeline:
         nsfw = self._safety_check(images, timings) if self.checker_settings is not None else None
         timings["total_s"] = time.perf_counter() - t_start
         model = str(self.bundle.manifest.get(F.BK_BASE_MODEL, {}).get(F.BM_MODEL_FOLDER, ""))
-        return Generation(images, settings, concept, enc.uses_concept, plan, tables.timesteps, timings,
+        return Generation(images, settings, concept, uses_concept, plan, tables.timesteps, timings,
                           self.backend.describe(), model, warnings, nsfw)
 
     def _safety_check(self, images: np.ndarray, timings: dict) -> list[bool]:
@@ -492,18 +544,19 @@ class Pipeline:
         images[np.array(flags, bool)] = 0
         return flags
 
-    def _encode(self, te, enc: EncodedPrompt, neg_ids: np.ndarray, contexts: list[Context]):
-        """Rows [negative prompt, *contexts] -> (c_k, c_v), each (rows, L, D)."""
+    def _encode(self, te, rows: list[tuple[EncodedPrompt, Context]], neg_ids: np.ndarray):
+        """Rows [negative prompt, *rows] -> (c_k, c_v), each (1 + len(rows), L, D): a row is a prompt's
+        super-class version, or its concept version with the table row of the context's timestep."""
         L, D = self.dims.max_length, self.dims.text_dim
-        n = 1 + len(contexts)
+        n = 1 + len(rows)
         ids = np.empty((n, L), np.int64)
         embeds, bypass = np.zeros((n, L, D), np.float32), np.zeros((n, L, D), np.float32)
         mask = np.zeros((n, L), bool)
         ids[0] = neg_ids
-        m, slots = enc.mask, enc.slots[enc.mask]
-        for r, c in enumerate(contexts, start=1):
-            if c.is_concept:
+        for r, (enc, c) in enumerate(rows, start=1):
+            if c.is_concept and enc.uses_concept:
                 E, B = self.concept.table.row(c.t)  # (K, D) each
+                m, slots = enc.mask, enc.slots[enc.mask]
                 ids[r], mask[r] = enc.concept_ids, m
                 embeds[r, m], bypass[r, m] = E[slots], B[slots]
             else:
@@ -528,17 +581,17 @@ class Pipeline:
         self.close()
 
 
-def _row_weights(enc: EncodedPrompt, neg_weights: np.ndarray | None, contexts: list[Context], length: int
+def _row_weights(rows: list[tuple[EncodedPrompt, Context]], neg_weights: np.ndarray | None, length: int
                  ) -> np.ndarray | None:
-    """(1 + len(contexts), L) emphasis weights of the text encoder's rows [negative prompt, *contexts] (a
-    concept context weighs the concept version's positions, the others the super-class version's), or
+    """(1 + len(rows), L) emphasis weights of the text encoder's rows [negative prompt, *rows] (a concept
+    context weighs its prompt's concept version's positions, the others the super-class version's), or
     None where every weight is 1."""
-    if neg_weights is None and enc.super_weights is None and enc.concept_weights is None:
+    if neg_weights is None and all(e.super_weights is None and e.concept_weights is None for e, _ in rows):
         return None
     ones = np.ones(length, np.float32)
     pick = lambda w: ones if w is None else w  # noqa: E731
-    return np.stack([pick(neg_weights), *(pick(enc.concept_weights if c.is_concept else enc.super_weights)
-                                          for c in contexts)])
+    return np.stack([pick(neg_weights), *(pick(e.concept_weights if c.is_concept and e.uses_concept
+                                                else e.super_weights) for e, c in rows)])
 
 
 def _emphasise(contexts, weights: np.ndarray, normalize: bool):

@@ -200,12 +200,12 @@ def apply_emphasis(z: np.ndarray, weights: np.ndarray, normalize: bool = True) -
     return z
 
 
-def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original") -> list[str]:
+def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original", scheduled: bool = False) -> list[str]:
     """What a prompt written for AUTOMATIC1111 would not get here: UserError for an extra-network tag
     (<lora:...>: pm-run would otherwise call it a second concept word); warnings for prompt editing and
-    alternation ([a:b:0.5], [a|b]: read as de-emphasised words) and BREAK (A1111 starts a second
-    75-token chunk there; pm-run has one) where emphasis is parsed, and for emphasis syntax, which CLIP
-    then reads as words, with emphasis "none"."""
+    alternation ([a:b:0.5], [a|b]) where they are not `scheduled` (the negative prompt: read as
+    de-emphasised words) and BREAK (A1111 starts a second 75-token chunk there; pm-run has one) where
+    emphasis is parsed, and for emphasis syntax, which CLIP then reads as words, with emphasis "none"."""
     m = _EXTRA_NETWORK.search(text)
     if m:
         raise UserError(f"the {what} holds {m.group(0)}: AUTOMATIC1111's LoRA / hypernetwork tags are not applied "
@@ -216,11 +216,11 @@ def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original") ->
         return [f"the {what} uses AUTOMATIC1111's emphasis syntax, \"{m.group(0)}\", which --emphasis none reads "
                 "as words (the brackets and numbers too)"] if m else []
     said = []
-    m = _PROMPT_EDITING.search(text)
+    m = None if scheduled else _PROMPT_EDITING.search(text)
     if m:
-        said.append(f"the {what} uses AUTOMATIC1111's prompt editing or alternation, \"{m.group(0)}\": pm-run does "
-                    "not switch words during sampling; the text inside the square brackets is read as it stands, "
-                    "weighted 1/1.1")
+        said.append(f"the {what} uses AUTOMATIC1111's prompt editing or alternation, \"{m.group(0)}\": pm-run "
+                    f"switches words during sampling in the prompt only; in the {what} the text inside the square "
+                    "brackets is read as it stands, weighted 1/1.1")
     if _runs(text, emphasis)[1]:
         said.append(f"the {what} uses BREAK: AUTOMATIC1111 starts a second 75-token chunk there; pm-run has one "
                     "chunk, so the text after BREAK continues in it")

@@ -302,6 +302,42 @@ def test_emphasis_weights_the_contexts_the_unet_receives(ort_pipe, calls):
     assert np.array_equal(fed["c_k"][0], te_out["c_k"][0] * w[:, None])
 
 
+def test_prompt_editing_and_alternation_switch_the_text_between_steps(ort_pipe, calls):
+    """A1111's [from:to:when] and [a|b]: at every step the UNet receives the contexts a plain prompt of
+    that step's text gets at the same step (stage context included), on A1111's schedule: sampling step i
+    (from 0) takes the first entry ending at or after i, so alternation over 4 steps reads a, a, b, a."""
+    kw = dict(seed=5, steps=4, height=SIDE, width=SIDE)
+    runs = {}
+    for text in ("a photo of <persona> as a [knight|wizard]", "a photo of <persona> as a knight",
+                 "a photo of <persona> as a wizard", "a photo of [a man:<persona>:0.5] as a knight",
+                 "a photo of a man as a knight"):
+        calls.clear()
+        allow = "<persona>" not in text
+        r = ort_pipe.generate(text, allow_no_concept=allow, **kw)
+        runs[text] = (r, [i for name, i, _ in calls if name == UNET], [c for c in calls if c[0] == TEXT_ENCODER])
+    alt, knight, wizard = (runs[t][1] for t in ("a photo of <persona> as a [knight|wizard]",
+                                                "a photo of <persona> as a knight", "a photo of <persona> as a wizard"))
+    for i, want in enumerate((knight, knight, wizard, knight)):
+        for name in ("c_k", "c_v"):
+            assert np.array_equal(alt[i][name], want[i][name]), (i, name)
+    assert not np.array_equal(knight[2]["c_k"], wizard[2]["c_k"])  # the texts differ where they switch
+    assert len(runs["a photo of <persona> as a [knight|wizard]"][2][0][1]["input_ids"]) == 1 + 4  # distinct rows
+    # [a man:<persona>:0.5]: a man for steps 0-2 (no concept: its super-class version), the concept after
+    edit, man = runs["a photo of [a man:<persona>:0.5] as a knight"][1], runs["a photo of a man as a knight"][1]
+    for i, want in enumerate((man, man, man, knight)):
+        assert np.array_equal(edit[i]["c_k"], want[i]["c_k"]) and np.array_equal(edit[i]["c_v"], want[i]["c_v"]), i
+    assert runs["a photo of [a man:<persona>:0.5] as a knight"][0].uses_concept
+    with pytest.raises(UserError, match="does not contain the concept word"):  # in no text of the schedule
+        ort_pipe.check_prompt("a photo of [a man:a woman:0.5]")
+    assert ort_pipe.check_prompt("a photo of [a man:<persona>:0.5]") == []
+    said = ort_pipe.check_prompt(PROMPT, negative_prompt="[ugly:blurry:0.5]")
+    assert len(said) == 1 and "switches words during sampling in the prompt only" in said[0]
+    calls.clear()  # emphasis "none": the prompt as plain text, brackets and all
+    ort_pipe.generate("a photo of <persona> as a [knight|wizard]", emphasis="none", **kw)
+    te = [c for c in calls if c[0] == TEXT_ENCODER][0]
+    assert len(te[1]["input_ids"]) == 1 + 3  # one text: a super-class and two concept contexts
+
+
 def test_text_encoder_batches_beyond_the_engine_limit(ort_pipe, calls):
     """More contexts than the text encoder's max batch (64): chunked, same values as one by one."""
     from pm_runtime.prompt_encoding import encode_plain, encode_prompt
@@ -311,8 +347,8 @@ def test_text_encoder_batches_beyond_the_engine_limit(ort_pipe, calls):
     neg, _ = encode_plain(p.tokenizer, "ugly", 77)
     contexts = [SUPER_CLASS] + [Context(t) for t in range(400, 470)]
     with p.backend.network(TEXT_ENCODER) as te:
-        c_k, c_v = p._encode(te, enc, neg, contexts)
-        single_k, single_v = p._encode(te, enc, neg, [Context(469)])
+        c_k, c_v = p._encode(te, [(enc, c) for c in contexts], neg)
+        single_k, single_v = p._encode(te, [(enc, Context(469))], neg)
     assert c_k.shape[0] == 72 and [len(i["input_ids"]) for n, i, _ in calls[:2]] == [64, 8]
     assert np.abs(c_k[-1] - single_k[-1]).max() <= 1e-5 and np.abs(c_v[-1] - single_v[-1]).max() <= 1e-5
 
