@@ -189,15 +189,25 @@ class _Prompts:
         self.encs: dict[str, EncodedPrompt] = {}
         self.neg_ids, self.neg_weights, self.warnings = None, None, []
 
-    def encode(self, text: str, strict: bool = False) -> EncodedPrompt:
-        """One text's encoding. A text of a scheduled prompt may lack the concept word (the whole prompt is
-        checked for it: `strict` gives that refusal)."""
-        if text not in self.encs or strict:
+    def encode(self, text: str) -> EncodedPrompt:
+        """One text's encoding. A text of a scheduled prompt may lack the concept word (the schedule as a
+        whole is checked for it: check_concept)."""
+        if text not in self.encs:
             c = self.concept
-            allow = self.allow_no_concept or (not strict and text != self.prompt)
+            allow = self.allow_no_concept or text != self.prompt
             self.encs[text] = encode_prompt(self.pipe.tokenizer, text, c.words if c else None,
                                             self.pipe.dims.max_length, allow, c.name if c else None, self.emphasis)
         return self.encs[text]
+
+    def check_concept(self, steps: int) -> None:
+        """UserError where the concept word is in no text of the schedule (unless allowed)."""
+        c = self.concept
+        if c is None or self.allow_no_concept or self.uses_concept:
+            return
+        encode_prompt(self.pipe.tokenizer, self.prompt, c.words, self.pipe.dims.max_length, False, c.name,
+                      self.emphasis)  # the usual refusal where the prompt lacks the word
+        raise UserError(f"the prompt's editing syntax leaves the concept word {c.words.word} out of every step's text "
+                        f"over {steps} steps")
 
     def per_step(self, steps: int) -> list[str]:
         """The text of each sampling step (from 0), each encoded."""
@@ -393,8 +403,7 @@ class Pipeline:
             raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
         prompts = _Prompts(self, prompt, allow_no_concept, concept, emphasis)
         prompts.per_step(steps)  # every text of the schedule encoded (and checked) now
-        if concept is not None and not allow_no_concept and not any(e.uses_concept for e in prompts.encs.values()):
-            prompts.encode(prompt, strict=True)  # no text holds the concept word: the usual refusal
+        prompts.check_concept(steps)
         L = self.dims.max_length
         neg_ids, neg_weights, neg_warn = encode_text(self.tokenizer, negative_prompt, L, "negative prompt", emphasis)
         warnings = [*syntax, *dict.fromkeys(w for e in prompts.encs.values() for w in e.warnings), *neg_warn]

@@ -330,6 +330,8 @@ def test_prompt_editing_and_alternation_switch_the_text_between_steps(ort_pipe, 
     with pytest.raises(UserError, match="does not contain the concept word"):  # in no text of the schedule
         ort_pipe.check_prompt("a photo of [a man:a woman:0.5]")
     assert ort_pipe.check_prompt("a photo of [a man:<persona>:0.5]") == []
+    with pytest.raises(UserError, match="leaves the concept word <persona> out of every step's text over 50 steps"):
+        ort_pipe.check_prompt("a photo of [<persona>::0]")
     said = ort_pipe.check_prompt(PROMPT, negative_prompt="[ugly:blurry:0.5]")
     assert len(said) == 1 and "switches words during sampling in the prompt only" in said[0]
     calls.clear()  # emphasis "none": the prompt as plain text, brackets and all
