@@ -287,7 +287,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     negative = NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt
     for line, text in prompts:  # every prompt is checked before the first image is made
         try:
-            pipe.check_prompt(text, negative, cfg.allow_no_concept, cfg.emphasis)
+            pipe.check_prompt(text, negative, cfg.allow_no_concept, cfg.emphasis, cfg.steps)
         except UserError as e:
             raise UserError(f"{cfg.prompts_file} line {line}: {e}" if line is not None else str(e)) from None
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(32)

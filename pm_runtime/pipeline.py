@@ -379,17 +379,18 @@ class Pipeline:
                                 f"from {lo} to {hi}")
 
     def check_prompt(self, prompt: str, negative_prompt: str = NEGATIVE_PROMPT, allow_no_concept: bool = False,
-                     emphasis: str = "original") -> list[str]:
+                     emphasis: str = "original", steps: int = 50) -> list[str]:
         """What generate() would say about these prompts with the active concept, without generating:
         UserError where it would refuse them (no concept word, a concept word of another concept, several
         concepts and none chosen, not a string), else its warnings (truncation, a concept word in the
-        negative prompt, emphasis syntax the mode does not take). Cheap (tokenization only): check a list of
-        prompts before generating any."""
+        negative prompt, emphasis syntax the mode does not take), with prompt editing scheduled over `steps`.
+        Cheap (tokenization only): check a list of prompts before generating any."""
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if not isinstance(text, str):
                 raise UserError(f"{name} must be a string, got {type(text).__name__}")
+        steps = _whole("steps", steps)
         return self._encode_prompts(prompt, negative_prompt, _flag("allow_no_concept", allow_no_concept),
-                                    self.concept, emphasis).warnings
+                                    self.concept, emphasis, min(max(steps, 1), 1000)).warnings
 
     def _encode_prompts(self, prompt, negative_prompt, allow_no_concept, concept, emphasis, steps=50
                         ) -> "_Prompts":

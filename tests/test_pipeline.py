@@ -332,6 +332,10 @@ def test_prompt_editing_and_alternation_switch_the_text_between_steps(ort_pipe, 
     assert ort_pipe.check_prompt("a photo of [a man:<persona>:0.5]") == []
     with pytest.raises(UserError, match="leaves the concept word <persona> out of every step's text over 50 steps"):
         ort_pipe.check_prompt("a photo of [<persona>::0]")
+    # scheduled over the steps given: 1% of 50 steps is step 0 (never the concept), of 200 steps step 2
+    with pytest.raises(UserError, match="over 50 steps"):
+        ort_pipe.check_prompt("a photo of [<persona>:a face:0.01]")
+    assert ort_pipe.check_prompt("a photo of [<persona>:a face:0.01]", steps=200) == []
     said = ort_pipe.check_prompt(PROMPT, negative_prompt="[ugly:blurry:0.5]")
     assert len(said) == 1 and "switches words during sampling in the prompt only" in said[0]
     calls.clear()  # emphasis "none": the prompt as plain text, brackets and all
