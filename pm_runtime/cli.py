@@ -329,6 +329,11 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                 raise UserError(where + str(e)) from None
             for w in result.warnings:
                 log(f"warning: {where}{w}")
+            if result.step_texts and k == 0:  # what the prompt editing made of the prompt (the same every job)
+                stretches = result.prompt_schedule()
+                log(f"{where}prompt by step: " + "; ".join(
+                    f"{a}-{b}: {t!r}" if a != b else f"{a}: {t!r}" for (a, b), t in
+                    ((x["steps"], x["text"]) for x in stretches[:8])) + (" ..." if len(stretches) > 8 else ""))
             if cfg.settings_from:
                 for w in _differences(cfg.settings_from, pipe, result):
                     log(f"warning: {w}")

@@ -106,6 +106,20 @@ class Generation:
     model: str
     warnings: list[str] = field(default_factory=list)
     nsfw: list[bool] | None = None  # per image: flagged by the safety checker (its image is black); None: not checked
+    step_texts: list[str] | None = None  # the prompt's text at each step, where prompt editing changes it
+
+    def prompt_schedule(self) -> list[dict] | None:
+        """The stretches of steps with one text each ({"steps": [first, last] from 1, "text": ...}), where
+        prompt editing / alternation changes the prompt between steps; None where it does not."""
+        if not self.step_texts:
+            return None
+        out = []
+        for i, text in enumerate(self.step_texts, start=1):
+            if out and out[-1]["text"] == text:
+                out[-1]["steps"][1] = i
+            else:
+                out.append({"steps": [i, i], "text": text})
+        return out
 
     def parameters(self, i: int = 0) -> str:
         s = self.settings
@@ -160,7 +174,7 @@ class Generation:
     def summary(self) -> dict:
         return {"settings": asdict(self.settings), "concept": self.concept.name if self.concept else None,
                 "uses_concept": self.uses_concept, "backend": self.backend, "timings": self.timings,
-                "warnings": self.warnings, "nsfw": self.nsfw}
+                "warnings": self.warnings, "nsfw": self.nsfw, "prompt_schedule": self.prompt_schedule()}
 
 
 def _is_cancelled(cancel) -> bool:
@@ -533,8 +547,10 @@ class Pipeline:
         nsfw = self._safety_check(images, timings) if self.checker_settings is not None else None
         timings["total_s"] = time.perf_counter() - t_start
         model = str(self.bundle.manifest.get(F.BK_BASE_MODEL, {}).get(F.BM_MODEL_FOLDER, ""))
+        step_texts = [text for text, _ in step_keys]
         return Generation(images, settings, concept, uses_concept, plan, tables.timesteps, timings,
-                          self.backend.describe(), model, warnings, nsfw)
+                          self.backend.describe(), model, warnings, nsfw,
+                          step_texts if len(set(step_texts)) > 1 else None)
 
     def _safety_check(self, images: np.ndarray, timings: dict) -> list[bool]:
         """The bundle's safety checker on the finished images (N, H, W, 3) uint8: flagged ones are

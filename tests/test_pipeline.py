@@ -322,6 +322,12 @@ def test_prompt_editing_and_alternation_switch_the_text_between_steps(ort_pipe, 
             assert np.array_equal(alt[i][name], want[i][name]), (i, name)
     assert not np.array_equal(knight[2]["c_k"], wizard[2]["c_k"])  # the texts differ where they switch
     assert len(runs["a photo of <persona> as a [knight|wizard]"][2][0][1]["input_ids"]) == 1 + 4  # distinct rows
+    r = runs["a photo of <persona> as a [knight|wizard]"][0]
+    assert r.step_texts == ["a photo of <persona> as a " + w for w in ("knight", "knight", "wizard", "knight")]
+    assert r.prompt_schedule() == [{"steps": [1, 2], "text": "a photo of <persona> as a knight"},
+                                   {"steps": [3, 3], "text": "a photo of <persona> as a wizard"},
+                                   {"steps": [4, 4], "text": "a photo of <persona> as a knight"}]
+    assert runs["a photo of <persona> as a knight"][0].step_texts is None
     # [a man:<persona>:0.5]: a man for steps 0-2 (no concept: its super-class version), the concept after
     edit, man = runs["a photo of [a man:<persona>:0.5] as a knight"][1], runs["a photo of a man as a knight"][1]
     for i, want in enumerate((man, man, man, knight)):

@@ -558,6 +558,16 @@ def test_emphasis_option_is_recorded_and_remade(run_bundle, tmp_path):
     assert not (tmp_path / "e.png").exists()
 
 
+def test_prompt_editing_is_said_and_listed(run_bundle, tmp_path):
+    r = pm_run("--engine", run_bundle, "--prompt", "a photo of <persona> as a [knight|wizard]", "--concept", "alice",
+               "--out", tmp_path / "alt.png", "--json", *FAST, "--steps", "3")
+    assert r.exit_code == 0, r.output
+    assert "prompt by step: 1-2: 'a photo of <persona> as a knight'; 3: 'a photo of <persona> as a wizard'" in r.stderr
+    run = json.loads(r.stdout)  # one run: its record at the top level
+    assert [x["steps"] for x in run["prompt_schedule"]] == [[1, 2], [3, 3]]
+    assert run["settings"]["prompt"] == "a photo of <persona> as a [knight|wizard]"  # as written (and in the PNG)
+
+
 def test_beta_schedule_is_recorded_as_automatic1111_writes_it(run_bundle, tmp_path):
     made = tmp_path / "beta.png"
     r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--scheduler", "dpmpp-2m-sde-beta",
