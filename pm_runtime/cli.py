@@ -445,7 +445,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
               help="Bundle folder (or a .onnx / .plan file inside it).")
 @click.option("--prompt", default=None,
               help="The prompt, with the concept word where the person goes (required unless --settings-from "
-                   "or --prompts-file).")
+                   "or --prompts-file). AUTOMATIC1111's emphasis, '(word:1.2)', and prompt editing, "
+                   "'[cat:dog:0.5]', apply (--emphasis).")
 @click.option("--prompts-file", default=None, type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
               metavar="FILE",
               help="Generate every prompt of FILE (- for standard input; UTF-8, one per line; blank lines and lines "
