@@ -19,6 +19,7 @@ tests.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -206,11 +207,10 @@ def texts_per_step(prompt: str, steps: int) -> tuple[list[str], list[int]]:
     """(the distinct texts, in order of first use; for each sampling step from 0, the index of its text)."""
     entries = schedule(prompt, steps)
     texts = list(dict.fromkeys(text for _, text in entries))
-    per_step = []
-    for i in range(steps):
-        end, text = next((e for e in entries if i <= e[0]), entries[-1])
-        per_step.append(texts.index(text))
-    return texts, per_step
+    index = {text: k for k, text in enumerate(texts)}
+    ends = [end for end, _ in entries]
+    last = len(entries) - 1
+    return texts, [index[entries[min(bisect.bisect_left(ends, i), last)][1]] for i in range(steps)]
 
 
 __all__ = ["schedule", "texts_per_step"]
