@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from pm_runtime import formats as F
-from pm_runtime.bundle import editing_bundle, file_entry, sha256_file, write_manifest
+from pm_runtime.bundle import editing_bundle, file_entry, manifest_lock, sha256_file, write_manifest
 from pm_runtime.concept_table import save_table
 from pm_runtime.errors import UserError
 from pm_runtime.interrupts import caused_by_interrupt, noticing_interrupts
@@ -145,8 +145,6 @@ def _swap_into_place(tmp: Path, out: Path, log: Log | None = None) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    from pm_runtime.bundle import manifest_lock
-
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     with manifest_lock(out, log):
         os.replace(out, old / "bundle")

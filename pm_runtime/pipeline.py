@@ -402,15 +402,16 @@ class Pipeline:
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if not isinstance(text, str):
                 raise UserError(f"{name} must be a string, got {type(text).__name__}")
-        steps = _whole("steps", steps)
         return self._encode_prompts(prompt, negative_prompt, _flag("allow_no_concept", allow_no_concept),
-                                    self.concept, emphasis, min(max(steps, 1), 1000)).warnings
+                                    self.concept, emphasis, _whole("steps", steps)).warnings
 
     def _encode_prompts(self, prompt, negative_prompt, allow_no_concept, concept, emphasis, steps=50
                         ) -> "_Prompts":
         """The prompt's texts (one, or one per stretch of steps with A1111's prompt editing / alternation,
-        scheduled over `steps`), each encoded in both versions, and the negative prompt's."""
+        scheduled over `steps`), each encoded in both versions, and the negative prompt's. `steps` may be
+        out of range (None, 0, 10**6: plan() refuses it later): the schedule is taken over 1 to 1000."""
         check_emphasis_mode(emphasis)
+        steps = min(max(steps, 1), 1000) if isinstance(steps, int) else 1
         syntax = [*a1111_syntax(prompt, "prompt", emphasis, scheduled=True),
                   *a1111_syntax(negative_prompt, "negative prompt", emphasis)]
         if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
@@ -445,8 +446,7 @@ class Pipeline:
             raise UserError(f"guidance must be a finite number, got {guidance!r}")
         steps, seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
             ("steps", steps), ("seed", seed), ("height", height), ("width", width), ("num_images", num_images)))
-        prompts = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept, emphasis,
-                                       min(steps, 1000) if isinstance(steps, int) and steps >= 1 else 1)
+        prompts = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept, emphasis, steps)
         warnings, uses_concept = prompts.warnings, prompts.uses_concept
         C, f = dims.latent_channels, dims.vae_scale_factor
         if latents is not None:
@@ -580,7 +580,7 @@ class Pipeline:
         mask = np.zeros((n, L), bool)
         ids[0] = neg_ids
         for r, (enc, c) in enumerate(rows, start=1):
-            if c.is_concept and enc.uses_concept:
+            if c.is_concept:  # (a text without the concept word: its concept version is its plain one)
                 E, B = self.concept.table.row(c.t)  # (K, D) each
                 m, slots = enc.mask, enc.slots[enc.mask]
                 ids[r], mask[r] = enc.concept_ids, m
@@ -616,8 +616,8 @@ def _row_weights(rows: list[tuple[EncodedPrompt, Context]], neg_weights: np.ndar
         return None
     ones = np.ones(length, np.float32)
     pick = lambda w: ones if w is None else w  # noqa: E731
-    return np.stack([pick(neg_weights), *(pick(e.concept_weights if c.is_concept and e.uses_concept
-                                                else e.super_weights) for e, c in rows)])
+    return np.stack([pick(neg_weights), *(pick(e.concept_weights if c.is_concept else e.super_weights)
+                                          for e, c in rows)])
 
 
 def _emphasise(contexts, weights: np.ndarray, normalize: bool):

@@ -88,11 +88,8 @@ def pad(ids: list[int], tok: ClipTokenizer, length: int) -> np.ndarray:
 
 def encode_plain(tok: ClipTokenizer, text: str, max_length: int, what: str = "prompt") -> tuple[np.ndarray, list[str]]:
     """(L,) ids of a prompt without concept handling or emphasis (the text as CLIP reads it)."""
-    ids, cut = tok.encode_with_truncation_info(text, max_length)
-    body = len(tok.encode(text)) - 2
-    warn = [f"the {what} is {body} tokens, over the text encoder's {max_length - 2}: "
-            f"the last {body - (max_length - 2)} were cut off"] if cut else []
-    return pad(ids, tok, max_length), warn
+    ids, _, warn = encode_text(tok, text, max_length, what, emphasis="none")
+    return ids, warn
 
 
 def check_emphasis_mode(emphasis: str) -> None:
@@ -263,10 +260,10 @@ def encode_prompt(tok: ClipTokenizer, prompt: str, concept: ConceptWords | None,
     runs, _ = _runs(prompt, emphasis)
     plain = "".join(t for t, _ in runs)  # the prompt without its emphasis syntax
     check_concept_words(plain, concept, concept_name)
-    if concept is None or not any(concept.word in t for t, _ in runs):
-        if concept is not None and concept.word in plain:
-            raise UserError(f"the concept word {concept.word} is split by emphasis brackets: put the brackets "
-                            f"around the whole word, e.g. ({concept.word}:1.2)")
+    if concept is not None and sum(t.count(concept.word) for t, _ in runs) != plain.count(concept.word):
+        raise UserError(f"the concept word {concept.word} is split by emphasis brackets: put the brackets around "
+                        f"the whole word, e.g. ({concept.word}:1.2)")
+    if concept is None or concept.word not in plain:
         if concept is not None and not allow_no_concept:
             raise UserError(f"the prompt does not contain the concept word {concept.word!r} (write it where the "
                             "person should appear, or allow prompts without it)")
@@ -282,9 +279,6 @@ def encode_prompt(tok: ClipTokenizer, prompt: str, concept: ConceptWords | None,
             if i:
                 units.append((None, weight))
             units += [(u, weight) for u in tok.encode(piece)[1:-1]] if piece else []
-    if sum(u is None for u, _ in units) != plain.count(concept.word):
-        raise UserError(f"the concept word {concept.word} is split by emphasis brackets: put the brackets around "
-                        f"the whole word, e.g. ({concept.word}:1.2)")
     room = max_length - 2
     kept, used = 0, 0
     for u, _ in units:

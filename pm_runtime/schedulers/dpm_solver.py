@@ -133,11 +133,10 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
         t = sigma_to_t(levels, np.log(sig32))
         # diffusers rounds them, except for the cosine schedule, whose float timesteps its int64 cast truncates
         timesteps = (t if cfg["beta_schedule"] == "squaredcos_cap_v2" else t.round()).astype(np.int64)
-    elif cfg["use_exponential_sigmas"]:  # evenly in log sigma over the same range; timesteps truncated
-        levels = exponential_sigmas(float(sig32[0]), float(sig32[-1]), num_steps)
-        timesteps = sigma_to_t(levels, np.log(sig32)).astype(np.int64)
-    elif cfg["use_beta_sigmas"]:  # at Beta(0.6, 0.6) quantiles over the same range; timesteps truncated
-        levels = beta_sigmas(float(sig32[0]), float(sig32[-1]), num_steps)
+    elif cfg["use_exponential_sigmas"] or cfg["use_beta_sigmas"]:  # over the same range; timesteps truncated
+        # evenly in log sigma, or at the Beta(0.6, 0.6) quantiles of evenly spaced probabilities
+        spread = exponential_sigmas if cfg["use_exponential_sigmas"] else beta_sigmas
+        levels = spread(float(sig32[0]), float(sig32[-1]), num_steps)
         timesteps = sigma_to_t(levels, np.log(sig32)).astype(np.int64)
     else:  # the spaced timesteps' sigmas (one past the table is refused below)
         levels = np.interp(timesteps, np.arange(len(sig32)), sig32)
