@@ -48,9 +48,11 @@ def validation_shapes(spec: NetworkSpec) -> list[dict[str, int]]:
         return [{"batch": 1}, {"batch": 3}]
     lat = spec.axes["latent_height"]
     small, other = lat.min, lat.min + lat.multiple_of
-    if spec.name == UNET:
+    if spec.name == UNET:  # the second with a long prompt's context (2 chunks) where the UNet takes one
+        ctx = spec.axes.get("context_length")
         return [{"batch": 2, "latent_height": small, "latent_width": small},
-                {"batch": 1, "latent_height": other, "latent_width": other + lat.multiple_of}]
+                {"batch": 1, "latent_height": other, "latent_width": other + lat.multiple_of,
+                 **({"context_length": 2 * ctx.min} if ctx else {})}]
     if spec.name == VAE_DECODER:
         return [{"batch": 1, "latent_height": small, "latent_width": other}]
     return [{}]

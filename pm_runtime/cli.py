@@ -222,7 +222,9 @@ def _bf16_hint(cfg: RunConfig, pipe) -> str | None:
 
 def _differences(record: dict, pipe, result) -> list[str]:
     """What keeps a --settings-from run from remaking the image's pixels: another concept table, model or
-    backend than the image records."""
+    backend than the image records, a long prompt an older pm-run cut at 75 tokens."""
+    from .reproduce import ONE_CHUNK_VERSIONS
+
     image, out = record["image"], []
     active = pipe.concept if result.uses_concept else None
     if record["concept_hash"] and active is not None and active.sha256[:12] != record["concept_hash"]:
@@ -233,6 +235,9 @@ def _differences(record: dict, pipe, result) -> list[str]:
     if record["backend"] and record["backend"] != result.backend:
         out.append(f"{image} was made with {record['backend']}, this run used {result.backend}: expect small "
                    "differences in the pixels")
+    if record.get("version") in ONE_CHUNK_VERSIONS and result.chunks > 1:
+        out.append(f"{image} was made by {record['version']}, which cut prompts at 75 tokens (BREAK ignored); "
+                   f"this run read {result.chunks} chunks of 75 tokens: the image will differ")
     return out
 
 
@@ -334,6 +339,9 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                 log(f"{where}prompt by step: " + "; ".join(
                     f"{a}-{b}: {t!r}" if a != b else f"{a}: {t!r}" for (a, b), t in
                     ((x["steps"], x["text"]) for x in stretches[:8])) + (" ..." if len(stretches) > 8 else ""))
+            if result.chunks > 1 and k == 0:
+                log(f"{where}long prompt: the prompt and negative prompt read in up to {result.chunks} chunks of "
+                    "75 tokens each, as AUTOMATIC1111 reads them")
             if cfg.settings_from:
                 for w in _differences(cfg.settings_from, pipe, result):
                     log(f"warning: {w}")
@@ -435,7 +443,7 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 
     settings = reproduce.load(image, given)
     record = {"image": str(image), "concept_hash": settings.concept_hash, "model": settings.model,
-              "backend": settings.backend, "describe": settings.describe(),
+              "backend": settings.backend, "describe": settings.describe(), "version": settings.version,
               "concept": settings.values.get("concept")}  # the concept taken from the image, if any
     return dataclasses.replace(cfg, **settings.values, batch_pos=settings.batch_pos, settings_from=record)
 
@@ -446,7 +454,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--prompt", default=None,
               help="The prompt, with the concept word where the person goes (required unless --settings-from "
                    "or --prompts-file). AUTOMATIC1111's emphasis, '(word:1.2)', and prompt editing, "
-                   "'[cat:dog:0.5]', apply (--emphasis).")
+                   "'[cat:dog:0.5]', apply (--emphasis). Longer than CLIP's 75 tokens: read in chunks of 75 as "
+                   "A1111 reads it (BREAK starts a chunk), up to 4 (bundles from pm-export 0.3 on; older: 1).")
 @click.option("--prompts-file", default=None, type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
               metavar="FILE",
               help="Generate every prompt of FILE (- for standard input; UTF-8, one per line; blank lines and lines "

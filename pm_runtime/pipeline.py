@@ -24,6 +24,7 @@ load one Pipeline per thread.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
@@ -46,9 +47,10 @@ from .concept_table import ConceptTable, load_table
 from .errors import UserError
 from .png import image_bytes, parameters_text, png_bytes, sampler_fields
 from .prompt_encoding import (EMPHASIS_MODES, ConceptWords, EncodedPrompt, a1111_syntax,
-                              apply_emphasis, check_emphasis_mode, concept_words_in, encode_prompt, encode_text)
+                              apply_emphasis, check_emphasis_mode, concept_words_in, encode_prompt, encode_text,
+                              pad_chunks)
 from .prompt_schedule import texts_per_step
-from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
+from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, prompt_chunks
 from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, stage_plan
 from .train.templates import NEGATIVE_PROMPT  # a plain string module (no torch)
 
@@ -107,6 +109,7 @@ class Generation:
     warnings: list[str] = field(default_factory=list)
     nsfw: list[bool] | None = None  # per image: flagged by the safety checker (its image is black); None: not checked
     step_texts: list[str] | None = None  # the prompt's text at each step, where prompt editing changes it
+    chunks: int = 1  # the most 75-token chunks a text of this image took (the prompt's, the negative prompt's)
 
     def prompt_schedule(self) -> list[dict] | None:
         """The stretches of steps with one text each ({"steps": [first, last] from 1, "text": ...}), where
@@ -174,7 +177,8 @@ class Generation:
     def summary(self) -> dict:
         return {"settings": asdict(self.settings), "concept": self.concept.name if self.concept else None,
                 "uses_concept": self.uses_concept, "backend": self.backend, "timings": self.timings,
-                "warnings": self.warnings, "nsfw": self.nsfw, "prompt_schedule": self.prompt_schedule()}
+                "warnings": self.warnings, "nsfw": self.nsfw, "prompt_schedule": self.prompt_schedule(),
+                "prompt_chunks": self.chunks}
 
 
 def _is_cancelled(cancel) -> bool:
@@ -210,7 +214,8 @@ class _Prompts:
             c = self.concept
             allow = self.allow_no_concept or text != self.prompt
             self.encs[text] = encode_prompt(self.pipe.tokenizer, text, c.words if c else None,
-                                            self.pipe.dims.max_length, allow, c.name if c else None, self.emphasis)
+                                            self.pipe.dims.max_length, allow, c.name if c else None, self.emphasis,
+                                            self.pipe.max_chunks)
         return self.encs[text]
 
     def check_concept(self, steps: int) -> None:
@@ -219,7 +224,7 @@ class _Prompts:
         if c is None or self.allow_no_concept or self.uses_concept:
             return
         encode_prompt(self.pipe.tokenizer, self.prompt, c.words, self.pipe.dims.max_length, False, c.name,
-                      self.emphasis)  # the usual refusal where the prompt lacks the word
+                      self.emphasis, self.pipe.max_chunks)  # the usual refusal where the prompt lacks the word
         raise UserError(f"the prompt's editing syntax leaves the concept word {c.words.word} out of every step's text "
                         f"over {steps} steps")
 
@@ -237,6 +242,16 @@ class _Prompts:
     def uses_concept(self) -> bool:
         return any(e.uses_concept for e in self.encs.values())
 
+    def rows(self, keys: list[tuple[str, Context]]) -> list[tuple[EncodedPrompt, Context]]:
+        """(encoding, context) of each (text, context): the texts of a schedule padded with empty chunks to
+        the most chunks any of them takes (each version on its own), as AUTOMATIC1111 pads them."""
+        encs = {text: self.encs[text] for text, _ in keys}
+        if len(encs) > 1:
+            L = self.pipe.dims.max_length
+            most = [max(len(getattr(e, v)) for e in encs.values()) // L for v in ("super_ids", "concept_ids")]
+            encs = {t: pad_chunks(e, *most, self.pipe.tokenizer, L) for t, e in encs.items()}
+        return [(encs[text], context) for text, context in keys]
+
     def step_keys(self, plan: list[Context]) -> list[tuple[str, Context]]:
         """(text, context) of each step: the text encoder's row it reads (a text without the concept word
         reads its super-class version in every stage)."""
@@ -253,6 +268,7 @@ class Pipeline:
         self.bundle, self.backend = bundle, backend
         self.tokenizer = ClipTokenizer.from_folder(bundle.tokenizer_dir)
         self.dims = bundle.dims
+        self.max_chunks = prompt_chunks(self.dims.context_chunks)  # a long prompt's chunks of 75 tokens
         self.specs = backend.specs
         self._lock = threading.Lock()
         checker = [c for c in bundle.components if c[F.CK_NETWORK] == SAFETY_CHECKER]
@@ -412,8 +428,8 @@ class Pipeline:
         out of range (None, 0, 10**6: plan() refuses it later): the schedule is taken over 1 to 1000."""
         check_emphasis_mode(emphasis)
         steps = min(max(steps, 1), 1000) if isinstance(steps, int) else 1
-        syntax = [*a1111_syntax(prompt, "prompt", emphasis, scheduled=True),
-                  *a1111_syntax(negative_prompt, "negative prompt", emphasis)]
+        syntax = [*a1111_syntax(prompt, "prompt", emphasis, scheduled=True, max_chunks=self.max_chunks),
+                  *a1111_syntax(negative_prompt, "negative prompt", emphasis, max_chunks=self.max_chunks)]
         if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
             names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
             raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
@@ -421,7 +437,8 @@ class Pipeline:
         prompts.per_step(steps)  # every text of the schedule encoded (and checked) now
         prompts.check_concept(steps)
         L = self.dims.max_length
-        neg_ids, neg_weights, neg_warn = encode_text(self.tokenizer, negative_prompt, L, "negative prompt", emphasis)
+        neg_ids, neg_weights, neg_warn = encode_text(self.tokenizer, negative_prompt, L, "negative prompt", emphasis,
+                                                     self.max_chunks)
         warnings = [*syntax, *dict.fromkeys(w for e in prompts.encs.values() for w in e.warnings), *neg_warn]
         if concept_words_in(negative_prompt):
             warnings.append(f"the negative prompt's {concept_words_in(negative_prompt)[0]} is read as plain text: "
@@ -484,11 +501,14 @@ class Pipeline:
         t0 = time.perf_counter()
         with self.backend.network(TEXT_ENCODER) as te:
             t1 = time.perf_counter()
-            encoded = [(prompts.encs[text], context) for text, context in keys]
-            c_k, c_v = self._encode(te, encoded, prompts.neg_ids)  # (1 + len(keys), L, D) each
-            weights = _row_weights(encoded, prompts.neg_weights, self.dims.max_length)
+            encoded = prompts.rows(keys)
+            c_k, c_v, chunks = self._encode(te, encoded, prompts.neg_ids)  # (chunks, L, D) each
+            weights = _row_weights(encoded, prompts.neg_weights, chunks, self.dims.max_length)
             if weights is not None:  # emphasis: on the device where the contexts are (else numpy)
                 c_k, c_v = (_emphasise(c, weights, emphasis == "original") for c in (c_k, c_v))
+            if max(chunks) > 1:  # a long prompt: each row's chunks one after the other, rows of one length
+                index = _chunk_index(chunks)
+                c_k, c_v = (_regroup(c, index) for c in (c_k, c_v))  # (1 + len(keys), N * L, D) each
             timings["load_s"] += t1 - t0
             timings["text_encoder_s"] = time.perf_counter() - t1
         _check_finite("text encoder output (contexts)", c_k, c_v)
@@ -550,7 +570,7 @@ class Pipeline:
         step_texts = [text for text, _ in step_keys]
         return Generation(images, settings, concept, uses_concept, plan, tables.timesteps, timings,
                           self.backend.describe(), model, warnings, nsfw,
-                          step_texts if len(set(step_texts)) > 1 else None)
+                          step_texts if len(set(step_texts)) > 1 else None, max(chunks))
 
     def _safety_check(self, images: np.ndarray, timings: dict) -> list[bool]:
         """The bundle's safety checker on the finished images (N, H, W, 3) uint8: flagged ones are
@@ -571,29 +591,31 @@ class Pipeline:
         return flags
 
     def _encode(self, te, rows: list[tuple[EncodedPrompt, Context]], neg_ids: np.ndarray):
-        """Rows [negative prompt, *rows] -> (c_k, c_v), each (1 + len(rows), L, D): a row is a prompt's
+        """Rows [negative prompt, *rows] -> (c_k, c_v, chunks): c_k and c_v (sum(chunks), L, D), each row's
+        chunks (prompt_encoding) one after the other, `chunks` the number of each row. A row is a prompt's
         super-class version, or its concept version with the table row of the context's timestep."""
         L, D = self.dims.max_length, self.dims.text_dim
-        n = 1 + len(rows)
-        ids = np.empty((n, L), np.int64)
+        versions = [neg_ids, *(enc.concept_ids if c.is_concept else enc.super_ids for enc, c in rows)]
+        chunks = [len(v) // L for v in versions]
+        ids = np.concatenate(versions).reshape(-1, L)
+        n = len(ids)
         embeds, bypass = np.zeros((n, L, D), np.float32), np.zeros((n, L, D), np.float32)
         mask = np.zeros((n, L), bool)
-        ids[0] = neg_ids
+        start = np.cumsum([0, *chunks])
         for r, (enc, c) in enumerate(rows, start=1):
-            if c.is_concept:  # (a text without the concept word: its concept version is its plain one)
+            if c.is_concept:  # (a text without the concept word reads the super-class context: step_keys)
                 E, B = self.concept.table.row(c.t)  # (K, D) each
-                m, slots = enc.mask, enc.slots[enc.mask]
-                ids[r], mask[r] = enc.concept_ids, m
-                embeds[r, m], bypass[r, m] = E[slots], B[slots]
-            else:
-                ids[r] = enc.super_ids
+                m = enc.mask.reshape(-1, L)
+                where = slice(start[r], start[r + 1])
+                mask[where] = m
+                embeds[where][m], bypass[where][m] = E[enc.slots[enc.mask]], B[enc.slots[enc.mask]]
         batch = self.specs[TEXT_ENCODER].axes["batch"].max
         outs = [te.run({"input_ids": ids[i:i + batch], "concept_embeds": embeds[i:i + batch],
                         "bypass": bypass[i:i + batch], "concept_mask": mask[i:i + batch]})
                 for i in range(0, n, batch)]
         if len(outs) == 1:  # as the network returned them (a backend's device arrays stay on the device)
-            return outs[0]["c_k"], outs[0]["c_v"]
-        return np.concatenate([o["c_k"] for o in outs]), np.concatenate([o["c_v"] for o in outs])
+            return outs[0]["c_k"], outs[0]["c_v"], chunks
+        return np.concatenate([o["c_k"] for o in outs]), np.concatenate([o["c_v"] for o in outs]), chunks
 
     def close(self) -> None:
         """Free the backend's engines (device memory, sessions) now instead of when the Pipeline is
@@ -607,17 +629,32 @@ class Pipeline:
         self.close()
 
 
-def _row_weights(rows: list[tuple[EncodedPrompt, Context]], neg_weights: np.ndarray | None, length: int
-                 ) -> np.ndarray | None:
-    """(1 + len(rows), L) emphasis weights of the text encoder's rows [negative prompt, *rows] (a concept
-    context weighs its prompt's concept version's positions, the others the super-class version's), or
-    None where every weight is 1."""
-    if neg_weights is None and all(e.super_weights is None and e.concept_weights is None for e, _ in rows):
+def _row_weights(rows: list[tuple[EncodedPrompt, Context]], neg_weights: np.ndarray | None, chunks: list[int],
+                 length: int) -> np.ndarray | None:
+    """(sum(chunks), L) emphasis weights of the text encoder's rows (Pipeline._encode: the negative prompt's
+    chunks, then each row's; a concept context weighs its prompt's concept version's positions, the others
+    the super-class version's), or None where every weight is 1."""
+    weights = [neg_weights, *(e.concept_weights if c.is_concept else e.super_weights for e, c in rows)]
+    if all(w is None for w in weights):
         return None
-    ones = np.ones(length, np.float32)
-    pick = lambda w: ones if w is None else w  # noqa: E731
-    return np.stack([pick(neg_weights), *(pick(e.concept_weights if c.is_concept else e.super_weights)
-                                          for e, c in rows)])
+    return np.concatenate([np.ones(n * length, np.float32) if w is None else w
+                           for w, n in zip(weights, chunks)]).reshape(-1, length)
+
+
+def _chunk_index(chunks: list[int]) -> np.ndarray:
+    """(rows, N) text-encoder row of each chunk of each context row, N the least common multiple of the rows'
+    chunk counts: a row of c chunks reads them N / c times over (prompt_encoding: the same attention)."""
+    N = math.lcm(*chunks)
+    start = np.cumsum([0, *chunks])
+    return np.array([[start[r] + j % c for j in range(N)] for r, c in enumerate(chunks)], np.int64)
+
+
+def _regroup(contexts, index: np.ndarray):
+    """Contexts (chunks, L, D) -> (rows, N * L, D) by `index` (rows, N): a device array on its device."""
+    if hasattr(contexts, "regrouped"):
+        return contexts.regrouped(index)
+    c = np.asarray(contexts)
+    return c[index].reshape(len(index), -1, c.shape[-1])
 
 
 def _emphasise(contexts, weights: np.ndarray, normalize: bool):

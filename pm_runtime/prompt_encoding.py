@@ -13,9 +13,13 @@ transformers' tokenization of the replaced prompts; glued to letters ("x<persona
 still one concept, where a whole-string tokenization would merge the super-class word into
 the neighbouring letters.
 
-Truncation (CLIP: 77 positions, start and end tokens included) drops whole units from the
-end: a text token, or a whole concept occurrence (K placeholders, never split); the same
-units are dropped from both versions, and a warning says so. One concept word used twice
+Long prompts (AUTOMATIC1111's chunks): CLIP reads 77 positions, 75 tokens between its start and end
+tokens. A longer prompt is cut into chunks of 75 as A1111 cuts it (`chunk_units`: at BREAK, and where a
+chunk fills up within 20 tokens after a comma, after that comma; a concept occurrence is never split),
+each chunk encoded as its own 77 positions; the UNet reads the chunks' contexts one after the other. A
+bundle says how many chunks its UNet takes (`max_chunks`: 4 from pm-export 0.3; 1 before, where BREAK is
+ignored). Beyond that the end is cut: whole units, a text token or a whole concept occurrence, the same
+units from both versions, and a warning says so. One concept word used twice
 gives two runs of the K placeholders, each with the same K rows. Two different concept words
 in one prompt are refused: one concept per image.
 
@@ -23,7 +27,7 @@ Emphasis (AUTOMATIC1111's prompt weighting, its "Emphasis" setting; `EMPHASIS_MO
 weighs words 1.1, "[words]" 1/1.1, "(words:1.3)" 1.3, nested brackets multiply, "\\(" is a literal
 bracket. The prompt is split into runs of one weight, each run tokenized on its own (as A1111 does),
 and every token carries its run's weight (the concept word's K placeholders too; start, end and
-padding 1). After the text encoder each context row is multiplied by its tokens' weights and, in the
+padding 1). After the text encoder each chunk's context is multiplied by its tokens' weights and, in the
 "original" mode, scaled back to its mean before weighting (`apply_emphasis`); "no-norm" skips that
 rescaling, "ignore" removes the syntax without weighting, "none" reads the brackets as words.
 """
@@ -66,12 +70,15 @@ class ConceptWords:
 
 @dataclass(frozen=True, eq=False)
 class EncodedPrompt:
-    super_ids: np.ndarray  # (L,) int64: start, tokens, end, padding
-    concept_ids: np.ndarray  # (L,) int64: the same, with K positions per concept occurrence
-    slots: np.ndarray  # (L,) int64: k at placeholder k of concept_ids, -1 elsewhere
+    """Both versions as chunks of L positions, each chunk: start, tokens, end, padding (a short prompt: one
+    chunk; the versions may differ in their number of chunks)."""
+
+    super_ids: np.ndarray  # (chunks * L,) int64
+    concept_ids: np.ndarray  # (chunks * L,) int64: the same, with K positions per concept occurrence
+    slots: np.ndarray  # like concept_ids, int64: k at placeholder k of concept_ids, -1 elsewhere
     uses_concept: bool  # the (kept part of the) prompt holds the concept word
     warnings: tuple[str, ...] = ()
-    # (L,) float32 emphasis weight of every position of super_ids / concept_ids; None: all 1 (nothing weighted)
+    # float32 emphasis weight of every position of super_ids / concept_ids; None: all 1 (nothing weighted)
     super_weights: np.ndarray | None = None
     concept_weights: np.ndarray | None = None
 
@@ -148,39 +155,136 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
     return [(t, float(w)) for t, w in merged]
 
 
-def _runs(text: str, emphasis: str) -> tuple[list[tuple[str, float]], bool]:
-    """(the runs of text to tokenize, each with its weight; whether a BREAK was dropped)."""
+def _runs(text: str, emphasis: str, breaks: bool = False) -> tuple[list[tuple[str, float]], bool]:
+    """(the runs of text to tokenize, each with its weight; whether the text holds a BREAK). `breaks`: keep
+    each BREAK as the run ("BREAK", -1.0) where A1111 starts a new chunk (else it is dropped)."""
     check_emphasis_mode(emphasis)
     if emphasis == "none":
         return [(text, 1.0)], False
     runs = parse_emphasis(text)
-    kept = [r for r in runs if r != _BREAK_MARK]
+    kept = [r for r in runs if breaks or r != _BREAK_MARK]
     if emphasis not in WEIGHTED_MODES:
-        kept = [(t, 1.0) for t, _ in kept]
-    return kept, len(kept) < len(runs)
+        kept = [r if r == _BREAK_MARK else (r[0], 1.0) for r in kept]
+    return kept, _BREAK_MARK in runs
 
 
-def _weights(weights: list[float], length: int) -> np.ndarray | None:
-    """(length,) float32 weights of [start, *weights, end, padding], or None where every one is 1."""
-    if all(w == 1.0 for w in weights):
-        return None
-    out = np.ones(length, np.float32)
-    out[1:1 + len(weights)] = weights
-    return out
-
-
-def encode_text(tok: ClipTokenizer, text: str, max_length: int, what: str = "prompt", emphasis: str = "none"
-                ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """((L,) ids, (L,) emphasis weights or None, warnings) of a text without concept handling (the
-    negative prompt, a prompt without the concept word). With emphasis "none" the ids are encode_plain's."""
-    runs, _ = _runs(text, emphasis)
-    units = [(i, w) for t, w in runs if t for i in tok.encode(t)[1:-1]]
+def encode_text(tok: ClipTokenizer, text: str, max_length: int, what: str = "prompt", emphasis: str = "none",
+                max_chunks: int = 1) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """((chunks * L,) ids, (chunks * L,) emphasis weights or None, warnings) of a text without concept
+    handling (the negative prompt, a prompt without the concept word), in up to `max_chunks` chunks of L
+    positions (chunk_units). With emphasis "none" the ids are encode_plain's."""
+    units = _units(tok, text, None, emphasis, max_chunks)
     room = max_length - 2
-    warn = [f"the {what} is {len(units)} tokens, over the text encoder's {room}: "
-            f"the last {len(units) - room} were cut off"] if len(units) > room else []
-    units = units[:room]
-    ids = pad([tok.bos_id, *(i for i, _ in units), tok.eos_id], tok, max_length)
-    return ids, _weights([w for _, w in units], max_length), warn
+    kept = _fit([units], room, 1, max_chunks)
+    total, cut = _tokens(units), _tokens(units[kept:])
+    warn = ([f"the {what} is {total} tokens, over {_limit(room, max_chunks)}: the last {cut} were cut off"]
+            if cut else [])
+    ids, weights, _ = _assemble(chunk_units(units[:kept], room, 1), tok, max_length)
+    return ids, weights, warn
+
+
+# AUTOMATIC1111's "Prompt word wrap length limit" (comma_padding_backtrack) at its default: where a chunk
+# fills up within this many tokens after a comma, the words after the comma move to the next chunk
+COMMA_BACKTRACK = 20
+_BREAK_UNIT = "BREAK"  # a unit: start a new chunk here
+
+
+def _units(tok: ClipTokenizer, text: str, concept_word: str | None, emphasis: str, max_chunks: int
+           ) -> list[tuple]:
+    """The text as units (token id, weight, is-comma); a concept occurrence's id is None (K positions), a
+    BREAK's _BREAK_UNIT (kept where the text may take several chunks, else dropped). Each run of one weight
+    is tokenized on its own, cut at the concept word (as AUTOMATIC1111 tokenizes its runs)."""
+    comma = tok.vocab.get(",</w>")
+    runs, _ = _runs(text, emphasis, breaks=max_chunks > 1)
+    units: list[tuple] = []
+    for text_, weight in runs:
+        if (text_, weight) == _BREAK_MARK:
+            units.append((_BREAK_UNIT, 1.0, False))
+            continue
+        for i, piece in enumerate(text_.split(concept_word) if concept_word else [text_]):
+            if i:
+                units.append((None, weight, False))
+            units += [(u, weight, u == comma) for u in tok.encode(piece)[1:-1]] if piece else []
+    return units
+
+
+def chunk_units(units: list[tuple], room: int, width: int, super_id: int | None = None) -> list[list[tuple]]:
+    """AUTOMATIC1111's chunking of a prompt (its tokenize_line): units -> chunks of at most `room` positions,
+    each position (id, weight, slot). A chunk is closed when full, at a BREAK (an empty one too), and where
+    it fills up within COMMA_BACKTRACK tokens after a comma the tokens after that comma move on to the next
+    chunk; a concept occurrence (`width` positions, slots 0..width-1, id -1 (_assemble writes the fill id);
+    or one position of `super_id` where that is given) is never split: it starts a new chunk where it does
+    not fit."""
+    chunks: list[list[tuple]] = []
+    chunk: list[tuple] = []
+    last_comma = -1
+    for u, w, is_comma in units:
+        if u == _BREAK_UNIT:
+            chunks.append(chunk)
+            chunk, last_comma = [], -1
+            continue
+        if is_comma:
+            last_comma = len(chunk)
+        elif len(chunk) == room and last_comma != -1 and len(chunk) - last_comma <= COMMA_BACKTRACK:
+            chunks.append(chunk[:last_comma + 1])
+            chunk, last_comma = chunk[last_comma + 1:], -1
+        if len(chunk) == room:
+            chunks.append(chunk)
+            chunk, last_comma = [], -1
+        if u is not None:
+            chunk.append((u, w, -1))
+        elif super_id is not None:
+            chunk.append((super_id, w, -1))
+        else:
+            if len(chunk) + width > room:
+                chunks.append(chunk)
+                chunk, last_comma = [], -1
+            chunk += [(-1, w, k) for k in range(width)]
+    if chunk or not chunks:
+        chunks.append(chunk)
+    return chunks
+
+
+def _fit(versions: list[list[tuple]], room: int, width: int, max_chunks: int, super_id: int | None = None) -> int:
+    """The most units (a prefix, the same for every version) whose chunks number at most `max_chunks` in
+    every version (versions[0] with concept occurrences `width` wide, the others with `super_id`)."""
+    def fits(n: int) -> bool:
+        return all(len(chunk_units(v[:n], room, width, super_id if i else None)) <= max_chunks
+                   for i, v in enumerate(versions))
+
+    lo, hi = 0, len(versions[0])  # fits(lo) always: a prefix never needs more chunks than a longer one
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _assemble(chunks: list[list[tuple]], tok: ClipTokenizer, length: int, fill_id: int = 0
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Chunks -> ((chunks * length,) ids, weights or None where all are 1, slots): each chunk start, its
+    positions, end, padding; a placeholder position's id is `fill_id`."""
+    n = len(chunks)
+    ids = np.full((n, length), tok.pad_id, np.int64)
+    weights = np.ones((n, length), np.float32)
+    slots = np.full((n, length), -1, np.int64)
+    for c, chunk in enumerate(chunks):
+        ids[c, 0], ids[c, len(chunk) + 1] = tok.bos_id, tok.eos_id
+        for j, (u, w, k) in enumerate(chunk, start=1):
+            ids[c, j], weights[c, j], slots[c, j] = (fill_id if k >= 0 else u), w, k
+    return ids.ravel(), None if (weights == 1).all() else weights.ravel(), slots.ravel()
+
+
+def _tokens(units: list[tuple], width: int = 1) -> int:
+    """How many positions `units` take, a concept occurrence `width` (BREAKs none)."""
+    return sum(width if u is None else u != _BREAK_UNIT for u, _, _ in units)
+
+
+def _limit(room: int, max_chunks: int, limit: bool = False) -> str:
+    if max_chunks == 1:
+        return f"the text encoder's {room}-token limit" if limit else f"the text encoder's {room}"
+    return f"the {max_chunks * room} tokens the bundle's UNet takes ({max_chunks} chunks of {room})"
 
 
 def apply_emphasis(z: np.ndarray, weights: np.ndarray, normalize: bool = True) -> np.ndarray:
@@ -197,12 +301,14 @@ def apply_emphasis(z: np.ndarray, weights: np.ndarray, normalize: bool = True) -
     return z
 
 
-def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original", scheduled: bool = False) -> list[str]:
+def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original", scheduled: bool = False,
+                 max_chunks: int = 1) -> list[str]:
     """What a prompt written for AUTOMATIC1111 would not get here: UserError for an extra-network tag
     (<lora:...>: pm-run would otherwise call it a second concept word); warnings for prompt editing and
     alternation ([a:b:0.5], [a|b]) where they are not `scheduled` (the negative prompt: read as
-    de-emphasised words) and BREAK (A1111 starts a second 75-token chunk there; pm-run has one) where
-    emphasis is parsed, and for emphasis syntax, which CLIP then reads as words, with emphasis "none"."""
+    de-emphasised words) and BREAK where emphasis is parsed and the bundle takes one chunk (`max_chunks` 1:
+    A1111 starts a second 75-token chunk there), and for emphasis syntax, which CLIP then reads as words,
+    with emphasis "none"."""
     m = _EXTRA_NETWORK.search(text)
     if m:
         raise UserError(f"the {what} holds {m.group(0)}: AUTOMATIC1111's LoRA / hypernetwork tags are not applied "
@@ -218,9 +324,10 @@ def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original", sc
         said.append(f"the {what} uses AUTOMATIC1111's prompt editing or alternation, \"{m.group(0)}\": pm-run "
                     f"switches words during sampling in the prompt only; in the {what} the text inside the square "
                     "brackets is read as it stands, weighted 1/1.1")
-    if _runs(text, emphasis)[1]:
-        said.append(f"the {what} uses BREAK: AUTOMATIC1111 starts a second 75-token chunk there; pm-run has one "
-                    "chunk, so the text after BREAK continues in it")
+    if max_chunks == 1 and _runs(text, emphasis)[1]:
+        said.append(f"the {what} uses BREAK: AUTOMATIC1111 starts a second 75-token chunk there; this bundle's UNet "
+                    "takes one chunk (bundles exported by pm-export 0.3 or later take four), so the text after BREAK "
+                    "continues in it")
     return said
 
 
@@ -253,9 +360,10 @@ def check_concept_words(prompt: str, concept: ConceptWords | None, concept_name:
 
 
 def encode_prompt(tok: ClipTokenizer, prompt: str, concept: ConceptWords | None, max_length: int = 77,
-                  allow_no_concept: bool = False, concept_name: str | None = None, emphasis: str = "none"
-                  ) -> EncodedPrompt:
-    """Both versions of `prompt`. Without a concept (or without its word, when allowed) both
+                  allow_no_concept: bool = False, concept_name: str | None = None, emphasis: str = "none",
+                  max_chunks: int = 1) -> EncodedPrompt:
+    """Both versions of `prompt`, each in up to `max_chunks` chunks of `max_length` positions (chunk_units;
+    the two versions may take different numbers). Without a concept (or without its word, when allowed) both
     versions are the plain prompt. `emphasis`: one of EMPHASIS_MODES ("none": the text as CLIP reads it)."""
     runs, _ = _runs(prompt, emphasis)
     plain = "".join(t for t, _ in runs)  # the prompt without its emphasis syntax
@@ -267,60 +375,46 @@ def encode_prompt(tok: ClipTokenizer, prompt: str, concept: ConceptWords | None,
         if concept is not None and not allow_no_concept:
             raise UserError(f"the prompt does not contain the concept word {concept.word!r} (write it where the "
                             "person should appear, or allow prompts without it)")
-        ids, weights, warn = encode_text(tok, prompt, max_length, emphasis=emphasis)
-        return EncodedPrompt(ids, ids.copy(), np.full(max_length, -1, np.int64), False, tuple(warn), weights,
+        ids, weights, warn = encode_text(tok, prompt, max_length, emphasis=emphasis, max_chunks=max_chunks)
+        return EncodedPrompt(ids, ids.copy(), np.full(len(ids), -1, np.int64), False, tuple(warn), weights,
                              None if weights is None else weights.copy())
     super_id = _super_class_id(tok, concept.super_class)
     K = concept.num_tokens
-    # units: (a text token id, or None for one concept occurrence; its emphasis weight)
-    units: list[tuple[int | None, float]] = []
-    for text, weight in runs:
-        for i, piece in enumerate(text.split(concept.word)):
-            if i:
-                units.append((None, weight))
-            units += [(u, weight) for u in tok.encode(piece)[1:-1]] if piece else []
+    units = _units(tok, prompt, concept.word, emphasis, max_chunks)  # a concept occurrence: id None
     room = max_length - 2
-    kept, used = 0, 0
-    for u, _ in units:
-        width = K if u is None else 1
-        if used + width > room:
-            break
-        used += width
-        kept += 1
+    kept = _fit([units, units], room, K, max_chunks, super_id)
     warnings = []
     if kept < len(units):
-        total = sum(K if u is None else 1 for u, _ in units)
-        dropped_concepts = sum(u is None for u, _ in units[kept:])
+        total = _tokens(units, K)
+        dropped_concepts = sum(u is None for u, _, _ in units[kept:])
         warnings.append(
-            f"the prompt is {total} tokens (the concept word counts {K}), over the text encoder's {room}: the end "
+            f"the prompt is {total} tokens (the concept word counts {K}), over {_limit(room, max_chunks)}: the end "
             f"was cut off at the same word for the super-class and the concept versions"
             + (f" ({dropped_concepts} occurrence(s) of {concept.word} cut off)" if dropped_concepts else ""))
         units = units[:kept]
-        if all(u is not None for u, _ in units):
-            raise UserError(f"the concept word {concept.word} lies beyond the text encoder's {room}-token limit: "
+        if all(u is not None for u, _, _ in units):
+            raise UserError(f"the concept word {concept.word} lies beyond {_limit(room, max_chunks, True)}: "
                             "move it earlier in the prompt or shorten the prompt")
-    super_ids, concept_ids, slots = [tok.bos_id], [tok.bos_id], [-1]
-    super_w, concept_w = [], []
-    for u, w in units:
-        if u is None:
-            super_ids.append(super_id)
-            concept_ids += [super_id] * K
-            slots += list(range(K))
-            super_w.append(w)
-            concept_w += [w] * K
-        else:
-            super_ids.append(u)
-            concept_ids.append(u)
-            slots.append(-1)
-            super_w.append(w)
-            concept_w.append(w)
-    super_ids.append(tok.eos_id)
-    concept_ids.append(tok.eos_id)
-    slots.append(-1)
-    slot_arr = np.full(max_length, -1, np.int64)
-    slot_arr[:len(slots)] = slots
-    return EncodedPrompt(pad(super_ids, tok, max_length), pad(concept_ids, tok, max_length), slot_arr, True,
-                         tuple(warnings), _weights(super_w, max_length), _weights(concept_w, max_length))
+    super_ids, super_w, _ = _assemble(chunk_units(units, room, K, super_id), tok, max_length)
+    concept_ids, concept_w, slots = _assemble(chunk_units(units, room, K), tok, max_length, super_id)
+    return EncodedPrompt(super_ids, concept_ids, slots, True, tuple(warnings), super_w, concept_w)
+
+
+def pad_chunks(enc: EncodedPrompt, super_chunks: int, concept_chunks: int, tok: ClipTokenizer, length: int
+               ) -> EncodedPrompt:
+    """`enc` with empty chunks (start, end, padding; weights 1) appended to its versions up to `super_chunks` /
+    `concept_chunks` chunks of `length`: what AUTOMATIC1111 does to the shorter texts of a prompt editing
+    schedule, which it encodes as one batch (chunk by chunk, an empty chunk where a text has no more)."""
+    def grow(a: np.ndarray, n: int, what: int) -> np.ndarray:  # what: ids (0) or slots (2) of empty chunks
+        more = n - len(a) // length
+        return a if more <= 0 else np.concatenate([a, _assemble([[]] * more, tok, length)[what]])
+
+    def weights(w: np.ndarray | None, ids: np.ndarray) -> np.ndarray | None:  # 1 in the added chunks
+        return None if w is None else np.concatenate([w, np.ones(len(ids) - len(w), np.float32)])
+
+    super_ids, concept_ids = grow(enc.super_ids, super_chunks, 0), grow(enc.concept_ids, concept_chunks, 0)
+    return EncodedPrompt(super_ids, concept_ids, grow(enc.slots, concept_chunks, 2), enc.uses_concept, enc.warnings,
+                         weights(enc.super_weights, super_ids), weights(enc.concept_weights, concept_ids))
 
 
 def _super_class_id(tok: ClipTokenizer, word: str) -> int:

@@ -31,6 +31,8 @@ _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG 
 EMPHASIS_BY_NAME = {v: k for k, v in EMPHASIS_MODES.items()}
 # pm-run versions that read emphasis syntax as words (and recorded no Emphasis): their images are remade so
 _WORDS_ONLY_VERSIONS = {"personamagic-runtime 0.1.0"}
+# pm-run versions that cut every prompt at CLIP's 75 tokens (one chunk) and ignored BREAK
+ONE_CHUNK_VERSIONS = {"personamagic-runtime 0.1.0", "personamagic-runtime 0.2.0"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ImageSettings:
     model: str | None = None
     backend: str | None = None
     ignored: tuple[str, ...] = ()  # keys pm-run does not use (AUTOMATIC1111's "Model hash", "Clip skip", ...)
+    version: str | None = None  # the pm-run that made the image ("personamagic-runtime 0.2.0")
 
     def generate_kwargs(self) -> dict:
         """The values as Pipeline.generate keyword arguments (all but the concept, which is
@@ -194,7 +197,8 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
             raise UserError(f"--settings-from {source}: Batch pos {pos} is outside a batch of {size}")
         v["num_images"] = size
     ignored = tuple(k for k in p if k not in _KEYS)
-    return ImageSettings(Path(source), v, pos, p.get("Concept hash"), p.get("Model"), p.get("Backend"), ignored)
+    return ImageSettings(Path(source), v, pos, p.get("Concept hash"), p.get("Model"), p.get("Backend"), ignored,
+                         p.get("Version"))
 
 
 def load(path: Path, given: set[str] = frozenset()) -> ImageSettings:

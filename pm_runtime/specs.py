@@ -12,6 +12,7 @@ values; a derived axis is a fixed multiple of another (the VAE's image side = 8 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,23 @@ CHECKER_SIDE = 224  # the safety checker's CLIP input side (SD's checker: CLIP V
 MIN_IMAGE, OPT_IMAGE, MAX_IMAGE, IMAGE_STEP = 256, 512, 1024, 64
 
 
+# Long prompts: a text takes up to MAX_PROMPT_CHUNKS chunks of L tokens; the contexts of one UNet call are
+# brought to one length by repeating each one's chunks (exact for attention: a key and its value repeated
+# r times leave softmax-weighted sums as they were), to the least common multiple of their chunk counts,
+# which for counts 1..4 is at most 12: the UNet's context axis goes up to CONTEXT_CHUNKS * L.
+MAX_PROMPT_CHUNKS = 4
+CONTEXT_CHUNKS = 12
+
+
+def prompt_chunks(context_chunks: int) -> int:
+    """The most chunks a text may take for a UNet whose context goes up to `context_chunks` chunks: the
+    largest c <= MAX_PROMPT_CHUNKS with lcm(1..c) <= context_chunks (1 for bundles before 0.3)."""
+    c = 1
+    while c < MAX_PROMPT_CHUNKS and math.lcm(*range(1, c + 2)) <= context_chunks:
+        c += 1
+    return c
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """Facts about the base model that fix the specs' constant sizes (read from its configs)."""
@@ -47,6 +65,9 @@ class ModelDims:
     vocab_size: int = 49408  # base vocabulary (placeholder tokens are never looked up: see text_encoder)
     latent_channels: int = 4
     vae_scale_factor: int = 8  # image side / latent side
+    # the UNet's context length in chunks of L (long prompts, prompt_encoding): 1 in bundles before
+    # pm-export 0.3 (context fixed at L), CONTEXT_CHUNKS since
+    context_chunks: int = 1
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -167,14 +188,17 @@ def network_specs(dims: ModelDims) -> dict[str, NetworkSpec]:
         # one call per image: ~22 distinct contexts + the negative prompt (DESIGN §2)
         axes={"batch": Axis(1, 24, 64)},
         doc="equilibrium text encoder; ids at masked positions are ignored (looked up as id 0)")
+    # the context: L positions, or (long prompts) any multiple of L up to context_chunks of them
+    ctx = L if dims.context_chunks == 1 else "context_length"
     unet = NetworkSpec(
         UNET,
         inputs=(TensorSpec("sample", f32, ("batch", C, "latent_height", "latent_width")),
                 TensorSpec("timestep", f32, ("batch",), 0, 1000),  # may be fractional
-                TensorSpec("c_k", f32, ("batch", L, D)), TensorSpec("c_v", f32, ("batch", L, D))),
+                TensorSpec("c_k", f32, ("batch", ctx, D)), TensorSpec("c_v", f32, ("batch", ctx, D))),
         outputs=(TensorSpec("noise_pred", f32, ("batch", C, "latent_height", "latent_width")),),
         # batch 2 = one image with classifier-free guidance
-        axes={"batch": Axis(1, 2, 8), "latent_height": lat, "latent_width": lat},
+        axes={"batch": Axis(1, 2, 8), "latent_height": lat, "latent_width": lat,
+              **({} if ctx == L else {"context_length": Axis(L, L, L * dims.context_chunks, L)})},
         doc="UNet with split K/V cross-attention (keys from c_k, values from c_v)")
     vae = NetworkSpec(
         VAE_DECODER,

@@ -199,15 +199,20 @@ def test_batched_text_encoder_equals_single_calls_and_pytorch(bundle_fp32, tiny_
     assert np.abs(c_k - c_v)[~mask].max() == 0 and np.abs(c_k - c_v)[mask].min() > 0
 
 
-def test_one_dynamic_unet_serves_two_resolutions(bundle_fp32, torch_graphs):
+def test_one_dynamic_unet_serves_two_resolutions_and_long_prompts(bundle_fp32, torch_graphs):
+    """One UNet graph for every resolution and context length (a long prompt's chunks: 77 x 1..12)."""
     from pm_export.validate import compare
 
     path = open_bundle(bundle_fp32).component_path(UNET)
-    dims = [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
-    assert dims == ["batch", 4, "latent_height", "latent_width"]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in onnx.load(str(path)).graph.input}
+    assert dims["sample"] == ["batch", 4, "latent_height", "latent_width"]
+    assert dims["c_k"] == dims["c_v"] == ["batch", "context_length", 32]
+    assert open_bundle(bundle_fp32).dims.context_chunks == 12
     _, specs, modules = torch_graphs
     shapes = [{"batch": 2, "latent_height": 32, "latent_width": 32},  # 256 x 256 px
-              {"batch": 1, "latent_height": 48, "latent_width": 40}]  # 384 x 320 px
+              {"batch": 1, "latent_height": 48, "latent_width": 40, "context_length": 3 * 77},  # 384 x 320 px
+              {"batch": 2, "latent_height": 32, "latent_width": 32, "context_length": 12 * 77}]
     for c in compare(modules[UNET], specs[UNET], path, "fp32", seed=5, shapes=shapes):
         assert c.max_abs <= 1e-4, c.describe()
 

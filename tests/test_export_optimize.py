@@ -127,7 +127,7 @@ def test_optimised_unet_runs_both_resolutions_and_equals_plain(auto_bundle, plai
                 for r in (auto_bundle[0], plain_bundle[0])]
     rng = np.random.default_rng(3)
     for axes in ({"batch": 2, "latent_height": 32, "latent_width": 32},
-                 {"batch": 1, "latent_height": 48, "latent_width": 40}):
+                 {"batch": 1, "latent_height": 48, "latent_width": 40, "context_length": 2 * 77}):
         feeds = specs[UNET].dummy_inputs(rng, "opt", **axes)
         fused, plain = (s.run(None, feeds)[0] for s in sessions)
         assert np.abs(fused - plain).max() <= 1e-5

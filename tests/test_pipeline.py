@@ -8,6 +8,7 @@ One fp32 bundle (+ a second concept re-baked from another photo) is exported onc
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import threading
@@ -359,10 +360,115 @@ def test_text_encoder_batches_beyond_the_engine_limit(ort_pipe, calls):
     neg, _ = encode_plain(p.tokenizer, "ugly", 77)
     contexts = [SUPER_CLASS] + [Context(t) for t in range(400, 470)]
     with p.backend.network(TEXT_ENCODER) as te:
-        c_k, c_v = p._encode(te, [(enc, c) for c in contexts], neg)
-        single_k, single_v = p._encode(te, [(enc, Context(469))], neg)
-    assert c_k.shape[0] == 72 and [len(i["input_ids"]) for n, i, _ in calls[:2]] == [64, 8]
+        c_k, c_v, chunks = p._encode(te, [(enc, c) for c in contexts], neg)
+        single_k, single_v, _ = p._encode(te, [(enc, Context(469))], neg)
+    assert c_k.shape[0] == 72 and chunks == [1] * 72 and [len(i["input_ids"]) for n, i, _ in calls[:2]] == [64, 8]
     assert np.abs(c_k[-1] - single_k[-1]).max() <= 1e-5 and np.abs(c_v[-1] - single_v[-1]).max() <= 1e-5
+
+
+# ---------------------------------------------------------------- long prompts (A1111's chunks)
+LONG = PROMPT + ", " + "photo " * 90  # the concept version: 2 chunks
+
+
+def test_a_long_prompt_reaches_the_unet_as_its_chunks_one_after_the_other(ort_pipe, calls):
+    """Each chunk of 75 tokens is its own text-encoder row (start, end, padding: 77 positions); the UNet
+    reads a row's chunks one after the other, the rows of one call repeated to a common length (the
+    negative prompt's one chunk twice beside the prompt's two). Nothing is cut off."""
+    from pm_runtime.prompt_encoding import encode_prompt, encode_text
+
+    p = ort_pipe
+    assert p.max_chunks == 4 and p.dims.context_chunks == 12
+    neg = "ugly"
+    g = p.generate(LONG, negative_prompt=neg, seed=3, steps=2, height=SIDE, width=SIDE, scheduler="euler")
+    assert not g.warnings
+    enc = encode_prompt(p.tokenizer, LONG, p.concept.words, 77, max_chunks=4)
+    assert len(enc.concept_ids) == 2 * 77 and len(enc.super_ids) == 2 * 77
+    (te_in, te_out), = [(i, o) for n, i, o in calls if n == TEXT_ENCODER]
+    rows = list(dict.fromkeys(g.plan))  # the distinct contexts, in step order
+    want_ids = np.concatenate([encode_text(p.tokenizer, neg, 77)[0],
+                               *(enc.concept_ids if c.is_concept else enc.super_ids for c in rows)]).reshape(-1, 77)
+    assert np.array_equal(te_in["input_ids"], want_ids)  # the negative prompt's chunk, then 2 per context
+    unet = [(i, o) for n, i, o in calls if n == UNET]
+    assert len(unet) == 2
+    for step, (i, _) in enumerate(unet):
+        r = 1 + 2 * rows.index(g.plan[step])  # the step's context's first chunk row
+        for key in ("c_k", "c_v"):
+            chunks = te_out[key]
+            assert i[key].shape == (2, 2 * 77, chunks.shape[-1])
+            assert np.array_equal(i[key][0], np.concatenate([chunks[0], chunks[0]]))  # uncond: 1 chunk, twice
+            assert np.array_equal(i[key][1], np.concatenate([chunks[r], chunks[r + 1]]))
+
+
+def test_prompt_editing_pads_the_shorter_texts_with_empty_chunks(ort_pipe, calls):
+    """A1111 encodes the texts of a prompt editing schedule as one batch, chunk by chunk: a text with fewer
+    chunks gets empty ones (start, end, padding) and the UNet reads them. The same here (each version on
+    its own): the short text's rows are its chunk and an empty one."""
+    from pm_runtime.prompt_encoding import encode_prompt, encode_text
+
+    p = ort_pipe
+    short, long = "a photo of <persona>", "a photo of <persona>, " + "photo " * 90
+    g = p.generate(f"[{short}:{long}:0.5]", negative_prompt="ugly", seed=3, steps=4, height=SIDE, width=SIDE,
+                   scheduler="euler")
+    assert g.step_texts == [short] * 3 + [long] and g.chunks == 2 and not g.warnings
+    (te_in, _), = [(i, o) for n, i, o in calls if n == TEXT_ENCODER]
+    empty = encode_text(p.tokenizer, "", 77)[0]
+    versions = {text: encode_prompt(p.tokenizer, text, p.concept.words, 77, max_chunks=4) for text in (short, long)}
+    rows = te_in["input_ids"][1:].reshape(-1, 2 * 77)  # 2 chunks per row after the negative prompt's one
+    seen = set()
+    for row in rows:
+        for text, e in versions.items():
+            for version in (e.super_ids, e.concept_ids):
+                if np.array_equal(row[:77], version[:77]):
+                    assert np.array_equal(row[77:], version[77:] if text == long else empty)
+                    seen.add(text)
+    assert seen == {short, long}
+    assert all(i["c_k"].shape[1] == 2 * 77 for n, i, _ in calls if n == UNET)
+
+
+def test_repeated_chunks_give_the_unet_output_of_separate_calls(ort_pipe):
+    """Why rows of different lengths may share a UNet call: AUTOMATIC1111 runs the conditional and
+    unconditional halves separately when their lengths differ; a context repeated r times (keys and values
+    alike) leaves every cross-attention output as it was, so the batched call gives the same noise."""
+    rng = np.random.default_rng(0)
+    D = ort_pipe.dims.text_dim
+    sample = rng.standard_normal((2, 4, SIDE // 8, SIDE // 8)).astype(np.float32)
+    t = np.full(2, 500.0, np.float32)
+    neg = [rng.standard_normal((1, 2 * 77, D)).astype(np.float32) for _ in range(2)]  # 2 chunks (k, v)
+    cond = [rng.standard_normal((1, 3 * 77, D)).astype(np.float32) for _ in range(2)]  # 3 chunks
+    with ort_pipe.backend.network(UNET) as unet:
+        alone = [unet.run({"sample": sample[i:i + 1], "timestep": t[:1], "c_k": c[0], "c_v": c[1]})["noise_pred"]
+                 for i, c in enumerate((neg, cond))]
+        tiled = [np.concatenate([np.tile(neg[j], (1, 3, 1)), np.tile(cond[j], (1, 2, 1))]) for j in (0, 1)]  # 6 chunks
+        both = unet.run({"sample": sample, "timestep": t, "c_k": tiled[0], "c_v": tiled[1]})["noise_pred"]
+        mixed = unet.run({"sample": sample, "timestep": t, "c_k": np.concatenate([cond[0], cond[1]]),
+                          "c_v": np.concatenate([cond[1], cond[0]])})["noise_pred"]
+        with pytest.raises(ValueError, match="context_length=1001 outside 77..924"):
+            unet.run({"sample": sample, "timestep": t, "c_k": np.zeros((2, 1001, D), np.float32),
+                      "c_v": np.zeros((2, 1001, D), np.float32)})
+    want = np.concatenate(alone)
+    assert np.abs(both - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(mixed[1] - want[1]).max() > 1e-3 * np.abs(want).max()  # the contexts do matter
+
+
+def test_a_bundle_from_before_long_prompts_keeps_one_chunk(run_bundle, tmp_path):
+    """A bundle without context_chunks (pm-export before 0.3: its UNet's context was 77 positions): one
+    chunk, the end cut off with a warning, BREAK ignored with a warning, as before."""
+    import shutil
+
+    from pm_runtime import formats as F
+    from pm_runtime.bundle import write_manifest
+
+    bundle = shutil.copytree(run_bundle, tmp_path / "bundle-0.2")
+    manifest = json.loads((bundle / F.BUNDLE_MANIFEST).read_text())
+    del manifest[F.BK_BASE_MODEL]["context_chunks"]
+    write_manifest(bundle, manifest)
+    with Pipeline.load(bundle, backend="onnxruntime", concept="alice") as pipe:
+        assert pipe.max_chunks == 1 and pipe.specs[UNET].inputs[2].shape[1] == 77
+        warnings = pipe.check_prompt("a photo of <persona> BREAK on a beach, " + "photo " * 90)
+        assert "uses BREAK" in warnings[0] and "bundles exported by pm-export 0.3 or later take four" in warnings[0]
+        assert "over the text encoder's 75" in warnings[1]
+        g = pipe.generate(LONG, seed=3, steps=1, height=SIDE, width=SIDE)
+        assert "over the text encoder's 75" in g.warnings[0]
 
 
 # ---------------------------------------------------------------- concepts

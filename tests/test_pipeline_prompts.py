@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from pm_runtime.errors import UserError
 from pm_runtime.png import image_bytes, parameters_text, parse_parameters, png_bytes, read_parameters
-from pm_runtime.prompt_encoding import ConceptWords, encode_plain, encode_prompt, encode_text
+from pm_runtime.prompt_encoding import ConceptWords, a1111_syntax, encode_plain, encode_prompt, encode_text
 from pm_runtime.tokenizer import ClipTokenizer
 
 WORDS = ConceptWords("<persona>", "face", 4)
@@ -85,6 +88,86 @@ def test_long_prompt_warns_and_keeps_both_versions_consistent(toks):
     assert enc.concept_ids[76] == ours.eos_id or ours.eos_id in enc.concept_ids.tolist()
     plain, warn = encode_plain(ours, " ".join(["photo"] * 100), 77, "negative prompt")
     assert plain[76] == ours.eos_id and "negative prompt is 100 tokens" in warn[0]
+
+
+def chunks_of(ids, tok) -> list[list[int]]:
+    """The tokens of each 77-position chunk (between its start and end token), each chunk checked to be
+    start, tokens, end, padding."""
+    out = []
+    for chunk in np.asarray(ids).reshape(-1, 77).tolist():
+        assert chunk[0] == tok.bos_id
+        end = chunk.index(tok.eos_id, 1)
+        assert all(i == tok.pad_id for i in chunk[end + 1:])
+        out.append(chunk[1:end])
+    return out
+
+
+def test_long_prompts_are_cut_into_chunks_as_automatic1111_cuts_them(toks):
+    """A1111's tokenize_line: chunks of 75 tokens; a chunk that fills up within 20 tokens after a comma is
+    closed after that comma (the words after it move on); BREAK closes a chunk (an empty one too); beyond
+    the bundle's chunks the end is cut, with a warning. One chunk (bundles before 0.3): the old truncation."""
+    ours, _ = toks
+    photo, face, comma = (ours.encode(w)[1] for w in ("photo", "face", ","))
+    assert [len(ours.encode(w)) for w in ("photo", "face", ",")] == [3, 3, 3]  # one token each
+    ids, w, warn = encode_text(ours, "photo " * 80, 77, max_chunks=4)
+    assert chunks_of(ids, ours) == [[photo] * 75, [photo] * 5] and w is None and warn == []
+    ids, _, _ = encode_text(ours, "photo " * 60 + ", " + "face " * 30, 77, max_chunks=4)  # comma 15 back
+    assert chunks_of(ids, ours) == [[photo] * 60 + [comma], [face] * 30]
+    ids, _, _ = encode_text(ours, "photo " * 50 + ", " + "face " * 40, 77, max_chunks=4)  # comma 25 back
+    assert chunks_of(ids, ours) == [[photo] * 50 + [comma] + [face] * 24, [face] * 16]
+    ids, _, _ = encode_text(ours, "photo " * 74 + ", face", 77, max_chunks=4)  # a comma as the 75th: kept
+    assert chunks_of(ids, ours) == [[photo] * 74 + [comma], [face]]
+    for prompt, want in (("photo BREAK face", [[photo], [face]]), ("BREAK face", [[], [face]]),
+                         ("photo BREAK", [[photo]]), ("photo BREAK BREAK face", [[photo], [], [face]]),
+                         ("", [[]])):
+        assert chunks_of(encode_text(ours, prompt, 77, emphasis="original", max_chunks=4)[0], ours) == want, prompt
+    assert len(chunks_of(encode_text(ours, "photo BREAK face", 77, emphasis="none", max_chunks=4)[0], ours)) == 1
+    # weights stay with their tokens across chunks (start, end and padding 1)
+    ids, w, _ = encode_text(ours, "(photo:1.5) " * 70 + "face " * 10, 77, emphasis="original", max_chunks=4)
+    w = w.reshape(-1, 77)
+    assert chunks_of(ids, ours) == [[photo] * 70 + [face] * 5, [face] * 5]
+    assert w[0, 1:71].tolist() == [1.5] * 70 and (w[0, 71:] == 1).all() and (w[1] == 1).all() and w[0, 0] == 1
+    # beyond the chunks: cut, with a warning
+    ids, _, warn = encode_text(ours, "photo " * 400, 77, "negative prompt", max_chunks=4)
+    assert chunks_of(ids, ours) == [[photo] * 75] * 4
+    assert warn == ["the negative prompt is 400 tokens, over the 300 tokens the bundle's UNet takes (4 chunks of 75): "
+                    "the last 100 were cut off"]
+    # one chunk: BREAK is dropped (the warning is a1111_syntax's), 75 tokens kept as before
+    ids, _, warn = encode_text(ours, "photo BREAK face", 77, emphasis="original")
+    assert chunks_of(ids, ours) == [[photo, face]] and not warn
+    ids, _, warn = encode_text(ours, "photo " * 60 + ", " + "face " * 30, 77)
+    assert chunks_of(ids, ours) == [[photo] * 60 + [comma] + [face] * 14] and "the last 16 were cut off" in warn[0]
+    said = a1111_syntax("<persona> BREAK sunset", max_chunks=4)
+    assert said == [] and a1111_syntax("<persona> BREAK sunset")[0].startswith("the prompt uses BREAK")
+
+
+def test_a_concept_occurrence_moves_whole_into_the_next_chunk(toks):
+    """As A1111 places a textual-inversion embedding: where its K positions do not fit in the chunk, they
+    start the next one. The super-class version (one token) chunks on its own."""
+    ours, _ = toks
+    photo, face = ours.encode("photo")[1], ours.encode("face")[1]
+    enc = encode_prompt(ours, "photo " * 73 + "<persona> photo", WORDS, max_chunks=4)
+    assert chunks_of(enc.super_ids, ours) == [[photo] * 73 + [face, photo]]
+    assert chunks_of(enc.concept_ids, ours) == [[photo] * 73, [face] * 4 + [photo]]
+    slots = enc.slots.reshape(-1, 77)
+    assert slots[1, 1:5].tolist() == [0, 1, 2, 3] and (slots[0] == -1).all() and enc.mask.sum() == 4
+    assert enc.uses_concept and enc.warnings == () and enc.super_weights is None
+    # beyond 4 chunks: the same words cut from both versions; a concept word past the limit is refused
+    enc = encode_prompt(ours, "<persona> " + "photo " * 400, WORDS, max_chunks=4)
+    assert [len(c) for c in chunks_of(enc.concept_ids, ours)] == [75, 75, 75, 75]
+    assert chunks_of(enc.super_ids, ours) == [[face] + [photo] * 74, [photo] * 75, [photo] * 75, [photo] * 72]
+    assert "over the 300 tokens the bundle's UNet takes (4 chunks of 75)" in enc.warnings[0]
+    with pytest.raises(UserError, match="lies beyond the 300 tokens the bundle's UNet takes"):
+        encode_prompt(ours, "photo " * 298 + "<persona>", WORDS, max_chunks=4)
+
+
+def test_prompt_chunks_fit_the_unets_context():
+    """The UNet's context holds every row's chunks repeated to their least common multiple."""
+    from pm_runtime.specs import CONTEXT_CHUNKS, MAX_PROMPT_CHUNKS, prompt_chunks
+
+    assert [prompt_chunks(c) for c in (1, 2, 5, 6, 11, CONTEXT_CHUNKS, 100)] == [1, 2, 2, 3, 3, 4, 4]
+    assert prompt_chunks(CONTEXT_CHUNKS) == MAX_PROMPT_CHUNKS
+    assert max(math.lcm(*c) for c in itertools.product(range(1, 5), repeat=3)) == CONTEXT_CHUNKS
 
 
 def test_concept_word_rules(toks):

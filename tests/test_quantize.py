@@ -42,6 +42,7 @@ def feed(sess, seed=0):
     rng = np.random.default_rng(seed)
     shapes = {i.name: i.shape for i in sess.get_inputs()}
     L, D = shapes["c_k"][1:]
+    L = L if isinstance(L, int) else 2 * 77  # a dynamic context (long prompts): two chunks
     return {"sample": rng.standard_normal((2, 4, 32, 32), dtype=np.float32),
             "timestep": np.array([999.0, 500.0], np.float32),
             "c_k": rng.standard_normal((2, L, D), dtype=np.float32),

@@ -204,8 +204,12 @@ def test_cpu_bf16_units_reads_the_cpu_flags():
 
 
 def test_long_unicode_and_repeated_concept_prompts(run_bundle, tmp_path):
-    long = PROMPT + ", " + ", ".join(["very detailed"] * 40)
+    long = PROMPT + ", " + ", ".join(["very detailed"] * 40)  # over 75 tokens: read in chunks, nothing cut
     r = pm_run("--engine", run_bundle, "--prompt", long, "--concept", "alice", "--out", tmp_path / "l.png", *FAST)
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert re.search(r"long prompt: the prompt and negative prompt read in up to [234] chunks of 75 tokens", r.output)
+    longer = PROMPT + ", " + ", ".join(["very detailed"] * 200)  # over 4 chunks of 75
+    r = pm_run("--engine", run_bundle, "--prompt", longer, "--concept", "alice", "--out", tmp_path / "l.png", *FAST)
     assert r.exit_code == 0, r.output
     assert "warning: the prompt is" in r.output and "cut off at the same word" in r.output
     prompt = "<persona> und <persona> im Café, 東京の夜 🌃"
@@ -471,6 +475,13 @@ def test_settings_from_refuses_what_it_cannot_remake(run_bundle, tmp_path):
     assert r.exit_code == 0 and "warning: concept alice here is not the table" in r.output, r.output
     r = pm_run(*args, "--settings-from", settings("Backend: onnxruntime", "Backend: TensorRT 10.3 fp16, was"))
     assert r.exit_code == 0 and "expect small differences" in r.output, r.output
+    # a long prompt: pm-run before 0.3 cut it at 75 tokens, so its image is not remade
+    version, long = parse_parameters(text)["Version"], text.replace(PROMPT, PROMPT + ", " + "photo " * 90, 1)
+    for made_by, warned in ((version, False), ("personamagic-runtime 0.2.0", True)):
+        (tmp_path / "long.txt").write_text(long.replace(version, made_by), encoding="utf-8")
+        r = pm_run(*args, "--settings-from", tmp_path / "long.txt")
+        assert r.exit_code == 0 and ("which cut prompts at 75 tokens (BREAK ignored); this run read 2 chunks"
+                                     in r.output) == warned, r.output
 
 
 def test_settings_parse_takes_only_what_was_not_given(tmp_path):

@@ -292,6 +292,23 @@ def test_emphasis_weighs_the_contexts_where_they_are(fast_pipe, ort_pipe_here, m
     assert psnr(ref.images, ort_pipe_here.generate(prompt, emphasis="none", **kw).images) < 40.0  # it weighs
 
 
+def test_long_prompts_regroup_the_chunks_where_they_are(fast_pipe, ort_pipe_here, monkeypatch):
+    """A prompt of 2 chunks (A1111's 75-token chunks; BREAK starts the second) beside a negative prompt of
+    3: torch-cuda lines the chunks up on its device (DeviceArray.regrouped, 6 chunks per row), onnxruntime
+    in numpy; the same image, and a different one from the prompt cut to one chunk."""
+    from pm_runtime.backends.torch import DeviceArray
+
+    seen = []
+    regrouped = DeviceArray.regrouped
+    monkeypatch.setattr(DeviceArray, "regrouped", lambda self, i: seen.append(i.shape) or regrouped(self, i))
+    kw = dict(seed=233, steps=4, height=256, width=256, negative_prompt="ugly, " * 100)
+    prompt = "a photo of (<persona>:1.2) as a knight BREAK on a beach at sunset"
+    fast, ref = fast_pipe.generate(prompt, **kw), ort_pipe_here.generate(prompt, **kw)
+    assert seen and all(shape[1] == 6 for shape in seen) and not fast.warnings
+    assert psnr(fast.images, ref.images) >= 40.0
+    assert psnr(ref.images, ort_pipe_here.generate(prompt.replace("BREAK", ""), **kw).images) < 40.0
+
+
 def test_kv_step_and_per_context_tables_give_the_same_image(run_bundle, fast_pipe):
     """kv_step (default): two-row K/V buffers, the step's own row computed in the step; kv_step=False:
     a table row per context, filled once per image. Same numbers (fp32 on the CPU)."""

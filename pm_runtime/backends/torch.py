@@ -66,6 +66,14 @@ class DeviceArray:
         out = torch.where(changed[:, None, None], weighted, z)  # rows without weights: bit for bit
         return DeviceArray(out.to(self.tensor.dtype))
 
+    def regrouped(self, index: np.ndarray) -> "DeviceArray":
+        """(chunks, L, D) -> (rows, N * L, D), row r the chunks index[r] (N of them) one after the other
+        (pipeline._regroup where the values are); a new DeviceArray."""
+        import torch
+
+        t = self.tensor[torch.as_tensor(index, device=self.tensor.device)]  # (rows, N, L, D)
+        return DeviceArray(t.reshape(len(index), -1, t.shape[-1]))
+
 
 class TorchNetwork:
     def __init__(self, module, input_names, output_names, device, dtype, device_outputs: bool = False,

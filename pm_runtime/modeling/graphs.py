@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, ModelDims
+from ..specs import CONTEXT_CHUNKS, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, ModelDims
 from .attention import install_split_kv, join_contexts
 from .loading import BaseModel
 from .text_encoder import EquilibriumTextEncoder, clip_parts
@@ -80,7 +80,7 @@ def model_dims(base: BaseModel) -> ModelDims:
     return ModelDims(
         text_dim=int(text_cfg.hidden_size), max_length=int(text_cfg.max_position_embeddings), vocab_size=vocab,
         latent_channels=int(base.unet.config.in_channels),
-        vae_scale_factor=2 ** (len(base.vae.config.block_out_channels) - 1))
+        vae_scale_factor=2 ** (len(base.vae.config.block_out_channels) - 1), context_chunks=CONTEXT_CHUNKS)
 
 
 def graph_modules(base: BaseModel) -> dict[str, nn.Module]:
