@@ -222,8 +222,9 @@ def _bf16_hint(cfg: RunConfig, pipe) -> str | None:
 
 def _differences(record: dict, pipe, result) -> list[str]:
     """What keeps a --settings-from run from remaking the image's pixels: another concept table, model or
-    backend than the image records, a long prompt an older pm-run cut at 75 tokens."""
-    from .reproduce import ONE_CHUNK_VERSIONS
+    backend than the image records, what a pm-run before 0.3 read otherwise (a long prompt, prompt editing in
+    the negative prompt)."""
+    from .reproduce import BEFORE_0_3
 
     image, out = record["image"], []
     active = pipe.concept if result.uses_concept else None
@@ -235,9 +236,12 @@ def _differences(record: dict, pipe, result) -> list[str]:
     if record["backend"] and record["backend"] != result.backend:
         out.append(f"{image} was made with {record['backend']}, this run used {result.backend}: expect small "
                    "differences in the pixels")
-    if record.get("version") in ONE_CHUNK_VERSIONS and result.chunks > 1:
+    if record.get("version") in BEFORE_0_3 and result.chunks > 1:
         out.append(f"{image} was made by {record['version']}, which cut prompts at 75 tokens (BREAK ignored); "
                    f"this run read {result.chunks} chunks of 75 tokens: the image will differ")
+    if record.get("version") in BEFORE_0_3 and result.negative_step_texts:
+        out.append(f"{image} was made by {record['version']}, which read the negative prompt's editing syntax as "
+                   "words; this run switched its text between steps: the image will differ")
     return out
 
 
@@ -334,11 +338,12 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                 raise UserError(where + str(e)) from None
             for w in result.warnings:
                 log(f"warning: {where}{w}")
-            if result.step_texts and k == 0:  # what the prompt editing made of the prompt (the same every job)
-                stretches = result.prompt_schedule()
-                log(f"{where}prompt by step: " + "; ".join(
-                    f"{a}-{b}: {t!r}" if a != b else f"{a}: {t!r}" for (a, b), t in
-                    ((x["steps"], x["text"]) for x in stretches[:8])) + (" ..." if len(stretches) > 8 else ""))
+            for of_negative in (False, True):  # what the prompt editing made of the prompts (the same every job)
+                stretches = result.prompt_schedule(of_negative) if k == 0 else None
+                if stretches:
+                    log(f"{where}{'negative prompt' if of_negative else 'prompt'} by step: " + "; ".join(
+                        f"{a}-{b}: {t!r}" if a != b else f"{a}: {t!r}" for (a, b), t in
+                        ((x["steps"], x["text"]) for x in stretches[:8])) + (" ..." if len(stretches) > 8 else ""))
             if result.chunks > 1 and k == 0:
                 log(f"{where}long prompt: the prompt and negative prompt read in up to {result.chunks} chunks of "
                     "75 tokens each, as AUTOMATIC1111 reads them")
@@ -464,7 +469,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--concept", default=None,
               help="Concept name in the bundle, or a concept table file [default: the bundle's only concept].")
 @click.option("--negative-prompt", default=None,
-              help="[default: the published 'monochrome, lowres, bad anatomy, worst quality, low quality']")
+              help="What the image should not look like; emphasis, prompt editing and long prompts apply as in "
+                   "--prompt. [default: the published 'monochrome, lowres, bad anatomy, worst quality, low quality']")
 @click.option("--steps", default=50, show_default=True, type=int)
 @click.option("--guidance", default=8.0, show_default=True, type=float,
               help="Classifier-free guidance scale G: each step uses uncond + G x (cond - uncond) for any G (1: the prompt alone, 0: the negative prompt alone; diffusers instead skips guidance "

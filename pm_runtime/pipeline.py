@@ -110,14 +110,17 @@ class Generation:
     nsfw: list[bool] | None = None  # per image: flagged by the safety checker (its image is black); None: not checked
     step_texts: list[str] | None = None  # the prompt's text at each step, where prompt editing changes it
     chunks: int = 1  # the most 75-token chunks a text of this image took (the prompt's, the negative prompt's)
+    negative_step_texts: list[str] | None = None  # the negative prompt's, where prompt editing changes it
 
-    def prompt_schedule(self) -> list[dict] | None:
+    def prompt_schedule(self, negative: bool = False) -> list[dict] | None:
         """The stretches of steps with one text each ({"steps": [first, last] from 1, "text": ...}), where
-        prompt editing / alternation changes the prompt between steps; None where it does not."""
-        if not self.step_texts:
+        prompt editing / alternation changes the prompt (or the `negative` prompt) between steps; None where
+        it does not."""
+        texts = self.negative_step_texts if negative else self.step_texts
+        if not texts:
             return None
         out = []
-        for i, text in enumerate(self.step_texts, start=1):
+        for i, text in enumerate(texts, start=1):
             if out and out[-1]["text"] == text:
                 out[-1]["steps"][1] = i
             else:
@@ -178,7 +181,7 @@ class Generation:
         return {"settings": asdict(self.settings), "concept": self.concept.name if self.concept else None,
                 "uses_concept": self.uses_concept, "backend": self.backend, "timings": self.timings,
                 "warnings": self.warnings, "nsfw": self.nsfw, "prompt_schedule": self.prompt_schedule(),
-                "prompt_chunks": self.chunks}
+                "negative_prompt_schedule": self.prompt_schedule(negative=True), "prompt_chunks": self.chunks}
 
 
 def _is_cancelled(cancel) -> bool:
@@ -198,14 +201,16 @@ def _check_finite(stage: str, *arrays: np.ndarray) -> None:
 
 
 class _Prompts:
-    """A prompt's texts and their encodings (pm_runtime.prompt_schedule: one text, or one per stretch of
-    steps with A1111's prompt editing / alternation; emphasis "none" takes the prompt as one text)."""
+    """A prompt's and a negative prompt's texts and their encodings (pm_runtime.prompt_schedule: one text,
+    or one per stretch of steps with A1111's prompt editing / alternation; emphasis "none" takes each as one
+    text)."""
 
-    def __init__(self, pipe: "Pipeline", prompt: str, allow_no_concept: bool, concept, emphasis: str):
-        self.pipe, self.prompt, self.concept, self.emphasis = pipe, prompt, concept, emphasis
+    def __init__(self, pipe: "Pipeline", prompt: str, negative: str, allow_no_concept: bool, concept, emphasis: str):
+        self.pipe, self.prompt, self.negative, self.concept, self.emphasis = pipe, prompt, negative, concept, emphasis
         self.allow_no_concept = allow_no_concept
         self.encs: dict[str, EncodedPrompt] = {}
-        self.neg_ids, self.neg_weights, self.warnings = None, None, []
+        self.neg_encs: dict[str, EncodedPrompt] = {}  # the negative prompt's texts: plain, both versions equal
+        self.warnings: list[str] = []
 
     def encode(self, text: str) -> EncodedPrompt:
         """One text's encoding. A text of a scheduled prompt may lack the concept word (the schedule as a
@@ -228,24 +233,39 @@ class _Prompts:
         raise UserError(f"the prompt's editing syntax leaves the concept word {c.words.word} out of every step's text "
                         f"over {steps} steps")
 
+    def _schedule(self, text: str, steps: int) -> tuple[list[str], list[int]]:
+        if self.emphasis == "none":  # the text as plain text: no A1111 syntax at all
+            return [text], [0] * steps
+        return texts_per_step(text, steps)
+
     def per_step(self, steps: int) -> list[str]:
-        """The text of each sampling step (from 0), each encoded."""
-        if self.emphasis == "none":  # the prompt as plain text: no A1111 syntax at all
-            texts, index = [self.prompt], [0] * steps
-        else:
-            texts, index = texts_per_step(self.prompt, steps)
+        """The prompt's text of each sampling step (from 0), each encoded."""
+        texts, index = self._schedule(self.prompt, steps)
         for text in texts:
             self.encode(text)
+        return [texts[i] for i in index]
+
+    def neg_per_step(self, steps: int) -> list[str]:
+        """The negative prompt's text of each sampling step (from 0), each encoded."""
+        texts, index = self._schedule(self.negative, steps)
+        for text in texts:
+            if text not in self.neg_encs:
+                p = self.pipe
+                ids, weights, warn = encode_text(p.tokenizer, text, p.dims.max_length, "negative prompt",
+                                                 self.emphasis, p.max_chunks)
+                self.neg_encs[text] = EncodedPrompt(ids, ids, np.full(len(ids), -1, np.int64), False, tuple(warn),
+                                                    weights, weights)
         return [texts[i] for i in index]
 
     @property
     def uses_concept(self) -> bool:
         return any(e.uses_concept for e in self.encs.values())
 
-    def rows(self, keys: list[tuple[str, Context]]) -> list[tuple[EncodedPrompt, Context]]:
-        """(encoding, context) of each (text, context): the texts of a schedule padded with empty chunks to
-        the most chunks any of them takes (each version on its own), as AUTOMATIC1111 pads them."""
-        encs = {text: self.encs[text] for text, _ in keys}
+    def rows(self, keys: list[tuple[str, Context]], negative: bool = False) -> list[tuple[EncodedPrompt, Context]]:
+        """(encoding, context) of each (text, context) of the prompt (or the negative prompt): the texts of a
+        schedule padded with empty chunks to the most chunks any of them takes (each version on its own), as
+        AUTOMATIC1111 pads them."""
+        encs = {text: (self.neg_encs if negative else self.encs)[text] for text, _ in keys}
         if len(encs) > 1:
             L = self.pipe.dims.max_length
             most = [max(len(getattr(e, v)) for e in encs.values()) // L for v in ("super_ids", "concept_ids")]
@@ -428,22 +448,21 @@ class Pipeline:
         out of range (None, 0, 10**6: plan() refuses it later): the schedule is taken over 1 to 1000."""
         check_emphasis_mode(emphasis)
         steps = min(max(steps, 1), 1000) if isinstance(steps, int) else 1
-        syntax = [*a1111_syntax(prompt, "prompt", emphasis, scheduled=True, max_chunks=self.max_chunks),
-                  *a1111_syntax(negative_prompt, "negative prompt", emphasis, max_chunks=self.max_chunks)]
+        syntax = [*a1111_syntax(prompt, "prompt", emphasis, self.max_chunks),
+                  *a1111_syntax(negative_prompt, "negative prompt", emphasis, self.max_chunks)]
         if concept is None and concept_words_in(prompt) and len(self.bundle.concepts) > 1:
             names = ", ".join(c[F.QK_NAME] for c in self.bundle.concepts)
             raise UserError(f"the bundle has several concepts ({names}): choose one (--concept)")
-        prompts = _Prompts(self, prompt, allow_no_concept, concept, emphasis)
-        prompts.per_step(steps)  # every text of the schedule encoded (and checked) now
+        prompts = _Prompts(self, prompt, negative_prompt, allow_no_concept, concept, emphasis)
+        prompts.per_step(steps)  # every text of both schedules encoded (and checked) now
         prompts.check_concept(steps)
-        L = self.dims.max_length
-        neg_ids, neg_weights, neg_warn = encode_text(self.tokenizer, negative_prompt, L, "negative prompt", emphasis,
-                                                     self.max_chunks)
-        warnings = [*syntax, *dict.fromkeys(w for e in prompts.encs.values() for w in e.warnings), *neg_warn]
+        prompts.neg_per_step(steps)
+        warnings = [*syntax, *dict.fromkeys(w for e in (*prompts.encs.values(), *prompts.neg_encs.values())
+                                            for w in e.warnings)]
         if concept_words_in(negative_prompt):
             warnings.append(f"the negative prompt's {concept_words_in(negative_prompt)[0]} is read as plain text: "
                             "a concept applies to the prompt only")
-        prompts.neg_ids, prompts.neg_weights, prompts.warnings = neg_ids, neg_weights, warnings
+        prompts.warnings = warnings
         return prompts
 
     def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
@@ -495,24 +514,27 @@ class Pipeline:
         timings = {"load_s": 0.0}  # engine creation (first use, or every use in low-memory mode)
 
         # ---- contexts: one batched text-encoder call (chunked only beyond the engine's max batch); a row
-        # per distinct (text, stage context) of the steps (one text unless the prompt is scheduled)
+        # per distinct text of the negative prompt's steps (one unless it is scheduled), then one per distinct
+        # (text, stage context) of the prompt's steps (one text unless the prompt is scheduled)
         step_keys = prompts.step_keys(plan)
+        neg_steps = prompts.neg_per_step(len(plan))
+        neg_keys = list(dict.fromkeys((text, SUPER_CLASS) for text in neg_steps))
         keys = list(dict.fromkeys(step_keys))
         t0 = time.perf_counter()
         with self.backend.network(TEXT_ENCODER) as te:
             t1 = time.perf_counter()
-            encoded = prompts.rows(keys)
-            c_k, c_v, chunks = self._encode(te, encoded, prompts.neg_ids)  # (chunks, L, D) each
-            weights = _row_weights(encoded, prompts.neg_weights, chunks, self.dims.max_length)
+            encoded = [*prompts.rows(neg_keys, negative=True), *prompts.rows(keys)]
+            c_k, c_v, chunks = self._encode(te, encoded)  # (chunks, L, D) each
+            weights = _row_weights(encoded, chunks, self.dims.max_length)
             if weights is not None:  # emphasis: on the device where the contexts are (else numpy)
                 c_k, c_v = (_emphasise(c, weights, emphasis == "original") for c in (c_k, c_v))
             if max(chunks) > 1:  # a long prompt: each row's chunks one after the other, rows of one length
                 index = _chunk_index(chunks)
-                c_k, c_v = (_regroup(c, index) for c in (c_k, c_v))  # (1 + len(keys), N * L, D) each
+                c_k, c_v = (_regroup(c, index) for c in (c_k, c_v))  # (len(encoded), N * L, D) each
             timings["load_s"] += t1 - t0
             timings["text_encoder_s"] = time.perf_counter() - t1
         _check_finite("text encoder output (contexts)", c_k, c_v)
-        row = {key: i + 1 for i, key in enumerate(keys)}
+        row = {key: i for i, key in enumerate([*neg_keys, *keys])}
 
         # ---- denoising: images in groups that fit the UNet's batch (2 rows per image) and the VAE's
         group = max(1, min(self.specs[UNET].axes["batch"].max // 2, self.specs[VAE_DECODER].axes["batch"].max))
@@ -524,6 +546,8 @@ class Pipeline:
             t1 = time.perf_counter()
             timings["load_s"] += t1 - t0
             rows = np.array([row[key] for key in step_keys], np.int64)
+            neg_rows = (np.array([row[text, SUPER_CLASS] for text in neg_steps], np.int64) if len(neg_keys) > 1
+                        else None)  # None: the negative prompt's one row, row 0
             for g in groups:
                 def before(i, base=done):
                     if _is_cancelled(cancel):
@@ -536,7 +560,7 @@ class Pipeline:
                 noise = ((lambda i, g=g: pm_noise.step_noise(noise_seed, i, latents.shape)[g])
                          if sched.needs_noise else None)
                 job = DenoiseJob(latents[g] * np.float32(tables.init_noise_sigma), c_k, c_v, rows, tables,
-                                 float(guidance), noise, before, after)
+                                 float(guidance), noise, before, after, neg_rows)
                 x = self.backend.denoise(unet, job)
                 done += tables.num_steps
                 _check_finite(f"denoising loop ({scheduler}, {tables.num_steps} UNet steps) latents", x)
@@ -570,7 +594,8 @@ class Pipeline:
         step_texts = [text for text, _ in step_keys]
         return Generation(images, settings, concept, uses_concept, plan, tables.timesteps, timings,
                           self.backend.describe(), model, warnings, nsfw,
-                          step_texts if len(set(step_texts)) > 1 else None, max(chunks))
+                          step_texts if len(set(step_texts)) > 1 else None, max(chunks),
+                          neg_steps if len(neg_keys) > 1 else None)
 
     def _safety_check(self, images: np.ndarray, timings: dict) -> list[bool]:
         """The bundle's safety checker on the finished images (N, H, W, 3) uint8: flagged ones are
@@ -590,19 +615,20 @@ class Pipeline:
         images[np.array(flags, bool)] = 0
         return flags
 
-    def _encode(self, te, rows: list[tuple[EncodedPrompt, Context]], neg_ids: np.ndarray):
-        """Rows [negative prompt, *rows] -> (c_k, c_v, chunks): c_k and c_v (sum(chunks), L, D), each row's
-        chunks (prompt_encoding) one after the other, `chunks` the number of each row. A row is a prompt's
-        super-class version, or its concept version with the table row of the context's timestep."""
+    def _encode(self, te, rows: list[tuple[EncodedPrompt, Context]]):
+        """Rows -> (c_k, c_v, chunks): c_k and c_v (sum(chunks), L, D), each row's chunks (prompt_encoding)
+        one after the other, `chunks` the number of each row. A row is a text's super-class version (the
+        negative prompt's texts: their plain one), or its concept version with the table row of the context's
+        timestep."""
         L, D = self.dims.max_length, self.dims.text_dim
-        versions = [neg_ids, *(enc.concept_ids if c.is_concept else enc.super_ids for enc, c in rows)]
+        versions = [enc.concept_ids if c.is_concept else enc.super_ids for enc, c in rows]
         chunks = [len(v) // L for v in versions]
         ids = np.concatenate(versions).reshape(-1, L)
         n = len(ids)
         embeds, bypass = np.zeros((n, L, D), np.float32), np.zeros((n, L, D), np.float32)
         mask = np.zeros((n, L), bool)
         start = np.cumsum([0, *chunks])
-        for r, (enc, c) in enumerate(rows, start=1):
+        for r, (enc, c) in enumerate(rows):
             if c.is_concept:  # (a text without the concept word reads the super-class context: step_keys)
                 E, B = self.concept.table.row(c.t)  # (K, D) each
                 m = enc.mask.reshape(-1, L)
@@ -629,12 +655,11 @@ class Pipeline:
         self.close()
 
 
-def _row_weights(rows: list[tuple[EncodedPrompt, Context]], neg_weights: np.ndarray | None, chunks: list[int],
-                 length: int) -> np.ndarray | None:
-    """(sum(chunks), L) emphasis weights of the text encoder's rows (Pipeline._encode: the negative prompt's
-    chunks, then each row's; a concept context weighs its prompt's concept version's positions, the others
-    the super-class version's), or None where every weight is 1."""
-    weights = [neg_weights, *(e.concept_weights if c.is_concept else e.super_weights for e, c in rows)]
+def _row_weights(rows: list[tuple[EncodedPrompt, Context]], chunks: list[int], length: int) -> np.ndarray | None:
+    """(sum(chunks), L) emphasis weights of the text encoder's rows (Pipeline._encode: each row's chunks; a
+    concept context weighs its prompt's concept version's positions, the others the super-class version's),
+    or None where every weight is 1."""
+    weights = [e.concept_weights if c.is_concept else e.super_weights for e, c in rows]
     if all(w is None for w in weights):
         return None
     return np.concatenate([np.ones(n * length, np.float32) if w is None else w

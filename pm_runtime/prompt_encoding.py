@@ -55,8 +55,6 @@ WEIGHTED_MODES = ("original", "no-norm")  # the modes that weight the text encod
 _EMPHASIS_PIECE = re.compile(r"\\[()\[\]\\]|\\|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _BREAK_MARK = ("BREAK", -1.0)  # where A1111 starts a new 75-token chunk (only at exactly this weight)
-# the emphasis syntax AUTOMATIC1111 reads before weighting: [from:to:when] prompt editing, [a|b] alternation
-_PROMPT_EDITING = re.compile(r"\[[^\[\]]*[:|][^\[\]]*\]")
 # what pm-run (--emphasis none) reads as words but AUTOMATIC1111 as weights: (words:1.3), ((words)), [words]
 _EMPHASIS = re.compile(r"\([^()]*:\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*\)|\(\([^()]*\)\)|\[[^\[\]]+\]")
 
@@ -301,14 +299,11 @@ def apply_emphasis(z: np.ndarray, weights: np.ndarray, normalize: bool = True) -
     return z
 
 
-def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original", scheduled: bool = False,
-                 max_chunks: int = 1) -> list[str]:
+def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original", max_chunks: int = 1) -> list[str]:
     """What a prompt written for AUTOMATIC1111 would not get here: UserError for an extra-network tag
-    (<lora:...>: pm-run would otherwise call it a second concept word); warnings for prompt editing and
-    alternation ([a:b:0.5], [a|b]) where they are not `scheduled` (the negative prompt: read as
-    de-emphasised words) and BREAK where emphasis is parsed and the bundle takes one chunk (`max_chunks` 1:
-    A1111 starts a second 75-token chunk there), and for emphasis syntax, which CLIP then reads as words,
-    with emphasis "none"."""
+    (<lora:...>: pm-run would otherwise call it a second concept word); warnings for BREAK where emphasis is
+    parsed and the bundle takes one chunk (`max_chunks` 1: A1111 starts a second 75-token chunk there), and
+    for emphasis syntax, which CLIP then reads as words, with emphasis "none"."""
     m = _EXTRA_NETWORK.search(text)
     if m:
         raise UserError(f"the {what} holds {m.group(0)}: AUTOMATIC1111's LoRA / hypernetwork tags are not applied "
@@ -319,11 +314,6 @@ def a1111_syntax(text: str, what: str = "prompt", emphasis: str = "original", sc
         return [f"the {what} uses AUTOMATIC1111's emphasis syntax, \"{m.group(0)}\", which --emphasis none reads "
                 "as words (the brackets and numbers too)"] if m else []
     said = []
-    m = None if scheduled else _PROMPT_EDITING.search(text)
-    if m:
-        said.append(f"the {what} uses AUTOMATIC1111's prompt editing or alternation, \"{m.group(0)}\": pm-run "
-                    f"switches words during sampling in the prompt only; in the {what} the text inside the square "
-                    "brackets is read as it stands, weighted 1/1.1")
     if max_chunks == 1 and _runs(text, emphasis)[1]:
         said.append(f"the {what} uses BREAK: AUTOMATIC1111 starts a second 75-token chunk there; this bundle's UNet "
                     "takes one chunk (bundles exported by pm-export 0.3 or later take four), so the text after BREAK "

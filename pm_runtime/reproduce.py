@@ -31,8 +31,9 @@ _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG 
 EMPHASIS_BY_NAME = {v: k for k, v in EMPHASIS_MODES.items()}
 # pm-run versions that read emphasis syntax as words (and recorded no Emphasis): their images are remade so
 _WORDS_ONLY_VERSIONS = {"personamagic-runtime 0.1.0"}
-# pm-run versions that cut every prompt at CLIP's 75 tokens (one chunk) and ignored BREAK
-ONE_CHUNK_VERSIONS = {"personamagic-runtime 0.1.0", "personamagic-runtime 0.2.0"}
+# pm-run versions before 0.3: every prompt cut at CLIP's 75 tokens (one chunk, BREAK ignored), the negative
+# prompt's editing syntax read as words
+BEFORE_0_3 = {"personamagic-runtime 0.1.0", "personamagic-runtime 0.2.0"}
 
 
 @dataclass(frozen=True)

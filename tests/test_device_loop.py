@@ -102,6 +102,23 @@ def test_device_loop_equals_host_loop(run_bundle, name):
     assert np.abs(a - b.astype(int)).max() <= 1
 
 
+def test_device_loop_takes_scheduled_negative_prompts_and_long_prompts(run_bundle):
+    """A negative prompt that changes between steps (its row per step) and contexts of several chunks:
+    the device loop's pairs of rows give the host loop's image."""
+    from pm_runtime.bundle import open_bundle
+    from pm_runtime.pipeline import Pipeline
+
+    bundle = open_bundle(run_bundle)
+    kw = dict(seed=5, steps=5, scheduler="dpmpp-2m", height=256, width=256, negative_prompt="[ugly|blurry], " * 60)
+    host = Pipeline(bundle, OnnxRuntimeBackend(bundle), concept="alice", safety_checker=False)
+    dev_backend = DeviceLoopOnHost(bundle)
+    dev = Pipeline(bundle, dev_backend, concept="alice", safety_checker=False)
+    a = host.generate("a photo of <persona> in a garden", **kw)
+    b = dev.generate("a photo of <persona> in a garden", **kw)
+    assert set(a.negative_step_texts) == {"ugly, " * 60, "blurry, " * 60} and a.chunks > 1
+    assert dev_backend.ops_made and np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1
+
+
 def test_device_loop_cancel(run_bundle):
     from pm_runtime.bundle import open_bundle
     from pm_runtime.pipeline import Cancelled, Pipeline

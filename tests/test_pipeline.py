@@ -343,8 +343,7 @@ def test_prompt_editing_and_alternation_switch_the_text_between_steps(ort_pipe, 
     with pytest.raises(UserError, match="over 50 steps"):
         ort_pipe.check_prompt("a photo of [<persona>:a face:0.01]")
     assert ort_pipe.check_prompt("a photo of [<persona>:a face:0.01]", steps=200) == []
-    said = ort_pipe.check_prompt(PROMPT, negative_prompt="[ugly:blurry:0.5]")
-    assert len(said) == 1 and "switches words during sampling in the prompt only" in said[0]
+    assert ort_pipe.check_prompt(PROMPT, negative_prompt="[ugly:blurry:0.5]") == []  # scheduled too (below)
     calls.clear()  # emphasis "none": the prompt as plain text, brackets and all
     ort_pipe.generate("a photo of <persona> as a [knight|wizard]", emphasis="none", **kw)
     te = [c for c in calls if c[0] == TEXT_ENCODER][0]
@@ -353,15 +352,15 @@ def test_prompt_editing_and_alternation_switch_the_text_between_steps(ort_pipe, 
 
 def test_text_encoder_batches_beyond_the_engine_limit(ort_pipe, calls):
     """More contexts than the text encoder's max batch (64): chunked, same values as one by one."""
-    from pm_runtime.prompt_encoding import encode_plain, encode_prompt
+    from pm_runtime.prompt_encoding import encode_prompt
 
     p = ort_pipe
     enc = encode_prompt(p.tokenizer, PROMPT, p.concept.words)
-    neg, _ = encode_plain(p.tokenizer, "ugly", 77)
+    neg = encode_prompt(p.tokenizer, "ugly", None)  # the negative prompt's row: its plain version
     contexts = [SUPER_CLASS] + [Context(t) for t in range(400, 470)]
     with p.backend.network(TEXT_ENCODER) as te:
-        c_k, c_v, chunks = p._encode(te, [(enc, c) for c in contexts], neg)
-        single_k, single_v, _ = p._encode(te, [(enc, Context(469))], neg)
+        c_k, c_v, chunks = p._encode(te, [(neg, SUPER_CLASS), *((enc, c) for c in contexts)])
+        single_k, single_v, _ = p._encode(te, [(neg, SUPER_CLASS), (enc, Context(469))])
     assert c_k.shape[0] == 72 and chunks == [1] * 72 and [len(i["input_ids"]) for n, i, _ in calls[:2]] == [64, 8]
     assert np.abs(c_k[-1] - single_k[-1]).max() <= 1e-5 and np.abs(c_v[-1] - single_v[-1]).max() <= 1e-5
 
@@ -423,6 +422,33 @@ def test_prompt_editing_pads_the_shorter_texts_with_empty_chunks(ort_pipe, calls
                     seen.add(text)
     assert seen == {short, long}
     assert all(i["c_k"].shape[1] == 2 * 77 for n, i, _ in calls if n == UNET)
+
+
+def test_prompt_editing_in_the_negative_prompt_switches_the_unconditional_row(ort_pipe, calls):
+    """A1111 schedules the negative prompt as it schedules the prompt: its texts are text-encoder rows before
+    the prompt's (padded to one chunk count, as the prompt's texts are), and each step's unconditional half
+    reads its step's text. The host loop, the device loop (test_device_loop) and torch-cuda
+    (test_torch_cuda) take the per-step row."""
+    from pm_runtime.prompt_encoding import encode_text
+
+    p = ort_pipe
+    kw = dict(seed=3, steps=4, height=SIDE, width=SIDE, scheduler="euler")
+    g = p.generate(PROMPT, negative_prompt="[ugly:blurry:0.5]", **kw)
+    assert g.negative_step_texts == ["ugly"] * 3 + ["blurry"] and g.step_texts is None and not g.warnings
+    assert g.prompt_schedule(negative=True) == [{"steps": [1, 3], "text": "ugly"}, {"steps": [4, 4], "text": "blurry"}]
+    (te_in, te_out), = [(i, o) for n, i, o in calls if n == TEXT_ENCODER]
+    for r, text in enumerate(("ugly", "blurry")):
+        assert np.array_equal(te_in["input_ids"][r], encode_text(p.tokenizer, text, 77)[0])
+    unet = [i for n, i, _ in calls if n == UNET]
+    for step, i in enumerate(unet):
+        r = 0 if step < 3 else 1
+        assert np.array_equal(i["c_k"][0], te_out["c_k"][r]) and np.array_equal(i["c_v"][0], te_out["c_v"][r])
+        assert not np.array_equal(i["c_k"][1], te_out["c_k"][0])  # the conditional half: the prompt's rows
+    fixed = p.generate(PROMPT, negative_prompt="ugly", **kw).images
+    assert not np.array_equal(g.images, fixed)
+    assert np.array_equal(p.generate(PROMPT, negative_prompt="[ugly:blurry:1.0]", **kw).images, fixed)  # never blurry
+    plain = p.generate(PROMPT, negative_prompt="[ugly:blurry:0.5]", emphasis="none", **kw)
+    assert plain.negative_step_texts is None  # --emphasis none: the text as it stands
 
 
 def test_repeated_chunks_give_the_unet_output_of_separate_calls(ort_pipe):

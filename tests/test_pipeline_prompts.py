@@ -196,10 +196,11 @@ def test_a1111_syntax_is_recognised_and_plain_text_is_not():
             assert a1111_syntax(f"a photo of <persona>, {text}, by the sea") == [], text
     for text in ("a (1990s) photo", "time 10:30 (morning)", "photo, 35mm, f/1.8", "a <persona> portrait", "(a)"):
         assert a1111_syntax(text, emphasis="none") == [], text
-    # what the emphasis modes do not do: prompt editing / alternation, BREAK's second chunk
+    # prompt editing / alternation apply (pm_runtime.prompt_schedule, the negative prompt too): nothing to say;
+    # BREAK's second chunk where the bundle takes one chunk
     for text in ("[cat:dog:0.5]", "[cat::0.2]", "[cat|dog]"):
-        said = a1111_syntax(f"<persona>, {text}", emphasis="original")
-        assert len(said) == 1 and f'prompt editing or alternation, "{text}"' in said[0], text
+        for what in ("prompt", "negative prompt"):
+            assert a1111_syntax(f"<persona>, {text}", what, emphasis="original") == [], text
     said = a1111_syntax("<persona> on a beach BREAK sunset", "negative prompt", emphasis="ignore")
     assert len(said) == 1 and said[0].startswith("the negative prompt uses BREAK: AUTOMATIC1111 starts a second")
     assert a1111_syntax("<persona> on a beach BREAK sunset", emphasis="none") == []  # a word there, as in A1111

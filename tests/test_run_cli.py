@@ -482,6 +482,13 @@ def test_settings_from_refuses_what_it_cannot_remake(run_bundle, tmp_path):
         r = pm_run(*args, "--settings-from", tmp_path / "long.txt")
         assert r.exit_code == 0 and ("which cut prompts at 75 tokens (BREAK ignored); this run read 2 chunks"
                                      in r.output) == warned, r.output
+    # prompt editing in the negative prompt: read as words before 0.3
+    negative = parse_parameters(text)["Negative prompt"]
+    edited = text.replace(f"Negative prompt: {negative}", "Negative prompt: [ugly:blurry:1]", 1)
+    for made_by, warned in ((version, False), ("personamagic-runtime 0.2.0", True)):
+        (tmp_path / "neg.txt").write_text(edited.replace(version, made_by), encoding="utf-8")
+        r = pm_run(*args, "--settings-from", tmp_path / "neg.txt", "--steps", "3")  # ugly at steps 1-2, then blurry
+        assert r.exit_code == 0 and ("which read the negative prompt's editing syntax as words" in r.output) == warned
 
 
 def test_settings_parse_takes_only_what_was_not_given(tmp_path):
@@ -577,6 +584,12 @@ def test_prompt_editing_is_said_and_listed(run_bundle, tmp_path):
     run = json.loads(r.stdout)  # one run: its record at the top level
     assert [x["steps"] for x in run["prompt_schedule"]] == [[1, 2], [3, 3]]
     assert run["settings"]["prompt"] == "a photo of <persona> as a [knight|wizard]"  # as written (and in the PNG)
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--negative-prompt", "[ugly:blurry:1]", "--concept",
+               "alice", "--out", tmp_path / "neg.png", "--json", *FAST, "--steps", "3")
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+    assert "negative prompt by step: 1-2: 'ugly'; 3: 'blurry'" in r.stderr and "\nprompt by step" not in r.stderr
+    run = json.loads(r.stdout)
+    assert run["prompt_schedule"] is None and [x["text"] for x in run["negative_prompt_schedule"]] == ["ugly", "blurry"]
 
 
 def test_beta_schedule_is_recorded_as_automatic1111_writes_it(run_bundle, tmp_path):

@@ -309,6 +309,19 @@ def test_long_prompts_regroup_the_chunks_where_they_are(fast_pipe, ort_pipe_here
     assert psnr(ref.images, ort_pipe_here.generate(prompt.replace("BREAK", ""), **kw).images) < 40.0
 
 
+def test_a_scheduled_negative_prompt_reads_table_rows(fast_pipe, ort_pipe_here):
+    """kv_step computes the negative prompt's K/V once per image; a negative prompt that changes between steps
+    takes the step graph with a K/V table row per context instead (its own loop), the same image as
+    onnxruntime's; a fixed negative prompt gets the kv_step graph back."""
+    kw = dict(seed=233, steps=4, height=256, width=256, negative_prompt="[ugly:blurry:0.5]")
+    fast, ref = fast_pipe.generate(PROMPT, **kw), ort_pipe_here.generate(PROMPT, **kw)
+    loop = next(iter(fast_pipe.backend._loops.values()))
+    assert not loop.step_kv and loop.indexed and fast.negative_step_texts == ref.negative_step_texts
+    assert psnr(fast.images, ref.images) >= 40.0
+    fast_pipe.generate(PROMPT, **{**kw, "negative_prompt": "ugly"})
+    assert next(iter(fast_pipe.backend._loops.values())).step_kv
+
+
 def test_kv_step_and_per_context_tables_give_the_same_image(run_bundle, fast_pipe):
     """kv_step (default): two-row K/V buffers, the step's own row computed in the step; kv_step=False:
     a table row per context, filled once per image. Same numbers (fp32 on the CPU)."""

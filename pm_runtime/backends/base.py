@@ -74,12 +74,13 @@ class DenoiseJob:
     """One group of images' denoising loop, as the pipeline hands it to a backend.
 
     Per step i: the UNet runs once on [uncond; cond] (2n rows): the unconditional half reads
-    context row 0 (the negative prompt), the conditional half row rows[i]; then
+    context row neg_row(i) (the negative prompt: row 0 unless it is scheduled), the conditional half
+    row rows[i]; then
     o = uncond + guidance * (cond - uncond) and the scheduler step (explicit state; noise(i) for
     samplers that need it)."""
 
     latents: np.ndarray                 # (n, C, h, w) float32, already scaled by init_noise_sigma
-    c_k: np.ndarray                     # (rows, L, D) float32 key contexts; row 0: the negative prompt
+    c_k: np.ndarray                     # (rows, L, D) float32 key contexts; the negative prompt's rows first
     c_v: np.ndarray                     # (rows, L, D) float32 value contexts
     rows: np.ndarray                    # (steps,) int: the conditional context row of each step
     tables: Tables
@@ -87,20 +88,31 @@ class DenoiseJob:
     noise: Callable[[int], np.ndarray] | None  # step -> (n, C, h, w) standard normal; None if unused
     before_step: Callable[[int], None]  # called before every step (raises to cancel)
     after_step: Callable[[int], None]   # called after every step (progress)
+    # (steps,) int: the unconditional context row of each step, where prompt editing schedules the
+    # negative prompt; None: row 0 at every step
+    neg_rows: np.ndarray | None = None
+
+    def neg_row(self, i: int) -> int:
+        return 0 if self.neg_rows is None else int(self.neg_rows[i])
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(unconditional row, conditional row) of every step."""
+        return [(self.neg_row(i), int(r)) for i, r in enumerate(self.rows)]
 
 
 def denoise_on_host(unet: "CheckedNetwork", job: DenoiseJob) -> np.ndarray:
     """The loop with numpy between steps: one `unet.run` per step, guidance and scheduler step
     on the host. Returns the final latents (n, C, h, w)."""
     n, tables = job.latents.shape[0], job.tables
-    per_row = {}  # context row -> (c_k, c_v) of the UNet batch [uncond; cond], (2n, L, D) each
-    for r in sorted(set(int(r) for r in job.rows)):
-        per_row[r] = tuple(np.concatenate([np.repeat(c[:1], n, 0), np.repeat(c[r:r + 1], n, 0)])
-                           for c in (job.c_k, job.c_v))
+    pairs = job.pairs()
+    per_row = {}  # (uncond row, cond row) -> (c_k, c_v) of the UNet batch [uncond; cond], (2n, L, D) each
+    for u, r in sorted(set(pairs)):
+        per_row[u, r] = tuple(np.concatenate([np.repeat(c[u:u + 1], n, 0), np.repeat(c[r:r + 1], n, 0)])
+                              for c in (job.c_k, job.c_v))
     x, state = job.latents, None
     for i in range(tables.num_steps):
         job.before_step(i)
-        ck, cv = per_row[int(job.rows[i])]
+        ck, cv = per_row[pairs[i]]
         xin = schedulers.scale_model_input(i, x, tables)
         out = unet.run({"sample": np.concatenate([xin, xin]),
                         "timestep": np.full(2 * n, tables.timesteps[i], np.float32),

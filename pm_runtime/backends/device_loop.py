@@ -1,7 +1,7 @@
 """The denoising loop with everything on the device (DESIGN §3): the GPU backends' `denoise`.
 
 Before the loop, ONE upload of everything the loop will read: the initial latents and first UNet
-input, the context pair [negative x n; concept row x n] of every distinct row, the timestep row
+input, the context pair [negative x n; concept row x n] of every distinct pair, the timestep row
 of every step, the step graph's coefficient row of every step (step_coefficients) and, for
 euler-a and the -sde schedulers, the noise of every step. Per step: the UNet runs on device buffers, then the step graph
 (pm_runtime.specs STEP: guidance + scheduler update + the next UNet input) reads its output and
@@ -102,10 +102,10 @@ def denoise_on_device(ops: DeviceOps, unet, step, job: DenoiseJob) -> np.ndarray
     n, steps = x_host.shape[0], lin.num_steps
     shape = x_host.shape
     try:
-        contexts = {}
-        for r in sorted({int(r) for r in job.rows}):
-            contexts[r] = tuple(ops.put(np.concatenate([np.repeat(c[:1], n, 0), np.repeat(c[r:r + 1], n, 0)]))
-                                for c in (job.c_k, job.c_v))
+        pairs, contexts = job.pairs(), {}  # (negative row, concept row) of each step
+        for u, r in sorted(set(pairs)):
+            contexts[u, r] = tuple(ops.put(np.concatenate([np.repeat(c[u:u + 1], n, 0), np.repeat(c[r:r + 1], n, 0)]))
+                                   for c in (job.c_k, job.c_v))
         timesteps = ops.put_rows(np.repeat(lin.timesteps.astype(np.float32)[:, None], 2 * n, 1))  # (steps, 2n)
         coef = ops.put_rows(step_coefficients(lin, job.guidance))
         if lin.needs_noise:
@@ -121,7 +121,7 @@ def denoise_on_device(ops: DeviceOps, unet, step, job: DenoiseJob) -> np.ndarray
         noise_pred = ops.zeros((2 * n, *shape[1:]))
         for i in range(steps):
             job.before_step(i)
-            c_k, c_v = contexts[int(job.rows[i])]
+            c_k, c_v = contexts[pairs[i]]
             ops.run(unet, {"sample": unet_in, "timestep": ops.row(timesteps, i), "c_k": c_k, "c_v": c_v},
                     {"noise_pred": noise_pred})
             ops.run(step, {"noise_pred": noise_pred, "sample": x[i % 2], "x0_prev": x0[i % 2],

@@ -320,7 +320,7 @@ class TorchCudaBackend(Backend):
                 n == VAE_DECODER and self.vae_channels_last)) for n, m in self.modules.items()}
         else:
             self._parked = {n: _Parked(self.modules[n], self.torch_device) for n in self.on_host if n in self.modules}
-        self._loops: dict = {}  # (n, C, h, w, L, D, rows capacity) -> StepGraph
+        self._loops: dict = {}  # (n, C, h, w, L, D, rows capacity, max steps, kv_step) -> StepGraph
 
     # ------------------------------------------------------------------ availability and loading
     @classmethod
@@ -669,7 +669,9 @@ class TorchCudaBackend(Backend):
         # steps the graph's tables hold: the time tables are (steps, sum of the ResNets' widths), 2.4 MB
         # in fp16 at SD 1.5 widths for 64 steps (38 MB for 1000)
         max_steps = 1 << max(6, (lin.num_steps - 1).bit_length())
-        key = (n, C, h, w, L, D, capacity, max_steps)
+        # kv_step computes the negative prompt's K/V once per image: a scheduled one reads table rows instead
+        kv_step = self.kv_step and (job.neg_rows is None or len(set(job.neg_rows.tolist())) == 1)
+        key = (n, C, h, w, L, D, capacity, max_steps, kv_step)
         loop = self._loops.get(key)
         if loop is None:
             self._loops.clear()  # one captured graph at a time: its memory pool is freed with it
@@ -680,7 +682,7 @@ class TorchCudaBackend(Backend):
                                  dtype=self.torch_dtype, device=self.torch_device, cuda_graph=self.cuda_graph,
                                  kv_tables=self.kv_tables, sequential=self.sequential_guidance, max_steps=max_steps,
                                  time_tables=self.time_tables, step_kernels=self.step_kernels,
-                                 pool=self._pool, kv_graph=self.shared_pool, tune=self.tune, kv_step=self.kv_step,
+                                 pool=self._pool, kv_graph=self.shared_pool, tune=self.tune, kv_step=kv_step,
                                  on_tune=lambda: self._tuning_note(h, w))
             self._loops[key] = loop
         noise = None
@@ -688,7 +690,7 @@ class TorchCudaBackend(Backend):
             noise = np.stack([job.noise(i) for i in range(lin.num_steps)])  # (steps, n, C, h, w)
         with torch.inference_mode(), self._sdpa_choice(), self._tuning():
             x = loop.run(job.latents, job.c_k, job.c_v, job.rows, lin, job.guidance, noise,
-                         job.before_step, job.after_step)
+                         job.before_step, job.after_step, job.neg_rows)
         return x
 
 

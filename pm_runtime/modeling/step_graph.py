@@ -1,7 +1,8 @@
 """One whole denoising step on static device buffers, captured once as a CUDA graph.
 
     step i:  xin = input_scale[i] * x                         (n, C, h, w)
-             out = unet([xin; xin], t[i], [C_k row 0; C_k row rows[i]], [C_v ...])   (2n, C, h, w)
+             out = unet([xin; xin], t[i], [C_k row neg[i]; C_k row rows[i]], [C_v ...])   (2n, C, h, w)
+                   (neg[i]: the negative prompt's row, 0 unless prompt editing schedules it)
                    (sequential=True: the two halves in two UNet calls of n, one after the other:
                    the captured graph's pool then holds the activations of n samples, not 2n)
              o   = out_uncond + guidance * (out_cond - out_uncond)
@@ -199,10 +200,10 @@ class StepGraph:
         self.clip = torch.full((), float("inf"), **f32)
         self.timesteps = torch.zeros(max_steps, **f32)
         self.input_scale = torch.zeros(max_steps, **f32)
-        # the UNet batch's context rows per step: n x row 0 (negative prompt), then n x rows[i]
+        # the UNet batch's context rows per step: n x the negative prompt's row, then n x rows[i]
         self.kv_rows = torch.zeros((max_steps, 2 * n), dtype=torch.int64, device=self.device)
         self.cond_rows = torch.zeros(max_steps, dtype=torch.int64, device=self.device)  # kv_step: each step's context row
-        self.c_k = torch.zeros((rows, *context_shape), dtype=dtype, device=self.device)  # row 0: negative prompt
+        self.c_k = torch.zeros((rows, *context_shape), dtype=dtype, device=self.device)  # negative prompt's rows first
         self.c_v = torch.zeros_like(self.c_k)
         self.guidance = torch.zeros((), **f32)
         self.max_steps, self.capacity = max_steps, rows
@@ -292,11 +293,17 @@ class StepGraph:
 
     # ------------------------------------------------------------------ one image (group)
     def load(self, latents: np.ndarray, c_k: np.ndarray, c_v: np.ndarray, rows: np.ndarray, lin: LinearSteps,
-             guidance: float) -> None:
+             guidance: float, neg_rows: np.ndarray | None = None) -> None:
+        """One image group's values into the buffers; `neg_rows` (steps,): the negative prompt's row of each
+        step where it is scheduled (None: row 0; kv_step computes that row once, so it takes one row only)."""
         steps = lin.num_steps
         if steps > self.max_steps or len(c_k) > self.capacity:
             raise ValueError(f"{steps} steps / {len(c_k)} context rows exceed the step graph's "
                              f"{self.max_steps} / {self.capacity}")
+        neg_rows = np.zeros(len(rows), np.int64) if neg_rows is None else np.asarray(neg_rows, np.int64)
+        if self.step_kv and len(set(neg_rows.tolist())) > 1:
+            raise ValueError("kv_step reads one negative-prompt row per image; a scheduled negative prompt needs "
+                             "kv_step=False")
         dev = self.device
 
         def put(buf, values):
@@ -312,15 +319,16 @@ class StepGraph:
         put(self.coef, lin.coef)
         put(self.timesteps, lin.timesteps)
         put(self.input_scale, lin.input_scale)
-        rows = np.asarray(rows, np.int64)[:, None]
+        rows, uncond = np.asarray(rows, np.int64)[:, None], neg_rows[:, None]
         if self.step_kv:  # the UNet reads row 0 (negative prompt) for the first n samples, row 1 (the step's) for the rest
             put(self.cond_rows, rows[:, 0])
-            rows = np.ones_like(rows)
-        put(self.kv_rows, np.concatenate([np.zeros((len(rows), self.n), np.int64), np.repeat(rows, self.n, 1)], 1))
+            rows, uncond = np.ones_like(rows), np.zeros_like(uncond)
+        put(self.kv_rows, np.concatenate([np.repeat(uncond, self.n, 1), np.repeat(rows, self.n, 1)], 1))
         put(self.c_k, c_k)
         put(self.c_v, c_v)
         if self.step_kv:  # the negative prompt's K/V, once (each step computes its own context's)
-            self.unet.set_step_contexts(self.c_k[:1], self.c_v[:1], 0)
+            r0 = int(neg_rows[0]) if len(neg_rows) else 0
+            self.unet.set_step_contexts(self.c_k[r0:r0 + 1], self.c_v[r0:r0 + 1], 0)
         elif self.kv_fill is not None:  # K/V of every row of the buffers, once (its own graph)
             self.kv_fill.replay()
         elif self.indexed:
@@ -331,9 +339,10 @@ class StepGraph:
         self.guidance.fill_(float(guidance))
 
     def run(self, latents, c_k, c_v, rows, lin: LinearSteps, guidance: float, noise: np.ndarray | None,
-            before_step: Callable[[int], None], after_step: Callable[[int], None]) -> np.ndarray:
+            before_step: Callable[[int], None], after_step: Callable[[int], None],
+            neg_rows: np.ndarray | None = None) -> np.ndarray:
         """The whole loop; returns the final latents (n, C, h, w) float32 on the host."""
-        self.load(latents, c_k, c_v, rows, lin, guidance)
+        self.load(latents, c_k, c_v, rows, lin, guidance, neg_rows)
         noise_dev = None if noise is None else torch.from_numpy(np.ascontiguousarray(noise, np.float32)).to(self.device)
         for i in range(lin.num_steps):
             before_step(i)
