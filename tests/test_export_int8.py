@@ -24,7 +24,10 @@ def static_int8_bundle(tiny_model, trained_concept, tmp_path_factory):
     return _export(tiny_model, trained_concept, tmp_path_factory.mktemp("static") / "b", "static-qdq", int8_vae=True)
 
 
-@pytest.mark.parametrize("mode", ["dynamic-matmul", "weight-only-qdq", "static-qdq"])
+# the default run exports one mode end to end (static-qdq, the one with calibration and the int8 VAE); the
+# other modes' quantization is checked on the UNet graph in test_quantize, their whole export with -m slow
+@pytest.mark.parametrize("mode", [pytest.param("dynamic-matmul", marks=pytest.mark.slow),
+                                  pytest.param("weight-only-qdq", marks=pytest.mark.slow), "static-qdq"])
 def test_pm_export_int8_bundle_runs(tiny_model, trained_concept, run_bundle, tmp_path, mode, request):
     """pm-export --int8 MODE ships an int8 unet.onnx (validated, precision int8) that pm-run's
     onnxruntime backend runs; its image stays close to the fp32 bundle's. static-qdq: with --int8-vae,
