@@ -12,6 +12,7 @@ from . import formats as F
 from .bundle import (check_file, component_files, editing_bundle, inside, listed_files, open_bundle, sha256_file,
                      write_manifest)
 from .errors import UserError
+from .specs import prompt_chunks
 
 HELP = """Inspect and manage a bundle written by pm-export.
 
@@ -82,7 +83,8 @@ def describe(root: Path) -> dict:
     return {"bundle": str(b.root), "created": m.get(F.BK_CREATED), "version": m[F.BK_VERSION],
             "model": base.get(F.BM_MODEL_FOLDER), "prediction_type": base.get(F.BM_PREDICTION_TYPE),
             "text_dim": base.get("text_dim"), "safety_checker": base.get(F.BM_SAFETY_CHECKER),
-            "fingerprint": b.fingerprint, "image_sizes": sizes, "networks": networks, "concepts": concepts,
+            "fingerprint": b.fingerprint, "image_sizes": sizes, "prompt_chunks": prompt_chunks(b.dims.context_chunks),
+            "networks": networks, "concepts": concepts,
             "bytes": _size(b.root, _files(b)) + (b.root / F.BUNDLE_MANIFEST).stat().st_size, "tools": m.get(F.BK_TOOLS, {})}
 
 
@@ -94,6 +96,9 @@ def _print_info(d: dict) -> None:
     if d["image_sizes"]:
         s = d["image_sizes"]
         echo(f"image sizes: {s['min']} to {s['max']} px, multiples of {s['multiple_of']}")
+    chunks = d["prompt_chunks"]
+    echo(f"prompts: up to {chunks} chunk{'s' if chunks > 1 else ''} of 75 tokens"
+         + (" (AUTOMATIC1111's long prompts)" if chunks > 1 else " (a bundle from before pm-export 0.3)"))
     echo("networks:")
     for n in d["networks"]:
         check = ("not validated" if n["validated"] is None else "validated" if n["validated"] else "FAILED validation")
