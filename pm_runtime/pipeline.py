@@ -47,7 +47,7 @@ from .concept_table import ConceptTable, load_table
 from .errors import UserError
 from .png import image_bytes, parameters_text, png_bytes, sampler_fields
 from .prompt_encoding import (EMPHASIS_MODES, ConceptWords, EncodedPrompt, a1111_syntax,
-                              apply_emphasis, check_emphasis_mode, concept_words_in, encode_prompt, encode_text,
+                              apply_emphasis, check_emphasis_mode, concept_words_in, encode_plain, encode_prompt,
                               pad_chunks)
 from .prompt_schedule import texts_per_step
 from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, prompt_chunks
@@ -251,10 +251,8 @@ class _Prompts:
         for text in texts:
             if text not in self.neg_encs:
                 p = self.pipe
-                ids, weights, warn = encode_text(p.tokenizer, text, p.dims.max_length, "negative prompt",
-                                                 self.emphasis, p.max_chunks)
-                self.neg_encs[text] = EncodedPrompt(ids, ids, np.full(len(ids), -1, np.int64), False, tuple(warn),
-                                                    weights, weights)
+                self.neg_encs[text] = encode_plain(p.tokenizer, text, p.dims.max_length, "negative prompt",
+                                                   self.emphasis, p.max_chunks)
         return [texts[i] for i in index]
 
     @property

@@ -85,16 +85,13 @@ class EncodedPrompt:
         return self.slots >= 0
 
 
-def pad(ids: list[int], tok: ClipTokenizer, length: int) -> np.ndarray:
-    out = np.full(length, tok.pad_id, dtype=np.int64)
-    out[:len(ids)] = ids
-    return out
-
-
-def encode_plain(tok: ClipTokenizer, text: str, max_length: int, what: str = "prompt") -> tuple[np.ndarray, list[str]]:
-    """(L,) ids of a prompt without concept handling or emphasis (the text as CLIP reads it)."""
-    ids, _, warn = encode_text(tok, text, max_length, what, emphasis="none")
-    return ids, warn
+def encode_plain(tok: ClipTokenizer, text: str, max_length: int, what: str = "prompt", emphasis: str = "none",
+                 max_chunks: int = 1) -> EncodedPrompt:
+    """A text without concept handling (the negative prompt, a prompt without the concept word) as an
+    EncodedPrompt: both versions encode_text's ids, no placeholder slots."""
+    ids, weights, warn = encode_text(tok, text, max_length, what, emphasis, max_chunks)
+    return EncodedPrompt(ids, ids.copy(), np.full(len(ids), -1, np.int64), False, tuple(warn), weights,
+                         None if weights is None else weights.copy())
 
 
 def check_emphasis_mode(emphasis: str) -> None:
@@ -170,10 +167,10 @@ def encode_text(tok: ClipTokenizer, text: str, max_length: int, what: str = "pro
                 max_chunks: int = 1) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """((chunks * L,) ids, (chunks * L,) emphasis weights or None, warnings) of a text without concept
     handling (the negative prompt, a prompt without the concept word), in up to `max_chunks` chunks of L
-    positions (chunk_units). With emphasis "none" the ids are encode_plain's."""
+    positions (chunk_units)."""
     units = _units(tok, text, None, emphasis, max_chunks)
     room = max_length - 2
-    kept = _fit([units], room, 1, max_chunks)
+    kept = _fit(units, room, 1, max_chunks)
     total, cut = _tokens(units), _tokens(units[kept:])
     warn = ([f"the {what} is {total} tokens, over {_limit(room, max_chunks)}: the last {cut} were cut off"]
             if cut else [])
@@ -243,14 +240,15 @@ def chunk_units(units: list[tuple], room: int, width: int, super_id: int | None 
     return chunks
 
 
-def _fit(versions: list[list[tuple]], room: int, width: int, max_chunks: int, super_id: int | None = None) -> int:
-    """The most units (a prefix, the same for every version) whose chunks number at most `max_chunks` in
-    every version (versions[0] with concept occurrences `width` wide, the others with `super_id`)."""
-    def fits(n: int) -> bool:
-        return all(len(chunk_units(v[:n], room, width, super_id if i else None)) <= max_chunks
-                   for i, v in enumerate(versions))
+def _fit(units: list[tuple], room: int, width: int, max_chunks: int, super_id: int | None = None) -> int:
+    """The most units (a prefix) whose chunks number at most `max_chunks` with concept occurrences `width`
+    wide and, where `super_id` is given, also as one `super_id` position (the super-class version)."""
+    versions = [None] if super_id is None else [None, super_id]  # chunk_units' super_id of each version
 
-    lo, hi = 0, len(versions[0])  # fits(lo) always: a prefix never needs more chunks than a longer one
+    def fits(n: int) -> bool:
+        return all(len(chunk_units(units[:n], room, width, s)) <= max_chunks for s in versions)
+
+    lo, hi = 0, len(units)  # fits(lo) always: a prefix never needs more chunks than a longer one
     if fits(hi):
         return hi
     while hi - lo > 1:
@@ -365,14 +363,12 @@ def encode_prompt(tok: ClipTokenizer, prompt: str, concept: ConceptWords | None,
         if concept is not None and not allow_no_concept:
             raise UserError(f"the prompt does not contain the concept word {concept.word!r} (write it where the "
                             "person should appear, or allow prompts without it)")
-        ids, weights, warn = encode_text(tok, prompt, max_length, emphasis=emphasis, max_chunks=max_chunks)
-        return EncodedPrompt(ids, ids.copy(), np.full(len(ids), -1, np.int64), False, tuple(warn), weights,
-                             None if weights is None else weights.copy())
+        return encode_plain(tok, prompt, max_length, emphasis=emphasis, max_chunks=max_chunks)
     super_id = _super_class_id(tok, concept.super_class)
     K = concept.num_tokens
     units = _units(tok, prompt, concept.word, emphasis, max_chunks)  # a concept occurrence: id None
     room = max_length - 2
-    kept = _fit([units, units], room, K, max_chunks, super_id)
+    kept = _fit(units, room, K, max_chunks, super_id)
     warnings = []
     if kept < len(units):
         total = _tokens(units, K)

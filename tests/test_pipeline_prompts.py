@@ -86,8 +86,8 @@ def test_long_prompt_warns_and_keeps_both_versions_consistent(toks):
     assert "occurrence(s) of <persona> cut off" in enc.warnings[0]
     assert enc.mask.sum() == 4  # the first occurrence kept, the second cut off whole
     assert enc.concept_ids[76] == ours.eos_id or ours.eos_id in enc.concept_ids.tolist()
-    plain, warn = encode_plain(ours, " ".join(["photo"] * 100), 77, "negative prompt")
-    assert plain[76] == ours.eos_id and "negative prompt is 100 tokens" in warn[0]
+    plain = encode_plain(ours, " ".join(["photo"] * 100), 77, "negative prompt")
+    assert plain.super_ids[76] == ours.eos_id and "negative prompt is 100 tokens" in plain.warnings[0]
 
 
 def chunks_of(ids, tok) -> list[list[int]]:
@@ -260,7 +260,7 @@ def test_emphasis_weights_every_position_of_both_versions(toks):
         encode_prompt(ours, "a photo of (a face:1.2)", WORDS, emphasis="original")
     # the negative prompt and prompts without a concept: encode_text
     ids, w, warn = encode_text(ours, "((ugly)), [blurry]", 77, "negative prompt", "original")
-    assert ids.tolist() == encode_plain(ours, "ugly, blurry", 77)[0].tolist() and not warn
+    assert ids.tolist() == encode_plain(ours, "ugly, blurry", 77).super_ids.tolist() and not warn
     assert w[:5].tolist() == [1.0, np.float32(1.21), 1.0, np.float32(1 / 1.1), 1.0] and (w[5:] == 1).all()
     ids, w, warn = encode_text(ours, "(" + "photo " * 100, 77, "negative prompt", "no-norm")
     assert w[1:76].tolist() == [np.float32(1.1)] * 75 and w[76] == 1 and "the last 25 were cut off" in warn[0]
