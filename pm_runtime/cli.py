@@ -475,14 +475,17 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--guidance", default=8.0, show_default=True, type=float,
               help="Classifier-free guidance scale G: each step uses uncond + G x (cond - uncond) for any G (1: the prompt alone, 0: the negative prompt alone; diffusers instead skips guidance "
                    "at G <= 1).")
-@click.option("--scheduler", default="dpmpp-2m", show_default=True,
+@click.option("--scheduler", default="dpmpp-2m", show_default=True, metavar="NAME",
               type=click.Choice(list(SCHEDULERS)),
-              help="The sampler: DDIM, Euler, Euler ancestral (euler-a), DPM-Solver++ 2M (dpmpp-2m) and its "
-                   "stochastic form (-sde: fresh noise every step, drawn from the seed); the -karras ones step on "
-                   "Karras et al.'s noise levels (AUTOMATIC1111's 'DPM++ 2M Karras', 'DPM++ 2M SDE Karras'), "
-                   "-exponential on levels evenly spaced in log sigma ('DPM++ 2M SDE Exponential'), -beta on "
-                   "the Beta(0.6, 0.6) distribution's quantiles (A1111's schedule type 'Beta'). Each "
-                   "steps as diffusers' scheduler of that kind does from the model's scheduler config.")
+              help="The sampler: ddim, euler, euler-a (Euler ancestral), dpmpp-2m (DPM-Solver++ 2M) and "
+                   "dpmpp-2m-sde (its stochastic form: fresh noise every step, drawn from the seed), each "
+                   "stepping as diffusers' scheduler of that kind does from the model's scheduler config. "
+                   "euler, dpmpp-2m and dpmpp-2m-sde also take AUTOMATIC1111's schedule types as a suffix: "
+                   "-karras (Karras et al.'s noise levels: 'DPM++ 2M Karras'), -exponential (evenly spaced in "
+                   "log sigma), -beta (the Beta(0.6, 0.6) quantiles), as diffusers computes them; and "
+                   "-sgm-uniform, -normal, -simple, -kl-optimal, -align-your-steps (SD 1.5's list), as A1111 "
+                   "computes them (over the model's whole noise range, fractional timesteps), e.g. "
+                   "dpmpp-2m-sgm-uniform for 'DPM++ 2M' with 'Schedule type: SGM Uniform'.")
 @click.option("--seed", default=None, type=click.IntRange(0, MAX_SEED), help="[default: random, printed]")
 @click.option("--num-images", default=1, show_default=True, type=int,
               help="Images generated together from one seed (a batch: one noise draw, the UNet runs several "

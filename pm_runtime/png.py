@@ -31,7 +31,12 @@ SAMPLER_NAMES = {"dpmpp-2m": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "eule
                  "dpmpp-2m-beta": "DPM++ 2M Beta", "euler-beta": "Euler Beta", "dpmpp-2m-sde-beta": "DPM++ 2M SDE Beta"}
 # the schedule types AUTOMATIC1111 (1.9 and later) writes apart from the sampler's name: "Sampler: DPM++ 2M,
 # Schedule type: Beta" (the older ones, Karras and Exponential, also as a suffix of the name, as pm-run writes them)
-SEPARATE_SCHEDULE_TYPES = ("Beta",)
+SCHEDULE_TYPE_NAMES = {"sgm-uniform": "SGM Uniform", "normal": "Normal", "simple": "Simple", "kl-optimal": "KL Optimal",
+                       "align-your-steps": "Align Your Steps"}
+SEPARATE_SCHEDULE_TYPES = ("Beta", *SCHEDULE_TYPE_NAMES.values())
+SAMPLER_NAMES.update({"euler-exponential": "Euler Exponential", "dpmpp-2m-exponential": "DPM++ 2M Exponential"})
+SAMPLER_NAMES.update({f"{sampler}-{kind}": f"{SAMPLER_NAMES[sampler]} {label}"
+                      for kind, label in SCHEDULE_TYPE_NAMES.items() for sampler in ("euler", "dpmpp-2m", "dpmpp-2m-sde")})
 
 
 def sampler_fields(scheduler: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .png import SAMPLER_NAMES, parse_parameters, read_parameters
+from .png import SAMPLER_NAMES, SCHEDULE_TYPE_NAMES, parse_parameters, read_parameters
 from .prompt_encoding import EMPHASIS_MODES
 from .stages import LATE_POLICIES
 
@@ -23,7 +23,8 @@ SCHEDULERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
 # what the "Automatic" schedule type is for a sampler in AUTOMATIC1111 1.9 and later (its sampler table;
 # the others: the model's own discretisation)
 _AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}
-_SCHEDULE_TYPES = ("Karras", "Exponential", "Beta")  # A1111 schedule types some pm-run scheduler steps on
+# A1111 schedule types some pm-run scheduler steps on (A1111's others: Polyexponential, DDIM, Karras Exponential)
+_SCHEDULE_TYPES = ("Karras", "Exponential", "Beta", *SCHEDULE_TYPE_NAMES.values())
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept",
@@ -109,7 +110,8 @@ def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
     and pm-run) or "DPM++ 2M" with "Schedule type: Karras" (A1111 1.9 and later, where "Automatic" is the
     sampler's own default: Karras for DPM++ 2M, Exponential for DPM++ 2M SDE; "Uniform" the model's own
     discretisation, the sampler's plain form here, as a sampler name without a schedule type was before
-    1.9); Beta (A1111 1.10) only as a schedule type, as A1111 and pm-run write it."""
+    1.9); Beta (A1111 1.10), SGM Uniform, Normal, Simple, KL Optimal and Align Your Steps only as schedule
+    types, as A1111 and pm-run write them."""
     base, kind = sampler, None
     for k in _SCHEDULE_TYPES:
         if sampler.endswith(" " + k):

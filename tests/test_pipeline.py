@@ -118,7 +118,8 @@ def test_onnxruntime_matches_reference_psnr(ort_pipe, reference, calls):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 @pytest.mark.parametrize("scheduler", ["dpmpp-2m", "ddim", "euler", "euler-a", "dpmpp-2m-karras", "euler-karras",
-                                       "dpmpp-2m-sde-karras", "euler-beta", "dpmpp-2m-sde-beta"])
+                                       "dpmpp-2m-sde-karras", "euler-beta", "dpmpp-2m-sde-beta",
+                                       "dpmpp-2m-sgm-uniform", "euler-kl-optimal"])
 def test_each_scheduler_in_the_loop_matches_diffusers(backend, scheduler, ort_pipe, torch_pipe, reference, calls):
     """The pure schedulers in the real loop vs the reference generator, which steps with diffusers'
     scheduler classes (euler-a, the -sde ones: fed the project's per-step noise)."""

@@ -523,13 +523,22 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
                                                                                    "euler-beta"),
                                ("DPM++ 2M SDE, Schedule type: Beta", "dpmpp-2m-sde-beta"),
                                ("DPM++ 2M, Schedule type: Uniform", "dpmpp-2m"), ("Euler a, Schedule type: Uniform",
-                                                                                 "euler-a")):
+                                                                                 "euler-a"),
+                               ("DPM++ 2M, Schedule type: Exponential", "dpmpp-2m-exponential"),
+                               ("Euler Exponential", "euler-exponential"),
+                               ("DPM++ 2M, Schedule type: SGM Uniform", "dpmpp-2m-sgm-uniform"),
+                               ("Euler, Schedule type: Normal", "euler-normal"),
+                               ("DPM++ 2M SDE, Schedule type: Simple", "dpmpp-2m-sde-simple"),
+                               ("DPM++ 2M, Schedule type: KL Optimal", "dpmpp-2m-kl-optimal"),
+                               ("Euler, Schedule type: Align Your Steps", "euler-align-your-steps"),
+                               ("DPM++ 2M SGM Uniform", "dpmpp-2m-sgm-uniform")):  # (A1111 1.9+ reads the suffix)
         s = parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
         assert s.values["scheduler"] == scheduler and s.ignored == (), sampler
     for sampler, needle in (("Euler a, Schedule type: Karras", "sampler 'Euler a' with schedule type 'Karras' is not"),
-                            ("DPM++ 2M, Schedule type: SGM Uniform", "schedule type 'SGM Uniform' is not one"),
-                            ("DPM++ 2M, Schedule type: Exponential",
-                             "sampler 'DPM++ 2M' with schedule type 'Exponential' is not one pm-run has"),
+                            ("DPM++ 2M, Schedule type: DDIM", "schedule type 'DDIM' is not one"),
+                            ("DPM++ 2M, Schedule type: Polyexponential", "schedule type 'Polyexponential' is not one"),
+                            ("Euler a, Schedule type: SGM Uniform",
+                             "sampler 'Euler a' with schedule type 'SGM Uniform' is not one pm-run has"),
                             ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has"),
                             ("Euler a, Schedule type: Beta", "sampler 'Euler a' with schedule type 'Beta' is not")):
         with pytest.raises(UserError, match=re.escape(needle)):
@@ -592,13 +601,15 @@ def test_prompt_editing_is_said_and_listed(run_bundle, tmp_path):
     assert run["prompt_schedule"] is None and [x["text"] for x in run["negative_prompt_schedule"]] == ["ugly", "blurry"]
 
 
-def test_beta_schedule_is_recorded_as_automatic1111_writes_it(run_bundle, tmp_path):
-    made = tmp_path / "beta.png"
-    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--scheduler", "dpmpp-2m-sde-beta",
+@pytest.mark.parametrize("scheduler, sampler, schedule", [("dpmpp-2m-sde-beta", "DPM++ 2M SDE", "Beta"),
+                                                          ("dpmpp-2m-kl-optimal", "DPM++ 2M", "KL Optimal")])
+def test_schedule_type_is_recorded_as_automatic1111_writes_it(run_bundle, tmp_path, scheduler, sampler, schedule):
+    made = tmp_path / "made.png"
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--scheduler", scheduler,
                "--out", made, *FAST)
     assert r.exit_code == 0, r.output
     p = parse_parameters(read_parameters(Image.open(made)))
-    assert (p["Sampler"], p["Schedule type"]) == ("DPM++ 2M SDE", "Beta")
+    assert (p["Sampler"], p["Schedule type"]) == (sampler, schedule)
     r = pm_run("--engine", run_bundle, "--settings-from", made, "--out", tmp_path / "again.png")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "again.png").read_bytes() == made.read_bytes()

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 import pm_runtime.schedulers as S
-from pm_runtime.schedulers import ddim, dpm_solver, euler, euler_ancestral
+from pm_runtime.schedulers import common, ddim, dpm_solver, euler, euler_ancestral
+from pm_runtime.schedulers.common import SCHEDULE_KEY
+from pm_runtime.train.reference import make_scheduler
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -48,7 +50,16 @@ TOL = 1e-5
 # Karras timesteps that stay fractional (euler-karras) come from the logs of the training sigmas, which
 # torch's float32 sqrt makes differ from the correctly rounded ones by an ulp at a few timesteps (21, 260,
 # 294, ... of SD 1.5's): such a timestep then differs in its last float32 bit
-FRACTIONAL_FROM_SIGMAS = {"euler-karras", "euler-beta"}
+FRACTIONAL_FROM_SIGMAS = {"euler-karras", "euler-beta", "euler-exponential"}
+# AUTOMATIC1111's schedule types (no diffusers option): diffusers is given their levels where it would compute
+# Karras et al.'s (_diffusers_scheduler), so what is checked against it is everything downstream of the levels;
+# the levels themselves against A1111's definitions in test_a1111_schedule_levels
+A1111_KIND = {name: S.get_scheduler(name).fixed.get(SCHEDULE_KEY) for name in S.SCHEDULERS}
+A1111_NAMES = [name for name in S.SCHEDULERS if A1111_KIND[name]]
+FRACTIONAL_FROM_SIGMAS |= set(A1111_NAMES)
+# the spacing and config matrices run on the others: an A1111 schedule type fixes the spacing, and its levels
+# reach the solvers as Karras ones do (its own tests below: every name, fewer combinations)
+DIFFUSERS_SCHEDULES = [name for name in S.SCHEDULERS if not A1111_KIND[name]]
 
 
 def _model(x, t, a):
@@ -65,8 +76,9 @@ def _inputs(num_steps, seed=0):
 
 
 def _diffusers_scheduler(name, config, num_steps, float64=True):
-    sched = getattr(diffusers, DIFFUSERS_CLASS[name]).from_config(S.get_scheduler(name).config(config))
-    sched.set_timesteps(num_steps)
+    """diffusers' scheduler for `name` with its timesteps set (pm_runtime.train.reference.make_scheduler: an
+    A1111 schedule type's levels are given to diffusers where it computes Karras et al.'s)."""
+    sched = make_scheduler(name, config, num_steps)
     if float64:  # the same float32 table values, stepped in float64
         for attr in ("sigmas", "alphas_cumprod", "final_alpha_cumprod"):
             if isinstance(getattr(sched, attr, None), torch.Tensor):
@@ -122,17 +134,19 @@ def _check_timesteps(name, ours, ref):
     diffusers' own table the timesteps are the same bits (test_sigma_timesteps_are_exact_on_diffusers_sigma_table)."""
     assert ours.dtype == ref.dtype
     if name in FRACTIONAL_FROM_SIGMAS:
-        np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=5e-7)
+        # A1111's levels are computed from the table itself (KL-optimal: tan near pi/2 with zero terminal SNR's
+        # sigma_max 4096), which carries that ulp further: measured 2.2e-6 relative at t = 77
+        np.testing.assert_allclose(ours, ref, rtol=5e-6 if A1111_KIND[name] else 2e-6, atol=5e-7)
     else:
         np.testing.assert_array_equal(ours, ref)
 
 
 @pytest.mark.parametrize("num_steps", [7, 50, 999])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-@pytest.mark.parametrize("name", sorted(FRACTIONAL_FROM_SIGMAS))
+@pytest.mark.parametrize("name", sorted(FRACTIONAL_FROM_SIGMAS - set(A1111_NAMES)))
 def test_sigma_timesteps_are_exact_on_diffusers_sigma_table(name, spacing, num_steps, monkeypatch):
     """The sigma table computed as diffusers computes it (torch's float32 arithmetic on this CPU): then the
-    Karras / Beta timesteps and sigmas equal diffusers' bit for bit."""
+    Karras / Beta / A1111-type timesteps and sigmas equal diffusers' bit for bit."""
     from pm_runtime.schedulers import euler
 
     def torch_table(abar):
@@ -140,6 +154,7 @@ def test_sigma_timesteps_are_exact_on_diffusers_sigma_table(name, spacing, num_s
         return (((1 - a) / a) ** 0.5).numpy()
 
     monkeypatch.setattr(euler, "sigmas_f32", torch_table)
+    monkeypatch.setattr(dpm_solver, "sigmas_f32", torch_table)
     config = {**SD15, "timestep_spacing": spacing, "steps_offset": 1}
     tables = S.make_tables(name, config, num_steps)
     sched = _diffusers_scheduler(name, config, num_steps, float64=False)
@@ -159,9 +174,34 @@ def _check_trajectory(name, config, num_steps):
 
 @pytest.mark.parametrize("num_steps", [50, 20, 7])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize("name", S.SCHEDULERS)
+@pytest.mark.parametrize("name", DIFFUSERS_SCHEDULES)
 def test_trajectory_matches_diffusers(name, config_name, num_steps):
     _check_trajectory(name, CONFIGS[config_name], num_steps)
+
+
+@pytest.mark.parametrize("config_name, num_steps", [("sd15-eps-leading", 7), ("sd2-v", 20), ("sd2-v-trailing", 50)])
+@pytest.mark.parametrize("name", A1111_NAMES)
+def test_a1111_schedule_trajectory_matches_diffusers(name, config_name, num_steps):
+    _check_trajectory(name, CONFIGS[config_name], num_steps)
+
+
+@pytest.mark.parametrize("num_steps", [1, 7, 50, 999])
+@pytest.mark.parametrize("name", A1111_NAMES)
+def test_a1111_schedule_timesteps_and_sigmas_match_diffusers(name, num_steps, monkeypatch):
+    """Whatever the config's spacing, the same tables as diffusers given the levels (computed on its sigma
+    table: then bit for bit)."""
+    def torch_table(abar):
+        a = torch.from_numpy(np.asarray(abar, np.float32))
+        return (((1 - a) / a) ** 0.5).numpy()
+
+    monkeypatch.setattr(euler, "sigmas_f32", torch_table)
+    monkeypatch.setattr(dpm_solver, "sigmas_f32", torch_table)
+    config = {**SD15, "timestep_spacing": "leading", "steps_offset": 1}
+    tables = S.make_tables(name, config, num_steps)
+    sched = _diffusers_scheduler(name, config, num_steps, float64=False)
+    np.testing.assert_array_equal(tables.timesteps, sched.timesteps.numpy())
+    np.testing.assert_array_equal(tables.sigmas, sched.sigmas.numpy())
+    assert tables.init_noise_sigma == pytest.approx(float(sched.init_noise_sigma), rel=1e-6)
 
 
 @pytest.mark.parametrize("name, extra, num_steps", [
@@ -215,7 +255,7 @@ def test_trajectory_zero_terminal_snr(name):
 
 @pytest.mark.parametrize("num_steps", [1, 7, 20, 25, 50, 999])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-@pytest.mark.parametrize("name", S.SCHEDULERS)
+@pytest.mark.parametrize("name", DIFFUSERS_SCHEDULES)
 def test_timesteps_and_sigmas_match_diffusers(name, spacing, num_steps):
     config = {**SD15, "timestep_spacing": spacing, "steps_offset": 1}
     if name in ("dpmpp-2m", "dpmpp-2m-sde") and (spacing, num_steps) == ("leading", 999):  # diffusers: t = 1000, NaN
@@ -322,7 +362,10 @@ def test_dpm_sde_needs_noise_and_uses_it():
 def test_registry():
     assert S.SCHEDULERS == ("ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "euler-karras",
                             "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "dpmpp-2m-sde-exponential", "dpmpp-2m-beta",
-                            "euler-beta", "dpmpp-2m-sde-beta")
+                            "euler-beta", "dpmpp-2m-sde-beta", "euler-exponential", "dpmpp-2m-exponential",
+                            *(f"{sampler}-{kind}" for kind in ("sgm-uniform", "normal", "simple", "kl-optimal",
+                                                               "align-your-steps")
+                              for sampler in ("euler", "dpmpp-2m", "dpmpp-2m-sde")))
     with pytest.raises(ValueError, match="ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, euler-karras, dpmpp-2m-sde"):
         S.make_tables("pndm", SD15, 20)
     with pytest.raises(ValueError, match="use_lu_lambdas"):
@@ -354,6 +397,89 @@ def test_registry():
             np.testing.assert_array_equal(karras.sigmas, S.make_tables(name, SD15, 10).sigmas)
             np.testing.assert_array_equal(plain.sigmas, S.make_tables(base, SD15, 10).sigmas)
             assert karras.name == base and not np.array_equal(karras.sigmas, plain.sigmas)
+
+
+def _a1111_reference(kind: str, n: int, abar: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's schedule types (1.9+, modules/sd_schedulers.py) as it defines them on k-diffusion's
+    DiscreteSchedule of the model's float32 sigma table, in torch float32; written from those definitions,
+    not from pm_runtime's code. Returns what A1111 steps through (n + 1 levels: the last is 0, or sigma_min
+    for KL-optimal)."""
+    table = ((1 - abar) / abar) ** 0.5
+    log_table = table.log()
+    sigma_min, sigma_max = table[0].item(), table[-1].item()
+
+    def sigma_to_t(sigma: float) -> float:  # k-diffusion: log sigma interpolated between neighbours
+        log_sigma = torch.tensor(sigma).log()
+        below = (log_sigma - log_table[:, None]).ge(0).cumsum(0).argmax(0).clamp(max=len(table) - 2)
+        lo, hi = log_table[below], log_table[below + 1]
+        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        return ((1 - w) * below + w * (below + 1)).item()
+
+    def t_to_sigma(t: torch.Tensor) -> torch.Tensor:
+        w = t.frac()
+        return ((1 - w) * log_table[t.floor().long()] + w * log_table[t.ceil().long()]).exp()
+
+    zero = torch.zeros(1)
+    if kind in ("sgm-uniform", "normal"):
+        start, end = sigma_to_t(sigma_max), sigma_to_t(sigma_min)
+        ts = torch.linspace(start, end, n + 1)[:-1] if kind == "sgm-uniform" else torch.linspace(start, end, n)
+        return torch.cat([t_to_sigma(ts), zero])
+    if kind == "simple":
+        stride = len(table) / n
+        return torch.cat([torch.stack([table[-(1 + int(i * stride))] for i in range(n)]), zero])
+    if kind == "kl-optimal":
+        frac = torch.arange(n + 1) / n
+        return torch.tan(frac * math.atan(sigma_min) + (1 - frac) * math.atan(sigma_max))
+    if kind == "align-your-steps":
+        sd15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+        if n == len(sd15):
+            return torch.tensor(sd15 + [0.0])
+        rising = np.log(np.array(sd15[::-1]))
+        resampled = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(sd15)), rising))[::-1]
+        return torch.cat([torch.tensor(resampled.copy(), dtype=torch.float32), zero])
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 10, 11, 20, 50, 999])
+@pytest.mark.parametrize("kind", common.A1111_SCHEDULES)
+def test_a1111_schedule_levels(kind, num_steps):
+    """Each A1111 schedule type's noise levels against A1111's definitions (float32 there, float64 here), and
+    the tables of every sampler on it: the levels, then 0 (KL-optimal: sigma_min, where A1111 ends it)."""
+    abar = diffusers.DDPMScheduler.from_config(SD15).alphas_cumprod
+    ref = _a1111_reference(kind, num_steps, abar).double().numpy()
+    table = common.sigmas_f32(common.alphas_cumprod({**common.BASE_DEFAULTS, **SD15}))
+    levels = common.schedule_levels(kind, float(table[0]), float(table[-1]), num_steps, table)
+    assert levels.shape == (num_steps,) and np.all(np.diff(levels) < 0)
+    np.testing.assert_allclose(levels, ref[:-1], rtol=1e-5)
+    for sampler in ("euler", "dpmpp-2m", "dpmpp-2m-sde"):
+        tables = S.make_tables(f"{sampler}-{kind}", SD15, num_steps)
+        np.testing.assert_allclose(tables.sigmas, ref, rtol=1e-5)
+        assert tables.timesteps.dtype == np.float32  # fractional, as k-diffusion gives them
+        np.testing.assert_allclose(tables.timesteps, common.sigma_to_t(levels, np.log(table)), rtol=1e-6)
+
+
+def test_a1111_schedule_types_on_known_values():
+    """Where an A1111 schedule type coincides with something known: Simple at 50 steps is diffusers' Euler
+    with "trailing" spacing (every 20th table level from the top); Align Your Steps at 11 steps is NVIDIA's
+    published SD 1.5 list; SGM Uniform and Normal start at the top of the table, and Normal ends at its bottom."""
+    trailing = diffusers.EulerDiscreteScheduler.from_config({**SD15, "timestep_spacing": "trailing"})
+    trailing.set_timesteps(50)
+    simple = S.make_tables("euler-simple", SD15, 50)
+    # (a table level's timestep comes back within float32 rounding of the integer: log of float64 vs float32)
+    np.testing.assert_allclose(simple.timesteps, trailing.timesteps.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(simple.sigmas, trailing.sigmas.numpy(), rtol=3e-7)
+    ays = S.make_tables("dpmpp-2m-align-your-steps", SD15, 11)
+    np.testing.assert_allclose(ays.sigmas, [*common.AYS_SD15, 0.0], rtol=1e-7)
+    table = common.sigmas_f32(common.alphas_cumprod({**common.BASE_DEFAULTS, **SD15}))
+    for kind in ("sgm-uniform", "normal"):
+        t = S.make_tables(f"euler-{kind}", SD15, 7)
+        assert t.timesteps[0] == 999 and t.sigmas[0] == np.float32(table[-1])
+    normal = S.make_tables("euler-normal", SD15, 7)
+    assert normal.sigmas[-2] == np.float32(table[0]) and normal.timesteps[-1] == 0
+    for solver in (euler, dpm_solver):  # (a scheduler name fixes the key: the plain names to None)
+        with pytest.raises(ValueError, match="pm_sigma_schedule='ddim' is not supported"):
+            solver.make_tables({**SD15, SCHEDULE_KEY: "ddim"}, 7)
+    assert S.make_tables("euler", {**SD15, SCHEDULE_KEY: "normal"}, 7).sigmas[1] == S.make_tables("euler", SD15, 7).sigmas[1]
 
 
 def test_beta_quantiles_equal_scipys():

@@ -19,7 +19,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from . import ddim, dpm_solver, euler, euler_ancestral
-from .common import Tables
+from .common import A1111_SCHEDULES, SCHEDULE_KEY, Tables
 from .dpm_solver import DPMState
 
 
@@ -41,13 +41,36 @@ class Scheduler:
         return out
 
 
-def _levels(karras: bool = False, beta: bool = False) -> dict[str, Any]:
-    return {"use_karras_sigmas": karras, "use_beta_sigmas": beta}
+def _levels(karras: bool = False, beta: bool = False, exponential: bool = False, schedule: str | None = None
+            ) -> dict[str, Any]:
+    out = {"use_karras_sigmas": karras, "use_beta_sigmas": beta, "use_exponential_sigmas": exponential,
+           SCHEDULE_KEY: schedule}
+    if schedule:  # as A1111: over the whole training table (schedule_levels' range), and Euler's initial
+        # noise sigma_max (not diffusers' sqrt(sigma_max^2 + 1) of "leading"), whatever spacing the config sets
+        out["timestep_spacing"] = "linspace"
+    if schedule == "kl-optimal":  # A1111's KL-optimal levels end at sigma_min, not 0
+        out["final_sigmas_type"] = "sigma_min"
+    return out
 
 
-def _dpm(karras: bool, sde: bool, exponential: bool = False, beta: bool = False) -> dict[str, Any]:
-    return {**_levels(karras, beta), "use_exponential_sigmas": exponential,
-            "algorithm_type": "sde-dpmsolver++" if sde else "dpmsolver++"}
+def _dpm(karras: bool, sde: bool, exponential: bool = False, beta: bool = False, schedule: str | None = None
+         ) -> dict[str, Any]:
+    return {**_levels(karras, beta, exponential, schedule), "algorithm_type": "sde-dpmsolver++" if sde else "dpmsolver++"}
+
+
+def _a1111_schedules():
+    """Euler, DPM-Solver++ 2M and its SDE form on each of AUTOMATIC1111's other schedule types ("Exponential"
+    where diffusers has it but no name did yet): "euler-sgm-uniform", "dpmpp-2m-kl-optimal", ..."""
+    for kind in ("exponential", *A1111_SCHEDULES):
+        schedule = None if kind == "exponential" else kind
+        exponential = kind == "exponential"
+        yield Scheduler(f"euler-{kind}", euler.make_tables, euler.step, False, "EulerDiscreteScheduler",
+                        _levels(exponential=exponential, schedule=schedule))
+        yield Scheduler(f"dpmpp-2m-{kind}", dpm_solver.make_tables, dpm_solver.step, False,
+                        "DPMSolverMultistepScheduler", _dpm(False, sde=False, exponential=exponential, schedule=schedule))
+        if kind != "exponential":  # dpmpp-2m-sde-exponential is above
+            yield Scheduler(f"dpmpp-2m-sde-{kind}", dpm_solver.make_tables, dpm_solver.step, True,
+                            "DPMSolverMultistepScheduler", _dpm(False, sde=True, schedule=schedule))
 
 
 _REGISTRY = {
@@ -79,6 +102,7 @@ _REGISTRY = {
         Scheduler("euler-beta", euler.make_tables, euler.step, False, "EulerDiscreteScheduler", _levels(beta=True)),
         Scheduler("dpmpp-2m-sde-beta", dpm_solver.make_tables, dpm_solver.step, True,
                   "DPMSolverMultistepScheduler", _dpm(karras=False, sde=True, beta=True)),
+        *_a1111_schedules(),
     )
 }
 SCHEDULERS: tuple[str, ...] = tuple(_REGISTRY)

@@ -224,6 +224,70 @@ def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float
     return np.array([sigma_min + x * (sigma_max - sigma_min) for x in q])
 
 
+# AUTOMATIC1111's schedule types that diffusers' schedulers lack (A1111 1.9+ modules/sd_schedulers.py; the
+# same names in ComfyUI), as the suffix of a pm-run scheduler name: "dpmpp-2m-sgm-uniform". A scheduler
+# config names one under SCHEDULE_KEY (not a diffusers key: from_config ignores it); its levels then
+# replace the spaced ones, as Karras et al.'s do (schedule_levels).
+SCHEDULE_KEY = "pm_sigma_schedule"
+A1111_SCHEDULES = ("sgm-uniform", "normal", "simple", "kl-optimal", "align-your-steps")
+# Align Your Steps (Sabour et al. 2024): NVIDIA's published 10-step noise levels for SD 1.5 (11 values, the
+# last step's target included), log-linearly resampled for other step counts
+AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+
+
+def t_to_sigma(t: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """float64 noise levels at (fractional) training timesteps: log sigma interpolated linearly between the
+    neighbouring timesteps (k-diffusion's DiscreteSchedule.t_to_sigma, which A1111's schedule types use)."""
+    t = np.asarray(t, np.float64)
+    low, high = np.floor(t).astype(np.int64), np.ceil(t).astype(np.int64)
+    w = t - low
+    return np.exp((1 - w) * log_sigmas[low].astype(np.float64) + w * log_sigmas[high].astype(np.float64))
+
+
+def schedule_levels(kind: str, sigma_min: float, sigma_max: float, num_steps: int, sigmas: np.ndarray
+                    ) -> np.ndarray:
+    """(num_steps,) float64 noise levels of AUTOMATIC1111's schedule type `kind` (A1111_SCHEDULES), from
+    sigma_max down; `sigmas` is the training table (float32, index = timestep). What each is, as A1111
+    defines it (n = num_steps, t(s) the training timestep of level s, sigma(t) the level at t):
+      sgm-uniform: sigma(t) at n points evenly spaced from t(sigma_max) towards t(sigma_min), that end
+                   left out (Stability's sgm sampling);
+      normal:      the same with both ends: the last level is sigma_min;
+      simple:      the table's levels every len(table) / n timesteps from the top (index truncated);
+      kl-optimal:  tan of n points evenly spaced from atan(sigma_max) towards atan(sigma_min), that end left
+                   out (Sabour et al.'s KL-optimal schedule; A1111 ends its last step AT sigma_min: the
+                   scheduler names fix final_sigmas_type "sigma_min" for it);
+      align-your-steps: AYS_SD15, resampled to n points linearly in log sigma over their positions (A1111
+                   uses the SD 1.5 list for every non-XL model; it does not read the model's range)."""
+    n = int(num_steps)
+    if n < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    log_sigmas = np.log(sigmas.astype(np.float64))
+    if kind in ("sgm-uniform", "normal"):
+        start, end = sigma_to_t(np.array([sigma_max, sigma_min]), np.log(sigmas))
+        ts = np.linspace(start, end, n + 1)[:-1] if kind == "sgm-uniform" else np.linspace(start, end, n)
+        return t_to_sigma(ts, log_sigmas)
+    if kind == "simple":
+        step = len(sigmas) / n
+        return np.array([sigmas[-(1 + int(x * step))] for x in range(n)], np.float64)
+    if kind == "kl-optimal":
+        frac = np.arange(n) / n
+        return np.tan(frac * math.atan(sigma_min) + (1.0 - frac) * math.atan(sigma_max))
+    if kind == "align-your-steps":
+        if n == len(AYS_SD15):
+            return np.array(AYS_SD15, np.float64)
+        rising = np.log(np.array(AYS_SD15[::-1], np.float64))
+        return np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(AYS_SD15)), rising))[::-1].copy()
+    raise ValueError(f"unknown schedule type {kind!r}; valid: {', '.join(A1111_SCHEDULES)}")
+
+
+def config_schedule(config: Mapping[str, Any]) -> str | None:
+    """The A1111 schedule type a scheduler config names (SCHEDULE_KEY), None for none; ValueError if unknown."""
+    kind = config.get(SCHEDULE_KEY)
+    if kind is not None and kind not in A1111_SCHEDULES:
+        raise ValueError(f"{SCHEDULE_KEY}={kind!r} is not supported (supported: {', '.join(A1111_SCHEDULES)})")
+    return kind
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """float64 training timesteps of `sigmas`: linear interpolation of log sigma between the two
     neighbouring training timesteps (`log_sigmas` float32, index = training timestep), as diffusers'

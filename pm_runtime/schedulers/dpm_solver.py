@@ -15,7 +15,10 @@ from the largest to the smallest training sigma) and each step's timestep is the
 its sigma, rounded (truncated for squaredcos_cap_v2), as diffusers sets them; with
 use_exponential_sigmas ("dpmpp-2m-sde-exponential") they are evenly spaced in log sigma over the same
 range, with use_beta_sigmas ("dpmpp-2m-beta", "dpmpp-2m-sde-beta") placed at the Beta(0.6, 0.6)
-distribution's quantiles of evenly spaced probabilities over it, their timesteps truncated.
+distribution's quantiles of evenly spaced probabilities over it, their timesteps truncated. AUTOMATIC1111's
+schedule types ("dpmpp-2m-sgm-uniform", ...: common.schedule_levels) take the Karras levels' place over
+the same range, their timesteps left fractional (float32), as k-diffusion's samplers in A1111 give them
+(diffusers would cast them to int64; nothing else of its step reads them).
 diffusers subtleties kept: its own spacings (n+1 points, the last dropped; "leading" uses
 last_timestep // (n+1)), lambda_min_clipped, the first step is first order (no history), and the
 last step is first order when final_sigmas_type is "zero" (always, by default), euler_at_final,
@@ -31,8 +34,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .common import (BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, beta_sigmas, check_supported,
-                     exponential_sigmas, frozen, karras_sigmas, resolve_config, sigma_to_t, sigmas_f32)
+from .common import (BASE_DEFAULTS, SPACINGS, Tables, alphas_cumprod, beta_sigmas, check_supported, config_schedule,
+                     exponential_sigmas, frozen, karras_sigmas, resolve_config, schedule_levels, sigma_to_t,
+                     sigmas_f32)
 
 NAME = "dpmpp-2m"
 
@@ -128,7 +132,11 @@ def make_tables(config: Mapping[str, Any], num_steps: int) -> DPMTables:
     abar32 = alphas_cumprod(cfg, clamp_zero_snr=True)
     sig32 = sigmas_f32(abar32)
     timesteps = _timesteps(cfg, abar32, num_steps)
-    if cfg["use_karras_sigmas"]:  # from sigma at the last training timestep to sigma at the first
+    schedule = config_schedule(config)
+    if schedule:  # an A1111 schedule type over the whole range
+        levels = schedule_levels(schedule, float(sig32[0]), float(sig32[-1]), num_steps, sig32)
+        timesteps = sigma_to_t(levels, np.log(sig32)).astype(np.float32)
+    elif cfg["use_karras_sigmas"]:  # from sigma at the last training timestep to sigma at the first
         levels = karras_sigmas(float(sig32[0]), float(sig32[-1]), num_steps)
         t = sigma_to_t(levels, np.log(sig32))
         # diffusers rounds them, except for the cosine schedule, whose float timesteps its int64 cast truncates

@@ -9,7 +9,9 @@ linspace/trailing but sqrt(sigma_max^2 + 1) for "leading". With use_karras_sigma
 "euler-karras") the spaced sigmas are replaced by Karras et al.'s (rho 7) between the first and the
 last of them (or the config's sigma_max / sigma_min), and the timesteps by those sigmas' fractional
 training timesteps, as diffusers sets them; with use_beta_sigmas ("euler-beta") the same with the
-levels at the Beta(0.6, 0.6) quantiles (common.beta_sigmas).
+levels at the Beta(0.6, 0.6) quantiles (common.beta_sigmas), with use_exponential_sigmas
+("euler-exponential") evenly spaced in log sigma; AUTOMATIC1111's schedule types ("euler-sgm-uniform",
+...: common.schedule_levels) the same way over the same range, their timesteps fractional too.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .common import (BASE_DEFAULTS, Tables, alphas_cumprod, beta_sigmas, frozen, karras_sigmas, resolve_config,
-                     sigma_to_t, sigmas_f32, spaced_timesteps)
+from .common import (BASE_DEFAULTS, Tables, alphas_cumprod, beta_sigmas, config_schedule, exponential_sigmas, frozen,
+                     karras_sigmas, resolve_config, schedule_levels, sigma_to_t, sigmas_f32, spaced_timesteps)
 
 NAME = "euler"
 
@@ -41,7 +43,7 @@ SUPPORTED = {
     "prediction_type": ("epsilon", "v_prediction"),
     "interpolation_type": ("linear",),
     "use_karras_sigmas": (False, True, None),
-    "use_exponential_sigmas": (False, None),
+    "use_exponential_sigmas": (False, True, None),
     "use_beta_sigmas": (False, True, None),
     "timestep_type": ("discrete",),
     "final_sigmas_type": ("zero", "sigma_min"),
@@ -55,20 +57,29 @@ class EulerTables(Tables):
     from_output: np.ndarray
 
 
-def sigma_schedule(cfg: Mapping[str, Any], num_steps: int, final: str):
+_SPREADS = {"use_karras_sigmas": karras_sigmas, "use_exponential_sigmas": exponential_sigmas,
+            "use_beta_sigmas": beta_sigmas}  # in diffusers' order of precedence
+
+
+def sigma_schedule(cfg: Mapping[str, Any], num_steps: int, final: str, schedule: str | None = None):
     """(timesteps float32 (n,), sigmas float32 (n+1,), init_noise_sigma) as diffusers' Euler
-    schedulers' set_timesteps give them; `final` is "zero" or "sigma_min"."""
+    schedulers' set_timesteps give them; `final` is "zero" or "sigma_min"; `schedule` an A1111 schedule
+    type (common.A1111_SCHEDULES), whose levels stand where Karras et al.'s would."""
     sig = sigmas_f32(alphas_cumprod(cfg, clamp_zero_snr=True))  # (T,) index = training timestep
     timesteps = spaced_timesteps(cfg["timestep_spacing"], int(cfg["num_train_timesteps"]), num_steps,
                                  int(cfg["steps_offset"])).astype(np.float32)
     last = sig[0] if final == "sigma_min" else np.float32(0.0)
     levels = np.interp(timesteps, np.arange(len(sig)), sig)
-    if cfg.get("use_karras_sigmas") and cfg.get("use_beta_sigmas"):  # diffusers refuses it too
-        raise ValueError("scheduler 'euler': use_karras_sigmas and use_beta_sigmas exclude each other")
-    if cfg.get("use_karras_sigmas") or cfg.get("use_beta_sigmas"):
+    spreads = [key for key in _SPREADS if cfg.get(key)]
+    if len(spreads) > 1:  # diffusers refuses it too
+        raise ValueError(f"scheduler 'euler': {' and '.join(spreads)} exclude each other")
+    if schedule:  # as A1111: over the whole table, whatever the config's sigma_min / sigma_max
+        levels = schedule_levels(schedule, float(sig[0]), float(sig[-1]), num_steps, sig)
+        timesteps = sigma_to_t(levels, np.log(sig)).astype(np.float32)
+    elif spreads:
         lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
         lo, hi = float(levels[-1]) if lo is None else lo, float(levels[0]) if hi is None else hi
-        levels = (karras_sigmas if cfg.get("use_karras_sigmas") else beta_sigmas)(lo, hi, num_steps)
+        levels = _SPREADS[spreads[0]](lo, hi, num_steps)
         timesteps = sigma_to_t(levels, np.log(sig)).astype(np.float32)
     sigmas = np.append(levels, last).astype(np.float32)
     sigma_max = float(sigmas.max())
@@ -86,7 +97,7 @@ def step_coefficients(prediction_type: str, sigma: np.ndarray, dt: np.ndarray):
 
 def make_tables(config: Mapping[str, Any], num_steps: int) -> EulerTables:
     cfg = resolve_config(NAME, DEFAULTS, config, SUPPORTED)
-    timesteps, sigmas32, init = sigma_schedule(cfg, num_steps, cfg["final_sigmas_type"])
+    timesteps, sigmas32, init = sigma_schedule(cfg, num_steps, cfg["final_sigmas_type"], config_schedule(config))
     sigmas = sigmas32.astype(np.float64)
     from_sample, from_output = step_coefficients(cfg["prediction_type"], sigmas[:-1], np.diff(sigmas))
     return EulerTables(

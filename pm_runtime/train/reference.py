@@ -26,16 +26,37 @@ from ..stages import LATE_REUSE, SUPER_CLASS, Context, distinct_contexts, stage_
 from .concept_file import Concept, load_concept
 from .templates import NEGATIVE_PROMPT
 
-def make_scheduler(name: str, config: dict):
+def make_scheduler(name: str, config: dict, steps: int | None = None, device=None):
     """The diffusers scheduler that pm_runtime.schedulers' `name` reproduces, from the model's config
-    (with what the name fixes: "dpmpp-2m-karras" is DPMSolverMultistepScheduler with Karras sigmas)."""
+    (with what the name fixes: "dpmpp-2m-karras" is DPMSolverMultistepScheduler with Karras sigmas), its
+    timesteps set for `steps` if given. AUTOMATIC1111's schedule types ("dpmpp-2m-sgm-uniform"), which diffusers
+    lacks, need `steps`: their levels (schedulers.common.schedule_levels, on diffusers' own sigma table) are
+    given to it where it computes Karras et al.'s, and DPM-Solver's timesteps are then left fractional, as
+    k-diffusion (A1111) gives them, where diffusers casts them to int64 (its step reads none of them)."""
     import diffusers
 
     try:
         s = schedulers.get_scheduler(name)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return getattr(diffusers, s.diffusers_class).from_config(s.config(config))
+    config = s.config(config)
+    kind = config.get(schedulers.common.SCHEDULE_KEY)
+    if kind is None:
+        sched = getattr(diffusers, s.diffusers_class).from_config(config)
+        if steps is not None:
+            sched.set_timesteps(steps, device=device)
+        return sched
+    if steps is None:
+        raise ValueError(f"scheduler {name!r}: give the number of steps (its levels are set here)")
+    sched = getattr(diffusers, s.diffusers_class).from_config({**config, "use_karras_sigmas": True})
+    table = (((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5).numpy()  # over the whole table, as A1111
+    levels = schedulers.common.schedule_levels(kind, float(table[0]), float(table[-1]), steps, table)
+    sched._convert_to_karras = lambda in_sigmas, num_inference_steps: levels
+    sched.set_timesteps(steps, device=device)
+    if s.diffusers_class == "DPMSolverMultistepScheduler":
+        t = sched._sigma_to_t(levels, np.log(table)).astype(np.float32)
+        sched.timesteps = torch.from_numpy(t).to(sched.timesteps.device)
+    return sched
 
 
 @dataclass
@@ -89,9 +110,8 @@ class Reference:
         base, dev, dt = self.base, self.device, self.dtype
         uses_concept = self.concept is not None and check_concept_prompt(
             prompt, self.concept.concept_word, allow_no_concept)
-        sched = make_scheduler(scheduler, base.scheduler_config)
+        sched = make_scheduler(scheduler, base.scheduler_config, steps, dev)
         needs_noise = schedulers.get_scheduler(scheduler).needs_noise  # euler-a, dpmpp-2m-sde: noise per step
-        sched.set_timesteps(steps, device=dev)
         if hasattr(sched, "set_begin_index"):  # step by position: looked up by value, repeated timesteps
             sched.set_begin_index(0)  # (DPM-Solver++ on truncated Beta levels) would run past the table
         timesteps = sched.timesteps
