@@ -266,7 +266,7 @@ class _Prompts:
         encs = {text: (self.neg_encs if negative else self.encs)[text] for text, _ in keys}
         if len(encs) > 1:
             L = self.pipe.dims.max_length
-            most = [max(len(getattr(e, v)) for e in encs.values()) // L for v in ("super_ids", "concept_ids")]
+            most = [max(len(e.version(stage)[0]) for e in encs.values()) // L for stage in (False, True)]
             encs = {t: pad_chunks(e, *most, self.pipe.tokenizer, L) for t, e in encs.items()}
         return [(encs[text], context) for text, context in keys]
 
@@ -619,7 +619,7 @@ class Pipeline:
         negative prompt's texts: their plain one), or its concept version with the table row of the context's
         timestep."""
         L, D = self.dims.max_length, self.dims.text_dim
-        versions = [enc.concept_ids if c.is_concept else enc.super_ids for enc, c in rows]
+        versions = [enc.version(c.is_concept)[0] for enc, c in rows]
         chunks = [len(v) // L for v in versions]
         ids = np.concatenate(versions).reshape(-1, L)
         n = len(ids)
@@ -657,7 +657,7 @@ def _row_weights(rows: list[tuple[EncodedPrompt, Context]], chunks: list[int], l
     """(sum(chunks), L) emphasis weights of the text encoder's rows (Pipeline._encode: each row's chunks; a
     concept context weighs its prompt's concept version's positions, the others the super-class version's),
     or None where every weight is 1."""
-    weights = [e.concept_weights if c.is_concept else e.super_weights for e, c in rows]
+    weights = [e.version(c.is_concept)[1] for e, c in rows]
     if all(w is None for w in weights):
         return None
     return np.concatenate([np.ones(n * length, np.float32) if w is None else w

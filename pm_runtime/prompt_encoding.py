@@ -84,6 +84,11 @@ class EncodedPrompt:
     def mask(self) -> np.ndarray:
         return self.slots >= 0
 
+    def version(self, concept_stage: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(ids, weights) the text encoder reads for a context: the concept version in a concept stage, else the
+        super-class version (a text without the concept word: both are its plain ids)."""
+        return (self.concept_ids, self.concept_weights) if concept_stage else (self.super_ids, self.super_weights)
+
 
 def encode_plain(tok: ClipTokenizer, text: str, max_length: int, what: str = "prompt", emphasis: str = "none",
                  max_chunks: int = 1) -> EncodedPrompt:
