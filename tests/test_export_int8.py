@@ -78,6 +78,7 @@ def test_int8_needs_an_fp32_onnx_export(tiny_model, trained_concept, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # (15 s) the same cleanup as the int8-VAE failure below, which the default run keeps
 def test_static_int8_over_tolerance_leaves_no_bundle(tiny_model, trained_concept, tmp_path, monkeypatch):
     """The static mode runs after the fp32 bundle is complete (in the temporary folder): a failed
     held-out validation still leaves no bundle behind, only the one-line error."""
