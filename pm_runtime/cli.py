@@ -485,7 +485,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "log sigma), -beta (the Beta(0.6, 0.6) quantiles), as diffusers computes them; and "
                    "-sgm-uniform, -normal, -simple, -kl-optimal, -align-your-steps (SD 1.5's list), as A1111 "
                    "computes them (over the model's whole noise range, fractional timesteps), e.g. "
-                   "dpmpp-2m-sgm-uniform for 'DPM++ 2M' with 'Schedule type: SGM Uniform'.")
+                   "dpmpp-2m-sgm-uniform for 'DPM++ 2M' with 'Schedule type: SGM Uniform'. euler-a takes all "
+                   "eight, as A1111 computes them (euler-a-karras).")
 @click.option("--seed", default=None, type=click.IntRange(0, MAX_SEED), help="[default: random, printed]")
 @click.option("--num-images", default=1, show_default=True, type=int,
               help="Images generated together from one seed (a batch: one noise draw, the UNet runs several "

@@ -37,12 +37,16 @@ SEPARATE_SCHEDULE_TYPES = ("Beta", *SCHEDULE_TYPE_NAMES.values())
 SAMPLER_NAMES.update({"euler-exponential": "Euler Exponential", "dpmpp-2m-exponential": "DPM++ 2M Exponential"})
 SAMPLER_NAMES.update({f"{sampler}-{kind}": f"{SAMPLER_NAMES[sampler]} {label}"
                       for kind, label in SCHEDULE_TYPE_NAMES.items() for sampler in ("euler", "dpmpp-2m", "dpmpp-2m-sde")})
+# Euler ancestral on every type (no A1111 sampler was ever named "Euler a Karras": written apart, as 1.9+ does)
+_EULER_A_TYPES = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta", **SCHEDULE_TYPE_NAMES}
+SAMPLER_NAMES.update({f"euler-a-{kind}": f"Euler a {label}" for kind, label in _EULER_A_TYPES.items()})
 
 
 def sampler_fields(scheduler: str) -> dict[str, str]:
     """The Sampler (and Schedule type) parameters of a pm-run scheduler, as AUTOMATIC1111 names it."""
     name = SAMPLER_NAMES[scheduler]
-    for kind in SEPARATE_SCHEDULE_TYPES:
+    kinds = _EULER_A_TYPES.values() if scheduler.startswith("euler-a-") else SEPARATE_SCHEDULE_TYPES
+    for kind in kinds:
         if name.endswith(" " + kind):
             return {"Sampler": name[:-len(kind) - 1], "Schedule type": kind}
     return {"Sampler": name}

@@ -531,16 +531,17 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
                                ("DPM++ 2M SDE, Schedule type: Simple", "dpmpp-2m-sde-simple"),
                                ("DPM++ 2M, Schedule type: KL Optimal", "dpmpp-2m-kl-optimal"),
                                ("Euler, Schedule type: Align Your Steps", "euler-align-your-steps"),
-                               ("DPM++ 2M SGM Uniform", "dpmpp-2m-sgm-uniform")):  # (A1111 1.9+ reads the suffix)
+                               ("DPM++ 2M SGM Uniform", "dpmpp-2m-sgm-uniform"),  # (A1111 1.9+ reads the suffix)
+                               ("Euler a, Schedule type: Karras", "euler-a-karras"),
+                               ("Euler a, Schedule type: SGM Uniform", "euler-a-sgm-uniform"),
+                               ("Euler a, Schedule type: Automatic", "euler-a")):
         s = parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
         assert s.values["scheduler"] == scheduler and s.ignored == (), sampler
-    for sampler, needle in (("Euler a, Schedule type: Karras", "sampler 'Euler a' with schedule type 'Karras' is not"),
+    for sampler, needle in (("DDIM, Schedule type: Karras", "sampler 'DDIM' with schedule type 'Karras' is not"),
                             ("DPM++ 2M, Schedule type: DDIM", "schedule type 'DDIM' is not one"),
                             ("DPM++ 2M, Schedule type: Polyexponential", "schedule type 'Polyexponential' is not one"),
-                            ("Euler a, Schedule type: SGM Uniform",
-                             "sampler 'Euler a' with schedule type 'SGM Uniform' is not one pm-run has"),
                             ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has"),
-                            ("Euler a, Schedule type: Beta", "sampler 'Euler a' with schedule type 'Beta' is not")):
+                            ("DDIM, Schedule type: Beta", "sampler 'DDIM' with schedule type 'Beta' is not")):
         with pytest.raises(UserError, match=re.escape(needle)):
             parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
 
@@ -602,7 +603,8 @@ def test_prompt_editing_is_said_and_listed(run_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("scheduler, sampler, schedule", [("dpmpp-2m-sde-beta", "DPM++ 2M SDE", "Beta"),
-                                                          ("dpmpp-2m-kl-optimal", "DPM++ 2M", "KL Optimal")])
+                                                          ("dpmpp-2m-kl-optimal", "DPM++ 2M", "KL Optimal"),
+                                                          ("euler-a-karras", "Euler a", "Karras")])
 def test_schedule_type_is_recorded_as_automatic1111_writes_it(run_bundle, tmp_path, scheduler, sampler, schedule):
     made = tmp_path / "made.png"
     r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--scheduler", scheduler,

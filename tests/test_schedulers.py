@@ -365,7 +365,9 @@ def test_registry():
                             "euler-beta", "dpmpp-2m-sde-beta", "euler-exponential", "dpmpp-2m-exponential",
                             *(f"{sampler}-{kind}" for kind in ("sgm-uniform", "normal", "simple", "kl-optimal",
                                                                "align-your-steps")
-                              for sampler in ("euler", "dpmpp-2m", "dpmpp-2m-sde")))
+                              for sampler in ("euler", "dpmpp-2m", "dpmpp-2m-sde")),
+                            *(f"euler-a-{kind}" for kind in ("karras", "exponential", "beta", "sgm-uniform", "normal",
+                                                             "simple", "kl-optimal", "align-your-steps")))
     with pytest.raises(ValueError, match="ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, euler-karras, dpmpp-2m-sde"):
         S.make_tables("pndm", SD15, 20)
     with pytest.raises(ValueError, match="use_lu_lambdas"):
@@ -420,6 +422,17 @@ def _a1111_reference(kind: str, n: int, abar: torch.Tensor) -> torch.Tensor:
         return ((1 - w) * log_table[t.floor().long()] + w * log_table[t.ceil().long()]).exp()
 
     zero = torch.zeros(1)
+    if kind == "karras":  # k-diffusion's get_sigmas_karras, rho 7
+        ramp = torch.linspace(0, 1, n)
+        hi, lo = sigma_max ** (1 / 7), sigma_min ** (1 / 7)
+        return torch.cat([(hi + ramp * (lo - hi)) ** 7, zero])
+    if kind == "exponential":  # k-diffusion's get_sigmas_exponential
+        return torch.cat([torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp(), zero])
+    if kind == "beta":  # A1111's beta_scheduler, alpha = beta = 0.6 (its defaults)
+        from scipy import stats
+
+        q = [stats.beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n)]
+        return torch.tensor([sigma_min + x * (sigma_max - sigma_min) for x in q] + [0.0])
     if kind in ("sgm-uniform", "normal"):
         start, end = sigma_to_t(sigma_max), sigma_to_t(sigma_min)
         ts = torch.linspace(start, end, n + 1)[:-1] if kind == "sgm-uniform" else torch.linspace(start, end, n)
@@ -441,17 +454,21 @@ def _a1111_reference(kind: str, n: int, abar: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 10, 11, 20, 50, 999])
-@pytest.mark.parametrize("kind", common.A1111_SCHEDULES)
+@pytest.mark.parametrize("kind", common.LEVEL_SCHEDULES + common.A1111_SCHEDULES)
 def test_a1111_schedule_levels(kind, num_steps):
     """Each A1111 schedule type's noise levels against A1111's definitions (float32 there, float64 here), and
-    the tables of every sampler on it: the levels, then 0 (KL-optimal: sigma_min, where A1111 ends it)."""
+    the tables of every sampler on it: the levels, then 0 (KL-optimal: sigma_min, where A1111 ends it).
+    Karras, Exponential and Beta take A1111's levels on Euler ancestral only (the others: diffusers')."""
+    if kind == "beta":
+        pytest.importorskip("scipy")
     abar = diffusers.DDPMScheduler.from_config(SD15).alphas_cumprod
     ref = _a1111_reference(kind, num_steps, abar).double().numpy()
     table = common.sigmas_f32(common.alphas_cumprod({**common.BASE_DEFAULTS, **SD15}))
     levels = common.schedule_levels(kind, float(table[0]), float(table[-1]), num_steps, table)
     assert levels.shape == (num_steps,) and np.all(np.diff(levels) < 0)
     np.testing.assert_allclose(levels, ref[:-1], rtol=1e-5)
-    for sampler in ("euler", "dpmpp-2m", "dpmpp-2m-sde"):
+    samplers = ("euler-a",) if kind in common.LEVEL_SCHEDULES else ("euler", "dpmpp-2m", "dpmpp-2m-sde", "euler-a")
+    for sampler in samplers:
         tables = S.make_tables(f"{sampler}-{kind}", SD15, num_steps)
         np.testing.assert_allclose(tables.sigmas, ref, rtol=1e-5)
         assert tables.timesteps.dtype == np.float32  # fractional, as k-diffusion gives them

@@ -19,7 +19,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from . import ddim, dpm_solver, euler, euler_ancestral
-from .common import A1111_SCHEDULES, SCHEDULE_KEY, Tables
+from .common import A1111_SCHEDULES, LEVEL_SCHEDULES, SCHEDULE_KEY, Tables
 from .dpm_solver import DPMState
 
 
@@ -60,7 +60,8 @@ def _dpm(karras: bool, sde: bool, exponential: bool = False, beta: bool = False,
 
 def _a1111_schedules():
     """Euler, DPM-Solver++ 2M and its SDE form on each of AUTOMATIC1111's other schedule types ("Exponential"
-    where diffusers has it but no name did yet): "euler-sgm-uniform", "dpmpp-2m-kl-optimal", ..."""
+    where diffusers has it but no name did yet): "euler-sgm-uniform", "dpmpp-2m-kl-optimal", ...; Euler
+    ancestral on all of them"""
     for kind in ("exponential", *A1111_SCHEDULES):
         schedule = None if kind == "exponential" else kind
         exponential = kind == "exponential"
@@ -71,6 +72,10 @@ def _a1111_schedules():
         if kind != "exponential":  # dpmpp-2m-sde-exponential is above
             yield Scheduler(f"dpmpp-2m-sde-{kind}", dpm_solver.make_tables, dpm_solver.step, True,
                             "DPMSolverMultistepScheduler", _dpm(False, sde=True, schedule=schedule))
+    # Euler ancestral, whose diffusers class has no noise-level options, on every type, A1111's way
+    for kind in (*LEVEL_SCHEDULES, *A1111_SCHEDULES):
+        yield Scheduler(f"euler-a-{kind}", euler_ancestral.make_tables, euler_ancestral.step, True,
+                        "EulerAncestralDiscreteScheduler", {SCHEDULE_KEY: kind, "timestep_spacing": "linspace"})
 
 
 _REGISTRY = {

@@ -230,6 +230,9 @@ def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float
 # replace the spaced ones, as Karras et al.'s do (schedule_levels).
 SCHEDULE_KEY = "pm_sigma_schedule"
 A1111_SCHEDULES = ("sgm-uniform", "normal", "simple", "kl-optimal", "align-your-steps")
+# and the ones diffusers has for Euler and DPM-Solver++ (use_karras_sigmas, ...), as A1111 computes them
+# (over the whole table): for the sampler whose diffusers class has none of them, Euler ancestral
+LEVEL_SCHEDULES = ("karras", "exponential", "beta")
 # Align Your Steps (Sabour et al. 2024): NVIDIA's published 10-step noise levels for SD 1.5 (11 values, the
 # last step's target included), log-linearly resampled for other step counts
 AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
@@ -246,9 +249,12 @@ def t_to_sigma(t: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 def schedule_levels(kind: str, sigma_min: float, sigma_max: float, num_steps: int, sigmas: np.ndarray
                     ) -> np.ndarray:
-    """(num_steps,) float64 noise levels of AUTOMATIC1111's schedule type `kind` (A1111_SCHEDULES), from
-    sigma_max down; `sigmas` is the training table (float32, index = timestep). What each is, as A1111
-    defines it (n = num_steps, t(s) the training timestep of level s, sigma(t) the level at t):
+    """(num_steps,) float64 noise levels of AUTOMATIC1111's schedule type `kind` (A1111_SCHEDULES or
+    LEVEL_SCHEDULES), from sigma_max down; `sigmas` is the training table (float32, index = timestep). What
+    each is, as A1111 defines it (n = num_steps, t(s) the training timestep of level s, sigma(t) the level
+    at t):
+      karras, exponential, beta: karras_sigmas, exponential_sigmas, beta_sigmas (diffusers' formulas are
+                   k-diffusion's and A1111's) from sigma_max to sigma_min;
       sgm-uniform: sigma(t) at n points evenly spaced from t(sigma_max) towards t(sigma_min), that end
                    left out (Stability's sgm sampling);
       normal:      the same with both ends: the last level is sigma_min;
@@ -262,6 +268,9 @@ def schedule_levels(kind: str, sigma_min: float, sigma_max: float, num_steps: in
     if n < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     log_sigmas = np.log(sigmas.astype(np.float64))
+    spread = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}.get(kind)
+    if spread is not None:
+        return spread(sigma_min, sigma_max, n)
     if kind in ("sgm-uniform", "normal"):
         start, end = sigma_to_t(np.array([sigma_max, sigma_min]), np.log(sigmas))
         ts = np.linspace(start, end, n + 1)[:-1] if kind == "sgm-uniform" else np.linspace(start, end, n)
@@ -277,14 +286,15 @@ def schedule_levels(kind: str, sigma_min: float, sigma_max: float, num_steps: in
             return np.array(AYS_SD15, np.float64)
         rising = np.log(np.array(AYS_SD15[::-1], np.float64))
         return np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(AYS_SD15)), rising))[::-1].copy()
-    raise ValueError(f"unknown schedule type {kind!r}; valid: {', '.join(A1111_SCHEDULES)}")
+    raise ValueError(f"unknown schedule type {kind!r}; valid: {', '.join(LEVEL_SCHEDULES + A1111_SCHEDULES)}")
 
 
 def config_schedule(config: Mapping[str, Any]) -> str | None:
     """The A1111 schedule type a scheduler config names (SCHEDULE_KEY), None for none; ValueError if unknown."""
     kind = config.get(SCHEDULE_KEY)
-    if kind is not None and kind not in A1111_SCHEDULES:
-        raise ValueError(f"{SCHEDULE_KEY}={kind!r} is not supported (supported: {', '.join(A1111_SCHEDULES)})")
+    if kind is not None and kind not in LEVEL_SCHEDULES + A1111_SCHEDULES:
+        raise ValueError(f"{SCHEDULE_KEY}={kind!r} is not supported "
+                         f"(supported: {', '.join(LEVEL_SCHEDULES + A1111_SCHEDULES)})")
     return kind
 
 

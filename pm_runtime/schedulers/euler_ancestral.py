@@ -5,7 +5,9 @@ Each step goes deterministically down to sigma_down and adds sigma_up * noise, w
 sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2),
 sigma_down = sqrt(sigma_next^2 - sigma_up^2). The caller supplies the standard-normal `noise`
 for every step (pm_runtime.noise.step_noise), so no RNG hides in here. Schedule as in
-euler.py, except the last sigma is always 0 (this diffusers class has no final_sigmas_type).
+euler.py, except the last sigma is always 0 (this diffusers class has no final_sigmas_type), and the
+only other noise levels are AUTOMATIC1111's schedule types ("euler-a-karras", "euler-a-sgm-uniform", ...:
+common.schedule_levels, their timesteps fractional; KL-optimal's last sigma is sigma_min, as A1111's).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .common import BASE_DEFAULTS, Tables, frozen, resolve_config
+from .common import BASE_DEFAULTS, Tables, config_schedule, frozen, resolve_config
 from .euler import sigma_schedule, step_coefficients
 
 NAME = "euler-a"
@@ -35,7 +37,9 @@ class EulerAncestralTables(Tables):
 
 def make_tables(config: Mapping[str, Any], num_steps: int) -> EulerAncestralTables:
     cfg = resolve_config(NAME, DEFAULTS, config, SUPPORTED)
-    timesteps, sigmas32, init = sigma_schedule(cfg, num_steps, "zero")
+    schedule = config_schedule(config)
+    timesteps, sigmas32, init = sigma_schedule(cfg, num_steps, "sigma_min" if schedule == "kl-optimal" else "zero",
+                                               schedule)
     sigmas = sigmas32.astype(np.float64)
     s_from, s_to = sigmas[:-1], sigmas[1:]
     s_up = np.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)

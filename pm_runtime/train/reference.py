@@ -29,10 +29,13 @@ from .templates import NEGATIVE_PROMPT
 def make_scheduler(name: str, config: dict, steps: int | None = None, device=None):
     """The diffusers scheduler that pm_runtime.schedulers' `name` reproduces, from the model's config
     (with what the name fixes: "dpmpp-2m-karras" is DPMSolverMultistepScheduler with Karras sigmas), its
-    timesteps set for `steps` if given. AUTOMATIC1111's schedule types ("dpmpp-2m-sgm-uniform"), which diffusers
-    lacks, need `steps`: their levels (schedulers.common.schedule_levels, on diffusers' own sigma table) are
-    given to it where it computes Karras et al.'s, and DPM-Solver's timesteps are then left fractional, as
-    k-diffusion (A1111) gives them, where diffusers casts them to int64 (its step reads none of them)."""
+    timesteps set for `steps` if given. AUTOMATIC1111's schedule types ("dpmpp-2m-sgm-uniform", "euler-a-karras"),
+    which diffusers lacks, need `steps`: once diffusers has set its timesteps, its noise levels are replaced by
+    theirs (schedulers.common.schedule_levels, on diffusers' own sigma table; the last one kept: 0, or
+    sigma_min where the config or KL-optimal says so) and its timesteps by those levels' fractional training
+    timesteps (diffusers' _sigma_to_t), as k-diffusion (A1111) gives them. That is what diffusers' Euler does
+    with Karras levels; its DPM-Solver would cast them to int64 and its step reads none of them; its Euler
+    ancestral has no level options at all."""
     import diffusers
 
     try:
@@ -48,14 +51,14 @@ def make_scheduler(name: str, config: dict, steps: int | None = None, device=Non
         return sched
     if steps is None:
         raise ValueError(f"scheduler {name!r}: give the number of steps (its levels are set here)")
-    sched = getattr(diffusers, s.diffusers_class).from_config({**config, "use_karras_sigmas": True})
+    sched = getattr(diffusers, s.diffusers_class).from_config(config)
+    sched.set_timesteps(steps, device=device)
     table = (((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5).numpy()  # over the whole table, as A1111
     levels = schedulers.common.schedule_levels(kind, float(table[0]), float(table[-1]), steps, table)
-    sched._convert_to_karras = lambda in_sigmas, num_inference_steps: levels
-    sched.set_timesteps(steps, device=device)
-    if s.diffusers_class == "DPMSolverMultistepScheduler":
-        t = sched._sigma_to_t(levels, np.log(table)).astype(np.float32)
-        sched.timesteps = torch.from_numpy(t).to(sched.timesteps.device)
+    last = table[0] if kind == "kl-optimal" else sched.sigmas[-1].item()
+    sched.sigmas = torch.from_numpy(np.append(levels, last).astype(np.float32)).to(sched.sigmas.device)
+    t = diffusers.EulerDiscreteScheduler._sigma_to_t(sched, levels, np.log(table)).astype(np.float32)
+    sched.timesteps = torch.from_numpy(t).to(sched.timesteps.device)
     return sched
 
 
