@@ -16,6 +16,7 @@ import click
 
 from . import formats as F
 from .errors import UserError
+from .latent_upscale import UPSCALERS
 from .png import IMAGE_FORMATS, SUFFIXES
 from .prompt_encoding import EMPHASIS_MODES
 from .resources import peak_rss_bytes
@@ -94,6 +95,10 @@ class RunConfig:
     prompts_file: Path | None = None  # one prompt per line, each generated with the same settings and seed
     batch_count: int = 1  # batches one after another, the k-th (from 0) with seed + k
     emphasis: str = "original"  # AUTOMATIC1111's prompt weighting: original, no-norm, ignore, none
+    hires_scale: float | None = None  # AUTOMATIC1111's hires fix (latent): None off
+    hires_steps: int = 0  # 0: --steps
+    denoising_strength: float = 0.7
+    hires_upscaler: str = "latent"
 
 
 def find_bundle(engine: Path) -> tuple[Path, str | None]:
@@ -293,6 +298,14 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     if note:
         log(note)
     pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
+    if cfg.hires_scale is not None:
+        h = pipe.hires_fix(cfg.height, cfg.width, cfg.steps, cfg.hires_scale, cfg.hires_steps, cfg.denoising_strength,
+                           cfg.hires_upscaler)
+        log(f"hires fix: {cfg.width}x{cfg.height} -> {h.width}x{h.height} ({h.upscaler}), then {h.pass_steps} steps "
+            f"from step {h.start + 1} of a {h.schedule_steps}-step schedule (denoising strength {h.denoising_strength})")
+    elif cfg.hires_steps or cfg.denoising_strength != 0.7 or cfg.hires_upscaler != "latent":
+        log("note: --hires-steps, --denoising-strength and --hires-upscaler apply with --hires-scale (the hires fix "
+            "is off without it)")
     negative = NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt
     for line, text in prompts:  # every prompt is checked before the first image is made
         try:
@@ -333,7 +346,9 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                     text, seed=job_seed, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
                     negative_prompt=negative, height=cfg.height, width=cfg.width, num_images=cfg.num_images,
                     late_stage=cfg.late_stage, concept_stage=cfg.concept_stage,
-                    allow_no_concept=cfg.allow_no_concept, callback=progress, emphasis=cfg.emphasis)
+                    allow_no_concept=cfg.allow_no_concept, callback=progress, emphasis=cfg.emphasis,
+                    hires_scale=cfg.hires_scale, hires_steps=cfg.hires_steps,
+                    denoising_strength=cfg.denoising_strength, hires_upscaler=cfg.hires_upscaler)
             except UserError as e:
                 raise UserError(where + str(e)) from None
             for w in result.warnings:
@@ -530,6 +545,20 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "no prompt editing either (pm-run before 0.2). A1111's prompt editing, '[cat:dog:0.5]' (cat for "
                    "the first half of the steps, then dog), and alternation, '[cat|dog]', apply in the other modes. "
                    "Images record a mode other than original, as A1111 does.")
+@click.option("--hires-scale", default=None, type=click.FloatRange(1.0, 8.0), metavar="FACTOR",
+              help="AUTOMATIC1111's hires fix, latent form: generate at --width x --height, upscale the latents by "
+                   "FACTOR (the image's size: both sides x FACTOR, multiples of 64 within the bundle's range), "
+                   "noise them by --denoising-strength and denoise them again at that size, then decode. Same "
+                   "prompt, scheduler, guidance and seed; the second pass's noise comes from the seed too. "
+                   "[default: off]")
+@click.option("--hires-steps", default=0, show_default=True, type=click.IntRange(min=0),
+              help="The hires pass's steps (0: --steps). As A1111: the last N steps of a schedule of "
+                   "N / denoising strength steps.")
+@click.option("--denoising-strength", default=0.7, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="How much of the upscaled image the hires pass re-noises (1: all of it).")
+@click.option("--hires-upscaler", default="latent", show_default=True, type=click.Choice(list(UPSCALERS)),
+              help="How the latents are upscaled, as A1111's 'Latent' (bilinear), 'Latent (nearest)' and "
+                   "'Latent (nearest-exact)' do (bundles hold no VAE encoder, so no image upscaler).")
 @click.option("--no-safety-checker", "no_safety_checker", is_flag=True,
               help="Do not run the bundle's safety checker (it runs by default when the bundle has one; a flagged "
                    "image is not written and pm-run exits with status 3).")
@@ -566,8 +595,9 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "(SD 1.5: ~0.86 instead of 1.72 GB), at a small drift from the fp16 image and some speed. "
                    "Implies --backend torch-cuda.")
 def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, batch_count, height,
-         width, backend, device, model, out, late_stage, concept_stage, allow_no_concept, emphasis, no_safety_checker,
-         as_json, threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
+         width, backend, device, model, out, late_stage, concept_stage, allow_no_concept, emphasis, hires_scale,
+         hires_steps, denoising_strength, hires_upscaler, no_safety_checker, as_json, threads, low_memory, ort_cache,
+         int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
         # peaks in new processes on an H200 were 0.04-0.07 GB lower with it (gpu-fresh-expandable-h200.jsonl)
@@ -575,7 +605,9 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
     cfg = RunConfig(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, height,
                     width, backend, device, model, out, late_stage, tuple(concept_stage) if concept_stage else None,
                     allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights,
-                    dtype, fmt, prompts_file=prompts_file, batch_count=batch_count, emphasis=emphasis)
+                    dtype, fmt, prompts_file=prompts_file, batch_count=batch_count, emphasis=emphasis,
+                    hires_scale=hires_scale, hires_steps=hires_steps, denoising_strength=denoising_strength,
+                    hires_upscaler=hires_upscaler)
     written: list[str] = []
     try:
         if settings_from is not None:

@@ -45,6 +45,8 @@ from .backends.base import Backend, DenoiseJob, select_backend
 from .bundle import Bundle, open_bundle, sha256_file
 from .concept_table import ConceptTable, load_table
 from .errors import UserError
+from .latent_upscale import A1111_NAMES as UPSCALER_NAMES
+from .latent_upscale import UPSCALERS, upscale
 from .png import image_bytes, parameters_text, png_bytes, sampler_fields
 from .prompt_encoding import (EMPHASIS_MODES, ConceptWords, EncodedPrompt, a1111_syntax,
                               apply_emphasis, check_emphasis_mode, concept_words_in, encode_plain, encode_prompt,
@@ -93,6 +95,28 @@ class Settings:
     concept_stage: tuple[int, int] | None
     allow_no_concept: bool
     emphasis: str = "original"
+    hires: "HiresFix | None" = None  # the second pass, where the hires fix ran
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """AUTOMATIC1111's hires fix, latent form: the first pass's latents upscaled (pm_runtime.latent_upscale)
+    to scale x the size, noised to the level of step `start` of a `schedule_steps`-step schedule and denoised
+    from there for `steps` steps (schedulers.img2img_steps from the pass's steps and the denoising strength),
+    then decoded at that size."""
+
+    scale: float
+    steps: int  # as asked: 0 = the first pass's number
+    denoising_strength: float
+    upscaler: str
+    height: int
+    width: int
+    schedule_steps: int
+    start: int
+
+    @property
+    def pass_steps(self) -> int:
+        return self.schedule_steps - self.start
 
 
 @dataclass
@@ -111,6 +135,8 @@ class Generation:
     step_texts: list[str] | None = None  # the prompt's text at each step, where prompt editing changes it
     chunks: int = 1  # the most 75-token chunks a text of this image took (the prompt's, the negative prompt's)
     negative_step_texts: list[str] | None = None  # the negative prompt's, where prompt editing changes it
+    hires_plan: list[Context] | None = None  # the hires pass's context per step (settings.hires); None: no pass
+    hires_timesteps: np.ndarray | None = None
 
     def prompt_schedule(self, negative: bool = False) -> list[dict] | None:
         """The stretches of steps with one text each ({"steps": [first, last] from 1, "text": ...}), where
@@ -132,6 +158,10 @@ class Generation:
         p = {"Steps": s.steps, **sampler_fields(s.scheduler), "CFG scale": s.guidance,
              "Seed": s.seed if s.seed is not None else "latents given", "Size": f"{s.width}x{s.height}",
              "Model": self.model}
+        if s.hires is not None:  # as AUTOMATIC1111 records it (Size: the first pass's; Hires steps where given)
+            h = s.hires
+            p.update({"Denoising strength": h.denoising_strength, "Hires upscale": h.scale,
+                      **({"Hires steps": h.steps} if h.steps else {}), "Hires upscaler": UPSCALER_NAMES[h.upscaler]})
         if self.concept is not None and self.uses_concept:
             lo, hi = s.concept_stage
             p.update({"Concept": self.concept.name, "Concept hash": self.concept.sha256[:12],
@@ -277,6 +307,30 @@ class _Prompts:
                 for text, c in zip(self.per_step(len(plan)), plan)]
 
 
+class _Progress:
+    """Steps done over a generation's passes: each loop's before/after callbacks count from what the earlier
+    loops did (callback(step, total) after each step; `cancel` checked before each)."""
+
+    def __init__(self, callback, cancel, total: int):
+        self.callback, self.cancel, self.total, self.done = callback, cancel, total, 0
+
+    def before(self):
+        base = self.done
+
+        def before(i):
+            if _is_cancelled(self.cancel):
+                raise Cancelled(f"cancelled before step {base + i + 1} of {self.total}")
+        return before
+
+    def after(self):
+        base = self.done
+
+        def after(i):
+            if self.callback is not None:
+                self.callback(base + i + 1, self.total)
+        return after
+
+
 class Pipeline:
     def __init__(self, bundle: Bundle, backend: Backend, concept: str | Path | None = None,
                  safety_checker: bool = True):
@@ -403,18 +457,24 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, num_images: int | None = None,
                  late_stage: str = LATE_REUSE, concept_stage: tuple[int, int] | None = None,
                  allow_no_concept: bool = False, callback: Callable[[int, int], None] | None = None,
-                 cancel=None, emphasis: str = "original") -> Generation:
+                 cancel=None, emphasis: str = "original", hires_scale: float | None = None, hires_steps: int = 0,
+                 denoising_strength: float = 0.7, hires_upscaler: str = "latent") -> Generation:
         """Images for `prompt`. Initial latents come from `seed` (project noise, the same on every
         backend) or are given as `latents` (N, C, H/8, W/8); `seed` then only seeds the per-step noise
         (euler-a, the -sde schedulers).
         `emphasis`: how AUTOMATIC1111's prompt weighting, "(words:1.2)", "(words)", "[words]", acts
         (pm_runtime.prompt_encoding): "original" (A1111's default), "no-norm", "ignore" (the syntax
         removed, no weights), "none" (the brackets read as words).
-        callback(step, total) after every UNet step; `cancel` (threading.Event or a callable)
+        `hires_scale` (AUTOMATIC1111's hires fix, latent form; None: off): the latents of this size are
+        upscaled by that factor (`hires_upscaler`, pm_runtime.latent_upscale), noised by `denoising_strength`
+        and denoised again for `hires_steps` steps (0: `steps`) at the larger size, which the image has
+        (HiresFix; the same prompt, scheduler and guidance).
+        callback(step, total) after every UNet step (both passes); `cancel` (threading.Event or a callable)
         is checked before every step and raises Cancelled."""
         with self._lock:
             return self._generate(prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
-                                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis)
+                                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
+                                  (hires_scale, hires_steps, denoising_strength, hires_upscaler))
 
     def check_size(self, height: int, width: int) -> None:
         """UserError naming the supported range unless the UNet and VAE engines take this size."""
@@ -463,8 +523,35 @@ class Pipeline:
         prompts.warnings = warnings
         return prompts
 
+    def hires_fix(self, height: int, width: int, steps: int, scale, hires_steps=0, denoising_strength=0.7,
+                  upscaler: str = "latent") -> HiresFix:
+        """The hires pass of a generation of height x width in `steps` steps (UserError where it cannot run)."""
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 1.0 <= scale <= 8.0:
+            raise UserError(f"the hires scale must be a number from 1 to 8, got {scale!r}")
+        hires_steps = _whole("hires steps", hires_steps)
+        if hires_steps < 0:
+            raise UserError(f"hires steps must be a whole number >= 0 (0: as many as the first pass), got {hires_steps}")
+        d = denoising_strength
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0.0 < d <= 1.0:
+            raise UserError(f"the denoising strength must be a number in (0, 1], got {d!r}")
+        if upscaler not in UPSCALERS:
+            raise UserError(f"hires upscaler must be one of {', '.join(UPSCALERS)} (latent upscaling: the bundle has "
+                            f"no VAE encoder for an image upscaler), got {upscaler!r}")
+        h2, w2 = int(height * scale), int(width * scale)  # as AUTOMATIC1111 sizes it
+        try:
+            self.check_size(h2, w2)
+        except UserError as e:
+            raise UserError(f"hires fix: {width}x{height} x {scale} is {w2}x{h2}: {e}") from None
+        total, start = schedulers.img2img_steps(hires_steps or steps, float(d))
+        num_train = int(self.bundle.scheduler_config.get("num_train_timesteps", 1000))
+        if total > num_train:
+            raise UserError(f"hires fix: {hires_steps or steps} steps at denoising strength {d} need a schedule of "
+                            f"{total} steps, more than the model's {num_train} training timesteps")
+        return HiresFix(float(scale), hires_steps, float(d), upscaler, h2, w2, total, start)
+
     def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
-                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis) -> Generation:
+                  num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
+                  hires_options) -> Generation:
         t_start = time.perf_counter()
         concept, dims = self.concept, self.dims
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -505,67 +592,36 @@ class Pipeline:
             except ValueError as e:
                 raise UserError(str(e)) from None
         tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, uses_concept)
-        sched = schedulers.get_scheduler(scheduler)
+        hires = None if hires_options[0] is None else self.hires_fix(height, width, tables.num_steps, *hires_options)
+        if hires is not None:  # the second pass: the tail of its own schedule, its contexts by its timesteps
+            tables2, plan2, _ = self.plan(hires.schedule_steps, scheduler, late_stage, concept_stage, uses_concept)
+            tables2, plan2 = schedulers.slice_tables(tables2, hires.start), plan2[hires.start:]
         noise_seed = seed if seed is not None else 0
         settings = Settings(prompt, negative_prompt, steps, float(guidance), scheduler, seed, height, width,
-                            num_images, late_stage, stage, allow_no_concept, emphasis)
-        timings = {"load_s": 0.0}  # engine creation (first use, or every use in low-memory mode)
-
-        # ---- contexts: one batched text-encoder call (chunked only beyond the engine's max batch); a row
-        # per distinct text of the negative prompt's steps (one unless it is scheduled), then one per distinct
-        # (text, stage context) of the prompt's steps (one text unless the prompt is scheduled)
-        step_keys = prompts.step_keys(plan)
-        neg_steps = prompts.neg_per_step(len(plan))
-        neg_keys = list(dict.fromkeys((text, SUPER_CLASS) for text in neg_steps))
-        keys = list(dict.fromkeys(step_keys))
-        t0 = time.perf_counter()
-        with self.backend.network(TEXT_ENCODER) as te:
-            t1 = time.perf_counter()
-            encoded = [*prompts.rows(neg_keys, negative=True), *prompts.rows(keys)]
-            c_k, c_v, chunks = self._encode(te, encoded)  # (chunks, L, D) each
-            weights = _row_weights(encoded, chunks, self.dims.max_length)
-            if weights is not None:  # emphasis: on the device where the contexts are (else numpy)
-                c_k, c_v = (_emphasise(c, weights, emphasis == "original") for c in (c_k, c_v))
-            if max(chunks) > 1:  # a long prompt: each row's chunks one after the other, rows of one length
-                index = _chunk_index(chunks)
-                c_k, c_v = (_regroup(c, index) for c in (c_k, c_v))  # (len(encoded), N * L, D) each
-            timings["load_s"] += t1 - t0
-            timings["text_encoder_s"] = time.perf_counter() - t1
-        _check_finite("text encoder output (contexts)", c_k, c_v)
-        row = {key: i for i, key in enumerate([*neg_keys, *keys])}
-
-        # ---- denoising: images in groups that fit the UNet's batch (2 rows per image) and the VAE's
+                            num_images, late_stage, stage, allow_no_concept, emphasis, hires)
+        timings = {"load_s": 0.0, "text_encoder_s": 0.0, "unet_s": 0.0}  # load_s: engine creation (first use,
+        # or every use in low-memory mode)
+        # images in groups that fit the UNet's batch (2 rows per image) and the VAE's
         group = max(1, min(self.specs[UNET].axes["batch"].max // 2, self.specs[VAE_DECODER].axes["batch"].max))
         groups = [list(range(i, min(i + group, num_images))) for i in range(0, num_images, group)]
-        total, done = tables.num_steps * len(groups), 0
-        finals = []
-        t0 = time.perf_counter()
-        with self.backend.network(UNET) as unet:
-            t1 = time.perf_counter()
-            timings["load_s"] += t1 - t0
-            rows = np.array([row[key] for key in step_keys], np.int64)
-            neg_rows = (np.array([row[text, SUPER_CLASS] for text in neg_steps], np.int64) if len(neg_keys) > 1
-                        else None)  # None: the negative prompt's one row, row 0
-            for g in groups:
-                def before(i, base=done):
-                    if _is_cancelled(cancel):
-                        raise Cancelled(f"cancelled before step {base + i + 1} of {total}")
-
-                def after(i, base=done):
-                    if callback is not None:
-                        callback(base + i + 1, total)
-
-                noise = ((lambda i, g=g: pm_noise.step_noise(noise_seed, i, latents.shape)[g])
-                         if sched.needs_noise else None)
-                job = DenoiseJob(latents[g] * np.float32(tables.init_noise_sigma), c_k, c_v, rows, tables,
-                                 float(guidance), noise, before, after, neg_rows)
-                x = self.backend.denoise(unet, job)
-                done += tables.num_steps
-                _check_finite(f"denoising loop ({scheduler}, {tables.num_steps} UNet steps) latents", x)
-                finals.append(x)
-            timings["unet_s"] = time.perf_counter() - t1
-        timings["unet_steps"] = done
-        timings["unet_step_ms"] = 1000 * timings["unet_s"] / max(done, 1)
+        progress = _Progress(callback, cancel, (tables.num_steps + (tables2.num_steps if hires else 0)) * len(groups))
+        start = [latents[g] * np.float32(tables.init_noise_sigma) for g in groups]
+        finals, step_keys, neg_steps, chunks = self._denoise_pass(
+            prompts, plan, tables, start, groups, float(guidance), scheduler, emphasis, noise_seed, 0, progress,
+            timings)
+        if hires is not None:
+            first = upscale(np.concatenate(finals), hires.height // self.dims.vae_scale_factor,
+                            hires.width // self.dims.vae_scale_factor, hires.upscaler)
+            _check_finite("hires fix: upscaled latents", first)
+            eps = pm_noise.initial_latents(noise_seed, first.shape, pass_=1)
+            start = [schedulers.start_latents(first[g], eps[g], tables2) for g in groups]
+            timings["first_pass_unet_steps"] = progress.done
+            finals, _, _, chunks2 = self._denoise_pass(
+                prompts, plan2, tables2, start, groups, float(guidance), scheduler, emphasis, noise_seed, 1, progress,
+                timings)
+            chunks = chunks + chunks2
+        timings["unet_steps"] = progress.done
+        timings["unet_step_ms"] = 1000 * timings["unet_s"] / max(progress.done, 1)
 
         # ---- image
         t0 = time.perf_counter()
@@ -593,7 +649,59 @@ class Pipeline:
         return Generation(images, settings, concept, uses_concept, plan, tables.timesteps, timings,
                           self.backend.describe(), model, warnings, nsfw,
                           step_texts if len(set(step_texts)) > 1 else None, max(chunks),
-                          neg_steps if len(neg_keys) > 1 else None)
+                          neg_steps if len(set(neg_steps)) > 1 else None,
+                          plan2 if hires else None, tables2.timesteps if hires else None)
+
+    def _denoise_pass(self, prompts: "_Prompts", plan: list[Context], tables, start: list[np.ndarray], groups,
+                      guidance: float, scheduler: str, emphasis: str, noise_seed: int, pass_: int,
+                      progress: "_Progress", timings: dict):
+        """One denoising pass: its contexts, then each group's loop from its `start` latents (already in the
+        sampler's space) -> (final latents per group, the prompt's (text, context) per step, the negative
+        prompt's text per step, each text-encoder row's chunks)."""
+        # ---- contexts: one batched text-encoder call (chunked only beyond the engine's max batch); a row
+        # per distinct text of the negative prompt's steps (one unless it is scheduled), then one per distinct
+        # (text, stage context) of the prompt's steps (one text unless the prompt is scheduled)
+        step_keys = prompts.step_keys(plan)
+        neg_steps = prompts.neg_per_step(len(plan))
+        neg_keys = list(dict.fromkeys((text, SUPER_CLASS) for text in neg_steps))
+        keys = list(dict.fromkeys(step_keys))
+        t0 = time.perf_counter()
+        with self.backend.network(TEXT_ENCODER) as te:
+            t1 = time.perf_counter()
+            encoded = [*prompts.rows(neg_keys, negative=True), *prompts.rows(keys)]
+            c_k, c_v, chunks = self._encode(te, encoded)  # (chunks, L, D) each
+            weights = _row_weights(encoded, chunks, self.dims.max_length)
+            if weights is not None:  # emphasis: on the device where the contexts are (else numpy)
+                c_k, c_v = (_emphasise(c, weights, emphasis == "original") for c in (c_k, c_v))
+            if max(chunks) > 1:  # a long prompt: each row's chunks one after the other, rows of one length
+                index = _chunk_index(chunks)
+                c_k, c_v = (_regroup(c, index) for c in (c_k, c_v))  # (len(encoded), N * L, D) each
+            timings["load_s"] += t1 - t0
+            timings["text_encoder_s"] += time.perf_counter() - t1
+        _check_finite("text encoder output (contexts)", c_k, c_v)
+        row = {key: i for i, key in enumerate([*neg_keys, *keys])}
+
+        # ---- denoising
+        needs_noise = schedulers.get_scheduler(scheduler).needs_noise
+        shape = (sum(len(g) for g in groups), *start[0].shape[1:])
+        finals = []
+        t0 = time.perf_counter()
+        with self.backend.network(UNET) as unet:
+            t1 = time.perf_counter()
+            timings["load_s"] += t1 - t0
+            rows = np.array([row[key] for key in step_keys], np.int64)
+            neg_rows = (np.array([row[text, SUPER_CLASS] for text in neg_steps], np.int64) if len(neg_keys) > 1
+                        else None)  # None: the negative prompt's one row, row 0
+            for g, x in zip(groups, start):
+                noise = ((lambda i, g=g: pm_noise.step_noise(noise_seed, i, shape, pass_)[g]) if needs_noise else None)
+                job = DenoiseJob(x, c_k, c_v, rows, tables, guidance, noise, progress.before(), progress.after(),
+                                 neg_rows)
+                x = self.backend.denoise(unet, job)
+                progress.done += tables.num_steps
+                _check_finite(f"denoising loop ({scheduler}, {tables.num_steps} UNet steps) latents", x)
+                finals.append(x)
+            timings["unet_s"] += time.perf_counter() - t1
+        return finals, step_keys, neg_steps, chunks
 
     def _safety_check(self, images: np.ndarray, timings: dict) -> list[bool]:
         """The bundle's safety checker on the finished images (N, H, W, 3) uint8: flagged ones are

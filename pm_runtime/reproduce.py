@@ -10,11 +10,13 @@ batch it was drawn with) and keeping that one image.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .latent_upscale import A1111_NAMES as UPSCALER_NAMES
 from .png import SAMPLER_NAMES, SCHEDULE_TYPE_NAMES, parse_parameters, read_parameters
 from .prompt_encoding import EMPHASIS_MODES
 from .stages import LATE_POLICIES
@@ -28,7 +30,9 @@ _SCHEDULE_TYPES = ("Karras", "Exponential", "Beta", *SCHEDULE_TYPE_NAMES.values(
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept",
-         "Concept stage", "Late stage", "Batch size", "Emphasis"} | _RECORDS
+         "Concept stage", "Late stage", "Batch size", "Emphasis", "Hires upscale", "Hires steps", "Hires upscaler",
+         "Denoising strength"} | _RECORDS
+UPSCALERS_BY_NAME = {v: k for k, v in UPSCALER_NAMES.items()}
 EMPHASIS_BY_NAME = {v: k for k, v in EMPHASIS_MODES.items()}
 # pm-run versions that read emphasis syntax as words (and recorded no Emphasis): their images are remade so
 _WORDS_ONLY_VERSIONS = {"personamagic-runtime 0.1.0"}
@@ -68,6 +72,8 @@ class ImageSettings:
             parts += [f"{k} {v[k]}" for k in ("width", "height") if k in v]
         if v.get("concept"):
             parts.append(f"concept {v['concept']}")
+        if v.get("hires_scale"):
+            parts.append(f"hires fix x{v['hires_scale']}")
         if self.batch_pos is not None:
             parts.append(f"image {self.batch_pos + 1} of a batch of {v['num_images']} (the whole batch is generated, "
                          "that image kept)")
@@ -103,6 +109,16 @@ def _int(path, key, text, lo=0) -> int:
     if not re.fullmatch(r"\d+", text.strip()) or int(text) < lo:
         raise UserError(f"--settings-from {path}: {key} {text!r} is not a whole number >= {lo}")
     return int(text)
+
+
+def _float(path, key, text) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"--settings-from {path}: {key} {text!r} is not a number")
+    return value
 
 
 def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
@@ -192,6 +208,21 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
             v["emphasis"] = EMPHASIS_BY_NAME[p["Emphasis"]]
         else:  # AUTOMATIC1111's default, or an older pm-run's words
             v["emphasis"] = "none" if p.get("Version") in _WORDS_ONLY_VERSIONS else "original"
+    if "Hires resize" in p and take("hires_scale"):
+        raise UserError(f"--settings-from {source}: its hires fix resized to {p['Hires resize']} (A1111's 'Hires "
+                        "resize'); pm-run's scales both sides by one factor: give --hires-scale")
+    if "Hires upscale" in p:  # A1111's hires fix (Size is the first pass's)
+        if take("hires_scale"):
+            v["hires_scale"] = _float(source, "Hires upscale", p["Hires upscale"])
+        if take("hires_steps") and "Hires steps" in p:
+            v["hires_steps"] = _int(source, "Hires steps", p["Hires steps"])
+        if take("denoising_strength") and "Denoising strength" in p:
+            v["denoising_strength"] = _float(source, "Denoising strength", p["Denoising strength"])
+        if take("hires_upscaler") and "Hires upscaler" in p:
+            if p["Hires upscaler"] not in UPSCALERS_BY_NAME:
+                raise UserError(f"--settings-from {source}: its hires fix upscaled with {p['Hires upscaler']!r}; "
+                                f"pm-run upscales latents ({', '.join(UPSCALERS_BY_NAME)}): give --hires-upscaler")
+            v["hires_upscaler"] = UPSCALERS_BY_NAME[p["Hires upscaler"]]
     pos = None
     if take("num_images") and "Batch size" in p:
         size = _int(source, "Batch size", p["Batch size"], lo=1)
@@ -199,7 +230,8 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
         if pos >= size:
             raise UserError(f"--settings-from {source}: Batch pos {pos} is outside a batch of {size}")
         v["num_images"] = size
-    ignored = tuple(k for k in p if k not in _KEYS)
+    # (a Denoising strength without the hires fix is an img2img image's, which pm-run does not make)
+    ignored = tuple(k for k in p if k not in _KEYS or (k == "Denoising strength" and "Hires upscale" not in p))
     return ImageSettings(Path(source), v, pos, p.get("Concept hash"), p.get("Model"), p.get("Backend"), ignored,
                          p.get("Version"))
 

@@ -841,3 +841,51 @@ def test_python_warnings_are_one_line_notes(monkeypatch):
     assert "warning (DeprecationWarning): old API" in r.stderr
     assert "UserWarning" not in r.stderr and "test_run_cli.py" not in r.stderr
     assert warnings.showwarning is shown
+
+
+def test_hires_fix_is_recorded_and_remade(run_bundle, tmp_path):
+    """--hires-scale: the image has the larger size, its parameters say so as AUTOMATIC1111 writes them, and
+    --settings-from remakes it byte for byte; the hires options alone only earn a note."""
+    made = tmp_path / "hires.png"
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--hires-scale", "1.5",
+               "--hires-steps", "2", "--denoising-strength", "0.5", "--hires-upscaler", "latent-nearest", "--json",
+               "--out", made, *FAST)
+    assert r.exit_code == 0, r.output
+    assert "hires fix: 256x256 -> 384x384 (latent-nearest), then 2 steps from step 3 of a 4-step schedule" in r.stderr
+    run = json.loads(r.stdout)
+    assert run["config"]["hires_scale"] == 1.5 and run["settings"]["hires"]["start"] == 2
+    assert Image.open(made).size == (384, 384)
+    p = parse_parameters(read_parameters(Image.open(made)))
+    assert (p["Size"], p["Hires upscale"], p["Hires steps"], p["Hires upscaler"], p["Denoising strength"]) == \
+        ("256x256", "1.5", "2", "Latent (nearest)", "0.5")
+    r = pm_run("--engine", run_bundle, "--settings-from", made, "--out", tmp_path / "again.png")
+    assert r.exit_code == 0, r.output
+    assert "hires fix x1.5" in r.stderr and (tmp_path / "again.png").read_bytes() == made.read_bytes()
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--denoising-strength", "0.3",
+               "--out", tmp_path / "plain.png", *FAST)
+    assert r.exit_code == 0 and "apply with --hires-scale (the hires fix is off without it)" in r.stderr
+    assert Image.open(tmp_path / "plain.png").size == (256, 256)
+    assert_one_line_error(pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--hires-scale", "5",
+                                 "--out", tmp_path / "big.png", *FAST), "hires fix: 256x256 x 5.0 is 1280x1280")
+    assert not (tmp_path / "big.png").exists()
+
+
+def test_settings_hires_fix_from_automatic1111(tmp_path):
+    from pm_runtime.reproduce import parse
+
+    base = ("p\nSteps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 12, Size: 512x512, "
+            "Denoising strength: 0.45, Hires upscale: 2, Hires steps: 15, Hires upscaler: Latent, Version: v1.10.1")
+    s = parse(base, tmp_path / "x")
+    assert {k: s.values[k] for k in ("hires_scale", "hires_steps", "denoising_strength", "hires_upscaler")} == \
+        {"hires_scale": 2.0, "hires_steps": 15, "denoising_strength": 0.45, "hires_upscaler": "latent"}
+    assert s.ignored == () and "hires fix x2.0" in s.describe()
+    img2img = parse(base.replace("Hires upscale: 2, Hires steps: 15, Hires upscaler: Latent, ", ""), tmp_path / "x")
+    assert "hires_scale" not in img2img.values and img2img.ignored == ("Denoising strength",)
+    esrgan = base.replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+")
+    with pytest.raises(UserError, match=r"upscaled with 'R-ESRGAN 4x\+'; pm-run upscales latents .*--hires-upscaler"):
+        parse(esrgan, tmp_path / "x")
+    assert parse(esrgan, tmp_path / "x", given={"hires_upscaler"}).values["hires_scale"] == 2.0
+    with pytest.raises(UserError, match="resized to 1024x768 .* give --hires-scale"):
+        parse(base.replace("Hires upscale: 2", "Hires resize: 1024x768"), tmp_path / "x")
+    with pytest.raises(UserError, match="Hires upscale 'x2' is not a number"):
+        parse(base.replace("Hires upscale: 2", "Hires upscale: x2"), tmp_path / "x")

@@ -542,3 +542,57 @@ def test_imports_without_torch():
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_img2img_steps_as_automatic1111_sets_them():
+    """A1111's setup_img2img_steps when given the steps (its hires pass): the last `steps` of a schedule of
+    int(steps / min(strength, 0.999))."""
+    assert S.img2img_steps(20, 0.7) == (28, 8) and S.img2img_steps(20, 0.5) == (40, 20)
+    assert S.img2img_steps(20, 1.0) == (20, 0) and S.img2img_steps(3, 0.25) == (12, 9)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="denoising strength"):
+            S.img2img_steps(20, bad)
+
+
+@pytest.mark.parametrize("name, total, start", [
+    ("euler", 20, 6), ("euler-a", 20, 6), ("dpmpp-2m", 20, 6), ("dpmpp-2m", 10, 9), ("dpmpp-2m-karras", 28, 8),
+    ("dpmpp-2m-sde", 20, 6), ("ddim", 20, 6), ("euler-karras", 20, 0), ("dpmpp-2m-sgm-uniform", 20, 6)])
+def test_a_pass_from_a_later_step_matches_diffusers(name, total, start):
+    """img2img from step `start` of a `total`-step schedule (the hires pass): the image latents noised to that
+    step's level (start_latents; diffusers' add_noise there), then the sliced tables (slice_tables) step by
+    step, against diffusers' scheduler started at that step (set_begin_index), per-step noise shared."""
+    cfg = SD15
+    rng = np.random.default_rng(3)
+    x0, eps, a = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(3))
+    n = total - start
+    noise = rng.standard_normal((n,) + SHAPE).astype(np.float32)
+    tables = S.slice_tables(S.make_tables(name, cfg, total), start)
+    assert tables.num_steps == n
+    x = S.start_latents(x0, eps, tables)
+    ours, state = [], None
+    for i, t in enumerate(tables.timesteps):
+        out = _model(S.scale_model_input(i, x, tables), t, a)
+        x, state = S.step(i, out, x, state, noise[i] if S.get_scheduler(name).needs_noise else None, tables)
+        ours.append(x)
+
+    sched = _diffusers_scheduler(name, cfg, total)
+    if hasattr(sched, "set_begin_index"):  # (DDIM steps by timestep value alone)
+        sched.set_begin_index(start)
+    draws = iter(torch.from_numpy(v.astype(np.float64)) for v in noise)
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return next(draws).to(dtype=dtype).reshape(shape)
+
+    timesteps = sched.timesteps[start:]
+    xd = sched.add_noise(torch.from_numpy(x0.astype(np.float64)), torch.from_numpy(eps.astype(np.float64)),
+                         timesteps[:1])
+    np.testing.assert_allclose(S.start_latents(x0, eps, tables), xd.numpy(), rtol=1e-5, atol=1e-5)
+    ref = []
+    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", fake_randn), \
+            mock.patch("diffusers.schedulers.scheduling_dpmsolver_multistep.randn_tensor", fake_randn):
+        for t in timesteps:
+            out = torch.from_numpy(_model(sched.scale_model_input(xd, t).numpy(), t, a.astype(np.float64)))
+            xd = sched.step(out, t, xd).prev_sample
+            ref.append(xd.numpy().copy())
+    np.testing.assert_allclose(tables.timesteps, timesteps.numpy(), rtol=2e-6)
+    assert _max_error(np.stack(ours), np.stack(ref)) <= TOL

@@ -22,8 +22,10 @@ CONFIGS = {
 }
 
 
-def _trajectories(name, config, num_steps):
+def _trajectories(name, config, num_steps, start=0):
     tables = S.make_tables(name, config, num_steps)
+    if start:  # a pass from a later step (the hires pass)
+        tables = S.slice_tables(tables, start)
     lin = linear.linear_steps(tables)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 4, 6, 5)).astype(np.float32) * np.float32(tables.init_noise_sigma)
@@ -50,6 +52,13 @@ def test_affine_form_reproduces_every_scheduler(name, config, num_steps):
     scale = max(1.0, float(np.abs(ref).max()))
     assert np.abs(ours - ref).max() <= 1e-5 * scale
     assert lin.needs_noise == S.get_scheduler(name).needs_noise
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m", "dpmpp-2m-sde-karras", "euler-a", "ddim", "euler-sgm-uniform"])
+def test_affine_form_of_a_pass_from_a_later_step(name):
+    ours, ref, lin = _trajectories(name, CONFIGS["sd15"], 20, start=7)
+    assert len(lin.timesteps) == 13
+    assert np.abs(ours - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))
 
 
 def test_clip_and_history_columns_are_used():

@@ -276,6 +276,15 @@ def test_backend_matches_onnxruntime(fast_pipe, ort_pipe_here, scheduler):
     assert psnr(fast.images, ref.images) >= 40.0
 
 
+def test_hires_image_equals_onnxruntimes(fast_pipe, ort_pipe_here):
+    """The hires fix (pipeline: a second pass at 1.5x the size, from its own schedule's step 3 of 6): torch-cuda
+    runs that pass at its own size on its device as onnxruntime does."""
+    kw = dict(seed=5, steps=4, height=256, width=256, hires_scale=1.5, hires_steps=3, denoising_strength=0.5)
+    a, b = fast_pipe.generate(PROMPT, **kw), ort_pipe_here.generate(PROMPT, **kw)
+    assert a.images.shape == (1, 384, 384, 3) and a.timings["unet_steps"] == 7
+    assert int(np.abs(a.images.astype(int) - b.images.astype(int)).max()) <= 1
+
+
 def test_emphasis_weighs_the_contexts_where_they_are(fast_pipe, ort_pipe_here, monkeypatch):
     """AUTOMATIC1111's emphasis: torch-cuda weighs the text encoder's outputs on its device (DeviceArray,
     no copy to the host), onnxruntime in numpy; the same image."""

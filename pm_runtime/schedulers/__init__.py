@@ -16,7 +16,10 @@ numpy only: nothing here imports torch or diffusers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
+
+import numpy as np
 
 from . import ddim, dpm_solver, euler, euler_ancestral
 from .common import A1111_SCHEDULES, LEVEL_SCHEDULES, SCHEDULE_KEY, Tables
@@ -134,11 +137,54 @@ def step(i: int, model_output, sample, state, noise, tables: Tables):
     return get_scheduler(tables.name).step(i, model_output, sample, state, noise, tables)
 
 
+def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
+    """(schedule steps, first step) of a pass that denoises for `steps` steps from an image noised by
+    denoising strength `strength` in (0, 1], as AUTOMATIC1111 sets them when it is given the steps (its
+    hires fix): the last `steps` steps of a schedule of int(steps / min(strength, 0.999)) steps."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"denoising strength must be in (0, 1], got {strength}")
+    total = int(steps / min(strength, 0.999))
+    return total, total - steps
+
+
+def slice_tables(tables: Tables, start: int) -> Tables:
+    """Steps start..n-1 of `tables` as a schedule of their own (img2img, the hires pass): every per-step
+    array from `start`, the noise levels from the one the pass starts at; DPM-Solver++'s first step first
+    order (no history yet), as diffusers' and k-diffusion's are when started there. The last step keeps
+    what the whole schedule says of it (diffusers decides lower_order_final on the whole length too)."""
+    n = tables.num_steps
+    if not 0 <= start < n:
+        raise ValueError(f"the first step must be in [0, {n}), got {start}")
+    fields = {}
+    for f in dataclasses.fields(tables):
+        value = getattr(tables, f.name)
+        if isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) in (n, n + 1):
+            value = value[start:]  # a view of a read-only array stays read-only
+            if f.name == "second_order":
+                value = value.copy()
+                value[0] = False
+                value.setflags(write=False)
+            fields[f.name] = value
+    return dataclasses.replace(tables, **fields)
+
+
+def start_latents(x0, noise, tables: Tables):
+    """The sample a pass begins with at the first step of `tables` (slice_tables): the image latents x0
+    noised to that step's level sigma = tables.sigmas[0], in the space the sampler steps: x0 + sigma * noise
+    for Euler and Euler ancestral (k-diffusion's, and diffusers' add_noise there); for DPM-Solver++ and DDIM,
+    which step the variance-preserving sample, that divided by sqrt(sigma^2 + 1) (diffusers' add_noise)."""
+    sigma = float(tables.sigmas[0])
+    x = x0 + np.float32(sigma) * noise
+    if tables.name in (euler.NAME, euler_ancestral.NAME):
+        return x
+    return x * np.float32(1.0 / math.sqrt(sigma * sigma + 1.0))
+
+
 def scale_model_input(i: int, sample, tables: Tables):
     """The UNet input at step i (diffusers' scheduler.scale_model_input)."""
     scale = float(tables.input_scale[i])
     return sample if scale == 1.0 else sample * scale
 
 
-__all__ = ["SCHEDULERS", "DPMState", "Scheduler", "Tables", "get_scheduler", "make_tables",
-           "scale_model_input", "step"]
+__all__ = ["SCHEDULERS", "DPMState", "Scheduler", "Tables", "get_scheduler", "img2img_steps", "make_tables",
+           "scale_model_input", "slice_tables", "start_latents", "step"]

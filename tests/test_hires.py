@@ -1,0 +1,135 @@
+"""The hires fix: latent upscaling against PyTorch's interpolate (what AUTOMATIC1111's "Latent"
+upscalers call), and the pipeline's second pass (the pass's schedule against diffusers is in
+test_schedulers: test_a_pass_from_a_later_step_matches_diffusers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pm_runtime.latent_upscale import UPSCALERS, upscale
+
+torch = pytest.importorskip("torch")
+
+TORCH_MODE = {"latent": "bilinear", "latent-nearest": "nearest", "latent-nearest-exact": "nearest-exact"}
+
+
+@pytest.mark.parametrize("mode", UPSCALERS)
+@pytest.mark.parametrize("size, out", [((32, 32), (48, 48)), ((7, 5), (13, 11)), ((32, 40), (64, 80)),
+                                       ((8, 8), (8, 8)), ((6, 9), (18, 27)), ((4, 6), (3, 5))])
+def test_latent_upscale_matches_pytorch_interpolate(mode, size, out):
+    x = np.random.default_rng(sum(size + out)).standard_normal((2, 4, *size)).astype(np.float32)
+    extra = {"align_corners": False} if mode == "latent" else {}
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=out, mode=TORCH_MODE[mode], antialias=False,
+                                          **extra).numpy()
+    got = upscale(x, *out, mode=mode)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    if mode == "latent":
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)  # float32 sums in another order
+    else:
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_latent_upscale_refuses_what_it_does_not_know():
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="unknown latent upscaler 'bicubic'"):
+        upscale(x, 16, 16, "bicubic")
+    with pytest.raises(ValueError, match=r"\(N, C, h, w\)"):
+        upscale(x[0], 16, 16)
+
+
+# ---------------------------------------------------------------- the pipeline's second pass
+PROMPT = "a photo of <persona> as a knight"
+KW = dict(seed=5, steps=4, height=256, width=256)
+HIRES = dict(hires_scale=1.5, hires_steps=3, denoising_strength=0.5)
+
+
+@pytest.fixture(scope="module")
+def pipe(run_bundle):
+    from pm_runtime.pipeline import Pipeline
+
+    return Pipeline.load(run_bundle, backend="onnxruntime", concept="alice")
+
+
+@pytest.fixture()
+def unet_calls(monkeypatch):
+    """Every network call: [(network, inputs)]."""
+    from pm_runtime.backends.base import CheckedNetwork
+
+    seen, run = [], CheckedNetwork.run
+
+    def recording(self, inputs):
+        seen.append((self.spec.name, {k: np.array(v) for k, v in inputs.items()}))
+        return run(self, inputs)
+
+    monkeypatch.setattr(CheckedNetwork, "run", recording)
+    return seen
+
+
+def test_the_hires_pass_denoises_the_upscaled_first_pass(pipe, unet_calls):
+    """The second pass starts from the first pass's final latents, upscaled and noised to step `start` of its
+    own schedule (its noise from the seed's pass-1 stream), runs that schedule's last steps at the larger
+    size with their own stage contexts, and the VAE decodes its result; A1111's parameters record it."""
+    import pm_runtime.schedulers as S
+    from pm_runtime import noise
+    from pm_runtime.latent_upscale import upscale
+    from pm_runtime.specs import UNET, VAE_DECODER
+
+    pipe.generate(PROMPT, **KW)
+    first = [i["latent"] for name, i in unet_calls if name == VAE_DECODER][0]  # the first pass alone
+    unet_calls.clear()
+    g = pipe.generate(PROMPT, **KW, **HIRES)
+    unets = [i for name, i in unet_calls if name == UNET]
+    assert [u["sample"].shape[2:] for u in unets] == [(32, 32)] * 4 + [(48, 48)] * 3
+    h = g.settings.hires
+    assert (h.height, h.width, h.schedule_steps, h.start, h.pass_steps) == (384, 384, 6, 3, 3)
+    full = S.make_tables("dpmpp-2m", pipe.bundle.scheduler_config, 6)
+    tables = S.slice_tables(full, 3)
+    np.testing.assert_array_equal(g.hires_timesteps, full.timesteps[3:])
+    assert [float(u["timestep"][0]) for u in unets[4:]] == [float(t) for t in full.timesteps[3:]]
+    x0 = upscale(first, 48, 48)
+    eps = noise.initial_latents(5, x0.shape, pass_=1)
+    expect = S.start_latents(x0, eps, tables) * np.float32(tables.input_scale[0])
+    np.testing.assert_allclose(unets[4]["sample"], np.concatenate([expect, expect]), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(eps, noise.initial_latents(5, x0.shape))  # a stream of its own
+    vae = [i["latent"] for name, i in unet_calls if name == VAE_DECODER]
+    assert len(vae) == 1 and vae[0].shape[2:] == (48, 48) and g.images.shape == (1, 384, 384, 3)
+    assert g.hires_plan == pipe.plan(6, "dpmpp-2m")[1][3:] and len(g.plan) == 4
+    assert g.timings["first_pass_unet_steps"] == 4 and g.timings["unet_steps"] == 7
+    text = g.parameters()
+    assert "Size: 256x256" in text  # the first pass's, as A1111 records it
+    assert "Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Latent" in text
+    assert g.summary()["settings"]["hires"]["height"] == 384
+
+
+def test_hires_batches_and_noise_per_step(pipe):
+    """Several images (one group) and a sampler with per-step noise: the same seed makes the same images,
+    each of the larger size; the progress callback counts both passes; hires_steps 0 takes --steps."""
+    seen = []
+    kw = dict(KW, num_images=2, scheduler="euler-a", hires_scale=1.25, denoising_strength=0.4)
+    a = pipe.generate(PROMPT, **kw, callback=lambda i, n: seen.append((i, n)))
+    b = pipe.generate(PROMPT, **kw)
+    h = a.settings.hires
+    assert h.steps == 0 and h.pass_steps == 4 and (h.schedule_steps, h.start) == (10, 6)
+    assert a.images.shape == (2, 320, 320, 3) and np.array_equal(a.images, b.images)
+    assert seen == [(i, 8) for i in range(1, 9)]
+    assert "Hires steps" not in a.parameters()  # A1111 writes it only where given
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(hires_scale=5), "hires fix: 256x256 x 5 is 1280x1280: unsupported size 1280x1280"),
+    (dict(hires_scale=1.1), "is 281x281: unsupported size"),
+    (dict(hires_scale=0.5), "the hires scale must be a number from 1 to 8"),
+    (dict(hires_scale=2, denoising_strength=0.0), r"denoising strength must be a number in \(0, 1\]"),
+    (dict(hires_scale=2, denoising_strength=1.5), r"denoising strength must be a number in \(0, 1\]"),
+    (dict(hires_scale=2, hires_steps=-1), "hires steps must be a whole number >= 0"),
+    (dict(hires_scale=2, hires_upscaler="lanczos"), "hires upscaler must be one of latent"),
+    (dict(hires_scale=2, hires_steps=400, denoising_strength=0.3), "need a schedule of 1333 steps"),
+])
+def test_hires_options_are_checked_before_anything_runs(pipe, unet_calls, options, needle):
+    from pm_runtime.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        pipe.generate(PROMPT, **KW, **options)
+    assert unet_calls == []
+
