@@ -335,10 +335,24 @@ def test_meta_convolutions_keep_the_cuda_layout(monkeypatch):
     assert len(seen) == 61 and all(seen)
 
 
-def test_every_gpu_variant_runs_on_the_cpu(cuda_bundle, monkeypatch):
+# the variants the assertions below read, and those whose CPU code path no other variant takes: the default
+# run; the other variants differ in GPU-only settings (cuDNN heuristics, streams, GroupNorm flavours, ...)
+# and run with -m slow (before a GPU session: python -m pytest -m slow tests/test_bench_cli.py)
+PLUMBING = {"torch-cuda", "torch-cuda-pre-fusion", "torch-cuda-unfused-epilogues", "torch-cuda-no-time-tables",
+            "torch-cuda-no-step-kernels", "torch-cuda-no-te-graph", "torch-cuda-offload-te", "torch-cuda-lean-bands",
+            "torch-cuda-generic-sizes", "torch-cuda-untuned", "torch-cuda-geglu-gemm", "torch-cuda-pdl",
+            "torch-cuda-hf-modules", "torch-cuda-kv-tables", "torch-cuda-low-memory-1024",
+            "torch-cuda-low-memory-1024-untiled", "torch-cuda-low-memory-batched", "torch-cuda-int8",
+            "torch-cuda-low-memory-int8", "torch-cuda-low-memory-int8-1024", "torch-cuda-shared-pool-offload-te",
+            "torch-cuda-phases", "torch-cuda-low-memory-phases", "torch-cuda-low-memory-1024-phases"}
+
+
+@pytest.mark.parametrize("which", ["plumbing", pytest.param("all", marks=pytest.mark.slow)])
+def test_every_gpu_variant_runs_on_the_cpu(cuda_bundle, monkeypatch, which):
     """gpu_check's variants (gpu_ours.run_ours) wired end to end on the tiny bundle, on the CPU: the
     memory helpers (torch.cuda) are stubbed out, so only the plumbing is checked here (options,
-    image comparisons, per-stage records); the figures come from a GPU run."""
+    image comparisons, per-stage records); the figures come from a GPU run. Default run: PLUMBING;
+    -m slow: every variant."""
     pytest.importorskip("torch")
     import types
 
@@ -358,7 +372,8 @@ def test_every_gpu_variant_runs_on_the_cpu(cuda_bundle, monkeypatch):
     monkeypatch.setattr(gpu_ours, "_allocated_gib", lambda torch: None)
     monkeypatch.setattr(gpu_ours, "stage_memory", lambda backend, torch: stage_memory(backend, zero))
     skip = {"reference", "torch-cuda-warm-start", "profile", "profile-gn-auto"}  # CUDA-only (profiler, a CUDA child)
-    variants = [v for v in gpu_ours.ALL if v not in skip]
+    variants = [v for v in gpu_ours.ALL if v not in skip and (which == "all" or v in PLUMBING)]
+    assert which == "all" or len(variants) == len(PLUMBING)  # every name there is a variant
     pm_kernels.set_enabled(False)  # the kernels' references: the interpreter is slow
     streamed = []  # what bench_gpu writes as each variant finishes (a run cut short keeps these)
     try:
