@@ -263,21 +263,22 @@ class _Prompts:
         raise UserError(f"the prompt's editing syntax leaves the concept word {c.words.word} out of every step's text "
                         f"over {steps} steps")
 
-    def _schedule(self, text: str, steps: int) -> tuple[list[str], list[int]]:
+    def _schedule(self, text: str, steps: int, first_pass: int | None = None) -> tuple[list[str], list[int]]:
         if self.emphasis == "none":  # the text as plain text: no A1111 syntax at all
             return [text], [0] * steps
-        return texts_per_step(text, steps)
+        return texts_per_step(text, steps, first_pass)
 
-    def per_step(self, steps: int) -> list[str]:
-        """The prompt's text of each sampling step (from 0), each encoded."""
-        texts, index = self._schedule(self.prompt, steps)
+    def per_step(self, steps: int, first_pass: int | None = None) -> list[str]:
+        """The prompt's text of each sampling step (from 0), each encoded (`first_pass`: the first pass's step
+        count where these are the hires pass's steps: prompt_schedule)."""
+        texts, index = self._schedule(self.prompt, steps, first_pass)
         for text in texts:
             self.encode(text)
         return [texts[i] for i in index]
 
-    def neg_per_step(self, steps: int) -> list[str]:
+    def neg_per_step(self, steps: int, first_pass: int | None = None) -> list[str]:
         """The negative prompt's text of each sampling step (from 0), each encoded."""
-        texts, index = self._schedule(self.negative, steps)
+        texts, index = self._schedule(self.negative, steps, first_pass)
         for text in texts:
             if text not in self.neg_encs:
                 p = self.pipe
@@ -300,11 +301,11 @@ class _Prompts:
             encs = {t: pad_chunks(e, *most, self.pipe.tokenizer, L) for t, e in encs.items()}
         return [(encs[text], context) for text, context in keys]
 
-    def step_keys(self, plan: list[Context]) -> list[tuple[str, Context]]:
+    def step_keys(self, plan: list[Context], first_pass: int | None = None) -> list[tuple[str, Context]]:
         """(text, context) of each step: the text encoder's row it reads (a text without the concept word
         reads its super-class version in every stage)."""
         return [(text, c if self.encs[text].uses_concept else SUPER_CLASS)
-                for text, c in zip(self.per_step(len(plan)), plan)]
+                for text, c in zip(self.per_step(len(plan), first_pass), plan)]
 
 
 class _Progress:
@@ -607,7 +608,7 @@ class Pipeline:
         progress = _Progress(callback, cancel, (tables.num_steps + (tables2.num_steps if hires else 0)) * len(groups))
         start = [latents[g] * np.float32(tables.init_noise_sigma) for g in groups]
         finals, step_keys, neg_steps, chunks = self._denoise_pass(
-            prompts, plan, tables, start, groups, float(guidance), scheduler, emphasis, noise_seed, 0, progress,
+            prompts, plan, tables, start, groups, float(guidance), scheduler, emphasis, noise_seed, None, progress,
             timings)
         if hires is not None:
             first = upscale(np.concatenate(finals), hires.height // self.dims.vae_scale_factor,
@@ -616,9 +617,9 @@ class Pipeline:
             eps = pm_noise.initial_latents(noise_seed, first.shape, pass_=1)
             start = [schedulers.start_latents(first[g], eps[g], tables2) for g in groups]
             timings["first_pass_unet_steps"] = progress.done
-            finals, _, _, chunks2 = self._denoise_pass(
-                prompts, plan2, tables2, start, groups, float(guidance), scheduler, emphasis, noise_seed, 1, progress,
-                timings)
+            finals, _, _, chunks2 = self._denoise_pass(  # prompt editing counts on from the first pass's steps
+                prompts, plan2, tables2, start, groups, float(guidance), scheduler, emphasis, noise_seed,
+                tables.num_steps, progress, timings)
             chunks = chunks + chunks2
         timings["unet_steps"] = progress.done
         timings["unet_step_ms"] = 1000 * timings["unet_s"] / max(progress.done, 1)
@@ -653,16 +654,18 @@ class Pipeline:
                           plan2 if hires else None, tables2.timesteps if hires else None)
 
     def _denoise_pass(self, prompts: "_Prompts", plan: list[Context], tables, start: list[np.ndarray], groups,
-                      guidance: float, scheduler: str, emphasis: str, noise_seed: int, pass_: int,
+                      guidance: float, scheduler: str, emphasis: str, noise_seed: int, first_pass: int | None,
                       progress: "_Progress", timings: dict):
         """One denoising pass: its contexts, then each group's loop from its `start` latents (already in the
         sampler's space) -> (final latents per group, the prompt's (text, context) per step, the negative
-        prompt's text per step, each text-encoder row's chunks)."""
+        prompt's text per step, each text-encoder row's chunks). `first_pass`: None for the first pass; for
+        the hires pass, the first pass's step count (its prompt editing and its noise streams)."""
+        pass_ = 0 if first_pass is None else 1
         # ---- contexts: one batched text-encoder call (chunked only beyond the engine's max batch); a row
         # per distinct text of the negative prompt's steps (one unless it is scheduled), then one per distinct
         # (text, stage context) of the prompt's steps (one text unless the prompt is scheduled)
-        step_keys = prompts.step_keys(plan)
-        neg_steps = prompts.neg_per_step(len(plan))
+        step_keys = prompts.step_keys(plan, first_pass)
+        neg_steps = prompts.neg_per_step(len(plan), first_pass)
         neg_keys = list(dict.fromkeys((text, SUPER_CLASS) for text in neg_steps))
         keys = list(dict.fromkeys(step_keys))
         t0 = time.perf_counter()

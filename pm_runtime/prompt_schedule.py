@@ -13,8 +13,11 @@ without either construct.
 `schedule(prompt, steps)` gives A1111's schedule, [(end_at_step, text), ...] with end_at_step ascending and
 the last equal to `steps`; sampling step i (from 0) uses the first entry with i <= end_at_step (A1111's
 reconstruct_cond_batch). Written from A1111's grammar and rules (modules/prompt_parser.py: its
-get_learned_conditioning_prompt_schedules, without the hires-fix pass); its documented examples are the
-tests.
+get_learned_conditioning_prompt_schedules); its documented examples are the tests. The hires fix's second
+pass (`first_pass_steps` given: the first pass's step count) counts on from the first pass as A1111 (1.6+,
+not its "old scheduling") does: a fraction `when` is one of the whole run, 0 to 1 the first pass and 1 to 2
+the second ([a:b:0.5]: b all through the second pass; [a:b:1.5]: its middle), a step number counts the
+first pass's steps too ([a:b:25] after 20 first-pass steps: step 5 of the second).
 """
 
 from __future__ import annotations
@@ -161,51 +164,59 @@ class _Parser:
         return [_Alternate(tuple(options))], end + 1
 
 
-def _when(number: str, steps: int) -> int:
+def _when(number: str, steps: int, first: int | None) -> int:
+    """The step up to which a [from:to:when] reads `from` (A1111's CollectSteps; `first`: the first pass's
+    steps where this is the hires pass, else None)."""
     value = float(number)
-    return min(steps, int(value * steps if "." in number else value))
+    if "." in number:
+        value = (value - (0.0 if first is None else 1.0)) * steps
+    else:
+        value -= 0 if first is None else first
+    return min(steps, int(value))
 
 
-def _steps(nodes, steps: int, out: set) -> None:
+def _steps(nodes, steps: int, out: set, first: int | None) -> None:
     for node in nodes:
         if isinstance(node, _Scheduled):
-            when = _when(node.number, steps)
+            when = _when(node.number, steps, first)
             if when >= 1:
                 out.add(when)
-            _steps(node.before or (), steps, out)
-            _steps(node.after, steps, out)
+            _steps(node.before or (), steps, out, first)
+            _steps(node.after, steps, out, first)
         elif isinstance(node, _Alternate):
             out.update(range(1, steps + 1))
             for option in node.options:
-                _steps(option, steps, out)
+                _steps(option, steps, out, first)
 
 
-def _text(nodes, step: int, steps: int) -> str:
+def _text(nodes, step: int, steps: int, first: int | None) -> str:
     parts = []
     for node in nodes:
         if isinstance(node, str):
             parts.append(node)
         elif isinstance(node, _Scheduled):
-            parts.append(_text(node.before or () if step <= _when(node.number, steps) else node.after, step, steps))
+            later = step > _when(node.number, steps, first)
+            parts.append(_text(node.after if later else node.before or (), step, steps, first))
         else:
-            parts.append(_text(node.options[(step - 1) % len(node.options)], step, steps))
+            parts.append(_text(node.options[(step - 1) % len(node.options)], step, steps, first))
     return "".join(parts)
 
 
-def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
-    """[(end_at_step, text), ...]: the text of every stretch of sampling steps, as A1111 schedules it."""
+def schedule(prompt: str, steps: int, first_pass_steps: int | None = None) -> list[tuple[int, str]]:
+    """[(end_at_step, text), ...]: the text of every stretch of sampling steps, as A1111 schedules it (the
+    hires fix's second pass where `first_pass_steps` is given)."""
     try:
         nodes = _Parser(prompt).start()
     except _NoParse:
         return [(steps, prompt)]
     ends = {steps}
-    _steps(nodes, steps, ends)
-    return [(t, _text(nodes, t, steps)) for t in sorted(ends)]
+    _steps(nodes, steps, ends, first_pass_steps)
+    return [(t, _text(nodes, t, steps, first_pass_steps)) for t in sorted(ends)]
 
 
-def texts_per_step(prompt: str, steps: int) -> tuple[list[str], list[int]]:
+def texts_per_step(prompt: str, steps: int, first_pass_steps: int | None = None) -> tuple[list[str], list[int]]:
     """(the distinct texts, in order of first use; for each sampling step from 0, the index of its text)."""
-    entries = schedule(prompt, steps)
+    entries = schedule(prompt, steps, first_pass_steps)
     texts = list(dict.fromkeys(text for _, text in entries))
     index = {text: k for k, text in enumerate(texts)}
     ends = [end for end, _ in entries]

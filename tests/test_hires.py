@@ -133,3 +133,22 @@ def test_hires_options_are_checked_before_anything_runs(pipe, unet_calls, option
         pipe.generate(PROMPT, **KW, **options)
     assert unet_calls == []
 
+
+
+def test_prompt_editing_counts_on_into_the_hires_pass(pipe, unet_calls):
+    """A1111's prompt editing in the hires pass: a fraction counts the whole run (0.5: the first pass's
+    middle, so the second pass reads the later text all through; 1.5: the second pass's middle). What the
+    text encoder gets in the second pass: the rows of a hires run of the later text alone, or both texts."""
+    from pm_runtime.specs import TEXT_ENCODER
+
+    def second_pass_ids(prompt):
+        unet_calls.clear()
+        pipe.generate(prompt, **KW, **HIRES)
+        calls = [i["input_ids"] for name, i in unet_calls if name == TEXT_ENCODER]
+        assert len(calls) == 2  # one call per pass
+        return calls[1]
+
+    plain = second_pass_ids("a photo of <persona> as a wizard")
+    np.testing.assert_array_equal(second_pass_ids("a photo of <persona> as a [knight:wizard:0.5]"), plain)
+    both = second_pass_ids("a photo of <persona> as a [knight:wizard:1.5]")
+    assert len(both) > len(plain) and {tuple(r) for r in plain} < {tuple(r) for r in both}

@@ -374,3 +374,10 @@ def test_prompt_schedules_as_automatic1111_documents_them():
     texts, per_step = texts_per_step("a [cat:dog:0.5]", 10)
     assert texts == ["a cat", "a dog"] and per_step == [0] * 6 + [1] * 4
     assert texts_per_step("a | b [c:2]", 4) == (["a | b [c:2]"], [0] * 4)  # "|" outside brackets: one text
+    # the docstring's hires-fix examples (10 first-pass steps, a 10-step second pass): a fraction counts the
+    # whole run (1 to 2: the second pass), a step number the first pass's steps too
+    h = lambda p: [list(e) for e in schedule(p, 10, first_pass_steps=10)]  # noqa: E731
+    assert h("a [b:.5] c") == [[10, "a b c"]]
+    assert h("a [b:1.5] c") == [[5, "a  c"], [10, "a b c"]]
+    assert h("a [b:14] c") == [[4, "a  c"], [10, "a b c"]] and h("a [b:3] c") == [[10, "a b c"]]
+    assert h("[a|b]") == g("[a|b]")  # alternation counts the pass's own steps
