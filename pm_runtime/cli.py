@@ -99,6 +99,8 @@ class RunConfig:
     hires_steps: int = 0  # 0: --steps
     denoising_strength: float = 0.7
     hires_upscaler: str = "latent"
+    hires_scheduler: str | None = None  # None: --scheduler
+    hires_guidance: float | None = None  # None: --guidance
 
 
 def find_bundle(engine: Path) -> tuple[Path, str | None]:
@@ -300,12 +302,15 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
     if cfg.hires_scale is not None:
         h = pipe.hires_fix(cfg.height, cfg.width, cfg.steps, cfg.hires_scale, cfg.hires_steps, cfg.denoising_strength,
-                           cfg.hires_upscaler)
+                           cfg.hires_upscaler, cfg.hires_scheduler, cfg.hires_guidance)
         log(f"hires fix: {cfg.width}x{cfg.height} -> {h.width}x{h.height} ({h.upscaler}), then {h.pass_steps} steps "
-            f"from step {h.start + 1} of a {h.schedule_steps}-step schedule (denoising strength {h.denoising_strength})")
-    elif cfg.hires_steps or cfg.denoising_strength != 0.7 or cfg.hires_upscaler != "latent":
-        log("note: --hires-steps, --denoising-strength and --hires-upscaler apply with --hires-scale (the hires fix "
-            "is off without it)")
+            f"from step {h.start + 1} of a {h.schedule_steps}-step schedule (denoising strength {h.denoising_strength}"
+            + (f", {h.scheduler}" if h.scheduler else "") + (f", guidance {h.guidance}" if h.guidance is not None else "")
+            + ")")
+    elif (cfg.hires_steps or cfg.denoising_strength != 0.7 or cfg.hires_upscaler != "latent" or cfg.hires_scheduler
+          or cfg.hires_guidance is not None):
+        log("note: the --hires-* options and --denoising-strength apply with --hires-scale (the hires fix is off "
+            "without it)")
     negative = NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt
     for line, text in prompts:  # every prompt is checked before the first image is made
         try:
@@ -348,7 +353,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                     late_stage=cfg.late_stage, concept_stage=cfg.concept_stage,
                     allow_no_concept=cfg.allow_no_concept, callback=progress, emphasis=cfg.emphasis,
                     hires_scale=cfg.hires_scale, hires_steps=cfg.hires_steps,
-                    denoising_strength=cfg.denoising_strength, hires_upscaler=cfg.hires_upscaler)
+                    denoising_strength=cfg.denoising_strength, hires_upscaler=cfg.hires_upscaler,
+                    hires_scheduler=cfg.hires_scheduler, hires_guidance=cfg.hires_guidance)
             except UserError as e:
                 raise UserError(where + str(e)) from None
             for w in result.warnings:
@@ -559,6 +565,11 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--hires-upscaler", default="latent", show_default=True, type=click.Choice(list(UPSCALERS)),
               help="How the latents are upscaled, as A1111's 'Latent' (bilinear), 'Latent (nearest)' and "
                    "'Latent (nearest-exact)' do (bundles hold no VAE encoder, so no image upscaler).")
+@click.option("--hires-scheduler", default=None, metavar="NAME", type=click.Choice(list(SCHEDULERS)),
+              help="The hires pass's scheduler (A1111's 'Hires sampling method' and 'Hires schedule type') "
+                   "[default: --scheduler].")
+@click.option("--hires-guidance", default=None, type=float,
+              help="The hires pass's guidance scale (A1111's 'Hires CFG Scale') [default: --guidance].")
 @click.option("--no-safety-checker", "no_safety_checker", is_flag=True,
               help="Do not run the bundle's safety checker (it runs by default when the bundle has one; a flagged "
                    "image is not written and pm-run exits with status 3).")
@@ -596,8 +607,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "Implies --backend torch-cuda.")
 def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, batch_count, height,
          width, backend, device, model, out, late_stage, concept_stage, allow_no_concept, emphasis, hires_scale,
-         hires_steps, denoising_strength, hires_upscaler, no_safety_checker, as_json, threads, low_memory, ort_cache,
-         int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
+         hires_steps, denoising_strength, hires_upscaler, hires_scheduler, hires_guidance, no_safety_checker, as_json,
+         threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
         # peaks in new processes on an H200 were 0.04-0.07 GB lower with it (gpu-fresh-expandable-h200.jsonl)
@@ -607,7 +618,7 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
                     allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights,
                     dtype, fmt, prompts_file=prompts_file, batch_count=batch_count, emphasis=emphasis,
                     hires_scale=hires_scale, hires_steps=hires_steps, denoising_strength=denoising_strength,
-                    hires_upscaler=hires_upscaler)
+                    hires_upscaler=hires_upscaler, hires_scheduler=hires_scheduler, hires_guidance=hires_guidance)
     written: list[str] = []
     try:
         if settings_from is not None:

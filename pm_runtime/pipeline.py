@@ -47,7 +47,7 @@ from .concept_table import ConceptTable, load_table
 from .errors import UserError
 from .latent_upscale import A1111_NAMES as UPSCALER_NAMES
 from .latent_upscale import UPSCALERS, upscale
-from .png import image_bytes, parameters_text, png_bytes, sampler_fields
+from .png import image_bytes, parameters_text, png_bytes, sampler_fields, split_sampler
 from .prompt_encoding import (EMPHASIS_MODES, ConceptWords, EncodedPrompt, a1111_syntax,
                               apply_emphasis, check_emphasis_mode, concept_words_in, encode_plain, encode_prompt,
                               pad_chunks)
@@ -113,6 +113,8 @@ class HiresFix:
     width: int
     schedule_steps: int
     start: int
+    scheduler: str | None = None  # the pass's own (A1111's "Hires sampler" / "Hires schedule type"); None: the first's
+    guidance: float | None = None  # the pass's own (A1111's "Hires CFG Scale"); None: the first pass's
 
     @property
     def pass_steps(self) -> int:
@@ -162,6 +164,13 @@ class Generation:
             h = s.hires
             p.update({"Denoising strength": h.denoising_strength, "Hires upscale": h.scale,
                       **({"Hires steps": h.steps} if h.steps else {}), "Hires upscaler": UPSCALER_NAMES[h.upscaler]})
+            if h.scheduler is not None and h.scheduler != s.scheduler:
+                # both, always: A1111 writes what differs and reads a missing one as the first pass's, whose
+                # schedule type may sit in its sampler's name ("DPM++ 2M Karras"): both say it unambiguously
+                sampler, schedule = split_sampler(h.scheduler)
+                p.update({"Hires sampler": sampler, "Hires schedule type": schedule or "Uniform"})
+            if h.guidance is not None and h.guidance != s.guidance:
+                p["Hires CFG Scale"] = h.guidance
         if self.concept is not None and self.uses_concept:
             lo, hi = s.concept_stage
             p.update({"Concept": self.concept.name, "Concept hash": self.concept.sha256[:12],
@@ -459,7 +468,8 @@ class Pipeline:
                  late_stage: str = LATE_REUSE, concept_stage: tuple[int, int] | None = None,
                  allow_no_concept: bool = False, callback: Callable[[int, int], None] | None = None,
                  cancel=None, emphasis: str = "original", hires_scale: float | None = None, hires_steps: int = 0,
-                 denoising_strength: float = 0.7, hires_upscaler: str = "latent") -> Generation:
+                 denoising_strength: float = 0.7, hires_upscaler: str = "latent", hires_scheduler: str | None = None,
+                 hires_guidance: float | None = None) -> Generation:
         """Images for `prompt`. Initial latents come from `seed` (project noise, the same on every
         backend) or are given as `latents` (N, C, H/8, W/8); `seed` then only seeds the per-step noise
         (euler-a, the -sde schedulers).
@@ -469,13 +479,14 @@ class Pipeline:
         `hires_scale` (AUTOMATIC1111's hires fix, latent form; None: off): the latents of this size are
         upscaled by that factor (`hires_upscaler`, pm_runtime.latent_upscale), noised by `denoising_strength`
         and denoised again for `hires_steps` steps (0: `steps`) at the larger size, which the image has
-        (HiresFix; the same prompt, scheduler and guidance).
+        (HiresFix; the same prompt; `hires_scheduler` and `hires_guidance`: the pass's own, None: the first's).
         callback(step, total) after every UNet step (both passes); `cancel` (threading.Event or a callable)
         is checked before every step and raises Cancelled."""
         with self._lock:
             return self._generate(prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
                                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
-                                  (hires_scale, hires_steps, denoising_strength, hires_upscaler))
+                                  (hires_scale, hires_steps, denoising_strength, hires_upscaler, hires_scheduler,
+                                   hires_guidance))
 
     def check_size(self, height: int, width: int) -> None:
         """UserError naming the supported range unless the UNet and VAE engines take this size."""
@@ -525,7 +536,7 @@ class Pipeline:
         return prompts
 
     def hires_fix(self, height: int, width: int, steps: int, scale, hires_steps=0, denoising_strength=0.7,
-                  upscaler: str = "latent") -> HiresFix:
+                  upscaler: str = "latent", scheduler: str | None = None, guidance=None) -> HiresFix:
         """The hires pass of a generation of height x width in `steps` steps (UserError where it cannot run)."""
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 1.0 <= scale <= 8.0:
             raise UserError(f"the hires scale must be a number from 1 to 8, got {scale!r}")
@@ -538,6 +549,11 @@ class Pipeline:
         if upscaler not in UPSCALERS:
             raise UserError(f"hires upscaler must be one of {', '.join(UPSCALERS)} (latent upscaling: the bundle has "
                             f"no VAE encoder for an image upscaler), got {upscaler!r}")
+        if scheduler is not None and scheduler not in schedulers.SCHEDULERS:
+            raise UserError(f"unknown hires scheduler {scheduler!r}; choose one of {', '.join(schedulers.SCHEDULERS)}")
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
+                                     or not np.isfinite(guidance)):
+            raise UserError(f"the hires guidance must be a finite number, got {guidance!r}")
         h2, w2 = int(height * scale), int(width * scale)  # as AUTOMATIC1111 sizes it
         try:
             self.check_size(h2, w2)
@@ -548,7 +564,8 @@ class Pipeline:
         if total > num_train:
             raise UserError(f"hires fix: {hires_steps or steps} steps at denoising strength {d} need a schedule of "
                             f"{total} steps, more than the model's {num_train} training timesteps")
-        return HiresFix(float(scale), hires_steps, float(d), upscaler, h2, w2, total, start)
+        return HiresFix(float(scale), hires_steps, float(d), upscaler, h2, w2, total, start, scheduler,
+                        None if guidance is None else float(guidance))
 
     def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
@@ -595,7 +612,9 @@ class Pipeline:
         tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, uses_concept)
         hires = None if hires_options[0] is None else self.hires_fix(height, width, tables.num_steps, *hires_options)
         if hires is not None:  # the second pass: the tail of its own schedule, its contexts by its timesteps
-            tables2, plan2, _ = self.plan(hires.schedule_steps, scheduler, late_stage, concept_stage, uses_concept)
+            scheduler2 = hires.scheduler or scheduler
+            guidance2 = float(guidance) if hires.guidance is None else hires.guidance
+            tables2, plan2, _ = self.plan(hires.schedule_steps, scheduler2, late_stage, concept_stage, uses_concept)
             tables2, plan2 = schedulers.slice_tables(tables2, hires.start), plan2[hires.start:]
         noise_seed = seed if seed is not None else 0
         settings = Settings(prompt, negative_prompt, steps, float(guidance), scheduler, seed, height, width,
@@ -618,7 +637,7 @@ class Pipeline:
             start = [schedulers.start_latents(first[g], eps[g], tables2) for g in groups]
             timings["first_pass_unet_steps"] = progress.done
             finals, _, _, chunks2 = self._denoise_pass(  # prompt editing counts on from the first pass's steps
-                prompts, plan2, tables2, start, groups, float(guidance), scheduler, emphasis, noise_seed,
+                prompts, plan2, tables2, start, groups, guidance2, scheduler2, emphasis, noise_seed,
                 tables.num_steps, progress, timings)
             chunks = chunks + chunks2
         timings["unet_steps"] = progress.done

@@ -42,6 +42,16 @@ _EULER_A_TYPES = {"karras": "Karras", "exponential": "Exponential", "beta": "Bet
 SAMPLER_NAMES.update({f"euler-a-{kind}": f"Euler a {label}" for kind, label in _EULER_A_TYPES.items()})
 
 
+def split_sampler(scheduler: str) -> tuple[str, str | None]:
+    """(A1111 sampler, schedule type or None) of a pm-run scheduler, the type split off whatever way
+    sampler_fields writes it: "dpmpp-2m-karras" -> ("DPM++ 2M", "Karras")."""
+    name = SAMPLER_NAMES[scheduler]
+    for kind in ("Karras", "Exponential", *SEPARATE_SCHEDULE_TYPES):
+        if name.endswith(" " + kind):
+            return name[:-len(kind) - 1], kind
+    return name, None
+
+
 def sampler_fields(scheduler: str) -> dict[str, str]:
     """The Sampler (and Schedule type) parameters of a pm-run scheduler, as AUTOMATIC1111 names it."""
     name = SAMPLER_NAMES[scheduler]

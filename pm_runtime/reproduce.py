@@ -31,7 +31,7 @@ _SCHEDULE_TYPES = ("Karras", "Exponential", "Beta", *SCHEDULE_TYPE_NAMES.values(
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept",
          "Concept stage", "Late stage", "Batch size", "Emphasis", "Hires upscale", "Hires steps", "Hires upscaler",
-         "Denoising strength"} | _RECORDS
+         "Denoising strength", "Hires sampler", "Hires schedule type", "Hires CFG Scale"} | _RECORDS
 UPSCALERS_BY_NAME = {v: k for k, v in UPSCALER_NAMES.items()}
 EMPHASIS_BY_NAME = {v: k for k, v in EMPHASIS_MODES.items()}
 # pm-run versions that read emphasis syntax as words (and recorded no Emphasis): their images are remade so
@@ -223,6 +223,16 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
                 raise UserError(f"--settings-from {source}: its hires fix upscaled with {p['Hires upscaler']!r}; "
                                 f"pm-run upscales latents ({', '.join(UPSCALERS_BY_NAME)}): give --hires-upscaler")
             v["hires_upscaler"] = UPSCALERS_BY_NAME[p["Hires upscaler"]]
+        if take("hires_scheduler") and ("Hires sampler" in p or "Hires schedule type" in p):
+            # A1111 writes what differs from the first pass's (its get_hr_sampler_and_scheduler reads it so)
+            sampler = p.get("Hires sampler", "Use same sampler")
+            schedule = p.get("Hires schedule type", "Use same scheduler")
+            name = _scheduler(source, p.get("Sampler", "") if sampler == "Use same sampler" else sampler,
+                              p.get("Schedule type") if schedule == "Use same scheduler" else schedule)
+            if name != v.get("scheduler"):
+                v["hires_scheduler"] = name
+        if take("hires_guidance") and "Hires CFG Scale" in p:
+            v["hires_guidance"] = _float(source, "Hires CFG Scale", p["Hires CFG Scale"])
     pos = None
     if take("num_images") and "Batch size" in p:
         size = _int(source, "Batch size", p["Batch size"], lo=1)

@@ -125,6 +125,8 @@ def test_hires_batches_and_noise_per_step(pipe):
     (dict(hires_scale=2, hires_steps=-1), "hires steps must be a whole number >= 0"),
     (dict(hires_scale=2, hires_upscaler="lanczos"), "hires upscaler must be one of latent"),
     (dict(hires_scale=2, hires_steps=400, denoising_strength=0.3), "need a schedule of 1333 steps"),
+    (dict(hires_scale=2, hires_scheduler="lms"), "unknown hires scheduler 'lms'"),
+    (dict(hires_scale=2, hires_guidance=float("nan")), "the hires guidance must be a finite number"),
 ])
 def test_hires_options_are_checked_before_anything_runs(pipe, unet_calls, options, needle):
     from pm_runtime.errors import UserError
@@ -152,3 +154,25 @@ def test_prompt_editing_counts_on_into_the_hires_pass(pipe, unet_calls):
     np.testing.assert_array_equal(second_pass_ids("a photo of <persona> as a [knight:wizard:0.5]"), plain)
     both = second_pass_ids("a photo of <persona> as a [knight:wizard:1.5]")
     assert len(both) > len(plain) and {tuple(r) for r in plain} < {tuple(r) for r in both}
+
+
+def test_the_hires_pass_takes_its_own_scheduler_and_guidance(pipe, unet_calls):
+    """hires_scheduler: the second pass's schedule and steps are that scheduler's (its first pass's are the
+    main one's); hires_guidance: a guidance of its own (equal to the main one: the same image); both recorded
+    as A1111 writes them (the sampler and schedule type both, where the scheduler differs)."""
+    import pm_runtime.schedulers as S
+    from pm_runtime.specs import UNET
+
+    g = pipe.generate(PROMPT, **KW, **HIRES, hires_scheduler="euler-a-karras")
+    steps = [float(i["timestep"][0]) for name, i in unet_calls if name == UNET]
+    first = S.make_tables("dpmpp-2m", pipe.bundle.scheduler_config, 4).timesteps
+    second = S.make_tables("euler-a-karras", pipe.bundle.scheduler_config, 6).timesteps[3:]
+    np.testing.assert_allclose(steps, [*first, *second], rtol=1e-6)
+    assert "Hires sampler: Euler a, Hires schedule type: Karras" in g.parameters()
+    plain = pipe.generate(PROMPT, **KW, **HIRES)
+    same = pipe.generate(PROMPT, **KW, **HIRES, hires_guidance=8.0)  # the main guidance
+    other = pipe.generate(PROMPT, **KW, **HIRES, hires_guidance=3.0)
+    assert np.array_equal(same.images, plain.images) and not np.array_equal(other.images, plain.images)
+    assert "Hires CFG Scale: 3.0" in other.parameters() and "Hires CFG" not in same.parameters()
+    karras = pipe.generate(PROMPT, **dict(KW, scheduler="dpmpp-2m-beta"), **HIRES, hires_scheduler="dpmpp-2m")
+    assert "Hires sampler: DPM++ 2M, Hires schedule type: Uniform" in karras.parameters()

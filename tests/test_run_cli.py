@@ -861,6 +861,14 @@ def test_hires_fix_is_recorded_and_remade(run_bundle, tmp_path):
     r = pm_run("--engine", run_bundle, "--settings-from", made, "--out", tmp_path / "again.png")
     assert r.exit_code == 0, r.output
     assert "hires fix x1.5" in r.stderr and (tmp_path / "again.png").read_bytes() == made.read_bytes()
+    own = tmp_path / "own.png"  # the pass's own scheduler and guidance, recorded and remade too
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--hires-scale", "1.25",
+               "--hires-scheduler", "euler-karras", "--hires-guidance", "5", "--out", own, *FAST)
+    assert r.exit_code == 0 and "euler-karras, guidance 5.0)" in r.stderr, r.output
+    p = parse_parameters(read_parameters(Image.open(own)))
+    assert (p["Hires sampler"], p["Hires schedule type"], p["Hires CFG Scale"]) == ("Euler", "Karras", "5.0")
+    r = pm_run("--engine", run_bundle, "--settings-from", own, "--out", tmp_path / "own2.png")
+    assert r.exit_code == 0 and (tmp_path / "own2.png").read_bytes() == own.read_bytes(), r.output
     r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--denoising-strength", "0.3",
                "--out", tmp_path / "plain.png", *FAST)
     assert r.exit_code == 0 and "apply with --hires-scale (the hires fix is off without it)" in r.stderr
@@ -889,3 +897,28 @@ def test_settings_hires_fix_from_automatic1111(tmp_path):
         parse(base.replace("Hires upscale: 2", "Hires resize: 1024x768"), tmp_path / "x")
     with pytest.raises(UserError, match="Hires upscale 'x2' is not a number"):
         parse(base.replace("Hires upscale: 2", "Hires upscale: x2"), tmp_path / "x")
+    # the pass's own sampler / schedule type / guidance: what differs from the first pass's, as A1111 reads them
+    for extra, scheduler in ((", Hires sampler: Euler a", "euler-a-karras"),
+                             (", Hires schedule type: SGM Uniform", "dpmpp-2m-sgm-uniform"),
+                             (", Hires sampler: Euler, Hires schedule type: Uniform", "euler")):
+        s = parse(base + extra + ", Hires CFG Scale: 5", tmp_path / "x")
+        assert (s.values["hires_scheduler"], s.values["hires_guidance"], s.ignored) == (scheduler, 5.0, ()), extra
+    assert "hires_scheduler" not in parse(base + ", Hires schedule type: Karras", tmp_path / "x").values
+
+
+def test_every_scheduler_pair_of_a_hires_image_reads_back(tmp_path):
+    """Whatever the first pass's scheduler (its schedule type in its sampler's name or apart), the hires pass's
+    written as pm-run writes it reads back as itself: every pair of pm-run's schedulers."""
+    import itertools
+
+    from pm_runtime.png import parameters_text, sampler_fields, split_sampler
+    from pm_runtime.reproduce import parse
+    from pm_runtime.schedulers import SCHEDULERS
+
+    for first, second in itertools.permutations(SCHEDULERS, 2):
+        sampler, schedule = split_sampler(second)
+        p = {"Steps": 4, **sampler_fields(first), "Seed": 1, "Size": "512x512", "Denoising strength": 0.5,
+             "Hires upscale": 1.5, "Hires upscaler": "Latent", "Hires sampler": sampler,
+             "Hires schedule type": schedule or "Uniform"}
+        v = parse(parameters_text("x", "", p), tmp_path / "x").values
+        assert (v["scheduler"], v["hires_scheduler"]) == (first, second)
