@@ -141,20 +141,24 @@ def _check_timesteps(name, ours, ref):
         np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("num_steps", [7, 50, 999])
-@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-@pytest.mark.parametrize("name", sorted(FRACTIONAL_FROM_SIGMAS - set(A1111_NAMES)))
-def test_sigma_timesteps_are_exact_on_diffusers_sigma_table(name, spacing, num_steps, monkeypatch):
-    """The sigma table computed as diffusers computes it (torch's float32 arithmetic on this CPU): then the
-    Karras / Beta / A1111-type timesteps and sigmas equal diffusers' bit for bit."""
-    from pm_runtime.schedulers import euler
-
+def _use_torch_sigma_table(monkeypatch):
+    """The schedulers' sigma table computed as diffusers computes it (torch's float32 arithmetic on this CPU)."""
     def torch_table(abar):
         a = torch.from_numpy(np.asarray(abar, np.float32))
         return (((1 - a) / a) ** 0.5).numpy()
 
     monkeypatch.setattr(euler, "sigmas_f32", torch_table)
     monkeypatch.setattr(dpm_solver, "sigmas_f32", torch_table)
+
+
+@pytest.mark.parametrize("num_steps", [7, 50, 999])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("name", sorted(FRACTIONAL_FROM_SIGMAS - set(A1111_NAMES)))
+def test_sigma_timesteps_are_exact_on_diffusers_sigma_table(name, spacing, num_steps, monkeypatch):
+    """The sigma table computed as diffusers computes it (torch's float32 arithmetic on this CPU): then the
+    Karras / Beta / A1111-type timesteps and sigmas equal diffusers' bit for bit."""
+
+    _use_torch_sigma_table(monkeypatch)
     config = {**SD15, "timestep_spacing": spacing, "steps_offset": 1}
     tables = S.make_tables(name, config, num_steps)
     sched = _diffusers_scheduler(name, config, num_steps, float64=False)
@@ -190,12 +194,7 @@ def test_a1111_schedule_trajectory_matches_diffusers(name, config_name, num_step
 def test_a1111_schedule_timesteps_and_sigmas_match_diffusers(name, num_steps, monkeypatch):
     """Whatever the config's spacing, the same tables as diffusers given the levels (computed on its sigma
     table: then bit for bit)."""
-    def torch_table(abar):
-        a = torch.from_numpy(np.asarray(abar, np.float32))
-        return (((1 - a) / a) ** 0.5).numpy()
-
-    monkeypatch.setattr(euler, "sigmas_f32", torch_table)
-    monkeypatch.setattr(dpm_solver, "sigmas_f32", torch_table)
+    _use_torch_sigma_table(monkeypatch)
     config = {**SD15, "timestep_spacing": "leading", "steps_offset": 1}
     tables = S.make_tables(name, config, num_steps)
     sched = _diffusers_scheduler(name, config, num_steps, float64=False)
