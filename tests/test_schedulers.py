@@ -157,7 +157,6 @@ def _use_torch_sigma_table(monkeypatch):
 def test_sigma_timesteps_are_exact_on_diffusers_sigma_table(name, spacing, num_steps, monkeypatch):
     """The sigma table computed as diffusers computes it (torch's float32 arithmetic on this CPU): then the
     Karras / Beta / A1111-type timesteps and sigmas equal diffusers' bit for bit."""
-
     _use_torch_sigma_table(monkeypatch)
     config = {**SD15, "timestep_spacing": spacing, "steps_offset": 1}
     tables = S.make_tables(name, config, num_steps)
