@@ -25,13 +25,14 @@ SCHEDULERS_BY_NAME = {v: k for k, v in SAMPLER_NAMES.items()}
 # what the "Automatic" schedule type is for a sampler in AUTOMATIC1111 1.9 and later (its sampler table;
 # the others: the model's own discretisation)
 _AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}
-# A1111 schedule types some pm-run scheduler steps on (A1111's others: Polyexponential, DDIM, Karras Exponential)
+# A1111 schedule types some pm-run scheduler steps on (and Polyexponential at rho 1; A1111's others: DDIM, Karras
+# Exponential)
 _SCHEDULE_TYPES = ("Karras", "Exponential", "Beta", *SCHEDULE_TYPE_NAMES.values())
 # parameter keys that are records of the run, not settings (compared or ignored, never applied)
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept",
          "Concept stage", "Late stage", "Batch size", "Emphasis", "Hires upscale", "Hires steps", "Hires upscaler",
-         "Denoising strength", "Hires sampler", "Hires schedule type", "Hires CFG Scale"} | _RECORDS
+         "Denoising strength", "Hires sampler", "Hires schedule type", "Hires CFG Scale", "Schedule rho"} | _RECORDS
 UPSCALERS_BY_NAME = {v: k for k, v in UPSCALER_NAMES.items()}
 EMPHASIS_BY_NAME = {v: k for k, v in EMPHASIS_MODES.items()}
 # pm-run versions that read emphasis syntax as words (and recorded no Emphasis): their images are remade so
@@ -121,17 +122,24 @@ def _float(path, key, text) -> float:
     return value
 
 
-def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
+def _scheduler(source: Path, sampler: str, schedule: str | None, rho: str | None = None) -> str:
     """pm-run's scheduler for an A1111 sampler name and schedule type: "DPM++ 2M Karras" (A1111 before 1.9,
     and pm-run) or "DPM++ 2M" with "Schedule type: Karras" (A1111 1.9 and later, where "Automatic" is the
     sampler's own default: Karras for DPM++ 2M, Exponential for DPM++ 2M SDE; "Uniform" the model's own
     discretisation, the sampler's plain form here, as a sampler name without a schedule type was before
     1.9); Beta (A1111 1.10), SGM Uniform, Normal, Simple, KL Optimal and Align Your Steps only as schedule
-    types, as A1111 and pm-run write them."""
+    types, as A1111 and pm-run write them; Polyexponential at its default rho 1 is the Exponential schedule.
+    `rho`: A1111's "Schedule rho" (written where its setting differs from the type's default: Karras 7,
+    Polyexponential 1), which pm-run's levels do not take."""
     base, kind = sampler, None
     for k in _SCHEDULE_TYPES:
         if sampler.endswith(" " + k):
             base, kind = sampler[:-len(k) - 1], k
+    if schedule == "Polyexponential":  # exp(ramp^rho * log range): at rho 1 the exponential levels
+        if rho is not None and _float(source, "Schedule rho", rho) != 1.0:
+            raise UserError(f"--settings-from {source}: its Polyexponential levels used rho {rho} (A1111's "
+                            "'Schedule rho'; at rho 1 they are the Exponential ones pm-run has): give --scheduler")
+        schedule = "Exponential"
     automatic = schedule == "Automatic"
     if automatic:
         schedule = _AUTOMATIC.get(base)  # None: the sampler's plain form
@@ -144,6 +152,9 @@ def _scheduler(source: Path, sampler: str, schedule: str | None) -> str:
                             + f" is not one pm-run has ({', '.join(_SCHEDULE_TYPES)}, Uniform, or Automatic where it "
                               "means one of those or the plain schedule): give --scheduler")
         kind = schedule
+    if rho is not None and kind == "Karras" and _float(source, "Schedule rho", rho) != 7.0:
+        raise UserError(f"--settings-from {source}: its Karras levels used rho {rho} (A1111's 'Schedule rho'; "
+                        "pm-run's are rho 7): give --scheduler")
     name = SCHEDULERS_BY_NAME.get(f"{base} {kind}" if kind else base)
     if name is None:
         what = f"sampler {sampler!r}" + (f" with schedule type {schedule!r}" if schedule else "")
@@ -167,7 +178,7 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
     if take("steps") and "Steps" in p:
         v["steps"] = _int(source, "Steps", p["Steps"], lo=1)
     if take("scheduler") and "Sampler" in p:
-        v["scheduler"] = _scheduler(source, p["Sampler"], p.get("Schedule type"))
+        v["scheduler"] = _scheduler(source, p["Sampler"], p.get("Schedule type"), p.get("Schedule rho"))
     if take("guidance") and "CFG scale" in p:
         try:
             v["guidance"] = float(p["CFG scale"])
@@ -228,7 +239,8 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
             sampler = p.get("Hires sampler", "Use same sampler")
             schedule = p.get("Hires schedule type", "Use same scheduler")
             name = _scheduler(source, p.get("Sampler", "") if sampler == "Use same sampler" else sampler,
-                              p.get("Schedule type") if schedule == "Use same scheduler" else schedule)
+                              p.get("Schedule type") if schedule == "Use same scheduler" else schedule,
+                              p.get("Schedule rho"))
             if name != v.get("scheduler"):
                 v["hires_scheduler"] = name
         if take("hires_guidance") and "Hires CFG Scale" in p:

@@ -534,12 +534,18 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
                                ("DPM++ 2M SGM Uniform", "dpmpp-2m-sgm-uniform"),  # (A1111 1.9+ reads the suffix)
                                ("Euler a, Schedule type: Karras", "euler-a-karras"),
                                ("Euler a, Schedule type: SGM Uniform", "euler-a-sgm-uniform"),
-                               ("Euler a, Schedule type: Automatic", "euler-a")):
+                               ("Euler a, Schedule type: Automatic", "euler-a"),
+                               # A1111's Polyexponential at its default rho 1: the exponential levels
+                               ("DPM++ 2M, Schedule type: Polyexponential", "dpmpp-2m-exponential"),
+                               ("Euler a, Schedule type: Polyexponential, Schedule rho: 1", "euler-a-exponential"),
+                               ("DPM++ 2M, Schedule type: Karras, Schedule rho: 7", "dpmpp-2m-karras")):
         s = parse(f"p\nSteps: 3, Sampler: {sampler}, Seed: 1", tmp_path / "x")
         assert s.values["scheduler"] == scheduler and s.ignored == (), sampler
     for sampler, needle in (("DDIM, Schedule type: Karras", "sampler 'DDIM' with schedule type 'Karras' is not"),
                             ("DPM++ 2M, Schedule type: DDIM", "schedule type 'DDIM' is not one"),
-                            ("DPM++ 2M, Schedule type: Polyexponential", "schedule type 'Polyexponential' is not one"),
+                            ("DPM++ 2M, Schedule type: Polyexponential, Schedule rho: 2",
+                             "its Polyexponential levels used rho 2"),
+                            ("DPM++ 2M, Schedule type: Karras, Schedule rho: 5", "its Karras levels used rho 5"),
                             ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has"),
                             ("DDIM, Schedule type: Beta", "sampler 'DDIM' with schedule type 'Beta' is not")):
         with pytest.raises(UserError, match=re.escape(needle)):
