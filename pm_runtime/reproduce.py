@@ -32,7 +32,8 @@ _SCHEDULE_TYPES = ("Karras", "Exponential", "Beta", *SCHEDULE_TYPE_NAMES.values(
 _RECORDS = {"Concept hash", "Model", "Backend", "Version", "Batch pos"}
 _KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Concept",
          "Concept stage", "Late stage", "Batch size", "Emphasis", "Hires upscale", "Hires steps", "Hires upscaler",
-         "Denoising strength", "Hires sampler", "Hires schedule type", "Hires CFG Scale", "Schedule rho"} | _RECORDS
+         "Denoising strength", "Hires sampler", "Hires schedule type", "Hires CFG Scale", "Schedule rho",
+         "Schedule min sigma", "Schedule max sigma"} | _RECORDS
 UPSCALERS_BY_NAME = {v: k for k, v in UPSCALER_NAMES.items()}
 EMPHASIS_BY_NAME = {v: k for k, v in EMPHASIS_MODES.items()}
 # pm-run versions that read emphasis syntax as words (and recorded no Emphasis): their images are remade so
@@ -178,6 +179,11 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
     if take("steps") and "Steps" in p:
         v["steps"] = _int(source, "Steps", p["Steps"], lo=1)
     if take("scheduler") and "Sampler" in p:
+        cut = {k: p[k] for k in ("Schedule min sigma", "Schedule max sigma") if k in p}
+        if cut:  # A1111's sigma_min / sigma_max settings, written where set
+            raise UserError(f"--settings-from {source}: its noise levels were cut to "
+                            + ", ".join(f"{k.split()[1]} sigma {x}" for k, x in cut.items())
+                            + " (A1111's 'Schedule min/max sigma'); pm-run's span the model's range: give --scheduler")
         v["scheduler"] = _scheduler(source, p["Sampler"], p.get("Schedule type"), p.get("Schedule rho"))
     if take("guidance") and "CFG scale" in p:
         try:

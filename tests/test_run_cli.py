@@ -546,6 +546,8 @@ def test_settings_parse_takes_only_what_was_not_given(tmp_path):
                             ("DPM++ 2M, Schedule type: Polyexponential, Schedule rho: 2",
                              "its Polyexponential levels used rho 2"),
                             ("DPM++ 2M, Schedule type: Karras, Schedule rho: 5", "its Karras levels used rho 5"),
+                            ("DPM++ 2M, Schedule type: Karras, Schedule max sigma: 10",
+                             "its noise levels were cut to max sigma 10 (A1111's 'Schedule min/max sigma')"),
                             ("LMS Karras", "sampler 'LMS Karras' is not one pm-run has"),
                             ("DDIM, Schedule type: Beta", "sampler 'DDIM' with schedule type 'Beta' is not")):
         with pytest.raises(UserError, match=re.escape(needle)):
