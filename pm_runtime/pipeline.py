@@ -440,7 +440,7 @@ class Pipeline:
             raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(schedulers.SCHEDULERS)}")
         if late_stage not in LATE_POLICIES:
             raise UserError(f"late stage must be one of {', '.join(LATE_POLICIES)}, got {late_stage!r}")
-        num_train = int(self.bundle.scheduler_config.get("num_train_timesteps", 1000))
+        num_train = self.num_train_timesteps
         if steps > num_train:
             raise UserError(f"steps must be at most the model's {num_train} training timesteps, got {steps}")
         try:
@@ -487,6 +487,11 @@ class Pipeline:
                                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
                                   (hires_scale, hires_steps, denoising_strength, hires_upscaler, hires_scheduler,
                                    hires_guidance))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """The model's training timesteps: the most steps a schedule may take."""
+        return int(self.bundle.scheduler_config.get("num_train_timesteps", 1000))
 
     def check_size(self, height: int, width: int) -> None:
         """UserError naming the supported range unless the UNet and VAE engines take this size."""
@@ -538,21 +543,20 @@ class Pipeline:
     def hires_fix(self, height: int, width: int, steps: int, scale, hires_steps=0, denoising_strength=0.7,
                   upscaler: str = "latent", scheduler: str | None = None, guidance=None) -> HiresFix:
         """The hires pass of a generation of height x width in `steps` steps (UserError where it cannot run)."""
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 1.0 <= scale <= 8.0:
+        if not _real(scale) or not 1.0 <= scale <= 8.0:
             raise UserError(f"the hires scale must be a number from 1 to 8, got {scale!r}")
         hires_steps = _whole("hires steps", hires_steps)
         if hires_steps < 0:
             raise UserError(f"hires steps must be a whole number >= 0 (0: as many as the first pass), got {hires_steps}")
         d = denoising_strength
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0.0 < d <= 1.0:
+        if not _real(d) or not 0.0 < d <= 1.0:
             raise UserError(f"the denoising strength must be a number in (0, 1], got {d!r}")
         if upscaler not in UPSCALERS:
             raise UserError(f"hires upscaler must be one of {', '.join(UPSCALERS)} (latent upscaling: the bundle has "
                             f"no VAE encoder for an image upscaler), got {upscaler!r}")
         if scheduler is not None and scheduler not in schedulers.SCHEDULERS:
             raise UserError(f"unknown hires scheduler {scheduler!r}; choose one of {', '.join(schedulers.SCHEDULERS)}")
-        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
-                                     or not np.isfinite(guidance)):
+        if guidance is not None and not _real(guidance):
             raise UserError(f"the hires guidance must be a finite number, got {guidance!r}")
         h2, w2 = int(height * scale), int(width * scale)  # as AUTOMATIC1111 sizes it
         try:
@@ -560,7 +564,7 @@ class Pipeline:
         except UserError as e:
             raise UserError(f"hires fix: {width}x{height} x {scale} is {w2}x{h2}: {e}") from None
         total, start = schedulers.img2img_steps(hires_steps or steps, float(d))
-        num_train = int(self.bundle.scheduler_config.get("num_train_timesteps", 1000))
+        num_train = self.num_train_timesteps
         if total > num_train:
             raise UserError(f"hires fix: {hires_steps or steps} steps at denoising strength {d} need a schedule of "
                             f"{total} steps, more than the model's {num_train} training timesteps")
@@ -581,7 +585,7 @@ class Pipeline:
         if cancel is not None and not (callable(cancel) or hasattr(cancel, "is_set")):
             raise UserError(f"cancel must be a threading.Event or a callable, got {cancel!r}")
         allow_no_concept = _flag("allow_no_concept", allow_no_concept)
-        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not np.isfinite(guidance):
+        if not _real(guidance):
             raise UserError(f"guidance must be a finite number, got {guidance!r}")
         steps, seed, height, width, num_images = (None if v is None else _whole(name, v) for name, v in (
             ("steps", steps), ("seed", seed), ("height", height), ("width", width), ("num_images", num_images)))
@@ -824,6 +828,11 @@ def _flag(name: str, value) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise UserError(f"{name} must be True or False, got {value!r}")
+
+
+def _real(value) -> bool:
+    """A finite real number (int, float, numpy's), not a bool or a string."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and bool(np.isfinite(value))
 
 
 def _whole(name: str, value) -> int:

@@ -53,13 +53,13 @@ def split_sampler(scheduler: str) -> tuple[str, str | None]:
 
 
 def sampler_fields(scheduler: str) -> dict[str, str]:
-    """The Sampler (and Schedule type) parameters of a pm-run scheduler, as AUTOMATIC1111 names it."""
-    name = SAMPLER_NAMES[scheduler]
-    kinds = _EULER_A_TYPES.values() if scheduler.startswith("euler-a-") else SEPARATE_SCHEDULE_TYPES
-    for kind in kinds:
-        if name.endswith(" " + kind):
-            return {"Sampler": name[:-len(kind) - 1], "Schedule type": kind}
-    return {"Sampler": name}
+    """The Sampler (and Schedule type) parameters of a pm-run scheduler, as AUTOMATIC1111 names it: the
+    types of SEPARATE_SCHEDULE_TYPES, and all of Euler ancestral's, apart; Karras and Exponential otherwise in
+    the sampler's name."""
+    sampler, kind = split_sampler(scheduler)
+    if kind is not None and (kind in SEPARATE_SCHEDULE_TYPES or scheduler.startswith("euler-a-")):
+        return {"Sampler": sampler, "Schedule type": kind}
+    return {"Sampler": SAMPLER_NAMES[scheduler]}
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param_code
 
 

@@ -186,10 +186,7 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
                             + " (A1111's 'Schedule min/max sigma'); pm-run's span the model's range: give --scheduler")
         v["scheduler"] = _scheduler(source, p["Sampler"], p.get("Schedule type"), p.get("Schedule rho"))
     if take("guidance") and "CFG scale" in p:
-        try:
-            v["guidance"] = float(p["CFG scale"])
-        except ValueError:
-            raise UserError(f"--settings-from {source}: CFG scale {p['CFG scale']!r} is not a number") from None
+        v["guidance"] = _float(source, "CFG scale", p["CFG scale"])
     if take("seed") and "Seed" in p:
         if not re.fullmatch(r"\d+", p["Seed"]):
             raise UserError(f"--settings-from {source}: its seed is {p['Seed']!r} (the image was not made from a "

@@ -78,7 +78,7 @@ def _a1111_schedules():
     # Euler ancestral, whose diffusers class has no noise-level options, on every type, A1111's way
     for kind in (*LEVEL_SCHEDULES, *A1111_SCHEDULES):
         yield Scheduler(f"euler-a-{kind}", euler_ancestral.make_tables, euler_ancestral.step, True,
-                        "EulerAncestralDiscreteScheduler", {SCHEDULE_KEY: kind, "timestep_spacing": "linspace"})
+                        "EulerAncestralDiscreteScheduler", _levels(schedule=kind))
 
 
 _REGISTRY = {
