@@ -42,6 +42,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
+@pytest.fixture()
+def calls(monkeypatch):
+    """Every network call of the test: [(network, inputs, outputs)]."""
+    from pm_runtime.backends.base import CheckedNetwork
+
+    seen = []
+    run = CheckedNetwork.run
+
+    def recording(self, inputs):
+        out = run(self, inputs)
+        seen.append((self.spec.name, inputs, out))
+        return out
+
+    monkeypatch.setattr(CheckedNetwork, "run", recording)
+    return seen
+
+
 def write_photos(folder, n=3, seed=0, sizes=((80, 72), (64, 96), (100, 100))):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

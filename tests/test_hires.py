@@ -51,22 +51,7 @@ def pipe(run_bundle):
     return Pipeline.load(run_bundle, backend="onnxruntime", concept="alice")
 
 
-@pytest.fixture()
-def unet_calls(monkeypatch):
-    """Every network call: [(network, inputs)]."""
-    from pm_runtime.backends.base import CheckedNetwork
-
-    seen, run = [], CheckedNetwork.run
-
-    def recording(self, inputs):
-        seen.append((self.spec.name, {k: np.array(v) for k, v in inputs.items()}))
-        return run(self, inputs)
-
-    monkeypatch.setattr(CheckedNetwork, "run", recording)
-    return seen
-
-
-def test_the_hires_pass_denoises_the_upscaled_first_pass(pipe, unet_calls):
+def test_the_hires_pass_denoises_the_upscaled_first_pass(pipe, calls):
     """The second pass starts from the first pass's final latents, upscaled and noised to step `start` of its
     own schedule (its noise from the seed's pass-1 stream), runs that schedule's last steps at the larger
     size with their own stage contexts, and the VAE decodes its result; A1111's parameters record it."""
@@ -76,10 +61,10 @@ def test_the_hires_pass_denoises_the_upscaled_first_pass(pipe, unet_calls):
     from pm_runtime.specs import UNET, VAE_DECODER
 
     pipe.generate(PROMPT, **KW)
-    first = [i["latent"] for name, i in unet_calls if name == VAE_DECODER][0]  # the first pass alone
-    unet_calls.clear()
+    first = [i["latent"] for name, i, _ in calls if name == VAE_DECODER][0]  # the first pass alone
+    calls.clear()
     g = pipe.generate(PROMPT, **KW, **HIRES)
-    unets = [i for name, i in unet_calls if name == UNET]
+    unets = [i for name, i, _ in calls if name == UNET]
     assert [u["sample"].shape[2:] for u in unets] == [(32, 32)] * 4 + [(48, 48)] * 3
     h = g.settings.hires
     assert (h.height, h.width, h.schedule_steps, h.start, h.pass_steps) == (384, 384, 6, 3, 3)
@@ -92,7 +77,7 @@ def test_the_hires_pass_denoises_the_upscaled_first_pass(pipe, unet_calls):
     expect = S.start_latents(x0, eps, tables) * np.float32(tables.input_scale[0])
     np.testing.assert_allclose(unets[4]["sample"], np.concatenate([expect, expect]), rtol=1e-6, atol=1e-6)
     assert not np.allclose(eps, noise.initial_latents(5, x0.shape))  # a stream of its own
-    vae = [i["latent"] for name, i in unet_calls if name == VAE_DECODER]
+    vae = [i["latent"] for name, i, _ in calls if name == VAE_DECODER]
     assert len(vae) == 1 and vae[0].shape[2:] == (48, 48) and g.images.shape == (1, 384, 384, 3)
     assert g.hires_plan == pipe.plan(6, "dpmpp-2m")[1][3:] and len(g.plan) == 4
     assert g.timings["first_pass_unet_steps"] == 4 and g.timings["unet_steps"] == 7
@@ -128,27 +113,27 @@ def test_hires_batches_and_noise_per_step(pipe):
     (dict(hires_scale=2, hires_scheduler="lms"), "unknown hires scheduler 'lms'"),
     (dict(hires_scale=2, hires_guidance=float("nan")), "the hires guidance must be a finite number"),
 ])
-def test_hires_options_are_checked_before_anything_runs(pipe, unet_calls, options, needle):
+def test_hires_options_are_checked_before_anything_runs(pipe, calls, options, needle):
     from pm_runtime.errors import UserError
 
     with pytest.raises(UserError, match=needle):
         pipe.generate(PROMPT, **KW, **options)
-    assert unet_calls == []
+    assert calls == []
 
 
 
-def test_prompt_editing_counts_on_into_the_hires_pass(pipe, unet_calls):
+def test_prompt_editing_counts_on_into_the_hires_pass(pipe, calls):
     """A1111's prompt editing in the hires pass: a fraction counts the whole run (0.5: the first pass's
     middle, so the second pass reads the later text all through; 1.5: the second pass's middle). What the
     text encoder gets in the second pass: the rows of a hires run of the later text alone, or both texts."""
     from pm_runtime.specs import TEXT_ENCODER
 
     def second_pass_ids(prompt):
-        unet_calls.clear()
+        calls.clear()
         pipe.generate(prompt, **KW, **HIRES)
-        calls = [i["input_ids"] for name, i in unet_calls if name == TEXT_ENCODER]
-        assert len(calls) == 2  # one call per pass
-        return calls[1]
+        te = [i["input_ids"] for name, i, _ in calls if name == TEXT_ENCODER]
+        assert len(te) == 2  # one call per pass
+        return te[1]
 
     plain = second_pass_ids("a photo of <persona> as a wizard")
     np.testing.assert_array_equal(second_pass_ids("a photo of <persona> as a [knight:wizard:0.5]"), plain)
@@ -156,7 +141,7 @@ def test_prompt_editing_counts_on_into_the_hires_pass(pipe, unet_calls):
     assert len(both) > len(plain) and {tuple(r) for r in plain} < {tuple(r) for r in both}
 
 
-def test_the_hires_pass_takes_its_own_scheduler_and_guidance(pipe, unet_calls):
+def test_the_hires_pass_takes_its_own_scheduler_and_guidance(pipe, calls):
     """hires_scheduler: the second pass's schedule and steps are that scheduler's (its first pass's are the
     main one's); hires_guidance: a guidance of its own (equal to the main one: the same image); both recorded
     as A1111 writes them (the sampler and schedule type both, where the scheduler differs)."""
@@ -164,7 +149,7 @@ def test_the_hires_pass_takes_its_own_scheduler_and_guidance(pipe, unet_calls):
     from pm_runtime.specs import UNET
 
     g = pipe.generate(PROMPT, **KW, **HIRES, hires_scheduler="euler-a-karras")
-    steps = [float(i["timestep"][0]) for name, i in unet_calls if name == UNET]
+    steps = [float(i["timestep"][0]) for name, i, _ in calls if name == UNET]
     first = S.make_tables("dpmpp-2m", pipe.bundle.scheduler_config, 4).timesteps
     second = S.make_tables("euler-a-karras", pipe.bundle.scheduler_config, 6).timesteps[3:]
     np.testing.assert_allclose(steps, [*first, *second], rtol=1e-6)

@@ -47,21 +47,6 @@ def reference(tiny_model, trained_concept):
     return load_reference(tiny_model, trained_concept)
 
 
-@pytest.fixture()
-def calls(monkeypatch):
-    """Every network call of the test: [(network, inputs, outputs)]."""
-    seen = []
-    run = CheckedNetwork.run
-
-    def recording(self, inputs):
-        out = run(self, inputs)
-        seen.append((self.spec.name, inputs, out))
-        return out
-
-    monkeypatch.setattr(CheckedNetwork, "run", recording)
-    return seen
-
-
 def final_latents(calls) -> np.ndarray:
     return np.concatenate([i["latent"] for name, i, _ in calls if name == VAE_DECODER])
 

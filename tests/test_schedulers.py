@@ -90,34 +90,43 @@ def _run_diffusers(name, config, num_steps, latents, a, noise):
     sched = _diffusers_scheduler(name, config, num_steps)
     if hasattr(sched, "set_begin_index"):  # step by position, as a pipeline starting at step 0 does: looked up
         sched.set_begin_index(0)  # by value, repeated (truncated Beta) timesteps would run it past its table
+    x = torch.from_numpy(latents.astype(np.float64)) * float(sched.init_noise_sigma)
+    return _step_diffusers(sched, x, sched.timesteps, a, noise), np.asarray(sched.timesteps.numpy())
+
+
+def _step_diffusers(sched, x, timesteps, a, noise) -> np.ndarray:
+    """diffusers' trajectory from sample x over `timesteps`: the stand-in model, the schedulers that draw noise
+    (Euler ancestral, DPM-Solver++ SDE) drawing the same per-step noise as ours."""
     draws = iter(torch.from_numpy(n.astype(np.float64)) for n in noise)
 
     def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
         return next(draws).to(dtype=dtype).reshape(shape)
 
-    x = torch.from_numpy(latents.astype(np.float64)) * float(sched.init_noise_sigma)
     trajectory = []
-    # the schedulers that draw noise (Euler ancestral, DPM-Solver++ SDE) draw the same per-step noise as ours
     with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", fake_randn), \
             mock.patch("diffusers.schedulers.scheduling_dpmsolver_multistep.randn_tensor", fake_randn):
-        for t in sched.timesteps:
+        for t in timesteps:
             model_in = sched.scale_model_input(x, t)
             out = torch.from_numpy(_model(model_in.numpy(), t, a.astype(np.float64)))
             x = sched.step(out, t, x).prev_sample
             trajectory.append(x.numpy().copy())
-    return np.stack(trajectory), np.asarray(sched.timesteps.numpy())
+    return np.stack(trajectory)
 
 
 def _run_ours(name, config, num_steps, latents, a, noise):
     tables = S.make_tables(name, config, num_steps)
-    needs_noise = S.get_scheduler(name).needs_noise
-    x, state, trajectory = latents * np.float32(tables.init_noise_sigma), None, []
+    return _step_ours(name, tables, latents * np.float32(tables.init_noise_sigma), a, noise), tables
+
+
+def _step_ours(name, tables, x, a, noise) -> np.ndarray:
+    """Our trajectory from sample x over the tables' steps (float32 throughout)."""
+    needs_noise, state, trajectory = S.get_scheduler(name).needs_noise, None, []
     for i, t in enumerate(tables.timesteps):
         out = _model(S.scale_model_input(i, x, tables), t, a)
         x, state = S.step(i, out, x, state, noise[i] if needs_noise else None, tables)
         assert x.dtype == np.float32
         trajectory.append(x)
-    return np.stack(trajectory), tables
+    return np.stack(trajectory)
 
 
 def _max_error(ours, ref):
@@ -566,31 +575,14 @@ def test_a_pass_from_a_later_step_matches_diffusers(name, total, start):
     noise = rng.standard_normal((n,) + SHAPE).astype(np.float32)
     tables = S.slice_tables(S.make_tables(name, cfg, total), start)
     assert tables.num_steps == n
-    x = S.start_latents(x0, eps, tables)
-    ours, state = [], None
-    for i, t in enumerate(tables.timesteps):
-        out = _model(S.scale_model_input(i, x, tables), t, a)
-        x, state = S.step(i, out, x, state, noise[i] if S.get_scheduler(name).needs_noise else None, tables)
-        ours.append(x)
-
+    ours = _step_ours(name, tables, S.start_latents(x0, eps, tables), a, noise)
     sched = _diffusers_scheduler(name, cfg, total)
     if hasattr(sched, "set_begin_index"):  # (DDIM steps by timestep value alone)
         sched.set_begin_index(start)
-    draws = iter(torch.from_numpy(v.astype(np.float64)) for v in noise)
-
-    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        return next(draws).to(dtype=dtype).reshape(shape)
-
     timesteps = sched.timesteps[start:]
     xd = sched.add_noise(torch.from_numpy(x0.astype(np.float64)), torch.from_numpy(eps.astype(np.float64)),
                          timesteps[:1])
     np.testing.assert_allclose(S.start_latents(x0, eps, tables), xd.numpy(), rtol=1e-5, atol=1e-5)
-    ref = []
-    with mock.patch("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", fake_randn), \
-            mock.patch("diffusers.schedulers.scheduling_dpmsolver_multistep.randn_tensor", fake_randn):
-        for t in timesteps:
-            out = torch.from_numpy(_model(sched.scale_model_input(xd, t).numpy(), t, a.astype(np.float64)))
-            xd = sched.step(out, t, xd).prev_sample
-            ref.append(xd.numpy().copy())
+    ref = _step_diffusers(sched, xd, timesteps, a, noise)
     np.testing.assert_allclose(tables.timesteps, timesteps.numpy(), rtol=2e-6)
-    assert _max_error(np.stack(ours), np.stack(ref)) <= TOL
+    assert _max_error(ours, ref) <= TOL
