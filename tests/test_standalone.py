@@ -307,7 +307,9 @@ def test_pipeline_images_standalone_and_hf_modules_agree(run_bundle):
     one = whole.generate("a photo of <persona>", seed=4, steps=2, height=640, width=576)
     ref = sa_pipe.generate("a photo of <persona>", seed=4, steps=2, height=640, width=576)
     assert one.timings["vae_calls"] == 1 and ref.timings["vae_calls"] == 1
-    np.testing.assert_array_equal(one.images, ref.images)
+    # equal on CPUs with AVX-512; on an AVX2-only EPYC oneDNN's kernels for the default mode's packed
+    # convolution weights and low-memory's plain ones round differently: 16 of 1.1 M values off by 1
+    assert int(np.abs(one.images.astype(int) - ref.images.astype(int)).max()) <= 1
     assert not np.array_equal(big.images, ref.images)  # the tiles' blended seams
 
 
