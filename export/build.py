@@ -252,8 +252,8 @@ def _share(root: Path) -> None:
 def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, steps: int, builder, log: Log,
                      checker_settings: dict | None = None):
     """ONNX (and TensorRT) files for every network, validated; returns manifest component entries.
-    The optional safety checker (when `modules` has it) ships as fp32 ONNX only, unoptimised, its
-    preprocessing settings in its details; no TensorRT plan.
+    The optional networks (when `modules` has them: the VAE encoder, the safety checker) ship as fp32
+    ONNX, unoptimised (the checker's preprocessing settings in its details), and an fp32 plan.
 
     `modules` is emptied as it goes: each PyTorch network is released after its export (peak RAM)."""
     from . import fp16
@@ -268,7 +268,7 @@ def _export_networks(cfg: ExportConfig, modules: dict, specs: dict, tmp: Path, s
     for i, net in enumerate([*NETWORKS, *(n for n in OPTIONAL_NETWORKS if n in modules)]):
         spec, module = specs[net], modules.pop(net)
         t0 = time.perf_counter()
-        if net in OPTIONAL_NETWORKS:  # the safety checker: fp32 ONNX (shipped or in work/) and an fp32 plan
+        if net in OPTIONAL_NETWORKS:  # fp32 ONNX (shipped or in work/) and an fp32 plan
             root = tmp if ship_onnx else work
             comp = _optional_onnx(cfg, net, module, spec, root, log, checker_settings)
             if ship_onnx:
@@ -436,8 +436,9 @@ def available_memory_bytes() -> int | None:
 
 def estimated_bundle_bytes(modules: dict, cfg: ExportConfig, targets: set[str]) -> int:
     """About how many bytes the export writes beside --out: each network's parameters at the precision of
-    each target (ONNX: --precision, int8 where quantized, the checker fp32; torch weights and TensorRT plans
-    fp16, the checker fp32), plus the fp32 UNet graph an int8 UNet is quantized from."""
+    each target (ONNX: --precision, int8 where quantized, the optional networks fp32; torch weights fp16;
+    TensorRT plans fp16, the optional networks' fp32), plus the fp32 UNet graph an int8 UNet is quantized
+    from."""
     total = 0
     for name, module in modules.items():
         if name == VAE_DECODER:  # the graph holds the whole VAE; only its decoder is exported
@@ -445,14 +446,14 @@ def estimated_bundle_bytes(modules: dict, cfg: ExportConfig, targets: set[str]) 
         else:
             parts = [module]
         n = sum(p.numel() for m in parts if m is not None for p in m.parameters())
-        wide = 4 if name == SAFETY_CHECKER else 2
+        optional = name in OPTIONAL_NETWORKS
         if "onnx" in targets:
-            b = 4 if cfg.precision == "fp32" or name == SAFETY_CHECKER else 2
+            b = 4 if cfg.precision == "fp32" or optional else 2
             if (name == UNET and cfg.int8) or (name == VAE_DECODER and cfg.int8_vae):
                 total += n * 4  # the fp32 graph, until its int8 version replaces it
                 b = 1
             total += n * b
-        total += n * wide * (("torch" in targets) + ("tensorrt" in targets))
+        total += n * 2 * ("torch" in targets) + n * (4 if optional else 2) * ("tensorrt" in targets)
     return total
 
 
@@ -586,15 +587,18 @@ def _int8_vae(cfg: ExportConfig, model_dir: Path, spec, fp32_path: Path, work: P
 
 def _optional_onnx(cfg: ExportConfig, net: str, module, spec, root: Path, log: Log,
                    checker_settings: dict | None) -> dict:
-    """The safety checker: fp32 ONNX written into `root`, validated; its component entry (optional,
-    with the preprocessing settings the runtime applies)."""
+    """An optional network (the VAE encoder, the safety checker): fp32 ONNX written into `root`,
+    validated; its component entry (optional; the checker's with the preprocessing settings the runtime
+    applies)."""
     from .onnx_export import export_network
     from .validate import validate
 
     log(f"  {net} (optional): exporting ONNX (fp32, opset {cfg.opset})")
     files = export_network(module, spec, root / f"{net}.onnx", opset=cfg.opset, external_data=cfg.external_data)
     checks = validate(module, spec, root / f"{net}.onnx", "fp32", log)
-    details = {"opset": cfg.opset, "optional": True, "preprocess": checker_settings or {}}
+    details = {"opset": cfg.opset, "optional": True}
+    if net == SAFETY_CHECKER:
+        details["preprocess"] = checker_settings or {}
     return _component(root, net, net, "onnx", files, "fp32", spec, checks, details)
 
 
@@ -608,8 +612,10 @@ def _torch_weights(modules: dict, specs: dict, tmp: Path, log: Log, checker_sett
     for net in [*NETWORKS, *(n for n in OPTIONAL_NETWORKS if n in modules)]:
         path = folder / f"{net}.fp16.safetensors"
         details = save_weights(net, modules[net], path, "fp16")
+        if net in OPTIONAL_NETWORKS:
+            details = {**details, "optional": True}
         if net == SAFETY_CHECKER:
-            details = {**details, "optional": True, "preprocess": checker_settings or {}}
+            details["preprocess"] = checker_settings or {}
         log(f"  torch weights: {path.relative_to(tmp).as_posix()} ({path.stat().st_size / 2**20:.1f} MiB, fp16)")
         out.append(_component(tmp, f"{net}.torch", net, FORMAT, [path], "fp16", specs[net], [], details))
     return out

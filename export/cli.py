@@ -28,7 +28,8 @@ base model. --precision fp16 keeps a fixed list of overflow-prone ops in fp32 (e
 overflow with real weights is not verified by this check (CPU onnxruntime computes in fp32).
 When the model folder has safety_checker/ (real SD folders do), it is exported too: fp32 ONNX
 (and torch weights with --target torch), validated, an optional component that pm-run runs by
-default.
+default. The VAE's encoder half is exported the same way (fp32, validated): img2img's encoder
+(pm-run --init-image).
 --target takes a comma-separated list: onnx (the graphs, default), tensorrt (plans; needs
 TensorRT >= 10 and the GPU that will run them), torch (the fp16 PyTorch weights that pm-run's
 torch-cuda backend runs: seconds to write, no ONNX export), or all. E.g. --target onnx,torch.

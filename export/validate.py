@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pm_runtime.errors import UserError
-from pm_runtime.specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, NetworkSpec
+from pm_runtime.specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec
 
 # (atol, rtol). Measured (random weights, CPU provider): fp32 max abs <= 6e-6 (tiny) and <= 1.2e-5
 # (SD-1.5-shaped); fp16 max abs <= 1.3e-2 on both, rel (to the output's max) <= 1e-2 (SD-1.5 UNet).
@@ -55,6 +55,8 @@ def validation_shapes(spec: NetworkSpec) -> list[dict[str, int]]:
                  **({"context_length": 2 * ctx.min} if ctx else {})}]
     if spec.name == VAE_DECODER:
         return [{"batch": 1, "latent_height": small, "latent_width": other}]
+    if spec.name == VAE_ENCODER:  # batch 2: the traced batch is 1
+        return [{"batch": 2, "latent_height": small, "latent_width": other}]
     return [{}]
 
 

@@ -4,4 +4,4 @@
 The top-level package imports no torch; `pm_runtime.modeling` and `pm_runtime.train` do.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -12,7 +12,7 @@ from . import formats as F
 from .bundle import (check_file, component_files, editing_bundle, inside, listed_files, open_bundle, sha256_file,
                      write_manifest)
 from .errors import UserError
-from .specs import prompt_chunks
+from .specs import VAE_ENCODER, prompt_chunks
 
 HELP = """Inspect and manage a bundle written by pm-export.
 
@@ -83,6 +83,7 @@ def describe(root: Path) -> dict:
     return {"bundle": str(b.root), "created": m.get(F.BK_CREATED), "version": m[F.BK_VERSION],
             "model": base.get(F.BM_MODEL_FOLDER), "prediction_type": base.get(F.BM_PREDICTION_TYPE),
             "text_dim": base.get("text_dim"), "safety_checker": base.get(F.BM_SAFETY_CHECKER),
+            "img2img": sorted({c[F.CK_FORMAT] for c in b.components if c[F.CK_NETWORK] == VAE_ENCODER}),
             "fingerprint": b.fingerprint, "image_sizes": sizes, "prompt_chunks": prompt_chunks(b.dims.context_chunks),
             "networks": networks, "concepts": concepts,
             "bytes": _size(b.root, _files(b)) + (b.root / F.BUNDLE_MANIFEST).stat().st_size, "tools": m.get(F.BK_TOOLS, {})}
@@ -112,6 +113,8 @@ def _print_info(d: dict) -> None:
                      f"{b.get('compute_capability', '?')})"
         echo(f"  {n['network']:<15} {n['format']:<9} {str(n['precision'] or '-'):<5} {_mib(n['bytes']):>11}  {check}")
     echo(f"safety checker: {d['safety_checker']}")
+    echo("img2img (pm-run --init-image): " + (f"yes, a VAE encoder ({', '.join(d['img2img'])})" if d["img2img"] else
+                                              "no VAE encoder (a bundle from before pm-export 0.5: export it again)"))
     if not d["concepts"]:
         echo("concepts: none (pm-export CONCEPT.pt --bundle BUNDLE adds one)")
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -54,6 +55,7 @@ error or Ctrl-C later names the files already written.
   pm-run --engine BUNDLE --prompts-file scenes.txt --seed 233 --out shots/   # engines loaded once
   pm-run --engine BUNDLE --prompt "..." --seed 233 --batch-count 8 --out shots/  # seeds 233 to 240
   pm-run --engine BUNDLE --settings-from shots/00003-233.png --seed 234     # same settings, new seed
+  pm-run --engine BUNDLE --prompt "..." --init-image photo.jpg --denoising-strength 0.6  # img2img
 """
 
 
@@ -73,8 +75,8 @@ class RunConfig:
     scheduler: str
     seed: int | None
     num_images: int
-    height: int
-    width: int
+    height: int | None  # None: 512, or the init image's
+    width: int | None
     backend: str
     device: str | None
     model: Path | None
@@ -97,10 +99,12 @@ class RunConfig:
     emphasis: str = "original"  # AUTOMATIC1111's prompt weighting: original, no-norm, ignore, none
     hires_scale: float | None = None  # AUTOMATIC1111's hires fix (latent): None off
     hires_steps: int = 0  # 0: --steps
-    denoising_strength: float = 0.7
+    denoising_strength: float | None = None  # None: 0.7 for the hires fix, 0.75 for img2img
     hires_upscaler: str = "latent"
     hires_scheduler: str | None = None  # None: --scheduler
     hires_guidance: float | None = None  # None: --guidance
+    init_image: Path | None = None  # img2img: start from this image
+    img2img: bool = False  # --settings-from an img2img image: --init-image is needed
 
 
 def find_bundle(engine: Path) -> tuple[Path, str | None]:
@@ -299,18 +303,27 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
     note = _bf16_hint(cfg, pipe)
     if note:
         log(note)
-    pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
+    init = None
+    if cfg.init_image is not None:  # read and sized once, before anything is written or computed
+        init, cfg = _init_image(cfg, pipe, log)
+    elif cfg.img2img:
+        raise UserError(f"{cfg.settings_from['image']} was made by img2img (a Denoising strength without a hires fix): "
+                        "give its init image with --init-image")
+    else:
+        cfg = dataclasses.replace(cfg, height=cfg.height or 512, width=cfg.width or 512)
+        pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
     if cfg.hires_scale is not None:
-        h = pipe.hires_fix(cfg.height, cfg.width, cfg.steps, cfg.hires_scale, cfg.hires_steps, cfg.denoising_strength,
-                           cfg.hires_upscaler, cfg.hires_scheduler, cfg.hires_guidance)
+        h = pipe.hires_fix(cfg.height, cfg.width, cfg.steps, cfg.hires_scale, cfg.hires_steps,
+                           0.7 if cfg.denoising_strength is None else cfg.denoising_strength, cfg.hires_upscaler,
+                           cfg.hires_scheduler, cfg.hires_guidance)
         log(f"hires fix: {cfg.width}x{cfg.height} -> {h.width}x{h.height} ({h.upscaler}), then {h.pass_steps} steps "
             f"from step {h.start + 1} of a {h.schedule_steps}-step schedule (denoising strength {h.denoising_strength}"
             + (f", {h.scheduler}" if h.scheduler else "") + (f", guidance {h.guidance}" if h.guidance is not None else "")
             + ")")
-    elif (cfg.hires_steps or cfg.denoising_strength != 0.7 or cfg.hires_upscaler != "latent" or cfg.hires_scheduler
-          or cfg.hires_guidance is not None):
-        log("note: the --hires-* options and --denoising-strength apply with --hires-scale (the hires fix is off "
-            "without it)")
+    elif (cfg.hires_steps or cfg.hires_upscaler != "latent" or cfg.hires_scheduler or cfg.hires_guidance is not None
+          or (cfg.denoising_strength is not None and init is None)):
+        log("note: the --hires-* options apply with --hires-scale, --denoising-strength with --hires-scale or "
+            "--init-image (the hires fix is off without it)")
     negative = NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt
     for line, text in prompts:  # every prompt is checked before the first image is made
         try:
@@ -354,7 +367,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                     allow_no_concept=cfg.allow_no_concept, callback=progress, emphasis=cfg.emphasis,
                     hires_scale=cfg.hires_scale, hires_steps=cfg.hires_steps,
                     denoising_strength=cfg.denoising_strength, hires_upscaler=cfg.hires_upscaler,
-                    hires_scheduler=cfg.hires_scheduler, hires_guidance=cfg.hires_guidance)
+                    hires_scheduler=cfg.hires_scheduler, hires_guidance=cfg.hires_guidance, init_image=init)
             except UserError as e:
                 raise UserError(where + str(e)) from None
             for w in result.warnings:
@@ -416,6 +429,25 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
             "parameters": parameters, "device_memory": memory, "host_memory": host}
 
 
+def _init_image(cfg: RunConfig, pipe, log):
+    """(the init image, read and sized once; cfg with its size) for img2img; UserError where it cannot run."""
+    from .init_image import load_init_image
+    from .schedulers import img2img_start
+
+    if cfg.hires_scale is not None:
+        raise UserError("--init-image (img2img) and --hires-scale do not go together (AUTOMATIC1111's img2img has no "
+                        "hires fix)")
+    d = 0.75 if cfg.denoising_strength is None else cfg.denoising_strength
+    pipe.check_img2img(d)
+    init = load_init_image(cfg.init_image, cfg.width, cfg.height, pipe.check_size)
+    height, width = init.pixels.shape[:2]
+    w0, h0 = init.source_size
+    first = img2img_start(cfg.steps, d)
+    log(f"img2img: {cfg.init_image} ({w0}x{h0}" + (f", resized to {width}x{height}" if init.resized else "")
+        + f"), denoising strength {d}: {cfg.steps - first} steps from step {first + 1} of {cfg.steps}")
+    return init, dataclasses.replace(cfg, height=height, width=width, denoising_strength=d)
+
+
 def _check_stdout(cfg: RunConfig) -> None:
     """--out - takes standard output for one image's bytes: nothing else may be printed there."""
     if cfg.json:
@@ -463,8 +495,6 @@ def _given(ctx: click.Context) -> set[str]:
 
 def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
     """cfg with the settings read from `image` wherever the user did not give the option."""
-    import dataclasses
-
     from . import reproduce
 
     settings = reproduce.load(image, given)
@@ -518,8 +548,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
               help="Run this many batches one after another (AUTOMATIC1111's batch count), the k-th (from 0) "
                    "with --seed + k; each batch's images are written as soon as they are made. Each image can be "
                    "remade alone with --settings-from where --num-images is 1.")
-@click.option("--height", default=512, show_default=True, type=int)
-@click.option("--width", default=512, show_default=True, type=int)
+@click.option("--height", default=None, type=int, help="[default: 512, or --init-image's height]")
+@click.option("--width", default=None, type=int, help="[default: 512, or --init-image's width]")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch-cuda", "torch"]))
 @click.option("--device", default=None,
@@ -560,11 +590,19 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--hires-steps", default=0, show_default=True, type=click.IntRange(min=0),
               help="The hires pass's steps (0: --steps). As A1111: the last N steps of a schedule of "
                    "N / denoising strength steps.")
-@click.option("--denoising-strength", default=0.7, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
-              help="How much of the upscaled image the hires pass re-noises (1: all of it).")
+@click.option("--denoising-strength", default=None, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="How much of the image the hires pass (--hires-scale) or img2img (--init-image) re-noises (1: all "
+                   "of it) [default: 0.7 for the hires fix, 0.75 for img2img, as A1111's].")
 @click.option("--hires-upscaler", default="latent", show_default=True, type=click.Choice(list(UPSCALERS)),
               help="How the latents are upscaled, as A1111's 'Latent' (bilinear), 'Latent (nearest)' and "
-                   "'Latent (nearest-exact)' do (bundles hold no VAE encoder, so no image upscaler).")
+                   "'Latent (nearest-exact)' do (no image upscaler).")
+@click.option("--init-image", default=None, type=click.Path(path_type=Path, dir_okay=False), metavar="IMAGE",
+              help="img2img, as AUTOMATIC1111's img2img tab: start from IMAGE (PNG, JPEG, WebP, ...) instead of "
+                   "noise. It is resized to --width x --height (stretched, A1111's 'Just resize'; default: its own "
+                   "size, which must then be one the bundle takes), encoded by the bundle's VAE encoder (bundles "
+                   "from pm-export 0.5 on), noised by --denoising-strength and denoised over the last steps of the "
+                   "--steps-step schedule (strength 0.75 of 20 steps: 16). The seed's noise is the one text-to-image "
+                   "starts from. Images record the Denoising strength, not the init image.")
 @click.option("--hires-scheduler", default=None, metavar="NAME", type=click.Choice(list(SCHEDULERS)),
               help="The hires pass's scheduler (A1111's 'Hires sampling method' and 'Hires schedule type') "
                    "[default: --scheduler].")
@@ -607,8 +645,8 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
                    "Implies --backend torch-cuda.")
 def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, seed, num_images, batch_count, height,
          width, backend, device, model, out, late_stage, concept_stage, allow_no_concept, emphasis, hires_scale,
-         hires_steps, denoising_strength, hires_upscaler, hires_scheduler, hires_guidance, no_safety_checker, as_json,
-         threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
+         hires_steps, denoising_strength, hires_upscaler, init_image, hires_scheduler, hires_guidance, no_safety_checker,
+         as_json, threads, low_memory, ort_cache, int8_weights, dtype, fmt, settings_from, prompts_file) -> None:
     if low_memory and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # PyTorch's allocator reads it at its first CUDA allocation (after this); torch-cuda's low-memory
         # peaks in new processes on an H200 were 0.04-0.07 GB lower with it (gpu-fresh-expandable-h200.jsonl)
@@ -618,7 +656,8 @@ def main(engine, prompt, concept, negative_prompt, steps, guidance, scheduler, s
                     allow_no_concept, not no_safety_checker, as_json, threads, low_memory, ort_cache, int8_weights,
                     dtype, fmt, prompts_file=prompts_file, batch_count=batch_count, emphasis=emphasis,
                     hires_scale=hires_scale, hires_steps=hires_steps, denoising_strength=denoising_strength,
-                    hires_upscaler=hires_upscaler, hires_scheduler=hires_scheduler, hires_guidance=hires_guidance)
+                    hires_upscaler=hires_upscaler, hires_scheduler=hires_scheduler, hires_guidance=hires_guidance,
+                    init_image=init_image)
     written: list[str] = []
     try:
         if settings_from is not None:

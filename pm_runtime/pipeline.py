@@ -12,6 +12,8 @@ One image (or a group of images sharing the batch) is:
   steps    per step ONE UNet call on [uncond; cond] (classifier-free guidance), the guidance
            combine, and the pure scheduler step (explicit state; project noise for euler-a and the -sde schedulers)
   image    the VAE decoder, then [-1, 1] -> uint8
+img2img (an init image): the VAE encoder's latents of the image, noised to a later step of the
+schedule by the denoising strength, start the loop there (AUTOMATIC1111's img2img).
 A NaN/inf check runs once per stage (text encoder, denoising loop, VAE) and names the stage.
 The loop calls `network.run(named arrays)` and never asks which backend it is.
 
@@ -45,6 +47,7 @@ from .backends.base import Backend, DenoiseJob, select_backend
 from .bundle import Bundle, open_bundle, sha256_file
 from .concept_table import ConceptTable, load_table
 from .errors import UserError
+from .init_image import load_init_image
 from .latent_upscale import A1111_NAMES as UPSCALER_NAMES
 from .latent_upscale import UPSCALERS, upscale
 from .png import image_bytes, parameters_text, png_bytes, sampler_fields, split_sampler
@@ -52,7 +55,7 @@ from .prompt_encoding import (EMPHASIS_MODES, ConceptWords, EncodedPrompt, a1111
                               apply_emphasis, check_emphasis_mode, concept_words_in, encode_plain, encode_prompt,
                               pad_chunks)
 from .prompt_schedule import texts_per_step
-from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, prompt_chunks
+from .specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, prompt_chunks
 from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, stage_plan
 from .train.templates import NEGATIVE_PROMPT  # a plain string module (no torch)
 
@@ -96,6 +99,19 @@ class Settings:
     allow_no_concept: bool
     emphasis: str = "original"
     hires: "HiresFix | None" = None  # the second pass, where the hires fix ran
+    img2img: "Img2Img | None" = None  # where the loop started from an init image
+
+
+@dataclass(frozen=True)
+class Img2Img:
+    """AUTOMATIC1111's img2img: the init image's latents (the VAE encoder's) noised to the level of step
+    `start` of the `steps`-step schedule and denoised from there, steps - start steps
+    (schedulers.img2img_start)."""
+
+    denoising_strength: float
+    start: int
+    source: str  # the image's file name ("<array>", "<PIL image>" from the Python API)
+    source_size: tuple[int, int]  # (width, height) before it was resized to the size generated
 
 
 @dataclass(frozen=True)
@@ -171,6 +187,8 @@ class Generation:
                 p.update({"Hires sampler": sampler, "Hires schedule type": schedule or "Uniform"})
             if h.guidance is not None and h.guidance != s.guidance:
                 p["Hires CFG Scale"] = h.guidance
+        if s.img2img is not None:  # as AUTOMATIC1111's img2img records it (Steps: the whole schedule's)
+            p["Denoising strength"] = s.img2img.denoising_strength
         if self.concept is not None and self.uses_concept:
             lo, hi = s.concept_stage
             p.update({"Concept": self.concept.name, "Concept hash": self.concept.sha256[:12],
@@ -310,11 +328,13 @@ class _Prompts:
             encs = {t: pad_chunks(e, *most, self.pipe.tokenizer, L) for t, e in encs.items()}
         return [(encs[text], context) for text, context in keys]
 
-    def step_keys(self, plan: list[Context], first_pass: int | None = None) -> list[tuple[str, Context]]:
+    def step_keys(self, plan: list[Context], first_pass: int | None = None,
+                  schedule_steps: int | None = None) -> list[tuple[str, Context]]:
         """(text, context) of each step: the text encoder's row it reads (a text without the concept word
-        reads its super-class version in every stage)."""
+        reads its super-class version in every stage). `schedule_steps`: the texts of a schedule of that
+        many steps, from its first (img2img)."""
         return [(text, c if self.encs[text].uses_concept else SUPER_CLASS)
-                for text, c in zip(self.per_step(len(plan), first_pass), plan)]
+                for text, c in zip(self.per_step(schedule_steps or len(plan), first_pass), plan)]
 
 
 class _Progress:
@@ -468,8 +488,9 @@ class Pipeline:
                  late_stage: str = LATE_REUSE, concept_stage: tuple[int, int] | None = None,
                  allow_no_concept: bool = False, callback: Callable[[int, int], None] | None = None,
                  cancel=None, emphasis: str = "original", hires_scale: float | None = None, hires_steps: int = 0,
-                 denoising_strength: float = 0.7, hires_upscaler: str = "latent", hires_scheduler: str | None = None,
-                 hires_guidance: float | None = None) -> Generation:
+                 denoising_strength: float | None = None, hires_upscaler: str = "latent",
+                 hires_scheduler: str | None = None, hires_guidance: float | None = None,
+                 init_image=None) -> Generation:
         """Images for `prompt`. Initial latents come from `seed` (project noise, the same on every
         backend) or are given as `latents` (N, C, H/8, W/8); `seed` then only seeds the per-step noise
         (euler-a, the -sde schedulers).
@@ -479,14 +500,20 @@ class Pipeline:
         `hires_scale` (AUTOMATIC1111's hires fix, latent form; None: off): the latents of this size are
         upscaled by that factor (`hires_upscaler`, pm_runtime.latent_upscale), noised by `denoising_strength`
         and denoised again for `hires_steps` steps (0: `steps`) at the larger size, which the image has
-        (HiresFix; the same prompt; `hires_scheduler` and `hires_guidance`: the pass's own, None: the first's).
+        (HiresFix; the same prompt; `hires_scheduler` and `hires_guidance`: the pass's own, None: the first's;
+        `denoising_strength` None: 0.7).
+        `init_image` (AUTOMATIC1111's img2img; a file path, a PIL image or an (H, W, 3) uint8 array): the image,
+        resized to height x width where they are given (else generated at its own size), is encoded by the
+        bundle's VAE encoder, noised by `denoising_strength` (None: 0.75) and denoised from that step of the
+        `steps`-step schedule on (Img2Img; the seed's noise is the one a text-to-image run starts from).
         callback(step, total) after every UNet step (both passes); `cancel` (threading.Event or a callable)
         is checked before every step and raises Cancelled."""
         with self._lock:
             return self._generate(prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
                                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
-                                  (hires_scale, hires_steps, denoising_strength, hires_upscaler, hires_scheduler,
-                                   hires_guidance))
+                                  (hires_scale, hires_steps, 0.7 if denoising_strength is None else denoising_strength,
+                                   hires_upscaler, hires_scheduler, hires_guidance),
+                                  (init_image, 0.75 if denoising_strength is None else denoising_strength))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -571,9 +598,40 @@ class Pipeline:
         return HiresFix(float(scale), hires_steps, float(d), upscaler, h2, w2, total, start, scheduler,
                         None if guidance is None else float(guidance))
 
+    def _init_image(self, source, strength, latents, hires_scale, height, width):
+        """(InitImage, height, width) of an img2img call (UserError where it cannot run)."""
+        if latents is not None:
+            raise UserError("give an init image or initial latents, not both")
+        if hires_scale is not None:
+            raise UserError("img2img and the hires fix do not go together (AUTOMATIC1111's img2img has no hires fix): "
+                            "run the hires fix on a text-to-image generation")
+        self.check_img2img(strength)
+        init = load_init_image(source, width, height, self.check_size)
+        return init, init.pixels.shape[0], init.pixels.shape[1]
+
+    def check_img2img(self, denoising_strength) -> None:
+        """UserError unless img2img can run at this strength: a strength in (0, 1] and a VAE encoder."""
+        if not _real(denoising_strength) or not 0.0 < denoising_strength <= 1.0:
+            raise UserError(f"the denoising strength must be a number in (0, 1], got {denoising_strength!r}")
+        if not self.backend.provides(VAE_ENCODER):
+            made = self.bundle.manifest.get(F.BK_TOOLS, {}).get("personamagic-runtime", "?")
+            raise UserError(f"img2img needs a VAE encoder, and this bundle (pm-export {made}) has none for the "
+                            f"{self.backend.name} backend: bundles from pm-export 0.5 on have one; export it again")
+
+    def _encode_image(self, init, timings: dict) -> np.ndarray:
+        """The init image's latents (1, C, h, w), in the sampler's space (x scaling_factor)."""
+        t0 = time.perf_counter()
+        with self.backend.network(VAE_ENCODER) as encoder:
+            t1 = time.perf_counter()
+            x0 = np.asarray(encoder.run({"image": init.encoder_input()})["latent"], dtype=np.float32)
+        timings["load_s"] += t1 - t0
+        timings["vae_encoder_s"] = time.perf_counter() - t1
+        _check_finite("VAE encoder output (the init image's latents)", x0)
+        return x0
+
     def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
-                  hires_options) -> Generation:
+                  hires_options, img2img_options=(None, 0.75)) -> Generation:
         t_start = time.perf_counter()
         concept, dims = self.concept, self.dims
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -592,6 +650,9 @@ class Pipeline:
         prompts = self._encode_prompts(prompt, negative_prompt, allow_no_concept, concept, emphasis, steps)
         warnings, uses_concept = prompts.warnings, prompts.uses_concept
         C, f = dims.latent_channels, dims.vae_scale_factor
+        init, strength = img2img_options
+        if init is not None:  # img2img: the size is the image's unless given
+            init, height, width = self._init_image(init, strength, latents, hires_options[0], height, width)
         if latents is not None:
             latents = np.asarray(latents, dtype=np.float32)
             if latents.ndim != 4 or latents.shape[1] != C:
@@ -614,6 +675,11 @@ class Pipeline:
             except ValueError as e:
                 raise UserError(str(e)) from None
         tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, uses_concept)
+        img2img = None
+        if init is not None:  # the tail of the schedule from the step the strength says, its contexts with it
+            first = schedulers.img2img_start(tables.num_steps, float(strength))
+            img2img = Img2Img(float(strength), first, init.name, init.source_size)
+            tables, plan = schedulers.slice_tables(tables, first), plan[first:]
         hires = None if hires_options[0] is None else self.hires_fix(height, width, tables.num_steps, *hires_options)
         if hires is not None:  # the second pass: the tail of its own schedule, its contexts by its timesteps
             scheduler2 = hires.scheduler or scheduler
@@ -622,17 +688,21 @@ class Pipeline:
             tables2, plan2 = schedulers.slice_tables(tables2, hires.start), plan2[hires.start:]
         noise_seed = seed if seed is not None else 0
         settings = Settings(prompt, negative_prompt, steps, float(guidance), scheduler, seed, height, width,
-                            num_images, late_stage, stage, allow_no_concept, emphasis, hires)
+                            num_images, late_stage, stage, allow_no_concept, emphasis, hires, img2img)
         timings = {"load_s": 0.0, "text_encoder_s": 0.0, "unet_s": 0.0}  # load_s: engine creation (first use,
         # or every use in low-memory mode)
         # images in groups that fit the UNet's batch (2 rows per image) and the VAE's
         group = max(1, min(self.specs[UNET].axes["batch"].max // 2, self.specs[VAE_DECODER].axes["batch"].max))
         groups = [list(range(i, min(i + group, num_images))) for i in range(0, num_images, group)]
         progress = _Progress(callback, cancel, (tables.num_steps + (tables2.num_steps if hires else 0)) * len(groups))
-        start = [latents[g] * np.float32(tables.init_noise_sigma) for g in groups]
+        if init is not None:  # the seed's noise on the image's latents, at the level of the pass's first step
+            x0 = self._encode_image(init, timings)
+            start = [schedulers.start_latents(np.repeat(x0, len(g), axis=0), latents[g], tables) for g in groups]
+        else:
+            start = [latents[g] * np.float32(tables.init_noise_sigma) for g in groups]
         finals, step_keys, neg_steps, chunks = self._denoise_pass(
             prompts, plan, tables, start, groups, float(guidance), scheduler, emphasis, noise_seed, None, progress,
-            timings)
+            timings, schedule_steps=steps if init is not None else None)
         if hires is not None:
             first = upscale(np.concatenate(finals), hires.height // self.dims.vae_scale_factor,
                             hires.width // self.dims.vae_scale_factor, hires.upscaler)
@@ -678,17 +748,19 @@ class Pipeline:
 
     def _denoise_pass(self, prompts: "_Prompts", plan: list[Context], tables, start: list[np.ndarray], groups,
                       guidance: float, scheduler: str, emphasis: str, noise_seed: int, first_pass: int | None,
-                      progress: "_Progress", timings: dict):
+                      progress: "_Progress", timings: dict, schedule_steps: int | None = None):
         """One denoising pass: its contexts, then each group's loop from its `start` latents (already in the
         sampler's space) -> (final latents per group, the prompt's (text, context) per step, the negative
         prompt's text per step, each text-encoder row's chunks). `first_pass`: None for the first pass; for
-        the hires pass, the first pass's step count (its prompt editing and its noise streams)."""
+        the hires pass, the first pass's step count (its prompt editing and its noise streams).
+        `schedule_steps` (img2img): prompt editing is scheduled over that many steps and the pass's steps
+        read its first ones, as AUTOMATIC1111's img2img counts them (its denoiser's step from 0)."""
         pass_ = 0 if first_pass is None else 1
         # ---- contexts: one batched text-encoder call (chunked only beyond the engine's max batch); a row
         # per distinct text of the negative prompt's steps (one unless it is scheduled), then one per distinct
         # (text, stage context) of the prompt's steps (one text unless the prompt is scheduled)
-        step_keys = prompts.step_keys(plan, first_pass)
-        neg_steps = prompts.neg_per_step(len(plan), first_pass)
+        step_keys = prompts.step_keys(plan, first_pass, schedule_steps)
+        neg_steps = prompts.neg_per_step(schedule_steps or len(plan), first_pass)[:len(plan)]
         neg_keys = list(dict.fromkeys((text, SUPER_CLASS) for text in neg_steps))
         keys = list(dict.fromkeys(step_keys))
         t0 = time.perf_counter()

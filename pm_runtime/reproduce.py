@@ -57,13 +57,14 @@ class ImageSettings:
     def generate_kwargs(self) -> dict:
         """The values as Pipeline.generate keyword arguments (all but the concept, which is
         Pipeline.use_concept's: `self.values.get("concept")`); the image is then
-        `result.images[self.batch_pos or 0]`.
+        `result.images[self.batch_pos or 0]`. An img2img image (values["img2img"]) needs its init image too:
+        generate(..., init_image=...).
 
             s = reproduce.load("knight.png")
             pipe.use_concept(s.values.get("concept"))
             image = pipe.generate(**s.generate_kwargs()).images[s.batch_pos or 0]
         """
-        return {k: v for k, v in self.values.items() if k != "concept"}
+        return {k: v for k, v in self.values.items() if k not in ("concept", "img2img")}
 
     def describe(self) -> str:
         v = self.values
@@ -76,6 +77,9 @@ class ImageSettings:
             parts.append(f"concept {v['concept']}")
         if v.get("hires_scale"):
             parts.append(f"hires fix x{v['hires_scale']}")
+        if v.get("img2img"):
+            parts.append("img2img" + (f" at denoising strength {v['denoising_strength']}"
+                                      if "denoising_strength" in v else ""))
         if self.batch_pos is not None:
             parts.append(f"image {self.batch_pos + 1} of a batch of {v['num_images']} (the whole batch is generated, "
                          "that image kept)")
@@ -255,8 +259,11 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
         if pos >= size:
             raise UserError(f"--settings-from {source}: Batch pos {pos} is outside a batch of {size}")
         v["num_images"] = size
-    # (a Denoising strength without the hires fix is an img2img image's, which pm-run does not make)
-    ignored = tuple(k for k in p if k not in _KEYS or (k == "Denoising strength" and "Hires upscale" not in p))
+    if "Denoising strength" in p and "Hires upscale" not in p:  # an img2img image: its init image is needed
+        if take("denoising_strength"):
+            v["denoising_strength"] = _float(source, "Denoising strength", p["Denoising strength"])
+        v["img2img"] = True
+    ignored = tuple(k for k in p if k not in _KEYS)
     return ImageSettings(Path(source), v, pos, p.get("Concept hash"), p.get("Model"), p.get("Backend"), ignored,
                          p.get("Version"))
 

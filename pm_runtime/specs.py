@@ -24,7 +24,9 @@ UNET = "unet"
 VAE_DECODER = "vae_decoder"
 NETWORKS = (TEXT_ENCODER, UNET, VAE_DECODER)
 SAFETY_CHECKER = "safety_checker"  # optional: exported when the model folder has one
-OPTIONAL_NETWORKS = (SAFETY_CHECKER,)
+# optional: the VAE's encoder half (img2img: an init image to latents), exported from pm-export 0.5 on
+VAE_ENCODER = "vae_encoder"
+OPTIONAL_NETWORKS = (SAFETY_CHECKER, VAE_ENCODER)
 # The guidance + scheduler update of one step (pm_runtime/schedulers/linear.py's affine form) as a
 # graph of its own: GPU backends run it between UNet calls so the loop never leaves the device
 # (pm_runtime/backends/device_loop.py). pm-export ships it with every ONNX bundle (step.onnx) and
@@ -207,6 +209,15 @@ def network_specs(dims: ModelDims) -> dict[str, NetworkSpec]:
         axes={"batch": Axis(1, 1, 4), "latent_height": lat, "latent_width": lat},
         derived={"image_height": ("latent_height", s), "image_width": ("latent_width", s)},
         doc="VAE decoder; takes the scheduler's latent (1/scaling_factor applied inside), image in [-1, 1]")
+    encoder = NetworkSpec(
+        VAE_ENCODER,
+        inputs=(TensorSpec("image", f32, ("batch", 3, "image_height", "image_width"), -1.0, 1.0),),
+        outputs=(TensorSpec("latent", f32, ("batch", C, "latent_height", "latent_width")),),
+        # batch: one init image per generation (2: the exporter's check runs a second size; a TensorRT
+        # context's activation block is sized for the largest)
+        axes={"batch": Axis(1, 1, 2), "latent_height": lat, "latent_width": lat},
+        derived={"image_height": ("latent_height", s), "image_width": ("latent_width", s)},
+        doc="VAE encoder; image in [-1, 1] -> the latent distribution's mean x scaling_factor (the sampler's space)")
     checker = NetworkSpec(
         SAFETY_CHECKER,
         inputs=(TensorSpec("clip_input", f32, ("batch", 3, CHECKER_SIDE, CHECKER_SIDE)),),  # CLIP-preprocessed
@@ -226,4 +237,4 @@ def network_specs(dims: ModelDims) -> dict[str, NetworkSpec]:
         axes={"batch": Axis(1, 1, 4), "latent_height": lat, "latent_width": lat},
         derived={"unet_batch": ("batch", 2)},
         doc="guidance combine + scheduler update (affine, schedulers/linear.py) + the next UNet input")
-    return {n.name: n for n in (text, unet, vae, checker, step)}
+    return {n.name: n for n in (text, unet, vae, encoder, checker, step)}

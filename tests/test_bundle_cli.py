@@ -42,6 +42,8 @@ def test_info_lists_what_the_bundle_holds(bundle):
     assert "alice-photo2" in r.output and "image sizes: 256 to 1024 px, multiples of 64" in r.output
     assert "prompts: up to 4 chunks of 75 tokens (AUTOMATIC1111's long prompts)" in r.output
     assert "reference photo photo2.png" in r.output
+    assert d["img2img"] == ["onnx", "torch"] and "img2img (pm-run --init-image): yes, a VAE encoder (onnx, torch)" \
+        in r.output
     unet = [line for line in r.output.splitlines() if line.split()[:2] == ["unet", "onnx"]]
     assert len(unet) == 1 and "validated, max rel" in unet[0]
 

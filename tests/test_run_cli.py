@@ -879,11 +879,52 @@ def test_hires_fix_is_recorded_and_remade(run_bundle, tmp_path):
     assert r.exit_code == 0 and (tmp_path / "own2.png").read_bytes() == own.read_bytes(), r.output
     r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--denoising-strength", "0.3",
                "--out", tmp_path / "plain.png", *FAST)
-    assert r.exit_code == 0 and "apply with --hires-scale (the hires fix is off without it)" in r.stderr
+    assert r.exit_code == 0 and "--denoising-strength with --hires-scale or --init-image (the hires fix is off" \
+        in r.stderr
     assert Image.open(tmp_path / "plain.png").size == (256, 256)
     assert_one_line_error(pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--hires-scale", "5",
                                  "--out", tmp_path / "big.png", *FAST), "hires fix: 256x256 x 5.0 is 1280x1280")
     assert not (tmp_path / "big.png").exists()
+
+
+def test_init_image_img2img_is_recorded_and_remade(run_bundle, tmp_path):
+    """--init-image: the image at its own size (or --width x --height), the pass's steps said, A1111's
+    Denoising strength recorded; --settings-from remakes it byte for byte with the init image and asks for it
+    without; the refusals are one line and write nothing."""
+    photo = tmp_path / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)).save(photo)
+    made = tmp_path / "i2i.png"
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--init-image", photo, "--steps", "4",
+               "--seed", "3", "--json", "--out", made)
+    assert r.exit_code == 0, r.output
+    assert f"img2img: {photo} (320x256), denoising strength 0.75: 4 steps from step 1 of 4" in r.stderr
+    assert Image.open(made).size == (320, 256)
+    p = parse_parameters(read_parameters(Image.open(made)))
+    assert (p["Denoising strength"], p["Steps"], p["Size"]) == ("0.75", "4", "320x256") and "Hires upscale" not in p
+    run = json.loads(r.stdout)
+    assert run["settings"]["img2img"]["denoising_strength"] == 0.75 and run["config"]["init_image"] == str(photo)
+    again = tmp_path / "again.png"
+    r = pm_run("--engine", run_bundle, "--settings-from", made, "--init-image", photo, "--out", again)
+    assert r.exit_code == 0 and again.read_bytes() == made.read_bytes(), r.output
+    assert "img2img at denoising strength 0.75" in r.stderr
+    assert_one_line_error(pm_run("--engine", run_bundle, "--settings-from", made, "--out", tmp_path / "no.png"),
+                          "was made by img2img (a Denoising strength without a hires fix): give its init image")
+    r = pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", "--init-image", photo, "--steps", "4",
+               "--seed", "3", "--width", "256", "--height", "256", "--denoising-strength", "0.5", "--out",
+               tmp_path / "small.png")
+    assert r.exit_code == 0 and "(320x256, resized to 256x256), denoising strength 0.5: 3 steps from step 2 of 4" \
+        in r.stderr, r.output
+    assert Image.open(tmp_path / "small.png").size == (256, 256)
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
+    for args, needle in [
+        (["--init-image", tmp_path / "odd.png"], "init image odd.png is 300x200: "),
+        (["--init-image", tmp_path / "none.png"], "init image not found"),
+        (["--init-image", photo, "--hires-scale", "1.5"], "--init-image (img2img) and --hires-scale do not go together"),
+    ]:
+        assert_one_line_error(pm_run("--engine", run_bundle, "--prompt", PROMPT, "--concept", "alice", *args,
+                                     "--steps", "2", "--out", tmp_path / "bad.png"), needle)
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_settings_hires_fix_from_automatic1111(tmp_path):
@@ -896,7 +937,9 @@ def test_settings_hires_fix_from_automatic1111(tmp_path):
         {"hires_scale": 2.0, "hires_steps": 15, "denoising_strength": 0.45, "hires_upscaler": "latent"}
     assert s.ignored == () and "hires fix x2.0" in s.describe()
     img2img = parse(base.replace("Hires upscale: 2, Hires steps: 15, Hires upscaler: Latent, ", ""), tmp_path / "x")
-    assert "hires_scale" not in img2img.values and img2img.ignored == ("Denoising strength",)
+    assert "hires_scale" not in img2img.values and img2img.ignored == ()  # an img2img image: its init image needed
+    assert img2img.values["img2img"] and img2img.values["denoising_strength"] == 0.45
+    assert "img2img at denoising strength 0.45" in img2img.describe() and "img2img" not in img2img.generate_kwargs()
     esrgan = base.replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+")
     with pytest.raises(UserError, match=r"upscaled with 'R-ESRGAN 4x\+'; pm-run upscales latents .*--hires-upscaler"):
         parse(esrgan, tmp_path / "x")

@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers")
 from pm_runtime.errors import UserError  # noqa: E402
 from pm_runtime.modeling import standalone  # noqa: E402
 from pm_runtime.modeling.bundle_weights import save_weights  # noqa: E402
-from pm_runtime.modeling.graphs import SafetyCheckerGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph  # noqa: E402
-from pm_runtime.specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER  # noqa: E402
+from pm_runtime.modeling.graphs import (SafetyCheckerGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph,  # noqa: E402
+                                        VaeEncoderGraph)
+from pm_runtime.specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER  # noqa: E402
 from pm_runtime.train.tiny_model import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, VISION_CONFIG  # noqa: E402
 
 # SD 2.x-like: linear projections in the transformers, a head count per block, a 3-block UNet with
@@ -121,6 +122,28 @@ def test_vae_decoder_decodes_as_diffusers():
             _close(r(x), plain)
         finally:
             pm_kernels.set_enabled(torch.cuda.is_available())
+
+
+def test_vae_encoder_encodes_as_diffusers():
+    """The standalone encoder half (img2img) gives diffusers' encode(x).latent_dist.mode() x scaling_factor,
+    on odd sizes too (the stride-2 convolutions' one-sided padding); its weights file keeps that half only."""
+    torch.manual_seed(3)
+    hf = diffusers.AutoencoderKL(**VAE_CONFIG).eval()
+    enc = standalone.build(VAE_ENCODER, _state(hf, keep=("encoder.", "quant_conv.")), _hf_config(hf))
+    for shape in [(2, 3, 48, 80), (1, 3, 40, 24)]:
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(shape[2])) * 2 - 1
+        with torch.no_grad():
+            ref = hf.encode(x).latent_dist.mode() * hf.config.scaling_factor
+            graph = VaeEncoderGraph(hf)(x)
+            out = VaeEncoderGraph(enc)(x)
+        f = 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)
+        assert out.shape == ref.shape == (shape[0], 4, shape[2] // f, shape[3] // f)
+        _close(graph, ref, 1e-6)
+        _close(out, ref)
+    assert sum(p.numel() for p in enc.parameters()) == sum(
+        p.numel() for n, p in hf.named_parameters() if n.startswith(("encoder.", "quant_conv.")))
+    with pytest.raises(UserError, match="VAE encoder: down blocks"):
+        standalone.build(VAE_ENCODER, {}, {**_hf_config(hf), "down_block_types": ["DownBlock2D"]})
 
 
 def test_vae_decoder_consuming_blocks_same_values_less_memory():
@@ -339,7 +362,8 @@ def test_torch_weights_are_checked_while_they_load(run_bundle, tmp_path):
     with open(copy / "unet.onnx", "ab") as f:  # not used by torch-cuda: not even read
         f.write(b"x")
     pipe = Pipeline.load(copy, backend="torch-cuda", device="cpu", concept="alice")
-    assert pipe.backend.bundle._verified == {(n, "torch") for n in ("unet", "text_encoder", "vae_decoder")}
+    assert pipe.backend.bundle._verified == {(n, "torch") for n in ("unet", "text_encoder", "vae_decoder",
+                                                                    "vae_encoder")}
     with pytest.raises(UserError, match=r"unet.onnx \(component unet\) fails its checksum"):
         open_bundle(copy).verify_all()  # all files: the damaged ONNX graph is found
     with open(copy / "torch" / "vae_decoder.fp16.safetensors", "r+b") as f:

@@ -285,6 +285,18 @@ def test_hires_image_equals_onnxruntimes(fast_pipe, ort_pipe_here):
     assert int(np.abs(a.images.astype(int) - b.images.astype(int)).max()) <= 1
 
 
+def test_img2img_image_equals_onnxruntimes(fast_pipe, ort_pipe_here):
+    """img2img: torch-cuda's VAE encoder (the standalone module from the bundle's fp16 weights, parked in host
+    memory between images) and its pass from a later step make onnxruntime's image."""
+    from pm_runtime.specs import VAE_ENCODER
+
+    photo = np.random.default_rng(3).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    kw = dict(seed=5, steps=4, init_image=photo, denoising_strength=0.6)
+    a, b = fast_pipe.generate(PROMPT, **kw), ort_pipe_here.generate(PROMPT, **kw)
+    assert a.timings["unet_steps"] == 3 and VAE_ENCODER in fast_pipe.backend.modules
+    assert int(np.abs(a.images.astype(int) - b.images.astype(int)).max()) <= 1
+
+
 def test_emphasis_weighs_the_contexts_where_they_are(fast_pipe, ort_pipe_here, monkeypatch):
     """AUTOMATIC1111's emphasis: torch-cuda weighs the text encoder's outputs on its device (DeviceArray,
     no copy to the host), onnxruntime in numpy; the same image."""
@@ -424,7 +436,8 @@ def test_torch_only_bundle(tiny_model, trained_concept, tmp_path):
     b = open_bundle(out)
     assert {c["format"] for c in b.components} == {"torch"}
     assert sorted(p.name for p in (out / "torch").iterdir()) == [
-        "text_encoder.fp16.safetensors", "unet.fp16.safetensors", "vae_decoder.fp16.safetensors"]
+        "text_encoder.fp16.safetensors", "unet.fp16.safetensors", "vae_decoder.fp16.safetensors",
+        "vae_encoder.fp16.safetensors"]
     with pytest.raises(UserError, match="no ONNX"):
         Pipeline.load(out, backend="onnxruntime")
     pipe = Pipeline.load(out, backend="torch-cuda", device="cpu")
@@ -499,6 +512,10 @@ def test_gpu_fast_path_matches_the_reference(cuda_bundle, tiny_model):
     a, b = fast.generate(PROMPT, **kw), ref.generate(PROMPT, **kw)
     assert "CUDA graph" in a.backend
     assert psnr(a.images, b.images) >= 30.0
+    # img2img: the fp16 encoder (weights parked in host memory, on the GPU for its call) from a's image
+    i2i = dict(kw, init_image=a.images[0], denoising_strength=0.6)
+    c, d = fast.generate(PROMPT, **i2i), ref.generate(PROMPT, **i2i)
+    assert c.settings.img2img.start == 3 and psnr(c.images, d.images) >= 30.0
 
 
 def test_integrated_gpus_keep_weights_in_place_in_low_memory_mode(run_bundle, monkeypatch):

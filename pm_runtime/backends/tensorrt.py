@@ -19,11 +19,12 @@ final latents back. The loop's buffer flow is tested on the CPU with device_loop
 buffers, onnxruntime engines, == the host loop for every scheduler); TrtOps / TrtNetwork.enqueue
 (cudaMalloc, cudaMemcpy, rows padded to 256 bytes, set_tensor_address, execute_async_v3) are
 not run. Bundles without step.plan use the host loop (a host round trip per step). The text
-encoder, VAE and safety checker calls copy their inputs and outputs (once per stage).
+encoder, VAE (decoder; encoder for img2img) and safety checker calls copy their inputs and outputs
+(once per stage).
 
 Activation memory: by default TensorRT gives every execution context its own block, sized for its
 engine's largest shapes, for as long as the context lives; with every network resident that is one
-block per network (text encoder, UNet, step, VAE decoder, safety checker) although they never run at
+block per network (text encoder, UNet, step, VAE decoder and encoder, safety checker) although they never run at
 the same time. Here the resident contexts are made with ExecutionContextAllocationStrategy.USER_MANAGED
 and share ONE block (SharedScratch), as large as the largest engine needs (grown, and every context
 re-pointed, when a larger engine loads): the sum of the blocks becomes their maximum. Safe because the

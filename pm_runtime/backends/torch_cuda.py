@@ -176,7 +176,7 @@ from .. import formats as F
 from .. import resources
 from ..bundle import Bundle
 from ..errors import UserError
-from ..specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
+from ..specs import NETWORKS, OPTIONAL_NETWORKS, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from .base import Backend, DenoiseJob
 from .torch import TorchNetwork  # numpy in, numpy out around a module on the device
 
@@ -297,9 +297,11 @@ class TorchCudaBackend(Backend):
         self.packed_convs_note: str | None = None
         self._graphed: list = []  # the _GraphedNetworks of the loaded networks
         self.hf_modules = bool(hf_modules)  # False: pm_runtime.modeling.standalone's networks where they fit
-        # networks whose weights rest in host memory (parked below): loaded there directly
+        # networks whose weights rest in host memory (parked below): loaded there directly; the VAE encoder
+        # (img2img: one call per image) always where parking is on, off the UNet's and decoder's memory
         self.on_host = ({TEXT_ENCODER} if self.offload_text_encoder else set()) | (
-            {SAFETY_CHECKER} if self.offload_safety_checker else set())
+            {SAFETY_CHECKER} if self.offload_safety_checker else set()) | (
+            {VAE_ENCODER} if park and not self.low_memory else set())
         self.modules = self._load_modules(bundle, model)
         self._unet_layout()
         for m in self.modules[VAE_DECODER].modules():  # the standalone VAE's ResNets (FastUNet's: per load)

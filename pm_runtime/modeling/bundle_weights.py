@@ -2,7 +2,7 @@
 `--target torch` and what the torch-cuda backend loads, so the GPU fast path needs only the bundle.
 
 One component per network: `torch/NAME.fp16.safetensors` (the Hugging Face module's state dict,
-fp16; the VAE keeps only its decoder half) with the module's class and config in the component's
+fp16; the VAE decoder's file holds the VAE's decoder half, the VAE encoder's its encoder half) with the module's class and config in the component's
 details. Classes come from a fixed list: a manifest can never name code to import.
 """
 
@@ -14,19 +14,22 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
+from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 
 FORMAT = "torch"
 CLASSES = {UNET: "diffusers.UNet2DConditionModel", TEXT_ENCODER: "transformers.CLIPTextModel",
-           VAE_DECODER: "diffusers.AutoencoderKL", SAFETY_CHECKER: "diffusers.StableDiffusionSafetyChecker"}
-KEEP_PREFIXES = {VAE_DECODER: ("decoder.", "post_quant_conv.")}  # the decoder half of the VAE
+           VAE_DECODER: "diffusers.AutoencoderKL", VAE_ENCODER: "diffusers.AutoencoderKL",
+           SAFETY_CHECKER: "diffusers.StableDiffusionSafetyChecker"}
+KEEP_PREFIXES = {VAE_DECODER: ("decoder.", "post_quant_conv."), VAE_ENCODER: ("encoder.", "quant_conv.")}
+DROPPED = {VAE_DECODER: ("encoder", "quant_conv"), VAE_ENCODER: ("decoder", "post_quant_conv")}  # the other half
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def hf_module(net: str, graph_module: nn.Module) -> nn.Module:
-    """The Hugging Face module inside a pm_runtime.modeling.graphs wrapper."""
-    return {UNET: lambda m: m.unet, TEXT_ENCODER: lambda m: m.encoder.text_encoder,
-            VAE_DECODER: lambda m: m.vae, SAFETY_CHECKER: lambda m: m.checker}[net](graph_module)
+    """The Hugging Face module inside a pm_runtime.modeling.graphs wrapper (the VAE encoder's wrapper
+    holds the AutoencoderKL's `encoder` and `quant_conv` under their own names, and its config)."""
+    return {UNET: lambda m: m.unet, TEXT_ENCODER: lambda m: m.encoder.text_encoder, VAE_DECODER: lambda m: m.vae,
+            VAE_ENCODER: lambda m: m, SAFETY_CHECKER: lambda m: m.checker}[net](graph_module)
 
 
 def save_weights(net: str, graph_module: nn.Module, path: Path, precision: str = "fp16") -> dict:
@@ -79,7 +82,7 @@ def load_graph_module(net: str, details: dict, path: Path, device: torch.device,
     from safetensors.torch import load_file
 
     from . import standalone as torch_only
-    from .graphs import SafetyCheckerGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
+    from .graphs import SafetyCheckerGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
 
     class_name, config = details.get("class", "?"), details.get("config", {})
     if CLASSES.get(net) != class_name:
@@ -104,6 +107,8 @@ def load_graph_module(net: str, details: dict, path: Path, device: torch.device,
         return TextEncoderGraph(module).eval()
     if net == SAFETY_CHECKER:
         return SafetyCheckerGraph(module).eval()
+    if net == VAE_ENCODER:
+        return VaeEncoderGraph(module).eval()
     return VaeDecoderGraph(module).eval()
 
 
@@ -125,8 +130,8 @@ def _hf_module(net: str, class_name: str, config: dict, state: dict, path: Path,
     missing = [k for k in missing if keep is None or k.startswith(keep)]
     if missing or unexpected:
         raise UserError(f"{path.name} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if keep is not None:  # drop the half that was not shipped (the VAE's encoder)
-        for name in ("encoder", "quant_conv"):
+    if keep is not None:  # drop the half that was not shipped (the VAE's other half)
+        for name in DROPPED[net]:
             if hasattr(module, name):
                 setattr(module, name, None)
     still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]

@@ -7,6 +7,8 @@ accelerates. Written once here (DESIGN §3: modeling/ is shared by trainer, expo
   unet          sample (N, 4, h, w), timestep (N,), c_k, c_v (N, L, D) -> noise_pred (N, 4, h, w)
   vae_decoder   latent (N, 4, h, w) -> image (N, 3, 8h, 8w) in [-1, 1]; the 1/scaling_factor
                 division is INSIDE the module: feed the scheduler's latent as it is.
+  vae_encoder   image (N, 3, 8h, 8w) in [-1, 1] -> latent (N, 4, h, w): the mean of the VAE's latent
+                distribution x scaling_factor (optional: img2img's init image)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..specs import CONTEXT_CHUNKS, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, ModelDims
+from ..specs import CONTEXT_CHUNKS, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelDims
 from .attention import install_split_kv, join_contexts
 from .loading import BaseModel
 from .text_encoder import EquilibriumTextEncoder, clip_parts
@@ -53,6 +55,26 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decode(latent * self.scale, return_dict=False)[0]  # (N, 3, 8h, 8w)
 
 
+class VaeEncoderGraph(nn.Module):
+    """The encoder half of an AutoencoderKL (diffusers' or pm_runtime.modeling.standalone's: a module
+    with `encoder`, `quant_conv` (None where the config has none) and `config`): image -> the latent
+    distribution's mean x scaling_factor, what diffusers' encode(image).latent_dist.mode() gives,
+    scaled into the sampler's space. The mean, not a sample: the same image gives the same latents
+    on every backend (the posterior's spread is small next to the noise img2img adds)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.encoder, self.quant_conv, self.config = vae.encoder, getattr(vae, "quant_conv", None), vae.config
+        self.scale = float(vae.config.scaling_factor)
+        self.channels = int(vae.config.latent_channels)
+
+    def forward(self, image):
+        moments = self.encoder(image)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return moments[:, :self.channels] * self.scale  # (N, 4, h, w); the log-variance half is dropped
+
+
 class SafetyCheckerGraph(nn.Module):
     """diffusers' StableDiffusionSafetyChecker as a score: clip_input (N, 3, 224, 224) ->
     nsfw_score (N,), the largest concept score; the image is flagged when it is > 0, which is
@@ -86,8 +108,10 @@ def model_dims(base: BaseModel) -> ModelDims:
 def graph_modules(base: BaseModel) -> dict[str, nn.Module]:
     """The PyTorch modules that export and validation compare (fp32, eval, split K/V installed)."""
     install_split_kv(base.unet)
+    encoder = VaeEncoderGraph(base.vae).eval()
+    base.vae.encoder = base.vae.quant_conv = None  # the decoder's module keeps its half only: no shared weights
     modules = {TEXT_ENCODER: TextEncoderGraph(base.text_encoder).eval(), UNET: UNetGraph(base.unet).eval(),
-               VAE_DECODER: VaeDecoderGraph(base.vae).eval()}
+               VAE_DECODER: VaeDecoderGraph(base.vae).eval(), VAE_ENCODER: encoder}
     if getattr(base, "safety_checker", None) is not None:
         modules[SAFETY_CHECKER] = SafetyCheckerGraph(base.safety_checker).eval()
     return modules

@@ -13,6 +13,8 @@ why and the loader uses the Hugging Face class instead (pm_runtime.modeling.bund
 - SafetyChecker: diffusers' StableDiffusionSafetyChecker (a CLIP vision tower, the visual
   projection and the concept embeddings); SafetyCheckerGraph computes the score.
 - VAE: the decoder half of diffusers' AutoencoderKL (post_quant_conv + Decoder), with decode().
+- VAEEncoder: its encoder half (Encoder + quant_conv: the latent distribution's moments); the
+  VaeEncoderGraph takes their mean.
 - UNet: the parameter tree of diffusers' UNet2DConditionModel for SD 1.x/2.x (the attribute names
   FastUNet reads). It has no forward of its own: its computation is FastUNet's
   (pm_runtime/modeling/fast_unet.py), checked against diffusers' UNet in tests/test_standalone.py.
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER
+from ..specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from .fast_unet import config_unsupported, fused_resnet, fused_resnet_consuming, gn_silu, resnet_biases
 
 
@@ -82,10 +84,11 @@ class _Weights:
             m = nn.Linear(w.shape[1], w.shape[0], bias=bias)
         return self._fill(m, prefix)
 
-    def conv(self, prefix: str, stride: int = 1, bias: bool = True) -> nn.Conv2d:
+    def conv(self, prefix: str, stride: int = 1, bias: bool = True, padding: int | None = None) -> nn.Conv2d:
         w = self.tensor(f"{prefix}.weight")
+        padding = w.shape[2] // 2 if padding is None else padding
         with torch.device("meta"):
-            m = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], stride=stride, padding=w.shape[2] // 2, bias=bias)
+            m = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], stride=stride, padding=padding, bias=bias)
         return self._fill(m, prefix)
 
     def group_norm(self, prefix: str, groups: int, eps: float) -> nn.GroupNorm:
@@ -312,17 +315,21 @@ def vae_unsupported(cfg: dict) -> str | None:
     return None
 
 
+def _vae_weights(half: str, reason: str | None, state: dict, config: dict) -> tuple[_Weights, int, float]:
+    """(the weights, GroupNorm groups, eps) of a VAE half; UserError naming what the config asks that this
+    module does not compute."""
+    if reason:
+        raise UserError(f"VAE {half}: {reason}")
+    return _Weights(state, f"VAE {half} weights"), int(config.get("norm_num_groups", 32)), 1e-6
+
+
 class VAE(nn.Module):
     """The decoder half of diffusers' AutoencoderKL: decode(z) = Decoder(post_quant_conv(z))."""
 
     def __init__(self, state: dict, config: dict):
         super().__init__()
-        reason = vae_unsupported(config)
-        if reason:
-            raise UserError(f"VAE decoder: {reason}")
-        w = _Weights(state, "VAE decoder weights")
+        w, groups, eps = _vae_weights("decoder", vae_unsupported(config), state, config)
         self.config = Config(config)
-        groups, eps = int(config.get("norm_num_groups", 32)), 1e-6
         self.post_quant_conv = w.conv("post_quant_conv")
         d = "decoder"
         self.conv_in = w.conv(f"{d}.conv_in")
@@ -367,6 +374,61 @@ class VAE(nn.Module):
     def decode(self, z, return_dict: bool = False):
         """diffusers' AutoencoderKL.decode signature: a 1-tuple (image,)."""
         return (self(z),)
+
+
+def vae_encoder_unsupported(cfg: dict) -> str | None:
+    if any(t != "DownEncoderBlock2D" for t in cfg.get("down_block_types", ())):
+        return f"down blocks {cfg.get('down_block_types')}"
+    if cfg.get("double_z", True) is False:
+        return "an encoder without double_z"
+    return vae_unsupported({**cfg, "up_block_types": ()})
+
+
+class VAEEncoder(nn.Module):
+    """The encoder half of diffusers' AutoencoderKL: moments = quant_conv(Encoder(x)), (N, 2C, h, w)
+    (mean, then log-variance). Holds `encoder` and `quant_conv` under the AutoencoderKL's names."""
+
+    def __init__(self, state: dict, config: dict):
+        super().__init__()
+        w, groups, eps = _vae_weights("encoder", vae_encoder_unsupported(config), state, config)
+        self.config = Config(config)
+        self.encoder = _Encoder(w, "encoder", groups, eps)
+        self.quant_conv = w.conv("quant_conv")
+        w.check_all_used()
+
+    def forward(self, x):
+        return self.quant_conv(self.encoder(x))
+
+
+class _Encoder(nn.Module):
+    """diffusers' Encoder: conv_in, DownEncoderBlock2Ds (ResNets, then a stride-2 convolution of the
+    input padded by one row and column at the bottom and right), the mid block (ResNet, attention,
+    ResNet), GroupNorm + SiLU, conv_out."""
+
+    def __init__(self, w: _Weights, p: str, groups: int, eps: float):
+        super().__init__()
+        self.conv_in = w.conv(f"{p}.conv_in")
+        self.down_resnets, self.downsamplers = nn.ModuleList(), nn.ModuleList()
+        for b in range(w.count(f"{p}.down_blocks")):
+            q = f"{p}.down_blocks.{b}"
+            self.down_resnets.append(nn.ModuleList([Resnet(w, f"{q}.resnets.{i}", groups, eps)
+                                                    for i in range(w.count(f"{q}.resnets"))]))
+            down = f"{q}.downsamplers.0.conv"
+            self.downsamplers.append(w.conv(down, stride=2, padding=0) if w.has(f"{down}.weight") else None)
+        self.mid_resnets = nn.ModuleList([Resnet(w, f"{p}.mid_block.resnets.{i}", groups, eps) for i in range(2)])
+        self.mid_attention = VaeAttention(w, f"{p}.mid_block.attentions.0", groups, eps)
+        self.conv_norm_out = w.group_norm(f"{p}.conv_norm_out", groups, eps)
+        self.conv_out = w.conv(f"{p}.conv_out")
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for resnets, down in zip(self.down_resnets, self.downsamplers):
+            for r in resnets:
+                h = r(h)
+            if down is not None:
+                h = down(F.pad(h, (0, 1, 0, 1)))
+        h = self.mid_resnets[1](self.mid_attention(self.mid_resnets[0](h)))
+        return self.conv_out(gn_silu(self.conv_norm_out, h))
 
 
 # ---------------------------------------------------------------------------------------- UNet
@@ -519,6 +581,8 @@ def unsupported(net: str, config: dict) -> str | None:
         return unet_unsupported(config)
     if net == VAE_DECODER:
         return vae_unsupported(config)
+    if net == VAE_ENCODER:
+        return vae_encoder_unsupported(config)
     if net == TEXT_ENCODER:
         return _clip_unsupported(config)
     if net == SAFETY_CHECKER:
@@ -527,5 +591,6 @@ def unsupported(net: str, config: dict) -> str | None:
 
 
 def build(net: str, state: dict, config: dict) -> nn.Module:
-    cls = {UNET: UNet, VAE_DECODER: VAE, TEXT_ENCODER: CLIPText, SAFETY_CHECKER: SafetyChecker}[net]
+    cls = {UNET: UNet, VAE_DECODER: VAE, VAE_ENCODER: VAEEncoder, TEXT_ENCODER: CLIPText,
+           SAFETY_CHECKER: SafetyChecker}[net]
     return cls(state, config).requires_grad_(False).eval()

@@ -147,6 +147,17 @@ def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
     return total, total - steps
 
 
+def img2img_start(steps: int, strength: float) -> int:
+    """The first step of img2img's pass over a `steps`-step schedule at denoising strength `strength` in
+    (0, 1], as AUTOMATIC1111 sets it when it is not given the pass's steps (its img2img tab, without the
+    "fix steps" option): t_enc = int(min(strength, 0.999) * steps) and the sampler runs the schedule from
+    step steps - t_enc - 1, t_enc + 1 steps (diffusers' img2img runs int(steps * strength): one fewer
+    wherever that product is below steps, the same at strength 1)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"denoising strength must be in (0, 1], got {strength}")
+    return steps - int(min(strength, 0.999) * steps) - 1
+
+
 def slice_tables(tables: Tables, start: int) -> Tables:
     """Steps start..n-1 of `tables` as a schedule of their own (img2img, the hires pass): every per-step
     array from `start`, the noise levels from the one the pass starts at; DPM-Solver++'s first step first
@@ -186,5 +197,5 @@ def scale_model_input(i: int, sample, tables: Tables):
     return sample if scale == 1.0 else sample * scale
 
 
-__all__ = ["SCHEDULERS", "DPMState", "Scheduler", "Tables", "get_scheduler", "img2img_steps", "make_tables",
-           "scale_model_input", "slice_tables", "start_latents", "step"]
+__all__ = ["SCHEDULERS", "DPMState", "Scheduler", "Tables", "get_scheduler", "img2img_start", "img2img_steps",
+           "make_tables", "scale_model_input", "slice_tables", "start_latents", "step"]
