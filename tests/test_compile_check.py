@@ -100,6 +100,7 @@ def test_kernels_compile_for_hopper_and_consumer_ampere(tmp_path):
     assert all(r["shared_bytes"] > r["max_shared_bytes"] for r in attn("sm_86", 3))
 
 
+@pytest.mark.slow  # (10-15 s; an opt-in switch: -m slow)
 @needs_tools
 def test_generic_sizes_switch_compiles_two_byte_accesses(tmp_path):
     """PM_KERNELS_GENERIC_SIZES=1 (the GPU check's A/B of the size rule) compiles the kernels as they
@@ -117,6 +118,7 @@ def test_generic_sizes_switch_compiles_two_byte_accesses(tmp_path):
     assert "_geglu" not in summary["two_byte_stores"]  # never had size arguments
 
 
+@pytest.mark.slow  # (15 s; PDL is opt-in: -m slow)
 @needs_tools
 def test_pdl_kernels_wait_for_the_kernel_before_on_hopper_only(tmp_path):
     """--pdl: the kernels as pm_kernels.set_pdl(True) launches them. At sm_90 every kernel of the UNet

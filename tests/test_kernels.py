@@ -646,6 +646,7 @@ def test_benchmark_runs_end_to_end(tmp_path):
         assert set(r["ours_ms"]) == {"p20", "p50", "p80"} and r["ref_ms"] and r["commit"] and r["triton"]
 
 
+@pytest.mark.slow  # (11-16 s: the sweep script end to end; test_benchmark_runs_end_to_end stays)
 def test_kernel_sweep_runs_end_to_end(tmp_path):
     """benchmarks/sweep_kernels.py's code path (its --device cpu dry run on the CPU): the peer and each
     candidate configuration per case (attention: head dim 40 as one tile and as two; geglu_linear),

@@ -224,7 +224,7 @@ def test_attention_untuned_default_is_the_routing_rule():
 
 
 @interpreted
-@pytest.mark.parametrize("m", [7, 1030])
+@pytest.mark.parametrize("m", [7, pytest.param(1030, marks=pytest.mark.slow)])  # (1030: 23 s, its n128 candidate)
 def test_geglu_projection_candidates(m, monkeypatch):
     monkeypatch.setattr(T, "REPS", 1)  # each interpreted GEMM at m=1030 takes about a second
     monkeypatch.setattr(T, "TRIALS", 1)
