@@ -432,7 +432,7 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
 def _init_image(cfg: RunConfig, pipe, log):
     """(the init image, read and sized once; cfg with its size) for img2img; UserError where it cannot run."""
     from .init_image import load_init_image
-    from .schedulers import img2img_start
+    from .schedulers import get_scheduler, img2img_start
 
     if cfg.hires_scale is not None:
         raise UserError("--init-image (img2img) and --hires-scale do not go together (AUTOMATIC1111's img2img has no "
@@ -442,7 +442,7 @@ def _init_image(cfg: RunConfig, pipe, log):
     init = load_init_image(cfg.init_image, cfg.width, cfg.height, pipe.check_size)
     height, width = init.pixels.shape[:2]
     w0, h0 = init.source_size
-    first = img2img_start(cfg.steps, d)
+    first, _ = img2img_start(cfg.steps, d, get_scheduler(cfg.scheduler).name)
     log(f"img2img: {cfg.init_image} ({w0}x{h0}" + (f", resized to {width}x{height}" if init.resized else "")
         + f"), denoising strength {d}: {cfg.steps - first} steps from step {first + 1} of {cfg.steps}")
     return init, dataclasses.replace(cfg, height=height, width=width, denoising_strength=d)

@@ -675,10 +675,11 @@ class Pipeline:
             except ValueError as e:
                 raise UserError(str(e)) from None
         tables, plan, stage = self.plan(steps, scheduler, late_stage, concept_stage, uses_concept)
-        img2img = None
+        img2img = level = None
         if init is not None:  # the tail of the schedule from the step the strength says, its contexts with it
-            first = schedulers.img2img_start(tables.num_steps, float(strength))
+            first, noised = schedulers.img2img_start(tables.num_steps, float(strength), tables.name)
             img2img = Img2Img(float(strength), first, init.name, init.source_size)
+            level = schedulers.slice_tables(tables, noised)  # the noise level the image starts from
             tables, plan = schedulers.slice_tables(tables, first), plan[first:]
         hires = None if hires_options[0] is None else self.hires_fix(height, width, tables.num_steps, *hires_options)
         if hires is not None:  # the second pass: the tail of its own schedule, its contexts by its timesteps
@@ -697,7 +698,7 @@ class Pipeline:
         progress = _Progress(callback, cancel, (tables.num_steps + (tables2.num_steps if hires else 0)) * len(groups))
         if init is not None:  # the seed's noise on the image's latents, at the level of the pass's first step
             x0 = self._encode_image(init, timings)
-            start = [schedulers.start_latents(np.repeat(x0, len(g), axis=0), latents[g], tables) for g in groups]
+            start = [schedulers.start_latents(np.repeat(x0, len(g), axis=0), latents[g], level) for g in groups]
         else:
             start = [latents[g] * np.float32(tables.init_noise_sigma) for g in groups]
         finals, step_keys, neg_steps, chunks = self._denoise_pass(

@@ -41,11 +41,15 @@ def test_img2img_start_is_a1111s(steps, strength):
     from pm_runtime.schedulers import img2img_start
 
     t_enc = int(min(strength, 0.999) * steps)
-    first = img2img_start(steps, strength)
-    assert first == steps - t_enc - 1 and 0 <= first < steps
+    first, noised = img2img_start(steps, strength, "dpmpp-2m")
+    assert first == noised == steps - t_enc - 1 and 0 <= first < steps
     assert steps - first == t_enc + 1  # steps run
     if strength == 1.0:
         assert first == 0  # the whole schedule, as text-to-image
+    # A1111's DDIM (modules/sd_samplers_timesteps.py): timesteps[:t_enc] run, the image noised at timesteps[t_enc],
+    # i.e. t_enc steps from steps - t_enc, noised one step before it (at least one step)
+    first, noised = img2img_start(steps, strength, "ddim")
+    assert steps - first == max(t_enc, 1) and noised == max(first - 1, 0)
 
 
 def test_img2img_start_refuses_a_strength_outside_0_1():
@@ -157,6 +161,26 @@ def test_img2img_denoises_the_noised_image_latents(pipe, calls):
     assert "Steps: 4," in text and "Denoising strength: 0.5" in text and "Size: 256x256" in text
     assert "Hires" not in text
     assert json.loads(json.dumps(g.summary()))["settings"]["img2img"]["start"] == 1
+
+
+def test_ddim_img2img_is_a1111s_ddim(pipe, calls):
+    """DDIM: t_enc steps from step steps - t_enc, the image noised to the level of the step before (A1111's
+    DDIM img2img noises at alphas_cumprod[timesteps[t_enc]] and runs timesteps[:t_enc])."""
+    import pm_runtime.schedulers as S
+    from pm_runtime import noise
+    from pm_runtime.schedulers.common import alphas_cumprod
+    from pm_runtime.specs import UNET, VAE_ENCODER
+
+    g = pipe.generate(PROMPT, **KW, scheduler="ddim", init_image=_photo(), denoising_strength=0.5)
+    unets = [i for name, i, _ in calls if name == UNET]
+    full = S.make_tables("ddim", pipe.bundle.scheduler_config, 4)
+    assert len(unets) == 2 and g.settings.img2img.start == 2  # t_enc = 2
+    assert [float(u["timestep"][0]) for u in unets] == [float(t) for t in full.timesteps[2:]]
+    x0 = [o for name, _, o in calls if name == VAE_ENCODER][0]["latent"]
+    eps = noise.initial_latents(5, x0.shape)
+    a = float(alphas_cumprod(pipe.bundle.scheduler_config)[int(full.timesteps[1])])  # the step before the first
+    expect = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
+    np.testing.assert_allclose(unets[0]["sample"], np.concatenate([expect, expect]), rtol=1e-5, atol=1e-5)
 
 
 def test_img2img_strength_1_is_the_whole_schedule_from_the_image(pipe, calls):

@@ -147,15 +147,21 @@ def img2img_steps(steps: int, strength: float) -> tuple[int, int]:
     return total, total - steps
 
 
-def img2img_start(steps: int, strength: float) -> int:
-    """The first step of img2img's pass over a `steps`-step schedule at denoising strength `strength` in
-    (0, 1], as AUTOMATIC1111 sets it when it is not given the pass's steps (its img2img tab, without the
-    "fix steps" option): t_enc = int(min(strength, 0.999) * steps) and the sampler runs the schedule from
-    step steps - t_enc - 1, t_enc + 1 steps (diffusers' img2img runs int(steps * strength): one fewer
-    wherever that product is below steps, the same at strength 1)."""
+def img2img_start(steps: int, strength: float, name: str = "") -> tuple[int, int]:
+    """(first step, noise step) of img2img's pass over a `steps`-step schedule of scheduler `name` at
+    denoising strength `strength` in (0, 1], as AUTOMATIC1111 sets them when it is not given the pass's
+    steps (its img2img tab, without the "fix steps" option), t_enc = int(min(strength, 0.999) * steps):
+    its k-diffusion samplers run the schedule from step steps - t_enc - 1, t_enc + 1 steps, from the image
+    noised to that step's level (diffusers' img2img runs int(steps * strength): one fewer below strength 1);
+    its DDIM runs t_enc steps (at least 1 here) from step steps - t_enc, the image noised to the level of
+    the step before (modules/sd_samplers_timesteps.py: timesteps[:t_enc], alphas_cumprod[timesteps[t_enc]])."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"denoising strength must be in (0, 1], got {strength}")
-    return steps - int(min(strength, 0.999) * steps) - 1
+    t_enc = int(min(strength, 0.999) * steps)
+    if name == ddim.NAME:
+        first = steps - max(t_enc, 1)
+        return first, max(first - 1, 0)
+    return steps - t_enc - 1, steps - t_enc - 1
 
 
 def slice_tables(tables: Tables, start: int) -> Tables:
