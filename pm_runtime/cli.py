@@ -411,7 +411,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
             parameters += [result.parameters(i) for i in chosen]
             runs.append({**result.summary(), "prompt_line": line, "batch": b})
             t = result.timings
-            log(f"{where}time: text encoder {t['text_encoder_s']:.2f} s, UNet {t['unet_steps']} x "
+            log(f"{where}time: " + (f"VAE encoder {t['vae_encoder_s']:.2f} s, " if "vae_encoder_s" in t else "")
+                + f"text encoder {t['text_encoder_s']:.2f} s, UNet {t['unet_steps']} x "
                 f"{t['unet_step_ms']:.1f} ms = {t['unet_s']:.2f} s, VAE {t['vae_s']:.2f} s, engine loading "
                 f"{t['load_s']:.2f} s, total {t['total_s']:.2f} s")
     finally:

@@ -899,6 +899,7 @@ def test_init_image_img2img_is_recorded_and_remade(run_bundle, tmp_path):
                "--seed", "3", "--json", "--out", made)
     assert r.exit_code == 0, r.output
     assert f"img2img: {photo} (320x256), denoising strength 0.75: 4 steps from step 1 of 4" in r.stderr
+    assert re.search(r"time: VAE encoder \d+\.\d\d s, text encoder", r.stderr)
     assert Image.open(made).size == (320, 256)
     p = parse_parameters(read_parameters(Image.open(made)))
     assert (p["Denoising strength"], p["Steps"], p["Size"]) == ("0.75", "4", "320x256") and "Hires upscale" not in p
