@@ -59,6 +59,8 @@ def _open(source):
         raise UserError(f"init image not found: {path}") from None
     except IsADirectoryError:
         raise UserError(f"init image {path} is a folder, not an image file") from None
+    except Image.DecompressionBombError as e:  # Pillow's guard against decompression bombs (> ~179 Mpx)
+        raise UserError(f"init image {path} is too large to read safely: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"cannot read init image {path}: {e}") from None
     try:

@@ -90,6 +90,28 @@ def test_init_image_is_prepared_as_a1111_and_diffusers_do(tmp_path):
     assert upright.source_size == (64, 96) and upright.name == "phone.jpg"
 
 
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "LA", "I;16", "1"])
+def test_init_images_of_every_pillow_mode_become_rgb(mode):
+    from pm_runtime.init_image import load_init_image
+
+    a = _photo(96, 64)
+    image = Image.fromarray(a[..., 0].astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(a).convert(mode)
+    got = load_init_image(image)
+    assert got.pixels.shape == (64, 96, 3) and got.pixels.dtype == np.uint8 and got.name == "<PIL image>"
+    if mode in ("L", "LA", "I;16"):  # grey: the three channels equal, 16 bits scaled (not clipped) to 8
+        grey = a[..., 0] if mode == "I;16" else np.asarray(Image.fromarray(a).convert("L"))
+        assert all(np.array_equal(got.pixels[..., c], grey) for c in range(3))
+
+
+def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch):
+    from pm_runtime.init_image import load_init_image
+
+    Image.fromarray(_photo(64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: Pillow raises
+    with pytest.raises(UserError, match="too large to read safely"):
+        load_init_image(tmp_path / "big.png")
+
+
 @pytest.mark.parametrize("source, needle", [
     ("missing.png", "init image not found"),
     ("not-an-image.png", "cannot read init image"),
