@@ -17,7 +17,7 @@ import click
 
 from . import formats as F
 from .errors import UserError
-from .latent_upscale import UPSCALERS
+from .latent_upscale import HIRES_UPSCALERS
 from .png import IMAGE_FORMATS, SUFFIXES
 from .prompt_encoding import EMPHASIS_MODES
 from .resources import peak_rss_bytes
@@ -594,9 +594,11 @@ def apply_settings(cfg: RunConfig, image: Path, given: set[str]) -> RunConfig:
 @click.option("--denoising-strength", default=None, type=click.FloatRange(0.0, 1.0, min_open=True),
               help="How much of the image the hires pass (--hires-scale) or img2img (--init-image) re-noises (1: all "
                    "of it) [default: 0.7 for the hires fix, 0.75 for img2img, as A1111's].")
-@click.option("--hires-upscaler", default="latent", show_default=True, type=click.Choice(list(UPSCALERS)),
-              help="How the latents are upscaled, as A1111's 'Latent' (bilinear), 'Latent (nearest)' and "
-                   "'Latent (nearest-exact)' do (no image upscaler).")
+@click.option("--hires-upscaler", default="latent", show_default=True, type=click.Choice(list(HIRES_UPSCALERS)),
+              help="How the first pass is upscaled, as A1111's 'Latent' (bilinear), 'Latent (nearest)' and "
+                   "'Latent (nearest-exact)' upscale the latents, or as its 'Lanczos' and 'Nearest' upscale the "
+                   "decoded image, which the bundle's VAE encoder then encodes again (bundles from pm-export 0.5 "
+                   "on). No model-based upscaler (ESRGAN, ...).")
 @click.option("--init-image", default=None, type=click.Path(path_type=Path, dir_okay=False), metavar="IMAGE",
               help="img2img, as AUTOMATIC1111's img2img tab: start from IMAGE (PNG, JPEG, WebP, ...) instead of "
                    "noise. It is resized to --width x --height (stretched, A1111's 'Just resize'; default: its own "

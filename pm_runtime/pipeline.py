@@ -49,7 +49,7 @@ from .concept_table import ConceptTable, load_table
 from .errors import UserError
 from .init_image import load_init_image
 from .latent_upscale import A1111_NAMES as UPSCALER_NAMES
-from .latent_upscale import UPSCALERS, upscale
+from .latent_upscale import HIRES_UPSCALERS, IMAGE_UPSCALERS, a1111_pixels, upscale, upscale_image
 from .png import image_bytes, parameters_text, png_bytes, sampler_fields, split_sampler
 from .prompt_encoding import (EMPHASIS_MODES, ConceptWords, EncodedPrompt, a1111_syntax,
                               apply_emphasis, check_emphasis_mode, concept_words_in, encode_plain, encode_prompt,
@@ -578,9 +578,13 @@ class Pipeline:
         d = denoising_strength
         if not _real(d) or not 0.0 < d <= 1.0:
             raise UserError(f"the denoising strength must be a number in (0, 1], got {d!r}")
-        if upscaler not in UPSCALERS:
-            raise UserError(f"hires upscaler must be one of {', '.join(UPSCALERS)} (latent upscaling: the bundle has "
-                            f"no VAE encoder for an image upscaler), got {upscaler!r}")
+        if upscaler not in HIRES_UPSCALERS:
+            raise UserError(f"hires upscaler must be one of {', '.join(HIRES_UPSCALERS)} (A1111's latent upscalers, "
+                            f"and its Lanczos and Nearest image upscalers), got {upscaler!r}")
+        if upscaler in IMAGE_UPSCALERS and not self.backend.provides(VAE_ENCODER):
+            raise UserError(f"the hires upscaler {upscaler} resizes the first pass's image and encodes it again: this "
+                            f"bundle has no VAE encoder for the {self.backend.name} backend (bundles from pm-export 0.5 "
+                            "on have one; the latent upscalers need none)")
         if scheduler is not None and scheduler not in schedulers.SCHEDULERS:
             raise UserError(f"unknown hires scheduler {scheduler!r}; choose one of {', '.join(schedulers.SCHEDULERS)}")
         if guidance is not None and not _real(guidance):
@@ -620,14 +624,41 @@ class Pipeline:
 
     def _encode_image(self, init, timings: dict) -> np.ndarray:
         """The init image's latents (1, C, h, w), in the sampler's space (x scaling_factor)."""
+        return self._encode_pixels(init.pixels[None], timings, "the init image's latents")
+
+    def _encode_pixels(self, pixels: np.ndarray, timings: dict, what: str) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> their latents (N, C, h, w) from the VAE encoder, one image per call."""
+        from .init_image import InitImage
+
         t0 = time.perf_counter()
         with self.backend.network(VAE_ENCODER) as encoder:
             t1 = time.perf_counter()
-            x0 = np.asarray(encoder.run({"image": init.encoder_input()})["latent"], dtype=np.float32)
+            x0 = np.concatenate([np.asarray(encoder.run({"image": InitImage(p, p.shape[1::-1], "").encoder_input()})
+                                            ["latent"], dtype=np.float32) for p in pixels])
         timings["load_s"] += t1 - t0
-        timings["vae_encoder_s"] = time.perf_counter() - t1
-        _check_finite("VAE encoder output (the init image's latents)", x0)
+        timings["vae_encoder_s"] = timings.get("vae_encoder_s", 0.0) + time.perf_counter() - t1
+        _check_finite(f"VAE encoder output ({what})", x0)
         return x0
+
+    def _decode(self, finals: list[np.ndarray], timings: dict) -> np.ndarray:
+        """The VAE decoder's images (N, 3, H, W) in [-1, 1] of the groups' final latents."""
+        t0 = time.perf_counter()
+        with self.backend.network(VAE_DECODER) as vae:
+            t1 = time.perf_counter()
+            timings["load_s"] += t1 - t0
+            # low memory: in tiles above 512 px (pm_runtime/vae_tiles.py) unless the backend tiles itself
+            tiled = self.backend.vae_tiling and not self.backend.tiles_vae
+            decoded = []
+            run = lambda lat: vae.run({"latent": lat})["image"]  # noqa: E731 - (n, 3, H, W) in [-1, 1]
+            step = self.backend.decode_batch or max(len(x) for x in finals)
+            for x in (x[i:i + step] for x in finals for i in range(0, len(x), step)):
+                image, calls = vae_tiles.decode_tiled(run, x, self.dims.vae_scale_factor) if tiled else (run(x), 1)
+                decoded.append(image)
+                timings["vae_calls"] = timings.get("vae_calls", 0) + calls
+            timings["vae_s"] = timings.get("vae_s", 0.0) + time.perf_counter() - t1
+        image = np.concatenate(decoded)
+        _check_finite("VAE decoder output (image)", image)
+        return image
 
     def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
@@ -705,9 +736,16 @@ class Pipeline:
             prompts, plan, tables, start, groups, float(guidance), scheduler, emphasis, noise_seed, None, progress,
             timings, schedule_steps=steps if init is not None else None)
         if hires is not None:
-            first = upscale(np.concatenate(finals), hires.height // self.dims.vae_scale_factor,
-                            hires.width // self.dims.vae_scale_factor, hires.upscaler)
-            _check_finite("hires fix: upscaled latents", first)
+            if hires.upscaler in IMAGE_UPSCALERS:  # A1111's image upscalers: decode, resize, encode again (the
+                # first pass's image as A1111 hands it to the upscaler: truncated to uint8)
+                pixels = a1111_pixels(self._decode(finals, timings))
+                first = self._encode_pixels(np.stack([upscale_image(p, hires.height, hires.width, hires.upscaler)
+                                                      for p in pixels]), timings,
+                                            "hires fix: the upscaled image's latents")
+            else:
+                first = upscale(np.concatenate(finals), hires.height // self.dims.vae_scale_factor,
+                                hires.width // self.dims.vae_scale_factor, hires.upscaler)
+                _check_finite("hires fix: upscaled latents", first)
             eps = pm_noise.initial_latents(noise_seed, first.shape, pass_=1)
             start = [schedulers.start_latents(first[g], eps[g], tables2) for g in groups]
             timings["first_pass_unet_steps"] = progress.done
@@ -719,23 +757,7 @@ class Pipeline:
         timings["unet_step_ms"] = 1000 * timings["unet_s"] / max(progress.done, 1)
 
         # ---- image
-        t0 = time.perf_counter()
-        with self.backend.network(VAE_DECODER) as vae:
-            t1 = time.perf_counter()
-            timings["load_s"] += t1 - t0
-            # low memory: in tiles above 512 px (pm_runtime/vae_tiles.py) unless the backend tiles itself
-            tiled = self.backend.vae_tiling and not self.backend.tiles_vae
-            decoded, timings["vae_calls"] = [], 0
-            run = lambda lat: vae.run({"latent": lat})["image"]  # noqa: E731 - (n, 3, H, W) in [-1, 1]
-            step = self.backend.decode_batch or max(len(x) for x in finals)
-            for x in (x[i:i + step] for x in finals for i in range(0, len(x), step)):
-                image, calls = vae_tiles.decode_tiled(run, x, dims.vae_scale_factor) if tiled else (run(x), 1)
-                decoded.append(image)
-                timings["vae_calls"] += calls
-            timings["vae_s"] = time.perf_counter() - t1
-        image = np.concatenate(decoded)
-        _check_finite("VAE decoder output (image)", image)
-        image = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        image = np.clip(self._decode(finals, timings) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         images = np.round(image * 255).astype(np.uint8)
         nsfw = self._safety_check(images, timings) if self.checker_settings is not None else None
         timings["total_s"] = time.perf_counter() - t_start

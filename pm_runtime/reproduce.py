@@ -239,7 +239,7 @@ def parse(text: str, source: Path, given: set[str] = frozenset()) -> ImageSettin
         if take("hires_upscaler") and "Hires upscaler" in p:
             if p["Hires upscaler"] not in UPSCALERS_BY_NAME:
                 raise UserError(f"--settings-from {source}: its hires fix upscaled with {p['Hires upscaler']!r}; "
-                                f"pm-run upscales latents ({', '.join(UPSCALERS_BY_NAME)}): give --hires-upscaler")
+                                f"pm-run has {', '.join(UPSCALERS_BY_NAME)}: give --hires-upscaler")
             v["hires_upscaler"] = UPSCALERS_BY_NAME[p["Hires upscaler"]]
         if take("hires_scheduler") and ("Hires sampler" in p or "Hires schedule type" in p):
             # A1111 writes what differs from the first pass's (its get_hr_sampler_and_scheduler reads it so)

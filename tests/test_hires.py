@@ -108,7 +108,7 @@ def test_hires_batches_and_noise_per_step(pipe):
     (dict(hires_scale=2, denoising_strength=0.0), r"denoising strength must be a number in \(0, 1\]"),
     (dict(hires_scale=2, denoising_strength=1.5), r"denoising strength must be a number in \(0, 1\]"),
     (dict(hires_scale=2, hires_steps=-1), "hires steps must be a whole number >= 0"),
-    (dict(hires_scale=2, hires_upscaler="lanczos"), "hires upscaler must be one of latent"),
+    (dict(hires_scale=2, hires_upscaler="bicubic"), "hires upscaler must be one of latent, .*lanczos, nearest"),
     (dict(hires_scale=2, hires_steps=400, denoising_strength=0.3), "need a schedule of 1333 steps"),
     (dict(hires_scale=2, hires_scheduler="lms"), "unknown hires scheduler 'lms'"),
     (dict(hires_scale=2, hires_guidance=float("nan")), "the hires guidance must be a finite number"),
@@ -120,6 +120,53 @@ def test_hires_options_are_checked_before_anything_runs(pipe, calls, options, ne
         pipe.generate(PROMPT, **KW, **options)
     assert calls == []
 
+
+
+def test_image_upscalers_as_a1111_resizes_with_them():
+    """A1111's images.resize_image (mode 0) with its Lanczos / Nearest upscalers: the upscaler's resize to
+    int(side x scale), Lanczos to the multiple of 8 below, Lanczos to the target, each only where it differs."""
+    from PIL import Image
+
+    from pm_runtime.latent_upscale import a1111_pixels, upscale_image
+
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    for mode, resample in (("lanczos", Image.LANCZOS), ("nearest", Image.NEAREST)):
+        got = upscale_image(px, 48, 72, mode)  # x1.5: one resize
+        assert np.array_equal(got, np.asarray(Image.fromarray(px).resize((72, 48), resample)))
+        odd = upscale_image(px, 45, 67, mode)  # scale 1.40625: to 67x45, 64x40 (// 8 * 8), then 67x45 again
+        want = Image.fromarray(px).resize((67, 45), resample).resize((64, 40), Image.LANCZOS).resize((67, 45),
+                                                                                                    Image.LANCZOS)
+        assert np.array_equal(odd, np.asarray(want))
+    assert np.array_equal(upscale_image(px, 32, 48, "nearest"), px)  # scale 1: untouched
+    x = np.array([[[[-1.0, 1.0, 0.0, 0.999, -2.0]]]], np.float32).repeat(3, axis=1)
+    assert a1111_pixels(x)[0, 0, :, 0].tolist() == [0, 255, 127, 254, 0]  # 255 x clip((x + 1) / 2), truncated
+
+
+def test_the_hires_pass_with_an_image_upscaler_encodes_the_resized_image(pipe, calls):
+    """--hires-upscaler lanczos: the first pass is decoded, made uint8 as A1111 makes it, resized, encoded by
+    the VAE encoder, and the second pass starts from those latents noised to its first step."""
+    import pm_runtime.schedulers as S
+    from pm_runtime import noise
+    from pm_runtime.init_image import InitImage
+    from pm_runtime.latent_upscale import a1111_pixels, upscale_image
+    from pm_runtime.specs import UNET, VAE_DECODER, VAE_ENCODER
+
+    g = pipe.generate(PROMPT, **KW, **dict(HIRES, hires_upscaler="lanczos"))
+    names = [name for name, *_ in calls]
+    assert names.count(VAE_DECODER) == 2 and names.count(VAE_ENCODER) == 1
+    assert names.index(VAE_ENCODER) > names.index(VAE_DECODER)  # the first pass's image, then the encoder
+    first = [o["image"] for name, _, o in calls if name == VAE_DECODER][0]
+    big = upscale_image(a1111_pixels(first)[0], 384, 384, "lanczos")
+    enc_in, enc_out = [(i, o) for name, i, o in calls if name == VAE_ENCODER][0]
+    np.testing.assert_array_equal(enc_in["image"], InitImage(big, (384, 384), "").encoder_input())
+    tables = S.slice_tables(S.make_tables("dpmpp-2m", pipe.bundle.scheduler_config, 6), 3)
+    eps = noise.initial_latents(5, enc_out["latent"].shape, pass_=1)
+    expect = S.start_latents(enc_out["latent"], eps, tables) * np.float32(tables.input_scale[0])
+    unets = [i for name, i, _ in calls if name == UNET]
+    np.testing.assert_allclose(unets[4]["sample"], np.concatenate([expect, expect]), rtol=1e-6, atol=1e-6)
+    assert g.images.shape == (1, 384, 384, 3) and "Hires upscaler: Lanczos" in g.parameters()
+    assert g.timings["vae_calls"] == 2 and g.timings["vae_encoder_s"] > 0
 
 
 def test_prompt_editing_counts_on_into_the_hires_pass(pipe, calls):

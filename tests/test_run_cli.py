@@ -942,9 +942,11 @@ def test_settings_hires_fix_from_automatic1111(tmp_path):
     assert img2img.values["img2img"] and img2img.values["denoising_strength"] == 0.45
     assert "img2img at denoising strength 0.45" in img2img.describe() and "img2img" not in img2img.generate_kwargs()
     esrgan = base.replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+")
-    with pytest.raises(UserError, match=r"upscaled with 'R-ESRGAN 4x\+'; pm-run upscales latents .*--hires-upscaler"):
+    with pytest.raises(UserError, match=r"upscaled with 'R-ESRGAN 4x\+'; pm-run has Latent, .*Lanczos, Nearest: give --hires-upscaler"):
         parse(esrgan, tmp_path / "x")
     assert parse(esrgan, tmp_path / "x", given={"hires_upscaler"}).values["hires_scale"] == 2.0
+    lanczos = base.replace("Hires upscaler: Latent", "Hires upscaler: Lanczos")
+    assert parse(lanczos, tmp_path / "x").values["hires_upscaler"] == "lanczos"
     with pytest.raises(UserError, match="resized to 1024x768 .* give --hires-scale"):
         parse(base.replace("Hires upscale: 2", "Hires resize: 1024x768"), tmp_path / "x")
     with pytest.raises(UserError, match="Hires upscale 'x2' is not a number"):

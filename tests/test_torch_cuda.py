@@ -276,10 +276,12 @@ def test_backend_matches_onnxruntime(fast_pipe, ort_pipe_here, scheduler):
     assert psnr(fast.images, ref.images) >= 40.0
 
 
-def test_hires_image_equals_onnxruntimes(fast_pipe, ort_pipe_here):
+@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
+def test_hires_image_equals_onnxruntimes(fast_pipe, ort_pipe_here, upscaler):
     """The hires fix (pipeline: a second pass at 1.5x the size, from its own schedule's step 3 of 6): torch-cuda
-    runs that pass at its own size on its device as onnxruntime does."""
-    kw = dict(seed=5, steps=4, height=256, width=256, hires_scale=1.5, hires_steps=3, denoising_strength=0.5)
+    runs that pass at its own size on its device as onnxruntime does (lanczos: through its VAE encoder)."""
+    kw = dict(seed=5, steps=4, height=256, width=256, hires_scale=1.5, hires_steps=3, denoising_strength=0.5,
+              hires_upscaler=upscaler)
     a, b = fast_pipe.generate(PROMPT, **kw), ort_pipe_here.generate(PROMPT, **kw)
     assert a.images.shape == (1, 384, 384, 3) and a.timings["unet_steps"] == 7
     assert int(np.abs(a.images.astype(int) - b.images.astype(int)).max()) <= 1
