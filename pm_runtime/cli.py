@@ -310,7 +310,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
         raise UserError(f"{cfg.settings_from['image']} was made by img2img (a Denoising strength without a hires fix): "
                         "give its init image with --init-image")
     else:
-        cfg = dataclasses.replace(cfg, height=cfg.height or 512, width=cfg.width or 512)
+        cfg = dataclasses.replace(cfg, height=512 if cfg.height is None else cfg.height,
+                                  width=512 if cfg.width is None else cfg.width)
         pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
     if cfg.hires_scale is not None:
         h = pipe.hires_fix(cfg.height, cfg.width, cfg.steps, cfg.hires_scale, cfg.hires_steps,

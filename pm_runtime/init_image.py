@@ -96,7 +96,7 @@ def load_init_image(source, width: int | None = None, height: int | None = None,
 
     if isinstance(source, InitImage):  # already read (pm-run reads it once for all its images)
         h0, w0 = source.pixels.shape[:2]
-        if (width or w0, height or h0) == (w0, h0):
+        if (w0 if width is None else width, h0 if height is None else height) == (w0, h0):
             if check_size is not None:
                 check_size(h0, w0)
             return source
@@ -105,7 +105,7 @@ def load_init_image(source, width: int | None = None, height: int | None = None,
     image, name = _open(source)
     image = _rgb(image)
     w0, h0 = image.size
-    w, h = width or w0, height or h0
+    w, h = w0 if width is None else width, h0 if height is None else height
     if check_size is not None:
         try:
             check_size(h, w)

@@ -274,6 +274,7 @@ BAD = [
     (["--concept", "alice", "--height", "300"], PROMPT, "unsupported size 256x300: height and width must be "
                                                         "multiples of 64 from 256 to 1024"),
     (["--concept", "alice", "--width", "2048"], PROMPT, "from 256 to 1024"),
+    (["--concept", "alice", "--height", "0"], PROMPT, "unsupported size 256x0"),  # 0 is not "the default"
     (["--concept", "alice", "--steps", "0"], PROMPT, "--steps must be >= 1"),
     (["--concept", "alice", "--steps", "1001"], PROMPT, "steps must be at most the model's 1000 training timesteps"),
     (["--concept", "alice", "--guidance", "nan"], PROMPT, "--guidance must be a finite number"),
