@@ -257,7 +257,7 @@ def _differences(record: dict, pipe, result) -> list[str]:
 
 
 def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | None = None) -> dict:
-    from .pipeline import NEGATIVE_PROMPT, Pipeline
+    from .pipeline import HIRES_STRENGTH, NEGATIVE_PROMPT, Pipeline
 
     if cfg.steps < 1:
         raise UserError(f"--steps must be >= 1, got {cfg.steps}")
@@ -314,8 +314,8 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
                                   width=512 if cfg.width is None else cfg.width)
         pipe.check_size(cfg.height, cfg.width)  # before anything is written or computed
     if cfg.hires_scale is not None:
-        h = pipe.hires_fix(cfg.height, cfg.width, cfg.steps, cfg.hires_scale, cfg.hires_steps,
-                           0.7 if cfg.denoising_strength is None else cfg.denoising_strength, cfg.hires_upscaler,
+        d = HIRES_STRENGTH if cfg.denoising_strength is None else cfg.denoising_strength
+        h = pipe.hires_fix(cfg.height, cfg.width, cfg.steps, cfg.hires_scale, cfg.hires_steps, d, cfg.hires_upscaler,
                            cfg.hires_scheduler, cfg.hires_guidance)
         log(f"hires fix: {cfg.width}x{cfg.height} -> {h.width}x{h.height} ({h.upscaler}), then {h.pass_steps} steps "
             f"from step {h.start + 1} of a {h.schedule_steps}-step schedule (denoising strength {h.denoising_strength}"
@@ -434,12 +434,13 @@ def run(cfg: RunConfig, log=lambda m: click.echo(m, err=True), written: list | N
 def _init_image(cfg: RunConfig, pipe, log):
     """(the init image, read and sized once; cfg with its size) for img2img; UserError where it cannot run."""
     from .init_image import load_init_image
+    from .pipeline import IMG2IMG_STRENGTH
     from .schedulers import get_scheduler, img2img_start
 
     if cfg.hires_scale is not None:
         raise UserError("--init-image (img2img) and --hires-scale do not go together (AUTOMATIC1111's img2img has no "
                         "hires fix)")
-    d = 0.75 if cfg.denoising_strength is None else cfg.denoising_strength
+    d = IMG2IMG_STRENGTH if cfg.denoising_strength is None else cfg.denoising_strength
     pipe.check_img2img(d)
     init = load_init_image(cfg.init_image, cfg.width, cfg.height, pipe.check_size)
     height, width = init.pixels.shape[:2]

@@ -31,8 +31,13 @@ class InitImage:
 
     def encoder_input(self) -> np.ndarray:
         """(1, 3, H, W) float32 in [-1, 1]."""
-        x = self.pixels.astype(np.float32) / np.float32(255.0)
-        return (np.float32(2.0) * x - np.float32(1.0)).transpose(2, 0, 1)[None].copy()
+        return encoder_input(self.pixels)
+
+
+def encoder_input(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> the VAE encoder's input (1, 3, H, W) float32 in [-1, 1]: pixels / 255 * 2 - 1."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    return (np.float32(2.0) * x - np.float32(1.0)).transpose(2, 0, 1)[None].copy()
 
 
 def _open(source):
@@ -120,4 +125,4 @@ def load_init_image(source, width: int | None = None, height: int | None = None,
     return InitImage(pixels, (w0, h0), name)
 
 
-__all__ = ["InitImage", "load_init_image"]
+__all__ = ["InitImage", "encoder_input", "load_init_image"]

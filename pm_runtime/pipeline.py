@@ -47,7 +47,7 @@ from .backends.base import Backend, DenoiseJob, select_backend
 from .bundle import Bundle, open_bundle, sha256_file
 from .concept_table import ConceptTable, load_table
 from .errors import UserError
-from .init_image import load_init_image
+from .init_image import encoder_input, load_init_image
 from .latent_upscale import A1111_NAMES as UPSCALER_NAMES
 from .latent_upscale import HIRES_UPSCALERS, IMAGE_UPSCALERS, a1111_pixels, upscale, upscale_image
 from .png import image_bytes, parameters_text, png_bytes, sampler_fields, split_sampler
@@ -60,6 +60,8 @@ from .stages import LATE_POLICIES, LATE_REUSE, SUPER_CLASS, Context, stage_plan
 from .train.templates import NEGATIVE_PROMPT  # a plain string module (no torch)
 
 GENERATOR = "personamagic-runtime"
+# A1111's default denoising strengths: its hires fix's and its img2img tab's
+HIRES_STRENGTH, IMG2IMG_STRENGTH = 0.7, 0.75
 
 
 class Cancelled(Exception):
@@ -501,19 +503,20 @@ class Pipeline:
         upscaled by that factor (`hires_upscaler`, pm_runtime.latent_upscale), noised by `denoising_strength`
         and denoised again for `hires_steps` steps (0: `steps`) at the larger size, which the image has
         (HiresFix; the same prompt; `hires_scheduler` and `hires_guidance`: the pass's own, None: the first's;
-        `denoising_strength` None: 0.7).
+        `denoising_strength` None: HIRES_STRENGTH, 0.7).
         `init_image` (AUTOMATIC1111's img2img; a file path, a PIL image or an (H, W, 3) uint8 array): the image,
         resized to height x width where they are given (else generated at its own size), is encoded by the
-        bundle's VAE encoder, noised by `denoising_strength` (None: 0.75) and denoised from that step of the
-        `steps`-step schedule on (Img2Img; the seed's noise is the one a text-to-image run starts from).
+        bundle's VAE encoder, noised by `denoising_strength` (None: IMG2IMG_STRENGTH, 0.75) and denoised from
+        that step of the `steps`-step schedule on (Img2Img; the seed's noise is the one a text-to-image run starts from).
         callback(step, total) after every UNet step (both passes); `cancel` (threading.Event or a callable)
         is checked before every step and raises Cancelled."""
         with self._lock:
             return self._generate(prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
                                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
-                                  (hires_scale, hires_steps, 0.7 if denoising_strength is None else denoising_strength,
+                                  (hires_scale, hires_steps,
+                                   HIRES_STRENGTH if denoising_strength is None else denoising_strength,
                                    hires_upscaler, hires_scheduler, hires_guidance),
-                                  (init_image, 0.75 if denoising_strength is None else denoising_strength))
+                                  (init_image, IMG2IMG_STRENGTH if denoising_strength is None else denoising_strength))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -567,7 +570,7 @@ class Pipeline:
         prompts.warnings = warnings
         return prompts
 
-    def hires_fix(self, height: int, width: int, steps: int, scale, hires_steps=0, denoising_strength=0.7,
+    def hires_fix(self, height: int, width: int, steps: int, scale, hires_steps=0, denoising_strength=HIRES_STRENGTH,
                   upscaler: str = "latent", scheduler: str | None = None, guidance=None) -> HiresFix:
         """The hires pass of a generation of height x width in `steps` steps (UserError where it cannot run)."""
         if not _real(scale) or not 1.0 <= scale <= 8.0:
@@ -576,15 +579,13 @@ class Pipeline:
         if hires_steps < 0:
             raise UserError(f"hires steps must be a whole number >= 0 (0: as many as the first pass), got {hires_steps}")
         d = denoising_strength
-        if not _real(d) or not 0.0 < d <= 1.0:
-            raise UserError(f"the denoising strength must be a number in (0, 1], got {d!r}")
+        _check_strength(d)
         if upscaler not in HIRES_UPSCALERS:
             raise UserError(f"hires upscaler must be one of {', '.join(HIRES_UPSCALERS)} (A1111's latent upscalers, "
                             f"and its Lanczos and Nearest image upscalers), got {upscaler!r}")
-        if upscaler in IMAGE_UPSCALERS and not self.backend.provides(VAE_ENCODER):
-            raise UserError(f"the hires upscaler {upscaler} resizes the first pass's image and encodes it again: this "
-                            f"bundle has no VAE encoder for the {self.backend.name} backend (bundles from pm-export 0.5 "
-                            "on have one; the latent upscalers need none)")
+        if upscaler in IMAGE_UPSCALERS:
+            self._require_encoder(f"the hires upscaler {upscaler} (it encodes the resized image again; the latent "
+                                  "upscalers need none)")
         if scheduler is not None and scheduler not in schedulers.SCHEDULERS:
             raise UserError(f"unknown hires scheduler {scheduler!r}; choose one of {', '.join(schedulers.SCHEDULERS)}")
         if guidance is not None and not _real(guidance):
@@ -615,11 +616,14 @@ class Pipeline:
 
     def check_img2img(self, denoising_strength) -> None:
         """UserError unless img2img can run at this strength: a strength in (0, 1] and a VAE encoder."""
-        if not _real(denoising_strength) or not 0.0 < denoising_strength <= 1.0:
-            raise UserError(f"the denoising strength must be a number in (0, 1], got {denoising_strength!r}")
+        _check_strength(denoising_strength)
+        self._require_encoder("img2img")
+
+    def _require_encoder(self, what: str) -> None:
+        """UserError naming `what` where the backend has no VAE encoder (a bundle from before pm-export 0.5)."""
         if not self.backend.provides(VAE_ENCODER):
             made = self.bundle.manifest.get(F.BK_TOOLS, {}).get("personamagic-runtime", "?")
-            raise UserError(f"img2img needs a VAE encoder, and this bundle (pm-export {made}) has none for the "
+            raise UserError(f"{what} needs a VAE encoder, and this bundle (pm-export {made}) has none for the "
                             f"{self.backend.name} backend: bundles from pm-export 0.5 on have one; export it again")
 
     def _encode_image(self, init, timings: dict) -> np.ndarray:
@@ -628,13 +632,11 @@ class Pipeline:
 
     def _encode_pixels(self, pixels: np.ndarray, timings: dict, what: str) -> np.ndarray:
         """(N, H, W, 3) uint8 -> their latents (N, C, h, w) from the VAE encoder, one image per call."""
-        from .init_image import InitImage
-
         t0 = time.perf_counter()
         with self.backend.network(VAE_ENCODER) as encoder:
             t1 = time.perf_counter()
-            x0 = np.concatenate([np.asarray(encoder.run({"image": InitImage(p, p.shape[1::-1], "").encoder_input()})
-                                            ["latent"], dtype=np.float32) for p in pixels])
+            x0 = np.concatenate([np.asarray(encoder.run({"image": encoder_input(p)})["latent"], dtype=np.float32)
+                                 for p in pixels])
         timings["load_s"] += t1 - t0
         timings["vae_encoder_s"] = timings.get("vae_encoder_s", 0.0) + time.perf_counter() - t1
         _check_finite(f"VAE encoder output ({what})", x0)
@@ -662,7 +664,7 @@ class Pipeline:
 
     def _generate(self, prompt, seed, latents, steps, guidance, scheduler, negative_prompt, height, width,
                   num_images, late_stage, concept_stage, allow_no_concept, callback, cancel, emphasis,
-                  hires_options, img2img_options=(None, 0.75)) -> Generation:
+                  hires_options, img2img_options=(None, IMG2IMG_STRENGTH)) -> Generation:
         t_start = time.perf_counter()
         concept, dims = self.concept, self.dims
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -923,6 +925,11 @@ def _flag(name: str, value) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise UserError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_strength(d) -> None:
+    if not _real(d) or not 0.0 < d <= 1.0:
+        raise UserError(f"the denoising strength must be a number in (0, 1], got {d!r}")
 
 
 def _real(value) -> bool:

@@ -148,7 +148,7 @@ def test_the_hires_pass_with_an_image_upscaler_encodes_the_resized_image(pipe, c
     the VAE encoder, and the second pass starts from those latents noised to its first step."""
     import pm_runtime.schedulers as S
     from pm_runtime import noise
-    from pm_runtime.init_image import InitImage
+    from pm_runtime.init_image import encoder_input
     from pm_runtime.latent_upscale import a1111_pixels, upscale_image
     from pm_runtime.specs import UNET, VAE_DECODER, VAE_ENCODER
 
@@ -159,7 +159,7 @@ def test_the_hires_pass_with_an_image_upscaler_encodes_the_resized_image(pipe, c
     first = [o["image"] for name, _, o in calls if name == VAE_DECODER][0]
     big = upscale_image(a1111_pixels(first)[0], 384, 384, "lanczos")
     enc_in, enc_out = [(i, o) for name, i, o in calls if name == VAE_ENCODER][0]
-    np.testing.assert_array_equal(enc_in["image"], InitImage(big, (384, 384), "").encoder_input())
+    np.testing.assert_array_equal(enc_in["image"], encoder_input(big))
     tables = S.slice_tables(S.make_tables("dpmpp-2m", pipe.bundle.scheduler_config, 6), 3)
     eps = noise.initial_latents(5, enc_out["latent"].shape, pass_=1)
     expect = S.start_latents(enc_out["latent"], eps, tables) * np.float32(tables.input_scale[0])

@@ -255,4 +255,6 @@ def test_a_bundle_without_a_vae_encoder_says_so(run_bundle, tmp_path, monkeypatc
     monkeypatch.setattr(type(p.backend), "provides", lambda self, n: n != VAE_ENCODER and provides(self, n))
     with pytest.raises(UserError, match="img2img needs a VAE encoder.*has none for the onnxruntime backend"):
         p.generate(PROMPT, seed=5, steps=2, init_image=_photo())
+    with pytest.raises(UserError, match="the hires upscaler lanczos .* needs a VAE encoder.*has none for the onnx"):
+        p.generate(PROMPT, seed=5, steps=2, height=256, width=256, hires_scale=1.5, hires_upscaler="lanczos")
 
