@@ -106,7 +106,9 @@ def model_dims(base: BaseModel) -> ModelDims:
 
 
 def graph_modules(base: BaseModel) -> dict[str, nn.Module]:
-    """The PyTorch modules that export and validation compare (fp32, eval, split K/V installed)."""
+    """The PyTorch modules that export and validation compare (fp32, eval, split K/V installed). The VAE's
+    encoder half goes to the VAE_ENCODER module: `base.vae.encoder` and `quant_conv` are None afterwards, so
+    no two modules share weights (torch-cuda parks each network's weights on its own)."""
     install_split_kv(base.unet)
     encoder = VaeEncoderGraph(base.vae).eval()
     base.vae.encoder = base.vae.quant_conv = None  # the decoder's module keeps its half only: no shared weights
