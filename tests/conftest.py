@@ -36,6 +36,17 @@ def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
 
+def slow_unless(cases, keep):
+    """pytest params for a grid of `cases`: those for which keep(*case) is false are marked slow, so the
+    default run takes a covering part of the grid (every value of every axis, and the pairs that
+    interact) and `-m slow` the rest; the two runs together take the whole grid."""
+    out = []
+    for case in cases:
+        args = case if isinstance(case, tuple) else (case,)
+        out.append(pytest.param(*args) if keep(*args) else pytest.param(*args, marks=pytest.mark.slow))
+    return out
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of two uint8-range images in dB (inf when equal)."""
     mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
@@ -108,6 +119,21 @@ def cuda_bundle(tmp_path_factory, tiny_model, trained_concept):
     out = tmp_path_factory.getbasetemp() / "pm-cuda-bundle" / "bundle"
     return export_bundle(ExportConfig(concept=trained_concept, model=tiny_model, out=out, name="alice", target="torch"),
                          log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory, tiny_model, trained_concept):
+    """`pm-export CONCEPT --model TINY --out B` with every default (ONNX fp32, optimised, validated), through
+    the command line: (bundle folder, what it printed). Shared read-only by test_export and
+    test_export_optimize: a test that changes a bundle copies it first."""
+    from click.testing import CliRunner
+
+    from pm_export.cli import main
+
+    out = tmp_path_factory.mktemp("default-export") / "bundle"
+    r = CliRunner().invoke(main, [str(trained_concept), "--model", str(tiny_model), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out, r.output
 
 
 @pytest.fixture(scope="session")

@@ -36,11 +36,9 @@ def no_temp_folders(parent):
 
 
 @pytest.fixture(scope="session")
-def bundle_fp32(tiny_model, trained_concept, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "fp32"
-    r = run([trained_concept, "--model", tiny_model, "--out", out])
-    assert r.exit_code == 0, r.output
-    assert "validated unet fp32" in r.output and "[6/6]" in r.output
+def bundle_fp32(default_export):
+    out, output = default_export
+    assert "validated unet fp32" in output and "[6/6]" in output
     return out
 
 

@@ -32,8 +32,8 @@ def export(tiny_model, trained_concept, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def auto_bundle(tiny_model, trained_concept, tmp_path_factory):
-    return export(tiny_model, trained_concept, tmp_path_factory.mktemp("opt") / "auto")
+def auto_bundle(default_export):
+    return default_export  # the default is --optimize auto (conftest.py: shared with test_export)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from conftest import psnr
+from conftest import psnr, slow_unless
 from pm_runtime import noise
 from pm_runtime.backends.base import CheckedNetwork
 from pm_runtime.errors import UserError
@@ -101,12 +101,15 @@ def test_onnxruntime_matches_reference_psnr(ort_pipe, reference, calls):
     assert got.uses_concept and sum(c.is_concept for c in set(got.plan)) >= 2
 
 
-@pytest.mark.parametrize("backend, scheduler", [
+# every scheduler on onnxruntime; on torch (the same host loop, other networks) the solvers with every kind of
+# step term (history: dpmpp-2m; noise: euler-a; both: the SDE), the others with -m slow. A1111's schedule types:
+# only their tables differ (the loop's arithmetic is the others'), one backend
+@pytest.mark.parametrize("backend, scheduler", slow_unless([
     *((backend, scheduler) for backend in ("onnxruntime", "torch")
       for scheduler in ("dpmpp-2m", "ddim", "euler", "euler-a", "dpmpp-2m-karras", "euler-karras", "dpmpp-2m-sde-karras",
                         "euler-beta", "dpmpp-2m-sde-beta")),
-    # A1111's schedule types: only their tables differ (the loop's arithmetic is the others'), one backend
-    ("onnxruntime", "dpmpp-2m-sgm-uniform"), ("onnxruntime", "euler-kl-optimal")])
+    ("onnxruntime", "dpmpp-2m-sgm-uniform"), ("onnxruntime", "euler-kl-optimal")],
+    lambda backend, scheduler: backend == "onnxruntime" or scheduler in ("dpmpp-2m", "euler-a", "dpmpp-2m-sde-karras")))
 def test_each_scheduler_in_the_loop_matches_diffusers(backend, scheduler, ort_pipe, torch_pipe, reference, calls):
     """The pure schedulers in the real loop vs the reference generator, which steps with diffusers'
     scheduler classes (euler-a, the -sde ones: fed the project's per-step noise)."""

@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import psnr  # noqa: E402
+from conftest import psnr, slow_unless  # noqa: E402
 from pm_runtime import schedulers  # noqa: E402
 from pm_runtime.backends.base import DenoiseJob, denoise_on_host  # noqa: E402
 from pm_runtime.bundle import open_bundle  # noqa: E402
@@ -202,11 +202,22 @@ def test_unsupported_unets_are_named(unet_graph):
         r.output_scale_factor = old
 
 
-@pytest.mark.parametrize("unet_kind", ["plain", "fast-kv-tables", "plain-sequential", "fast-kv-tables-sequential"]
-                         + ["fast-kv-step", "fast-kv-step-sequential", "plain-triton", "plain-triton-sequential"])
+LOOP_KINDS = ["plain", "fast-kv-tables", "plain-sequential", "fast-kv-tables-sequential", "fast-kv-step",
+              "fast-kv-step-sequential", "plain-triton", "plain-triton-sequential"]
 # the solvers (a -karras name steps as its solver does, on other coefficients: test_schedulers_linear), and
 # DPM-Solver++ SDE: history and noise in one step
-@pytest.mark.parametrize("name", ["dpmpp-2m", "ddim", "euler", "euler-a", "dpmpp-2m-sde-karras"])
+LOOP_SCHEDULERS = ["dpmpp-2m", "ddim", "euler", "euler-a", "dpmpp-2m-sde-karras"]
+
+
+def loop_cover(name, unet_kind):
+    """The default run's part of the grid: every loop with DPM-Solver++ SDE (each scheduler is the same affine
+    step, on its own coefficients, and that one's has every term: history and noise), every scheduler in the
+    plain loop and in the one whose step arithmetic is Triton's; -m slow: the rest."""
+    return name == "dpmpp-2m-sde-karras" or unet_kind in ("plain", "plain-triton")
+
+
+@pytest.mark.parametrize("name, unet_kind", slow_unless(
+    [(name, kind) for kind in LOOP_KINDS for name in LOOP_SCHEDULERS], loop_cover))
 def test_device_loop_matches_the_host_loop(unet_graph, name, unet_kind):
     """StepGraph (eager here) against denoise_on_host with the plain UNet, same contexts and noise;
     with FastUNet the step reads per-image K/V and time tables by row index (kv-step: two-row K/V
