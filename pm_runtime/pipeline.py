@@ -626,12 +626,9 @@ class Pipeline:
             raise UserError(f"{what} needs a VAE encoder, and this bundle (pm-export {made}) has none for the "
                             f"{self.backend.name} backend: bundles from pm-export 0.5 on have one; export it again")
 
-    def _encode_image(self, init, timings: dict) -> np.ndarray:
-        """The init image's latents (1, C, h, w), in the sampler's space (x scaling_factor)."""
-        return self._encode_pixels(init.pixels[None], timings, "the init image's latents")
-
     def _encode_pixels(self, pixels: np.ndarray, timings: dict, what: str) -> np.ndarray:
-        """(N, H, W, 3) uint8 -> their latents (N, C, h, w) from the VAE encoder, one image per call."""
+        """(N, H, W, 3) uint8 -> their latents (N, C, h, w) from the VAE encoder, one image per call, in the
+        sampler's space (x scaling_factor)."""
         t0 = time.perf_counter()
         with self.backend.network(VAE_ENCODER) as encoder:
             t1 = time.perf_counter()
@@ -730,7 +727,7 @@ class Pipeline:
         groups = [list(range(i, min(i + group, num_images))) for i in range(0, num_images, group)]
         progress = _Progress(callback, cancel, (tables.num_steps + (tables2.num_steps if hires else 0)) * len(groups))
         if init is not None:  # the seed's noise on the image's latents, at the level of the pass's first step
-            x0 = self._encode_image(init, timings)
+            x0 = self._encode_pixels(init.pixels[None], timings, "the init image's latents")  # (1, C, h, w)
             start = [schedulers.start_latents(np.repeat(x0, len(g), axis=0), latents[g], level) for g in groups]
         else:
             start = [latents[g] * np.float32(tables.init_noise_sigma) for g in groups]
